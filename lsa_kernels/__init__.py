@@ -1,0 +1,3 @@
+"""lsa_kernels: fused long-short alignment and linear cross-entropy losses (work in progress)."""
+from . import reference
+from .pairing import LongShortLoss, sample_l_extra

@@ -1,0 +1,161 @@
+"""Input validation shared by every public op and the reference.
+
+Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong shape /
+range) naming the argument and what was expected, before any kernel runs. Range checks on target
+values need one reduction over the targets; they run only when ``check_targets`` is on (default),
+and are skipped inside ``torch.compile`` graphs, where they would force a host sync.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from .options import BACKENDS, DIVERGENCES, POSITIONS, REDUCTIONS
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _tensor(name: str, t, *, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+
+
+def _real(name: str, value, *, lo: Optional[float] = None, lo_open: bool = False, hi: Optional[float] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if v != v:
+        raise ValueError(f"{name} must not be NaN")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
+
+
+def _softcap(softcap) -> None:
+    if softcap is not None:
+        _real("softcap", softcap, lo=0.0, lo_open=True)
+
+
+def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; put them on one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def _weight_bias(input_name: str, x: torch.Tensor, w, b) -> None:
+    _tensor("linear_weight", w)
+    if w.dim() != 2:
+        raise ValueError(f"linear_weight must be 2-D [V, H], got shape {tuple(w.shape)}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{input_name} must have last dim H={w.shape[1]} to match linear_weight [V={w.shape[0]}, H={w.shape[1]}], "
+            f"got shape {tuple(x.shape)}"
+        )
+    if w.shape[0] < 1:
+        raise ValueError("linear_weight must have at least one row (V >= 1)")
+    _same("linear_weight", w, input_name, x)
+    if b is not None:
+        _tensor("linear_bias", b)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"linear_bias must have shape [V={w.shape[0]}], got {tuple(b.shape)}")
+        _same("linear_bias", b, input_name, x)
+
+
+def _targets(name: str, y, shape, V: int, ignore_index: int, device, check_values: bool) -> None:
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 class indices, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold integer class indices (int64), got {y.dtype}")
+    if tuple(y.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the input's leading dims), got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} is on {y.device} but the input is on {device}")
+    if check_values and y.numel() > 0 and not torch.compiler.is_compiling():
+        bad = (y != ignore_index) & ((y < 0) | (y >= V))
+        if bool(bad.any()):
+            first = y[bad][0].item()
+            raise ValueError(
+                f"{name} values must be in [0, {V}) or ignore_index={ignore_index}; found {first}"
+            )
+
+
+def check_backend(backend) -> None:
+    _choice("backend", backend, BACKENDS)
+
+
+def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softcap, check_values=True) -> None:
+    _tensor("input", x)
+    _weight_bias("input", x, w, b)
+    _choice("reduction", reduction, REDUCTIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+    _real("z_loss", z_loss, lo=0.0)
+    _softcap(softcap)
+    _targets("target", y, x.shape[:-1], w.shape[0], ignore_index, x.device, check_values)
+
+
+def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, mask, softcap) -> None:
+    _tensor("input_p", xp)
+    _tensor("input_q", xq)
+    _weight_bias("input_p", xp, w, b)
+    if xq.shape != xp.shape:
+        raise ValueError(f"input_q must have the shape of input_p {tuple(xp.shape)}, got {tuple(xq.shape)}")
+    _same("input_q", xq, "input_p", xp)
+    _choice("divergence", divergence, DIVERGENCES)
+    _real("temperature", temperature, lo=0.0, lo_open=True)
+    _choice("detach", detach, (None, "p", "q"))
+    _choice("reduction", reduction, REDUCTIONS)
+    _softcap(softcap)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor of shape {tuple(xp.shape[:-1])}")
+        if tuple(mask.shape) != tuple(xp.shape[:-1]):
+            raise ValueError(f"mask must have shape {tuple(xp.shape[:-1])} (input_p's leading dims), got {tuple(mask.shape)}")
+        if mask.device != xp.device:
+            raise ValueError(f"mask is on {mask.device} but input_p is on {xp.device}")
+
+
+def check_long_short(
+    hl, hs, w, yl, ys, l_extra, alpha, divergence, temperature, detach, positions, ignore_index, b, softcap,
+    label_smoothing, z_loss, check_values=True,
+) -> None:
+    _tensor("hidden_long", hl)
+    _tensor("hidden_short", hs)
+    if hl.dim() != 3:
+        raise ValueError(f"hidden_long must be 3-D [B, T, H], got shape {tuple(hl.shape)}")
+    if hs.shape != hl.shape:
+        raise ValueError(
+            f"hidden_short must have the shape of hidden_long [B, T, H]={tuple(hl.shape)}, got {tuple(hs.shape)}"
+        )
+    _same("hidden_short", hs, "hidden_long", hl)
+    _weight_bias("hidden_long", hl, w, b)
+    T = hl.shape[1]
+    if isinstance(l_extra, bool) or not isinstance(l_extra, int):
+        raise TypeError(f"l_extra must be a Python int, got {type(l_extra).__name__}")
+    if not 1 <= l_extra <= T - 1:
+        raise ValueError(f"l_extra must be in [1, T-1] = [1, {T - 1}] for views of T={T} rows, got {l_extra}")
+    _real("alpha", alpha, lo=0.0)
+    _choice("divergence", divergence, DIVERGENCES)
+    _real("temperature", temperature, lo=0.0, lo_open=True)
+    _choice("detach", detach, (None, "long", "short"))
+    _choice("positions", positions, POSITIONS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _softcap(softcap)
+    _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+    _real("z_loss", z_loss, lo=0.0)
+    _targets("labels_long", yl, hl.shape[:2], w.shape[0], ignore_index, hl.device, check_values)
+    _targets("labels_short", ys, hs.shape[:2], w.shape[0], ignore_index, hl.device, check_values)
