@@ -1,0 +1,360 @@
+"""The cpu backend: chunked ATen, never more than one chunk of logits alive.
+
+Rows are processed in chunks of ``C`` rows. For each chunk the logits ``z = softcap(x_c W^T + b)``
+(fp32, ``[C, V]``) are formed with one GEMM, reduced to per-row statistics (SPEC §3, §5 and
+:mod:`lsa_kernels.stats`), and — when the gradient coefficients are known — turned in place into
+``dz`` and fed to two more GEMMs: ``dx_c = dz W`` and ``dW += dzᵀ x_c`` (``addmm_`` into one fp32
+buffer, no V×H temporaries). Everything between the GEMMs runs in the compiled extension
+``lsa_kernels._C`` when it is built (csrc/), else in the ATen code below.
+
+Chunk size: ``C = budget / (K · V · 4 bytes)`` where ``K`` is the number of ``[C, V]`` fp32 buffers the
+path keeps alive at once (measured by tests/test_memory.py) and ``budget`` is ``opts.chunk_bytes`` or,
+by default, 1/8 of the full logits clamped to [32 MiB, 256 MiB].
+
+Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 x bf16 ->
+fp32 GEMM), so logits are never rounded to bf16. W is promoted once per call (a ``[V, H]`` fp32
+copy), each chunk of x per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .options import (
+    N_PAIR_STATS,
+    STAT_LSE_P,
+    STAT_LSE_Q,
+    STAT_LSET_P,
+    STAT_LSET_Q,
+    STAT_X,
+    STAT_Y,
+    CEOptions,
+    PairOptions,
+)
+from .stats import divergence_from_stats
+
+Tensor = torch.Tensor
+
+# [C, V] fp32 buffers alive at once (upper bounds, checked by tests/test_memory.py)
+K_CE = 3
+K_PAIR = 9
+
+_MIN_BUDGET = 32 << 20
+_MAX_BUDGET = 256 << 20
+
+
+def chunk_rows(n: int, v: int, k: int, chunk_bytes: Optional[int]) -> int:
+    """Rows per chunk so that ``k`` fp32 ``[rows, v]`` buffers fit in the budget."""
+    if chunk_bytes is None:
+        chunk_bytes = min(max(n * v * 4 * k // 8, _MIN_BUDGET), _MAX_BUDGET)
+    rows = chunk_bytes // (k * v * 4)
+    if rows >= 16:
+        rows -= rows % 8
+    return int(max(1, min(n, rows)))
+
+
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (so gradcheck can run in double)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Promote half-precision tensors to fp32 (fp32/fp64 pass through)."""
+    if t is None:
+        return None
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a[i, v] b[i, v] without a [C, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _logits(x32: Tensor, w32: Tensor, b32: Optional[Tensor], softcap: Optional[float]) -> Tensor:
+    z = torch.addmm(b32, x32, w32.t()) if b32 is not None else torch.mm(x32, w32.t())
+    if softcap is not None and softcap > 0:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _softcap_grad_(dz: Tensor, zc: Tensor, softcap: Optional[float], scale: float = 1.0) -> Tensor:
+    """``dz *= 1 - (zc·scale/c)²`` where ``zc·scale`` is the softcapped logit (chain rule through tanh)."""
+    if softcap is None or not softcap > 0:
+        return dz
+    d = zc * (scale / softcap)
+    d.square_().neg_().add_(1.0)
+    return dz.mul_(d)
+
+
+def _ce_rows(z: Tensor, y: Tensor, opts: CEOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss_row, lse, safe targets) of a chunk of softcapped fp32 logits."""
+    valid = y != opts.ignore_index
+    ys = torch.where(valid, y, torch.zeros_like(y))
+    lse = torch.logsumexp(z, dim=1)
+    zy = z.gather(1, ys.unsqueeze(1)).squeeze(1)
+    eps = opts.label_smoothing
+    loss = (1.0 - eps) * (lse - zy)
+    if eps > 0:
+        loss = loss + eps * (lse - z.mean(dim=1))
+    if opts.z_loss > 0:
+        loss = loss + opts.z_loss * lse * lse
+    return torch.where(valid, loss, torch.zeros_like(loss)), lse, ys
+
+
+def _ce_grad_(p: Tensor, lse: Tensor, ys: Tensor, coef: Tensor, opts: CEOptions) -> Tensor:
+    """Turn ``p = softmax(z)`` in place into ``coef ⊙ ∂ℓ/∂z`` (before the softcap derivative)."""
+    eps, V = opts.label_smoothing, p.shape[1]
+    if opts.z_loss > 0:
+        p.mul_((1.0 + 2.0 * opts.z_loss * lse).unsqueeze(1))
+    p.scatter_add_(1, ys.unsqueeze(1), torch.full_like(lse, -(1.0 - eps)).unsqueeze(1))
+    if eps > 0:
+        p.sub_(eps / V)
+    return p.mul_(coef.unsqueeze(1))
+
+
+def _grad_gemms(dz: Tensor, x32: Tensor, w32: Tensor, rows: slice, dx_out, dw_out, db_out) -> None:
+    if dx_out is not None:
+        torch.mm(dz, w32, out=dx_out[rows])
+    if dw_out is not None:
+        dw_out.addmm_(dz.t(), x32)
+    if db_out is not None:
+        db_out.add_(dz.sum(dim=0))
+
+
+# --------------------------------------------------------------------------------------------- CE
+
+
+def ce_forward_backward(
+    x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions,
+    coef: Optional[Tensor] = None, dx_out=None, dw_out=None, db_out=None,
+) -> Tuple[Tensor, Tensor]:
+    """CE forward over chunks; with ``coef`` also the gradient (backends.py contract) in the same pass."""
+    N, V = x.shape[0], w.shape[0]
+    loss = torch.empty(N, dtype=acc_dtype(x), device=x.device)
+    lse_all = torch.empty(N, dtype=acc_dtype(x), device=x.device)
+    w32, b32 = _f32(w), _f32(b)
+    C = chunk_rows(N, V, K_CE, opts.chunk_bytes)
+    for s in range(0, N, C):
+        rows = slice(s, min(N, s + C))
+        x32 = _f32(x[rows])
+        z = _logits(x32, w32, b32, opts.softcap)
+        loss[rows], lse, ys = _ce_rows(z, y[rows], opts)
+        lse_all[rows] = lse
+        if coef is not None:
+            dz = _softcap_grad_(_ce_grad_(_softmax_(z, lse, opts.softcap), lse, ys, coef[rows], opts), z, opts.softcap)
+            _grad_gemms(dz, x32, w32, rows, dx_out, dw_out, db_out)
+        del z
+    return loss, lse_all
+
+
+def _softmax_(z: Tensor, lse: Tensor, softcap: Optional[float]) -> Tensor:
+    """softmax(z) into a buffer. With a softcap the capped logits are still needed for the chain rule,
+    so the result goes to a new buffer and ``z`` is left intact; otherwise it is computed in place."""
+    if softcap is not None and softcap > 0:
+        return (z - lse.unsqueeze(1)).exp_()
+    return z.sub_(lse.unsqueeze(1)).exp_()
+
+
+def ce_forward(x, w, b, y, opts: CEOptions):
+    return ce_forward_backward(x, w, b, y, opts)
+
+
+def ce_backward(x, w, b, y, lse, coef, opts: CEOptions, dx_out, dw_out, db_out) -> None:
+    N, V = x.shape[0], w.shape[0]
+    w32, b32 = _f32(w), _f32(b)
+    C = chunk_rows(N, V, K_CE, opts.chunk_bytes)
+    valid = y != opts.ignore_index
+    for s in range(0, N, C):
+        rows = slice(s, min(N, s + C))
+        x32 = _f32(x[rows])
+        z = _logits(x32, w32, b32, opts.softcap)
+        ys = torch.where(valid[rows], y[rows], torch.zeros_like(y[rows]))
+        dz = _softcap_grad_(_ce_grad_(_softmax_(z, lse[rows], opts.softcap), lse[rows], ys, coef[rows], opts), z, opts.softcap)
+        _grad_gemms(dz, x32, w32, rows, dx_out, dw_out, db_out)
+        del z, dz
+
+
+# ------------------------------------------------------------------------------------------- pairs
+
+
+def _pair_chunk(
+    xp32: Tensor, xq32: Tensor, w32: Tensor, b32: Optional[Tensor], yp, yq, opts: PairOptions,
+    stats_in: Optional[Tensor], coefs: Optional[Tuple[Optional[Tensor], Optional[Tensor], Tensor]],
+):
+    """One chunk of paired rows. Returns (ce_p, ce_q, stats, dz_p, dz_q); dz_* are None without coefs.
+
+    When ``stats_in`` is given (backward) the statistics are not recomputed, only the gradient.
+    """
+    ce = opts.ce
+    tau = opts.temperature
+    za = _logits(xp32, w32, b32, ce.softcap)
+    zb = _logits(xq32, w32, b32, ce.softcap)
+    C = za.shape[0]
+    if stats_in is None:
+        stats = torch.empty(C, N_PAIR_STATS, dtype=za.dtype, device=za.device)
+        if opts.with_ce:
+            ce_p, stats[:, STAT_LSE_P], ysp = _ce_rows(za, yp, ce)
+            ce_q, stats[:, STAT_LSE_Q], ysq = _ce_rows(zb, yq, ce)
+        else:
+            ce_p = ce_q = None
+            stats[:, STAT_LSE_P] = 0.0
+            stats[:, STAT_LSE_Q] = 0.0
+    else:
+        stats, ce_p, ce_q = stats_in, None, None
+        if opts.with_ce:
+            ysp = torch.where(yp != ce.ignore_index, yp, torch.zeros_like(yp))
+            ysq = torch.where(yq != ce.ignore_index, yq, torch.zeros_like(yq))
+
+    # divergence on a = za/τ, b = zb/τ (scaled in place; za = τ·a is recovered where needed)
+    if tau != 1.0:
+        za.div_(tau)
+        zb.div_(tau)
+    a, b = za, zb
+    if stats_in is None:
+        if opts.with_ce and tau == 1.0:
+            stats[:, STAT_LSET_P] = stats[:, STAT_LSE_P]
+            stats[:, STAT_LSET_Q] = stats[:, STAT_LSE_Q]
+        else:
+            stats[:, STAT_LSET_P] = torch.logsumexp(a, dim=1)
+            stats[:, STAT_LSET_Q] = torch.logsumexp(b, dim=1)
+    lta, ltb = stats[:, STAT_LSET_P].unsqueeze(1), stats[:, STAT_LSET_Q].unsqueeze(1)
+    p = (a - lta).exp_()
+    q = (b - ltb).exp_()
+    div = opts.divergence
+    u = a - b if div in ("kl", "kl_reverse", "sym_kl") else None
+    if div == "js":
+        # log p, log q and log m = logaddexp(log p, log q) - log 2, all in log space (SPEC §5)
+        lp = a - lta
+        lq = b - ltb
+        lm = torch.logaddexp(lp, lq).sub_(math.log(2.0))
+        lp.sub_(lm)  # log p - log m
+        lq.sub_(lm)  # log q - log m
+        del lm
+    if stats_in is None:
+        if div == "sce":
+            X, Y = _rowdot(p, b), _rowdot(q, a)
+        elif div == "kl":
+            X, Y = _rowdot(p, u), _rowdot(p, torch.expm1(-u))
+        elif div == "kl_reverse":
+            X, Y = _rowdot(q, torch.expm1(u)), _rowdot(q, u)
+        elif div == "sym_kl":
+            X, Y = _rowdot(p, u), _rowdot(q, u)
+        else:  # js
+            X, Y = _rowdot(p, lp), _rowdot(q, lq)
+        stats[:, STAT_X], stats[:, STAT_Y] = X, Y
+    if coefs is None:
+        return ce_p, ce_q, stats, None, None
+
+    coef_ce_p, coef_ce_q, coef_div = coefs
+    X, Y = stats[:, STAT_X].unsqueeze(1), stats[:, STAT_Y].unsqueeze(1)
+    cd = (coef_div / tau).unsqueeze(1)
+
+    # dD/da into gp, dD/db into gq (stats.py table), scaled by coef_div/τ
+    gp = gq = None
+    if opts.grad_p:
+        if div == "sce":
+            gp = (b - X).mul_(p).neg_().add_(p).sub_(q)
+        elif div == "kl":
+            gp = (u - X).mul_(p)
+        elif div == "kl_reverse":
+            gp = p - q
+        elif div == "sym_kl":
+            gp = (u - X).mul_(p).add_(p).sub_(q)
+        else:
+            gp = (lp - X).mul_(p).mul_(0.5)
+        gp.mul_(cd)
+    if opts.grad_q:
+        if div == "sce":
+            gq = (a - Y).mul_(q).neg_().add_(q).sub_(p)
+        elif div == "kl":
+            gq = q - p
+        elif div == "kl_reverse":
+            gq = (Y - u).mul_(q)
+        elif div == "sym_kl":
+            gq = (Y - u).mul_(q).add_(q).sub_(p)
+        else:
+            gq = (lq - Y).mul_(q).mul_(0.5)
+        gq.mul_(cd)
+    del u
+    if div == "js":
+        del lp, lq
+
+    def _view_grad(g, z_over_tau, p_t, lse_col, ys, coef_ce):
+        if opts.with_ce:
+            # softmax(z) for CE: equals p when τ = 1, else exp(τ·a − lse)
+            if tau == 1.0:
+                sm = p_t.clone() if g is not None else p_t
+            else:
+                sm = (z_over_tau * tau).sub_(lse_col.unsqueeze(1)).exp_()
+            sm = _ce_grad_(sm, lse_col, ys, coef_ce, ce)
+            g = sm if g is None else g.add_(sm)
+        if g is None:
+            return None
+        return _softcap_grad_(g, z_over_tau, ce.softcap, scale=tau)
+
+    dz_p = _view_grad(gp, a, p, stats[:, STAT_LSE_P], ysp if opts.with_ce else None, coef_ce_p)
+    del gp
+    dz_q = _view_grad(gq, b, q, stats[:, STAT_LSE_Q], ysq if opts.with_ce else None, coef_ce_q)
+    return ce_p, ce_q, stats, dz_p, dz_q
+
+
+def pair_forward_backward(
+    xp, xq, w, b, yp, yq, opts: PairOptions,
+    coef_ce_p=None, coef_ce_q=None, coef_div=None,
+    dxp_out=None, dxq_out=None, dw_out=None, db_out=None, stats_in=None,
+):
+    """Pair forward over chunks; with ``coef_div`` also the gradient in the same pass (contract)."""
+    N, V = xp.shape[0], w.shape[0]
+    zeros = torch.zeros(N, dtype=acc_dtype(xp), device=xp.device)
+    ce_p, ce_q = (torch.empty_like(zeros), torch.empty_like(zeros)) if opts.with_ce else (zeros, zeros)
+    stats = stats_in if stats_in is not None else torch.empty(N, N_PAIR_STATS, dtype=acc_dtype(xp), device=xp.device)
+    w32, b32 = _f32(w), _f32(b)
+    C = chunk_rows(N, V, K_PAIR, opts.ce.chunk_bytes)
+    with_grad = coef_div is not None
+    for s in range(0, N, C):
+        rows = slice(s, min(N, s + C))
+        xp32, xq32 = _f32(xp[rows]), _f32(xq[rows])
+        coefs = None
+        if with_grad:
+            coefs = (
+                None if coef_ce_p is None else coef_ce_p[rows],
+                None if coef_ce_q is None else coef_ce_q[rows],
+                coef_div[rows],
+            )
+        cp, cq, st, dz_p, dz_q = _pair_chunk(
+            xp32, xq32, w32, b32,
+            None if yp is None else yp[rows], None if yq is None else yq[rows],
+            opts, None if stats_in is None else stats_in[rows], coefs,
+        )
+        if stats_in is None:
+            stats[rows] = st
+            if opts.with_ce:
+                ce_p[rows], ce_q[rows] = cp, cq
+        if dz_p is not None:
+            _grad_gemms(dz_p, xp32, w32, rows, dxp_out, dw_out, db_out)
+        elif dxp_out is not None:
+            dxp_out[rows].zero_()
+        del dz_p
+        if dz_q is not None:
+            _grad_gemms(dz_q, xq32, w32, rows, dxq_out, dw_out, db_out)
+        elif dxq_out is not None:
+            dxq_out[rows].zero_()
+    div = divergence_from_stats(stats, opts.divergence)
+    return ce_p, ce_q, div, stats
+
+
+def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
+    return pair_forward_backward(xp, xq, w, b, yp, yq, opts)
+
+
+def pair_backward(
+    xp, xq, w, b, yp, yq, stats, coef_ce_p, coef_ce_q, coef_div, opts: PairOptions,
+    dxp_out, dxq_out, dw_out, db_out,
+) -> None:
+    pair_forward_backward(
+        xp, xq, w, b, yp, yq, opts, coef_ce_p, coef_ce_q, coef_div, dxp_out, dxq_out, dw_out, db_out,
+        stats_in=stats,
+    )

@@ -1,0 +1,204 @@
+"""The public ops: validate, pick a backend, hand off to the autograd layer.
+
+    linear_cross_entropy(input, linear_weight, target, ...)          SPEC §3
+    linear_divergence(input_p, input_q, linear_weight, ...)          SPEC §5
+    long_short_loss(hidden_long, hidden_short, linear_weight, ...)   SPEC §4
+
+Every check in :mod:`lsa_kernels._checks` runs before any kernel. ``backend="auto"`` picks Triton for
+CUDA tensors and the chunked cpu path for CPU tensors; ``"reference"`` materialises the logits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import _checks, reference
+from .options import CEOptions, PairOptions
+from .pairing import LongShortLoss, pair_mask
+
+__all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete backend and check that the choice can run on ``device``."""
+    _checks.check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
+            f"got tensors on {device}. Use backend='cpu' or 'auto'."
+        )
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    return backend
+
+
+def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic) -> CEOptions:
+    return CEOptions(
+        ignore_index=int(ignore_index),
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        chunk_bytes=chunk_bytes,
+        deterministic=bool(deterministic),
+    )
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+    deterministic: bool = False,
+    check_targets: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy of ``softcap(input @ linear_weight.T + linear_bias)`` against ``target``, fused.
+
+    Args mirror :func:`torch.nn.functional.linear_cross_entropy`. ``input [..., H]``, ``target [...]``
+    (int64, already aligned: no internal shift), ``linear_weight [V, H]``, ``linear_bias [V]``.
+    ``z_loss`` adds ``z_loss * lse²`` per row; ``softcap`` applies ``c * tanh(z / c)`` to the logits.
+    ``reduction="mean"`` averages over non-ignored rows and returns 0 (zero gradients) when there are
+    none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default: picked from the
+    shapes). ``check_targets=False`` skips the one host sync that checks target values.
+    Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``.
+    """
+    _checks.check_ce(
+        input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
+        check_values=check_targets,
+    )
+    be = resolve_backend(backend, input.device)
+    if be == "reference":
+        return reference.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, reduction=reduction, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        )
+    from .autograd import linear_cross_entropy_fused
+
+    opts = _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic)
+    H = input.shape[-1]
+    out = linear_cross_entropy_fused(
+        input.reshape(-1, H), linear_weight, linear_bias, target.reshape(-1), reduction, opts, be
+    )
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+def linear_divergence(
+    input_p: torch.Tensor,
+    input_q: torch.Tensor,
+    linear_weight: torch.Tensor,
+    *,
+    linear_bias: Optional[torch.Tensor] = None,
+    divergence: str = "sce",
+    temperature: float = 1.0,
+    detach: Optional[str] = None,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Divergence ``D(softmax(a/τ), softmax(b/τ))`` between the logits of two aligned sets of rows.
+
+    ``a = softcap(input_p W^T + b)``, ``b`` likewise from ``input_q``; both through the same head and
+    never materialised. ``divergence`` is one of ``sce`` (default), ``sym_kl``, ``kl`` (KL(p‖q)),
+    ``kl_reverse`` (KL(q‖p)), ``js``. ``detach="p"`` / ``"q"`` stops the gradient into that side.
+    ``mask [...]`` (bool) selects rows; ``mean`` averages over selected rows (0 when none).
+    """
+    _checks.check_divergence(
+        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
+    )
+    be = resolve_backend(backend, input_p.device)
+    if be == "reference":
+        return reference.linear_divergence(
+            input_p, input_q, linear_weight, linear_bias=linear_bias, divergence=divergence,
+            temperature=temperature, detach=detach, reduction=reduction, mask=mask, softcap=softcap,
+        )
+    from .autograd import pair_loss_fused
+
+    opts = PairOptions(
+        divergence=divergence, temperature=float(temperature), detach=detach, with_ce=False,
+        ce=_ce_options(-100, 0.0, 0.0, softcap, chunk_bytes, deterministic),
+    )
+    H = input_p.shape[-1]
+    xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
+    sel = torch.ones(xp.shape[0], dtype=torch.bool, device=xp.device) if mask is None else mask.reshape(-1)
+    if reduction == "none":
+        per_row = pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, None, opts, be, "none")
+        return per_row.reshape(input_p.shape[:-1])
+    div_w = sel.to(torch.float64 if xp.dtype == torch.float64 else torch.float32)
+    if reduction == "mean":
+        div_w = div_w / sel.sum().clamp(min=1)
+    return pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts, be, "weighted")
+
+
+def long_short_loss(
+    hidden_long: torch.Tensor,
+    hidden_short: torch.Tensor,
+    linear_weight: torch.Tensor,
+    labels_long: torch.Tensor,
+    labels_short: torch.Tensor,
+    *,
+    l_extra: int,
+    alpha: float = 0.1,
+    divergence: str = "sce",
+    temperature: float = 1.0,
+    detach: Optional[str] = None,
+    positions: str = "overlap",
+    ignore_index: int = -100,
+    linear_bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    backend: str = "auto",
+    chunk_bytes: Optional[int] = None,
+    deterministic: bool = False,
+    check_targets: bool = True,
+) -> LongShortLoss:
+    """Long-short alignment loss (SPEC §4): ``loss = ce + alpha * misalign``, fused, no logits in memory.
+
+    ``hidden_long``/``hidden_short`` ``[B, T, H]`` are the final hidden states of the two views of one
+    window (long = ``x[:T]``, short = ``x[l_extra:l_extra+T]``), ``labels_*`` ``[B, T]`` their
+    next-token targets aligned to rows. Rows pair as ``hidden_long[:, l_extra+i] <-> hidden_short[:, i]``.
+    ``ce`` is the mean token CE over all valid rows of both views; ``misalign`` the mean divergence over
+    pairs whose targets are both valid (``positions="last"``: only each sequence's last such pair).
+    ``detach="long"`` makes the long view a fixed teacher for the divergence, ``"short"`` the reverse.
+    Returns ``LongShortLoss(loss, ce, misalign)``; each is differentiable.
+    """
+    _checks.check_long_short(
+        hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
+        temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
+        check_values=check_targets,
+    )
+    be = resolve_backend(backend, hidden_long.device)
+    if be == "reference":
+        return reference.long_short_loss(
+            hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra=l_extra, alpha=alpha,
+            divergence=divergence, temperature=temperature, detach=detach, positions=positions,
+            ignore_index=ignore_index, linear_bias=linear_bias, softcap=softcap,
+            label_smoothing=label_smoothing, z_loss=z_loss,
+        )
+    from .autograd import long_short_fused
+
+    opts = PairOptions(
+        divergence=divergence, temperature=float(temperature),
+        detach={None: None, "long": "p", "short": "q"}[detach], with_ce=True,
+        ce=_ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic),
+    )
+    sel = pair_mask(labels_long, labels_short, l_extra, positions, ignore_index)
+    return long_short_fused(
+        hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
+        sel, opts, be,
+    )

@@ -1,0 +1,1 @@
+"""Adapters from model libraries to the fused losses (see :mod:`lsa_kernels.integrations.hf`)."""

@@ -1,0 +1,296 @@
+"""Any transformers causal LM -> final hidden states + output head -> the fused losses. No patches.
+
+The model's own ``forward`` would build ``[B, T, V]`` logits; we never call it on training data.
+Instead:
+
+    decoder = model.get_decoder()            # LlamaModel, GPT2Model, Gemma2Model, ... (transformers' own lookup)
+    h       = decoder(input_ids, attention_mask).last_hidden_state      # already through the final norm
+    head    = model.get_output_embeddings()  # nn.Linear [V, H] (+ bias)
+    loss    = linear_cross_entropy(h * scale, head.weight, labels, linear_bias=b * scale, softcap=c)
+
+``scale`` covers the logit scalings some models apply after the head (Cohere's ``logit_scale``
+multiplies, Granite/MiniCPM3's ``logits_scaling`` divides), ``c`` is Gemma-2's
+``final_logit_softcapping``. Both come from the config, and (since a model may do something else that
+no config field announces) :func:`output_head` checks once per model, on an 8-token probe, that the
+head it built reproduces the model's own last-position logits; it raises ``UnsupportedModel`` if not.
+
+Labels follow transformers' convention (``labels`` = ``input_ids`` with ignored positions at -100; the
+shift happens here), so ``causal_lm_loss(model, x, labels)`` equals ``model(x, labels=labels).loss``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..functional import linear_cross_entropy, long_short_loss
+from ..pairing import LongShortLoss, make_views
+
+__all__ = [
+    "UnsupportedModel",
+    "OutputHead",
+    "attn_implementation",
+    "decoder_of",
+    "output_head",
+    "hidden_states",
+    "shift_labels",
+    "causal_lm_loss",
+    "long_short_step",
+    "LongShortObjective",
+    "load_causal_lm",
+]
+
+
+class UnsupportedModel(ValueError):
+    """The model's output head does something this adapter cannot express (see the message)."""
+
+
+@dataclass
+class OutputHead:
+    """What turns a final hidden state into logits: ``softcap(scale * (h W^T + b))``."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    def prepare(self, h: torch.Tensor):
+        """Fold ``scale`` into the hidden states and bias: returns ``(h', bias')`` for the fused ops."""
+        if self.scale == 1.0:
+            return h, self.bias
+        b = None if self.bias is None else self.bias * self.scale
+        return h * self.scale, b
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Materialised logits (tests and the one-time probe only)."""
+        h, b = self.prepare(h)
+        z = F.linear(h, self.weight, b).float()
+        if self.softcap:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+def attn_implementation(device: Optional[torch.device | str] = None) -> str:
+    """``"flash_attention_2"`` when flash-attn is installed and we run on CUDA, else ``"sdpa"``."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(model: "str | object", *, device=None, dtype: Optional[torch.dtype] = None, attn: Optional[str] = None):
+    """A causal LM from a path on disk (``from_pretrained``, local files only) or a transformers config
+    (``from_config``), with ``attn_implementation`` set: :func:`attn_implementation` unless ``attn`` is
+    given, falling back to ``"eager"`` for architectures that support neither flash-attn nor SDPA."""
+    import os
+
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    impl = attn or attn_implementation(device)
+    if isinstance(model, PretrainedConfig):
+        def build(i):
+            return AutoModelForCausalLM.from_config(model, attn_implementation=i, dtype=dtype)
+    else:
+        path = os.fspath(model)
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"no model at {path!r}: expected a directory with config.json (and weights)")
+
+        def build(i):
+            return AutoModelForCausalLM.from_pretrained(path, attn_implementation=i, dtype=dtype, local_files_only=True)
+    try:
+        m = build(impl)
+    except (ValueError, ImportError):
+        if impl == "eager":
+            raise
+        m = build("sdpa" if impl == "flash_attention_2" else "eager") if impl == "flash_attention_2" else build("eager")
+    if device is not None:
+        m = m.to(device)
+    return m
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / FSDP / torch.compile wrappers
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def decoder_of(model: nn.Module) -> Optional[nn.Module]:
+    """The module that returns final (normed) hidden states, or None if the model has no separate one."""
+    model = _unwrap(model)
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None or dec is model:
+        base = getattr(model, "base_model", None)
+        dec = base if base is not None and base is not model else None
+    return dec
+
+
+def _config_scale_softcap(config) -> tuple:
+    scale = 1.0
+    ls = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
+    if isinstance(ls, (int, float)) and not isinstance(ls, bool):
+        scale *= float(ls)
+    lsc = getattr(config, "logits_scaling", None)  # Granite, MiniCPM3: logits / logits_scaling
+    if isinstance(lsc, (int, float)) and not isinstance(lsc, bool):
+        scale /= float(lsc)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3, nanochat
+    softcap = float(softcap) if softcap else None
+    return scale, softcap
+
+
+_VERIFIED: "dict[int, bool]" = {}
+
+
+def output_head(model: nn.Module, verify: bool = True) -> OutputHead:
+    """The model's output head as an :class:`OutputHead`; raises :class:`UnsupportedModel` if there is none
+    or (``verify=True``, once per model) if it does not reproduce the model's own logits."""
+    model = _unwrap(model)
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
+        raise UnsupportedModel(
+            f"{type(model).__name__} has no linear output embedding (get_output_embeddings() returned "
+            f"{type(emb).__name__}); lsa_kernels needs a causal LM with an [V, H] output head"
+        )
+    bias = getattr(emb, "bias", None)
+    scale, softcap = _config_scale_softcap(model.config)
+    head = OutputHead(emb.weight, bias if isinstance(bias, torch.Tensor) else None, scale, softcap)
+    if verify and _VERIFIED.get(id(model)) is None:
+        _verify(model, head)
+        _VERIFIED[id(model)] = True
+    return head
+
+
+@torch.no_grad()
+def _verify(model: nn.Module, head: OutputHead) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        dev = head.weight.device
+        V = head.weight.shape[0]
+        g = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, min(V, getattr(model.config, "vocab_size", V) or V), (1, 8), generator=g).to(dev)
+        ours = head.logits(hidden_states(model, ids)[:, -1:].float().to(head.weight.dtype))
+        theirs = model(input_ids=ids, logits_to_keep=1).logits[:, -1:].float()
+    finally:
+        model.train(was_training)
+    tol = 1e-3 * (1.0 + theirs.abs().max().item()) if head.weight.dtype == torch.float32 else 5e-2 * (1 + theirs.abs().max().item())
+    err = (ours - theirs).abs().max().item()
+    if ours.shape != theirs.shape or err > tol:
+        raise UnsupportedModel(
+            f"{type(model).__name__}: hidden states @ get_output_embeddings() (scale={head.scale}, "
+            f"softcap={head.softcap}) do not reproduce the model's logits (max abs error {err:.3g}); this model "
+            "transforms its logits in a way lsa_kernels.integrations.hf does not know about"
+        )
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits.
+
+    Runs the decoder (``model.get_decoder()``) when the model has one; otherwise falls back to
+    ``model(..., output_hidden_states=True, logits_to_keep=1)`` (logits for one position only).
+    """
+    dec = decoder_of(model)
+    if dec is not None:
+        out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        h = getattr(out, "last_hidden_state", None)
+        if h is None:
+            h = out[0]
+        return h
+    out = _unwrap(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1
+    )
+    return out.hidden_states[-1]
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """transformers' shift: row t predicts ``labels[t + 1]``; the last row is ignored."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    ignore_index: int = -100,
+    **loss_kw,
+) -> torch.Tensor:
+    """``model(input_ids, labels=labels).loss`` with the fused CE (labels shifted here, as transformers does).
+
+    ``loss_kw`` go to :func:`lsa_kernels.functional.linear_cross_entropy` (``label_smoothing``, ``z_loss``, ...).
+    """
+    head = output_head(model)
+    h = hidden_states(model, input_ids, attention_mask)
+    h, b = head.prepare(h)
+    y = shift_labels(labels, ignore_index)
+    return linear_cross_entropy(
+        h, head.weight, y, linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw
+    )
+
+
+def long_short_step(
+    model: nn.Module,
+    window: torch.Tensor,
+    l_extra: int,
+    *,
+    alpha: float = 0.1,
+    divergence: str = "sce",
+    backend: str = "auto",
+    ignore_index: int = -100,
+    **loss_kw,
+) -> LongShortLoss:
+    """The long-short loss of SPEC §4 for token windows ``[B, l_train + l_extra + 1]``.
+
+    The views are ``long = window[:, :l_train + 1]`` and ``short = window[:, l_extra:]`` (the extra
+    token gives the last row its target); each view's inputs are ``view[:, :-1]`` and its targets
+    ``view[:, 1:]``. Both views run through the decoder in ONE batched call (so DDP sees one forward),
+    then :func:`lsa_kernels.functional.long_short_loss` pairs ``h_long[:, l_extra + i] <-> h_short[:, i]``.
+    ``loss_kw``: ``temperature``, ``detach``, ``positions``, ``label_smoothing``, ``z_loss``.
+    """
+    head = output_head(model)
+    long, short = make_views(window, l_extra)
+    B = window.shape[0]
+    x = torch.cat([long[:, :-1], short[:, :-1]], dim=0)
+    h = hidden_states(model, x)
+    h, b = head.prepare(h)
+    return long_short_loss(
+        h[:B], h[B:], head.weight, long[:, 1:], short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
+        linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw,
+    )
+
+
+class LongShortObjective(nn.Module):
+    """``model`` + objective as one module, so DDP/FSDP wrap a forward that returns the loss.
+
+    ``forward(window, l_extra, alpha)``: with ``alpha > 0`` the long-short loss on both views; with
+    ``alpha == 0`` plain CE on the long view only (``window[:, :l_train + 1]``; one view, the baseline).
+    Returns :class:`LongShortLoss` (``misalign`` is 0 on the CE path).
+    """
+
+    def __init__(self, model: nn.Module, *, divergence: str = "sce", backend: str = "auto", **loss_kw):
+        super().__init__()
+        self.model = model
+        self.divergence = divergence
+        self.backend = backend
+        self.loss_kw = loss_kw
+
+    def forward(self, window: torch.Tensor, l_extra: int, alpha: float) -> LongShortLoss:
+        if alpha == 0:
+            head = output_head(self.model)
+            view = window
+            h, b = head.prepare(hidden_states(self.model, view[:, :-1]))
+            ce_kw = {k: v for k, v in self.loss_kw.items() if k in ("label_smoothing", "z_loss")}
+            ce = linear_cross_entropy(
+                h, head.weight, view[:, 1:], linear_bias=b, softcap=head.softcap, backend=self.backend, **ce_kw
+            )
+            return LongShortLoss(ce, ce, torch.zeros((), device=ce.device, dtype=ce.dtype))
+        return long_short_step(
+            self.model, window, l_extra, alpha=alpha, divergence=self.divergence, backend=self.backend, **self.loss_kw
+        )

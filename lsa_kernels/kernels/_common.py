@@ -1,0 +1,269 @@
+"""Shared pieces of the Triton kernels: jit maths helpers, the logits tile, launch configuration.
+
+Maths helpers (all fp32, no libdevice so they run under the interpreter and compile everywhere):
+
+    tanh(x)   = 2·sigmoid(2x) − 1                  (softcap: z = c·tanh(z_raw/c), z' = 1 − tanh²)
+    expm1(x)  = degree-9 Taylor series for |x| < ½, else exp(x) − 1   (relative error ≲ 3e-7)
+    log1p(x)  = x                     if fl(1 + x) == 1
+              = log(u)·x / (u − 1)    u = fl(1 + x)     (Goldberg's trick: cancels the rounding of 1 + x)
+    log(p/m)  for m = (p + q)/2, d = log q − log p:
+              = −log1p(expm1(d)/2)              d ≤ 1  (relative precision as p → q)
+              = −d + log 2 − log1p(e^{−d})      d > 1  (no overflow for d ≫ 1)
+
+The logits tile of a row block × V tile is ``Σ_h x[rows, h]·W[cols, h]`` with fp32 accumulation; every
+row / column index is cast to int64 before it multiplies a stride, so N·H and V·H may pass 2^31.
+``UPCAST`` casts bf16/fp16 operands to fp32 right after the load (required by the interpreter, which
+stores bf16 as uint16); on a GPU bf16 operands go to the tensor cores as they are (bf16·bf16 products are
+exact in fp32, the accumulation is fp32 either way). fp32 inputs use ``tf32x3`` on a GPU (≈ fp32 accuracy
+on tensor cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import interpreting
+
+LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def tanh_(x):
+    """tanh via the sigmoid: saturates cleanly to ±1 (exp overflow gives 1/(1+inf) = 0)."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def expm1_(x):
+    """exp(x) − 1 with relative precision for small |x|."""
+    small = tl.abs(x) < 0.5
+    s = tl.where(small, x, 0.0)
+    poly = 1.0 / 362880.0
+    poly = poly * s + 1.0 / 40320.0
+    poly = poly * s + 1.0 / 5040.0
+    poly = poly * s + 1.0 / 720.0
+    poly = poly * s + 1.0 / 120.0
+    poly = poly * s + 1.0 / 24.0
+    poly = poly * s + 1.0 / 6.0
+    poly = poly * s + 0.5
+    poly = poly * s + 1.0
+    return tl.where(small, poly * s, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def log1p_(x):
+    """log(1 + x) for x ≥ −1 with relative precision for small |x| (Goldberg)."""
+    u = 1.0 + x
+    d = u - 1.0
+    safe_d = tl.where(d == 0.0, 1.0, d)
+    big = u > 1.0e30
+    r = tl.where(big, tl.log(u), tl.log(u) * (x / safe_d))
+    return tl.where(d == 0.0, x, r)
+
+
+@triton.jit
+def log_ratio_to_mid_(d):
+    """log(p / m) with m = (p + q)/2 and d = log q − log p (finite)."""
+    dc = tl.minimum(d, 1.0)
+    r_small = -log1p_(0.5 * expm1_(dc))
+    dl = tl.maximum(d, 1.0)
+    r_large = -dl + 0.6931471805599453 - log1p_(tl.exp(-dl))
+    return tl.where(d > 1.0, r_large, r_small)
+
+
+@triton.jit
+def online_update_(m, s, z_masked):
+    """One online-softmax step. z_masked has −inf on invalid columns.
+
+    Returns (m_new, alpha = exp(m − m_new), e = exp(z − m_new), s_new = s·alpha + Σ e)."""
+    m_new = tl.maximum(m, tl.max(z_masked, 1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z_masked - m_new[:, None])
+    s_new = s * alpha + tl.sum(e, 1)
+    return m_new, alpha, e, s_new
+
+
+@triton.jit
+def logits_tile_(
+    x_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_x, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """fp32 ``x[rows] @ W[cols]ᵀ`` over H chunks (raw logits, no bias / softcap)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        xt = tl.load(x_ptr + rows64[:, None] * stride_x + offs_h[None, :],
+                     mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols64[:, None] * stride_w + offs_h[None, :],
+                     mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def logits_tile2_(
+    xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_xp, stride_xq, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Both views' raw logits tiles; each W chunk is loaded once and used by both dots."""
+    acc_p = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    acc_q = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        m2 = row_mask[:, None] & h_mask[None, :]
+        wt = tl.load(w_ptr + cols64[:, None] * stride_w + offs_h[None, :],
+                     mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+        xpt = tl.load(xp_ptr + rows64[:, None] * stride_xp + offs_h[None, :], mask=m2, other=0.0)
+        xqt = tl.load(xq_ptr + rows64[:, None] * stride_xq + offs_h[None, :], mask=m2, other=0.0)
+        if UPCAST:
+            wt = wt.to(tl.float32)
+            xpt = xpt.to(tl.float32)
+            xqt = xqt.to(tl.float32)
+        wtt = tl.trans(wt)
+        acc_p = tl.dot(xpt, wtt, acc_p, input_precision=DOT_PREC)
+        acc_q = tl.dot(xqt, wtt, acc_q, input_precision=DOT_PREC)
+    return acc_p, acc_q
+
+
+@triton.jit
+def finish_logits_(acc, b_ptr, cols64, col_mask, cap, inv_cap,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """bias + softcap. Returns (z, t) with t = tanh(z_raw/c) (t = 0 without softcap)."""
+    z = acc
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols64, mask=col_mask, other=0.0).to(tl.float32)
+        z = z + bias[None, :]
+    if HAS_SOFTCAP:
+        t = tanh_(z * inv_cap)
+        z = cap * t
+    else:
+        t = tl.zeros_like(z)
+    return z, t
+
+
+@triton.jit
+def ce_grad_(p, z_is_target, col_mask, lse, one_minus_eps, eps_over_v, two_zloss,
+             HAS_SMOOTHING: tl.constexpr, HAS_ZLOSS: tl.constexpr):
+    """∂ℓ/∂z of the CE row loss (per unit coefficient): softmax(1 + 2λ·lse) − (1−ε)·onehot − ε/V."""
+    g = p
+    if HAS_ZLOSS:
+        g = g * (1.0 + two_zloss * lse)[:, None]
+    g = g - tl.where(z_is_target, one_minus_eps, 0.0)
+    if HAS_SMOOTHING:
+        g = g - tl.where(col_mask[None, :], eps_over_v, 0.0)
+    return g
+
+
+# ----------------------------------------------------------------------------------------- launch config
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and launch parameters of one kernel launch.
+
+    ``SPLIT_V`` (forward only): number of programs sharing the V range of one row block; each writes
+    partial per-row statistics to an ``[SPLIT_V, N, k]`` fp32 scratch that a tiny torch step merges.
+    0 = choose from the shapes (fill the GPU when N is small). ``GROUP``: row-block grouping of the
+    (row block × V tile) grid of the atomic backward, for L2 reuse of W tiles."""
+
+    BLOCK_N: int
+    BLOCK_V: int
+    BLOCK_H: int
+    num_warps: int = 4
+    num_stages: int = 1
+    SPLIT_V: int = 0
+    GROUP: int = 8
+
+
+_OVERRIDE: Optional[LaunchConfig] = None
+
+
+@contextlib.contextmanager
+def override_config(cfg: LaunchConfig) -> Iterator[None]:
+    """Force one LaunchConfig for every launch inside the block (tests: several tiles / splits)."""
+    global _OVERRIDE
+    old, _OVERRIDE = _OVERRIDE, cfg
+    try:
+        yield
+    finally:
+        _OVERRIDE = old
+
+
+# GPU configs (sm_80 / sm_90), checked by tests/test_triton_compile.py for shared memory and spills.
+#   kind -> (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
+GPU_CONFIGS = {
+    "ce_fwd": LaunchConfig(128, 128, 64, num_warps=8, num_stages=3),
+    "ce_bwd": LaunchConfig(64, 128, 64, num_warps=8, num_stages=2),
+    "ce_bwd_dx": LaunchConfig(64, 128, 64, num_warps=8, num_stages=2),
+    "ce_bwd_dw": LaunchConfig(64, 128, 64, num_warps=8, num_stages=2),
+    "pair_fwd": LaunchConfig(64, 128, 64, num_warps=8, num_stages=3),
+    "pair_bwd": LaunchConfig(64, 64, 64, num_warps=8, num_stages=2),
+    "pair_bwd_dx": LaunchConfig(64, 64, 64, num_warps=8, num_stages=2),
+    "pair_bwd_dw": LaunchConfig(64, 64, 64, num_warps=8, num_stages=2),
+}
+
+
+def _interp_config(N: int, V: int, H: int) -> LaunchConfig:
+    # The interpreter pays per tile step: big blocks, one config, no sweep.
+    bn = min(64, max(16, triton.next_power_of_2(N)))
+    bv = min(256, max(16, triton.next_power_of_2(V)))
+    bh = min(128, max(16, triton.next_power_of_2(H)))
+    return LaunchConfig(bn, bv, bh, num_warps=4, num_stages=1, SPLIT_V=1, GROUP=4)
+
+
+def pick_config(kind: str, N: int, V: int, H: int, device: torch.device) -> LaunchConfig:
+    """Launch configuration of one kernel ``kind`` for the shapes (override > interpreter > GPU table)."""
+    if _OVERRIDE is not None:
+        cfg = _OVERRIDE
+    elif interpreting() or device.type != "cuda":
+        cfg = _interp_config(N, V, H)
+    else:
+        cfg = GPU_CONFIGS[kind]
+    if cfg.SPLIT_V == 0:
+        cfg = replace(cfg, SPLIT_V=_auto_split(N, V, cfg, device))
+    return cfg
+
+
+def _auto_split(N: int, V: int, cfg: LaunchConfig, device: torch.device) -> int:
+    n_blocks = triton.cdiv(max(N, 1), cfg.BLOCK_N)
+    n_tiles = triton.cdiv(V, cfg.BLOCK_V)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    want = triton.cdiv(2 * sms, n_blocks)  # about two waves of programs
+    return max(1, min(n_tiles, want, 64))
+
+
+def split_ranges(V: int, block_v: int, split: int) -> tuple[int, int]:
+    """(tiles per split, number of non-empty splits)."""
+    n_tiles = triton.cdiv(V, block_v)
+    per = triton.cdiv(n_tiles, max(1, split))
+    return per, triton.cdiv(n_tiles, per)
+
+
+def upcast_and_prec(dtype: torch.dtype) -> tuple[bool, str]:
+    """(UPCAST, DOT_PREC) constexprs for an input dtype."""
+    if dtype == torch.float32:
+        return True, ("ieee" if interpreting() else "tf32x3")
+    return interpreting(), "tf32"
+
+
+def softcap_args(softcap: Optional[float]) -> tuple[bool, float, float]:
+    if softcap is not None and softcap > 0:
+        return True, float(softcap), 1.0 / float(softcap)
+    return False, 1.0, 1.0

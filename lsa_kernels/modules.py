@@ -1,0 +1,67 @@
+"""nn.Module wrappers: hold the options, call the functional ops. The head weight is passed per call
+(it usually belongs to the model: ``model.get_output_embeddings().weight``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as LF
+from .pairing import LongShortLoss
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``loss(input, linear_weight, target, linear_bias=None)`` — see :func:`lsa_kernels.linear_cross_entropy`."""
+
+    def __init__(self, *, reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto", **kw):
+        super().__init__()
+        self.kw = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       z_loss=z_loss, softcap=softcap, backend=backend, **kw)
+
+    def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                linear_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return LF.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+class LinearDivergenceLoss(nn.Module):
+    """``loss(input_p, input_q, linear_weight, linear_bias=None, mask=None)`` — see :func:`lsa_kernels.linear_divergence`."""
+
+    def __init__(self, *, divergence: str = "sce", temperature: float = 1.0, detach: Optional[str] = None,
+                 reduction: str = "mean", softcap: Optional[float] = None, backend: str = "auto", **kw):
+        super().__init__()
+        self.kw = dict(divergence=divergence, temperature=temperature, detach=detach, reduction=reduction,
+                       softcap=softcap, backend=backend, **kw)
+
+    def forward(self, input_p, input_q, linear_weight, linear_bias=None, mask=None) -> torch.Tensor:
+        return LF.linear_divergence(input_p, input_q, linear_weight, linear_bias=linear_bias, mask=mask, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+class LongShortAlignmentLoss(nn.Module):
+    """``loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, linear_bias=None)``
+    -> :class:`LongShortLoss` — see :func:`lsa_kernels.long_short_loss`."""
+
+    def __init__(self, *, alpha: float = 0.1, divergence: str = "sce", temperature: float = 1.0,
+                 detach: Optional[str] = None, positions: str = "overlap", ignore_index: int = -100,
+                 softcap: Optional[float] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 backend: str = "auto", **kw):
+        super().__init__()
+        self.kw = dict(alpha=alpha, divergence=divergence, temperature=temperature, detach=detach,
+                       positions=positions, ignore_index=ignore_index, softcap=softcap,
+                       label_smoothing=label_smoothing, z_loss=z_loss, backend=backend, **kw)
+
+    def forward(self, hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra: int,
+                linear_bias=None) -> LongShortLoss:
+        return LF.long_short_loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short,
+                                  l_extra=l_extra, linear_bias=linear_bias, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
