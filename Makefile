@@ -1,0 +1,36 @@
+# Two commands: `make demo` (the main job) and `make test` (what CI runs). Both create .venv if
+# missing and install the pinned stack (torch 2.13.0 CPU build, triton 3.8.0) and the package.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lsa-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench bench-quick synthetic install clean-ext
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned in the same command as everything that depends on it: no CUDA wheel is pulled
+	$(PY) -m pip install -q torch==2.13.0 triton==3.8.0 numpy setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,train]" torch==2.13.0 triton==3.8.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(VENV)/bin/lsa demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick
+
+synthetic: $(STAMP)
+	$(VENV)/bin/lsa synthetic
+
+clean-ext:
+	rm -rf build lsa_kernels/_C*.so
