@@ -85,7 +85,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.pre is not None:
             x, w, b = ctx.saved_tensors
             dx, dw, db = ctx.pre
-            ctx.pre = None
             g = g.to(_acc(w))
             return _cast(dx, x, g), _cast(dw, w, g), _cast(db, b, g), None, None, None, None
         be = backends.get(ctx.backend)
@@ -139,7 +138,6 @@ class _LinearDivergence(torch.autograd.Function):
         if ctx.pre is not None:
             xp, xq, w, b = ctx.saved_tensors
             dxp, dxq, dw, db = ctx.pre
-            ctx.pre = None
             g = g.to(_acc(w))
             return _cast(dxp, xp, g), _cast(dxq, xq, g), _cast(dw, w, g), _cast(db, b, g), *none9
         xp, xq, w, b, stats, weight = ctx.saved_tensors
@@ -242,10 +240,8 @@ class _LongShort(torch.autograd.Function):
             return (None,) * 11
         if ctx.pre is not None and g_ce is None and g_mis is None:
             dxp, dxq, dxu, dw, db = ctx.pre
-            ctx.pre = None
             g = g_loss.to(_acc(w))
         else:
-            ctx.pre = None
             be = backends.get(backend)
             zero = torch.zeros((), dtype=torch.float32, device=xp.device)
             gl = zero if g_loss is None else g_loss.to(_acc(w))

@@ -22,7 +22,7 @@ to global memory (triton).
         dz = coef ⊙ (softmax(z)(1 + 2λ·lse) - (1-ε)·onehot(y) - ε/V) ⊙ softcap'(z_raw)
         dx = dz W,  dW += dzᵀ x,  db += Σ_rows dz
 
-    pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions) -> (ce_p [N], ce_q [N], div [N], stats [N, 6])
+    pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions) -> (ce_p [N], ce_q [N], div [N], stats [N, 8])
         ce_* as above when opts.with_ce (zeros otherwise; yp/yq may then be None);
         div and stats as documented in lsa_kernels.stats (divergence on every row; callers mask).
 

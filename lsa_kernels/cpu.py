@@ -30,7 +30,9 @@ from .options import (
     STAT_LSET_P,
     STAT_LSET_Q,
     STAT_X,
+    STAT_X2,
     STAT_Y,
+    STAT_Y2,
     CEOptions,
     PairOptions,
 )
@@ -242,9 +244,13 @@ def _pair_chunk(
             X, Y = _rowdot(q, torch.expm1(u)), _rowdot(q, u)
         elif div == "sym_kl":
             X, Y = _rowdot(p, u), _rowdot(q, u)
+            stats[:, STAT_X2], stats[:, STAT_Y2] = _rowdot(p, torch.expm1(-u)), _rowdot(q, torch.expm1(u))
         else:  # js
             X, Y = _rowdot(p, lp), _rowdot(q, lq)
         stats[:, STAT_X], stats[:, STAT_Y] = X, Y
+        if div != "sym_kl":
+            stats[:, STAT_X2] = 0.0
+            stats[:, STAT_Y2] = 0.0
     if coefs is None:
         return ce_p, ce_q, stats, None, None
 

@@ -102,12 +102,14 @@ def load_causal_lm(model: "str | object", *, device=None, dtype: Optional[torch.
 
         def build(i):
             return AutoModelForCausalLM.from_pretrained(path, attn_implementation=i, dtype=dtype, local_files_only=True)
-    try:
-        m = build(impl)
-    except (ValueError, ImportError):
-        if impl == "eager":
-            raise
-        m = build("sdpa" if impl == "flash_attention_2" else "eager") if impl == "flash_attention_2" else build("eager")
+    chain = {"flash_attention_2": ["flash_attention_2", "sdpa", "eager"], "sdpa": ["sdpa", "eager"]}.get(impl, [impl])
+    for i, cand in enumerate(chain):
+        try:
+            m = build(cand)
+            break
+        except (ValueError, ImportError):
+            if i == len(chain) - 1:
+                raise
     if device is not None:
         m = m.to(device)
     return m

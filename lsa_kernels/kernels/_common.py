@@ -206,18 +206,53 @@ def override_config(cfg: LaunchConfig) -> Iterator[None]:
         _OVERRIDE = old
 
 
-# GPU configs (sm_80 / sm_90), checked by tests/test_triton_compile.py for shared memory and spills.
-#   kind -> (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
-GPU_CONFIGS = {
-    "ce_fwd": LaunchConfig(128, 128, 64, num_warps=8, num_stages=3),
-    "ce_bwd": LaunchConfig(64, 128, 64, num_warps=8, num_stages=2),
-    "ce_bwd_dx": LaunchConfig(64, 128, 64, num_warps=8, num_stages=2),
-    "ce_bwd_dw": LaunchConfig(64, 128, 64, num_warps=8, num_stages=2),
-    "pair_fwd": LaunchConfig(64, 128, 64, num_warps=8, num_stages=3),
-    "pair_bwd": LaunchConfig(64, 64, 64, num_warps=8, num_stages=2),
-    "pair_bwd_dx": LaunchConfig(64, 64, 64, num_warps=8, num_stages=2),
-    "pair_bwd_dw": LaunchConfig(64, 64, 64, num_warps=8, num_stages=2),
+# GPU configs, checked by tests/test_triton_compile.py (shared memory ≤ the arch's limit, 0 spill bytes).
+# sm_90 (wgmma, 64K regs, 227 KB smem) takes bigger tiles than sm_80 (mma.sync keeps operands in
+# registers); fp32 inputs (tf32x3: three MMAs and 2× the operand bytes) take smaller ones.
+def _lc(bn, bv, bh, warps, stages):
+    return LaunchConfig(bn, bv, bh, num_warps=warps, num_stages=stages)
+
+
+GPU_TABLE = {
+    ("sm90", False): {
+        "ce_fwd": _lc(128, 128, 64, 8, 3),
+        "ce_bwd": _lc(64, 128, 64, 8, 2),
+        "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
+        "ce_bwd_dw": _lc(64, 128, 64, 8, 2),
+        "pair_fwd": _lc(64, 128, 64, 8, 3),
+        "pair_bwd": _lc(64, 64, 64, 8, 2),
+        "pair_bwd_dx": _lc(64, 64, 64, 8, 2),
+        "pair_bwd_dw": _lc(64, 64, 64, 8, 2),
+    },
+    ("sm80", False): {
+        "ce_fwd": _lc(64, 128, 64, 8, 3),
+        "ce_bwd": _lc(64, 64, 64, 8, 2),
+        "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
+        "ce_bwd_dw": _lc(64, 64, 64, 8, 2),
+        "pair_fwd": _lc(64, 64, 64, 8, 3),
+        "pair_bwd": _lc(32, 64, 64, 4, 2),
+        "pair_bwd_dx": _lc(32, 64, 64, 4, 2),
+        "pair_bwd_dw": _lc(32, 64, 64, 4, 2),
+    },
+    ("any", True): {
+        "ce_fwd": _lc(64, 64, 32, 4, 3),
+        "ce_bwd": _lc(32, 64, 32, 4, 2),
+        "ce_bwd_dx": _lc(32, 64, 32, 4, 2),
+        "ce_bwd_dw": _lc(32, 64, 32, 4, 2),
+        "pair_fwd": _lc(32, 64, 32, 4, 3),
+        "pair_bwd": _lc(32, 32, 32, 4, 2),
+        "pair_bwd_dx": _lc(32, 32, 32, 4, 2),
+        "pair_bwd_dw": _lc(32, 32, 32, 4, 2),
+    },
 }
+KERNEL_KINDS = tuple(GPU_TABLE[("sm90", False)])
+
+
+def gpu_config(kind: str, arch: int, fp32: bool) -> LaunchConfig:
+    """Production block sizes of kernel ``kind`` for compute capability ``arch`` (80, 86, 89, 90, ...)."""
+    if fp32:
+        return GPU_TABLE[("any", True)][kind]
+    return GPU_TABLE[("sm90" if arch >= 90 else "sm80", False)][kind]
 
 
 def _interp_config(N: int, V: int, H: int) -> LaunchConfig:
@@ -228,14 +263,15 @@ def _interp_config(N: int, V: int, H: int) -> LaunchConfig:
     return LaunchConfig(bn, bv, bh, num_warps=4, num_stages=1, SPLIT_V=1, GROUP=4)
 
 
-def pick_config(kind: str, N: int, V: int, H: int, device: torch.device) -> LaunchConfig:
+def pick_config(kind: str, N: int, V: int, H: int, device: torch.device, dtype: torch.dtype) -> LaunchConfig:
     """Launch configuration of one kernel ``kind`` for the shapes (override > interpreter > GPU table)."""
     if _OVERRIDE is not None:
         cfg = _OVERRIDE
     elif interpreting() or device.type != "cuda":
         cfg = _interp_config(N, V, H)
     else:
-        cfg = GPU_CONFIGS[kind]
+        major, minor = torch.cuda.get_device_capability(device)
+        cfg = gpu_config(kind, 10 * major + minor, dtype == torch.float32)
     if cfg.SPLIT_V == 0:
         cfg = replace(cfg, SPLIT_V=_auto_split(N, V, cfg, device))
     return cfg

@@ -1,1 +1,1 @@
-"""Training utilities and studies."""
+"""Training utilities: data (corpus, tokenizer, long-short windows), loop, evaluate, checkpoint, demo, synthetic."""

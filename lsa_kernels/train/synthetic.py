@@ -16,7 +16,7 @@ The loss is MSE in the (re-parameterised) target space. The head's output is aff
 with the mean/std of the training target distribution (fixed buffers, computed exactly): an affine map is
 absorbed by the linear head anyway, so this changes optimisation speed only, not what can extrapolate.
 
-Model: a small *causal* pre-LN transformer (2 layers, width 64, 4 heads, GELU MLP), written in plain torch
+Model: a small *causal* pre-LN transformer (2 layers, width 32, 4 heads, GELU MLP), written in plain torch
 around ``F.scaled_dot_product_attention``. A library model (HF GPT-2 and friends) is not used because the
 model is tiny, we need three interchangeable positional schemes including NoPE, a regression head read at
 the last real token, and no extra dependency; 60 lines of torch are easier to audit than a config object.
@@ -83,12 +83,12 @@ class StudyConfig:
     tasks: Sequence[str] = TASKS
     pes: Sequence[str] = PES
     seeds: Sequence[int] = (0, 1, 2)
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: int = 100
-    d_model: int = 64
+    d_model: int = 32
     n_layers: int = 2
     n_heads: int = 4
     train_min_len: int = 1
@@ -101,7 +101,7 @@ class StudyConfig:
 
     @classmethod
     def quick(cls, **kw) -> "StudyConfig":
-        base = dict(seeds=(0, 1), steps=500, n_eval=128, n_misalign=512)
+        base = dict(seeds=(0, 1), steps=200, n_eval=64, n_misalign=256)
         base.update(kw)
         return cls(**base)
 
@@ -258,11 +258,10 @@ def misalignment(model: TinyRegressor, lo: int, hi: int, n: int, var: float, see
     ids = make_batch(gen, l1)
     # suffix of length l2 of each row, re-prefixed with BOS
     T2 = int(l2.max())
-    short = torch.zeros(n, 1 + T2, dtype=torch.long)
-    short[:, 0] = BOS
-    for i in range(n):
-        L1, L2 = int(l1[i]), int(l2[i])
-        short[i, 1:1 + L2] = ids[i, 1 + L1 - L2:1 + L1]
+    j = torch.arange(T2)[None, :]
+    src = (1 + l1 - l2)[:, None] + j  # bit j of the suffix is bit (l1 - l2 + j) of the long row
+    bits = torch.gather(ids, 1, src.clamp_max(ids.shape[1] - 1)) * (j < l2[:, None])
+    short = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), bits], dim=1)
     with torch.no_grad():
         d = _predict(model, ids, l1) - _predict(model, short, l2)
     return float((d ** 2).mean() / var)
@@ -276,7 +275,7 @@ def run_one(task: str, pe: str, seed: int, cfg: StudyConfig) -> dict:
     y_mean, y_var = train_target_stats(task, lo, hi)
     torch.manual_seed(1000 * seed + 17)
     model = TinyRegressor(pe, cfg.d_model, cfg.n_layers, cfg.n_heads, hi + 1, y_mean, math.sqrt(y_var))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     gen = torch.Generator().manual_seed(seed)  # data stream: same across tasks/PEs for one seed
@@ -290,14 +289,14 @@ def run_one(task: str, pe: str, seed: int, cfg: StudyConfig) -> dict:
         loss = F.mse_loss(model(ids, lengths), y) / y_var
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     train_s = time.time() - t0
 
     model.eval()
-    mse, rel, mse_param = [], [], []
+    mse, rel, mse_param, mean_out = [], [], [], []
     with torch.no_grad():
         for L in range(1, cfg.test_max_len + 1):
             g = torch.Generator().manual_seed(100_000 + L)  # fixed test set, shared by all models
@@ -310,16 +309,20 @@ def run_one(task: str, pe: str, seed: int, cfg: StudyConfig) -> dict:
             mse.append(m)
             rel.append(math.sqrt(m) / math.sqrt(float((y ** 2).mean())))
             mse_param.append(float(((p - target_transform(task, y)) ** 2).mean()))
+            mean_out.append(float(p.mean()))
     mis_in = misalignment(model, (hi + 1) // 2, hi, cfg.n_misalign, y_var, seed=7)
+    # distributional part: shift of the mean output between lengths, E_{l1,l2}[(m(l1) - m(l2))^2] / var
+    ls = range((hi + 1) // 2, hi + 1)
+    mis_dist = sum((mean_out[a - 1] - mean_out[b - 1]) ** 2 for a in ls for b in ls) / len(ls) ** 2 / y_var
     mis_long = misalignment(model, 25, cfg.test_max_len, cfg.n_misalign, y_var, seed=8)
     a, b = LONG_RANGE
     tail = 200 if cfg.steps >= 400 else max(1, cfg.steps // 4)
     return dict(
         task=task, pe=pe, seed=seed,
-        mse=mse, rel_rmse=rel, mse_param=mse_param,
+        mse=mse, rel_rmse=rel, mse_param=mse_param, mean_output=mean_out,
         rel_long=sum(rel[a - 1:b]) / (b - a + 1),
         rel_in=sum(rel[lo - 1:hi]) / (hi - lo + 1),
-        misalign=mis_in, misalign_long=mis_long,
+        misalign=mis_in, misalign_dist=mis_dist, misalign_long=mis_long,
         final_train_loss=sum(losses[-tail:]) / len(losses[-tail:]),
         target_var_train=y_var, seconds=time.time() - t0, train_seconds=train_s,
     )
@@ -375,7 +378,7 @@ def summarise(runs: List[dict], cfg: StudyConfig) -> dict:
                 task=task, pe=pe, n_seeds=n,
                 mse=per_len("mse"), rel_rmse=per_len("rel_rmse"),
                 rel_long=ms("rel_long"), rel_in=ms("rel_in"),
-                misalign=ms("misalign"), misalign_long=ms("misalign_long"),
+                misalign=ms("misalign"), misalign_dist=ms("misalign_dist"), misalign_long=ms("misalign_long"),
                 final_train_loss=ms("final_train_loss"),
             )
 
@@ -413,11 +416,13 @@ def summarise(runs: List[dict], cfg: StudyConfig) -> dict:
     # 4. misalignment vs long-length error across all trained models
     xs = [r["misalign"] for r in runs]
     xl = [r["misalign_long"] for r in runs]
+    xd = [r["misalign_dist"] for r in runs]
     ys = [r["rel_long"] for r in runs]
     lg = lambda v: [math.log10(max(t, 1e-30)) for t in v]  # noqa: E731
     claims["misalignment_vs_error"] = dict(
         n_models=len(runs),
         spearman_in_range=_spearman(xs, ys), pearson_log_in_range=_pearson(lg(xs), lg(ys)),
+        spearman_dist=_spearman(xd, ys), pearson_log_dist=_pearson(lg(xd), lg(ys)),
         spearman_long=_spearman(xl, ys), pearson_log_long=_pearson(lg(xl), lg(ys)),
     )
     return dict(groups=groups, claims=claims)
@@ -479,7 +484,10 @@ def run_study(config: Optional[StudyConfig] = None, **overrides) -> dict:
             rel_in=f"rel_rmse averaged over training lengths {cfg.train_min_len}..{cfg.train_max_len}",
             misalign="E[(g(x) - g(x[-l2:]))^2] / Var_train(target), g = raw model output in the task's target "
                      f"space, l1>=l2 ordered draws from U{{{(cfg.train_max_len + 1) // 2}..{cfg.train_max_len}}}",
-            misalign_long=f"same with l1>=l2 from U{{25..{cfg.test_max_len}}}",
+            misalign_dist="E_{l1,l2}[(m(l1) - m(l2))^2] / Var_train(target), m(l) = mean raw output over random "
+                          "inputs of length l, l1, l2 i.i.d. U{5..10}: the shift of the output distribution's "
+                          "centre between lengths (the part of misalign that is not per-sequence noise)",
+            misalign_long=f"same as misalign with l1>=l2 from U{{25..{cfg.test_max_len}}}",
             model=f"causal pre-LN transformer, {cfg.n_layers} layers, d={cfg.d_model}, {cfg.n_heads} heads, BOS "
                   "token, output at the last token; learned PE clamps positions past the table",
         ),
@@ -510,8 +518,13 @@ def plot_results(res: dict, out_dir: str) -> List[str]:
 
     # Figure 1: relative error vs length. Panel per task, one line per PE; last panel overlays reparams.
     n = len(tasks) + (1 if any(t.startswith("length") for t in tasks) else 0)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), sharey=True, squeeze=False)
-    axes = axes[0]
+    ncol = min(3, n)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.7 * nrow), sharey=True, squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    axes = axes[:n]
     for ax, task in zip(axes, tasks):
         for pe in pes:
             g = res["groups"].get(f"{task}/{pe}")
@@ -527,7 +540,8 @@ def plot_results(res: dict, out_dir: str) -> List[str]:
         ax.set_title(TASK_LABEL.get(task, task))
         ax.set_xlabel("test length")
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("relative RMSE (mean over seeds; band = min..max)")
+    for ax in axes[::ncol]:
+        ax.set_ylabel("relative RMSE (seed mean; band min..max)")
     axes[0].legend(fontsize=8)
     if n > len(tasks):
         ax = axes[-1]
@@ -554,24 +568,25 @@ def plot_results(res: dict, out_dir: str) -> List[str]:
 
     # Figure 2: misalignment vs long-length error, one point per trained model.
     markers = {"mean": "o", "length": "s", "length_sqrt": "^", "length_log": "D", "length_invsqrt": "v"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in ((axes[0], "misalign", "misalignment inside training range (lengths 5–10)"),
-                           (axes[1], "misalign_long", "misalignment at test lengths 25–50")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, key, title in ((axes[0], "misalign", "per-sequence misalignment, lengths 5–10"),
+                           (axes[1], "misalign_dist", "mean-output shift between lengths 5–10"),
+                           (axes[2], "misalign_long", "per-sequence misalignment, lengths 25–50")):
         for r in res["runs"]:
             ax.scatter(max(r[key], 1e-8), r["rel_long"], color=colors[r["pe"]], marker=markers.get(r["task"], "o"),
                        s=30, alpha=0.8, edgecolor="k", linewidth=0.3)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"long-short misalignment ({key}), normalised by Var_train(target)")
+        ax.set_xlabel(f"{key} (normalised by Var_train(target))")
         ax.set_ylabel(f"relative RMSE at lengths {LONG_RANGE[0]}–{LONG_RANGE[1]}")
         c = res["claims"]["misalignment_vs_error"]
-        sp = c["spearman_in_range"] if key == "misalign" else c["spearman_long"]
+        sp = c[{"misalign": "spearman_in_range", "misalign_dist": "spearman_dist", "misalign_long": "spearman_long"}[key]]
         ax.set_title(f"{title}\nSpearman ρ = {sp:.2f} over {c['n_models']} models", fontsize=9)
         ax.grid(alpha=0.3, which="both")
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker=markers[t], linestyle="", color="gray", label=TASK_LABEL[t]) for t in tasks]
     handles += [Line2D([], [], marker="o", linestyle="", color=colors[p], label=p) for p in pes]
-    axes[1].legend(handles=handles, fontsize=7, loc="lower right")
+    axes[2].legend(handles=handles, fontsize=7, loc="lower right")
     fig.tight_layout()
     p = os.path.join(out_dir, "misalignment_vs_error.png")
     fig.savefig(p, dpi=110)
@@ -587,8 +602,9 @@ def markdown_table(res: dict) -> str:
         f"{cfg['train_min_len']}–{cfg['train_max_len']} and at test lengths {LONG_RANGE[0]}–{LONG_RANGE[1]}; "
         "misalignment = normalised long-short misalignment inside the training range.",
         "",
-        "| task | PE | rel. error, lengths 1–10 | rel. error, lengths 30–50 | MSE at length 50 | misalignment (5–10) | misalignment (25–50) |",
-        "|---|---|---|---|---|---|---|",
+        "| task | PE | rel. error, lengths 1–10 | rel. error, lengths 30–50 | MSE at length 50 "
+        "| misalign (5–10) | mean-output shift (5–10) | misalign (25–50) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, g in res["groups"].items():
         lines.append(
@@ -596,7 +612,7 @@ def markdown_table(res: dict) -> str:
             f"| {g['rel_in']['mean']:.3g} ± {g['rel_in']['std']:.2g} "
             f"| {g['rel_long']['mean']:.3g} ± {g['rel_long']['std']:.2g} "
             f"| {g['mse'][-1]:.3g} "
-            f"| {g['misalign']['mean']:.3g} | {g['misalign_long']['mean']:.3g} |")
+            f"| {g['misalign']['mean']:.3g} | {g['misalign_dist']['mean']:.3g} | {g['misalign_long']['mean']:.3g} |")
     cl = res["claims"]
     lines += ["", "Claims (paper §3) against this run:", ""]
     if "mean_generalises_length_does_not" in cl:
@@ -611,7 +627,8 @@ def markdown_table(res: dict) -> str:
         lines.append(f"- best PE for {TASK_LABEL[task]}: {pe}")
     m = cl["misalignment_vs_error"]
     lines.append(f"- misalignment vs error at 30–50 over {m['n_models']} models: Spearman "
-                 f"{m['spearman_in_range']:.2f} (in-range misalignment), {m['spearman_long']:.2f} (long)")
+                 f"{m['spearman_in_range']:.2f} (per-sequence, 5–10), {m['spearman_dist']:.2f} (mean-output shift, "
+                 f"5–10), {m['spearman_long']:.2f} (per-sequence, 25–50)")
     return "\n".join(lines) + "\n"
 
 
@@ -633,9 +650,9 @@ def save_results(res: dict, out_dir: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lsa synthetic", description="Synthetic length-generalisation study "
                                  "(mean vs length prediction, paper §3) on CPU.")
-    ap.add_argument("--quick", action="store_true", help="2 seeds, 500 steps (about a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="2 seeds, 200 steps (about a minute on 2 idle cores)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 2)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 1500; --quick 500)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 800; --quick 200)")
     ap.add_argument("--out", default="benchmarks/results/synthetic", help="output directory")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
     ap.add_argument("--pe", default=",".join(PES), help=f"comma list from {','.join(PES)}")

@@ -1,0 +1,553 @@
+// lsa_kernels._C: the work BETWEEN the GEMMs of the cpu backend (lsa_kernels/cpu.py), in place.
+//
+// For a chunk of C rows the caller forms fp32 logits z [C, V] with one GEMM (bias included, softcap
+// NOT applied), calls one op below, and feeds the overwritten z (now dz) to the gradient GEMMs. Each
+// op is one parallel-for over rows; a row (V floats, or two rows for pairs) is read from memory once
+// and swept 2-4 times while it sits in L2 (max, sums, [js: log-m sums], gradient write), so each
+// chunk's logits make at most two trips through DRAM (the GEMM's write plus this read/write).
+// The only [C, V] buffers are z (CE) and za, zb (pairs): K = 1 and 2 in cpu.py's chunk_rows().
+//
+// Maths (SPEC.md §3, §5; lsa_kernels/stats.py), per row, z = softcap(z_raw) = c·tanh(z_raw / c):
+//
+//   lse = m + log Σ e^{z - m},  loss = (1-ε)(lse - z_y) + ε(lse - mean z) + λ lse²   (0 if ignored)
+//   dz  = coef · (softmax(z)(1 + 2λ lse) - (1-ε) onehot(y) - ε/V) · (1 - (z/c)²)
+//
+// Pairs: a = za/τ, b = zb/τ, p = softmax(a), q = softmax(b), u = a - b; statistics [6] per row:
+//   LSE_P, LSE_Q (CE, 0 without CE), LSET_P = lse(a), LSET_Q = lse(b), X, Y:
+//     sce     X = E_p[b]            Y = E_q[a]
+//     kl      X = E_p[u]            Y = E_p[expm1(-u)]
+//     kl_rev  X = E_q[expm1(u)]     Y = E_q[u]
+//     sym_kl  X = E_p[u]            Y = E_q[u]
+//     js      X = KL(p||m)          Y = KL(q||m)      log m = logaddexp(log p, log q) - log 2
+//   computed from e^{a - max a} sums in the same sweep as the lse (js needs the lse first: one more
+//   sweep). Gradients (times coef_div/τ, plus the CE gradient of each view, then the softcap factor):
+//     sce     dD/da = p - q - p(b - X)          dD/db = q - p - q(a - Y)
+//     kl      dD/da = p(u - X)                  dD/db = q - p
+//     kl_rev  dD/da = p - q                     dD/db = q(Y - u)
+//     sym_kl  dD/da = p(u - X) + p - q          dD/db = q(Y - u) + q - p
+//     js      dD/da = ½ p(log p - log m - X)    dD/db = ½ q(log q - log m - Y)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+// Everything below may be if-converted and vectorised although fp compares could trap: the same
+// -fno-trapping-math -fno-math-errno that torch itself is built with (GCC refuses to vectorise the
+// clamps of fastmath.h under the default -ftrapping-math).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
+#endif
+
+#include "fastmath.h"
+
+namespace lsa {
+namespace {
+
+enum Div : int64_t { SCE = 0, KL = 1, KL_REVERSE = 2, SYM_KL = 3, JS = 4 };
+
+struct CEParams {
+  int64_t ignore_index;
+  float eps;   // label smoothing
+  float zl;    // z-loss
+  float cap;   // softcap (> 0 when used)
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// In place z <- cap·tanh(z/cap); returns (max, Σ z) of the capped row.
+template <bool SC>
+static inline void sweep_cap_max_sum(float* __restrict z, int64_t V, float cap, float& mx, float& sum) {
+  float m = kNegInf, s = 0.0f;
+  if constexpr (SC) {
+    const float ic = 1.0f / cap;
+#pragma omp simd reduction(max : m) reduction(+ : s)
+    for (int64_t v = 0; v < V; ++v) {
+      const float t = cap * ftanh(z[v] * ic);
+      z[v] = t;
+      m = t > m ? t : m;
+      s += t;
+    }
+  } else {
+#pragma omp simd reduction(max : m) reduction(+ : s)
+    for (int64_t v = 0; v < V; ++v) {
+      const float t = z[v];
+      m = t > m ? t : m;
+      s += t;
+    }
+  }
+  mx = m;
+  sum = s;
+}
+
+template <bool SC>
+static inline void sweep_cap(float* __restrict z, int64_t V, float cap) {
+  if constexpr (SC) {
+    const float ic = 1.0f / cap;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) z[v] = cap * ftanh(z[v] * ic);
+  }
+}
+
+static inline float sum_exp(const float* __restrict z, int64_t V, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < V; ++v) s += fexp(z[v] - m);
+  return s;
+}
+
+static inline float ce_loss(float lse, float zy, float zsum, int64_t V, const CEParams& P) {
+  float l = (1.0f - P.eps) * (lse - zy);
+  if (P.eps > 0.0f) l += P.eps * (lse - zsum / static_cast<float>(V));
+  if (P.zl > 0.0f) l += P.zl * lse * lse;
+  return l;
+}
+
+static inline float cap_grad(float t, float cap) {
+  const float r = t / cap;
+  return 1.0f - r * r;
+}
+
+// ------------------------------------------------------------------------------------------- CE
+
+template <bool SC>
+static void ce_row(float* __restrict z, int64_t V, int64_t y, const CEParams& P, bool has_lse, float lse_in,
+                   bool has_coef, float coef, float& loss_out, float& lse_out) {
+  const bool valid = y != P.ignore_index;
+  if (valid) TORCH_CHECK(y >= 0 && y < V, "lsa_kernels: target ", y, " out of range [0, ", V, ")");
+  float lse;
+  if (has_lse) {  // backward with saved lse: only the softcap is needed before the gradient
+    sweep_cap<SC>(z, V, P.cap);
+    lse = lse_in;
+    loss_out = 0.0f;
+  } else {
+    float m, zsum;
+    sweep_cap_max_sum<SC>(z, V, P.cap, m, zsum);
+    lse = m + std::log(sum_exp(z, V, m));
+    loss_out = valid ? ce_loss(lse, z[y], zsum, V, P) : 0.0f;
+  }
+  lse_out = lse;
+  if (!has_coef) return;
+  const float zy = valid ? z[y] : 0.0f;
+  const float k = coef * (1.0f + 2.0f * P.zl * lse);
+  const float off = coef * P.eps / static_cast<float>(V);
+  const float cap = P.cap;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    const float t = z[v];
+    float g = k * fexp(t - lse) - off;
+    if constexpr (SC) g *= cap_grad(t, cap);
+    z[v] = g;
+  }
+  if (valid) {
+    float g = coef * (1.0f - P.eps);
+    if constexpr (SC) g *= cap_grad(zy, cap);
+    z[y] -= g;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_chunk(at::Tensor z, const at::Tensor& y, const std::optional<at::Tensor>& lse,
+                                            const std::optional<at::Tensor>& coef, int64_t ignore_index,
+                                            double label_smoothing, double z_loss, double softcap) {
+  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.is_contiguous(),
+              "ce_chunk: z must be a contiguous fp32 [C, V] CPU tensor");
+  const int64_t C = z.size(0), V = z.size(1);
+  TORCH_CHECK(y.scalar_type() == at::kLong && y.numel() == C, "ce_chunk: y must be int64 [C]");
+  auto yc = y.contiguous();
+  at::Tensor lse_c, coef_c;
+  if (lse.has_value()) {
+    lse_c = lse->to(at::kFloat).contiguous();
+    TORCH_CHECK(lse_c.numel() == C, "ce_chunk: lse must be [C]");
+  }
+  if (coef.has_value()) {
+    coef_c = coef->to(at::kFloat).contiguous();
+    TORCH_CHECK(coef_c.numel() == C, "ce_chunk: coef must be [C]");
+  }
+  auto loss = at::empty({C}, z.options());
+  auto lse_out = at::empty({C}, z.options());
+  const CEParams P{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+                   static_cast<float>(softcap)};
+  const bool sc = softcap > 0.0;
+  float* zp = z.data_ptr<float>();
+  const int64_t* yp = yc.data_ptr<int64_t>();
+  const float* lp = lse.has_value() ? lse_c.data_ptr<float>() : nullptr;
+  const float* cp = coef.has_value() ? coef_c.data_ptr<float>() : nullptr;
+  float* lo = loss.data_ptr<float>();
+  float* so = lse_out.data_ptr<float>();
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* row = zp + i * V;
+      const float l_in = lp ? lp[i] : 0.0f;
+      const float c = cp ? cp[i] : 0.0f;
+      if (sc)
+        ce_row<true>(row, V, yp[i], P, lp != nullptr, l_in, cp != nullptr, c, lo[i], so[i]);
+      else
+        ce_row<false>(row, V, yp[i], P, lp != nullptr, l_in, cp != nullptr, c, lo[i], so[i]);
+    }
+  });
+  return {loss, lse_out};
+}
+
+// ----------------------------------------------------------------------------------------- pairs
+
+struct PairRow {
+  int64_t yp, yq;       // targets (ignore_index when no CE)
+  const float* st_in;   // saved statistics [6] or nullptr
+  float* st;            // statistics out [6]
+  float* ce_p;
+  float* ce_q;
+  bool has_coef;
+  float cp, cq, cd;     // coef_ce_p, coef_ce_q, coef_div
+};
+
+struct PairParams {
+  CEParams ce;
+  bool with_ce, grad_p, grad_q;
+  float tau;
+};
+
+// divergence parts of the per-element gradient (per unit of a and b), before the coef_div/τ factor
+template <int DIV>
+static inline void div_grad(float a, float b, float p, float q, float lta, float ltb, float X, float Y, float& gp,
+                            float& gq) {
+  if constexpr (DIV == SCE) {
+    gp = p - q - p * (b - X);
+    gq = q - p - q * (a - Y);
+  } else if constexpr (DIV == KL) {
+    gp = p * ((a - b) - X);
+    gq = q - p;
+  } else if constexpr (DIV == KL_REVERSE) {
+    gp = p - q;
+    gq = q * (Y - (a - b));
+  } else if constexpr (DIV == SYM_KL) {
+    const float u = a - b;
+    gp = p * (u - X) + p - q;
+    gq = q * (Y - u) + q - p;
+  } else {  // JS
+    const float lp = a - lta, lq = b - ltb;
+    const float lm = flogaddexp(lp, lq) - kLn2;
+    gp = 0.5f * p * (lp - lm - X);
+    gq = 0.5f * q * (lq - lm - Y);
+  }
+}
+
+// CE2: CE with τ != 1 (the CE softmax needs its own exponentials)
+template <int DIV, bool SC, bool CE2>
+static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, const PairParams& P, const PairRow& R) {
+  const CEParams& ce = P.ce;
+  const bool with_ce = P.with_ce;
+  const bool vp = with_ce && R.yp != ce.ignore_index;
+  const bool vq = with_ce && R.yq != ce.ignore_index;
+  if (vp) TORCH_CHECK(R.yp >= 0 && R.yp < V, "lsa_kernels: target ", R.yp, " out of range [0, ", V, ")");
+  if (vq) TORCH_CHECK(R.yq >= 0 && R.yq < V, "lsa_kernels: target ", R.yq, " out of range [0, ", V, ")");
+  const float it = 1.0f / P.tau;
+  float lse_p, lse_q, lta, ltb, X, Y;
+  if (R.st_in) {
+    sweep_cap<SC>(za, V, ce.cap);
+    sweep_cap<SC>(zb, V, ce.cap);
+    lse_p = R.st_in[0], lse_q = R.st_in[1], lta = R.st_in[2], ltb = R.st_in[3], X = R.st_in[4], Y = R.st_in[5];
+    *R.ce_p = 0.0f;
+    *R.ce_q = 0.0f;
+  } else {
+    float ma, mb, sza, szb;
+    sweep_cap_max_sum<SC>(za, V, ce.cap, ma, sza);
+    sweep_cap_max_sum<SC>(zb, V, ce.cap, mb, szb);
+    const float mta = ma * it, mtb = mb * it;  // τ > 0
+    float sa = 0.f, sb = 0.f, sp = 0.f, sq = 0.f, tx = 0.f, ty = 0.f;
+#pragma omp simd reduction(+ : sa, sb, sp, sq, tx, ty)
+    for (int64_t v = 0; v < V; ++v) {
+      const float a = za[v] * it, b = zb[v] * it;
+      const float ea = fexp(a - mta), eb = fexp(b - mtb);
+      sa += ea;
+      sb += eb;
+      if constexpr (CE2) {
+        sp += fexp(za[v] - ma);
+        sq += fexp(zb[v] - mb);
+      }
+      if constexpr (DIV == SCE) {
+        tx += ea * b;
+        ty += eb * a;
+      } else if constexpr (DIV == KL) {
+        const float u = a - b;
+        tx += ea * u;
+        ty += ea * fexpm1(-u);
+      } else if constexpr (DIV == KL_REVERSE) {
+        const float u = a - b;
+        tx += eb * fexpm1(u);
+        ty += eb * u;
+      } else if constexpr (DIV == SYM_KL) {
+        const float u = a - b;
+        tx += ea * u;
+        ty += eb * u;
+      }
+    }
+    lta = mta + std::log(sa);
+    ltb = mtb + std::log(sb);
+    if constexpr (DIV == SCE || DIV == SYM_KL) {
+      X = tx / sa;
+      Y = ty / sb;
+    } else if constexpr (DIV == KL) {
+      X = tx / sa;
+      Y = ty / sa;
+    } else if constexpr (DIV == KL_REVERSE) {
+      X = tx / sb;
+      Y = ty / sb;
+    } else {  // JS: KL(p||m), KL(q||m) in log space, one more sweep now that the lse are known
+      float kx = 0.f, ky = 0.f;
+#pragma omp simd reduction(+ : kx, ky)
+      for (int64_t v = 0; v < V; ++v) {
+        const float lp = za[v] * it - lta, lq = zb[v] * it - ltb;
+        const float lm = flogaddexp(lp, lq) - kLn2;
+        kx += fexp(lp) * (lp - lm);
+        ky += fexp(lq) * (lq - lm);
+      }
+      X = kx;
+      Y = ky;
+    }
+    if (with_ce) {
+      if constexpr (CE2) {
+        lse_p = ma + std::log(sp);
+        lse_q = mb + std::log(sq);
+      } else {
+        lse_p = lta;
+        lse_q = ltb;
+      }
+      *R.ce_p = vp ? ce_loss(lse_p, za[R.yp], sza, V, ce) : 0.0f;
+      *R.ce_q = vq ? ce_loss(lse_q, zb[R.yq], szb, V, ce) : 0.0f;
+    } else {
+      lse_p = lse_q = 0.0f;
+      *R.ce_p = 0.0f;
+      *R.ce_q = 0.0f;
+    }
+  }
+  float* st = R.st;
+  st[0] = lse_p, st[1] = lse_q, st[2] = lta, st[3] = ltb, st[4] = X, st[5] = Y;
+  if (!R.has_coef) return;
+
+  // gradient sweep: za <- dz_p, zb <- dz_q
+  const float cdp = P.grad_p ? R.cd * it : 0.0f;
+  const float cdq = P.grad_q ? R.cd * it : 0.0f;
+  const float cp = with_ce ? R.cp : 0.0f, cq = with_ce ? R.cq : 0.0f;
+  const float kp = cp * (1.0f + 2.0f * ce.zl * lse_p), kq = cq * (1.0f + 2.0f * ce.zl * lse_q);
+  const float offp = cp * ce.eps / static_cast<float>(V), offq = cq * ce.eps / static_cast<float>(V);
+  const float zyp = vp ? za[R.yp] : 0.0f, zyq = vq ? zb[R.yq] : 0.0f;
+  const float cap = ce.cap;
+  if (with_ce) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float ta = za[v], tb = zb[v];
+      const float a = ta * it, b = tb * it;
+      const float p = fexp(a - lta), q = fexp(b - ltb);
+      float gp, gq;
+      div_grad<DIV>(a, b, p, q, lta, ltb, X, Y, gp, gq);
+      float smp, smq;
+      if constexpr (CE2) {
+        smp = fexp(ta - lse_p);
+        smq = fexp(tb - lse_q);
+      } else {
+        smp = p;
+        smq = q;
+      }
+      float dp = cdp * gp + (kp * smp - offp);
+      float dq = cdq * gq + (kq * smq - offq);
+      if constexpr (SC) {
+        dp *= cap_grad(ta, cap);
+        dq *= cap_grad(tb, cap);
+      }
+      za[v] = dp;
+      zb[v] = dq;
+    }
+    if (vp) {
+      float g = cp * (1.0f - ce.eps);
+      if constexpr (SC) g *= cap_grad(zyp, cap);
+      za[R.yp] -= g;
+    }
+    if (vq) {
+      float g = cq * (1.0f - ce.eps);
+      if constexpr (SC) g *= cap_grad(zyq, cap);
+      zb[R.yq] -= g;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      const float ta = za[v], tb = zb[v];
+      const float a = ta * it, b = tb * it;
+      const float p = fexp(a - lta), q = fexp(b - ltb);
+      float gp, gq;
+      div_grad<DIV>(a, b, p, q, lta, ltb, X, Y, gp, gq);
+      float dp = cdp * gp, dq = cdq * gq;
+      if constexpr (SC) {
+        dp *= cap_grad(ta, cap);
+        dq *= cap_grad(tb, cap);
+      }
+      za[v] = dp;
+      zb[v] = dq;
+    }
+  }
+}
+
+using PairRowFn = void (*)(float*, float*, int64_t, const PairParams&, const PairRow&);
+
+template <int DIV>
+static PairRowFn pick_sc(bool sc, bool ce2) {
+  if (sc) return ce2 ? &pair_row<DIV, true, true> : &pair_row<DIV, true, false>;
+  return ce2 ? &pair_row<DIV, false, true> : &pair_row<DIV, false, false>;
+}
+
+static PairRowFn pick(int64_t div, bool sc, bool ce2) {
+  switch (div) {
+    case SCE: return pick_sc<SCE>(sc, ce2);
+    case KL: return pick_sc<KL>(sc, ce2);
+    case KL_REVERSE: return pick_sc<KL_REVERSE>(sc, ce2);
+    case SYM_KL: return pick_sc<SYM_KL>(sc, ce2);
+    case JS: return pick_sc<JS>(sc, ce2);
+  }
+  TORCH_CHECK(false, "pair_chunk: unknown divergence code ", div);
+}
+
+static at::Tensor opt_f32(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  auto c = t->to(at::kFloat).contiguous();
+  TORCH_CHECK(c.numel() == n, "pair_chunk: ", name, " must have ", n, " elements");
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
+    at::Tensor za, at::Tensor zb, const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& yq,
+    const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& coef_ce_p,
+    const std::optional<at::Tensor>& coef_ce_q, const std::optional<at::Tensor>& coef_div, int64_t divergence,
+    double temperature, bool grad_p, bool grad_q, bool with_ce, int64_t ignore_index, double label_smoothing,
+    double z_loss, double softcap) {
+  for (const auto* t : {&za, &zb})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
+                "pair_chunk: za, zb must be contiguous fp32 [C, V] CPU tensors");
+  TORCH_CHECK(za.sizes() == zb.sizes(), "pair_chunk: za and zb differ in shape");
+  TORCH_CHECK(temperature > 0.0, "pair_chunk: temperature must be > 0");
+  const int64_t C = za.size(0), V = za.size(1);
+  at::Tensor ypc, yqc;
+  if (with_ce) {
+    TORCH_CHECK(yp.has_value() && yq.has_value(), "pair_chunk: with_ce needs yp and yq");
+    ypc = yp->contiguous();
+    yqc = yq->contiguous();
+    TORCH_CHECK(ypc.scalar_type() == at::kLong && ypc.numel() == C && yqc.scalar_type() == at::kLong &&
+                    yqc.numel() == C,
+                "pair_chunk: yp, yq must be int64 [C]");
+  }
+  at::Tensor st_in;
+  if (stats.has_value()) {
+    st_in = stats->to(at::kFloat).contiguous();
+    TORCH_CHECK(st_in.dim() == 2 && st_in.size(0) == C && st_in.size(1) == 6, "pair_chunk: stats must be [C, 6]");
+  }
+  auto cdv = opt_f32(coef_div, C, "coef_div");
+  auto ccp = opt_f32(coef_ce_p, C, "coef_ce_p");
+  auto ccq = opt_f32(coef_ce_q, C, "coef_ce_q");
+  const bool has_coef = cdv.defined();
+  if (has_coef && with_ce) TORCH_CHECK(ccp.defined() && ccq.defined(), "pair_chunk: with_ce needs coef_ce_p/q");
+
+  auto ce_p = at::empty({C}, za.options());
+  auto ce_q = at::empty({C}, za.options());
+  auto st = at::empty({C, 6}, za.options());
+  const PairParams P{{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
+                      static_cast<float>(softcap)},
+                     with_ce, grad_p, grad_q, static_cast<float>(temperature)};
+  const bool ce2 = with_ce && temperature != 1.0;
+  const PairRowFn fn = pick(divergence, softcap > 0.0, ce2);
+  float* a = za.data_ptr<float>();
+  float* b = zb.data_ptr<float>();
+  const int64_t* ypp = with_ce ? ypc.data_ptr<int64_t>() : nullptr;
+  const int64_t* yqp = with_ce ? yqc.data_ptr<int64_t>() : nullptr;
+  const float* sip = st_in.defined() ? st_in.data_ptr<float>() : nullptr;
+  const float* cdp = has_coef ? cdv.data_ptr<float>() : nullptr;
+  const float* cpp = ccp.defined() ? ccp.data_ptr<float>() : nullptr;
+  const float* cqp = ccq.defined() ? ccq.data_ptr<float>() : nullptr;
+  float* stp = st.data_ptr<float>();
+  float* cep = ce_p.data_ptr<float>();
+  float* ceq = ce_q.data_ptr<float>();
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      PairRow R{ypp ? ypp[i] : ignore_index,
+                yqp ? yqp[i] : ignore_index,
+                sip ? sip + 6 * i : nullptr,
+                stp + 6 * i,
+                cep + i,
+                ceq + i,
+                has_coef,
+                cpp ? cpp[i] : 0.0f,
+                cqp ? cqp[i] : 0.0f,
+                cdp ? cdp[i] : 0.0f};
+      fn(a + i * V, b + i * V, V, P, R);
+    }
+  });
+  return {ce_p, ce_q, st};
+}
+
+// elementwise fast-math functions, for accuracy tests only (which: 0 exp, 1 expm1, 2 tanh, 3 log1p on [0,1])
+at::Tensor fastmath(const at::Tensor& x, int64_t which) {
+  auto xc = x.to(at::kFloat).contiguous();
+  auto out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t n = xc.numel();
+  switch (which) {
+    case 0:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = fexp(xp[i]);
+      break;
+    case 1:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = fexpm1(xp[i]);
+      break;
+    case 2:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = ftanh(xp[i]);
+      break;
+    case 3:
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[i] = flog1p01(xp[i]);
+      break;
+    default:
+      TORCH_CHECK(false, "fastmath: unknown function ", which);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace lsa
+
+TORCH_LIBRARY(lsa_kernels, m) {
+  m.def(
+      "ce_chunk(Tensor(a!) z, Tensor y, Tensor? lse, Tensor? coef, int ignore_index, float label_smoothing, "
+      "float z_loss, float softcap) -> (Tensor, Tensor)");
+  m.def(
+      "pair_chunk(Tensor(a!) za, Tensor(b!) zb, Tensor? yp, Tensor? yq, Tensor? stats, Tensor? coef_ce_p, "
+      "Tensor? coef_ce_q, Tensor? coef_div, int divergence, float temperature, bool grad_p, bool grad_q, "
+      "bool with_ce, int ignore_index, float label_smoothing, float z_loss, float softcap) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("fastmath(Tensor x, int which) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lsa_kernels, CPU, m) {
+  m.impl("ce_chunk", &lsa::ce_chunk);
+  m.impl("pair_chunk", &lsa::pair_chunk);
+  m.impl("fastmath", &lsa::fastmath);
+}
+
+// A plain extension module: importing lsa_kernels._C runs the TORCH_LIBRARY registrations above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "lsa_kernels CPU kernels; ops in torch.ops.lsa_kernels",
+                            -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (!mod) return nullptr;
+#if defined(__AVX512F__)
+  PyModule_AddStringConstant(mod, "simd", "avx512");
+#elif defined(__AVX2__)
+  PyModule_AddStringConstant(mod, "simd", "avx2");
+#else
+  PyModule_AddStringConstant(mod, "simd", "sse2");
+#endif
+  return mod;
+}

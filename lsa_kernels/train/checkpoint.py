@@ -1,0 +1,100 @@
+"""Atomic checkpoints: a transformers-loadable model dir + optimizer + RNG + data position.
+
+Layout of ``<out>/``:
+
+    ckpt-000300/            one directory per saved step
+        config.json, model.safetensors      (model.save_pretrained: loadable with from_pretrained)
+        tokenizer.json                      (copy of the tokenizer the run used, when it is a file)
+        optimizer.pt                        (optimizer state_dict)
+        trainer.pt                          (step, torch / cuda / python RNG states)
+        state.json                          (step, train config; human-readable)
+    latest                                  text file naming the newest complete ckpt dir
+
+A checkpoint is written to ``<out>/.tmp-ckpt-*`` and renamed into place with ``os.replace``; ``latest``
+is rewritten the same way afterwards, so a crash at any point leaves the previous checkpoint usable.
+The data position is the step counter (sampling is a pure function of seed and step, see data.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "atomic_write_text"]
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(out: str, step: int, model, optimizer, config: dict, tokenizer_path: Optional[str] = None,
+                    keep: int = 2) -> str:
+    """Write ``<out>/ckpt-{step}`` atomically, point ``latest`` at it, keep the newest ``keep`` dirs."""
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_path and os.path.isfile(tokenizer_path):
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        rng = {
+            "step": step,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate(),
+        }
+        torch.save(rng, os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "config": config}, f, indent=1, default=str)
+        final = os.path.join(out, f"ckpt-{step:06d}")
+        if os.path.exists(final):  # re-saving the same step (e.g. the last one): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(os.path.join(out, "latest"), os.path.basename(final) + "\n")
+    old = sorted(d for d in os.listdir(out) if d.startswith("ckpt-") and d != os.path.basename(final))
+    for d in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: str) -> Optional[str]:
+    """The newest complete checkpoint dir under ``out`` (or ``out`` itself if it is one), else None."""
+    if os.path.isfile(os.path.join(out, "trainer.pt")):
+        return out
+    p = os.path.join(out, "latest")
+    if not os.path.isfile(p):
+        return None
+    d = os.path.join(out, open(p).read().strip())
+    return d if os.path.isfile(os.path.join(d, "trainer.pt")) else None
+
+
+def load_trainer_state(ckpt: str, optimizer=None) -> int:
+    """Restore optimizer and RNG states from ``ckpt``; returns the step to continue from."""
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False))
+    st = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+    torch.set_rng_state(st["torch"])
+    if st.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    random.setstate(st["python"])
+    return int(st["step"])

@@ -1,0 +1,70 @@
+"""Shared helpers for the tests: inputs, fp64 truth, and CCE's low-precision comparison rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+IGN = -100
+
+
+def triton_available() -> bool:
+    """Triton backend importable (and not switched off with LSA_TEST_BACKENDS=cpu)."""
+    if "triton" not in os.environ.get("LSA_TEST_BACKENDS", "cpu,triton"):
+        return False
+    try:
+        from lsa_kernels import kernels  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def backends(triton: bool = True):
+    out = ["cpu"]
+    if triton and triton_available():
+        out.append("triton")
+    return out
+
+
+def has(mod: str) -> bool:
+    return importlib.util.find_spec(mod) is not None
+
+
+def leaf(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    t = t.detach().clone()
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.requires_grad_(True)
+
+
+def targets(shape, V: int, p_ignore: float = 0.15, gen=None) -> torch.Tensor:
+    y = torch.randint(0, V, shape, generator=gen)
+    y[torch.rand(shape, generator=gen) < p_ignore] = IGN
+    return y
+
+
+def grads(out, inputs):
+    """Gradients of ``out`` w.r.t. ``inputs`` (zeros where unused)."""
+    gs = torch.autograd.grad(out, [i for i in inputs], allow_unused=True)
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, inputs)]
+
+
+def assert_close_rule(ours, torch_same, truth, *, rtol=0.0, atol=1e-5, name=""):
+    """CCE's rule (SPEC §7): per element ``|ours - truth| <= |torch_same - truth| + tol``."""
+    ours, torch_same, truth = ours.double(), torch_same.double(), truth.double()
+    err = (ours - truth).abs()
+    allowed = (torch_same - truth).abs() + atol + rtol * truth.abs()
+    bad = err > allowed
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements break the rule; first at {i}: "
+            f"ours {ours.flatten()[i].item():.6g}, torch {torch_same.flatten()[i].item():.6g}, "
+            f"truth {truth.flatten()[i].item():.6g}; max err {err.max().item():.3g}"
+        )
+
+
+def assert_close(a, b, *, rtol=1e-5, atol=1e-6, name=""):
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")

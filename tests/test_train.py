@@ -1,0 +1,153 @@
+"""The training loop, checkpoints/resume, bad inputs, DDP (2 processes, gloo) and evaluation, at toy size."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from lsa_kernels.train import data as D  # noqa: E402
+from lsa_kernels.train.demo import demo_main  # noqa: E402
+from lsa_kernels.train.evaluate import eval_main  # noqa: E402
+from lsa_kernels.train.loop import train_main  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--max-positions", "256",
+        "--l-train", "16", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Two small train documents and one held-out document cut from the shipped corpus."""
+    import json as _json
+    import lzma
+
+    d = tmp_path_factory.mktemp("texts")
+    with lzma.open(D.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+        works = [_json.loads(line) for line in f]
+    train = [w["text"][:6000] for w in works if w["split"] == "train"][:2]
+    test = [w["text"][:8000] for w in works if w["split"] == "test"][:1]
+    paths = {"train": [], "test": []}
+    for split, docs in (("train", train), ("test", test)):
+        for i, t in enumerate(docs):
+            p = d / f"{split}{i}.txt"
+            p.write_text(t)
+            paths[split].append(str(p))
+    return paths
+
+
+def _train(out, texts, *extra):
+    return train_main(TINY + ["--train-files", *texts["train"], "--out", str(out), *extra])
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, texts):
+    out = tmp_path_factory.mktemp("runs") / "lsa"
+    assert _train(out, texts, "--steps", "30", "--alpha", "0.1", "--lr", "1e-2", "--warmup", "3") == 0
+    return out
+
+
+def test_loss_decreases_and_checkpoint_written(trained):
+    log = _log(trained)
+    assert len(log) == 30
+    first = sum(r["ce"] for r in log[:5]) / 5
+    last = sum(r["ce"] for r in log[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert all(r["misalign"] > 0 for r in log)
+    ck = open(os.path.join(trained, "latest")).read().strip()
+    files = set(os.listdir(os.path.join(trained, ck)))
+    assert {"model.safetensors", "config.json", "optimizer.pt", "trainer.pt", "state.json", "tokenizer.json"} <= files
+    assert not [f for f in os.listdir(trained) if f.startswith(".tmp")]
+
+
+def test_alpha_zero_is_plain_ce(tmp_path, texts):
+    assert _train(tmp_path / "ce", texts, "--steps", "3", "--alpha", "0") == 0
+    assert all(r["misalign"] == 0 and r["loss"] == r["ce"] and r["l_extra"] == 0 for r in _log(tmp_path / "ce"))
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, texts):
+    common = ["--steps", "8", "--alpha", "0.2", "--lr", "5e-3", "--warmup", "2", "--ckpt-every", "100"]
+    assert _train(tmp_path / "full", texts, *common) == 0
+    assert _train(tmp_path / "part", texts, *common, "--stop-after", "3") == 0
+    assert len(_log(tmp_path / "part")) == 3
+    assert _train(tmp_path / "part", texts, *common, "--resume") == 0
+    a, b = _log(tmp_path / "full"), _log(tmp_path / "part")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["l_extra"] == rb["l_extra"]
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6, rel=1e-6)
+    ma = json.load(open(tmp_path / "full" / "metrics.json"))
+    mb = json.load(open(tmp_path / "part" / "metrics.json"))
+    assert ma["param_sum"] == pytest.approx(mb["param_sum"], abs=1e-6, rel=1e-9)
+
+
+def test_bad_inputs(tmp_path, texts, capsys):
+    out = tmp_path / "out"
+    assert train_main(TINY + ["--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "no transformers model" in capsys.readouterr().err
+    assert _train(out, texts, "--alpha", "-0.1") == 2
+    assert "--alpha" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    assert train_main(TINY + ["--train-files", str(short), "--out", str(out)]) == 2
+    assert "corpus too short" in capsys.readouterr().err
+    # l_train past the model's positions: a saved tiny model with 16 positions
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(tmp_path / "m16")
+    assert _train(out, texts, "--model", str(tmp_path / "m16"), "--l-train", "32") == 2
+    assert "exceeds the model's 16 positions" in capsys.readouterr().err
+    assert not out.exists()  # nothing half-written
+    # evaluation past max_position_embeddings is refused, not truncated
+    assert eval_main(["--runs", str(tmp_path / "m16"), "--l-train", "8", "--out", str(tmp_path / "ev"),
+                      "--eval-files", *texts["test"]]) == 2
+    assert "exceeds max_position_embeddings=16" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_eval_writes_json_and_plot(tmp_path, trained, texts):
+    ev = tmp_path / "eval"
+    rc = eval_main(["--runs", str(trained), str(trained), "--labels", "a", "b", "--out", str(ev), "--eval-files",
+                    *texts["test"], "--n-windows", "2", "--lsm-samples", "4", "--lengths", "1", "2", "4"])
+    assert rc == 0
+    res = json.load(open(ev / "results.json"))
+    assert res["l_train"] == 16 and res["lengths"] == [16, 32, 64]
+    for name in ("a", "b"):
+        r = res["runs"][name]
+        assert all(1 < r["ppl"][str(L)]["ppl"] < 4096 for L in (16, 32, 64))
+        assert r["lsm"]["lsm"] > 0
+    assert res["runs"]["a"]["ppl"] == res["runs"]["b"]["ppl"]  # same model, same windows
+    assert (ev / "ppl_vs_length.png").stat().st_size > 1000
+
+
+def test_ddp_two_processes_gloo(tmp_path, texts):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lsa_kernels.train.loop", *TINY, "--train-files", *texts["train"], "--out", str(out),
+           "--steps", "4", "--alpha", "0.1"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s0 = float(open(out / "param_sum.rank0").read())
+    s1 = float(open(out / "param_sum.rank1").read())
+    assert s0 == s1
+    assert len(_log(out)) == 4
+
+
+def test_demo_quick(tmp_path):
+    rc = demo_main(["--out", str(tmp_path / "demo"), "--steps", "2", "--l-train", "16", "--batch-size", "2",
+                    "--n-windows", "1", "--lsm-samples", "2", "--quiet"])
+    assert rc == 0
+    assert (tmp_path / "demo" / "table.md").exists()
+    assert (tmp_path / "demo" / "eval" / "ppl_vs_length.png").exists()
