@@ -12,14 +12,20 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__GNUC__)
+#define LSA_INLINE static inline __attribute__((always_inline))
+#else
+#define LSA_INLINE static inline
+#endif
+
 namespace lsa {
 
-static inline float bits_to_float(int32_t i) {
+LSA_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
   return f;
 }
-static inline int32_t float_to_bits(float f) {
+LSA_INLINE int32_t float_to_bits(float f) {
   int32_t i;
   std::memcpy(&i, &f, sizeof i);
   return i;
@@ -32,7 +38,7 @@ constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound - kRound rounds x to an integer
 
 // e^x for x <= 88.3; 0 for x < -87.
-static inline float fexp(float x) {
+LSA_INLINE float fexp(float x) {
   const float xc = x < -87.0f ? -87.0f : (x > 88.3f ? 88.3f : x);
   const float fn = (xc * kLog2e + kRound) - kRound;
   float r = xc - fn * kLn2Hi;
@@ -49,7 +55,7 @@ static inline float fexp(float x) {
 }
 
 // e^x - 1 for x in [-80, 88.3] (clamped outside; e^-80 - 1 == -1 in fp32).
-static inline float fexpm1(float x) {
+LSA_INLINE float fexpm1(float x) {
   const float xc = x < -80.0f ? -80.0f : (x > 88.3f ? 88.3f : x);
   const float fn = (xc * kLog2e + kRound) - kRound;
   float r = xc - fn * kLn2Hi;
@@ -68,13 +74,13 @@ static inline float fexpm1(float x) {
   return scale * em + (scale - 1.0f);  // exactly em when fn == 0
 }
 
-static inline float ftanh(float x) {
+LSA_INLINE float ftanh(float x) {
   const float e = fexpm1(2.0f * x);
   return e / (e + 2.0f);
 }
 
 // log(1 + t) for t in [0, 1].
-static inline float flog1p01(float t) {
+LSA_INLINE float flog1p01(float t) {
   const float u = 1.0f + t;
   // log(u), u in [1, 2]: reduce to m in [sqrt(1/2), sqrt(2)) (Cephes logf)
   const bool big = u > 1.41421356f;
@@ -102,7 +108,7 @@ static inline float flog1p01(float t) {
 }
 
 // log(e^x + e^y)
-static inline float flogaddexp(float x, float y) {
+LSA_INLINE float flogaddexp(float x, float y) {
   const float mx = x > y ? x : y;
   const float d = x > y ? y - x : x - y;  // -|x - y|
   return mx + flog1p01(fexp(d));

@@ -107,7 +107,7 @@ static inline float ce_loss(float lse, float zy, float zsum, int64_t V, const CE
   return l;
 }
 
-static inline float cap_grad(float t, float cap) {
+LSA_INLINE float cap_grad(float t, float cap) {
   const float r = t / cap;
   return 1.0f - r * r;
 }
@@ -212,7 +212,7 @@ struct PairParams {
 
 // divergence parts of the per-element gradient (per unit of a and b), before the coef_div/τ factor
 template <int DIV>
-static inline void div_grad(float a, float b, float p, float q, float lta, float ltb, float X, float Y, float& gp,
+LSA_INLINE void div_grad(float a, float b, float p, float q, float lta, float ltb, float X, float Y, float& gp,
                             float& gq) {
   if constexpr (DIV == SCE) {
     gp = p - q - p * (b - X);

@@ -13,10 +13,12 @@ Forward, phase 1 (online over V tiles, every running sum rescaled by exp(m_old �
         kl          X = Σ e^{a−m_a}·u / s_a         Y = Σ e^{a−m_a}·expm1(−u) / s_a
         kl_reverse  X = Σ e^{b−m_b}·expm1(u) / s_b  Y = Σ e^{b−m_b}·u / s_b
         sym_kl      X = Σ e^{a−m_a}·u / s_a         Y = Σ e^{b−m_b}·u / s_b
+                    X2 = Σ e^{a−m_a}·expm1(−u) / s_a  Y2 = Σ e^{b−m_b}·expm1(u) / s_b
+                    (D = X + log1p(X2) + log1p(Y2) − Y: both KLs in the cancellation-free form)
     js, phase 2 (a second pass, needs lse_a, lse_b):
         X = Σ p·log(p/m),  Y = Σ q·log(q/m),  log(p/m) = −log1p(expm1(log q − log p)/2) (see _common)
 
-The per-row value D is :func:`lsa_kernels.stats.divergence_from_stats` of the [N, 6] stats.
+The per-row value D is :func:`lsa_kernels.stats.divergence_from_stats` of the [N, 8] stats.
 Grid: (row blocks, V splits); splits write partial statistics to an [S, N, k] fp32 scratch merged by
 a few torch ops (no host sync, no rows×V tensor).
 
@@ -47,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..options import N_PAIR_STATS, PairOptions
+from ..options import N_PAIR_STATS, STAT_X2, STAT_Y2, PairOptions
 from ..stats import divergence_from_stats
 from ._common import (
     ce_grad_,
@@ -64,7 +66,7 @@ from ._common import (
 from .ce import _merge_lse
 
 DIVERGENCE_IDS = {"sce": 0, "kl": 1, "kl_reverse": 2, "sym_kl": 3, "js": 4}
-N_P1 = 14  # phase-1 partials: m_p s_p zy_p sz_p m_q s_q zy_q sz_q m_a s_a m_b s_b accX accY
+N_P1 = 16  # phase-1 partials: m_p s_p zy_p sz_p m_q s_q zy_q sz_q m_a s_a m_b s_b accX accY accX2 accY2
 
 
 # ----------------------------------------------------------------------------------------- forward
@@ -96,7 +98,7 @@ def _pair_fwd_kernel(
     m_p, s_p, zy_p, sz_p = ninf, zero, zero, zero
     m_q, s_q, zy_q, sz_q = ninf, zero, zero, zero
     m_a, s_a, m_b, s_b = ninf, zero, ninf, zero
-    acc_x, acc_y = zero, zero
+    acc_x, acc_y, acc_x2, acc_y2 = zero, zero, zero, zero
 
     v_start = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
@@ -139,9 +141,11 @@ def _pair_fwd_kernel(
             elif DIV == 2:  # kl_reverse
                 acc_x = acc_x * al_b + tl.sum(e_b * expm1_(u), 1)
                 acc_y = acc_y * al_b + tl.sum(e_b * u, 1)
-            elif DIV == 3:  # sym_kl
+            elif DIV == 3:  # sym_kl = KL(p||q) + KL(q||p), each in the expm1 form
                 acc_x = acc_x * al_a + tl.sum(e_a * u, 1)
                 acc_y = acc_y * al_b + tl.sum(e_b * u, 1)
+                acc_x2 = acc_x2 * al_a + tl.sum(e_a * expm1_(-u), 1)
+                acc_y2 = acc_y2 * al_b + tl.sum(e_b * expm1_(u), 1)
         else:  # PHASE 2: js terms
             lp = av - lset_p[:, None]
             lq = bv - lset_q[:, None]
@@ -154,7 +158,7 @@ def _pair_fwd_kernel(
     if PHASE == 1:
         if TEMP_ONE:
             m_a, s_a, m_b, s_b = m_p, s_p, m_q, s_q
-        base = part_ptr + (split.to(tl.int64) * N + rows64) * 14
+        base = part_ptr + (split.to(tl.int64) * N + rows64) * 16
         tl.store(base + 0, m_p, mask=row_mask)
         tl.store(base + 1, s_p, mask=row_mask)
         tl.store(base + 2, zy_p, mask=row_mask)
@@ -169,6 +173,8 @@ def _pair_fwd_kernel(
         tl.store(base + 11, s_b, mask=row_mask)
         tl.store(base + 12, acc_x, mask=row_mask)
         tl.store(base + 13, acc_y, mask=row_mask)
+        tl.store(base + 14, acc_x2, mask=row_mask)
+        tl.store(base + 15, acc_y2, mask=row_mask)
     else:
         base = part_ptr + (split.to(tl.int64) * N + rows64) * 2
         tl.store(base + 0, acc_x, mask=row_mask)
@@ -207,7 +213,7 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
     upcast, prec = upcast_and_prec(xp.dtype)
     with_ce = bool(opts.with_ce)
     part = torch.empty((n_split, N, N_P1), device=dev, dtype=torch.float32)
-    stats = torch.empty((N, N_PAIR_STATS), device=dev, dtype=torch.float32)
+    stats = torch.zeros((N, N_PAIR_STATS), device=dev, dtype=torch.float32)
     common = dict(
         TEMP_ONE=temp_one, WITH_CE=with_ce, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap,
         HAS_SMOOTHING=opts.ce.label_smoothing > 0, UPCAST=upcast, DOT_PREC=prec,
@@ -243,6 +249,9 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
         y_on_a = div_id == 1
         stats[:, 4] = _merge_weighted(m_a if x_on_a else m_b, s_a if x_on_a else s_b, part[..., 12])
         stats[:, 5] = _merge_weighted(m_a if y_on_a else m_b, s_a if y_on_a else s_b, part[..., 13])
+        if div_id == 3:
+            stats[:, STAT_X2] = _merge_weighted(m_a, s_a, part[..., 14])
+            stats[:, STAT_Y2] = _merge_weighted(m_b, s_b, part[..., 15])
     div = divergence_from_stats(stats, opts.divergence)
     if with_ce:
         ce_p = _ce_rows(lse_p, part[..., 2].sum(0), part[..., 3].sum(0), yp, V, opts)
@@ -258,11 +267,11 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
 
 @triton.jit
 def _pair_row_loads(
-    yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, ignore_index, inv_temp,
+    yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
     WITH_CE: tl.constexpr,
 ):
     """Per-row inputs of the backward: targets, stats and coefficients (0 on masked / ignored rows)."""
-    st = stats_ptr + rows64 * 6
+    st = stats_ptr + rows64 * stride_st
     lse_p = tl.load(st + 0, mask=row_mask, other=0.0)
     lse_q = tl.load(st + 1, mask=row_mask, other=0.0)
     lset_p = tl.load(st + 2, mask=row_mask, other=0.0)
@@ -360,7 +369,7 @@ def _pair_bwd_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
     dxp_ptr, dxq_ptr, dw_ptr, db_ptr,
     N, V, H, stride_xp, stride_xq, stride_w, stride_dxp, stride_dxq, stride_dw,
-    ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr,
@@ -382,7 +391,7 @@ def _pair_bwd_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = _pair_row_loads(
-        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, ignore_index, inv_temp, WITH_CE)
+        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp, WITH_CE)
     if live:
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -437,7 +446,7 @@ def _pair_bwd_dx_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
     dxp_ptr, dxq_ptr,
     N, V, H, stride_xp, stride_xq, stride_w, stride_dxp, stride_dxq,
-    ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, NEED_DXP: tl.constexpr, NEED_DXQ: tl.constexpr,
@@ -450,7 +459,7 @@ def _pair_bwd_dx_kernel(
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = _pair_row_loads(
-        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, ignore_index, inv_temp, WITH_CE)
+        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp, WITH_CE)
     if live:
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -491,7 +500,7 @@ def _pair_bwd_dw_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
     dw_ptr, db_ptr,
     N, V, H, stride_xp, stride_xq, stride_w, stride_dw,
-    ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr,
@@ -510,7 +519,7 @@ def _pair_bwd_dw_kernel(
         row_mask = rows < N
         rows64 = rows.to(tl.int64)
         yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = _pair_row_loads(
-            yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, ignore_index, inv_temp, WITH_CE)
+            yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp, WITH_CE)
         if live:
             gp, gq = _pair_dz_tiles(
                 xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
@@ -582,7 +591,7 @@ def pair_backward(
     upcast, prec = upcast_and_prec(xp.dtype)
     eps = float(opts.ce.label_smoothing)
     temp = float(opts.temperature)
-    scal = (opts.ce.ignore_index, cap, inv_cap, 1.0 / temp, 1.0 - eps, eps / V, 2.0 * float(opts.ce.z_loss))
+    scal = (stats.stride(0), opts.ce.ignore_index, cap, inv_cap, 1.0 / temp, 1.0 - eps, eps / V, 2.0 * float(opts.ce.z_loss))
     flags = dict(
         DIV=DIVERGENCE_IDS[opts.divergence], TEMP_ONE=temp == 1.0, GRAD_P=grad_p, GRAD_Q=grad_q,
         WITH_CE=with_ce, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, HAS_SMOOTHING=eps > 0,
