@@ -1,0 +1,113 @@
+"""Bad input: a clear exception naming the argument and what was expected, before any kernel runs.
+
+The table below is the one the README shows (section "Bad input").
+"""
+
+import pytest
+import torch
+
+import lsa_kernels as L
+from lsa_kernels import backends
+
+N, H, V = 6, 8, 11
+x = torch.randn(N, H)
+w = torch.randn(V, H)
+y = torch.randint(0, V, (N,))
+hl = torch.randn(2, 5, H)
+yl = torch.randint(0, V, (2, 5))
+
+
+def ce(**kw):
+    args = dict(input=x, linear_weight=w, target=y)
+    args.update(kw)
+    return lambda: L.linear_cross_entropy(args.pop("input"), args.pop("linear_weight"), args.pop("target"), **args)
+
+
+def div(**kw):
+    args = dict(input_p=x, input_q=x.clone(), linear_weight=w)
+    args.update(kw)
+    return lambda: L.linear_divergence(args.pop("input_p"), args.pop("input_q"), args.pop("linear_weight"), **args)
+
+
+def ls(**kw):
+    args = dict(hidden_long=hl, hidden_short=hl.clone(), linear_weight=w, labels_long=yl, labels_short=yl.clone(),
+                l_extra=2)
+    args.update(kw)
+    pos = [args.pop(k) for k in ("hidden_long", "hidden_short", "linear_weight", "labels_long", "labels_short")]
+    return lambda: L.long_short_loss(*pos, **args)
+
+
+CASES = [
+    # (id, call, exception, words the message must contain)
+    ("ce hidden size", ce(input=torch.randn(N, H + 1)), ValueError, ["input", "H=8"]),
+    ("ce weight 1-D", ce(linear_weight=torch.randn(V)), ValueError, ["linear_weight", "[V, H]"]),
+    ("ce target shape", ce(target=torch.randint(0, V, (N + 1,))), ValueError, ["target", "shape", "(6,)"]),
+    ("ce target range", ce(target=torch.tensor([0, 1, 2, 3, 4, V])), ValueError, ["target", "[0, 11)", "11"]),
+    ("ce negative target", ce(target=torch.tensor([0, 1, -5, 3, 4, 5])), ValueError, ["target", "-5"]),
+    ("ce float target", ce(target=y.float()), TypeError, ["target", "int64"]),
+    ("ce dtype mismatch", ce(linear_weight=w.bfloat16()), TypeError, ["linear_weight", "bfloat16", "float32"]),
+    ("ce device mismatch", ce(linear_weight=w.to("meta")), ValueError, ["linear_weight", "meta", "device"]),
+    ("ce int input", ce(input=x.long()), TypeError, ["input", "float32"]),
+    ("ce bias shape", ce(linear_bias=torch.randn(V + 1)), ValueError, ["linear_bias", "[V=11]"]),
+    ("ce reduction", ce(reduction="avg"), ValueError, ["reduction", "'mean'", "'avg'"]),
+    ("ce backend", ce(backend="cuda"), ValueError, ["backend", "'auto'", "'cuda'"]),
+    ("ce label smoothing < 0", ce(label_smoothing=-0.1), ValueError, ["label_smoothing", ">= 0"]),
+    ("ce label smoothing > 1", ce(label_smoothing=1.5), ValueError, ["label_smoothing", "<= 1"]),
+    ("ce z_loss < 0", ce(z_loss=-1.0), ValueError, ["z_loss"]),
+    ("ce softcap <= 0", ce(softcap=0.0), ValueError, ["softcap", "> 0"]),
+    ("ce ignore_index float", ce(ignore_index=-100.0), TypeError, ["ignore_index", "int"]),
+    ("div shapes", div(input_q=torch.randn(N + 1, H)), ValueError, ["input_q", "shape"]),
+    ("div name", div(divergence="kld"), ValueError, ["divergence", "'sce'", "'kld'"]),
+    ("div detach", div(detach="long"), ValueError, ["detach", "'p'"]),
+    ("div temperature", div(temperature=0.0), ValueError, ["temperature", "> 0"]),
+    ("div mask dtype", div(mask=torch.ones(N)), TypeError, ["mask", "bool"]),
+    ("div mask shape", div(mask=torch.ones(N + 1, dtype=torch.bool)), ValueError, ["mask", "shape"]),
+    ("ls 2-D hidden", ls(hidden_long=torch.randn(5, H)), ValueError, ["hidden_long", "[B, T, H]"]),
+    ("ls view shapes", ls(hidden_short=torch.randn(2, 6, H)), ValueError, ["hidden_short", "(2, 5, 8)"]),
+    ("ls hidden size", ls(hidden_long=torch.randn(2, 5, H + 1), hidden_short=torch.randn(2, 5, H + 1)), ValueError,
+     ["hidden_long", "H=8"]),
+    ("ls l_extra 0", ls(l_extra=0), ValueError, ["l_extra", "[1, 4]"]),
+    ("ls l_extra T", ls(l_extra=5), ValueError, ["l_extra", "[1, 4]"]),
+    ("ls l_extra float", ls(l_extra=2.0), TypeError, ["l_extra", "int"]),
+    ("ls labels shape", ls(labels_short=torch.randint(0, V, (2, 4))), ValueError, ["labels_short", "(2, 5)"]),
+    ("ls labels range", ls(labels_long=torch.full((2, 5), V)), ValueError, ["labels_long", "[0, 11)"]),
+    ("ls divergence", ls(divergence="mse"), ValueError, ["divergence"]),
+    ("ls detach", ls(detach="p"), ValueError, ["detach", "'long'", "'short'"]),
+    ("ls positions", ls(positions="first"), ValueError, ["positions", "'overlap'", "'last'"]),
+    ("ls alpha < 0", ls(alpha=-0.1), ValueError, ["alpha", ">= 0"]),
+    ("ls temperature", ls(temperature=-1.0), ValueError, ["temperature"]),
+    ("sample_l_extra", lambda: L.sample_l_extra(1), ValueError, ["l_train", ">= 2"]),
+]
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Any backend use is a failure: validation must come first."""
+
+    def boom(name):
+        raise AssertionError(f"backend {name!r} reached before validation finished")
+
+    monkeypatch.setattr(backends, "get", boom)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_before_any_kernel(case, no_kernels):
+    _, call, exc, words = case
+    with pytest.raises(exc) as info:
+        call()
+    msg = str(info.value)
+    for word in words:
+        assert word in msg, f"message {msg!r} lacks {word!r}"
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        L.linear_cross_entropy(x, w, y, backend="triton")
+
+
+def test_target_check_can_be_skipped():
+    """check_targets=False skips the one host sync; valid input still gives the right answer."""
+    a = L.linear_cross_entropy(x, w, y, check_targets=False)
+    b = L.reference.linear_cross_entropy(x, w, y)
+    torch.testing.assert_close(a, b)
