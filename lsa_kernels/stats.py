@@ -20,6 +20,11 @@ p ≈ q. ``lse_b - lse_a = log E_p[e^{-u}] = log1p(E_p[expm1(-u)])`` is formed f
 differences instead, so the KL of two close distributions keeps its relative precision (SPEC §5).
 sym_kl is the sum of the two KLs formed that way, never ``E_p[u] - E_q[u]`` (which cancels when p ≈ q).
 
+The expm1 form is for close distributions. Backends clamp the argument of expm1 at ``EXPM1_CLAMP``
+(e^80 is finite in fp32; an unclamped e^{-u} overflows where p ≈ 0 and gives 0·inf = NaN); rows whose
+normalisers differ by more than ``EXPM1_SWITCH`` in log space (far-apart distributions, where the
+clamp may bite and there is no cancellation to fear) use ``lse_b - lse_a`` directly.
+
 Gradients (per unit of a and b; multiply by 1/τ for z, then by softcap'(z_raw) = 1 - tanh²(z_raw/c)):
 
     sce          dD/da = p - q - p ⊙ (b - X)            dD/db = q - p - q ⊙ (a - Y)
@@ -36,17 +41,28 @@ import torch
 from .options import STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_X2, STAT_Y, STAT_Y2
 
 
+EXPM1_CLAMP = 80.0
+EXPM1_SWITCH = 1.0
+
+
+def _log_ratio(stats: torch.Tensor, e_col: torch.Tensor, sign: float) -> torch.Tensor:
+    """``sign·(lse_b - lse_a)`` from ``log1p(E[expm1(∓u)])`` when close, else from the lse columns."""
+    direct = sign * (stats[:, STAT_LSET_Q] - stats[:, STAT_LSET_P])
+    close = (direct.abs() <= EXPM1_SWITCH) & torch.isfinite(e_col) & (e_col > -1.0)
+    return torch.where(close, torch.log1p(torch.where(close, e_col, torch.zeros_like(e_col))), direct)
+
+
 def divergence_from_stats(stats: torch.Tensor, divergence: str) -> torch.Tensor:
     """Per-row divergence value ``[N]`` from the ``[N, 8]`` statistics of a pair forward."""
     X, Y = stats[:, STAT_X], stats[:, STAT_Y]
     if divergence == "sce":
         return stats[:, STAT_LSET_P] + stats[:, STAT_LSET_Q] - X - Y
-    if divergence == "kl":
-        return X + torch.log1p(Y)
-    if divergence == "kl_reverse":
-        return torch.log1p(X) - Y
+    if divergence == "kl":  # E_p[u] + (lse_b - lse_a)
+        return X + _log_ratio(stats, Y, 1.0)
+    if divergence == "kl_reverse":  # (lse_a - lse_b) - E_q[u]
+        return _log_ratio(stats, X, -1.0) - Y
     if divergence == "sym_kl":
-        return (X + torch.log1p(stats[:, STAT_X2])) + (torch.log1p(stats[:, STAT_Y2]) - Y)
+        return (X + _log_ratio(stats, stats[:, STAT_X2], 1.0)) + (_log_ratio(stats, stats[:, STAT_Y2], -1.0) - Y)
     if divergence == "js":
         return 0.5 * (X + Y)
     raise ValueError(f"unknown divergence {divergence!r}")
