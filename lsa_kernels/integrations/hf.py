@@ -21,6 +21,7 @@ shift happens here), so ``causal_lm_loss(model, x, labels)`` equals ``model(x, l
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -145,7 +146,7 @@ def _config_scale_softcap(config) -> tuple:
     return scale, softcap
 
 
-_VERIFIED: "dict[int, bool]" = {}
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def output_head(model: nn.Module, verify: bool = True) -> OutputHead:
@@ -161,9 +162,9 @@ def output_head(model: nn.Module, verify: bool = True) -> OutputHead:
     bias = getattr(emb, "bias", None)
     scale, softcap = _config_scale_softcap(model.config)
     head = OutputHead(emb.weight, bias if isinstance(bias, torch.Tensor) else None, scale, softcap)
-    if verify and _VERIFIED.get(id(model)) is None:
+    if verify and model not in _VERIFIED:
         _verify(model, head)
-        _VERIFIED[id(model)] = True
+        _VERIFIED[model] = True
     return head
 
 
@@ -271,8 +272,9 @@ def long_short_step(
 class LongShortObjective(nn.Module):
     """``model`` + objective as one module, so DDP/FSDP wrap a forward that returns the loss.
 
-    ``forward(window, l_extra, alpha)``: with ``alpha > 0`` the long-short loss on both views; with
-    ``alpha == 0`` plain CE on the long view only (``window[:, :l_train + 1]``; one view, the baseline).
+    ``forward(window, l_extra, alpha)``: with ``alpha > 0`` the long-short loss on both views of a window
+    ``[B, l_train + l_extra + 1]``; with ``alpha == 0`` plain CE on one view: ``window`` is then
+    ``[B, l_train + 1]`` and ``l_extra`` is ignored (the baseline).
     Returns :class:`LongShortLoss` (``misalign`` is 0 on the CE path).
     """
 

@@ -26,7 +26,10 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 DEFAULT_CORPUS = os.path.join(DATA_DIR, "shakespeare.jsonl.xz")
 DEFAULT_TOKENIZER = os.path.join(DATA_DIR, "tokenizer.json")
 
-__all__ = ["Corpus", "load_tokenizer", "load_corpus", "WindowSampler", "DEFAULT_CORPUS", "DEFAULT_TOKENIZER"]
+__all__ = [
+    "Corpus", "DataError", "load_tokenizer", "load_corpus", "WindowSampler", "eval_windows", "DEFAULT_CORPUS",
+    "DEFAULT_TOKENIZER",
+]
 
 
 class DataError(ValueError):

@@ -26,7 +26,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
 
     ap = argparse.ArgumentParser(prog="lsa demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--l-train", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=0.1)
