@@ -341,13 +341,17 @@ def test_pair_stats_layout():
     assert torch.equal(st[:, 6:], torch.zeros_like(st[:, 6:]))  # X2, Y2: sym_kl only
 
 
-@pytest.mark.parametrize("divergence", ["sce", "js"])
-def test_pair_deterministic(divergence):
+@pytest.mark.parametrize("divergence,small", [("sce", False), ("js", True)])
+def test_pair_deterministic(divergence, small):
     xp, xq, w, b, yp, yq = _inputs(torch.bfloat16, True, seed=14, close=True)
     cp, cq, cd = _coef(yp, 1), _coef(yq, 2), _coef(None, 3)
     opts = PairOptions(divergence=divergence, temperature=0.7,
                        ce=CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, deterministic=True))
-    with override_config(SMALL_BLOCKS):
+    if small:
+        with override_config(SMALL_BLOCKS):
+            r1 = _run_pair(xp, xq, w, b, yp, yq, cp, cq, cd, opts)
+            r2 = _run_pair(xp, xq, w, b, yp, yq, cp, cq, cd, opts)
+    else:
         r1 = _run_pair(xp, xq, w, b, yp, yq, cp, cq, cd, opts)
         r2 = _run_pair(xp, xq, w, b, yp, yq, cp, cq, cd, opts)
     for k in r1:
@@ -369,3 +373,16 @@ def test_pair_none_buffers():
     dxq = torch.empty(xq.shape)
     pair_backward(xp, xq, w, b, yp, yq, stats, cp, cq, cd, opts, None, dxq, None, None)
     _close(dxq, truth["dxq"], atol=2e-5, name="dxq")
+
+
+@pytest.mark.parametrize("divergence", ["kl", "kl_reverse", "sym_kl"])
+def test_pair_far_distributions_finite(divergence):
+    """Logits ~±100 apart: expm1 arguments are clamped (stats.EXPM1_CLAMP), no 0·inf, D still right."""
+    g = torch.Generator().manual_seed(16)
+    xp, xq = torch.randn(8, 32, generator=g) * 6, torch.randn(8, 32, generator=g) * 6
+    w = torch.randn(300, 32, generator=g)
+    _, _, div, stats = pair_forward(xp, xq, w, None, None, None, PairOptions(divergence=divergence, with_ce=False))
+    assert torch.isfinite(stats).all()
+    truth = R.divergence_from_logits(R.logits(xp.double(), w.double(), None, None),
+                                     R.logits(xq.double(), w.double(), None, None), divergence)
+    _close(div, truth, atol=1e-4, rtol=1e-5, name="div")

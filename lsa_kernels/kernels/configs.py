@@ -7,8 +7,8 @@ shared memory, register spills (ptxas -v) and 64-bit offset arithmetic. The list
 product of flags (that is thousands of kernels): it covers every kernel, every divergence, both dot
 precisions (bf16 tensor cores, fp32 via tf32x3) and the heaviest flag combination of each kernel.
 
-Run ``python -m lsa_kernels.kernels.configs NAME ARCH`` (with TRITON_INTERPRET unset) to compile one
-config and print a JSON report.
+Run ``python -m lsa_kernels.kernels.configs NAME ARCH [ARCH ...]`` (with TRITON_INTERPRET unset) to
+compile one config and print one JSON report line per arch.
 """
 
 from __future__ import annotations
@@ -127,6 +127,16 @@ def production_configs() -> List[KernelConfig]:
     return out
 
 
+# One config per kernel × dtype class, heaviest flags: what the default compile test runs (the full list
+# runs with LSA_SLOW=1; it takes ~10 minutes on 2 cores).
+SMOKE = (
+    "ce_fwd_bf16_all", "ce_fwd_fp32_plain", "ce_bwd_bf16_all", "ce_bwd_fp32_plain", "ce_bwd_dx_bf16_all",
+    "ce_bwd_dw_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_fwd_bf16_js_phase2", "pair_fwd_fp32_sce",
+    "pair_bwd_bf16_sce_temp_all", "pair_bwd_bf16_js", "pair_bwd_fp32_sce", "pair_bwd_dx_bf16_js_all",
+    "pair_bwd_dw_bf16_js_all",
+)
+
+
 def by_name(name: str) -> KernelConfig:
     for c in production_configs():
         if c.name == name:
@@ -193,6 +203,9 @@ def compile_report(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
         "name": cfg.name, "arch": arch, "shared": int(k.metadata.shared),
         "num_warps": L.num_warps, "num_stages": L.num_stages,
         "blocks": [L.BLOCK_N, L.BLOCK_V, L.BLOCK_H],
+        # 64-bit offsets: i64 multiplies in the Triton IR (row/col index × stride) and 64-bit
+        # multiplies in the PTX (mul.wide.s32 = i32 × i32 → i64, or s64 multiplies)
+        "ttir_i64_mul": bool(re.search(r"arith\.muli [^\n]*: tensor<[\dx]+xi64>", k.asm["ttir"])),
         "wide_mul": bool(re.search(r"mul\.wide\.[su]32|mad\.wide\.[su]32|mul\.lo\.s64|mad\.lo\.s64", ptx)),
     }
     ptxas = ptxas_path()
@@ -220,8 +233,9 @@ def compile_report(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
 
 def main(argv: List[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    name, arch = argv[0], int(argv[1])
-    print("REPORT " + json.dumps(compile_report(by_name(name), arch)))
+    cfg = by_name(argv[0])
+    for arch in argv[1:]:
+        print("REPORT " + json.dumps(compile_report(cfg, int(arch))), flush=True)
 
 
 if __name__ == "__main__":

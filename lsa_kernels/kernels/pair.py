@@ -11,6 +11,7 @@ Forward, phase 1 (online over V tiles, every running sum rescaled by exp(m_old �
     divergence   X, Y of lsa_kernels.stats, from weighted sums:
         sce         X = Σ e^{a−m_a}·b / s_a         Y = Σ e^{b−m_b}·a / s_b
         kl          X = Σ e^{a−m_a}·u / s_a         Y = Σ e^{a−m_a}·expm1(−u) / s_a
+                    (every expm1 argument clamped at stats.EXPM1_CLAMP = 80: no 0·inf)
         kl_reverse  X = Σ e^{b−m_b}·expm1(u) / s_b  Y = Σ e^{b−m_b}·u / s_b
         sym_kl      X = Σ e^{a−m_a}·u / s_a         Y = Σ e^{b−m_b}·u / s_b
                     X2 = Σ e^{a−m_a}·expm1(−u) / s_a  Y2 = Σ e^{b−m_b}·expm1(u) / s_b
@@ -50,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..options import N_PAIR_STATS, STAT_X2, STAT_Y2, PairOptions
-from ..stats import divergence_from_stats
+from ..stats import EXPM1_CLAMP, divergence_from_stats
 from ._common import (
     ce_grad_,
     expm1_,
@@ -65,6 +66,9 @@ from ._common import (
 )
 from .ce import _merge_lse
 
+# expm1 arguments are clamped (lsa_kernels.stats: e^80 is finite in fp32; rows where it could bite take
+# the lse difference in divergence_from_stats instead)
+_CLAMP = tl.constexpr(EXPM1_CLAMP)
 DIVERGENCE_IDS = {"sce": 0, "kl": 1, "kl_reverse": 2, "sym_kl": 3, "js": 4}
 N_P1 = 16  # phase-1 partials: m_p s_p zy_p sz_p m_q s_q zy_q sz_q m_a s_a m_b s_b accX accY accX2 accY2
 
@@ -137,15 +141,15 @@ def _pair_fwd_kernel(
                 acc_y = acc_y * al_b + tl.sum(e_b * av, 1)
             elif DIV == 1:  # kl
                 acc_x = acc_x * al_a + tl.sum(e_a * u, 1)
-                acc_y = acc_y * al_a + tl.sum(e_a * expm1_(-u), 1)
+                acc_y = acc_y * al_a + tl.sum(e_a * expm1_(tl.minimum(-u, _CLAMP)), 1)
             elif DIV == 2:  # kl_reverse
-                acc_x = acc_x * al_b + tl.sum(e_b * expm1_(u), 1)
+                acc_x = acc_x * al_b + tl.sum(e_b * expm1_(tl.minimum(u, _CLAMP)), 1)
                 acc_y = acc_y * al_b + tl.sum(e_b * u, 1)
             elif DIV == 3:  # sym_kl = KL(p||q) + KL(q||p), each in the expm1 form
                 acc_x = acc_x * al_a + tl.sum(e_a * u, 1)
                 acc_y = acc_y * al_b + tl.sum(e_b * u, 1)
-                acc_x2 = acc_x2 * al_a + tl.sum(e_a * expm1_(-u), 1)
-                acc_y2 = acc_y2 * al_b + tl.sum(e_b * expm1_(u), 1)
+                acc_x2 = acc_x2 * al_a + tl.sum(e_a * expm1_(tl.minimum(-u, _CLAMP)), 1)
+                acc_y2 = acc_y2 * al_b + tl.sum(e_b * expm1_(tl.minimum(u, _CLAMP)), 1)
         else:  # PHASE 2: js terms
             lp = av - lset_p[:, None]
             lq = bv - lset_q[:, None]
