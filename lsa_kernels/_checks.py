@@ -82,7 +82,13 @@ def _targets(name: str, y, shape, V: int, ignore_index: int, device, check_value
         raise ValueError(f"{name} must have shape {tuple(shape)} (the input's leading dims), got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"{name} is on {y.device} but the input is on {device}")
-    if check_values and y.numel() > 0 and not torch.compiler.is_compiling():
+    if check_values:
+        check_target_values(name, y, V, ignore_index)
+
+
+def check_target_values(name: str, y: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Targets in [0, V) or ignore_index (one reduction + host sync; skipped under torch.compile)."""
+    if y.numel() > 0 and not torch.compiler.is_compiling():
         bad = (y != ignore_index) & ((y < 0) | (y >= V))
         if bool(bad.any()):
             first = y[bad][0].item()

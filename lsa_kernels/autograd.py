@@ -59,7 +59,7 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, y, reduction: str, opts: CEOptions, backend: str):
+    def forward(ctx, x, w, b, y, reduction: str, opts: CEOptions, backend):
         be = backends.get(backend)
         x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -99,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _cast(dx, x), _cast(dw, w), _cast(db, b), None, None, None, None
 
 
-def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend: str) -> Tensor:
+def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend) -> Tensor:
     """``x [N, H]``, ``y [N]``: the fused CE with ``reduction`` (validated by the caller)."""
     return _LinearCrossEntropy.apply(x, w, b, y, reduction, opts, backend)
 
@@ -109,7 +109,7 @@ def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, back
 
 class _LinearDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xp, xq, w, b, sel, div_w, opts: PairOptions, backend: str, mode: str):
+    def forward(ctx, xp, xq, w, b, sel, div_w, opts: PairOptions, backend, mode: str):
         be = backends.get(backend)
         xp, xq, w, b = _contig(xp), _contig(xq), _contig(w), _contig(b)
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[:4]
@@ -153,7 +153,7 @@ class _LinearDivergence(torch.autograd.Function):
         return _cast(dxp, xp), _cast(dxq, xq), _cast(dw, w), _cast(db, b), *none9
 
 
-def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend: str, mode: str) -> Tensor:
+def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend, mode: str) -> Tensor:
     """The fused divergence of :func:`lsa_kernels.linear_divergence`.
 
     ``mode="weighted"``: returns ``Σ div_i · div_w_i``; ``mode="none"``: per-row ``div_i · sel_i``.
@@ -189,7 +189,7 @@ def _merge_views(dxp, dxq, dxu, B: int, T: int, l_extra: int):
 
 class _LongShort(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hl, hs, w, b, yl, ys, sel, l_extra: int, alpha: float, opts: PairOptions, backend: str):
+    def forward(ctx, hl, hs, w, b, yl, ys, sel, l_extra: int, alpha: float, opts: PairOptions, backend):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
         B, T, H = hl.shape
@@ -271,7 +271,7 @@ class _LongShort(torch.autograd.Function):
         return dhl, dhs, _cast(dw, w, g), _cast(db, b, g), *nones
 
 
-def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend: str) -> LongShortLoss:
+def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend) -> LongShortLoss:
     """The fused :func:`lsa_kernels.long_short_loss` (validated by the caller)."""
     loss, ce, mis = _LongShort.apply(hl, hs, w, b, yl, ys, sel, l_extra, alpha, opts, backend)
     return LongShortLoss(loss, ce, mis)

@@ -11,7 +11,12 @@ reduction weight; zero on ignored / unselected rows) and
 * write ``dx_out`` (fp32 ``[N, H]``, overwritten) when it is not None,
 * ACCUMULATE into ``dw_out`` (fp32 ``[V, H]``) and ``db_out`` (fp32 ``[V]``) when not None,
 
-so that one fp32 dW buffer serves every call of a loss (CE rows and paired rows) with no V×H
+Targets ``y >= V`` (other than ignore_index) mean "valid row whose class is not in this weight" (a
+vocab shard, :mod:`lsa_kernels.distributed`): the row gets its softmax gradient but no one-hot; its
+forward loss value is unspecified (the caller merges shards). ``opts.vocab_total`` (when set) is the V of
+the label-smoothing term ``ε/V``.
+
+So that one fp32 dW buffer serves every call of a loss (CE rows and paired rows) with no V×H
 temporaries. No backend ever holds a rows×V tensor larger than its chunk budget (cpu) or writes one
 to global memory (triton).
 
@@ -44,8 +49,11 @@ import os
 from types import ModuleType
 
 
-def get(name: str) -> ModuleType:
-    """The backend module for ``name`` ('cpu' or 'triton'), imported on first use."""
+def get(name) -> ModuleType:
+    """The backend module for ``name`` ('cpu' or 'triton'), imported on first use. A backend object
+    (e.g. :class:`lsa_kernels.distributed.VocabParallel`) is returned as it is."""
+    if not isinstance(name, str):
+        return name
     if name == "cpu":
         from . import cpu
 

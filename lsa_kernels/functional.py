@@ -37,6 +37,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore_index, check_targets,
+                    divergence=None, label_smoothing=0.0, softcap=None):
+    """None without a process group; else the backend wrapped for a vocab-sharded head (after checks)."""
+    if process_group is None:
+        if vocab_start not in (0, None):
+            raise ValueError("vocab_start is only meaningful together with process_group=")
+        return backend
+    from . import backends, distributed
+
+    if backend == "reference":
+        raise ValueError("backend='reference' cannot run a vocab-parallel head; use 'auto', 'cpu' or 'triton'")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be a non-negative int (this rank's first vocab id), got {vocab_start!r}")
+    distributed.check_supported(divergence, label_smoothing, softcap)
+    shard = distributed.shard_info(process_group, vocab_start, w.shape[0], w.device)
+    if check_targets:
+        for name, y in targets:
+            if y is not None:
+                _checks.check_target_values(name, y, shard.vocab_total, ignore_index)
+    return distributed.VocabParallel(backends.get(backend), shard)
+
+
 def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic) -> CEOptions:
     return CEOptions(
         ignore_index=int(ignore_index),
@@ -63,6 +85,8 @@ def linear_cross_entropy(
     chunk_bytes: Optional[int] = None,
     deterministic: bool = False,
     check_targets: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(input @ linear_weight.T + linear_bias)`` against ``target``, fused.
 
@@ -72,13 +96,17 @@ def linear_cross_entropy(
     ``reduction="mean"`` averages over non-ignored rows and returns 0 (zero gradients) when there are
     none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default: picked from the
     shapes). ``check_targets=False`` skips the one host sync that checks target values.
+    ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
+    vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.distributed`); targets are global ids.
     Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``.
     """
     _checks.check_ce(
         input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-        check_values=check_targets,
+        check_values=check_targets and process_group is None,
     )
     be = resolve_backend(backend, input.device)
+    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [("target", target)], ignore_index,
+                         check_targets, label_smoothing=label_smoothing, softcap=softcap)
     if be == "reference":
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, reduction=reduction, ignore_index=ignore_index,
@@ -109,6 +137,8 @@ def linear_divergence(
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
     deterministic: bool = False,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> torch.Tensor:
     """Divergence ``D(softmax(a/τ), softmax(b/τ))`` between the logits of two aligned sets of rows.
 
@@ -121,6 +151,7 @@ def linear_divergence(
         input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
     )
     be = resolve_backend(backend, input_p.device)
+    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], -100, False, divergence=divergence)
     if be == "reference":
         return reference.linear_divergence(
             input_p, input_q, linear_weight, linear_bias=linear_bias, divergence=divergence,
@@ -166,6 +197,8 @@ def long_short_loss(
     chunk_bytes: Optional[int] = None,
     deterministic: bool = False,
     check_targets: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> LongShortLoss:
     """Long-short alignment loss (SPEC §4): ``loss = ce + alpha * misalign``, fused, no logits in memory.
 
@@ -180,9 +213,12 @@ def long_short_loss(
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
-        check_values=check_targets,
+        check_values=check_targets and process_group is None,
     )
     be = resolve_backend(backend, hidden_long.device)
+    be = _vocab_parallel(process_group, vocab_start, linear_weight, be,
+                         [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index, check_targets,
+                         divergence=divergence, label_smoothing=label_smoothing, softcap=softcap)
     if be == "reference":
         return reference.long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra=l_extra, alpha=alpha,

@@ -39,6 +39,9 @@ class CEOptions:
     chunk_bytes: Optional[int] = None
     #: force a reproducible reduction order (no atomics in Triton; the cpu path is always deterministic)
     deterministic: bool = False
+    #: the full vocabulary size when ``linear_weight`` is one shard of it (vocab-parallel heads); the
+    #: label-smoothing term spreads ε over this many classes. None: the weight's own V.
+    vocab_total: Optional[int] = None
 
     @property
     def has_softcap(self) -> bool:

@@ -355,7 +355,7 @@ def ce_backward(
     has_cap, cap, inv_cap = softcap_args(opts.softcap)
     upcast, prec = upcast_and_prec(x.dtype)
     eps = float(opts.label_smoothing)
-    scal = (opts.ignore_index, cap, inv_cap, 1.0 - eps, eps / V, 2.0 * float(opts.z_loss))
+    scal = (opts.ignore_index, cap, inv_cap, 1.0 - eps, eps / (opts.vocab_total or V), 2.0 * float(opts.z_loss))
     flags = dict(HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, HAS_SMOOTHING=eps > 0,
                  HAS_ZLOSS=opts.z_loss > 0, UPCAST=upcast, DOT_PREC=prec)
     bb = b if b is not None else w

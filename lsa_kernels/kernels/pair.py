@@ -595,7 +595,7 @@ def pair_backward(
     upcast, prec = upcast_and_prec(xp.dtype)
     eps = float(opts.ce.label_smoothing)
     temp = float(opts.temperature)
-    scal = (stats.stride(0), opts.ce.ignore_index, cap, inv_cap, 1.0 / temp, 1.0 - eps, eps / V, 2.0 * float(opts.ce.z_loss))
+    scal = (stats.stride(0), opts.ce.ignore_index, cap, inv_cap, 1.0 / temp, 1.0 - eps, eps / (opts.ce.vocab_total or V), 2.0 * float(opts.ce.z_loss))
     flags = dict(
         DIV=DIVERGENCE_IDS[opts.divergence], TEMP_ONE=temp == 1.0, GRAD_P=grad_p, GRAD_Q=grad_q,
         WITH_CE=with_ce, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, HAS_SMOOTHING=eps > 0,

@@ -1,0 +1,124 @@
+"""Vocab-parallel losses over a gloo process group (2 and 4 CPU processes, uneven shards): values and
+gradients equal the single-process reference; dW stays a shard; dX is the full gradient on every rank."""
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lsa_kernels as L
+from lsa_kernels import reference as R
+
+IGN = -100
+H, V = 24, 211
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shards(world: int):
+    """Uneven split of [0, V): sizes grow with the rank."""
+    weights = [r + 1 for r in range(world)]
+    sizes = [V * w // sum(weights) for w in weights]
+    sizes[-1] += V - sum(sizes)
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return starts, sizes
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    hl, hs = torch.randn(2, 2, 9, H, generator=g, dtype=torch.float64).unbind(0)
+    hs = 0.6 * hs + 0.8 * hl
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    yl, ys = torch.randint(0, V, (2, 2, 9), generator=g).unbind(0)
+    yl[0, :3] = IGN
+    ys[1, 4] = IGN
+    return hl, hs, w, b, yl, ys
+
+
+CASES = [
+    ("ce", dict(label_smoothing=0.1, z_loss=1e-3)),
+    ("ce", dict(softcap=3.0, reduction="none")),
+    ("div", dict(divergence="sce", temperature=0.8, softcap=4.0)),
+    ("div", dict(divergence="kl", detach="p")),
+    ("div", dict(divergence="kl_reverse", reduction="none")),
+    ("div", dict(divergence="sym_kl", detach="q")),
+] + [("ls", dict(divergence=d, l_extra=3, alpha=0.3, label_smoothing=0.1, detach=det))
+     for d, det in [("sce", None), ("kl", "long"), ("kl_reverse", "short"), ("sym_kl", None)]]
+
+
+def _run_case(kind, kw, hl, hs, w, b, yl, ys, **extra):
+    """Returns (outputs, grads of inputs in order hl, hs, w, b)."""
+    ins = [t.clone().requires_grad_(True) for t in (hl, hs, w, b)]
+    if kind == "ce":
+        out = (extra.pop("fn", L.linear_cross_entropy))(ins[0], ins[2], yl, linear_bias=ins[3], **kw, **extra)
+        outs = [out]
+    elif kind == "div":
+        out = (extra.pop("fn", L.linear_divergence))(ins[0], ins[1], ins[2], linear_bias=ins[3], **kw, **extra)
+        outs = [out]
+    else:
+        outs = list((extra.pop("fn", L.long_short_loss))(ins[0], ins[1], ins[2], yl, ys, linear_bias=ins[3], **kw,
+                                                         **extra))
+    scalar = sum((i + 1) * o.sum() for i, o in enumerate(outs))
+    grads = torch.autograd.grad(scalar, ins, allow_unused=True)
+    return [o.detach() for o in outs], [None if g is None else g.detach() for g in grads]
+
+
+def _worker(rank, world, port, errfile):
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        starts, sizes = _shards(world)
+        s, n = starts[rank], sizes[rank]
+        hl, hs, w, b, yl, ys = _data()
+        for kind, kw in CASES:
+            ref_out, ref_g = _run_case(kind, kw, hl, hs, w, b, yl, ys, fn={"ce": R.linear_cross_entropy,
+                                                                          "div": R.linear_divergence,
+                                                                          "ls": R.long_short_loss}[kind])
+            out, g = _run_case(kind, kw, hl, hs, w[s:s + n], b[s:s + n], yl, ys, backend="cpu",
+                               process_group=dist.group.WORLD, vocab_start=s)
+            for o, r in zip(out, ref_out):
+                torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m: f"{kind} {kw} value: {m}")
+            expect = [ref_g[0], ref_g[1], None if ref_g[2] is None else ref_g[2][s:s + n],
+                      None if ref_g[3] is None else ref_g[3][s:s + n]]
+            for name, a, e in zip(["d_in0", "d_in1", "dw", "db"], g, expect):
+                a = torch.zeros_like(e) if (a is None and e is not None) else a
+                e = torch.zeros_like(a) if (e is None and a is not None) else e
+                if a is not None:
+                    torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10, msg=lambda m: f"{kind} {kw} {name}: {m}")
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(errfile, "a") as f:
+            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
+        raise
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_matches_single_process(world, tmp_path):
+    errfile = str(tmp_path / "errors.txt")
+    try:
+        mp.spawn(_worker, args=(world, _free_port(), errfile), nprocs=world, join=True)
+    except Exception:
+        msg = open(errfile).read() if os.path.exists(errfile) else "(no error file)"
+        pytest.fail(msg)
+
+
+def test_unsupported_combinations_are_rejected():
+    from lsa_kernels import distributed as D
+
+    with pytest.raises(ValueError, match="js"):
+        D.check_supported("js", 0.0, None)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        D.check_supported("sce", 0.1, 3.0)
+    with pytest.raises(ValueError, match="vocab_start"):
+        L.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), vocab_start=2)
