@@ -27,7 +27,7 @@ def _extensions():
     except Exception as exc:  # torch missing in the build environment: pure-Python install
         print(f"lsa_kernels: building without lsa_kernels._C ({exc})", file=sys.stderr)
         return [], {}
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math", "-fno-math-errno"]
     if os.environ.get("LSA_NATIVE", "1") == "1":
         flags.append("-march=native")
     ext = CppExtension(

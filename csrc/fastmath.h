@@ -54,9 +54,10 @@ LSA_INLINE float fexp(float x) {
   return x < -87.0f ? 0.0f : y * scale;
 }
 
-// e^x - 1 for x in [-80, 88.3] (clamped outside; e^-80 - 1 == -1 in fp32).
+// e^x - 1 for x in [-80, 80], clamped outside (e^-80 - 1 == -1 in fp32; the upper clamp is
+// lsa_kernels.stats.EXPM1_CLAMP, so that p·expm1(-u) never becomes 0·inf).
 LSA_INLINE float fexpm1(float x) {
-  const float xc = x < -80.0f ? -80.0f : (x > 88.3f ? 88.3f : x);
+  const float xc = x < -80.0f ? -80.0f : (x > 80.0f ? 80.0f : x);
   const float fn = (xc * kLog2e + kRound) - kRound;
   float r = xc - fn * kLn2Hi;
   r = r - fn * kLn2Lo;  // |r| <= 0.347

@@ -12,12 +12,12 @@
 //   lse = m + log Σ e^{z - m},  loss = (1-ε)(lse - z_y) + ε(lse - mean z) + λ lse²   (0 if ignored)
 //   dz  = coef · (softmax(z)(1 + 2λ lse) - (1-ε) onehot(y) - ε/V) · (1 - (z/c)²)
 //
-// Pairs: a = za/τ, b = zb/τ, p = softmax(a), q = softmax(b), u = a - b; statistics [6] per row:
-//   LSE_P, LSE_Q (CE, 0 without CE), LSET_P = lse(a), LSET_Q = lse(b), X, Y:
+// Pairs: a = za/τ, b = zb/τ, p = softmax(a), q = softmax(b), u = a - b; statistics [8] per row:
+//   LSE_P, LSE_Q (CE, 0 without CE), LSET_P = lse(a), LSET_Q = lse(b), X, Y, X2, Y2 (0 unless sym_kl):
 //     sce     X = E_p[b]            Y = E_q[a]
 //     kl      X = E_p[u]            Y = E_p[expm1(-u)]
 //     kl_rev  X = E_q[expm1(u)]     Y = E_q[u]
-//     sym_kl  X = E_p[u]            Y = E_q[u]
+//     sym_kl  X = E_p[u]            Y = E_q[u]        X2 = E_p[expm1(-u)]   Y2 = E_q[expm1(u)]
 //     js      X = KL(p||m)          Y = KL(q||m)      log m = logaddexp(log p, log q) - log 2
 //   computed from e^{a - max a} sums in the same sweep as the lse (js needs the lse first: one more
 //   sweep). Gradients (times coef_div/τ, plus the CE gradient of each view, then the softcap factor):
@@ -55,7 +55,17 @@ struct CEParams {
   float eps;   // label smoothing
   float zl;    // z-loss
   float cap;   // softcap (> 0 when used)
+  int64_t vocab_total;  // V of the ε/V gradient term (> 0: this weight is a vocab shard), 0: the local V
 };
+
+// Targets: ignore_index -> no loss, no gradient; 0 <= y < V -> one-hot at y; any other id (y >= V: a
+// class in another vocab shard) -> a valid row with the softmax gradient but no one-hot, and a loss
+// value computed with z[0] in place of z_y (unspecified: the caller merges shards), as cpu.py does.
+LSA_INLINE bool in_shard(int64_t y, int64_t V) { return y >= 0 && y < V; }
+
+LSA_INLINE float eps_over_v(const CEParams& P, int64_t V) {
+  return P.eps / static_cast<float>(P.vocab_total > 0 ? P.vocab_total : V);
+}
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -118,7 +128,7 @@ template <bool SC>
 static void ce_row(float* __restrict z, int64_t V, int64_t y, const CEParams& P, bool has_lse, float lse_in,
                    bool has_coef, float coef, float& loss_out, float& lse_out) {
   const bool valid = y != P.ignore_index;
-  if (valid) TORCH_CHECK(y >= 0 && y < V, "lsa_kernels: target ", y, " out of range [0, ", V, ")");
+  const bool hot = valid && in_shard(y, V);
   float lse;
   if (has_lse) {  // backward with saved lse: only the softcap is needed before the gradient
     sweep_cap<SC>(z, V, P.cap);
@@ -128,13 +138,13 @@ static void ce_row(float* __restrict z, int64_t V, int64_t y, const CEParams& P,
     float m, zsum;
     sweep_cap_max_sum<SC>(z, V, P.cap, m, zsum);
     lse = m + std::log(sum_exp(z, V, m));
-    loss_out = valid ? ce_loss(lse, z[y], zsum, V, P) : 0.0f;
+    loss_out = valid ? ce_loss(lse, z[hot ? y : 0], zsum, V, P) : 0.0f;
   }
   lse_out = lse;
   if (!has_coef) return;
-  const float zy = valid ? z[y] : 0.0f;
+  const float zy = hot ? z[y] : 0.0f;
   const float k = coef * (1.0f + 2.0f * P.zl * lse);
-  const float off = coef * P.eps / static_cast<float>(V);
+  const float off = coef * eps_over_v(P, V);
   const float cap = P.cap;
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) {
@@ -143,7 +153,7 @@ static void ce_row(float* __restrict z, int64_t V, int64_t y, const CEParams& P,
     if constexpr (SC) g *= cap_grad(t, cap);
     z[v] = g;
   }
-  if (valid) {
+  if (hot) {
     float g = coef * (1.0f - P.eps);
     if constexpr (SC) g *= cap_grad(zy, cap);
     z[y] -= g;
@@ -152,7 +162,8 @@ static void ce_row(float* __restrict z, int64_t V, int64_t y, const CEParams& P,
 
 std::tuple<at::Tensor, at::Tensor> ce_chunk(at::Tensor z, const at::Tensor& y, const std::optional<at::Tensor>& lse,
                                             const std::optional<at::Tensor>& coef, int64_t ignore_index,
-                                            double label_smoothing, double z_loss, double softcap) {
+                                            double label_smoothing, double z_loss, double softcap,
+                                            int64_t vocab_total) {
   TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.is_contiguous(),
               "ce_chunk: z must be a contiguous fp32 [C, V] CPU tensor");
   const int64_t C = z.size(0), V = z.size(1);
@@ -170,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> ce_chunk(at::Tensor z, const at::Tensor& y, c
   auto loss = at::empty({C}, z.options());
   auto lse_out = at::empty({C}, z.options());
   const CEParams P{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-                   static_cast<float>(softcap)};
+                   static_cast<float>(softcap), vocab_total};
   const bool sc = softcap > 0.0;
   float* zp = z.data_ptr<float>();
   const int64_t* yp = yc.data_ptr<int64_t>();
@@ -194,10 +205,12 @@ std::tuple<at::Tensor, at::Tensor> ce_chunk(at::Tensor z, const at::Tensor& y, c
 
 // ----------------------------------------------------------------------------------------- pairs
 
+constexpr int64_t kStats = 8;  // lsa_kernels.options.N_PAIR_STATS
+
 struct PairRow {
   int64_t yp, yq;       // targets (ignore_index when no CE)
-  const float* st_in;   // saved statistics [6] or nullptr
-  float* st;            // statistics out [6]
+  const float* st_in;   // saved statistics [8] or nullptr
+  float* st;            // statistics out [8]
   float* ce_p;
   float* ce_q;
   bool has_coef;
@@ -242,14 +255,14 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
   const bool with_ce = P.with_ce;
   const bool vp = with_ce && R.yp != ce.ignore_index;
   const bool vq = with_ce && R.yq != ce.ignore_index;
-  if (vp) TORCH_CHECK(R.yp >= 0 && R.yp < V, "lsa_kernels: target ", R.yp, " out of range [0, ", V, ")");
-  if (vq) TORCH_CHECK(R.yq >= 0 && R.yq < V, "lsa_kernels: target ", R.yq, " out of range [0, ", V, ")");
+  const bool hp = vp && in_shard(R.yp, V), hq = vq && in_shard(R.yq, V);
   const float it = 1.0f / P.tau;
-  float lse_p, lse_q, lta, ltb, X, Y;
+  float lse_p, lse_q, lta, ltb, X, Y, X2 = 0.0f, Y2 = 0.0f;
   if (R.st_in) {
     sweep_cap<SC>(za, V, ce.cap);
     sweep_cap<SC>(zb, V, ce.cap);
     lse_p = R.st_in[0], lse_q = R.st_in[1], lta = R.st_in[2], ltb = R.st_in[3], X = R.st_in[4], Y = R.st_in[5];
+    X2 = R.st_in[6], Y2 = R.st_in[7];
     *R.ce_p = 0.0f;
     *R.ce_q = 0.0f;
   } else {
@@ -257,8 +270,8 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
     sweep_cap_max_sum<SC>(za, V, ce.cap, ma, sza);
     sweep_cap_max_sum<SC>(zb, V, ce.cap, mb, szb);
     const float mta = ma * it, mtb = mb * it;  // τ > 0
-    float sa = 0.f, sb = 0.f, sp = 0.f, sq = 0.f, tx = 0.f, ty = 0.f;
-#pragma omp simd reduction(+ : sa, sb, sp, sq, tx, ty)
+    float sa = 0.f, sb = 0.f, sp = 0.f, sq = 0.f, tx = 0.f, ty = 0.f, tx2 = 0.f, ty2 = 0.f;
+#pragma omp simd reduction(+ : sa, sb, sp, sq, tx, ty, tx2, ty2)
     for (int64_t v = 0; v < V; ++v) {
       const float a = za[v] * it, b = zb[v] * it;
       const float ea = fexp(a - mta), eb = fexp(b - mtb);
@@ -283,13 +296,20 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
         const float u = a - b;
         tx += ea * u;
         ty += eb * u;
+        tx2 += ea * fexpm1(-u);
+        ty2 += eb * fexpm1(u);
       }
     }
     lta = mta + std::log(sa);
     ltb = mtb + std::log(sb);
-    if constexpr (DIV == SCE || DIV == SYM_KL) {
+    if constexpr (DIV == SCE) {
       X = tx / sa;
       Y = ty / sb;
+    } else if constexpr (DIV == SYM_KL) {
+      X = tx / sa;
+      Y = ty / sb;
+      X2 = tx2 / sa;
+      Y2 = ty2 / sb;
     } else if constexpr (DIV == KL) {
       X = tx / sa;
       Y = ty / sa;
@@ -316,8 +336,8 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
         lse_p = lta;
         lse_q = ltb;
       }
-      *R.ce_p = vp ? ce_loss(lse_p, za[R.yp], sza, V, ce) : 0.0f;
-      *R.ce_q = vq ? ce_loss(lse_q, zb[R.yq], szb, V, ce) : 0.0f;
+      *R.ce_p = vp ? ce_loss(lse_p, za[hp ? R.yp : 0], sza, V, ce) : 0.0f;
+      *R.ce_q = vq ? ce_loss(lse_q, zb[hq ? R.yq : 0], szb, V, ce) : 0.0f;
     } else {
       lse_p = lse_q = 0.0f;
       *R.ce_p = 0.0f;
@@ -326,6 +346,7 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
   }
   float* st = R.st;
   st[0] = lse_p, st[1] = lse_q, st[2] = lta, st[3] = ltb, st[4] = X, st[5] = Y;
+  st[6] = X2, st[7] = Y2;
   if (!R.has_coef) return;
 
   // gradient sweep: za <- dz_p, zb <- dz_q
@@ -333,8 +354,8 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
   const float cdq = P.grad_q ? R.cd * it : 0.0f;
   const float cp = with_ce ? R.cp : 0.0f, cq = with_ce ? R.cq : 0.0f;
   const float kp = cp * (1.0f + 2.0f * ce.zl * lse_p), kq = cq * (1.0f + 2.0f * ce.zl * lse_q);
-  const float offp = cp * ce.eps / static_cast<float>(V), offq = cq * ce.eps / static_cast<float>(V);
-  const float zyp = vp ? za[R.yp] : 0.0f, zyq = vq ? zb[R.yq] : 0.0f;
+  const float offp = cp * eps_over_v(ce, V), offq = cq * eps_over_v(ce, V);
+  const float zyp = hp ? za[R.yp] : 0.0f, zyq = hq ? zb[R.yq] : 0.0f;
   const float cap = ce.cap;
   if (with_ce) {
 #pragma omp simd
@@ -361,12 +382,12 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
       za[v] = dp;
       zb[v] = dq;
     }
-    if (vp) {
+    if (hp) {
       float g = cp * (1.0f - ce.eps);
       if constexpr (SC) g *= cap_grad(zyp, cap);
       za[R.yp] -= g;
     }
-    if (vq) {
+    if (hq) {
       float g = cq * (1.0f - ce.eps);
       if constexpr (SC) g *= cap_grad(zyq, cap);
       zb[R.yq] -= g;
@@ -421,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
     const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& coef_ce_p,
     const std::optional<at::Tensor>& coef_ce_q, const std::optional<at::Tensor>& coef_div, int64_t divergence,
     double temperature, bool grad_p, bool grad_q, bool with_ce, int64_t ignore_index, double label_smoothing,
-    double z_loss, double softcap) {
+    double z_loss, double softcap, int64_t vocab_total) {
   for (const auto* t : {&za, &zb})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
                 "pair_chunk: za, zb must be contiguous fp32 [C, V] CPU tensors");
@@ -440,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
   at::Tensor st_in;
   if (stats.has_value()) {
     st_in = stats->to(at::kFloat).contiguous();
-    TORCH_CHECK(st_in.dim() == 2 && st_in.size(0) == C && st_in.size(1) == 6, "pair_chunk: stats must be [C, 6]");
+    TORCH_CHECK(st_in.dim() == 2 && st_in.size(0) == C && st_in.size(1) == kStats, "pair_chunk: stats must be [C, 8]");
   }
   auto cdv = opt_f32(coef_div, C, "coef_div");
   auto ccp = opt_f32(coef_ce_p, C, "coef_ce_p");
@@ -450,9 +471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
 
   auto ce_p = at::empty({C}, za.options());
   auto ce_q = at::empty({C}, za.options());
-  auto st = at::empty({C, 6}, za.options());
+  auto st = at::empty({C, kStats}, za.options());
   const PairParams P{{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
-                      static_cast<float>(softcap)},
+                      static_cast<float>(softcap), vocab_total},
                      with_ce, grad_p, grad_q, static_cast<float>(temperature)};
   const bool ce2 = with_ce && temperature != 1.0;
   const PairRowFn fn = pick(divergence, softcap > 0.0, ce2);
@@ -471,8 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
     for (int64_t i = begin; i < end; ++i) {
       PairRow R{ypp ? ypp[i] : ignore_index,
                 yqp ? yqp[i] : ignore_index,
-                sip ? sip + 6 * i : nullptr,
-                stp + 6 * i,
+                sip ? sip + kStats * i : nullptr,
+                stp + kStats * i,
                 cep + i,
                 ceq + i,
                 has_coef,
@@ -521,11 +542,11 @@ at::Tensor fastmath(const at::Tensor& x, int64_t which) {
 TORCH_LIBRARY(lsa_kernels, m) {
   m.def(
       "ce_chunk(Tensor(a!) z, Tensor y, Tensor? lse, Tensor? coef, int ignore_index, float label_smoothing, "
-      "float z_loss, float softcap) -> (Tensor, Tensor)");
+      "float z_loss, float softcap, int vocab_total=0) -> (Tensor, Tensor)");
   m.def(
       "pair_chunk(Tensor(a!) za, Tensor(b!) zb, Tensor? yp, Tensor? yq, Tensor? stats, Tensor? coef_ce_p, "
       "Tensor? coef_ce_q, Tensor? coef_div, int divergence, float temperature, bool grad_p, bool grad_q, "
-      "bool with_ce, int ignore_index, float label_smoothing, float z_loss, float softcap) "
+      "bool with_ce, int ignore_index, float label_smoothing, float z_loss, float softcap, int vocab_total=0) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("fastmath(Tensor x, int which) -> Tensor");
 }

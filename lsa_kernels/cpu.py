@@ -36,26 +36,53 @@ from .options import (
     CEOptions,
     PairOptions,
 )
-from .stats import divergence_from_stats
+from . import _ext
+from .stats import EXPM1_CLAMP, divergence_from_stats
 
 Tensor = torch.Tensor
 
 # [C, V] fp32 buffers alive at once (upper bounds, checked by tests/test_memory.py)
 K_CE = 3
 K_PAIR = 9
+# ... on the compiled path (lsa_kernels._C): the GEMM's output buffer(s) only, turned into dz in place
+K_CE_EXT = 1
+K_PAIR_EXT = 2
 
 _MIN_BUDGET = 32 << 20
 _MAX_BUDGET = 256 << 20
 
 
-def chunk_rows(n: int, v: int, k: int, chunk_bytes: Optional[int]) -> int:
-    """Rows per chunk so that ``k`` fp32 ``[rows, v]`` buffers fit in the budget."""
+def default_budget(n: int, v: int, k: int) -> int:
+    """The default logits budget in bytes: ``k`` buffers of 1/8 of the rows, clamped to [32, 256] MiB."""
+    return min(max(n * v * 4 * k // 8, _MIN_BUDGET), _MAX_BUDGET)
+
+
+def chunk_rows(n: int, v: int, k: int, chunk_bytes: Optional[int], default_k: Optional[int] = None) -> int:
+    """Rows per chunk so that ``k`` fp32 ``[rows, v]`` buffers fit in the budget.
+
+    Without ``chunk_bytes`` the budget is :func:`default_budget` for ``default_k`` buffers (default ``k``):
+    the compiled path passes the ATen path's K there, so it uses the same memory in fewer, larger chunks.
+    """
     if chunk_bytes is None:
-        chunk_bytes = min(max(n * v * 4 * k // 8, _MIN_BUDGET), _MAX_BUDGET)
+        chunk_bytes = default_budget(n, v, k if default_k is None else default_k)
     rows = chunk_bytes // (k * v * 4)
     if rows >= 16:
         rows -= rows % 8
     return int(max(1, min(n, rows)))
+
+
+def use_ext(x: Tensor) -> bool:
+    """Whether this call runs the compiled kernels: fp32/bf16/fp16 inputs and ``lsa_kernels._C`` available.
+
+    fp64 inputs always take the ATen path (gradcheck runs in double there)."""
+    return x.dtype != torch.float64 and _ext.available()
+
+
+def k_buffers(pair: bool, x: Tensor) -> int:
+    """``K`` (the ``[C, V]`` fp32 buffers alive at once) of the path a call with input ``x`` takes."""
+    if use_ext(x):
+        return K_PAIR_EXT if pair else K_CE_EXT
+    return K_PAIR if pair else K_CE
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -91,12 +118,17 @@ def _softcap_grad_(dz: Tensor, zc: Tensor, softcap: Optional[float], scale: floa
     return dz.mul_(d)
 
 
+def _safe_targets(y: Tensor, V: int, ignore_index: int) -> Tensor:
+    """Targets with a one-hot in this weight, else -1 (ignored rows, and ids >= V: another vocab shard)."""
+    return torch.where((y != ignore_index) & (y >= 0) & (y < V), y, torch.full_like(y, -1))
+
+
 def _ce_rows(z: Tensor, y: Tensor, opts: CEOptions) -> Tuple[Tensor, Tensor, Tensor]:
     """(loss_row, lse, safe targets) of a chunk of softcapped fp32 logits."""
     valid = y != opts.ignore_index
-    ys = torch.where(valid, y, torch.zeros_like(y))
+    ys = _safe_targets(y, z.shape[1], opts.ignore_index)
     lse = torch.logsumexp(z, dim=1)
-    zy = z.gather(1, ys.unsqueeze(1)).squeeze(1)
+    zy = z.gather(1, ys.clamp(min=0).unsqueeze(1)).squeeze(1)
     eps = opts.label_smoothing
     loss = (1.0 - eps) * (lse - zy)
     if eps > 0:
@@ -111,9 +143,10 @@ def _ce_grad_(p: Tensor, lse: Tensor, ys: Tensor, coef: Tensor, opts: CEOptions)
     eps, V = opts.label_smoothing, p.shape[1]
     if opts.z_loss > 0:
         p.mul_((1.0 + 2.0 * opts.z_loss * lse).unsqueeze(1))
-    p.scatter_add_(1, ys.unsqueeze(1), torch.full_like(lse, -(1.0 - eps)).unsqueeze(1))
+    hot = (ys >= 0).to(p.dtype)
+    p.scatter_add_(1, ys.clamp(min=0).unsqueeze(1), (hot * -(1.0 - eps)).unsqueeze(1))
     if eps > 0:
-        p.sub_(eps / V)
+        p.sub_(eps / (opts.vocab_total or V))
     return p.mul_(coef.unsqueeze(1))
 
 
@@ -134,6 +167,8 @@ def ce_forward_backward(
     coef: Optional[Tensor] = None, dx_out=None, dw_out=None, db_out=None,
 ) -> Tuple[Tensor, Tensor]:
     """CE forward over chunks; with ``coef`` also the gradient (backends.py contract) in the same pass."""
+    if use_ext(x):
+        return _ce_ext(x, w, b, y, opts, None, coef, dx_out, dw_out, db_out)
     N, V = x.shape[0], w.shape[0]
     loss = torch.empty(N, dtype=acc_dtype(x), device=x.device)
     lse_all = torch.empty(N, dtype=acc_dtype(x), device=x.device)
@@ -165,6 +200,9 @@ def ce_forward(x, w, b, y, opts: CEOptions):
 
 
 def ce_backward(x, w, b, y, lse, coef, opts: CEOptions, dx_out, dw_out, db_out) -> None:
+    if use_ext(x):
+        _ce_ext(x, w, b, y, opts, lse, coef, dx_out, dw_out, db_out)
+        return
     N, V = x.shape[0], w.shape[0]
     w32, b32 = _f32(w), _f32(b)
     C = chunk_rows(N, V, K_CE, opts.chunk_bytes)
@@ -173,7 +211,7 @@ def ce_backward(x, w, b, y, lse, coef, opts: CEOptions, dx_out, dw_out, db_out) 
         rows = slice(s, min(N, s + C))
         x32 = _f32(x[rows])
         z = _logits(x32, w32, b32, opts.softcap)
-        ys = torch.where(valid[rows], y[rows], torch.zeros_like(y[rows]))
+        ys = _safe_targets(y[rows], V, opts.ignore_index)
         dz = _softcap_grad_(_ce_grad_(_softmax_(z, lse[rows], opts.softcap), lse[rows], ys, coef[rows], opts), z, opts.softcap)
         _grad_gemms(dz, x32, w32, rows, dx_out, dw_out, db_out)
         del z, dz
@@ -207,8 +245,8 @@ def _pair_chunk(
     else:
         stats, ce_p, ce_q = stats_in, None, None
         if opts.with_ce:
-            ysp = torch.where(yp != ce.ignore_index, yp, torch.zeros_like(yp))
-            ysq = torch.where(yq != ce.ignore_index, yq, torch.zeros_like(yq))
+            ysp = _safe_targets(yp, za.shape[1], ce.ignore_index)
+            ysq = _safe_targets(yq, zb.shape[1], ce.ignore_index)
 
     # divergence on a = za/τ, b = zb/τ (scaled in place; za = τ·a is recovered where needed)
     if tau != 1.0:
@@ -239,12 +277,12 @@ def _pair_chunk(
         if div == "sce":
             X, Y = _rowdot(p, b), _rowdot(q, a)
         elif div == "kl":
-            X, Y = _rowdot(p, u), _rowdot(p, torch.expm1(-u))
+            X, Y = _rowdot(p, u), _rowdot(p, torch.expm1((-u).clamp_(max=EXPM1_CLAMP)))
         elif div == "kl_reverse":
-            X, Y = _rowdot(q, torch.expm1(u)), _rowdot(q, u)
+            X, Y = _rowdot(q, torch.expm1(u.clamp(max=EXPM1_CLAMP))), _rowdot(q, u)
         elif div == "sym_kl":
             X, Y = _rowdot(p, u), _rowdot(q, u)
-            stats[:, STAT_X2], stats[:, STAT_Y2] = _rowdot(p, torch.expm1(-u)), _rowdot(q, torch.expm1(u))
+            stats[:, STAT_X2], stats[:, STAT_Y2] = _rowdot(p, torch.expm1((-u).clamp_(max=EXPM1_CLAMP))), _rowdot(q, torch.expm1(u.clamp(max=EXPM1_CLAMP)))
         else:  # js
             X, Y = _rowdot(p, lp), _rowdot(q, lq)
         stats[:, STAT_X], stats[:, STAT_Y] = X, Y
@@ -313,6 +351,10 @@ def pair_forward_backward(
     dxp_out=None, dxq_out=None, dw_out=None, db_out=None, stats_in=None,
 ):
     """Pair forward over chunks; with ``coef_div`` also the gradient in the same pass (contract)."""
+    if use_ext(xp):
+        return _pair_ext(
+            xp, xq, w, b, yp, yq, opts, coef_ce_p, coef_ce_q, coef_div, dxp_out, dxq_out, dw_out, db_out, stats_in
+        )
     N, V = xp.shape[0], w.shape[0]
     zeros = torch.zeros(N, dtype=acc_dtype(xp), device=xp.device)
     ce_p, ce_q = (torch.empty_like(zeros), torch.empty_like(zeros)) if opts.with_ce else (zeros, zeros)
@@ -364,3 +406,101 @@ def pair_backward(
         xp, xq, w, b, yp, yq, opts, coef_ce_p, coef_ce_q, coef_div, dxp_out, dxq_out, dw_out, db_out,
         stats_in=stats,
     )
+
+
+# ---------------------------------------------------------------------------- compiled path (_C)
+#
+# Same chunk loop, but one reusable fp32 [C, V] buffer per view: the GEMM writes raw logits into it
+# (bias included), one lsa_kernels._C op applies the softcap, reduces each row to its statistics and
+# — given the coefficients — overwrites it with dz, which the gradient GEMMs then read. No other
+# [C, V] tensor exists (K_CE_EXT = 1, K_PAIR_EXT = 2), so a chunk is K_CE/K_CE_EXT = 3x (CE) and
+# K_PAIR/K_PAIR_EXT = 4.5x (pairs) larger than on the ATen path for the same ``chunk_bytes``; without
+# ``chunk_bytes`` the default budget is the ATen path's (same memory, fewer and larger GEMMs).
+
+
+def _softcap_arg(opts: CEOptions) -> float:
+    return float(opts.softcap) if opts.has_softcap else 0.0
+
+
+def _logits_into(out: Tensor, x32: Tensor, w32: Tensor, b32: Optional[Tensor]) -> Tensor:
+    if b32 is not None:
+        return torch.addmm(b32, x32, w32.t(), out=out)
+    return torch.mm(x32, w32.t(), out=out)
+
+
+def _ce_ext(x, w, b, y, opts: CEOptions, lse_in, coef, dx_out, dw_out, db_out):
+    """CE over chunks on the compiled path: forward (``lse_in`` None), folded forward+backward
+    (``coef`` given) or backward from saved ``lse_in``."""
+    N, V = x.shape[0], w.shape[0]
+    loss = torch.empty(N, dtype=torch.float32, device=x.device)
+    lse_all = torch.empty(N, dtype=torch.float32, device=x.device)
+    w32, b32 = _f32(w), _f32(b)
+    C = chunk_rows(N, V, K_CE_EXT, opts.chunk_bytes, default_k=K_CE)
+    zbuf = torch.empty(min(C, N), V, dtype=torch.float32, device=x.device)
+    ops = _ext.ops()
+    cap = _softcap_arg(opts)
+    for s in range(0, N, C):
+        rows = slice(s, min(N, s + C))
+        x32 = _f32(x[rows])
+        z = _logits_into(zbuf[: x32.shape[0]], x32, w32, b32)
+        lr, lsr = ops.ce_chunk(
+            z, y[rows], None if lse_in is None else lse_in[rows], None if coef is None else coef[rows],
+            opts.ignore_index, opts.label_smoothing, opts.z_loss, cap, opts.vocab_total or 0,
+        )
+        if lse_in is None:
+            loss[rows] = lr
+            lse_all[rows] = lsr
+        if coef is not None:
+            _grad_gemms(z, x32, w32, rows, dx_out, dw_out, db_out)
+    return loss, lse_all
+
+
+def _pair_ext(xp, xq, w, b, yp, yq, opts: PairOptions, coef_ce_p, coef_ce_q, coef_div,
+              dxp_out, dxq_out, dw_out, db_out, stats_in):
+    N, V = xp.shape[0], w.shape[0]
+    f32 = dict(dtype=torch.float32, device=xp.device)
+    ce_p = torch.empty(N, **f32) if opts.with_ce else torch.zeros(N, **f32)
+    ce_q = torch.empty(N, **f32) if opts.with_ce else torch.zeros(N, **f32)
+    stats = stats_in if stats_in is not None else torch.empty(N, N_PAIR_STATS, **f32)
+    w32, b32 = _f32(w), _f32(b)
+    C = chunk_rows(N, V, K_PAIR_EXT, opts.ce.chunk_bytes, default_k=K_PAIR)
+    za_buf = torch.empty(min(C, N), V, **f32)
+    zb_buf = torch.empty(min(C, N), V, **f32)
+    with_grad = coef_div is not None
+    has_dz_p = with_grad and (opts.with_ce or opts.grad_p)
+    has_dz_q = with_grad and (opts.with_ce or opts.grad_q)
+    ce = opts.ce
+    ops = _ext.ops()
+    cap = _softcap_arg(ce)
+    code = _ext.DIVERGENCE_CODES[opts.divergence]
+    use_y = opts.with_ce
+
+    def sl(t, rows):
+        return None if t is None else t[rows]
+
+    for s in range(0, N, C):
+        rows = slice(s, min(N, s + C))
+        xp32, xq32 = _f32(xp[rows]), _f32(xq[rows])
+        c = xp32.shape[0]
+        za = _logits_into(za_buf[:c], xp32, w32, b32)
+        zb = _logits_into(zb_buf[:c], xq32, w32, b32)
+        cp, cq, st = ops.pair_chunk(
+            za, zb, sl(yp, rows) if use_y else None, sl(yq, rows) if use_y else None, sl(stats_in, rows),
+            sl(coef_ce_p, rows) if with_grad else None, sl(coef_ce_q, rows) if with_grad else None,
+            sl(coef_div, rows), code, float(opts.temperature), opts.grad_p, opts.grad_q, opts.with_ce,
+            ce.ignore_index, ce.label_smoothing, ce.z_loss, cap, ce.vocab_total or 0,
+        )
+        if stats_in is None:
+            stats[rows] = st
+            if opts.with_ce:
+                ce_p[rows], ce_q[rows] = cp, cq
+        if has_dz_p:
+            _grad_gemms(za, xp32, w32, rows, dxp_out, dw_out, db_out)
+        elif dxp_out is not None:
+            dxp_out[rows].zero_()
+        if has_dz_q:
+            _grad_gemms(zb, xq32, w32, rows, dxq_out, dw_out, db_out)
+        elif dxq_out is not None:
+            dxq_out[rows].zero_()
+    div = divergence_from_stats(stats, opts.divergence)
+    return ce_p, ce_q, div, stats

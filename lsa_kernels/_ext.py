@@ -1,0 +1,104 @@
+"""The compiled CPU kernels ``lsa_kernels._C`` (csrc/): loading, an off switch, and fake impls.
+
+``available()`` is True when the extension is built, importable and not disabled. When it is not built
+the package warns once ("lsa_kernels._C not built; using the chunked ATen path") and the cpu backend
+runs its ATen code. Disable it (to compare or to test the ATen path) with ``LSA_DISABLE_EXT=1`` in the
+environment, or for a block of code with ``with lsa_kernels._ext.disable(): ...``.
+
+The kernels are torch custom ops (``torch.ops.lsa_kernels.ce_chunk`` / ``pair_chunk``, schemas in
+csrc/lsa_cpu.cpp) with fake (meta) implementations registered here, so torch.compile treats them as
+opaque ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+MISSING_MESSAGE = "lsa_kernels._C not built; using the chunked ATen path"
+
+DIVERGENCE_CODES = {"sce": 0, "kl": 1, "kl_reverse": 2, "sym_kl": 3, "js": 4}
+
+_module = None
+_load_error: Exception | None = None
+_tried = False
+_warned = False
+_disabled = os.environ.get("LSA_DISABLE_EXT", "0") not in ("", "0")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("lsa_kernels::ce_chunk")
+    def _ce_chunk_fake(z, y, lse, coef, ignore_index, label_smoothing, z_loss, softcap, vocab_total=0):
+        C = z.shape[0]
+        return z.new_empty(C), z.new_empty(C)
+
+    @torch.library.register_fake("lsa_kernels::pair_chunk")
+    def _pair_chunk_fake(za, zb, yp, yq, stats, coef_ce_p, coef_ce_q, coef_div, divergence, temperature,
+                         grad_p, grad_q, with_ce, ignore_index, label_smoothing, z_loss, softcap, vocab_total=0):
+        C = za.shape[0]
+        return za.new_empty(C), za.new_empty(C), za.new_empty(C, 8)
+
+    @torch.library.register_fake("lsa_kernels::fastmath")
+    def _fastmath_fake(x, which):
+        return torch.empty_like(x, dtype=torch.float32)
+
+
+def _load():
+    global _module, _load_error, _tried
+    if _tried:
+        return _module
+    _tried = True
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.lsa_kernels.*)
+
+        _register_fakes()
+        _module = _C
+    except Exception as exc:  # not built, or built against another torch
+        _load_error = exc
+        _module = None
+    return _module
+
+
+def built() -> bool:
+    """True when ``lsa_kernels._C`` imports (whether or not it is disabled)."""
+    return _load() is not None
+
+
+def available() -> bool:
+    """True when the cpu backend should call the compiled kernels (built and not disabled)."""
+    global _warned
+    if _disabled:
+        return False
+    if _load() is None:
+        if not _warned:
+            _warned = True
+            detail = f" ({_load_error})" if _load_error is not None and not isinstance(_load_error, ImportError) else ""
+            warnings.warn(MISSING_MESSAGE + detail, RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def simd() -> str | None:
+    """The vector ISA the extension was compiled for ('avx512', 'avx2', 'sse2'), or None if not built."""
+    m = _load()
+    return None if m is None else getattr(m, "simd", None)
+
+
+@contextlib.contextmanager
+def disable(flag: bool = True):
+    """Within the block, the cpu backend uses (``flag=True``) or does not force off the ATen path."""
+    global _disabled
+    old = _disabled
+    _disabled = bool(flag)
+    try:
+        yield
+    finally:
+        _disabled = old
+
+
+def ops():
+    """``torch.ops.lsa_kernels`` (call only when :func:`available` is True)."""
+    return torch.ops.lsa_kernels

@@ -1,0 +1,368 @@
+"""The compiled cpu kernels (lsa_kernels._C) and the chunked ATen path, in one run.
+
+Every public-API test runs twice: ``ext`` (the C++ ops; skipped when the extension is not built) and
+``aten`` (extension switched off with ``lsa_kernels._ext.disable()``). Truth is the reference on fp64
+inputs; the cpu paths compute in fp32. Op-level tests call ``torch.ops.lsa_kernels.*`` directly.
+"""
+
+import itertools
+import math
+import warnings
+
+import pytest
+import torch
+
+import lsa_kernels as L
+from lsa_kernels import _ext, cpu
+from lsa_kernels import reference as R
+from lsa_kernels.options import DIVERGENCES
+
+from _util import IGN, assert_close_rule, grads, leaf, targets
+
+N, H, V = 37, 61, 1003
+needs_ext = pytest.mark.skipif(not _ext.built(), reason="lsa_kernels._C not built")
+
+
+@pytest.fixture(params=["ext", "aten"])
+def path(request):
+    if request.param == "ext" and not _ext.built():
+        pytest.skip("lsa_kernels._C not built")
+    with _ext.disable(request.param == "aten"):
+        yield request.param
+
+
+def _close(ours, truth, rtol=1e-5, atol_rel=1e-6, name=""):
+    """fp32 result vs fp64 truth: |ours - truth| <= rtol |truth| + atol_rel · max|truth|."""
+    ours, truth = ours.double(), truth.double()
+    scale = max(truth.abs().max().item(), 1e-30)
+    torch.testing.assert_close(ours, truth, rtol=rtol, atol=atol_rel * scale, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------- fast maths
+
+
+@needs_ext
+def test_fastmath_accuracy():
+    f = torch.ops.lsa_kernels.fastmath
+    for which, fn, lo, hi, ulps in [
+        (0, torch.exp, -87.0, 88.0, 2.0),
+        (1, torch.expm1, -80.0, 80.0, 2.0),
+        (1, torch.expm1, -1e-3, 1e-3, 2.0),
+        (2, torch.tanh, -20.0, 20.0, 3.0),
+        (2, torch.tanh, -1e-3, 1e-3, 3.0),
+        (3, torch.log1p, 0.0, 1.0, 3.0),
+    ]:
+        x = torch.linspace(lo, hi, 200_001)
+        out, truth = f(x, which).double(), fn(x.double())
+        ulp = (truth.float().abs().clamp(min=1e-37) * 2.0**-23).double()
+        err = ((out - truth).abs() / ulp).max().item()
+        assert err <= ulps, (which, lo, hi, err)
+    # edges: exp underflows to 0 (not garbage), tanh saturates, log1p of tiny t is t
+    assert f(torch.tensor([-1e4, -100.0, -88.0]), 0).eq(0).all()
+    assert f(torch.tensor([-60.0, 60.0]), 2).tolist() == [-1.0, 1.0]
+    assert f(torch.tensor([1e-30]), 3).item() == pytest.approx(1e-30, rel=1e-6)
+    # expm1 clamps its argument at stats.EXPM1_CLAMP (finite, so p·expm1(-u) is never 0·inf)
+    assert f(torch.tensor([1e4]), 1).item() == pytest.approx(math.expm1(L.stats.EXPM1_CLAMP), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------- op level
+
+
+def _ce_truth(z, y, eps, zl, cap, coef):
+    """fp64 per-row loss, lse and coef ⊙ dℓ/dz_raw by autograd."""
+    zr = z.double().clone().requires_grad_(True)
+    zc = cap * torch.tanh(zr / cap) if cap > 0 else zr
+    loss = R.cross_entropy_from_logits(zc, y, ignore_index=IGN, label_smoothing=eps, z_loss=zl)
+    (g,) = torch.autograd.grad((loss * coef.double()).sum(), zr)
+    return loss.detach(), torch.logsumexp(zc, -1).detach(), g
+
+
+@needs_ext
+@pytest.mark.parametrize("eps,zl,cap", [(0.0, 0.0, 0.0), (0.1, 1e-3, 0.0), (0.0, 0.0, 3.0), (0.2, 1e-2, 5.0)])
+def test_ce_chunk_op(eps, zl, cap):
+    z = torch.randn(N, V) * 3
+    y = targets((N,), V)
+    coef = torch.rand(N) * (y != IGN)
+    loss_t, lse_t, g_t = _ce_truth(z, y, eps, zl, cap, coef)
+    op = torch.ops.lsa_kernels.ce_chunk
+    zz = z.clone()
+    loss, lse = op(zz, y, None, None, IGN, eps, zl, cap)  # forward only: z is only softcapped
+    _close(loss, loss_t, name="loss")
+    _close(lse, lse_t, name="lse")
+    zz = z.clone()
+    loss2, _ = op(zz, y, None, coef, IGN, eps, zl, cap)  # folded forward + gradient
+    assert torch.equal(loss, loss2)
+    _close(zz, g_t, atol_rel=1e-6, name="dz")
+    zz = z.clone()
+    op(zz, y, lse_t.float(), coef, IGN, eps, zl, cap)  # backward from saved lse
+    _close(zz, g_t, atol_rel=1e-6, name="dz(lse)")
+    assert zz[y == IGN].eq(0).all() if not (coef[y == IGN] != 0).any() else True
+
+
+def _pair_truth(za, zb, yp, yq, div, tau, detach, with_ce, eps, zl, cap, cp, cq, cd):
+    a = za.double().clone().requires_grad_(True)
+    b = zb.double().clone().requires_grad_(True)
+    ac = cap * torch.tanh(a / cap) if cap > 0 else a
+    bc = cap * torch.tanh(b / cap) if cap > 0 else b
+    dv = R.divergence_from_logits(ac.detach() if detach == "p" else ac, bc.detach() if detach == "q" else bc, div, tau)
+    total = (dv * cd.double()).sum()
+    cep = ceq = None
+    if with_ce:
+        kw = dict(ignore_index=IGN, label_smoothing=eps, z_loss=zl)
+        cep = R.cross_entropy_from_logits(ac, yp, **kw)
+        ceq = R.cross_entropy_from_logits(bc, yq, **kw)
+        total = total + (cep * cp.double()).sum() + (ceq * cq.double()).sum()
+    ga, gb = torch.autograd.grad(total, [a, b], allow_unused=True)
+    return dv.detach(), cep, ceq, ga, gb
+
+
+@needs_ext
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("tau,detach,with_ce,cap", [(1.0, None, True, 0.0), (0.7, "p", True, 3.0),
+                                                     (2.0, "q", False, 0.0), (1.0, None, False, 4.0)])
+def test_pair_chunk_op(div, tau, detach, with_ce, cap):
+    eps, zl = (0.1, 1e-3) if with_ce else (0.0, 0.0)
+    za = torch.randn(N, V) * 2
+    zb = 0.6 * za + torch.randn(N, V)
+    yp, yq = targets((N,), V), targets((N,), V)
+    cp, cq = torch.rand(N) * (yp != IGN), torch.rand(N) * (yq != IGN)
+    cd = torch.rand(N)
+    dv_t, cep_t, ceq_t, ga_t, gb_t = _pair_truth(za, zb, yp, yq, div, tau, detach, with_ce, eps, zl, cap, cp, cq, cd)
+    op = torch.ops.lsa_kernels.pair_chunk
+    code = _ext.DIVERGENCE_CODES[div]
+    args = (code, tau, detach != "p", detach != "q", with_ce, IGN, eps, zl, cap)
+    a, b = za.clone(), zb.clone()
+    y_args = (yp, yq) if with_ce else (None, None)
+    ce_p, ce_q, st = op(a, b, *y_args, None, None, None, None, *args)
+    _close(L.stats.divergence_from_stats(st, div), dv_t, rtol=2e-5, name="div")
+    if with_ce:
+        _close(ce_p, cep_t, name="ce_p")
+        _close(ce_q, ceq_t, name="ce_q")
+    c_args = (cp, cq, cd) if with_ce else (None, None, cd)
+    a, b = za.clone(), zb.clone()
+    _, _, st2 = op(a, b, *y_args, None, *c_args, *args)  # folded
+    assert torch.equal(st, st2)
+    if with_ce or detach != "p":
+        _close(a, ga_t, atol_rel=2e-6, name="dz_p")
+    if with_ce or detach != "q":
+        _close(b, gb_t, atol_rel=2e-6, name="dz_q")
+    a, b = za.clone(), zb.clone()
+    op(a, b, *y_args, st, *c_args, *args)  # backward from saved statistics
+    if with_ce or detach != "p":
+        _close(a, ga_t, atol_rel=2e-6, name="dz_p(stats)")
+
+
+@needs_ext
+def test_opcheck_custom_ops():
+    """Schemas, fake impls and mutation annotations agree (what torch.compile relies on)."""
+    z = torch.randn(5, 17)
+    y = torch.tensor([0, 3, IGN, 16, 2])
+    coef = torch.rand(5)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.lsa_kernels.ce_chunk.default, (z, y, None, coef, IGN, 0.1, 0.0, 0.0),
+                          test_utils=utils)
+    za, zb = torch.randn(5, 17), torch.randn(5, 17)
+    torch.library.opcheck(
+        torch.ops.lsa_kernels.pair_chunk.default,
+        (za, zb, y, y, None, coef, coef, coef, 0, 1.0, True, True, True, IGN, 0.0, 0.0, 0.0),
+        test_utils=utils,
+    )
+
+
+@needs_ext
+def test_torch_compile_sees_opaque_ops():
+    op = torch.ops.lsa_kernels.ce_chunk
+
+    def f(z, y, coef):
+        loss, lse = op(z, y, None, coef, IGN, 0.0, 0.0, 0.0)
+        return loss.sum() + lse.sum()
+
+    z, y, coef = torch.randn(4, 33), torch.randint(0, 33, (4,)), torch.rand(4)
+    z1, z2 = z.clone(), z.clone()
+    out = torch.compile(f, backend="eager", fullgraph=True)(z1, y, coef)
+    assert torch.allclose(out, f(z2, y, coef))
+    assert torch.equal(z1, z2)
+
+
+# ------------------------------------------------------------------------ public API, both paths
+
+
+def test_path_selection_and_k(path):
+    x32, x64 = torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)
+    assert cpu.use_ext(x32) == (path == "ext")
+    assert not cpu.use_ext(x64)  # fp64 (gradcheck) always runs the ATen path
+    if path == "ext":
+        assert (cpu.k_buffers(False, x32), cpu.k_buffers(True, x32)) == (cpu.K_CE_EXT, cpu.K_PAIR_EXT) == (1, 2)
+    else:
+        assert (cpu.k_buffers(False, x32), cpu.k_buffers(True, x32)) == (cpu.K_CE, cpu.K_PAIR)
+    assert (cpu.k_buffers(False, x64), cpu.k_buffers(True, x64)) == (cpu.K_CE, cpu.K_PAIR)
+    # the chunk grows as K shrinks, for one budget
+    assert cpu.chunk_rows(10_000, 1000, 1, 8 << 20) > cpu.chunk_rows(10_000, 1000, 3, 8 << 20)
+
+
+CE_OPTS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=3.0),
+           dict(label_smoothing=0.2, z_loss=1e-2, softcap=5.0, bias=True)]
+
+
+@pytest.mark.parametrize("opt", CE_OPTS, ids=lambda o: "-".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_bytes", [None, 7 * V * 4 * 3])  # one chunk / several with a remainder
+def test_ce_vs_reference(path, opt, reduction, chunk_bytes):
+    opt = dict(opt)
+    bias = opt.pop("bias", False)
+    x, w = torch.randn(N, H), torch.randn(V, H) / H**0.5 * 2
+    b = torch.randn(V) * 0.1 if bias else None
+    y = targets((N,), V)
+    g_up = torch.rand(N, dtype=torch.float64) if reduction == "none" else None
+
+    def run(fn, dt, **kw):
+        ins = [leaf(x, dt), leaf(w, dt)] + ([leaf(b, dt)] if bias else [])
+        out = fn(ins[0], ins[1], y, linear_bias=ins[2] if bias else None, reduction=reduction, **opt, **kw)
+        s = (out.double() * g_up).sum() if g_up is not None else out.double()
+        return out, grads(s, ins)
+
+    t_out, t_g = run(R.linear_cross_entropy, torch.float64)
+    o_out, o_g = run(L.linear_cross_entropy, torch.float32, backend="cpu", chunk_bytes=chunk_bytes)
+    _close(o_out, t_out, name="loss")
+    for name, o, t in zip(["dx", "dw", "db"], o_g, t_g):
+        _close(o, t, rtol=1e-4, atol_rel=2e-6, name=name)
+
+
+def test_ce_backward_from_saved_lse(path):
+    """reduction='none' with a non-trivial upstream gradient takes the separate backward (saved lse)."""
+    x, w = torch.randn(N, H), torch.randn(V, H) / H**0.5
+    y = targets((N,), V)
+    xs, ws = leaf(x), leaf(w)
+    out = L.linear_cross_entropy(xs, ws, y, reduction="none", softcap=4.0, backend="cpu")
+    g = torch.rand(N)
+    out.backward(g)
+    xd, wd = leaf(x, torch.float64), leaf(w, torch.float64)
+    R.linear_cross_entropy(xd, wd, y, reduction="none", softcap=4.0).backward(g.double())
+    _close(xs.grad, xd.grad, rtol=1e-4, atol_rel=2e-6, name="dx")
+    _close(ws.grad, wd.grad, rtol=1e-4, atol_rel=2e-6, name="dw")
+
+
+def _views(B=2, T=19, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hl = torch.randn(B, T, H, generator=g)
+    hs = 0.7 * torch.randn(B, T, H, generator=g) + 0.7 * hl
+    w = torch.randn(V, H, generator=g) / H**0.5 * 2
+    b = torch.randn(V, generator=g) * 0.1 if bias else None
+    return hl, hs, w, b, targets((B, T), V, gen=g), targets((B, T), V, gen=g)
+
+
+def _ls_run(fn, hl, hs, w, b, yl, ys, dt, weights, **kw):
+    ins = [leaf(hl, dt), leaf(hs, dt), leaf(w, dt)] + ([leaf(b, dt)] if b is not None else [])
+    out = fn(ins[0], ins[1], ins[2], yl, ys, linear_bias=ins[3] if b is not None else None, **kw)
+    s = sum(c * o.double() for c, o in zip(weights, out))
+    return out, grads(s, ins)
+
+
+@pytest.mark.parametrize(
+    "divergence,detach,temperature",
+    list(itertools.product(DIVERGENCES, [None, "long", "short"], [1.0, 0.7])),
+)
+def test_long_short_vs_reference(path, divergence, detach, temperature):
+    # options vary with the case so that each meets every divergence
+    i = DIVERGENCES.index(divergence) + (detach is None)
+    extra = [dict(), dict(softcap=3.0, label_smoothing=0.1), dict(z_loss=1e-3, positions="last")][i % 3]
+    weights = (1.0, 0.0, 0.0) if temperature == 1.0 else (1.0, 0.5, 0.3)  # folded / recompute backward
+    hl, hs, w, b, yl, ys = _views(bias=(i % 2 == 0))
+    kw = dict(l_extra=5, alpha=0.3, divergence=divergence, detach=detach, temperature=temperature, **extra)
+    t_out, t_g = _ls_run(R.long_short_loss, hl, hs, w, b, yl, ys, torch.float64, weights, **kw)
+    rows = 11  # chunks of 11 pairs on either path: 28 pairs -> 3 chunks, one partial
+    chunk_bytes = rows * V * 4 * cpu.k_buffers(True, torch.empty(1))
+    o_out, o_g = _ls_run(L.long_short_loss, hl, hs, w, b, yl, ys, torch.float32, weights, backend="cpu",
+                         chunk_bytes=chunk_bytes, **kw)
+    for name, o, t in zip(["loss", "ce", "misalign"], o_out, t_out):
+        _close(o, t, rtol=2e-5, name=name)
+    for name, o, t in zip(["d_long", "d_short", "dw", "db"], o_g, t_g):
+        _close(o, t, rtol=1e-4, atol_rel=3e-6, name=name)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction,detach", [("mean", None), ("none", "p"), ("sum", "q")])
+def test_linear_divergence_vs_reference(path, divergence, reduction, detach):
+    hl, hs, w, _, _, _ = _views()
+    xp, xq = hl.reshape(-1, H), hs.reshape(-1, H)
+    mask = torch.rand(xp.shape[0]) < 0.8
+    g_up = torch.rand(xp.shape[0], dtype=torch.float64) if reduction == "none" else None
+
+    def run(fn, dt, **kw):
+        ins = [leaf(xp, dt), leaf(xq, dt), leaf(w, dt)]
+        out = fn(*ins, divergence=divergence, temperature=1.3, detach=detach, reduction=reduction, mask=mask,
+                 softcap=4.0, **kw)
+        s = (out.double() * g_up).sum() if g_up is not None else out.double()
+        return out, grads(s, ins)
+
+    t_out, t_g = run(R.linear_divergence, torch.float64)
+    o_out, o_g = run(L.linear_divergence, torch.float32, backend="cpu")
+    _close(o_out, t_out, rtol=2e-5, name="div")
+    for name, o, t in zip(["dxp", "dxq", "dw"], o_g, t_g):
+        _close(o, t, rtol=1e-4, atol_rel=3e-6, name=name)
+
+
+@pytest.mark.parametrize("divergence", ["sce", "kl", "js"])
+def test_bf16_rule(path, divergence):
+    """bf16 inputs: |ours - fp32 truth| <= |torch bf16 reference - fp32 truth| + tol (SPEC §7)."""
+    hl, hs, w, b, yl, ys = _views(bias=True)
+    dt = torch.bfloat16
+    hl, hs, w, b = (t.to(dt).float() for t in (hl, hs, w, b))
+    kw = dict(l_extra=4, divergence=divergence, temperature=0.8, softcap=5.0, label_smoothing=0.1)
+    truth = _ls_run(R.long_short_loss, hl, hs, w, b, yl, ys, torch.float64, (1.0, 0.0, 0.0), **kw)
+    same = _ls_run(R.long_short_loss, hl, hs, w, b, yl, ys, dt, (1.0, 0.0, 0.0), **kw)
+    ours = _ls_run(L.long_short_loss, hl, hs, w, b, yl, ys, dt, (1.0, 0.0, 0.0), backend="cpu", **kw)
+    for name, o, s, t in zip(["loss", "ce", "misalign"], ours[0], same[0], truth[0]):
+        assert o.dtype == dt
+        assert_close_rule(o, s, t, atol=2e-3, rtol=2e-3, name=name)
+    for name, o, s, t in zip(["d_long", "d_short", "dw", "db"], ours[1], same[1], truth[1]):
+        assert_close_rule(o, s, t, atol=2e-4, rtol=2e-3, name=name)
+    x, wc, y = hl.reshape(-1, H), w, yl.reshape(-1)
+    t_ce = _ce1(R.linear_cross_entropy, x, wc, y, torch.float64)
+    s_ce = _ce1(R.linear_cross_entropy, x, wc, y, dt)
+    o_ce = _ce1(L.linear_cross_entropy, x, wc, y, dt, backend="cpu")
+    for name, o, s, t in zip(["ce", "dx", "dw"], o_ce, s_ce, t_ce):
+        assert_close_rule(o, s, t, atol=2e-4, rtol=2e-3, name=name)
+
+
+def _ce1(fn, x, w, y, dt, **kw):
+    ins = [leaf(x, dt), leaf(w, dt)]
+    out = fn(*ins, y, softcap=4.0, z_loss=1e-3, **kw)
+    return [out] + grads(out.double(), ins)
+
+
+def test_paths_agree(path):
+    """ext and aten give the same result to fp32 rounding (a direct cross-check, no reference)."""
+    hl, hs, w, b, yl, ys = _views(bias=True)
+    kw = dict(l_extra=6, divergence="sym_kl", temperature=1.5, softcap=3.0, z_loss=1e-3, backend="cpu")
+    ours = _ls_run(L.long_short_loss, hl, hs, w, b, yl, ys, torch.float32, (1.0, 0.2, 0.0), **kw)
+    with _ext.disable(True):
+        other = _ls_run(L.long_short_loss, hl, hs, w, b, yl, ys, torch.float32, (1.0, 0.2, 0.0), **kw)
+    for o, t in zip(list(ours[0]) + ours[1], list(other[0]) + other[1]):
+        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-6)
+
+
+def test_missing_extension_warns_once(monkeypatch):
+    monkeypatch.setattr(_ext, "_tried", True)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_load_error", ImportError("no _C"))
+    monkeypatch.setattr(_ext, "_warned", False)
+    monkeypatch.setattr(_ext, "_disabled", False)
+    with pytest.warns(RuntimeWarning, match=r"lsa_kernels\._C not built; using the chunked ATen path"):
+        assert not _ext.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _ext.available()  # once only
+        x, w, y = torch.randn(3, 5), torch.randn(7, 5), torch.tensor([1, 2, 3])
+        out = L.linear_cross_entropy(x, w, y, backend="cpu")  # the ATen path runs
+    assert math.isfinite(out.item())
+
+
+def test_disable_switch_restores():
+    before = _ext.available() if _ext.built() else False
+    with _ext.disable():
+        assert not _ext.available()
+        with _ext.disable(False):
+            assert _ext.available() == _ext.built()
+        assert not _ext.available()
+    assert _ext.available() == before
