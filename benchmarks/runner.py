@@ -44,7 +44,7 @@ COLUMNS = [
     "device", "op", "divergence", "impl", "mode", "dtype", "N", "H", "V",
     "status", "reason",
     "time_ms", "time_ms_min", "time_ms_max", "time_ms_first", "repeats",
-    "peak_mem_mb", "base_mem_mb", "mem_method",
+    "peak_mem_mb", "peak_mem_first_mb", "base_mem_mb", "mem_method",
     "loss", "note",
     "threads", "cpu_model", "gpu_name", "torch", "triton", "loadavg_1m", "wall_s", "timestamp",
 ]
@@ -213,10 +213,28 @@ def run_child(case_dict: Dict, settings: Dict) -> Dict:
             prep.step()
             return time.perf_counter() - t0
 
-    warm_times = []
-    for _ in range(max(0, int(settings["warmup"]))):
+    def mem_begin():
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated(), True
+        _malloc_trim()
+        return (_status_kb("VmRSS") or 0) * 1024, _reset_hwm()
+
+    def mem_end():
+        return torch.cuda.max_memory_allocated() if cuda else (_status_kb("VmHWM") or 0) * 1024
+
+    # first call: its peak counts caches/workspaces an implementation keeps between calls (and one-time
+    # init such as compilation), which the steady-state measurement below cannot see
+    warm_times, first_peak = [], float("nan")
+    for i in range(max(0, int(settings["warmup"]))):
         prep.reset()
+        if i == 0:
+            base0, reset_ok = mem_begin()
         warm_times.append(timed())
+        if i == 0 and reset_ok:
+            first_peak = max(0, mem_end() - base0) / 2**20
     t_ref = warm_times[-1] if warm_times else None
     if t_ref is None or t_ref <= 0:
         n_rep = int(settings["min_repeats"])
@@ -264,6 +282,7 @@ def run_child(case_dict: Dict, settings: Dict) -> Dict:
         "repeats": len(times),
         "peak_mem_mb": max(mems) / 2**20 if mems else float("nan"),
         "base_mem_mb": min(bases) / 2**20 if bases else float("nan"),
+        "peak_mem_first_mb": first_peak,
         "mem_method": method,
         "loss": loss,
         "note": prep.note,
@@ -338,33 +357,55 @@ def _fmt(v):
     return v
 
 
+def _row_key(r: Dict) -> tuple:
+    return tuple(str(r.get(k, "")) for k in ("device", "op", "divergence", "impl", "mode", "dtype", "N", "H", "V"))
+
+
 class CsvSink:
     """One CSV per op, rewritten at the start of a run and appended row by row."""
 
-    def __init__(self, out_dir: Path, tag: str, ops: Iterable[str]):
+    def __init__(self, out_dir: Path, tag: str, ops: Iterable[str], resume: bool = False):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.paths = {op: out_dir / f"{tag}_{op}.csv" for op in ops}
+        self.done: Dict[tuple, Dict] = {}  # resume: finished rows (ok / skip) kept from an earlier run
         for p in self.paths.values():
+            kept = []
+            if resume and p.exists():
+                with open(p, newline="") as f:
+                    kept = [r for r in csv.DictReader(f) if r.get("status") in ("ok", "skip")]
             with open(p, "w", newline="") as f:
-                csv.DictWriter(f, COLUMNS).writeheader()
+                w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+                w.writeheader()
+                for r in kept:
+                    w.writerow({k: r.get(k, "") for k in COLUMNS})
+                    self.done[_row_key(r)] = r
 
     def add(self, row: Dict) -> None:
         with open(self.paths[row["op"]], "a", newline="") as f:
             csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
 
 
-def run_cases(cases, out_dir: Path, tag: str, settings: Settings, progress: bool = True) -> List[Dict]:
+def run_cases(cases, out_dir: Path, tag: str, settings: Settings, progress: bool = True,
+              resume: bool = False) -> List[Dict]:
     """Run every case (skips recorded as rows too), write ``{out_dir}/{tag}_{op}.csv`` and the machine
-    sidecar ``{tag}_machine.json``; returns the rows."""
+    sidecar ``{tag}_machine.json``; returns the rows. ``resume`` keeps the ok/skip rows already in
+    those CSVs and runs only the other cases."""
     cases = list(cases)
     device = cases[0].device if cases else "cpu"
     info = machine_info(device)
     out_dir = Path(out_dir)
-    sink = CsvSink(out_dir, tag, sorted({c.op for c in cases}))
+    sink = CsvSink(out_dir, tag, sorted({c.op for c in cases}), resume=resume)
+    if sink.done:
+        done = [c for c in cases if _row_key(c.to_dict()) in sink.done]
+        rows_done = [sink.done[_row_key(c.to_dict())] for c in done]
+        cases = [c for c in cases if _row_key(c.to_dict()) not in sink.done]
+        print(f"resume: {len(done)} cases already in the CSVs, {len(cases)} to run", flush=True)
+    else:
+        rows_done = []
     with open(out_dir / f"{tag}_machine.json", "w") as f:
         json.dump(info, f, indent=2)
     common = {k: info.get(k, "") for k in ("cpu_model", "gpu_name", "torch", "triton")}
-    rows: List[Dict] = []
+    rows: List[Dict] = list(rows_done)
     t_start = time.time()
     try:
         from tqdm import tqdm
@@ -387,6 +428,9 @@ def run_cases(cases, out_dir: Path, tag: str, settings: Settings, progress: bool
                 row.setdefault("threads", "")
             sink.add(row)
             rows.append(row)
+    log_path = out_dir / f"{tag}_errors.log"
+    if log_path.exists() and log_path.stat().st_size == 0:
+        log_path.unlink()
     return rows
 
 

@@ -1,0 +1,94 @@
+"""The benchmark harness runs end to end on tiny shapes (< 60 s): one fresh process per case, a CSV with
+the documented columns, finite positive numbers, a summary with the goal lines. No timing assertions."""
+
+import csv
+import math
+
+import pytest
+
+from benchmarks import cases as C
+from benchmarks.report import goal_lines, read_rows, write_report
+from benchmarks.runner import COLUMNS, Settings, run_cases
+
+TINY = dict(mode="fwd_bwd", dtype="fp32", N=64, H=32, V=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cases = [
+        C.Case("ce", "lsa_cpu", **TINY),
+        C.Case("ce", "naive", **TINY),
+        C.Case("ce", "gemm", **TINY),
+        C.Case("ce", "liger", **TINY),  # GPU only: a skip row, no process
+    ]
+    s = Settings(warmup=1, min_repeats=2, max_repeats=2, budget_s=0.01, case_timeout_s=50)
+    rows = run_cases(cases, out, "t", s, progress=False)
+    return out, rows
+
+
+def test_csv_columns_and_numbers(tiny_run):
+    out, rows = tiny_run
+    with open(out / "t_ce.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        got = list(reader)
+    assert [r["impl"] for r in got] == ["lsa_cpu", "naive", "gemm", "liger"]
+    for r in got[:3]:
+        assert r["status"] == "ok", r
+        for k in ("time_ms", "time_ms_min", "time_ms_max", "time_ms_first"):
+            v = float(r[k])
+            assert math.isfinite(v) and v > 0, (k, r)
+        assert int(r["repeats"]) == 2
+        mem = float(r["peak_mem_mb"])
+        assert math.isfinite(mem) and mem >= 0
+        assert r["mem_method"] in ("vmhwm_reset", "ru_maxrss")
+        assert r["cpu_model"] and r["torch"]
+    assert got[3]["status"] == "skip" and "GPU" in got[3]["reason"]
+    # same inputs, same loss
+    l_ours, l_naive = float(got[0]["loss"]), float(got[1]["loss"])
+    assert math.isfinite(l_ours) and abs(l_ours - l_naive) < 1e-4 * max(1.0, abs(l_naive))
+    assert (out / "t_machine.json").exists()
+
+
+def test_report(tiny_run):
+    out, _ = tiny_run
+    md, goals = write_report(out, "t")
+    text = md.read_text()
+    assert "| lsa_cpu |" in text and "×gemm" in text
+    assert len(goals) == 2 and all("N/A" in g for g in goals)  # tiny shapes are not the goal shapes
+
+
+def test_goal_lines_pass_miss():
+    def row(op, impl, t, mem, div=""):
+        g = C.GOAL_CE if op == "ce" else C.GOAL_LS
+        return dict(op=op, impl=impl, divergence=div, dtype="fp32", mode="fwd_bwd", N=g["N"], H=g["H"], V=g["V"],
+                    status="ok", time_ms=t, peak_mem_mb=mem)
+
+    rows = [row("ce", "lsa_cpu", 110, 100), row("ce", "gemm", 100, 0), row("ce", "torch_chunked", 500, 600),
+            row("long_short", "lsa_cpu", 200, 300, "sce"), row("long_short", "gemm", 100, 0, "sce"),
+            row("long_short", "naive", 300, 6000, "sce")]
+    lines = goal_lines(rows)
+    assert "PASS" in lines[0] and "PASS" in lines[1]  # 1.10x <= 1.2x ; 100 MB <= 600 MB
+    assert "MISS" in lines[2] and "PASS" in lines[3]  # 2.0x > 1.25x ; 20x less memory
+
+
+def test_case_lists():
+    full = C.build_cases("cpu")
+    goal_ce = C.Case("ce", "lsa_cpu", "fwd_bwd", "fp32", 4096, 512, 32768)
+    goal_ls = C.Case("long_short", "lsa_cpu", "fwd_bwd", "fp32", 4096, 512, 32768, "sce")
+    assert full[0] == goal_ce and goal_ls in full
+    assert {c.divergence for c in full if c.op == "long_short"} >= {"sce", "kl", "sym_kl", "js"}
+    quick = C.build_cases("cpu", quick=True, dtypes=["fp32"])
+    assert {c.divergence for c in quick if c.op == "long_short"} == {"sce"}
+    assert {c.impl for c in quick} >= {"lsa_cpu", "naive", "torch_chunked", "cce", "gemm"}
+    assert C.skip_reason(C.Case("ce", "liger", **TINY))
+    assert C.skip_reason(C.Case("long_short", "torch_chunked", **TINY, divergence="sce"))
+    assert C.Case.from_dict(goal_ls.to_dict()) == goal_ls
+    assert read_rows([]) == []
+
+
+def test_correctness_smoke():
+    """The GPU correctness check's code path, on CPU tensors and tiny shapes (backend="cpu")."""
+    res = C.correctness("cpu", quick=True)
+    assert len(res) == 4 and all(r["ok"] for r in res), res
