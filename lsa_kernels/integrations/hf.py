@@ -227,7 +227,9 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """``model(input_ids, labels=labels).loss`` with the fused CE (labels shifted here, as transformers does).
 
-    ``loss_kw`` go to :func:`lsa_kernels.functional.linear_cross_entropy` (``label_smoothing``, ``z_loss``, ...).
+    ``loss_kw`` go to :func:`lsa_kernels.functional.linear_cross_entropy` (``label_smoothing``, ``z_loss``, ...),
+    including ``process_group=, vocab_start=`` when the model's output embedding holds only this rank's rows
+    ``W[vocab_start : vocab_start + V_r]`` of a vocab-parallel head (labels stay global ids).
     """
     head = output_head(model)
     h = hidden_states(model, input_ids, attention_mask)
@@ -255,7 +257,8 @@ def long_short_step(
     token gives the last row its target); each view's inputs are ``view[:, :-1]`` and its targets
     ``view[:, 1:]``. Both views run through the decoder in ONE batched call (so DDP sees one forward),
     then :func:`lsa_kernels.functional.long_short_loss` pairs ``h_long[:, l_extra + i] <-> h_short[:, i]``.
-    ``loss_kw``: ``temperature``, ``detach``, ``positions``, ``label_smoothing``, ``z_loss``.
+    ``loss_kw``: ``temperature``, ``detach``, ``positions``, ``label_smoothing``, ``z_loss``, and
+    ``process_group``, ``vocab_start`` for a vocab-sharded output embedding (as in :func:`causal_lm_loss`).
     """
     head = output_head(model)
     long, short = make_views(window, l_extra)
@@ -275,7 +278,9 @@ class LongShortObjective(nn.Module):
     ``forward(window, l_extra, alpha)``: with ``alpha > 0`` the long-short loss on both views of a window
     ``[B, l_train + l_extra + 1]``; with ``alpha == 0`` plain CE on one view: ``window`` is then
     ``[B, l_train + 1]`` and ``l_extra`` is ignored (the baseline).
-    Returns :class:`LongShortLoss` (``misalign`` is 0 on the CE path).
+    Returns :class:`LongShortLoss` (``misalign`` is 0 on the CE path). ``loss_kw`` go to
+    :func:`long_short_step`; ``label_smoothing``, ``z_loss``, ``process_group`` and ``vocab_start`` also to
+    the CE path.
     """
 
     def __init__(self, model: nn.Module, *, divergence: str = "sce", backend: str = "auto", **loss_kw):
@@ -290,7 +295,8 @@ class LongShortObjective(nn.Module):
             head = output_head(self.model)
             view = window
             h, b = head.prepare(hidden_states(self.model, view[:, :-1]))
-            ce_kw = {k: v for k, v in self.loss_kw.items() if k in ("label_smoothing", "z_loss")}
+            ce_kw = {k: v for k, v in self.loss_kw.items()
+                     if k in ("label_smoothing", "z_loss", "process_group", "vocab_start")}
             ce = linear_cross_entropy(
                 h, head.weight, view[:, 1:], linear_bias=b, softcap=head.softcap, backend=self.backend, **ce_kw
             )

@@ -53,7 +53,8 @@ def save_checkpoint(out: str, step: int, model, optimizer, config: dict, tokeniz
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_path and os.path.isfile(tokenizer_path):
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        osd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: already assembled
+        torch.save(osd, os.path.join(tmp, "optimizer.pt"))
         rng = {
             "step": step,
             "torch": torch.get_rng_state(),
@@ -88,10 +89,14 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return d if os.path.isfile(os.path.join(d, "trainer.pt")) else None
 
 
-def load_trainer_state(ckpt: str, optimizer=None) -> int:
-    """Restore optimizer and RNG states from ``ckpt``; returns the step to continue from."""
+def load_trainer_state(ckpt: str, optimizer=None, transform=None) -> int:
+    """Restore optimizer and RNG states from ``ckpt``; returns the step to continue from.
+
+    ``transform(state_dict) -> state_dict`` is applied to the saved optimizer state before loading it
+    (tensor parallelism slices the head's rows out of the full state)."""
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False))
+        osd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False)
+        optimizer.load_state_dict(transform(osd) if transform is not None else osd)
     st = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
     torch.set_rng_state(st["torch"])
     if st.get("cuda") is not None and torch.cuda.is_available():

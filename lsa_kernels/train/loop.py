@@ -3,6 +3,7 @@
     python -m lsa_kernels.train.loop --alpha 0.1 --steps 300 --out runs/lsa
     python -m lsa_kernels.train.loop --alpha 0   --steps 300 --out runs/ce       # the plain-CE baseline
     torchrun --nproc_per_node 2 -m lsa_kernels.train.loop ...                      # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --tensor-parallel 2 ...  # LM head sharded over the vocab
 
 Each step draws ``l_extra ~ U{1..l_train/2}`` and a batch of windows of ``l_train + l_extra + 1``
 tokens; the model sees both views (long = first ``l_train`` tokens, short = last ``l_train``) in one
@@ -48,6 +49,10 @@ class TrainConfig:
     detach: Optional[str] = None
     positions: str = "overlap"
     backend: str = "auto"
+    # parallelism: N > 1 shards the LM head over the vocabulary across N processes (torchrun, world = N);
+    # it unties the embeddings (as --untie-embeddings does); see tensor_parallel.py
+    tensor_parallel: int = 1
+    untie_embeddings: bool = False
     # optimisation
     steps: int = 300
     batch_size: int = 8
@@ -92,6 +97,20 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.tensor_parallel < 1:
+        raise ConfigError(f"--tensor-parallel must be >= 1, got {cfg.tensor_parallel}")
+    if cfg.tensor_parallel > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != cfg.tensor_parallel:
+            raise ConfigError(
+                f"--tensor-parallel {cfg.tensor_parallel} shards the LM head over exactly {cfg.tensor_parallel} "
+                f"processes, but the world size is {world}: launch with torchrun --nproc_per_node "
+                f"{cfg.tensor_parallel} (tensor parallelism combined with data parallelism is not supported)"
+            )
+        if cfg.backend == "reference":
+            raise ConfigError("--tensor-parallel needs a fused backend (--backend auto, cpu or triton), not reference")
+        if cfg.alpha > 0 and cfg.divergence == "js":
+            raise ConfigError("--divergence js is not supported with --tensor-parallel (use sce, kl, kl_reverse or sym_kl)")
     if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
         raise ConfigError(f"--model {cfg.model!r}: no transformers model there (expected a directory with config.json)")
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
@@ -185,12 +204,14 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     from ..integrations.hf import LongShortObjective, output_head
+    from . import tensor_parallel as TP
     from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
     from .data import DataError, WindowSampler, load_corpus, load_tokenizer
 
     validate(cfg)
     _quiet_transformers()
     rank, world, local_rank = _dist()
+    tp = cfg.tensor_parallel > 1  # validate() made sure world == tensor_parallel
     device = torch.device(cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -201,7 +222,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         tok = load_tokenizer(tok_path)
         corpus = load_corpus(tok, "train", cfg.train_files or None)
-        sampler = WindowSampler(corpus, seed=cfg.seed, rank=rank)
+        sampler = WindowSampler(corpus, seed=cfg.seed, rank=0 if tp else rank)  # TP: every rank, the same batch
         sampler.check(cfg.l_train + (cfg.l_train // 2 if cfg.alpha > 0 else 0) + 1)
     except DataError as e:
         raise ConfigError(str(e)) from None
@@ -210,6 +231,19 @@ def train(cfg: TrainConfig) -> dict:
     npos = max_positions(model)
     if npos is not None and cfg.l_train > npos:
         raise ConfigError(f"--l-train {cfg.l_train} exceeds the model's {npos} positions (max_position_embeddings)")
+    shard = None
+    if tp or cfg.untie_embeddings:
+        if TP.is_tied(model):
+            if ckpt:
+                raise ConfigError(f"--resume: {ckpt!r} was trained with tied embeddings; --tensor-parallel / "
+                                  f"--untie-embeddings need untied ones: start a new run with --model {ckpt}")
+            TP.untie_embeddings(model)
+            if rank == 0:  # printed even with --quiet: the saved model differs in structure from the input
+                print("lsa train: untying the input and output embeddings (the head starts as a copy of the "
+                      f"embedding matrix){' so that the head can be sharded over the vocabulary' if tp else ''}",
+                      file=sys.stderr)
+        if tp:
+            shard = TP.shard_head(model)  # this rank's rows of the head replace the output embedding
     output_head(model)  # raises UnsupportedModel for heads we cannot express, before training starts
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -218,17 +252,17 @@ def train(cfg: TrainConfig) -> dict:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
     )
-    if ckpt:
-        start = load_trainer_state(ckpt, opt)  # optimizer, RNG (rank 0's; the default model has no dropout)
+    if ckpt:  # optimizer, RNG (rank 0's; the default model has no dropout)
+        start = load_trainer_state(ckpt, opt, transform=lambda sd: TP.slice_optimizer_state(sd, model, opt, shard))
     else:
         start = 0
-        torch.manual_seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed + (0 if tp else rank))  # TP: the replicated decoder needs the same RNG
 
     objective = LongShortObjective(
         model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,
-        positions=cfg.positions,
+        positions=cfg.positions, **(shard.loss_kw() if tp else {}),
     )
-    if world > 1:
+    if world > 1 and not tp:
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -254,10 +288,15 @@ def train(cfg: TrainConfig) -> dict:
             out = objective(window, l_extra, cfg.alpha)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if cfg.grad_clip <= 0:
+            gnorm = None
+        elif tp:  # the head's part of the norm is spread over the ranks
+            gnorm = TP.clip_grad_norm_(model, cfg.grad_clip, shard)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
-        tok_count += cfg.batch_size * cfg.l_train * (2 if cfg.alpha > 0 else 1) * world
+        tok_count += cfg.batch_size * cfg.l_train * (2 if cfg.alpha > 0 else 1) * (1 if tp else world)
         if rank == 0:
             dt = time.perf_counter() - t0
             last = {
@@ -270,18 +309,29 @@ def train(cfg: TrainConfig) -> dict:
             log.write(json.dumps(last) + "\n")
         stop = cfg.stop_after > 0 and step + 1 - start >= cfg.stop_after
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
-            if rank == 0:
-                save_checkpoint(cfg.out, step + 1, model, opt, cfg_dict, tok_path if os.path.isfile(tok_path) else None)
+            tok_file = tok_path if os.path.isfile(tok_path) else None
+            if tp:  # the full head and its optimizer state, gathered to rank 0: a plain untied checkpoint
+                full_head, full_opt = TP.full_checkpoint_state(model, opt, shard)
+                if rank == 0:
+                    with TP.swapped_head(model, full_head):
+                        save_checkpoint(cfg.out, step + 1, model, full_opt, cfg_dict, tok_file)
+                del full_head, full_opt
+            elif rank == 0:
+                save_checkpoint(cfg.out, step + 1, model, opt, cfg_dict, tok_file)
             if world > 1:
                 torch.distributed.barrier()
         if stop:
             break
     bar.close()
     with torch.no_grad():  # a cheap fingerprint of the weights (tests compare it across ranks / resumes)
-        last = dict(last, param_sum=float(sum(p.double().sum() for p in model.parameters())))
+        psum = TP.param_sum(model, shard) if tp else float(sum(p.double().sum() for p in model.parameters()))
+        last = dict(last, param_sum=psum)
     if world > 1:  # every rank records its fingerprint: DDP keeps them identical
         with open(os.path.join(cfg.out, f"param_sum.rank{rank}"), "w") as f:
             f.write(repr(last["param_sum"]))
+        if tp:  # the replicated weights (all but the head shard) must be bit-identical across ranks
+            with open(os.path.join(cfg.out, f"replicated_sha256.rank{rank}"), "w") as f:
+                f.write(TP.replicated_digest(model))
     if rank == 0:
         log.close()
         if last:
@@ -308,6 +358,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step per process")
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm; 0 = no clipping")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -315,6 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop-after", type=int, default=d.stop_after, help="stop after N steps in this process (resumable)")
     ap.add_argument("--backend", default=d.backend, choices=["auto", "cpu", "triton", "reference"])
     ap.add_argument("--device", default=d.device)
+    ap.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel,
+                    help="shard the LM head over the vocabulary across N processes (torchrun --nproc_per_node N)")
+    ap.add_argument("--untie-embeddings", action="store_true",
+                    help="give the LM head its own copy of tied input embeddings (implied by --tensor-parallel > 1)")
     ap.add_argument("--n-layer", type=int, default=d.n_layer)
     ap.add_argument("--n-embd", type=int, default=d.n_embd)
     ap.add_argument("--n-head", type=int, default=d.n_head)
