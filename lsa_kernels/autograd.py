@@ -116,7 +116,7 @@ class _LinearDivergence(torch.autograd.Function):
         need_p, need_q = need_p and opts.grad_p, need_q and opts.grad_q
         ctx.opts, ctx.backend, ctx.mode, ctx.pre = opts, backend, mode, None
         ctx.need = (need_p, need_q, need_w, need_b)
-        self_f = sel.to(_acc(w))
+        sel_f = sel.to(_acc(w))
         if mode == "weighted" and any(ctx.need) and hasattr(be, "pair_forward_backward"):
             dxp, dw, db = _grad_buffers(xp, w, b, need_p, need_w, need_b)
             dxq = _empty_acc(xq) if need_q else None
@@ -127,19 +127,19 @@ class _LinearDivergence(torch.autograd.Function):
             ctx.save_for_backward(xp, xq, w, b)
         else:
             _, _, div, stats = be.pair_forward(xp, xq, w, b, None, None, opts)
-            ctx.save_for_backward(xp, xq, w, b, stats, self_f if mode == "none" else div_w)
+            ctx.save_for_backward(xp, xq, w, b, stats, sel_f if mode == "none" else div_w)
         if mode == "none":
-            return (div * self_f).to(xp.dtype)
+            return (div * sel_f).to(xp.dtype)
         return (div * div_w).sum().to(xp.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        none9 = (None,) * 5
+        nones = (None,) * 5
         if ctx.pre is not None:
             xp, xq, w, b = ctx.saved_tensors
             dxp, dxq, dw, db = ctx.pre
             g = g.to(_acc(w))
-            return _cast(dxp, xp, g), _cast(dxq, xq, g), _cast(dw, w, g), _cast(db, b, g), *none9
+            return _cast(dxp, xp, g), _cast(dxq, xq, g), _cast(dw, w, g), _cast(db, b, g), *nones
         xp, xq, w, b, stats, weight = ctx.saved_tensors
         need_p, need_q, need_w, need_b = ctx.need
         if not any(ctx.need):
@@ -150,7 +150,7 @@ class _LinearDivergence(torch.autograd.Function):
         backends.get(ctx.backend).pair_backward(
             xp, xq, w, b, None, None, stats, None, None, coef, ctx.opts, dxp, dxq, dw, db
         )
-        return _cast(dxp, xp), _cast(dxq, xq), _cast(dw, w), _cast(db, b), *none9
+        return _cast(dxp, xp), _cast(dxq, xq), _cast(dw, w), _cast(db, b), *nones
 
 
 def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend, mode: str) -> Tensor:

@@ -209,7 +209,6 @@ def ce_backward(x, w, b, y, lse, coef, opts: CEOptions, dx_out, dw_out, db_out) 
     N, V = x.shape[0], w.shape[0]
     w32, b32 = _f32(w), _f32(b)
     C = chunk_rows(N, V, K_CE, opts.chunk_bytes)
-    valid = y != opts.ignore_index
     for s in range(0, N, C):
         rows = slice(s, min(N, s + C))
         x32 = _f32(x[rows])
