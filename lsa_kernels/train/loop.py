@@ -307,6 +307,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", misalign=f"{last['misalign']:.3f}",
                             tok_s=f"{last['tok_s']:.0f}")
             log.write(json.dumps(last) + "\n")
+            log.flush()  # a killed run keeps every finished step in its log
         stop = cfg.stop_after > 0 and step + 1 - start >= cfg.stop_after
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
             tok_file = tok_path if os.path.isfile(tok_path) else None
