@@ -2,8 +2,9 @@
 
 Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right kind, wrong shape /
 range) naming the argument and what was expected, before any kernel runs. Range checks on target
-values need one reduction over the targets; they run only when ``check_targets`` is on (default),
-and are skipped inside ``torch.compile`` graphs, where they would force a host sync.
+values need one reduction over the targets; they run when ``check_targets`` is on (default): on CPU
+with a host sync and a precise message, on CUDA as a device-side assert (no sync); they are skipped
+inside ``torch.compile`` graphs.
 """
 
 from __future__ import annotations
@@ -87,9 +88,14 @@ def _targets(name: str, y, shape, V: int, ignore_index: int, device, check_value
 
 
 def check_target_values(name: str, y: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Targets in [0, V) or ignore_index (one reduction + host sync; skipped under torch.compile)."""
+    """Targets in [0, V) or ignore_index. On CPU: one reduction and a clear ValueError naming the first bad
+    value. On CUDA: a device-side assert (``torch._assert_async``), so the hot path never waits for the host.
+    Skipped under torch.compile."""
     if y.numel() > 0 and not torch.compiler.is_compiling():
         bad = (y != ignore_index) & ((y < 0) | (y >= V))
+        if y.device.type == "cuda":
+            torch._assert_async(~bad.any(), f"{name} values must be in [0, {V}) or ignore_index={ignore_index}")
+            return
         if bool(bad.any()):
             first = y[bad][0].item()
             raise ValueError(
