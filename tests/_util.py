@@ -68,3 +68,26 @@ def assert_close_rule(ours, torch_same, truth, *, rtol=0.0, atol=1e-5, name=""):
 
 def assert_close(a, b, *, rtol=1e-5, atol=1e-6, name=""):
     torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def write_corpus_texts(directory, n_train: int = 2, train_chars: int = 6000, test_chars: int = 8000) -> dict:
+    """Small train / held-out text files cut from the shipped corpus: ``{"train": [paths], "test": [paths]}``."""
+    import json
+    import lzma
+
+    from lsa_kernels.train import data as D
+
+    with lzma.open(D.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
+        works = [json.loads(line) for line in f]
+    docs = {
+        "train": [w["text"][:train_chars] for w in works if w["split"] == "train"][:n_train],
+        "test": [w["text"][:test_chars] for w in works if w["split"] == "test"][:1],
+    }
+    paths = {"train": [], "test": []}
+    for split, texts in docs.items():
+        for i, t in enumerate(texts):
+            p = os.path.join(str(directory), f"{split}{i}.txt")
+            with open(p, "w", encoding="utf-8") as f:
+                f.write(t)
+            paths[split].append(p)
+    return paths

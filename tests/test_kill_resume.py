@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from lsa_kernels.train import data as D  # noqa: E402
+from _util import write_corpus_texts  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64",
@@ -21,16 +21,7 @@ ARGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
 
 
 def _texts(tmp):
-    import lzma
-
-    with lzma.open(D.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-        works = [json.loads(line) for line in f]
-    paths = []
-    for i, w in enumerate([w for w in works if w["split"] == "train"][:2]):
-        p = tmp / f"train{i}.txt"
-        p.write_text(w["text"][:6000])
-        paths.append(str(p))
-    return paths
+    return write_corpus_texts(tmp)["train"]
 
 
 def _cmd(out, texts, *extra):

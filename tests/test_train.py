@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from lsa_kernels.train import data as D  # noqa: E402
+
+from _util import write_corpus_texts  # noqa: E402
 from lsa_kernels.train.demo import demo_main  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
@@ -23,21 +24,7 @@ TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory):
     """Two small train documents and one held-out document cut from the shipped corpus."""
-    import json as _json
-    import lzma
-
-    d = tmp_path_factory.mktemp("texts")
-    with lzma.open(D.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-        works = [_json.loads(line) for line in f]
-    train = [w["text"][:6000] for w in works if w["split"] == "train"][:2]
-    test = [w["text"][:8000] for w in works if w["split"] == "test"][:1]
-    paths = {"train": [], "test": []}
-    for split, docs in (("train", train), ("test", test)):
-        for i, t in enumerate(docs):
-            p = d / f"{split}{i}.txt"
-            p.write_text(t)
-            paths[split].append(str(p))
-    return paths
+    return write_corpus_texts(tmp_path_factory.mktemp("texts"))
 
 
 def _train(out, texts, *extra):

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from lsa_kernels.train import data as D  # noqa: E402
+from _util import write_corpus_texts  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
@@ -26,21 +26,10 @@ COMMON = ["--l-train", "16", "--batch-size", "4", "--quiet", "--steps", "4", "--
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Two small train documents, one held-out document, and a tiny tied-embedding Llama on disk."""
-    import lzma
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("tp")
-    with lzma.open(D.DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
-        works = [json.loads(line) for line in f]
-    train = [w["text"][:6000] for w in works if w["split"] == "train"][:2]
-    test = [w["text"][:8000] for w in works if w["split"] == "test"][:1]
-    paths = {"train": [], "test": []}
-    for split, docs in (("train", train), ("test", test)):
-        for i, t in enumerate(docs):
-            p = d / f"{split}{i}.txt"
-            p.write_text(t)
-            paths[split].append(str(p))
+    paths = write_corpus_texts(d)
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
