@@ -15,9 +15,10 @@ import lsa_kernels as L
 from lsa_kernels import reference as R
 from lsa_kernels.options import DIVERGENCES
 
-from _util import IGN, backends
+from _util import IGN, assert_close_rule, backends
 
-settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=list(HealthCheck))
 settings.register_profile("nightly", max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("LSA_HYPOTHESIS_PROFILE", "ci"))
 
@@ -40,10 +41,16 @@ def _tensors(d, scale, dtype):
     return x, w, b, y, g
 
 
-def _compare(ours, truth, tol):
+def _compare(ours, truth, tol, same=None, extra=0.0):
+    """Within ``tol`` (relative to the largest truth value) of the fp64 truth — or, where the fp32 maths of
+    torch's own reference on the same inputs is further off (huge logits), CCE's rule: no worse than it."""
     ours, truth = ours.double(), truth.double()
     assert torch.isfinite(ours).all()
-    torch.testing.assert_close(ours, truth, rtol=tol, atol=tol * (1 + truth.abs().max().item()))
+    slack = tol * (1 + truth.abs().max().item()) + extra
+    if same is None:
+        torch.testing.assert_close(ours, truth, rtol=tol, atol=slack)
+    else:
+        assert_close_rule(ours, same, truth, atol=slack, rtol=tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -79,14 +86,22 @@ def test_divergence_property(backend, d, scale, softcap, div, tau, detach, reduc
     ours = L.linear_divergence(xp_o, xq_o, w, backend=backend, **kw)
     xp_t, xq_t = x.double().requires_grad_(True), xq.double().requires_grad_(True)
     truth = R.linear_divergence(xp_t, xq_t, w.double(), **kw)
-    _compare(ours, truth, 2e-4)
+    xp_s, xq_s = x.clone().requires_grad_(True), xq.clone().requires_grad_(True)
+    same = R.linear_divergence(xp_s, xq_s, w, **kw)
+    _compare(ours, truth, 2e-4, same)
     go = torch.autograd.grad(ours.double().sum(), [xp_o, xq_o], allow_unused=True)
     gt = torch.autograd.grad(truth.sum(), [xp_t, xq_t], allow_unused=True)
-    for a, t in zip(go, gt):
+    gs = torch.autograd.grad(same.double().sum(), [xp_s, xq_s], allow_unused=True)
+    # the statistics form (stats.py) stores E_p[b] as an fp32 number: the gradient's absolute error is
+    # bounded by a few ulps of max|z/τ| times max|W| (e.g. |z/τ| = 175: 2.5e-4; realistic |z| < 30: < 1e-5)
+    zmax = max((x @ w.T).abs().max().item(), (xq @ w.T).abs().max().item()) / tau
+    bound = 8 * torch.finfo(torch.float32).eps * zmax * w.abs().max().item()
+    for a, t, sm in zip(go, gt, gs):
         if t is None:
             assert a is None or torch.all(a == 0)
         else:
-            _compare(torch.zeros_like(t) if a is None else a, t, 2e-4)
+            _compare(torch.zeros_like(t) if a is None else a, t, 2e-4, torch.zeros_like(t) if sm is None else sm,
+                     extra=bound)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
