@@ -82,6 +82,18 @@ def log_ratio_to_mid_(d):
 
 
 @triton.jit
+def grouped_pid_(pid, N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr):
+    """(row block, V tile) of program ``pid`` in a grid of row blocks × V tiles, GROUP row blocks at a time
+    so that consecutive programs reuse the same W tiles from L2."""
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    n_pid_v = tl.cdiv(V, BLOCK_V)
+    in_group = GROUP * n_pid_v
+    first_n = (pid // in_group) * GROUP
+    group_size = tl.minimum(n_pid_n - first_n, GROUP)
+    return first_n + (pid % in_group) % group_size, (pid % in_group) // group_size
+
+
+@triton.jit
 def online_update_(m, s, z_masked):
     """One online-softmax step. z_masked has −inf on invalid columns.
 

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..options import CEOptions
 from ._common import (
+    grouped_pid_,
     ce_grad_,
     finish_logits_,
     logits_tile_,
@@ -181,14 +182,7 @@ def _ce_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Atomic variant: one program per (row block, V tile), grouped for L2 reuse."""
-    pid = tl.program_id(0)
-    n_pid_n = tl.cdiv(N, BLOCK_N)
-    n_pid_v = tl.cdiv(V, BLOCK_V)
-    in_group = GROUP * n_pid_v
-    first_n = (pid // in_group) * GROUP
-    group_size = tl.minimum(n_pid_n - first_n, GROUP)
-    pid_n = first_n + (pid % in_group) % group_size
-    pid_v = (pid % in_group) // group_size
+    pid_n, pid_v = grouped_pid_(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP)
 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
