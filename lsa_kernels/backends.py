@@ -1,6 +1,6 @@
 """The contract between the autograd layer and a compute backend (cpu, triton).
 
-A backend is a module exposing the four functions below. All tensors are 2-D and contiguous:
+A backend is a module exposing the five functions below. All tensors are 2-D and contiguous:
 ``x [N, H]`` (fp32/bf16/fp16), ``w [V, H]`` and ``b [V]`` (or None) of x's dtype, targets ``y [N]``
 int64 (ignored rows hold ``opts.ignore_index``). Every statistic, loss and gradient is fp32.
 
@@ -36,6 +36,11 @@ to global memory (triton).
         dz_p = coef_ce_p·(CE grad of z_p) + coef_div/τ·dD/da   (the second term only if opts.grad_p)
         dz_q likewise; then the softcap derivative, and dx/dW/db as for CE (dW gets both views).
         coef_ce_* are None when not opts.with_ce.
+
+    pair_js_partial(xp, xq, w, b, lset [N, 2], opts) -> [N, 2]
+        Σ_v p_v log(p_v/m_v), Σ_v q_v log(q_v/m_v) over the rows of w for GIVEN normalisers lset of
+        a = z_p/τ and b = z_q/τ (js's X and Y when lset is w's own; a vocab shard's share of them when
+        lset is the whole vocabulary's: lsa_kernels.distributed needs it for js).
 
 Optionally a backend may also expose ``ce_forward_backward`` / ``pair_forward_backward`` with the
 union of the arguments (forward outputs plus the backward's out buffers) computing both in ONE pass

@@ -222,6 +222,15 @@ def ce_backward(x, w, b, y, lse, coef, opts: CEOptions, dx_out, dw_out, db_out) 
 # ------------------------------------------------------------------------------------------- pairs
 
 
+def _js_log_ratios(a: Tensor, b: Tensor, lta: Tensor, ltb: Tensor) -> Tuple[Tensor, Tensor]:
+    """(log p − log m, log q − log m) of a chunk, m = (p + q)/2, all in log space (SPEC §5);
+    ``lta``/``ltb`` are the ``[C, 1]`` normalisers of a = z_p/τ and b = z_q/τ."""
+    lp = a - lta
+    lq = b - ltb
+    lm = torch.logaddexp(lp, lq).sub_(math.log(2.0))
+    return lp.sub_(lm), lq.sub_(lm)
+
+
 def _pair_chunk(
     xp32: Tensor, xq32: Tensor, w32: Tensor, b32: Optional[Tensor], yp, yq, opts: PairOptions,
     stats_in: Optional[Tensor], coefs: Optional[Tuple[Optional[Tensor], Optional[Tensor], Tensor]],
@@ -268,13 +277,7 @@ def _pair_chunk(
     div = opts.divergence
     u = a - b if div in ("kl", "kl_reverse", "sym_kl") else None
     if div == "js":
-        # log p, log q and log m = logaddexp(log p, log q) - log 2, all in log space (SPEC §5)
-        lp = a - lta
-        lq = b - ltb
-        lm = torch.logaddexp(lp, lq).sub_(math.log(2.0))
-        lp.sub_(lm)  # log p - log m
-        lq.sub_(lm)  # log q - log m
-        del lm
+        lp, lq = _js_log_ratios(a, b, lta, ltb)
     if stats_in is None:
         if div == "sce":
             X, Y = _rowdot(p, b), _rowdot(q, a)
@@ -394,6 +397,30 @@ def pair_forward_backward(
             dxq_out[rows].zero_()
     div = divergence_from_stats(stats, opts.divergence)
     return ce_p, ce_q, div, stats
+
+
+def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> Tensor:
+    """``[N, 2]``: ``Σ_v p_v log(p_v/m_v)`` and ``Σ_v q_v log(q_v/m_v)`` over the rows of ``w`` for GIVEN
+    normalisers ``lset [N, 2]`` of a = z_p/τ and b = z_q/τ (the whole vocabulary's, when ``w`` is a vocab
+    shard: :mod:`lsa_kernels.distributed` sums these over the ranks). ATen chunks on every input dtype."""
+    N, V = xp.shape[0], w.shape[0]
+    out = torch.empty(N, 2, dtype=acc_dtype(xp), device=xp.device)
+    w32, b32 = _f32(w), _f32(b)
+    cap, tau = opts.ce.softcap, float(opts.temperature)
+    C = chunk_rows(N, V, K_PAIR, opts.ce.chunk_bytes)
+    for s in range(0, N, C):
+        rows = slice(s, min(N, s + C))
+        a = _logits(_f32(xp[rows]), w32, b32, cap)
+        b_ = _logits(_f32(xq[rows]), w32, b32, cap)
+        if tau != 1.0:
+            a.div_(tau)
+            b_.div_(tau)
+        lta, ltb = (lset[rows, i : i + 1].to(a.dtype) for i in (0, 1))
+        p, q = (a - lta).exp_(), (b_ - ltb).exp_()
+        lp, lq = _js_log_ratios(a, b_, lta, ltb)
+        out[rows, 0], out[rows, 1] = _rowdot(p, lp), _rowdot(q, lq)
+        del a, b_, p, q, lp, lq
+    return out
 
 
 def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):

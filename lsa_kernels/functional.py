@@ -37,8 +37,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore_index, check_targets,
-                    divergence=None, label_smoothing=0.0, softcap=None):
+def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore_index, check_targets):
     """None without a process group; else the backend wrapped for a vocab-sharded head (after checks)."""
     if process_group is None:
         if vocab_start not in (0, None):
@@ -50,7 +49,6 @@ def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore
         raise ValueError("backend='reference' cannot run a vocab-parallel head; use 'auto', 'cpu' or 'triton'")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int (this rank's first vocab id), got {vocab_start!r}")
-    distributed.check_supported(divergence, label_smoothing, softcap)
     shard = distributed.shard_info(process_group, vocab_start, w.shape[0], w.device)
     if check_targets:
         for name, y in targets:
@@ -106,7 +104,7 @@ def linear_cross_entropy(
     )
     be = resolve_backend(backend, input.device)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [("target", target)], ignore_index,
-                         check_targets, label_smoothing=label_smoothing, softcap=softcap)
+                         check_targets)
     if be == "reference":
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, reduction=reduction, ignore_index=ignore_index,
@@ -151,7 +149,7 @@ def linear_divergence(
         input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
     )
     be = resolve_backend(backend, input_p.device)
-    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], -100, False, divergence=divergence)
+    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], -100, False)
     if be == "reference":
         return reference.linear_divergence(
             input_p, input_q, linear_weight, linear_bias=linear_bias, divergence=divergence,
@@ -217,8 +215,7 @@ def long_short_loss(
     )
     be = resolve_backend(backend, hidden_long.device)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be,
-                         [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index, check_targets,
-                         divergence=divergence, label_smoothing=label_smoothing, softcap=softcap)
+                         [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index, check_targets)
     if be == "reference":
         return reference.long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra=l_extra, alpha=alpha,

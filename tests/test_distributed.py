@@ -47,12 +47,20 @@ def _data():
 CASES = [
     ("ce", dict(label_smoothing=0.1, z_loss=1e-3)),
     ("ce", dict(softcap=3.0, reduction="none")),
+    ("ce", dict(label_smoothing=0.2, softcap=2.0, reduction="none")),  # Σ softcap(z) from the shards
     ("div", dict(divergence="sce", temperature=0.8, softcap=4.0)),
     ("div", dict(divergence="kl", detach="p")),
     ("div", dict(divergence="kl_reverse", reduction="none")),
     ("div", dict(divergence="sym_kl", detach="q")),
+    ("div", dict(divergence="js", temperature=1.5, softcap=4.0, reduction="none")),  # two exchanges
+    ("div", dict(divergence="js", detach="q")),
 ] + [("ls", dict(divergence=d, l_extra=3, alpha=0.3, label_smoothing=0.1, detach=det))
-     for d, det in [("sce", None), ("kl", "long"), ("kl_reverse", "short"), ("sym_kl", None)]]
+     for d, det in [("sce", None), ("kl", "long"), ("kl_reverse", "short"), ("sym_kl", None), ("js", None)]] + [
+    ("ls", dict(divergence="js", l_extra=2, alpha=0.5, label_smoothing=0.1, softcap=3.0, z_loss=1e-3,
+                temperature=0.7, detach="long")),
+]
+# the Triton backend (interpreter) under a process group: the cases that exercise its own entry points
+TRITON_CASES = [CASES[2], CASES[7], CASES[-1]]
 
 
 def _run_case(kind, kw, hl, hs, w, b, yl, ys, **extra):
@@ -72,7 +80,7 @@ def _run_case(kind, kw, hl, hs, w, b, yl, ys, **extra):
     return [o.detach() for o in outs], [None if g is None else g.detach() for g in grads]
 
 
-def _worker(rank, world, port, errfile, dtype=torch.float64):
+def _worker(rank, world, port, errfile, dtype=torch.float64, backend="cpu"):
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -84,11 +92,11 @@ def _worker(rank, world, port, errfile, dtype=torch.float64):
         rt, at = (1e-9, 1e-10) if tight else (2e-5, 1e-6)
         truth = (hl, hs, w, b)
         hl, hs, w, b = (t.to(dtype) for t in (hl, hs, w, b))
-        for kind, kw in CASES:
+        for kind, kw in (CASES if backend == "cpu" else TRITON_CASES):
             ref_out, ref_g = _run_case(kind, kw, *truth, yl, ys, fn={"ce": R.linear_cross_entropy,
                                                                           "div": R.linear_divergence,
                                                                           "ls": R.long_short_loss}[kind])
-            out, g = _run_case(kind, kw, hl, hs, w[s:s + n], b[s:s + n], yl, ys, backend="cpu",
+            out, g = _run_case(kind, kw, hl, hs, w[s:s + n], b[s:s + n], yl, ys, backend=backend,
                                process_group=dist.group.WORLD, vocab_start=s)
             for o, r in zip(out, ref_out):
                 torch.testing.assert_close(o.double(), r, rtol=rt, atol=at, msg=lambda m: f"{kind} {kw} value: {m}")
@@ -107,22 +115,35 @@ def _worker(rank, world, port, errfile, dtype=torch.float64):
         raise
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float64), (4, torch.float64), (3, torch.float32)])
-def test_vocab_parallel_matches_single_process(world, dtype, tmp_path):
+@pytest.mark.parametrize("world,dtype,backend", [(2, torch.float64, "cpu"), (4, torch.float64, "cpu"),
+                                                 (3, torch.float32, "cpu"), (2, torch.float32, "triton")])
+def test_vocab_parallel_matches_single_process(world, dtype, backend, tmp_path):
+    if backend == "triton":
+        pytest.importorskip("triton")
     errfile = str(tmp_path / "errors.txt")
     try:
-        mp.spawn(_worker, args=(world, _free_port(), errfile, dtype), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, _free_port(), errfile, dtype, backend), nprocs=world, join=True)
     except Exception:
         msg = open(errfile).read() if os.path.exists(errfile) else "(no error file)"
         pytest.fail(msg)
 
 
-def test_unsupported_combinations_are_rejected():
-    from lsa_kernels import distributed as D
-
-    with pytest.raises(ValueError, match="js"):
-        D.check_supported("js", 0.0, None)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        D.check_supported("sce", 0.1, 3.0)
+def test_vocab_start_needs_a_process_group():
     with pytest.raises(ValueError, match="vocab_start"):
         L.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), vocab_start=2)
+
+
+def test_js_partial_with_own_normalisers_is_js():
+    """``pair_js_partial`` with the weight's own lse gives js's X and Y (what a 1-shard group computes)."""
+    from lsa_kernels import cpu
+    from lsa_kernels.options import STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_Y, PairOptions
+
+    g = torch.Generator().manual_seed(1)
+    xp, xq = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    w, b = torch.randn(13, 5, generator=g, dtype=torch.float64), torch.randn(13, generator=g, dtype=torch.float64)
+    opts = PairOptions(divergence="js", temperature=0.6, with_ce=False)
+    _, _, div, st = cpu.pair_forward(xp, xq, w, b, None, None, opts)
+    part = cpu.pair_js_partial(xp, xq, w, b, st[:, STAT_LSET_P : STAT_LSET_Q + 1], opts)
+    torch.testing.assert_close(part, st[:, [STAT_X, STAT_Y]])
+    ref = R.linear_divergence(xp, xq, w, linear_bias=b, divergence="js", temperature=0.6, reduction="none")
+    torch.testing.assert_close(0.5 * part.sum(1), ref)

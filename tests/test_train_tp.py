@@ -61,7 +61,8 @@ def test_tensor_parallel_matches_single_process(setup):
     from safetensors.torch import load_file
 
     d = setup["dir"]
-    base = [*COMMON, "--model", setup["model"], "--train-files", *setup["train"]]
+    # js: the divergence that needs the second exchange (tests/test_distributed.py covers the others)
+    base = [*COMMON, "--model", setup["model"], "--train-files", *setup["train"], "--divergence", "js"]
     # reference: one process, the same model untied, the same data (rank 0's windows)
     assert train_main([*base, "--untie-embeddings", "--out", str(d / "single")]) == 0
     # tensor parallel over 2 ranks: 2 steps, checkpoint, then --resume for the last 2
@@ -84,7 +85,9 @@ def test_tensor_parallel_matches_single_process(setup):
     assert open(out / "replicated_sha256.rank0").read() == open(out / "replicated_sha256.rank1").read()
     assert float(open(out / "param_sum.rank0").read()) == float(open(out / "param_sum.rank1").read())
     ms, mt = json.load(open(d / "single" / "metrics.json")), json.load(open(out / "metrics.json"))
-    assert mt["param_sum"] == pytest.approx(ms["param_sum"], rel=1e-6)
+    # fp32 rounding differs between the paths (js's sums: ATen per shard vs the C++ op on the whole V), and
+    # Adam's normalised step amplifies it on near-zero gradients: 2e-6 relative on the sum of all weights
+    assert mt["param_sum"] == pytest.approx(ms["param_sum"], rel=1e-5)
 
     # the checkpoint is a plain full untied model, equal to the single-process one
     ws = load_file(os.path.join(_ckpt(d / "single"), "model.safetensors"))
@@ -115,8 +118,6 @@ def test_tensor_parallel_bad_inputs(setup, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert train_main([*base, "--tensor-parallel", "3", "--backend", "reference", "--out", str(d / "bad")]) == 2
     assert "reference" in capsys.readouterr().err
-    assert train_main([*base, "--tensor-parallel", "3", "--divergence", "js", "--out", str(d / "bad")]) == 2
-    assert "js" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
     assert train_main([*base, "--tensor-parallel", "0", "--out", str(d / "bad")]) == 2
     assert not (d / "bad").exists()

@@ -18,6 +18,8 @@ Forward, phase 1 (online over V tiles, every running sum rescaled by exp(m_old �
                     (D = X + log1p(X2) + log1p(Y2) − Y: both KLs in the cancellation-free form)
     js, phase 2 (a second pass, needs lse_a, lse_b):
         X = Σ p·log(p/m),  Y = Σ q·log(q/m),  log(p/m) = −log1p(expm1(log q − log p)/2) (see _common)
+        (``pair_js_partial`` runs phase 2 alone for given lse_a, lse_b: with a vocab shard's W and the
+        whole vocabulary's normalisers it gives that shard's share of X and Y; lsa_kernels.distributed)
 
 The per-row value D is :func:`lsa_kernels.stats.divergence_from_stats` of the [N, 8] stats.
 Grid: (row blocks, V splits); splits write partial statistics to an [S, N, k] fp32 scratch merged by
@@ -205,33 +207,57 @@ def _ce_rows(lse, zy, sz, y, V, opts: PairOptions):
     return torch.where(y != opts.ce.ignore_index, loss, torch.zeros_like(loss))
 
 
-def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
-    """(ce_p [N], ce_q [N], div [N], stats [N, 6]), fp32 (see lsa_kernels.backends / lsa_kernels.stats)."""
+def _fwd_launch(xp, xq, w, b, yp, yq, opts: PairOptions):
+    """(grid, n_split, positional args after the pointers, constexpr kwargs) of _pair_fwd_kernel."""
     N, H = xp.shape
+    V = w.shape[0]
+    cfg = pick_config("pair_fwd", N, V, H, xp.device, xp.dtype)
+    per, n_split = split_ranges(V, cfg.BLOCK_V, cfg.SPLIT_V)
+    has_cap, cap, inv_cap = softcap_args(opts.softcap)
+    upcast, prec = upcast_and_prec(xp.dtype)
+    common = dict(
+        TEMP_ONE=float(opts.temperature) == 1.0, WITH_CE=bool(opts.with_ce), HAS_BIAS=b is not None,
+        HAS_SOFTCAP=has_cap, HAS_SMOOTHING=opts.ce.label_smoothing > 0, UPCAST=upcast, DOT_PREC=prec,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, DIV=DIVERGENCE_IDS[opts.divergence],
+    )
+    scal = (N, V, H, xp.stride(0), xq.stride(0), w.stride(0), per, cap, inv_cap, 1.0 / float(opts.temperature))
+    return (triton.cdiv(N, cfg.BLOCK_N), n_split), n_split, scal, common
+
+
+def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> torch.Tensor:
+    """``[N, 2]`` fp32: ``Σ_v p_v log(p_v/m_v)`` and ``Σ_v q_v log(q_v/m_v)`` over the rows of ``w``, with
+    p = exp(a − lset[:, 0]), q = exp(b − lset[:, 1]) for GIVEN normalisers ``lset [N, 2]`` (js phase 2).
+
+    With the lse of the whole vocabulary these are one vocab shard's share of js's X and Y
+    (:mod:`lsa_kernels.distributed` sums them over the ranks)."""
+    N = xp.shape[0]
+    grid, n_split, scal, common = _fwd_launch(xp, xq, w, b, None, None, opts)
+    common = dict(common, WITH_CE=False, DIV=DIVERGENCE_IDS["js"])
+    lset = lset.float().contiguous()
+    part2 = torch.empty((n_split, N, 2), device=xp.device, dtype=torch.float32)
+    if N > 0:
+        bb = b if b is not None else w
+        _pair_fwd_kernel[grid](xp, xq, w, bb, part2, part2, lset, part2, *scal, PHASE=2, **common)
+    return part2.sum(0)
+
+
+def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
+    """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.stats)."""
+    N = xp.shape[0]
     V = w.shape[0]
     dev = xp.device
     div_id = DIVERGENCE_IDS[opts.divergence]
     temp_one = float(opts.temperature) == 1.0
-    cfg = pick_config("pair_fwd", N, V, H, dev, xp.dtype)
-    per, n_split = split_ranges(V, cfg.BLOCK_V, cfg.SPLIT_V)
-    has_cap, cap, inv_cap = softcap_args(opts.softcap)
-    upcast, prec = upcast_and_prec(xp.dtype)
     with_ce = bool(opts.with_ce)
+    grid, n_split, scal, common = _fwd_launch(xp, xq, w, b, yp, yq, opts)
     part = torch.empty((n_split, N, N_P1), device=dev, dtype=torch.float32)
     stats = torch.zeros((N, N_PAIR_STATS), device=dev, dtype=torch.float32)
-    common = dict(
-        TEMP_ONE=temp_one, WITH_CE=with_ce, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap,
-        HAS_SMOOTHING=opts.ce.label_smoothing > 0, UPCAST=upcast, DOT_PREC=prec,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    grid = (triton.cdiv(N, cfg.BLOCK_N), n_split)
     bb = b if b is not None else w
     ypp = yp if with_ce else part
     yqp = yq if with_ce else part
-    scal = (N, V, H, xp.stride(0), xq.stride(0), w.stride(0), per, cap, inv_cap, 1.0 / float(opts.temperature))
     if N > 0:
-        _pair_fwd_kernel[grid](xp, xq, w, bb, ypp, yqp, part, part, *scal, DIV=div_id, PHASE=1, **common)
+        _pair_fwd_kernel[grid](xp, xq, w, bb, ypp, yqp, part, part, *scal, PHASE=1, **common)
     lse_p = _merge_lse(part[..., 0], part[..., 1])
     lse_q = _merge_lse(part[..., 4], part[..., 5])
     stats[:, 0] = lse_p
@@ -243,11 +269,7 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
         stats[:, 2] = _merge_lse(part[..., 8], part[..., 9])
         stats[:, 3] = _merge_lse(part[..., 10], part[..., 11])
     if div_id == 4:  # js: second pass with the final lse of a and b
-        lset = stats[:, 2:4].contiguous()
-        part2 = torch.empty((n_split, N, 2), device=dev, dtype=torch.float32)
-        if N > 0:
-            _pair_fwd_kernel[grid](xp, xq, w, bb, ypp, yqp, lset, part2, *scal, DIV=div_id, PHASE=2, **common)
-        stats[:, 4:6] = part2.sum(0)
+        stats[:, 4:6] = pair_js_partial(xp, xq, w, b, stats[:, 2:4], opts)
     else:
         m_a, s_a, m_b, s_b = part[..., 8], part[..., 9], part[..., 10], part[..., 11]
         x_on_a = div_id in (0, 1, 3)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -109,8 +110,6 @@ def validate(cfg: TrainConfig) -> None:
             )
         if cfg.backend == "reference":
             raise ConfigError("--tensor-parallel needs a fused backend (--backend auto, cpu or triton), not reference")
-        if cfg.alpha > 0 and cfg.divergence == "js":
-            raise ConfigError("--divergence js is not supported with --tensor-parallel (use sce, kl, kl_reverse or sym_kl)")
     if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
         raise ConfigError(f"--model {cfg.model!r}: no transformers model there (expected a directory with config.json)")
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
@@ -390,16 +389,31 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     """CLI entry: ``lsa train ...``. Returns 0 on success, 2 on a bad input (one line on stderr)."""
     from ..integrations.hf import UnsupportedModel
 
+    ok = False
     try:
         cfg = config_from_args(argv)
         train(cfg)
+        ok = True
     except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
         print(f"lsa train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _teardown(ok)
     return 0
+
+
+def _teardown(ok: bool) -> None:
+    """End torch.distributed cleanly: after a successful run every rank meets at a barrier (no rank closes
+    its connections while a peer is still in a collective), the garbage holding the model's references to
+    the group is collected, then the group is destroyed. A process group that outlives this is destroyed
+    at interpreter exit, where gloo's threads abort the process ("terminate called without an active
+    exception", seen once in CI)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if ok:
+        torch.distributed.barrier()
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
