@@ -147,3 +147,28 @@ def test_js_partial_with_own_normalisers_is_js():
     torch.testing.assert_close(part, st[:, [STAT_X, STAT_Y]])
     ref = R.linear_divergence(xp, xq, w, linear_bias=b, divergence="js", temperature=0.6, reduction="none")
     torch.testing.assert_close(0.5 * part.sum(1), ref)
+
+
+def test_process_group_is_not_kept_alive(tmp_path):
+    """After the losses ran on a group, destroy_process_group() frees it: nothing in lsa_kernels (the shard
+    cache, saved autograd state) holds it. A group that survives is destroyed at interpreter exit, where
+    gloo's threads abort the process ("terminate called without an active exception": a CI failure)."""
+    import gc
+    import weakref
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(1, 5, 8, generator=g, requires_grad=True)
+        w = torch.randn(11, 8, generator=g, requires_grad=True)
+        y = torch.randint(0, 11, (1, 5), generator=g)
+        grp = dist.group.WORLD
+        L.linear_cross_entropy(x[0], w, y[0], process_group=grp, vocab_start=0).backward()
+        L.long_short_loss(x, 0.5 * x.detach(), w, y, y, l_extra=1, alpha=0.2, divergence="js", process_group=grp,
+                          vocab_start=0).loss.backward()
+        ref = weakref.ref(grp)
+        del grp
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert ref() is None
