@@ -92,3 +92,23 @@ def test_correctness_smoke():
     """The GPU correctness check's code path, on CPU tensors and tiny shapes (backend="cpu")."""
     res = C.correctness("cpu", quick=True)
     assert len(res) == 4 and all(r["ok"] for r in res), res
+
+
+def test_tp_comm_counts_the_bytes(tmp_path):
+    """benchmarks/tp_comm.py counts what the vocab-parallel ops send: CE = one all-gather of 3 fp32 per row,
+    dX all-reduced once per view, js = the sce exchange + one [rows, 2] fp32 all-reduce."""
+    import json
+
+    from benchmarks import tp_comm
+
+    N, H, V = 64, 16, 257
+    out = tmp_path / "tp.json"
+    assert tp_comm.main(["--world", "2", "--rows", str(N), "--hidden", str(H), "--vocab", str(V), "--out", str(out)]) == 0
+    rows = {r["op"]: r for r in json.load(open(out))}
+    ce, sce, js = rows["ce"], rows["long_short"], rows["long_short_js"]
+    assert ce["stats_bytes"] == ce["all_gather_bytes"] == N * 3 * 4
+    assert ce["dx_all_reduce_bytes"] == N * H * 4
+    assert sce["dx_all_reduce_bytes"] == js["dx_all_reduce_bytes"] == 2 * N * H * 4
+    paired = (js["stats_bytes"] - sce["stats_bytes"]) // 8  # js: one more [rows, 2] fp32 exchange
+    assert 0 < paired <= N and js["all_gather_bytes"] == sce["all_gather_bytes"]
+    assert ce["gather_logits_bytes"] == N * ce["V_rank"] * 4 + N * H * 4
