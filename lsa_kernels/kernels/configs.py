@@ -53,6 +53,7 @@ def kernel_fn(kind: str):
         "ce_bwd_dx": ce._ce_bwd_dx_kernel,
         "ce_bwd_dw": ce._ce_bwd_dw_kernel,
         "pair_fwd": pair._pair_fwd_kernel,
+        "pair_js": pair._pair_fwd_kernel,  # phase 2 alone (pair_js_partial): its own block sizes
         "pair_bwd": pair._pair_bwd_kernel,
         "pair_bwd_dx": pair._pair_bwd_dx_kernel,
         "pair_bwd_dw": pair._pair_bwd_dw_kernel,
@@ -108,7 +109,9 @@ def production_configs() -> List[KernelConfig]:
     for div, nm in enumerate(names):
         out.append(KernelConfig(f"pair_fwd_bf16_{nm}", "pair_fwd", "bf16", _pair_flags(div, PHASE=1)))
         out.append(KernelConfig(f"pair_bwd_bf16_{nm}", "pair_bwd", "bf16", _pair_bwd_flags(div, **pair_need)))
-    out.append(KernelConfig("pair_fwd_bf16_js_phase2", "pair_fwd", "bf16", _pair_flags(4, PHASE=2)))
+    for dt in ("bf16", "fp32"):  # as pair_js_partial launches it, heaviest flags
+        out.append(KernelConfig(f"pair_js_{dt}_phase2", "pair_js", dt,
+                                _pair_flags(4, with_ce=False, temp_one=False, extras=True, PHASE=2)))
     out.append(KernelConfig("pair_fwd_bf16_kl_temp_all", "pair_fwd", "bf16",
                             _pair_flags(1, temp_one=False, extras=True, PHASE=1)))
     out.append(KernelConfig("pair_fwd_fp32_sce", "pair_fwd", "fp32", _pair_flags(0, PHASE=1)))
@@ -131,7 +134,7 @@ def production_configs() -> List[KernelConfig]:
 # runs with LSA_SLOW=1; it takes ~10 minutes on 2 cores).
 SMOKE = (
     "ce_fwd_bf16_all", "ce_fwd_fp32_plain", "ce_bwd_bf16_all", "ce_bwd_fp32_plain", "ce_bwd_dx_bf16_all",
-    "ce_bwd_dw_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_fwd_bf16_js_phase2", "pair_fwd_fp32_sce",
+    "ce_bwd_dw_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_js_bf16_phase2", "pair_fwd_fp32_sce",
     "pair_bwd_bf16_sce_temp_all", "pair_bwd_bf16_js", "pair_bwd_fp32_sce", "pair_bwd_dx_bf16_js_all",
     "pair_bwd_dw_bf16_js_all",
 )

@@ -207,11 +207,12 @@ def _ce_rows(lse, zy, sz, y, V, opts: PairOptions):
     return torch.where(y != opts.ce.ignore_index, loss, torch.zeros_like(loss))
 
 
-def _fwd_launch(xp, xq, w, b, yp, yq, opts: PairOptions):
-    """(grid, n_split, positional args after the pointers, constexpr kwargs) of _pair_fwd_kernel."""
+def _fwd_launch(xp, xq, w, b, opts: PairOptions, kind: str = "pair_fwd"):
+    """(grid, n_split, positional args after the pointers, constexpr kwargs) of _pair_fwd_kernel; ``kind``
+    "pair_js" picks the block sizes of phase 2 alone (expm1/log1p per element of both views: fewer columns)."""
     N, H = xp.shape
     V = w.shape[0]
-    cfg = pick_config("pair_fwd", N, V, H, xp.device, xp.dtype)
+    cfg = pick_config(kind, N, V, H, xp.device, xp.dtype)
     per, n_split = split_ranges(V, cfg.BLOCK_V, cfg.SPLIT_V)
     has_cap, cap, inv_cap = softcap_args(opts.softcap)
     upcast, prec = upcast_and_prec(xp.dtype)
@@ -232,7 +233,7 @@ def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> torch.Tensor:
     With the lse of the whole vocabulary these are one vocab shard's share of js's X and Y
     (:mod:`lsa_kernels.distributed` sums them over the ranks)."""
     N = xp.shape[0]
-    grid, n_split, scal, common = _fwd_launch(xp, xq, w, b, None, None, opts)
+    grid, n_split, scal, common = _fwd_launch(xp, xq, w, b, opts, "pair_js")
     common = dict(common, WITH_CE=False, DIV=DIVERGENCE_IDS["js"])
     lset = lset.float().contiguous()
     part2 = torch.empty((n_split, N, 2), device=xp.device, dtype=torch.float32)
@@ -250,7 +251,7 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
     div_id = DIVERGENCE_IDS[opts.divergence]
     temp_one = float(opts.temperature) == 1.0
     with_ce = bool(opts.with_ce)
-    grid, n_split, scal, common = _fwd_launch(xp, xq, w, b, yp, yq, opts)
+    grid, n_split, scal, common = _fwd_launch(xp, xq, w, b, opts)
     part = torch.empty((n_split, N, N_P1), device=dev, dtype=torch.float32)
     stats = torch.zeros((N, N_PAIR_STATS), device=dev, dtype=torch.float32)
     bb = b if b is not None else w
