@@ -45,12 +45,15 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, config: dict, tokenizer_path: Optional[str] = None,
-                    keep: int = 2) -> str:
-    """Write ``<out>/ckpt-{step}`` atomically, point ``latest`` at it, keep the newest ``keep`` dirs."""
+                    keep: int = 2, state_dict: Optional[dict] = None) -> str:
+    """Write ``<out>/ckpt-{step}`` atomically, point ``latest`` at it, keep the newest ``keep`` dirs.
+
+    ``optimizer`` is an optimizer or an already assembled state dict; ``state_dict`` (optional) the model
+    weights to save in place of ``model``'s own (FSDP: the gathered full weights)."""
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer_path and os.path.isfile(tokenizer_path):
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
         osd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: already assembled
@@ -89,14 +92,16 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return d if os.path.isfile(os.path.join(d, "trainer.pt")) else None
 
 
-def load_trainer_state(ckpt: str, optimizer=None, transform=None) -> int:
+def load_trainer_state(ckpt: str, optimizer=None, transform=None, loader=None) -> int:
     """Restore optimizer and RNG states from ``ckpt``; returns the step to continue from.
 
     ``transform(state_dict) -> state_dict`` is applied to the saved optimizer state before loading it
-    (tensor parallelism slices the head's rows out of the full state)."""
+    (tensor parallelism slices the head's rows out of the full state); ``loader(state_dict)``, when given,
+    loads it in place of ``optimizer.load_state_dict`` (FSDP re-shards the full state)."""
     if optimizer is not None:
         osd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False)
-        optimizer.load_state_dict(transform(osd) if transform is not None else osd)
+        osd = transform(osd) if transform is not None else osd
+        (loader or optimizer.load_state_dict)(osd)
     st = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
     torch.set_rng_state(st["torch"])
     if st.get("cuda") is not None and torch.cuda.is_available():

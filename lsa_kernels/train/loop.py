@@ -3,6 +3,7 @@
     python -m lsa_kernels.train.loop --alpha 0.1 --steps 300 --out runs/lsa
     python -m lsa_kernels.train.loop --alpha 0   --steps 300 --out runs/ce       # the plain-CE baseline
     torchrun --nproc_per_node 2 -m lsa_kernels.train.loop ...                      # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --fsdp ...               # FSDP2: everything sharded
     torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --tensor-parallel 2 ...  # LM head sharded over the vocab
 
 Each step draws ``l_extra ~ U{1..l_train/2}`` and a batch of windows of ``l_train + l_extra + 1``
@@ -54,6 +55,8 @@ class TrainConfig:
     # it unties the embeddings (as --untie-embeddings does); see tensor_parallel.py
     tensor_parallel: int = 1
     untie_embeddings: bool = False
+    # FSDP2 (fully_shard) instead of DDP under torchrun: parameters, gradients and optimizer state sharded
+    fsdp: bool = False
     # optimisation
     steps: int = 300
     batch_size: int = 8
@@ -100,6 +103,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.tensor_parallel < 1:
         raise ConfigError(f"--tensor-parallel must be >= 1, got {cfg.tensor_parallel}")
+    if cfg.fsdp and cfg.tensor_parallel > 1:
+        raise ConfigError("--fsdp and --tensor-parallel cannot be combined (choose one way to split the model)")
     if cfg.tensor_parallel > 1:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != cfg.tensor_parallel:
@@ -203,6 +208,7 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     from ..integrations.hf import LongShortObjective, output_head
+    from . import fsdp as FSDP
     from . import tensor_parallel as TP
     from .checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
     from .data import DataError, WindowSampler, load_corpus, load_tokenizer
@@ -245,6 +251,20 @@ def train(cfg: TrainConfig) -> dict:
             shard = TP.shard_head(model)  # this rank's rows of the head replace the output embedding
     output_head(model)  # raises UnsupportedModel for heads we cannot express, before training starts
 
+    objective = LongShortObjective(
+        model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,
+        positions=cfg.positions, **(shard.loss_kw() if tp else {}),
+    )
+    if cfg.fsdp:  # before the optimizer: it must see the sharded (DTensor) parameters
+        try:
+            FSDP.shard(objective, model, device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif world > 1 and not tp:
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -252,19 +272,13 @@ def train(cfg: TrainConfig) -> dict:
         lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
     )
     if ckpt:  # optimizer, RNG (rank 0's; the default model has no dropout)
-        start = load_trainer_state(ckpt, opt, transform=lambda sd: TP.slice_optimizer_state(sd, model, opt, shard))
+        if cfg.fsdp:
+            start = load_trainer_state(ckpt, opt, loader=lambda sd: FSDP.load_optimizer_state(model, opt, sd))
+        else:
+            start = load_trainer_state(ckpt, opt, transform=lambda sd: TP.slice_optimizer_state(sd, model, opt, shard))
     else:
         start = 0
         torch.manual_seed(cfg.seed + (0 if tp else rank))  # TP: the replicated decoder needs the same RNG
-
-    objective = LongShortObjective(
-        model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,
-        positions=cfg.positions, **(shard.loss_kw() if tp else {}),
-    )
-    if world > 1 and not tp:
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None
-        )
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     cfg_dict = dataclasses.asdict(cfg)
     if rank == 0:
@@ -291,8 +305,8 @@ def train(cfg: TrainConfig) -> dict:
             gnorm = None
         elif tp:  # the head's part of the norm is spread over the ranks
             gnorm = TP.clip_grad_norm_(model, cfg.grad_clip, shard)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:  # a DTensor under FSDP (the norm over all shards): full_tensor() makes it a plain scalar
+            gnorm = FSDP.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
 
         tok_count += cfg.batch_size * cfg.l_train * (2 if cfg.alpha > 0 else 1) * (1 if tp else world)
@@ -316,6 +330,11 @@ def train(cfg: TrainConfig) -> dict:
                     with TP.swapped_head(model, full_head):
                         save_checkpoint(cfg.out, step + 1, model, full_opt, cfg_dict, tok_file)
                 del full_head, full_opt
+            elif cfg.fsdp:  # the full weights and optimizer state, gathered to rank 0: a plain checkpoint
+                full_sd, full_opt = FSDP.full_model_state(model), FSDP.full_optimizer_state(model, opt)
+                if rank == 0:
+                    save_checkpoint(cfg.out, step + 1, model, full_opt, cfg_dict, tok_file, state_dict=full_sd)
+                del full_sd, full_opt
             elif rank == 0:
                 save_checkpoint(cfg.out, step + 1, model, opt, cfg_dict, tok_file)
             if world > 1:
@@ -324,7 +343,12 @@ def train(cfg: TrainConfig) -> dict:
             break
     bar.close()
     with torch.no_grad():  # a cheap fingerprint of the weights (tests compare it across ranks / resumes)
-        psum = TP.param_sum(model, shard) if tp else float(sum(p.double().sum() for p in model.parameters()))
+        if tp:
+            psum = TP.param_sum(model, shard)
+        elif cfg.fsdp:
+            psum = FSDP.param_sum(model)
+        else:
+            psum = float(sum(p.double().sum() for p in model.parameters()))
         last = dict(last, param_sum=psum)
     if world > 1:  # every rank records its fingerprint: DDP keeps them identical
         with open(os.path.join(cfg.out, f"param_sum.rank{rank}"), "w") as f:
@@ -368,6 +392,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel,
                     help="shard the LM head over the vocabulary across N processes (torchrun --nproc_per_node N)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP")
     ap.add_argument("--untie-embeddings", action="store_true",
                     help="give the LM head its own copy of tied input embeddings (implied by --tensor-parallel > 1)")
     ap.add_argument("--n-layer", type=int, default=d.n_layer)
