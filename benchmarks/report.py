@@ -129,6 +129,13 @@ def goal_lines(rows: List[Dict]) -> List[str]:
 # ------------------------------------------------------------------------------------------- markdown
 
 
+def _hours(a: str, b: str) -> float:
+    """Hours from ISO timestamp ``a`` to ``b``."""
+    from datetime import datetime
+
+    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds() / 3600.0
+
+
 def summary_markdown(rows: List[Dict], machine: Optional[Dict] = None, title: str = "") -> str:
     out = [f"# {title or 'lsa_kernels benchmarks'}", ""]
     if machine:
@@ -139,8 +146,16 @@ def summary_markdown(rows: List[Dict], machine: Optional[Dict] = None, title: st
                     f"cut-cross-entropy {machine.get('cut_cross_entropy', '?') or '-'}, "
                     f"liger-kernel {machine.get('liger_kernel', '?') or '-'}")
         if "lsa_kernels_C" in machine:
-            bits.append(f"lsa_kernels C++ extension built: {machine['lsa_kernels_C']}; git {machine.get('git', '')}")
+            bits.append(f"lsa_kernels C++ extension built: {machine['lsa_kernels_C']}; git {machine.get('git', '')} (of the last run)")
         out += ["- " + b for b in bits]
+    stamps = sorted(r["timestamp"] for r in rows if r.get("timestamp") and r.get("status") == "ok")
+    if stamps:
+        runs = 1 + sum(1 for a, b in zip(stamps, stamps[1:]) if _hours(a, b) > 0.5)
+        span = f"measured {stamps[0]} … {stamps[-1]}"
+        if runs > 1:
+            span += (f" in {runs} sittings (`--resume` fills in the cases a run did not reach; every shape's "
+                     "implementations are measured in the same sitting, side by side)")
+        out.append("- " + span)
     loads = [float(r["loadavg_1m"]) for r in rows if r.get("loadavg_1m") not in (None, "")]
     if loads:
         out.append(f"- 1-minute load average during the run: {min(loads):.1f} … {max(loads):.1f} "

@@ -9,7 +9,7 @@ buffer, no V×H temporaries). Everything between the GEMMs runs in the compiled 
 
 Chunk size: ``C = budget / (K · V · 4 bytes)`` where ``K`` is the number of ``[C, V]`` fp32 buffers the
 path keeps alive at once (measured by tests/test_memory.py) and ``budget`` is ``opts.chunk_bytes`` or,
-by default, 1/8 of the full logits clamped to [16 MiB, 64 MiB] (all buffers together).
+by default 64 MiB (all buffers together; a problem whose logits are smaller takes one chunk).
 
 Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 x bf16 ->
 fp32 GEMM), so logits are never rounded to bf16. W is promoted once per call (a ``[V, H]`` fp32
@@ -48,16 +48,19 @@ K_PAIR = 9
 K_CE_EXT = 1
 K_PAIR_EXT = 2
 
-_MIN_BUDGET = 16 << 20
-_MAX_BUDGET = 64 << 20
+_BUDGET = 64 << 20
 
 
 def default_budget(n: int, v: int, k: int) -> int:
-    """The default budget in bytes for all ``[rows, V]`` buffers together: 1/8 of the full fp32 logits,
-    clamped to [16, 64] MiB. Measured (N=4096, H=512, V=32768, fp32 fwd+bwd, 2 cores): 64 MiB chunks
-    were as fast as 128 MiB and faster than 16-32 MiB (smaller GEMMs) or 200 MiB (cache misses)."""
-    del k  # the same bytes whatever the path: a path with fewer buffers gets more rows per chunk
-    return min(max(n * v * 4 // 8, _MIN_BUDGET), _MAX_BUDGET)
+    """The default budget in bytes for all ``[rows, V]`` buffers together: 64 MiB.
+
+    Measured (fp32 fwd+bwd, 2 cores, best of 3): at the CE goal shape (N=4096, H=512, V=32768) 64 MiB
+    chunks were as fast as 128 MiB and faster than 16-32 MiB (smaller GEMMs) or 200 MiB (cache misses).
+    The budget used to shrink to 1/8 of the logits (floor 16 MiB) for smaller N, which made the GEMMs of
+    a chunk — above all dW += dzᵀx, whose inner dimension is the chunk's rows — too thin: long-short at
+    N=1024, V=65536 took 5.05 s with 32 MiB and 3.77 s with 64 MiB; at N=512, V=32768 1.04 s vs 0.90 s."""
+    del n, v, k  # the same bytes whatever the path: a path with fewer buffers gets more rows per chunk
+    return _BUDGET
 
 
 def chunk_rows(n: int, v: int, k: int, chunk_bytes: Optional[int], default_k: Optional[int] = None) -> int:

@@ -92,8 +92,8 @@ def linear_cross_entropy(
     (int64, already aligned: no internal shift), ``linear_weight [V, H]``, ``linear_bias [V]``.
     ``z_loss`` adds ``z_loss * lse²`` per row; ``softcap`` applies ``c * tanh(z / c)`` to the logits.
     ``reduction="mean"`` averages over non-ignored rows and returns 0 (zero gradients) when there are
-    none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default: picked from the
-    shapes). ``check_targets=False`` skips the one host sync that checks target values.
+    none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default 64 MiB; the rows
+    per chunk follow from V). ``check_targets=False`` skips the one host sync that checks target values.
     ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
     vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.distributed`); targets are global ids.
     Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``.
