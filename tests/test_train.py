@@ -86,6 +86,8 @@ def test_bad_inputs(tmp_path, texts, capsys):
     assert "--alpha" in capsys.readouterr().err
     assert _train(out, texts, "--fsdp", "--tensor-parallel", "2") == 2
     assert "--fsdp and --tensor-parallel cannot be combined" in capsys.readouterr().err
+    assert _train(out, texts, "--fsdp") == 2
+    assert "torchrun --nproc_per_node N" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be.")
     assert train_main(TINY + ["--train-files", str(short), "--out", str(out)]) == 2

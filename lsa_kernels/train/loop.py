@@ -105,6 +105,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--tensor-parallel must be >= 1, got {cfg.tensor_parallel}")
     if cfg.fsdp and cfg.tensor_parallel > 1:
         raise ConfigError("--fsdp and --tensor-parallel cannot be combined (choose one way to split the model)")
+    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("--fsdp shards the model over the processes of a torchrun launch: run it as "
+                          "torchrun --nproc_per_node N -m lsa_kernels.train.loop --fsdp ...")
     if cfg.tensor_parallel > 1:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != cfg.tensor_parallel:
