@@ -231,7 +231,7 @@ GPU_TABLE = {
         "ce_bwd": _lc(64, 128, 64, 8, 2),
         "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
         "ce_bwd_dw": _lc(64, 128, 64, 8, 2),
-        "pair_fwd": _lc(64, 128, 64, 8, 3),
+        "pair_fwd": _lc(64, 64, 64, 8, 3),  # 64×128 tiles spilled 16 B for sym_kl (4 accumulators, 2 expm1)
         "pair_js": _lc(64, 64, 64, 8, 3),
         "pair_bwd": _lc(64, 64, 64, 8, 2),
         "pair_bwd_dx": _lc(64, 64, 64, 8, 2),
