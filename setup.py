@@ -57,7 +57,9 @@ setup(
             "liger-kernel==0.8.5",
             "cut-cross-entropy==25.1.1",
         ],
-        "train": ["transformers>=4.45", "tokenizers>=0.20", "safetensors>=0.4", "tqdm>=4.66", "matplotlib>=3.8"],
+        # peft: LoRA for `lsa train --lora` (pinned: its adapter/merge API is what checkpoints rely on)
+        "train": ["transformers>=4.45", "tokenizers>=0.20", "safetensors>=0.4", "tqdm>=4.66", "matplotlib>=3.8",
+                  "peft==0.21.2"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["lsa=lsa_kernels.cli:main"]},
