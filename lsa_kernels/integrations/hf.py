@@ -43,6 +43,7 @@ __all__ = [
     "causal_lm_loss",
     "long_short_step",
     "LongShortObjective",
+    "head_operands",
     "load_causal_lm",
 ]
 
@@ -84,10 +85,12 @@ def attn_implementation(device: Optional[torch.device | str] = None) -> str:
     return "sdpa"
 
 
-def load_causal_lm(model: "str | object", *, device=None, dtype: Optional[torch.dtype] = None, attn: Optional[str] = None):
+def load_causal_lm(model: "str | object", *, device=None, dtype: Optional[torch.dtype] = None, attn: Optional[str] = None,
+                   config=None):
     """A causal LM from a path on disk (``from_pretrained``, local files only) or a transformers config
     (``from_config``), with ``attn_implementation`` set: :func:`attn_implementation` unless ``attn`` is
-    given, falling back to ``"eager"`` for architectures that support neither flash-attn nor SDPA."""
+    given, falling back to ``"eager"`` for architectures that support neither flash-attn nor SDPA.
+    ``config`` (with a path) replaces the config stored there, e.g. one whose RoPE was extended."""
     import os
 
     from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -102,7 +105,9 @@ def load_causal_lm(model: "str | object", *, device=None, dtype: Optional[torch.
             raise FileNotFoundError(f"no model at {path!r}: expected a directory with config.json (and weights)")
 
         def build(i):
-            return AutoModelForCausalLM.from_pretrained(path, attn_implementation=i, dtype=dtype, local_files_only=True)
+            kw = {} if config is None else {"config": config}
+            return AutoModelForCausalLM.from_pretrained(path, attn_implementation=i, dtype=dtype, local_files_only=True,
+                                                        **kw)
     chain = {"flash_attention_2": ["flash_attention_2", "sdpa", "eager"], "sdpa": ["sdpa", "eager"]}.get(impl, [impl])
     for i, cand in enumerate(chain):
         try:
@@ -210,6 +215,20 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opt
     return out.hidden_states[-1]
 
 
+def head_operands(head: OutputHead, h: torch.Tensor):
+    """``(h', W, b')`` for the fused ops: the scale folded in (:meth:`OutputHead.prepare`) and, inside
+    ``torch.autocast``, all three cast to the autocast dtype as ``F.linear`` would (the fused ops still keep
+    their statistics, losses and dW accumulation in fp32). Outside autocast ``h`` and ``W`` must share a dtype."""
+    h, b = head.prepare(h)
+    w = head.weight
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        h, w = h.to(dt), w.to(dt)
+        b = None if b is None else b.to(dt)
+    return h, w, b
+
+
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """transformers' shift: row t predicts ``labels[t + 1]``; the last row is ignored."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
@@ -232,11 +251,10 @@ def causal_lm_loss(
     ``W[vocab_start : vocab_start + V_r]`` of a vocab-parallel head (labels stay global ids).
     """
     head = output_head(model)
-    h = hidden_states(model, input_ids, attention_mask)
-    h, b = head.prepare(h)
+    h, w, b = head_operands(head, hidden_states(model, input_ids, attention_mask))
     y = shift_labels(labels, ignore_index)
     return linear_cross_entropy(
-        h, head.weight, y, linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw
+        h, w, y, linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw
     )
 
 
@@ -264,10 +282,9 @@ def long_short_step(
     long, short = make_views(window, l_extra)
     B = window.shape[0]
     x = torch.cat([long[:, :-1], short[:, :-1]], dim=0)
-    h = hidden_states(model, x)
-    h, b = head.prepare(h)
+    h, w, b = head_operands(head, hidden_states(model, x))
     return long_short_loss(
-        h[:B], h[B:], head.weight, long[:, 1:], short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
+        h[:B], h[B:], w, long[:, 1:], short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
         linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw,
     )
 
@@ -290,16 +307,21 @@ class LongShortObjective(nn.Module):
         self.backend = backend
         self.loss_kw = loss_kw
 
-    def forward(self, window: torch.Tensor, l_extra: int, alpha: float) -> LongShortLoss:
+    def forward(self, window: torch.Tensor, l_extra: int, alpha: float, views: int = 0) -> LongShortLoss:
+        """``views``: 0 = the default pairing above; 2 with ``alpha == 0`` = CE over BOTH views of ``window``
+        ``[B, l_train + l_extra + 1]`` (the same tokens as the long-short loss, without the divergence)."""
         if alpha == 0:
             head = output_head(self.model)
-            view = window
-            h, b = head.prepare(hidden_states(self.model, view[:, :-1]))
+            if views == 2:
+                long, short = make_views(window, l_extra)
+                x = torch.cat([long[:, :-1], short[:, :-1]], dim=0)
+                y = torch.cat([long[:, 1:], short[:, 1:]], dim=0)
+            else:
+                x, y = window[:, :-1], window[:, 1:]
+            h, w, b = head_operands(head, hidden_states(self.model, x))
             ce_kw = {k: v for k, v in self.loss_kw.items()
                      if k in ("label_smoothing", "z_loss", "process_group", "vocab_start")}
-            ce = linear_cross_entropy(
-                h, head.weight, view[:, 1:], linear_bias=b, softcap=head.softcap, backend=self.backend, **ce_kw
-            )
+            ce = linear_cross_entropy(h, w, y, linear_bias=b, softcap=head.softcap, backend=self.backend, **ce_kw)
             return LongShortLoss(ce, ce, torch.zeros((), device=ce.device, dtype=ce.dtype))
         return long_short_step(
             self.model, window, l_extra, alpha=alpha, divergence=self.divergence, backend=self.backend, **self.loss_kw

@@ -8,7 +8,15 @@ Layout of ``<out>/``:
         optimizer.pt                        (optimizer state_dict)
         trainer.pt                          (step, torch / cuda / python RNG states)
         state.json                          (step, train config; human-readable)
+        adapter/                            LoRA runs only: the peft adapter (adapter_config.json,
+                                            adapter_model.safetensors); the model files above are then the
+                                            MERGED model (base + adapter), loadable alone
     latest                                  text file naming the newest complete ckpt dir
+
+Checkpoints from elsewhere are data, not code: ``optimizer.pt`` and ``trainer.pt`` hold only tensors and
+plain Python values and are read with ``torch.load(weights_only=True)``, so a file carrying any other
+pickled object (which could run code when unpickled) is refused with :class:`UnsafeCheckpoint`; the model
+and adapter weights are safetensors.
 
 A checkpoint is written to ``<out>/.tmp-ckpt-*`` and renamed into place with ``os.replace``; ``latest``
 is rewritten the same way afterwards, so a crash at any point leaves the previous checkpoint usable.
@@ -26,7 +34,40 @@ from typing import Optional
 
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "atomic_write_text"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "atomic_write_text", "safe_load",
+           "UnsafeCheckpoint", "ADAPTER_DIR"]
+
+ADAPTER_DIR = "adapter"
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file holds something other than tensors and plain values (or is unreadable)."""
+
+
+def safe_load(path: str):
+    """``torch.load(path, weights_only=True)``: tensors, dicts, lists, tuples, numbers, strings and None only."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle.UnpicklingError for a disallowed global, or a corrupt file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpoint(
+            f"refusing to load {path!r}: it is not a plain tensor/state file that loads with "
+            f"torch.load(weights_only=True) ({first}); only load checkpoints you trust"
+        ) from None
+
+
+def _save_merged(model, adapter, path: str) -> None:
+    """The peft ``adapter`` model merged into a copy of its base, saved with ``save_pretrained``, and the adapter
+    itself under ``path/adapter``. The copy costs one model's memory at checkpoint time only; the training model
+    is never merged in place (merge + unmerge would perturb the frozen base weights by rounding)."""
+    import copy
+
+    adapter.save_pretrained(os.path.join(path, ADAPTER_DIR), safe_serialization=True)
+    merged = copy.deepcopy(adapter).merge_and_unload()
+    merged.save_pretrained(path, safe_serialization=True)
+    del merged
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -45,15 +86,19 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(out: str, step: int, model, optimizer, config: dict, tokenizer_path: Optional[str] = None,
-                    keep: int = 2, state_dict: Optional[dict] = None) -> str:
+                    keep: int = 2, state_dict: Optional[dict] = None, adapter=None) -> str:
     """Write ``<out>/ckpt-{step}`` atomically, point ``latest`` at it, keep the newest ``keep`` dirs.
 
     ``optimizer`` is an optimizer or an already assembled state dict; ``state_dict`` (optional) the model
-    weights to save in place of ``model``'s own (FSDP: the gathered full weights)."""
+    weights to save in place of ``model``'s own (FSDP: the gathered full weights); ``adapter`` (optional) the
+    peft model of a LoRA run: the adapter is saved under ``adapter/`` and the merged model as the model files."""
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
     try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if adapter is not None:
+            _save_merged(model, adapter, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer_path and os.path.isfile(tokenizer_path):
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.json"))
         osd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()  # a dict: already assembled
@@ -99,12 +144,13 @@ def load_trainer_state(ckpt: str, optimizer=None, transform=None, loader=None) -
     (tensor parallelism slices the head's rows out of the full state); ``loader(state_dict)``, when given,
     loads it in place of ``optimizer.load_state_dict`` (FSDP re-shards the full state)."""
     if optimizer is not None:
-        osd = torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=False)
+        osd = safe_load(os.path.join(ckpt, "optimizer.pt"))
         osd = transform(osd) if transform is not None else osd
         (loader or optimizer.load_state_dict)(osd)
-    st = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=False)
+    st = safe_load(os.path.join(ckpt, "trainer.pt"))
     torch.set_rng_state(st["torch"])
     if st.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-    random.setstate(st["python"])
+    py = st["python"]  # (version, tuple of ints, gauss_next); a list after some pickle round trips
+    random.setstate((py[0], tuple(py[1]), py[2]))
     return int(st["step"])

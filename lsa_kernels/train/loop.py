@@ -9,8 +9,22 @@
 Each step draws ``l_extra ~ U{1..l_train/2}`` and a batch of windows of ``l_train + l_extra + 1``
 tokens; the model sees both views (long = first ``l_train`` tokens, short = last ``l_train``) in one
 batched forward and the fused loss gives ``ce + alpha * misalign`` (SPEC §4). ``alpha = 0`` takes the
-plain CE path: one view of ``l_train + 1`` tokens. The model is a small Llama built from a config
-(sized for a CPU), or any transformers causal LM on disk (``--model PATH``).
+plain CE path: the long view only (``--ce-views 2``: CE on both views, the same tokens as the
+regularised run). Every run with the same seed sees the same windows in the same order, whatever its
+alpha. The model is a small Llama built from a config (sized for a CPU), or any transformers causal LM
+on disk (``--model PATH``: a model dir, a checkpoint dir or the ``--out`` dir of an earlier run).
+
+Long-context fine-tuning as the paper runs it (context extension of a pretrained model on little memory):
+
+    lsa train --model runs/base --rope-scaling linear --rope-factor 4 --l-train 256 \
+              --lora 8 --grad-checkpointing --grad-accum 4 --dtype bf16 --alpha 0.1 --out runs/x4
+
+``--rope-scaling/--rope-factor`` write the scaling into the model's config the way the installed
+transformers expects (so ``from_pretrained`` on a checkpoint rebuilds the extended model); ``--lora``
+trains a peft LoRA adapter with the base weights and the LM head frozen (the fused losses then compute no
+dW), checkpoints hold the adapter and the merged model; ``--grad-checkpointing`` recomputes activations in
+the backward (non-reentrant); ``--grad-accum K`` sums K micro-batches, each weighted by its share of the
+step's valid targets, so a step equals one batch K times larger; ``--dtype bf16`` runs under autocast.
 """
 
 from __future__ import annotations
@@ -51,6 +65,20 @@ class TrainConfig:
     detach: Optional[str] = None
     positions: str = "overlap"
     backend: str = "auto"
+    # CE on one view (the long one) or both; 0 = 1 when alpha == 0, else 2 (the long-short loss)
+    ce_views: int = 0
+    # context extension of a RoPE model (--model): "" = none, else one of ROPE_TYPES, with factor >= 1
+    rope_scaling: str = ""
+    rope_factor: float = 1.0
+    # memory levers
+    grad_checkpointing: bool = False
+    lora: int = 0  # LoRA rank; 0 = full fine-tuning
+    lora_alpha: float = 0.0  # 0 = 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    lora_trainable: str = ""  # also train (fully) these, LongLoRA-style: comma list of "embed", "norm"
+    grad_accum: int = 1
+    dtype: str = "auto"  # "fp32", "bf16" (autocast), "auto" = bf16 on CUDA, fp32 on CPU
     # parallelism: N > 1 shards the LM head over the vocabulary across N processes (torchrun, world = N);
     # it unties the embeddings (as --untie-embeddings does); see tensor_parallel.py
     tensor_parallel: int = 1
@@ -118,18 +146,52 @@ def validate(cfg: TrainConfig) -> None:
             )
         if cfg.backend == "reference":
             raise ConfigError("--tensor-parallel needs a fused backend (--backend auto, cpu or triton), not reference")
-    if cfg.model and not os.path.isfile(os.path.join(cfg.model, "config.json")):
-        raise ConfigError(f"--model {cfg.model!r}: no transformers model there (expected a directory with config.json)")
+    if cfg.model and model_dir(cfg.model) is None:
+        raise ConfigError(f"--model {cfg.model!r}: no transformers model there (expected a directory with config.json, "
+                          "a checkpoint dir or the --out dir of an earlier run)")
+    if cfg.ce_views not in (0, 1, 2):
+        raise ConfigError(f"--ce-views must be 0 (auto), 1 or 2, got {cfg.ce_views}")
+    if cfg.ce_views == 1 and cfg.alpha > 0:
+        raise ConfigError("--ce-views 1 needs --alpha 0 (the long-short loss trains CE on both views)")
+    if cfg.rope_scaling and cfg.rope_scaling not in ROPE_TYPES:
+        raise ConfigError(f"--rope-scaling {cfg.rope_scaling!r} is not supported; choose one of {', '.join(ROPE_TYPES)}")
+    if not (isinstance(cfg.rope_factor, (int, float)) and math.isfinite(cfg.rope_factor) and cfg.rope_factor >= 1):
+        raise ConfigError(f"--rope-factor must be a number >= 1 (the context extension ratio), got {cfg.rope_factor}")
+    if cfg.rope_factor != 1 and not cfg.rope_scaling:
+        raise ConfigError("--rope-factor needs --rope-scaling (linear, dynamic, yarn or llama3)")
+    if cfg.rope_scaling and (cfg.tensor_parallel > 1 or cfg.fsdp):
+        raise ConfigError("--rope-scaling is supported on one process or DDP, not with --tensor-parallel / --fsdp")
+    if cfg.lora < 0:
+        raise ConfigError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {cfg.lora}")
+    if cfg.lora and (cfg.tensor_parallel > 1 or cfg.fsdp):
+        raise ConfigError("--lora is supported on one process or DDP, not with --tensor-parallel / --fsdp")
+    if cfg.lora_alpha < 0 or not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-alpha must be >= 0 and --lora-dropout in [0, 1), got {cfg.lora_alpha}, {cfg.lora_dropout}")
+    bad = [t for t in _csv(cfg.lora_trainable) if t not in ("embed", "norm")]
+    if bad:
+        raise ConfigError(f"--lora-trainable takes a comma list of embed, norm; got {', '.join(bad)}")
+    if cfg.lora_trainable and not cfg.lora:
+        raise ConfigError("--lora-trainable needs --lora R (without LoRA every weight is trained already)")
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
         raise ConfigError(f"--tokenizer {cfg.tokenizer!r} does not exist")
     for p in cfg.train_files:
         if not os.path.isfile(p):
             raise ConfigError(f"--train-files: {p!r} does not exist")
     if cfg.resume:
-        from .checkpoint import latest_checkpoint
+        from .checkpoint import ADAPTER_DIR, latest_checkpoint
 
-        if latest_checkpoint(cfg.out) is None:
+        ckpt = latest_checkpoint(cfg.out)
+        if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint in {cfg.out!r}")
+        if cfg.lora and not os.path.isfile(os.path.join(ckpt, ADAPTER_DIR, "adapter_config.json")):
+            raise ConfigError(f"--resume --lora: {ckpt!r} holds no LoRA adapter ({ADAPTER_DIR}/adapter_config.json); "
+                              "it was not written by a --lora run")
+        if cfg.lora and not cfg.model:
+            raise ConfigError("--resume --lora needs --model: the base model the adapter was trained on")
     elif os.path.exists(os.path.join(cfg.out, "latest")):
         raise ConfigError(f"{cfg.out!r} already holds a run: pass --resume to continue it or choose another --out")
 
@@ -139,31 +201,114 @@ def tokenizer_path(cfg: TrainConfig) -> str:
 
     if cfg.tokenizer:
         return cfg.tokenizer
-    if cfg.model:
-        if os.path.isfile(os.path.join(cfg.model, "tokenizer.json")) and not os.path.isfile(
-            os.path.join(cfg.model, "tokenizer_config.json")
+    mdir = model_dir(cfg.model) if cfg.model else None
+    if mdir:
+        if os.path.isfile(os.path.join(mdir, "tokenizer.json")) and not os.path.isfile(
+            os.path.join(mdir, "tokenizer_config.json")
         ):
-            return os.path.join(cfg.model, "tokenizer.json")
-        if os.path.isfile(os.path.join(cfg.model, "tokenizer_config.json")):
-            return cfg.model
+            return os.path.join(mdir, "tokenizer.json")
+        if os.path.isfile(os.path.join(mdir, "tokenizer_config.json")):
+            return mdir
     return DEFAULT_TOKENIZER
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, path: Optional[str] = None):
-    """The small default Llama (from config), or the transformers model at ``path or cfg.model``."""
-    from transformers import LlamaConfig
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def model_dir(path: str) -> Optional[str]:
+    """The transformers model dir behind ``path``: itself, or the latest checkpoint of a run's ``--out`` dir."""
+    from .checkpoint import latest_checkpoint
+
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "latest")):
+        return path
+    ckpt = latest_checkpoint(path) if os.path.isdir(path) else None
+    return ckpt if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")) else None
+
+
+def _rope_dict(config) -> tuple:
+    """(attribute name, the model's RoPE parameters) — ``rope_parameters`` (transformers >= 5) or the older
+    ``rope_scaling`` + ``rope_theta``; raises ConfigError for a model without (a single, global) RoPE."""
+    name = type(config).__name__
+    if hasattr(config, "rope_parameters"):
+        rp = config.rope_parameters
+        if not isinstance(rp, dict) or not rp or "rope_theta" not in rp:
+            raise ConfigError(f"--rope-scaling: the model ({config.model_type}, {name}) has no rotary position "
+                              "embeddings (no rope_parameters in its config); only RoPE models can be extended this way")
+        if any(isinstance(v, dict) for v in rp.values()):
+            raise ConfigError(f"--rope-scaling: {config.model_type} has per-layer RoPE parameters; extending those "
+                              "is not supported")
+        return "rope_parameters", dict(rp)
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        raise ConfigError(f"--rope-scaling: the model ({config.model_type}, {name}) has no rotary position embeddings "
+                          "(no rope_theta in its config); only RoPE models can be extended this way")
+    rs = dict(getattr(config, "rope_scaling", None) or {})
+    rs.setdefault("rope_type", rs.get("type", "default"))
+    return "rope_scaling", rs
+
+
+def extend_rope(config, rope_type: str, factor: float):
+    """Write a ``rope_type`` context extension by ``factor`` into a transformers ``config`` (in place; returned).
+
+    linear (position interpolation), yarn and llama3 scale the positions the model was trained on,
+    ``n0 = max_position_embeddings``, to ``n0 * factor`` (and record ``original_max_position_embeddings = n0``);
+    dynamic (NTK) keeps ``max_position_embeddings = n0`` (transformers rescales the base past it) and allows
+    ``n0 * factor`` positions here (:func:`max_positions`). A model that is already scaled is refused."""
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"--rope-scaling {rope_type!r} is not supported; choose one of {', '.join(ROPE_TYPES)}")
+    if not factor >= 1:
+        raise ConfigError(f"--rope-factor must be >= 1, got {factor}")
+    attr, rp = _rope_dict(config)
+    if rp.get("rope_type", "default") != "default":
+        raise ConfigError(f"--rope-scaling: the model is already extended ({rp.get('rope_type')}, factor "
+                          f"{rp.get('factor')}); extending it again is not supported: start from its base model")
+    n0 = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n0, int):
+        raise ConfigError(f"--rope-scaling: {config.model_type} has no max_position_embeddings to extend")
+    new = {k: rp[k] for k in ("rope_theta", "partial_rotary_factor") if k in rp}
+    new.update(rope_type=rope_type, factor=float(factor))
+    if rope_type in ("yarn", "llama3"):
+        new["original_max_position_embeddings"] = n0
+    if rope_type == "llama3":
+        new.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    if attr == "rope_parameters":
+        config.rope_parameters = new
+    else:  # transformers 4.x: rope_theta stays a top-level field
+        new.pop("rope_theta", None)
+        config.rope_scaling = new
+    if rope_type != "dynamic":
+        config.max_position_embeddings = int(round(n0 * factor))
+    if hasattr(config, "validate_rope"):
+        config.validate_rope()
+    return config
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, path: Optional[str] = None,
+                rope: bool = True):
+    """The small default Llama (from config), or the transformers model at ``path or cfg.model``, with
+    ``cfg``'s RoPE extension applied when ``rope`` (not for a checkpoint of this run: it has it already)."""
+    from transformers import AutoConfig, LlamaConfig
 
     from ..integrations.hf import load_causal_lm
 
-    path = path or cfg.model
+    path = path or (model_dir(cfg.model) if cfg.model else None)
     if path:
-        model = load_causal_lm(path, device=device, dtype=torch.float32)
+        mc = None
+        if rope and cfg.rope_scaling:
+            mc = extend_rope(AutoConfig.from_pretrained(path, local_files_only=True), cfg.rope_scaling, cfg.rope_factor)
+        model = load_causal_lm(path, device=device, dtype=torch.float32, config=mc)
     else:
         mc = LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn, num_hidden_layers=cfg.n_layer,
             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.max_positions,
             tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
         )
+        if rope and cfg.rope_scaling:
+            extend_rope(mc, cfg.rope_scaling, cfg.rope_factor)
         model = load_causal_lm(mc, device=device, dtype=torch.float32)
     if getattr(model.config, "vocab_size", vocab_size) < vocab_size:
         raise ConfigError(f"the tokenizer has {vocab_size} tokens but the model's vocabulary only {model.config.vocab_size}")
@@ -171,12 +316,70 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, path: O
 
 
 def max_positions(model) -> Optional[int]:
-    c = model.config
+    """The longest sequence the model is configured for: ``max_position_embeddings`` (times the factor for
+    dynamic NTK scaling, which keeps the original value there and rescales past it)."""
+    c = getattr(model, "config", model)
     for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(c, k, None)
         if isinstance(v, int):
+            rp = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+            if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) == "dynamic":
+                return int(round(v * float(rp.get("factor", 1.0))))
             return v
     return None
+
+
+def enable_grad_checkpointing(model) -> None:
+    """transformers' activation checkpointing, non-reentrant (works with frozen inputs, LoRA and DDP)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
+        model.activation_checkpointing_enable(**kw)
+    else:
+        model.gradient_checkpointing_enable(**kw)
+
+
+def apply_lora(cfg: TrainConfig, model, adapter_dir: Optional[str] = None):
+    """Wrap ``model`` in a peft LoRA adapter (rank ``cfg.lora`` on ``cfg.lora_targets``), everything else frozen
+    (the LM head too, so the fused losses compute no dW) except ``cfg.lora_trainable`` (embeddings and/or norms,
+    trained in full as LongLoRA does). ``adapter_dir``: load the adapter weights saved there (``--resume``).
+    Returns the peft model; the wrapped transformers model (with the LoRA layers in it) is ``.get_base_model()``."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    from ..integrations.hf import output_head
+
+    extra = set(_csv(cfg.lora_trainable))
+    head = output_head(model, verify=False).weight
+    emb = model.get_input_embeddings()
+    if "embed" in extra and emb is not None and emb.weight is head:
+        raise ConfigError("--lora-trainable embed: the model ties its input embeddings to the LM head, which LoRA "
+                          "keeps frozen; pass --untie-embeddings to train the input embeddings alone")
+    modules_to_save = []
+    if "embed" in extra:
+        names = [n for n, m in model.named_modules() if m is emb]
+        modules_to_save.append(names[0].split(".")[-1])
+    if "norm" in extra:
+        modules_to_save += sorted({n.split(".")[-1] for n, m in model.named_modules()
+                                   if "norm" in type(m).__name__.lower() and n})
+    lc = LoraConfig(r=cfg.lora, lora_alpha=cfg.lora_alpha or 2 * cfg.lora, lora_dropout=cfg.lora_dropout,
+                    target_modules=_csv(cfg.lora_targets), modules_to_save=modules_to_save or None, bias="none",
+                    task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, lc)
+    except ValueError as e:
+        found = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--lora-targets {cfg.lora_targets!r}: no matching module in {type(model).__name__} "
+                          f"(its linear layers: {', '.join(found)}) [{str(e).splitlines()[0]}]") from None
+    if adapter_dir is not None:
+        res = set_peft_model_state_dict(peft_model, load_peft_weights(adapter_dir, device="cpu"))
+        if getattr(res, "unexpected_keys", None):
+            raise ConfigError(f"--resume: the adapter in {adapter_dir!r} does not fit this model "
+                              f"(unexpected keys {res.unexpected_keys[:3]})")
+    if head.requires_grad:  # a head inside modules_to_save would be trained: LoRA keeps it frozen
+        raise ConfigError("--lora: the LM head would be trained; remove it from --lora-targets / --lora-trainable")
+    return peft_model
 
 
 def _quiet_transformers() -> None:
@@ -197,12 +400,37 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def l_extra_at(cfg: TrainConfig, step: int) -> int:
-    """``l_extra ~ U{1..l_train//2}`` for this step (the same on every rank); 0 on the CE path."""
+    """``l_extra ~ U{1..l_train//2}`` for this step (the same on every rank). Drawn for every run, whatever its
+    alpha, so that runs with the same seed see the same windows (the one-view CE run uses their long view)."""
     from ..pairing import sample_l_extra
 
-    if cfg.alpha == 0:
-        return 0
     return sample_l_extra(cfg.l_train, torch.Generator().manual_seed(cfg.seed * 7919 + step))
+
+
+def ce_views(cfg: TrainConfig) -> int:
+    return cfg.ce_views or (1 if cfg.alpha == 0 else 2)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast for ``--dtype bf16`` (and ``auto`` on CUDA); fp32 otherwise."""
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def micro_batch_weights(window: torch.Tensor, l_extra: int, views: int, positions: str, grad_accum: int):
+    """Split a step's windows into ``grad_accum`` micro-batches and weight each by its share of the step's
+    valid CE targets and of its valid pairs, so that ``sum_k w_k * mean_k`` is the mean over the whole step
+    (the loss of one batch ``grad_accum`` times larger). Returns ``[(windows_k, w_ce_k, w_pair_k)]``.
+    Windows cut from the corpus hold token ids only (no ignored targets), so the counts are the row counts."""
+    chunks = window.chunk(grad_accum, dim=0)
+    T = window.shape[1] - 1 - l_extra  # l_train
+    n_ce = [c.shape[0] * T * views for c in chunks]
+    n_pair = [c.shape[0] * (1 if positions == "last" else T - l_extra) for c in chunks]
+    return [(c, a / sum(n_ce), b / sum(n_pair)) for c, a, b in zip(chunks, n_ce, n_pair)]
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -231,14 +459,16 @@ def train(cfg: TrainConfig) -> dict:
         tok = load_tokenizer(tok_path)
         corpus = load_corpus(tok, "train", cfg.train_files or None)
         sampler = WindowSampler(corpus, seed=cfg.seed, rank=0 if tp else rank)  # TP: every rank, the same batch
-        sampler.check(cfg.l_train + (cfg.l_train // 2 if cfg.alpha > 0 else 0) + 1)
+        sampler.check(cfg.l_train + cfg.l_train // 2 + 1)
     except DataError as e:
         raise ConfigError(str(e)) from None
     ckpt = latest_checkpoint(cfg.out) if cfg.resume else None
-    model = build_model(cfg, tok.vocab_size, device, path=ckpt)
+    # LoRA resumes from the base (extended as before) + the saved adapter; other runs from the checkpoint itself
+    model = build_model(cfg, tok.vocab_size, device, path=None if cfg.lora else ckpt, rope=cfg.lora or not ckpt)
     npos = max_positions(model)
     if npos is not None and cfg.l_train > npos:
-        raise ConfigError(f"--l-train {cfg.l_train} exceeds the model's {npos} positions (max_position_embeddings)")
+        how = "" if cfg.rope_scaling else " (extend them with --rope-scaling linear --rope-factor F)"
+        raise ConfigError(f"--l-train {cfg.l_train} exceeds the model's {npos} positions{how}")
     shard = None
     if tp or cfg.untie_embeddings:
         if TP.is_tied(model):
@@ -253,6 +483,15 @@ def train(cfg: TrainConfig) -> dict:
         if tp:
             shard = TP.shard_head(model)  # this rank's rows of the head replace the output embedding
     output_head(model)  # raises UnsupportedModel for heads we cannot express, before training starts
+    peft_model = None
+    if cfg.lora:
+        from .checkpoint import ADAPTER_DIR
+
+        peft_model = apply_lora(cfg, model, os.path.join(ckpt, ADAPTER_DIR) if ckpt else None)
+        model = peft_model.get_base_model()  # the same modules, LoRA layers inside; what the objective runs
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    amp = autocast_for(cfg, device)
 
     objective = LongShortObjective(
         model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,
@@ -282,7 +521,6 @@ def train(cfg: TrainConfig) -> dict:
     else:
         start = 0
         torch.manual_seed(cfg.seed + (0 if tp else rank))  # TP: the replicated decoder needs the same RNG
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     cfg_dict = dataclasses.asdict(cfg)
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
@@ -295,15 +533,28 @@ def train(cfg: TrainConfig) -> dict:
                dynamic_ncols=True, desc=f"alpha={cfg.alpha:g}")
     last = {}
     t0, tok_count = time.perf_counter(), 0
+    views = ce_views(cfg)
     for step in bar:
         l_extra = l_extra_at(cfg, step)
-        window = sampler.windows(step, cfg.batch_size, cfg.l_train + l_extra + 1).to(device, non_blocking=True)
+        window = sampler.windows(step, cfg.batch_size * cfg.grad_accum, cfg.l_train + l_extra + 1)
+        window = window.to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        with amp:
-            out = objective(window, l_extra, cfg.alpha)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        tot = [0.0, 0.0, 0.0]  # loss, ce, misalign of the whole step (tensors after the first micro-batch)
+        for k, (win, w_ce, w_pair) in enumerate(micro_batch_weights(window, l_extra, views, cfg.positions, cfg.grad_accum)):
+            sync = contextlib.nullcontext()
+            if k < cfg.grad_accum - 1 and isinstance(objective, torch.nn.parallel.DistributedDataParallel):
+                sync = objective.no_sync()  # DDP: all-reduce the gradients once, after the last micro-batch
+            with sync:
+                with amp:
+                    if views == 1:
+                        out = objective(win[:, : cfg.l_train + 1], 0, 0.0)
+                    else:
+                        out = objective(win, l_extra, cfg.alpha, views=2)
+                ce_k, mis_k = out.ce.float() * w_ce, out.misalign.float() * w_pair
+                (ce_k + cfg.alpha * mis_k).backward()
+            tot = [tot[0] + ce_k.detach() + cfg.alpha * mis_k.detach(), tot[1] + ce_k.detach(), tot[2] + mis_k.detach()]
         if cfg.grad_clip <= 0:
             gnorm = None
         elif tp:  # the head's part of the norm is spread over the ranks
@@ -312,11 +563,11 @@ def train(cfg: TrainConfig) -> dict:
             gnorm = FSDP.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
 
-        tok_count += cfg.batch_size * cfg.l_train * (2 if cfg.alpha > 0 else 1) * (1 if tp else world)
+        tok_count += cfg.batch_size * cfg.grad_accum * cfg.l_train * views * (1 if tp else world)
         if rank == 0:
             dt = time.perf_counter() - t0
             last = {
-                "step": step + 1, "loss": out.loss.item(), "ce": out.ce.item(), "misalign": out.misalign.item(),
+                "step": step + 1, "loss": float(tot[0]), "ce": float(tot[1]), "misalign": float(tot[2]),
                 "l_extra": l_extra, "lr": lr_at(cfg, step), "tok_s": tok_count / max(dt, 1e-9),
                 "grad_norm": None if gnorm is None else float(gnorm),
             }
@@ -339,7 +590,7 @@ def train(cfg: TrainConfig) -> dict:
                     save_checkpoint(cfg.out, step + 1, model, full_opt, cfg_dict, tok_file, state_dict=full_sd)
                 del full_sd, full_opt
             elif rank == 0:
-                save_checkpoint(cfg.out, step + 1, model, opt, cfg_dict, tok_file)
+                save_checkpoint(cfg.out, step + 1, model, opt, cfg_dict, tok_file, adapter=peft_model)
             if world > 1:
                 torch.distributed.barrier()
         if stop:
@@ -381,6 +632,24 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=d.temperature)
     ap.add_argument("--detach", default=d.detach, choices=[None, "long", "short"])
     ap.add_argument("--positions", default=d.positions, choices=["overlap", "last"])
+    ap.add_argument("--ce-views", type=int, default=d.ce_views, choices=[0, 1, 2],
+                    help="CE on 1 view (the long one) or 2 (both); 0 = 1 with --alpha 0, else 2")
+    g = ap.add_argument_group("context extension (RoPE models)")
+    g.add_argument("--rope-scaling", default=d.rope_scaling, metavar="TYPE",
+                   help=f"extend the model's context: one of {', '.join(ROPE_TYPES)} (linear = position interpolation)")
+    g.add_argument("--rope-factor", type=float, default=d.rope_factor, help="extension ratio (>= 1)")
+    g = ap.add_argument_group("memory")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    g.add_argument("--lora", type=int, default=d.lora, metavar="R", help="train a LoRA adapter of rank R (0 = full)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scaling alpha (default 2R)")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--lora-targets", default=d.lora_targets, help="comma list of module names to adapt")
+    g.add_argument("--lora-trainable", default=d.lora_trainable,
+                   help="also train these in full, LongLoRA-style: comma list of embed, norm")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K",
+                   help="K micro-batches of --batch-size per step, normalised over all their targets")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
+                   help="bf16 = autocast (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step per process")
     ap.add_argument("--lr", type=float, default=d.lr)
