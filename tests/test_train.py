@@ -59,7 +59,8 @@ def test_loss_decreases_and_checkpoint_written(trained):
 
 def test_alpha_zero_is_plain_ce(tmp_path, texts):
     assert _train(tmp_path / "ce", texts, "--steps", "3", "--alpha", "0") == 0
-    assert all(r["misalign"] == 0 and r["loss"] == r["ce"] and r["l_extra"] == 0 for r in _log(tmp_path / "ce"))
+    # l_extra is still drawn (the one-view run trains on the long view of the windows an alpha > 0 run sees)
+    assert all(r["misalign"] == 0 and r["loss"] == r["ce"] and 1 <= r["l_extra"] <= 8 for r in _log(tmp_path / "ce"))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, texts):

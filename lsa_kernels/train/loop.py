@@ -333,11 +333,11 @@ def enable_grad_checkpointing(model) -> None:
     """transformers' activation checkpointing, non-reentrant (works with frozen inputs, LoRA and DDP)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ConfigError(f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    kw = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2 renamed it
-        model.activation_checkpointing_enable(**kw)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
-        model.gradient_checkpointing_enable(**kw)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 def apply_lora(cfg: TrainConfig, model, adapter_dir: Optional[str] = None):
@@ -686,13 +686,14 @@ def config_from_args(argv=None) -> TrainConfig:
 def train_main(argv: Optional[List[str]] = None) -> int:
     """CLI entry: ``lsa train ...``. Returns 0 on success, 2 on a bad input (one line on stderr)."""
     from ..integrations.hf import UnsupportedModel
+    from .checkpoint import UnsafeCheckpoint
 
     ok = False
     try:
         cfg = config_from_args(argv)
         train(cfg)
         ok = True
-    except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
+    except (ConfigError, UnsupportedModel, UnsafeCheckpoint, FileNotFoundError) as e:
         print(f"lsa train: error: {e}", file=sys.stderr)
         return 2
     finally:
