@@ -388,6 +388,10 @@ def _quiet_transformers() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        import warnings
+
+        # peft still calls the pre-5.2 name; the rename is transformers' business, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     except Exception:
         pass
 
@@ -472,7 +476,7 @@ def train(cfg: TrainConfig) -> dict:
     shard = None
     if tp or cfg.untie_embeddings:
         if TP.is_tied(model):
-            if ckpt:
+            if ckpt and not cfg.lora:  # a LoRA run resumes from its (tied) base, untied again here
                 raise ConfigError(f"--resume: {ckpt!r} was trained with tied embeddings; --tensor-parallel / "
                                   f"--untie-embeddings need untied ones: start a new run with --model {ckpt}")
             TP.untie_embeddings(model)
