@@ -1,33 +1,60 @@
-"""Evaluate runs: held-out perplexity at 1x, 2x, 4x, 8x the training length, and the LSM metric.
+"""Evaluate runs (context-extended or not): perplexity and LongPPL vs context length, LSM, pass-key retrieval.
 
     python -m lsa_kernels.train.evaluate --runs runs/ce runs/lsa --out runs/eval
+    python -m lsa_kernels.train.evaluate --runs runs/yarn4 runs/linear4 --lengths 1 2 4 8 --passkey --out runs/eval
 
-Each run is a training ``--out`` dir (its latest checkpoint is used), a checkpoint dir or any
-transformers model dir. Perplexity is exp(mean token CE) over the same fixed held-out windows for every
-run: ``ppl`` over all positions of a window of ``L`` tokens, ``ppl_tail`` over its last ``l_train``
-positions only (the tokens that have more context than training ever gave). Models are evaluated
-WITHOUT any RoPE extension (no rope_scaling change): the point is how far they generalise as they are.
-A length past the model's ``max_position_embeddings`` is an error, never silently truncated.
+Each run is a training ``--out`` dir (its latest checkpoint is used), a checkpoint dir or any transformers
+model dir. A checkpoint's RoPE scaling (``rope_parameters`` in its config.json: linear / dynamic / yarn,
+``factor``, ...) is what ``from_pretrained`` rebuilds, and is recorded per run as ``"rope"`` (null when the
+model has plain RoPE or none). An evaluation length past a model's ``max_position_embeddings`` (``n0 * F``
+for a model extended by ``F``) is an error, never silently truncated.
 
-LSM (SPEC §6): for ``n`` held-out end positions and lengths ``l1, l2 ~ U[l_train/2, l_train]``, the mean
-``sce`` between the next-token distributions at the last position of ``x[-l1:]`` and ``x[-l2:]``.
-Writes ``results.json`` and ``ppl_vs_length.png`` (one line per run) to ``--out``.
+* Perplexity vs length, on the SAME targets: ``n_windows`` held-out windows of ``max(lengths) + 1`` tokens
+  are drawn once (seeded). At length ``L`` each window's last ``L + 1`` tokens are fed and only the final
+  ``score_tokens`` targets of the window are scored, so every length scores the same tokens and only the
+  context before them grows. ``ce`` = mean token CE over those targets, ``ppl = exp(ce)``.
+* LongPPL (Fang et al., ICLR 2025, "What is Wrong with Perplexity for Long-context Language Modeling?"):
+  key tokens are the scored targets whose loss under a REFERENCE model (``--longppl-reference``, default
+  the first run) drops by more than ``--longppl-gap`` nats (2.0) when the full context (the longest
+  length) is given instead of only the last ``--longppl-short`` tokens (each such target is fed exactly
+  its last ``short`` tokens of context), and whose full-context loss is below ``--longppl-max-loss`` (2.0).
+  They are chosen once, so every run is judged on the same tokens: LongPPL of a run at length ``L`` =
+  exp(mean loss over the key tokens with context ``L``); null when there is no key token.
+* LSM (SPEC §6), per divergence (``--lsm-divergence``, default ``sce sym_kl``): for ``lsm_samples`` held-out
+  windows and lengths ``l1, l2 ~ U[l_train/2, l_train]`` (``l_train`` = the run's training length), the
+  mean divergence between the next-token distributions at the last position of ``x[-l1:]`` and ``x[-l2:]``.
+  The same (window, l1, l2) samples serve every divergence and every run with the same ``l_train``.
+* ``--passkey``: pass-key retrieval. A 5-digit key sentence hidden at depth ``d`` (fraction of the filler)
+  in repeated filler text, then "What is the pass key? The pass key is"; accuracy = greedy decoding of the
+  key's tokens reproduces them all (computed exactly with one teacher-forced forward: greedy decoding
+  matches iff every teacher-forced argmax does), plus the mean log-prob of the key tokens.
+
+Writes ``results.json`` and ``ppl_vs_length.png`` (and ``passkey.json``, ``passkey.png``) to ``--out``.
+Everything is checked before ``--out`` is created; models are loaded one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from .loop import ConfigError
 
+DIVERGENCES = ("sce", "sym_kl", "kl", "kl_reverse", "js")
+PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+PASSKEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
+
+# ------------------------------------------------------------------------------------------- inputs
 def _resolve(run: str):
     """(model dir, tokenizer path or None, l_train or None) for a run dir / ckpt dir / model dir."""
     from .checkpoint import latest_checkpoint
@@ -46,150 +73,570 @@ def _resolve(run: str):
             if "l_train" in d:
                 l_train = int(d["l_train"])
                 break
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, AttributeError):
             pass
     if os.path.isfile(os.path.join(ckpt, "tokenizer.json")):
         tok = os.path.join(ckpt, "tokenizer.json")
     return ckpt, tok, l_train
 
 
+def _model_config(ckpt: str, run: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ckpt, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{run}: cannot read the model config in {ckpt!r} ({e})") from None
+
+
+def _positions(cfg) -> Optional[int]:
+    for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def rope_of(cfg) -> Optional[dict]:
+    """The RoPE scaling a model config carries (``rope_parameters``, or legacy ``rope_scaling``), or None
+    for plain RoPE / no RoPE. Per-layer-type parameters (Gemma 3) come back as ``{type: {...}}``."""
+    rp = getattr(cfg, "rope_parameters", None)
+    if rp is None:
+        rp = getattr(cfg, "rope_scaling", None)
+    if not isinstance(rp, dict) or not rp:
+        return None
+
+    def scaled(d):
+        return isinstance(d, dict) and d.get("rope_type", d.get("type", "default")) not in (None, "default")
+
+    if all(isinstance(v, dict) for v in rp.values()):
+        sub = {k: dict(v) for k, v in rp.items() if scaled(v)}
+        return sub or None
+    return dict(rp) if scaled(rp) else None
+
+
+# ------------------------------------------------------------------------------------- model calls
+HiddenFn = Callable[[torch.Tensor], torch.Tensor]  # ids [B, T] (on the head's device) -> final hidden [B, T, H]
+
+
+def _rows(budget_tokens: int, T: int) -> int:
+    return max(1, budget_tokens // max(1, T))
+
+
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, l_train: int, batch_size: int, backend: str) -> Dict[str, float]:
-    """exp(mean CE) over all positions and over the last ``l_train`` positions of each window."""
+def last_losses(hidden_fn: HiddenFn, head, inputs: torch.Tensor, targets: torch.Tensor, budget_tokens: int,
+                backend: str) -> torch.Tensor:
+    """Per-token CE ``[B, S]`` (float64, CPU) of the last ``S = targets.shape[1]`` positions of ``inputs [B, T]``
+    (position ``T - S + j`` predicts ``targets[:, j]``). Fused CE, no logits."""
     from ..functional import linear_cross_entropy
-    from ..integrations.hf import hidden_states, output_head
 
-    head = output_head(model)
     dev = head.weight.device
-    tot = tail = 0.0
-    n_tot = n_tail = 0
-    for i in range(0, windows.shape[0], batch_size):
-        w = windows[i : i + batch_size].to(dev)
-        h, b = head.prepare(hidden_states(model, w[:, :-1]))
-        per = linear_cross_entropy(h.float(), head.weight.float(), w[:, 1:], linear_bias=None if b is None else b.float(),
-                                   softcap=head.softcap, reduction="none", backend=backend)
-        tot += per.double().sum().item()
-        n_tot += per.numel()
-        tail += per[:, -l_train:].double().sum().item()
-        n_tail += per[:, -l_train:].numel()
-    return {"ppl": math.exp(tot / n_tot), "ppl_tail": math.exp(tail / n_tail), "ce": tot / n_tot}
+    S = targets.shape[1]
+    out = []
+    rows = _rows(budget_tokens, inputs.shape[1])
+    for i in range(0, inputs.shape[0], rows):
+        h = hidden_fn(inputs[i : i + rows].to(dev))[:, -S:]
+        h, b = head.prepare(h.float())
+        per = linear_cross_entropy(h, head.weight.float(), targets[i : i + rows].to(dev),
+                                   linear_bias=None if b is None else b.float(), softcap=head.softcap,
+                                   reduction="none", backend=backend)
+        out.append(per.double().cpu())
+    return torch.cat(out)
+
+
+def length_losses(hidden_fn: HiddenFn, head, windows: torch.Tensor, lengths: Sequence[int], score_tokens: int,
+                  budget_tokens: int, backend: str) -> Dict[int, torch.Tensor]:
+    """``{L: [n, score_tokens]}``: the losses of each window's final ``score_tokens`` targets, fed its last
+    ``L + 1`` tokens (context ``L``). The targets are ``windows[:, -score_tokens:]`` at every length."""
+    S = score_tokens
+    tgt = windows[:, -S:]
+    return {L: last_losses(hidden_fn, head, windows[:, -(L + 1) : -1], tgt, budget_tokens, backend) for L in lengths}
+
+
+def truncated_losses(hidden_fn: HiddenFn, head, windows: torch.Tensor, score_tokens: int, short: int,
+                     budget_tokens: int, backend: str) -> torch.Tensor:
+    """``[n, score_tokens]``: the loss of each scored target ``t`` given ONLY ``x[t-short : t]`` (one sequence
+    of ``short`` tokens per target, batched)."""
+    n, N = windows.shape
+    S = score_tokens
+    assert N - S - short >= 0, "truncated context reaches before the window"
+    ctx = windows.unfold(1, short, 1)[:, N - S - short : N - short]  # [n, S, short]: x[t-short:t], t = N-S..N-1
+    ctx = ctx.reshape(n * S, short)
+    tgt = windows[:, -S:].reshape(n * S, 1)
+    return last_losses(hidden_fn, head, ctx, tgt, budget_tokens, backend).reshape(n, S)
+
+
+def key_tokens(full: torch.Tensor, short: torch.Tensor, gap: float, max_loss: float) -> torch.Tensor:
+    """LongPPL's key tokens: ``short - full > gap`` (long context helps by more than ``gap`` nats) and
+    ``full < max_loss`` (the reference model actually predicts them with the full context)."""
+    return ((short - full) > gap) & (full < max_loss)
 
 
 @torch.no_grad()
-def lsm(model, corpus, l_train: int, n: int, seed: int, backend: str) -> Dict[str, float]:
-    """SPEC §6: mean sce between the last-position distributions of two suffixes of lengths in [l_train/2, l_train]."""
+def lsm_values(hidden_fn: HiddenFn, head, windows: torch.Tensor, samples: Sequence[tuple], divergences: Sequence[str],
+               budget_tokens: int, backend: str) -> Dict[str, dict]:
+    """``{div: {lsm, lsm_std, lsm_n}}`` over ``samples = [(window index, l1, l2)]``: the divergence between the
+    next-token distributions at the last position of ``windows[i, -l1:]`` (p) and ``windows[i, -l2:]`` (q)."""
     from ..functional import linear_divergence
-    from ..integrations.hf import hidden_states, output_head
-    from .data import WindowSampler
 
-    head = output_head(model)
     dev = head.weight.device
-    g = torch.Generator().manual_seed(seed)
-    x = WindowSampler(corpus, seed=seed).windows(0, n, l_train, generator=g)  # x[:, -l:] are the suffixes
+    need = sorted({(i, l) for i, l1, l2 in samples for l in (l1, l2)}, key=lambda t: (t[1], t[0]))
+    last: Dict[tuple, torch.Tensor] = {}
+    by_len: Dict[int, List[int]] = {}
+    for i, l in need:
+        by_len.setdefault(l, []).append(i)
+    for l, idx in by_len.items():
+        rows = _rows(budget_tokens, l)
+        for j in range(0, len(idx), rows):
+            ii = idx[j : j + rows]
+            h = hidden_fn(windows[ii, -l:].to(dev))[:, -1].float()
+            for k, i in enumerate(ii):
+                last[(i, l)] = h[k]
+    hp = torch.stack([last[(i, l1)] for i, l1, _ in samples])
+    hq = torch.stack([last[(i, l2)] for i, _, l2 in samples])
+    (hp, b), (hq, _) = head.prepare(hp), head.prepare(hq)
+    res = {}
+    for div in divergences:
+        d = linear_divergence(hp, hq, head.weight.float(), linear_bias=None if b is None else b.float(), divergence=div,
+                              softcap=head.softcap, reduction="none", backend=backend).double().cpu()
+        n = d.numel()
+        res[div] = {"lsm": d.mean().item(), "lsm_std": d.std().item() if n > 1 else 0.0, "lsm_n": n}
+    return res
+
+
+def lsm_samples_for(l_train: int, fractions: torch.Tensor) -> List[tuple]:
+    """``[(i, l1, l2)]`` with ``l ~ U{lo..l_train}``, ``lo = max(1, l_train // 2)``, from fixed uniforms in [0, 1)
+    (so runs with the same ``l_train`` get the same samples)."""
     lo = max(1, l_train // 2)
-    vals = []
-    for i in range(n):
-        l1, l2 = (int(v) for v in torch.randint(lo, l_train + 1, (2,), generator=g))
-        h1 = hidden_states(model, x[i : i + 1, -l1:].to(dev))[:, -1]
-        h2 = hidden_states(model, x[i : i + 1, -l2:].to(dev))[:, -1]
-        (h1, b), (h2, _) = head.prepare(h1), head.prepare(h2)
-        d = linear_divergence(h1.float(), h2.float(), head.weight.float(), linear_bias=None if b is None else b.float(),
-                              divergence="sce", softcap=head.softcap, reduction="none", backend=backend)
-        vals.append(d.item())
-    t = torch.tensor(vals, dtype=torch.float64)
-    return {"lsm": t.mean().item(), "lsm_std": t.std().item() if n > 1 else 0.0, "lsm_n": n}
+    span = l_train - lo + 1
+    ls = (lo + (fractions * span).floor().long().clamp(max=span - 1)).tolist()
+    return [(i, l1, l2) for i, (l1, l2) in enumerate(ls)]
 
 
+# ------------------------------------------------------------------------------------------ pass key
+@dataclass
+class PasskeyPrompt:
+    length: int  # the requested length (prompt + key tokens <= length)
+    depth: float
+    trial: int
+    key: str
+    ids: List[int]  # prompt + key tokens
+    n_answer: int  # the key's tokens are ids[-n_answer:]
+
+
+def passkey_prompts(tok, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int) -> List[PasskeyPrompt]:
+    """One prompt per (length, depth, trial): filler sentences (whole ones, as many as fit), the key sentence
+    after ``round(depth * n)`` of the ``n`` filler sentences, the question; the key's tokens follow and the
+    whole sequence has at most ``length`` tokens. Keys are 5-digit, seeded. Tokenised as one string each."""
+    g = torch.Generator().manual_seed(seed)
+    avg = max(1.0, sum(len(x) for x in tok.encode_batch([" ".join(PASSKEY_FILLER)])) / len(PASSKEY_FILLER))
+    out = []
+
+    def build(n, depth, key):
+        fill = [PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n)]
+        p = int(round(depth * n))
+        text = " ".join(fill[:p] + [PASSKEY_SENTENCE.format(key=key)] + fill[p:] + [PASSKEY_QUESTION])
+        ids_p, ids_f = tok.encode_batch([text, f"{text} {key}"])
+        if ids_f[: len(ids_p)] != ids_p or len(ids_f) == len(ids_p):  # tokenisation merged across the boundary
+            ids_f = list(ids_p) + tok.encode_batch([f" {key}"])[0]
+        return list(ids_f), len(ids_f) - len(ids_p)
+
+    for L in lengths:
+        for d in depths:
+            for t in range(trials):
+                key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
+                base, _ = build(0, d, key)
+                n = max(0, int((L - len(base)) / avg))
+                ids, k = build(n, d, key)
+                while len(ids) > L and n > 0:
+                    n = max(0, n - max(1, int((len(ids) - L) / avg)))
+                    ids, k = build(n, d, key)
+                while True:  # as many whole sentences as fit
+                    nxt, k2 = build(n + 1, d, key)
+                    if len(nxt) > L:
+                        break
+                    n, ids, k = n + 1, nxt, k2
+                if len(ids) > L:
+                    raise ConfigError(f"--passkey-lengths: {L} tokens cannot hold the key sentence and the question "
+                                      f"({len(ids)} tokens without any filler)")
+                out.append(PasskeyPrompt(L, float(d), t, key, ids, k))
+    return out
+
+
+@torch.no_grad()
+def passkey_scores(hidden_fn: HiddenFn, head, prompts: Sequence[PasskeyPrompt], budget_tokens: int) -> List[tuple]:
+    """``[(correct, mean key-token log-prob)]`` per prompt, from one teacher-forced forward of prompt + key
+    (greedy decoding reproduces the key iff the argmax at each key position is the key's token)."""
+    dev = head.weight.device
+    res: List[Optional[tuple]] = [None] * len(prompts)
+    by_len: Dict[int, List[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p.ids), []).append(i)
+    for T, idx in by_len.items():
+        rows = _rows(budget_tokens, T)
+        for j in range(0, len(idx), rows):
+            ii = idx[j : j + rows]
+            K = max(prompts[i].n_answer for i in ii)
+            x = torch.tensor([prompts[i].ids for i in ii], dtype=torch.long)
+            logits = head.logits(hidden_fn(x[:, :-1].to(dev))[:, -K:].float()).float()  # [B, K, V]: small
+            logp = torch.log_softmax(logits, -1).cpu()
+            for r, i in enumerate(ii):
+                k = prompts[i].n_answer
+                tgt = x[r, -k:]
+                lp = logp[r, -k:]
+                ok = bool((lp.argmax(-1) == tgt).all())
+                res[i] = (ok, lp.gather(-1, tgt[:, None]).mean().item())
+    return res  # type: ignore[return-value]
+
+
+def passkey_grid(prompts: Sequence[PasskeyPrompt], scores: Sequence[tuple], lengths, depths) -> dict:
+    acc = [[0.0] * len(depths) for _ in lengths]
+    lp = [[0.0] * len(depths) for _ in lengths]
+    cnt = [[0] * len(depths) for _ in lengths]
+    li, di = {L: a for a, L in enumerate(lengths)}, {float(d): b for b, d in enumerate(depths)}
+    for p, (ok, l) in zip(prompts, scores):
+        a, b = li[p.length], di[p.depth]
+        acc[a][b] += float(ok)
+        lp[a][b] += l
+        cnt[a][b] += 1
+    acc = [[v / max(1, c) for v, c in zip(ra, rc)] for ra, rc in zip(acc, cnt)]
+    lp = [[v / max(1, c) for v, c in zip(ra, rc)] for ra, rc in zip(lp, cnt)]
+    n = sum(map(sum, cnt))
+    return {
+        "accuracy": sum(float(ok) for ok, _ in scores) / max(1, n),
+        "key_logprob": sum(l for _, l in scores) / max(1, n),
+        "accuracy_grid": acc, "key_logprob_grid": lp,
+    }
+
+
+# -------------------------------------------------------------------------------------------- plots
 def plot(results: dict, path: str) -> None:
+    """PPL vs length, one line per run; a second panel with LongPPL when any run has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, r in results["runs"].items():
+    runs = results["runs"]
+    has_long = any(v.get("longppl") is not None for r in runs.values() for v in r["ppl"].values())
+    ncol = 2 if has_long else 1
+    fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 4.0), squeeze=False)
+    axes = axes[0]
+    for name, r in runs.items():
         xs = sorted(int(k) for k in r["ppl"])
-        ax.plot(xs, [r["ppl"][str(k)]["ppl"] for k in xs], marker="o", label=f"{name} (LSM {r['lsm']['lsm']:.3f})")
-    ax.axvline(results["l_train"], color="gray", ls=":", lw=1)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation length (tokens); dotted: training length")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("Perplexity vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        lsm = r.get("lsm") or {}
+        div = next(iter(lsm), None)
+        lab = f"{name} (LSM {div} {lsm[div]['lsm']:.3f})" if div else name
+        line, = axes[0].plot(xs, [r["ppl"][str(k)]["ppl"] for k in xs], marker="o", ms=3, label=lab)
+        if has_long:
+            ys = [r["ppl"][str(k)].get("longppl") for k in xs]
+            axes[1].plot(xs, [math.nan if y is None else y for y in ys], marker="o", ms=3, color=line.get_color())
+    lt = results.get("l_train")
+    titles = [f"Perplexity vs context ({results.get('score_tokens')} fixed targets per window)"]
+    if has_long:
+        lp = results.get("longppl") or {}
+        titles.append(f"LongPPL ({lp.get('n_key')} key tokens, reference {os.path.basename(str(lp.get('reference')))})")
+    for ax, title in zip(axes, titles):
+        if lt:
+            ax.axvline(lt, color="gray", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length (tokens); dotted: training length")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("held-out perplexity")
+    if has_long:
+        axes[1].set_ylabel("LongPPL")
+    n = len(runs)
+    axes[0].legend(fontsize=7 if n <= 8 else 5, ncol=1 if n <= 12 else 2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l_train: Optional[int] = None,
-             multipliers=(1, 2, 4, 8), n_windows: int = 16, lsm_samples: int = 64, batch_size: int = 4,
-             eval_files: Optional[List[str]] = None, tokenizer: Optional[str] = None, backend: str = "auto",
-             seed: int = 1234, device: str = "") -> dict:
-    """Evaluate ``runs``; returns the results dict (also ``results.json`` + ``ppl_vs_length.png`` in ``out``).
+def plot_passkey(passkey: dict, path: str) -> None:
+    """Heat map (length x depth) of pass-key accuracy, one panel per run; cells show accuracy and the mean
+    key-token log-prob."""
+    import matplotlib
 
-    Everything is checked (paths, lengths vs positions and corpus) before ``out`` is created.
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = passkey["runs"]
+    lengths, depths = passkey["lengths"], passkey["depths"]
+    n = max(1, len(runs))
+    ncol = min(4, n)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 + 0.75 * len(depths) * ncol, 1.2 + (0.5 + 0.4 * len(lengths)) * nrow),
+                             squeeze=False, constrained_layout=True)
+    im = None
+    for ax, (name, r) in zip(axes.flat, runs.items()):
+        acc = r["accuracy_grid"]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        for a in range(len(lengths)):
+            for b in range(len(depths)):
+                ax.text(b, a, f"{acc[a][b]:.1f}\n{r['key_logprob_grid'][a][b]:.1f}", ha="center", va="center",
+                        fontsize=5, color="white" if acc[a][b] < 0.6 else "black")
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
+        ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=6)
+        ax.set_title(f"{name}: acc {r['accuracy']:.2f}", fontsize=7)
+        ax.set_xlabel("depth", fontsize=6)
+        ax.set_ylabel("length", fontsize=6)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="pass-key accuracy")
+    fig.suptitle(f"Pass-key retrieval, {passkey['trials']} trials per cell (cell text: accuracy / mean key-token "
+                 "log-prob)", fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l_train: Optional[int] = None,
+             multipliers=(1, 2, 4, 8), n_windows: int = 16, score_tokens: Optional[int] = None, lsm_samples: int = 64,
+             lsm_divergences=("sce", "sym_kl"), longppl_reference: Optional[str] = None, longppl_gap: float = 2.0,
+             longppl_max_loss: float = 2.0, longppl_short: Optional[int] = None, passkey: bool = False,
+             passkey_lengths: Optional[Sequence[int]] = None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+             passkey_trials: int = 5, batch_size: int = 4, eval_files: Optional[List[str]] = None,
+             tokenizer: Optional[str] = None, backend: str = "auto", seed: int = 1234, device: str = "",
+             quiet: bool = False) -> dict:
+    """Evaluate ``runs`` (see the module docstring); returns the results dict, also written as ``results.json``
+    (+ ``ppl_vs_length.png``, and with ``passkey`` ``passkey.json`` + ``passkey.png``) to ``out``.
+
+    Every input is checked (paths, options, lengths vs each model's positions, corpus length, pass-key
+    prompts) before ``out`` is created; a bad one raises :class:`ConfigError` with one line.
     """
-    from .data import DEFAULT_TOKENIZER, DataError, eval_windows, load_corpus, load_tokenizer
-    from .loop import TrainConfig, _quiet_transformers, build_model, max_positions
+    from tqdm import tqdm
+
+    from ..integrations.hf import hidden_states, output_head
+    from .checkpoint import atomic_write_text
+    from .data import DEFAULT_TOKENIZER, DataError, WindowSampler, eval_windows, load_corpus, load_tokenizer
+    from .loop import TrainConfig, _quiet_transformers, build_model
 
     _quiet_transformers()
 
+    # ---- options
+    if not runs:
+        raise ConfigError("--runs: no run given")
     if labels and len(labels) != len(runs):
         raise ConfigError(f"--labels: {len(labels)} labels for {len(runs)} runs")
+    divs = list(dict.fromkeys(lsm_divergences or ()))
+    bad = [d for d in divs if d not in DIVERGENCES]
+    if bad or not divs:
+        what = f"unknown {bad[0]!r}" if bad else "none given"
+        raise ConfigError(f"--lsm-divergence: {what} (choose from {', '.join(DIVERGENCES)})")
+    for name, v in (("--n-windows", n_windows), ("--lsm-samples", lsm_samples), ("--batch-size", batch_size)):
+        if int(v) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    for name, v in (("--longppl-gap", longppl_gap), ("--longppl-max-loss", longppl_max_loss)):
+        if not math.isfinite(float(v)):
+            raise ConfigError(f"{name} must be a finite number, got {v}")
+    names = list(labels) if labels else [os.path.basename(os.path.normpath(r)) for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"runs share the name {dup[0]!r}: pass --labels to tell them apart")
+
     resolved = [_resolve(r) for r in runs]
     lt = l_train or next((r[2] for r in resolved if r[2]), None)
-    if not lt:
+    if not lt or lt < 1:
         raise ConfigError("--l-train is needed (no run records its training length)")
-    lengths = [int(m * lt) for m in multipliers]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # all runs must share one tokenizer for the windows to be the same text; the first one decides
+    if any(not (isinstance(m, (int, float)) and m > 0) for m in multipliers) or not multipliers:
+        raise ConfigError(f"--lengths must be positive multiples of l_train, got {list(multipliers)}")
+    lengths = sorted({int(m * lt) for m in multipliers})
+    if lengths[0] < 2:
+        raise ConfigError(f"--lengths: {lengths[0]} tokens is too short to evaluate")
+    Lmax, Lmin = lengths[-1], lengths[0]
+    S = int(score_tokens) if score_tokens is not None else max(1, Lmin // 2)
+    if not 1 <= S <= Lmin:
+        raise ConfigError(f"--score-tokens must be in [1, {Lmin}] (the shortest length, so every length scores the "
+                          f"same targets), got {S}")
+    short = int(longppl_short) if longppl_short is not None else max(1, Lmin // 2)
+    if not 1 <= short < Lmax or short > Lmax + 1 - S:
+        raise ConfigError(f"--longppl-short must be in [1, {min(Lmax - 1, Lmax + 1 - S)}] (shorter than the longest "
+                          f"length, and the truncated contexts of the {S} scored targets must fit in a window), got {short}")
+    run_lt = [r[2] or lt for r in resolved]
+    pk_lengths = sorted({int(L) for L in (passkey_lengths or lengths)}) if passkey else []
+    pk_depths = [float(d) for d in passkey_depths] if passkey else []
+    if passkey:
+        if not pk_depths or any(not 0.0 <= d <= 1.0 for d in pk_depths):
+            raise ConfigError(f"--passkey-depths must be fractions in [0, 1], got {list(passkey_depths)}")
+        pk_depths = list(dict.fromkeys(pk_depths))
+        if passkey_trials < 1:
+            raise ConfigError(f"--passkey-trials must be >= 1, got {passkey_trials}")
+        if pk_lengths[0] < 1:
+            raise ConfigError(f"--passkey-lengths must be positive, got {pk_lengths[0]}")
+
+    # ---- reference model for LongPPL
+    ref_path = longppl_reference or runs[0]
+    ref_ckpt = _resolve(ref_path)[0] if longppl_reference else resolved[0][0]
+    ref_idx = next((i for i, r in enumerate(resolved) if os.path.realpath(r[0]) == os.path.realpath(ref_ckpt)), None)
+
+    # ---- tokenizer + corpus: all runs share one (the windows must be the same text); the first one decides
     tok_path = tokenizer or next((r[1] for r in resolved if r[1]), None) or DEFAULT_TOKENIZER
     try:
         tok = load_tokenizer(tok_path)
         corpus = load_corpus(tok, "test", eval_files)
-        if corpus.longest < max(lengths) + 1:
+        need = max(Lmax + 1, max(run_lt))
+        if corpus.longest < need:
             raise DataError(f"held-out corpus too short: longest document {corpus.longest} tokens, "
-                            f"evaluation at {max(lengths)} needs {max(lengths) + 1}")
+                            f"evaluation at {Lmax} needs {Lmax + 1}")
     except DataError as e:
         raise ConfigError(str(e)) from None
-    models = []
-    for (ckpt, _, _), run in zip(resolved, runs):
-        m = build_model(TrainConfig(), tok.vocab_size, dev, path=ckpt).eval()
-        npos = max_positions(m)
-        if npos is not None and max(lengths) > npos:
-            raise ConfigError(
-                f"{run}: evaluation length {max(lengths)} exceeds max_position_embeddings={npos}; this evaluation "
-                "does not extend RoPE, so pass smaller --lengths (or a model with more positions)"
-            )
-        models.append(m)
-    names = labels or [os.path.basename(os.path.normpath(r)) for r in runs]
-    results = {"l_train": lt, "lengths": lengths, "n_windows": n_windows, "rope_extension": None, "runs": {}}
-    wins = {L: eval_windows(corpus, L + 1, n_windows, seed=seed) for L in lengths}
-    for name, m in zip(names, models):
-        r = {"ppl": {}, "run": runs[names.index(name)]}
-        for L in lengths:
-            r["ppl"][str(L)] = perplexity(m, wins[L], lt, batch_size, backend)
-        r["lsm"] = lsm(m, corpus, lt, lsm_samples, seed, backend)
-        results["runs"][name] = r
-    os.makedirs(out, exist_ok=True)
-    from .checkpoint import atomic_write_text
 
+    # ---- every model's config: positions, vocabulary, RoPE (no weights loaded yet)
+    ropes, npos_of = [], []
+    checks = [(run, ckpt, max(Lmax, max(pk_lengths, default=0), rl)) for run, (ckpt, _, _), rl in zip(runs, resolved, run_lt)]
+    if ref_idx is None:
+        checks.append((f"--longppl-reference {ref_path}", ref_ckpt, Lmax))
+    for k, (run, ckpt, need_pos) in enumerate(checks):
+        cfg = _model_config(ckpt, run)
+        npos = _positions(cfg)
+        rope = rope_of(cfg)
+        if npos is not None and need_pos > npos:
+            what = f"rope {json.dumps(rope)}" if rope else "no RoPE scaling"
+            raise ConfigError(
+                f"{run}: evaluation length {need_pos} exceeds max_position_embeddings={npos} ({what}); pass smaller "
+                "--lengths / --passkey-lengths, or a checkpoint with its RoPE extended"
+            )
+        V = getattr(cfg, "vocab_size", None)
+        if isinstance(V, int) and V < tok.vocab_size:
+            raise ConfigError(f"{run}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary only {V}")
+        if k < len(runs):
+            ropes.append(rope)
+            npos_of.append(npos)
+
+    prompts = passkey_prompts(tok, pk_lengths, pk_depths, passkey_trials, seed + 2) if passkey else []
+
+    # ---- fixed data
+    windows = eval_windows(corpus, Lmax + 1, n_windows, seed=seed)  # [n, Lmax + 1], the same for every run
+    lsm_win = WindowSampler(corpus, seed=seed + 1).windows(0, lsm_samples, max(run_lt))
+    fractions = torch.rand(lsm_samples, 2, generator=torch.Generator().manual_seed(seed))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    budget = batch_size * Lmax  # tokens per forward
+
+    def load(ckpt):
+        m = build_model(TrainConfig(), tok.vocab_size, dev, path=ckpt).eval()
+        head = output_head(m)
+        return m, head, (lambda ids: hidden_states(m, ids))
+
+    key = None
+    ref_info = {}
+
+    def choose_keys(hidden_fn, head, full):
+        trunc = truncated_losses(hidden_fn, head, windows, S, short, budget, backend)
+        k = key_tokens(full, trunc, longppl_gap, longppl_max_loss)
+        ref_info.update(n_scored=int(k.numel()), ref_full_ce=full.mean().item(), ref_short_ce=trunc.mean().item())
+        return k
+
+    if ref_idx is None:  # an outside reference: load it, choose the key tokens, free it
+        m, head, fn = load(ref_ckpt)
+        key = choose_keys(fn, head, last_losses(fn, head, windows[:, :-1], windows[:, -S:], budget, backend))
+        _free(m)
+        del head, fn
+
+    order = ([ref_idx] if ref_idx is not None else []) + [i for i in range(len(runs)) if i != ref_idx]
+    per_run: Dict[int, dict] = {}
+    per_losses: Dict[int, Dict[int, torch.Tensor]] = {}
+    pk_out = {"lengths": pk_lengths, "depths": pk_depths, "trials": passkey_trials, "runs": {}}
+    for i in tqdm(order, desc="lsa eval", unit="run", disable=quiet):
+        m, head, fn = load(resolved[i][0])
+        losses = length_losses(fn, head, windows, lengths, S, budget, backend)
+        if i == ref_idx:
+            key = choose_keys(fn, head, losses[Lmax])
+        per_losses[i] = losses
+        r = {"run": runs[i], "rope": ropes[i], "max_position_embeddings": npos_of[i], "l_train": run_lt[i], "ppl": {}}
+        r["lsm"] = lsm_values(fn, head, lsm_win, lsm_samples_for(run_lt[i], fractions), divs, budget, backend)
+        if passkey:
+            grid = passkey_grid(prompts, passkey_scores(fn, head, prompts, budget), pk_lengths, pk_depths)
+            r["passkey"] = grid
+            pk_out["runs"][names[i]] = grid
+        per_run[i] = r
+        _free(m)
+        del head, fn
+
+    assert key is not None
+    n_key = int(key.sum())
+    results = {
+        "l_train": lt, "lengths": lengths, "n_windows": n_windows, "score_tokens": S, "seed": seed,
+        "longppl": {"reference": ref_path, "n_key": n_key, "n_scored": ref_info.get("n_scored"), "gap": longppl_gap,
+                    "max_loss": longppl_max_loss, "short": short, "reference_ce_full": ref_info.get("ref_full_ce"),
+                    "reference_ce_short": ref_info.get("ref_short_ce"),
+                    "note": None if n_key else "no key tokens: the reference model gains less than the gap from long "
+                                               "context on every scored token; longppl is null"},
+        "lsm": {"samples": lsm_samples, "divergences": divs},
+        "runs": {},
+    }
+    if passkey:
+        results["passkey"] = {"lengths": pk_lengths, "depths": pk_depths, "trials": passkey_trials}
+    for i in range(len(runs)):
+        r = per_run[i]
+        for L in lengths:
+            ce = per_losses[i][L]
+            lp = math.exp(ce[key].mean().item()) if n_key else None
+            r["ppl"][str(L)] = {"ppl": math.exp(ce.mean().item()), "ce": ce.mean().item(), "longppl": lp}
+        r["n_key"] = n_key
+        results["runs"][names[i]] = {k: r[k] for k in ("run", "rope", "max_position_embeddings", "l_train", "ppl",
+                                                          "n_key", "lsm") + (("passkey",) if passkey else ())}
+    if passkey:
+        pk_out["runs"] = {names[i]: pk_out["runs"][names[i]] for i in range(len(runs))}
+
+    os.makedirs(out, exist_ok=True)
     atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     plot(results, os.path.join(out, "ppl_vs_length.png"))
+    if passkey:
+        atomic_write_text(os.path.join(out, "passkey.json"), json.dumps(pk_out, indent=1))
+        plot_passkey(pk_out, os.path.join(out, "passkey.png"))
     return results
 
 
+def _f(v, fmt="{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
 def markdown_table(results: dict) -> str:
+    """One row per run: RoPE, PPL at each length, LongPPL at each length (when there are key tokens), LSM per
+    divergence, pass-key accuracy (when evaluated)."""
     lengths = results["lengths"]
-    head = "| run | " + " | ".join(f"PPL@{L}" for L in lengths) + " | tail PPL@" + str(lengths[-1]) + " | LSM |"
-    sep = "|" + "---|" * (len(lengths) + 3)
-    rows = []
-    for name, r in results["runs"].items():
-        cells = [f"{r['ppl'][str(L)]['ppl']:.2f}" for L in lengths]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {r['ppl'][str(lengths[-1])]['ppl_tail']:.2f} | "
-                    f"{r['lsm']['lsm']:.4f} |")
-    return "\n".join([head, sep] + rows)
+    runs = results["runs"]
+    has_long = any(r["ppl"][str(L)].get("longppl") is not None for r in runs.values() for L in lengths)
+    divs = (results.get("lsm") or {}).get("divergences") or list(next(iter(runs.values()), {}).get("lsm", {}))
+    has_pk = any("passkey" in r for r in runs.values())
+    cols = ["run", "RoPE"] + [f"PPL@{L}" for L in lengths]
+    if has_long:
+        cols += [f"LongPPL@{L}" for L in lengths]
+    cols += [f"LSM {d}" for d in divs]
+    if has_pk:
+        cols += ["pass-key acc", "key log-prob"]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in runs.items():
+        rope = r.get("rope")
+        if rope and "rope_type" in rope:
+            rope_s = f"{rope['rope_type']} x{rope.get('factor', 1):g}"
+        else:
+            rope_s = "scaled" if rope else "–"
+        cells = [name, rope_s] + [_f(r["ppl"][str(L)]["ppl"]) for L in lengths]
+        if has_long:
+            cells += [_f(r["ppl"][str(L)].get("longppl")) for L in lengths]
+        cells += [_f((r.get("lsm") or {}).get(d, {}).get("lsm"), "{:.4f}") for d in divs]
+        if has_pk:
+            pk = r.get("passkey") or {}
+            cells += [_f(pk.get("accuracy")), _f(pk.get("key_logprob"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    lp = results.get("longppl") or {}
+    if lp:
+        rows.append("")
+        rows.append(f"LongPPL: {lp.get('n_key')} key tokens of {lp.get('n_scored')} scored (reference "
+                    f"{lp.get('reference')}, gap > {lp.get('gap')} nats vs {lp.get('short')}-token context, full-context "
+                    f"loss < {lp.get('max_loss')})" + ("" if lp.get("n_key") else "; none, so LongPPL is not reported"))
+    return "\n".join(rows)
 
 
 def eval_main(argv: Optional[List[str]] = None) -> int:
@@ -203,23 +650,41 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--l-train", type=int, default=None, help="default: read from the first run's config")
     ap.add_argument("--lengths", type=float, nargs="+", default=[1, 2, 4, 8], help="multiples of l_train")
     ap.add_argument("--n-windows", type=int, default=16)
+    ap.add_argument("--score-tokens", type=int, default=None,
+                    help="targets scored at the end of each window, the same at every length (default: shortest length // 2)")
     ap.add_argument("--lsm-samples", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lsm-divergence", nargs="+", default=["sce", "sym_kl"], metavar="DIV",
+                    help=f"one or more of {', '.join(DIVERGENCES)}")
+    ap.add_argument("--longppl-reference", default=None, help="model choosing the LongPPL key tokens (default: first run)")
+    ap.add_argument("--longppl-gap", type=float, default=2.0, help="min loss drop (nats) from long context for a key token")
+    ap.add_argument("--longppl-max-loss", type=float, default=2.0, help="max full-context loss of a key token")
+    ap.add_argument("--longppl-short", type=int, default=None, help="truncated context (default: shortest length // 2)")
+    ap.add_argument("--passkey", action="store_true", help="pass-key retrieval (passkey.json, passkey.png)")
+    ap.add_argument("--passkey-lengths", type=int, nargs="+", default=None, help="tokens (default: the PPL lengths)")
+    ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
+    ap.add_argument("--passkey-trials", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward at the longest length")
     ap.add_argument("--eval-files", nargs="*", default=None, help="held-out text files (default: shipped held-out works)")
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
     ap.add_argument("--device", default="")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     try:
         res = evaluate(a.runs, a.out, labels=a.labels, l_train=a.l_train, multipliers=a.lengths, n_windows=a.n_windows,
-                       lsm_samples=a.lsm_samples, batch_size=a.batch_size, eval_files=a.eval_files,
-                       tokenizer=a.tokenizer, backend=a.backend, seed=a.seed, device=a.device)
+                       score_tokens=a.score_tokens, lsm_samples=a.lsm_samples, lsm_divergences=a.lsm_divergence,
+                       longppl_reference=a.longppl_reference, longppl_gap=a.longppl_gap,
+                       longppl_max_loss=a.longppl_max_loss, longppl_short=a.longppl_short, passkey=a.passkey,
+                       passkey_lengths=a.passkey_lengths, passkey_depths=a.passkey_depths,
+                       passkey_trials=a.passkey_trials, batch_size=a.batch_size, eval_files=a.eval_files,
+                       tokenizer=a.tokenizer, backend=a.backend, seed=a.seed, device=a.device, quiet=a.quiet)
     except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
         print(f"lsa eval: error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(res))
-    print(f"wrote {os.path.join(a.out, 'results.json')} and {os.path.join(a.out, 'ppl_vs_length.png')}")
+    files = ["results.json", "ppl_vs_length.png"] + (["passkey.json", "passkey.png"] if a.passkey else [])
+    print("wrote " + ", ".join(os.path.join(a.out, f) for f in files))
     return 0
 
 
