@@ -91,3 +91,27 @@ def write_corpus_texts(directory, n_train: int = 2, train_chars: int = 6000, tes
                 f.write(t)
             paths[split].append(p)
     return paths
+
+
+def confident_ce_inputs(N: int, H: int, V: int, p_lo: float = 0.99, p_hi: float = 0.999, seed: int = 0):
+    """Rows whose target probability lies in ``[p_lo, p_hi]`` (where bf16 rounding of ``p_y`` or of
+    ``1 − p_y`` is what decides the true-class gradient ``p_y − 1``), with bf16-representable x and W.
+
+    Row i is ``x_i = α_i·w_{y_i}`` with α_i found by bisection (in fp64) so that ``softmax(x_i Wᵀ)_{y_i}``
+    hits a target spread over ``[p_lo, p_hi]``; x and W are then rounded to bf16 and returned as fp32
+    tensors holding bf16 values, with the fp64 ``p_y`` of the rounded inputs (the caller checks the range).
+    """
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(V, H, generator=g) / H**0.5).bfloat16().double()
+    y = torch.randint(0, V, (N,), generator=g)
+    want = torch.linspace(p_lo, p_hi, N, dtype=torch.float64)
+    d = w[y]
+    lo, hi = torch.zeros(N, dtype=torch.float64), torch.full((N,), 1e3, dtype=torch.float64)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        p_y = torch.softmax((mid[:, None] * d) @ w.T, -1).gather(1, y[:, None]).squeeze(1)
+        low = p_y < want
+        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    x = (lo[:, None] * d).bfloat16().double()
+    p_y = torch.softmax(x @ w.T, -1).gather(1, y[:, None]).squeeze(1)
+    return x.float(), w.float(), y, p_y
