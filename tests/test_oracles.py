@@ -10,6 +10,11 @@ import lsa_kernels as L
 
 from _util import IGN, backends, grads, has, leaf, targets
 
+if has("triton"):
+    from triton.runtime.errors import InterpreterError
+else:  # the Liger tests are skipped then (Liger needs triton)
+    InterpreterError = RuntimeError
+
 
 def _inputs(N=37, H=61, V=1003, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -42,24 +47,25 @@ def test_cut_cross_entropy(backend, softcap, reduction):
 @pytest.mark.parametrize("backend", backends(triton=False))
 @pytest.mark.parametrize(
     "kw",
-    [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=4.0), dict(reduction="sum", bias=True)],
+    [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3),
+     pytest.param(dict(softcap=4.0), marks=pytest.mark.xfail(
+         strict=True, raises=InterpreterError,
+         reason="liger-kernel 0.8.5's cross-entropy kernel cannot take a float softcap under the Triton "
+                "interpreter (AttributeError: 'float' object has no attribute 'to'); strict: an XPASS "
+                "(a Liger that runs it) fails here, so the mark is removed when it does")),
+     dict(reduction="sum", bias=True)],
     ids=["plain", "smoothing", "z_loss", "softcap", "sum_bias"],
 )
 def test_liger_fused_linear_cross_entropy(backend, kw):
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(f"liger unavailable: {exc}")
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+
     kw = dict(kw)
     x, w, y = _inputs(N=24, H=32, V=300)
     b = torch.randn(300) * 0.1 if kw.pop("bias", False) else None
     xa, wa = leaf(x), leaf(w)
-    try:
-        theirs = liger(xa, wa, y, bias=b, ignore_index=IGN, lse_square_scale=kw.get("z_loss", 0.0),
-                       label_smoothing=kw.get("label_smoothing", 0.0), reduction=kw.get("reduction", "mean"),
-                       softcap=kw.get("softcap"))
-    except Exception as exc:
-        pytest.skip(f"liger's fused linear CE does not run on CPU here: {exc}")
+    theirs = liger(xa, wa, y, bias=b, ignore_index=IGN, lse_square_scale=kw.get("z_loss", 0.0),
+                   label_smoothing=kw.get("label_smoothing", 0.0), reduction=kw.get("reduction", "mean"),
+                   softcap=kw.get("softcap"))
     theirs = theirs[0] if isinstance(theirs, tuple) else theirs
     g_theirs = grads(theirs, [xa, wa])
     xb, wb = leaf(x), leaf(w)
