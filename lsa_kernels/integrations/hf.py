@@ -326,3 +326,20 @@ class LongShortObjective(nn.Module):
         return long_short_step(
             self.model, window, l_extra, alpha=alpha, divergence=self.divergence, backend=self.backend, **self.loss_kw
         )
+
+
+# --- one-line drop-in for Trainer/TRL/PEFT (lsa_kernels.integrations.patch, .trainer), re-exported lazily:
+# patch.py imports this module, and the trainer module imports transformers.Trainer only when asked for.
+_LAZY = {
+    "patch": "patch", "unpatch": "patch", "is_patched": "patch", "LongShortOutput": "patch",
+    "LongShortTrainer": "trainer", "LongShortCollator": "trainer", "window_dataset": "trainer",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
