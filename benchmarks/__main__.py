@@ -8,6 +8,7 @@
     python -m benchmarks --list                       # print the cases and exit
     python -m benchmarks --report-only --tag cpu      # redo plots/summary from the CSVs
     python -m benchmarks --resume                     # keep finished rows, run the missing cases
+    python -m benchmarks --train-step [opts]          # one training step's memory at long context (train_step.py)
 
 Outputs in --out (default benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
 {tag}_errors.log, SUMMARY_{tag}.md, plots_{tag}/*.png; tag = device, + "_quick" / "_goal".
@@ -26,6 +27,11 @@ from .runner import Settings, run_cases
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--train-step" in argv:  # a separate benchmark with its own options (python -m benchmarks.train_step -h)
+        from . import train_step
+
+        return train_step.main([x for x in argv if x != "--train-step"])
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, sce only, fp32 unless --dtype (< 3 min)")
