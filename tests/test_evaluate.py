@@ -44,6 +44,8 @@ def setup(tmp_path_factory):
             "rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
         "yarn4": _save(d / "yarn4", LlamaConfig(**SMALL, max_position_embeddings=256, rope_parameters={
             "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64})),
+        "dynamic4": _save(d / "dynamic4", LlamaConfig(**SMALL, max_position_embeddings=256, rope_parameters={
+            "rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64})),
         # attention sees only the last 4 tokens: its losses cannot depend on how long the context is
         "window4": _save(d / "window4", MistralConfig(**SMALL, max_position_embeddings=256, sliding_window=4)),
     }
@@ -271,11 +273,13 @@ def test_passkey_depth_grid_with_a_short_sighted_oracle():
 
 
 def test_passkey_end_to_end(setup):
-    res = _eval(setup, ["base", "linear4"], "pk", multipliers=(1, 2), passkey=True, passkey_lengths=[48, 64],
-                passkey_depths=[0, 1], passkey_trials=2)
+    # default pass-key lengths = the PPL lengths (16, 48, 64), less those too short for the prompt (16)
+    res = _eval(setup, ["base", "linear4"], "pk", multipliers=(1, 3, 4), passkey=True, passkey_depths=[0, 1],
+                passkey_trials=2)
     out = setup["dir"] / "pk"
     pk = json.load(open(out / "passkey.json"))
-    assert pk["lengths"] == [48, 64] and pk["depths"] == [0.0, 1.0] and pk["trials"] == 2
+    assert pk["lengths"] == [48, 64] and pk["skipped_lengths"] == [16] and pk["depths"] == [0.0, 1.0]
+    assert pk["trials"] == 2 and res["passkey"]["lengths"] == [48, 64]
     for name in ("base", "linear4"):
         g = pk["runs"][name]
         assert len(g["accuracy_grid"]) == 2 and len(g["accuracy_grid"][0]) == 2
@@ -289,13 +293,14 @@ def test_passkey_end_to_end(setup):
 def test_extended_rope_checkpoint(setup, capsys):
     # base: 64 positions; the same weights with linear x4 RoPE: 256 positions, evaluated at 128
     ev = setup["dir"] / "ext"
-    assert eval_main(["--runs", setup["linear4"], setup["yarn4"], "--l-train", "16", "--lengths", "2", "4", "8",
+    assert eval_main(["--runs", setup["linear4"], setup["yarn4"], setup["dynamic4"], "--l-train", "16", "--lengths", "2", "4", "8",
                       "--out", str(ev), "--eval-files", *setup["test"], "--n-windows", "2", "--lsm-samples", "4",
                       "--backend", "cpu", "--quiet"]) == 0
     res = json.load(open(ev / "results.json"))
     assert res["lengths"] == [32, 64, 128]
     assert res["runs"]["linear4"]["rope"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     assert res["runs"]["yarn4"]["rope"]["original_max_position_embeddings"] == 64
+    assert res["runs"]["dynamic4"]["rope"]["rope_type"] == "dynamic"
     assert res["runs"]["linear4"]["max_position_embeddings"] == 256
     assert all(math.isfinite(v["ppl"]) for r in res["runs"].values() for v in r["ppl"].values())
     assert "linear x4" in capsys.readouterr().out
@@ -321,6 +326,7 @@ def test_extended_rope_checkpoint(setup, capsys):
     (["--lengths", "1", "8"], "exceeds max_position_embeddings=64"),
     (["--passkey", "--passkey-lengths", "12"], "--passkey-lengths: 12 tokens cannot hold"),
     (["--passkey", "--passkey-depths", "1.5"], "--passkey-depths must be fractions"),
+    (["--passkey"], "--passkey: every length (16, 32) is too short"),
     (["--labels", "x", "x"], "share the name 'x'"),
 ])
 def test_bad_inputs(setup, capsys, args, msg):

@@ -224,10 +224,13 @@ class PasskeyPrompt:
     n_answer: int  # the key's tokens are ids[-n_answer:]
 
 
-def passkey_prompts(tok, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int) -> List[PasskeyPrompt]:
+def passkey_prompts(tok, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
+                    skip_short: bool = False) -> List[PasskeyPrompt]:
     """One prompt per (length, depth, trial): filler sentences (whole ones, as many as fit), the key sentence
     after ``round(depth * n)`` of the ``n`` filler sentences, the question; the key's tokens follow and the
-    whole sequence has at most ``length`` tokens. Keys are 5-digit, seeded. Tokenised as one string each."""
+    whole sequence has at most ``length`` tokens. Keys are 5-digit, seeded. Tokenised as one string each.
+    A length that cannot hold the key sentence, the question and the key is an error, or (``skip_short``)
+    left out."""
     g = torch.Generator().manual_seed(seed)
     avg = max(1.0, sum(len(x) for x in tok.encode_batch([" ".join(PASSKEY_FILLER)])) / len(PASSKEY_FILLER))
     out = []
@@ -257,6 +260,8 @@ def passkey_prompts(tok, lengths: Sequence[int], depths: Sequence[float], trials
                         break
                     n, ids, k = n + 1, nxt, k2
                 if len(ids) > L:
+                    if skip_short:
+                        continue
                     raise ConfigError(f"--passkey-lengths: {L} tokens cannot hold the key sentence and the question "
                                       f"({len(ids)} tokens without any filler)")
                 out.append(PasskeyPrompt(L, float(d), t, key, ids, k))
@@ -513,7 +518,14 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
             ropes.append(rope)
             npos_of.append(npos)
 
-    prompts = passkey_prompts(tok, pk_lengths, pk_depths, passkey_trials, seed + 2) if passkey else []
+    prompts, pk_skipped = [], []
+    if passkey:  # the default lengths (the PPL ones) leave out those too short for the prompt; given ones must fit
+        prompts = passkey_prompts(tok, pk_lengths, pk_depths, passkey_trials, seed + 2, skip_short=not passkey_lengths)
+        pk_skipped = [L for L in pk_lengths if L not in {p.length for p in prompts}]
+        pk_lengths = [L for L in pk_lengths if L not in pk_skipped]
+        if not pk_lengths:
+            raise ConfigError(f"--passkey: every length ({', '.join(map(str, pk_skipped))}) is too short for the key "
+                              "sentence and the question; pass longer --passkey-lengths")
 
     # ---- fixed data
     windows = eval_windows(corpus, Lmax + 1, n_windows, seed=seed)  # [n, Lmax + 1], the same for every run
@@ -545,7 +557,11 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
     order = ([ref_idx] if ref_idx is not None else []) + [i for i in range(len(runs)) if i != ref_idx]
     per_run: Dict[int, dict] = {}
     per_losses: Dict[int, Dict[int, torch.Tensor]] = {}
-    pk_out = {"lengths": pk_lengths, "depths": pk_depths, "trials": passkey_trials, "runs": {}}
+    pk_out = {"lengths": pk_lengths, "depths": pk_depths, "trials": passkey_trials, "skipped_lengths": pk_skipped,
+              "filler": " ".join(PASSKEY_FILLER), "key_sentence": PASSKEY_SENTENCE, "question": PASSKEY_QUESTION,
+              "mean_prompt_tokens": {str(L): sum(len(p.ids) for p in prompts if p.length == L)
+                                     / max(1, sum(p.length == L for p in prompts)) for L in pk_lengths},
+              "runs": {}}
     for i in tqdm(order, desc="lsa eval", unit="run", disable=quiet):
         m, head, fn = load(resolved[i][0])
         losses = length_losses(fn, head, windows, lengths, S, budget, backend)
@@ -575,7 +591,7 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
         "runs": {},
     }
     if passkey:
-        results["passkey"] = {"lengths": pk_lengths, "depths": pk_depths, "trials": passkey_trials}
+        results["passkey"] = {k: pk_out[k] for k in ("lengths", "depths", "trials", "skipped_lengths")}
     for i in range(len(runs)):
         r = per_run[i]
         for L in lengths:
