@@ -57,9 +57,11 @@ setup(
             "liger-kernel==0.8.5",
             "cut-cross-entropy==25.1.1",
         ],
-        # peft: LoRA for `lsa train --lora` (pinned: its adapter/merge API is what checkpoints rely on)
+        # peft: LoRA for `lsa train --lora` (pinned: its adapter/merge API is what checkpoints rely on);
+        # trl + accelerate: hf.patch under Trainer / SFTTrainer and LongShortTrainer (pinned to the versions the
+        # tests run: TRL's fused_lm_head contract and Trainer's loss kwargs are what the patch serves)
         "train": ["transformers>=4.45", "tokenizers>=0.20", "safetensors>=0.4", "tqdm>=4.66", "matplotlib>=3.8",
-                  "peft==0.21.2"],
+                  "peft==0.21.2", "trl==1.16.0", "accelerate==1.15.0"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["lsa=lsa_kernels.cli:main"]},
