@@ -44,8 +44,9 @@ def setup(tmp_path_factory):
             "rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
         "yarn4": _save(d / "yarn4", LlamaConfig(**SMALL, max_position_embeddings=256, rope_parameters={
             "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64})),
-        "dynamic4": _save(d / "dynamic4", LlamaConfig(**SMALL, max_position_embeddings=256, rope_parameters={
-            "rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64})),
+        # dynamic NTK as `lsa train` writes it: max_position_embeddings stays n0 = 64, 4 * 64 positions allowed
+        "dynamic4": _save(d / "dynamic4", LlamaConfig(**SMALL, max_position_embeddings=64, rope_parameters={
+            "rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})),
         # attention sees only the last 4 tokens: its losses cannot depend on how long the context is
         "window4": _save(d / "window4", MistralConfig(**SMALL, max_position_embeddings=256, sliding_window=4)),
     }
@@ -301,6 +302,7 @@ def test_extended_rope_checkpoint(setup, capsys):
     assert res["runs"]["linear4"]["rope"] == {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
     assert res["runs"]["yarn4"]["rope"]["original_max_position_embeddings"] == 64
     assert res["runs"]["dynamic4"]["rope"]["rope_type"] == "dynamic"
+    assert res["runs"]["dynamic4"]["max_positions"] == 256 and res["runs"]["dynamic4"]["max_position_embeddings"] == 64
     assert res["runs"]["linear4"]["max_position_embeddings"] == 256
     assert all(math.isfinite(v["ppl"]) for r in res["runs"].values() for v in r["ppl"].values())
     assert "linear x4" in capsys.readouterr().out
@@ -314,6 +316,9 @@ def test_extended_rope_checkpoint(setup, capsys):
                       "--eval-files", *setup["test"]]) == 2
     err = capsys.readouterr().err
     assert "exceeds max_position_embeddings=64" in err and err.count("\n") == 1
+    assert eval_main(["--runs", setup["dynamic4"], "--l-train", "16", "--lengths", "32", "--out", str(bad),
+                      "--eval-files", *setup["test"]]) == 2
+    assert "exceeds the 256 positions it allows (max_position_embeddings=64)" in capsys.readouterr().err
     assert not bad.exists()
 
 

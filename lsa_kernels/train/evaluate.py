@@ -89,12 +89,22 @@ def _model_config(ckpt: str, run: str):
         raise ConfigError(f"{run}: cannot read the model config in {ckpt!r} ({e})") from None
 
 
-def _positions(cfg) -> Optional[int]:
+def _positions(cfg) -> tuple:
+    """(positions the model allows, its ``max_position_embeddings`` or equivalent); None, None if unknown.
+
+    Dynamic NTK scaling keeps ``max_position_embeddings = n0`` in the config (as ``lsa train`` writes it and
+    transformers reads it) and allows ``n0 * factor``; with ``original_max_position_embeddings`` given, the
+    larger of ``max_position_embeddings`` and ``original * factor``."""
     for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         v = getattr(cfg, k, None)
         if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
+            rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+            if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) == "dynamic":
+                f = float(rp.get("factor", 1.0) or 1.0)
+                n0 = rp.get("original_max_position_embeddings")
+                return (max(v, int(round(n0 * f))) if isinstance(n0, int) else int(round(v * f))), v
+            return v, v
+    return None, None
 
 
 def rope_of(cfg) -> Optional[dict]:
@@ -503,12 +513,14 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
         checks.append((f"--longppl-reference {ref_path}", ref_ckpt, Lmax))
     for k, (run, ckpt, need_pos) in enumerate(checks):
         cfg = _model_config(ckpt, run)
-        npos = _positions(cfg)
+        npos, n_mpe = _positions(cfg)
         rope = rope_of(cfg)
         if npos is not None and need_pos > npos:
             what = f"rope {json.dumps(rope)}" if rope else "no RoPE scaling"
+            lim = f"max_position_embeddings={npos}" if npos == n_mpe else \
+                f"the {npos} positions it allows (max_position_embeddings={n_mpe})"
             raise ConfigError(
-                f"{run}: evaluation length {need_pos} exceeds max_position_embeddings={npos} ({what}); pass smaller "
+                f"{run}: evaluation length {need_pos} exceeds {lim} ({what}); pass smaller "
                 "--lengths / --passkey-lengths, or a checkpoint with its RoPE extended"
             )
         V = getattr(cfg, "vocab_size", None)
@@ -516,7 +528,7 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
             raise ConfigError(f"{run}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary only {V}")
         if k < len(runs):
             ropes.append(rope)
-            npos_of.append(npos)
+            npos_of.append((npos, n_mpe))
 
     prompts, pk_skipped = [], []
     if passkey:  # the default lengths (the PPL ones) leave out those too short for the prompt; given ones must fit
@@ -568,7 +580,8 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
         if i == ref_idx:
             key = choose_keys(fn, head, losses[Lmax])
         per_losses[i] = losses
-        r = {"run": runs[i], "rope": ropes[i], "max_position_embeddings": npos_of[i], "l_train": run_lt[i], "ppl": {}}
+        r = {"run": runs[i], "rope": ropes[i], "max_positions": npos_of[i][0], "max_position_embeddings": npos_of[i][1],
+             "l_train": run_lt[i], "ppl": {}}
         r["lsm"] = lsm_values(fn, head, lsm_win, lsm_samples_for(run_lt[i], fractions), divs, budget, backend)
         if passkey:
             grid = passkey_grid(prompts, passkey_scores(fn, head, prompts, budget), pk_lengths, pk_depths)
@@ -599,7 +612,7 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
             lp = math.exp(ce[key].mean().item()) if n_key else None
             r["ppl"][str(L)] = {"ppl": math.exp(ce.mean().item()), "ce": ce.mean().item(), "longppl": lp}
         r["n_key"] = n_key
-        results["runs"][names[i]] = {k: r[k] for k in ("run", "rope", "max_position_embeddings", "l_train", "ppl",
+        results["runs"][names[i]] = {k: r[k] for k in ("run", "rope", "max_positions", "max_position_embeddings", "l_train", "ppl",
                                                           "n_key", "lsm") + (("passkey",) if passkey else ())}
     if passkey:
         pk_out["runs"] = {names[i]: pk_out["runs"][names[i]] for i in range(len(runs))}
