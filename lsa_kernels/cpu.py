@@ -41,7 +41,7 @@ from .stats import EXPM1_CLAMP, divergence_from_stats
 
 Tensor = torch.Tensor
 
-# [C, V] fp32 buffers alive at once (upper bounds, checked by tests/test_memory.py)
+# [C, V] fp32 buffers alive at once (upper bounds: tests/test_memory.py checks peak <= K·C·V·4 on both paths)
 K_CE = 3
 K_PAIR = 9
 # ... on the compiled path (lsa_kernels._C): the GEMM's output buffer(s) only, turned into dz in place
@@ -189,6 +189,7 @@ def ce_forward_backward(
         if coef is not None:
             dz = _softcap_grad_(_ce_grad_(_softmax_(z, lse, opts.softcap), lse, ys, coef[rows], opts), z, opts.softcap)
             _grad_gemms(dz, x32, w32, rows, dx_out, dw_out, db_out)
+            del dz  # else it lives on into the next chunk's logits: K_CE + 1 buffers at once
         del z
     return loss, lse_all
 

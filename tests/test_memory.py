@@ -1,8 +1,13 @@
-"""The cpu backend never holds more than its chunk budget of logits.
+"""The cpu backend never holds more than its chunk budget of logits, on both of its paths.
 
 A TorchDispatchMode sees every tensor every ATen op returns; it keeps a live count of the bytes of
 storages shaped like logits (2-D, last dim V, more than one row) and records the peak. W and dW are
 [V, H] with H != V, so they do not count; a materialised [N, V] logits tensor would.
+
+Each test runs on the compiled path (``lsa_kernels._C``) and on the ATen fallback (what ``LSA_NO_EXT=1``
+or a failed build gives), and checks the peak against the budget AND against the path's own claim in
+cpu.py: at most ``K`` fp32 ``[C, V]`` buffers alive at once (K_CE = 3, K_PAIR = 9 on ATen; 1 and 2
+compiled), with ``C`` the rows per chunk that cpu.chunk_rows gives for that K.
 """
 
 import weakref
@@ -13,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lsa_kernels as L
+from lsa_kernels import _ext, cpu
 from lsa_kernels import reference as R
 
 from _util import leaf, targets
@@ -53,6 +59,28 @@ class LiveLogitBytes(TorchDispatchMode):
 
 N, H, V = 1024, 48, 3001  # full fp32 logits: 12.3 MB per view
 BUDGET = 1 << 20  # 1 MiB: the full logits are > 10x larger
+# the ATen path makes ~4.5x more chunks (K = 9 vs 2) and the tracker pays per op: fewer rows there, whose
+# logits still exceed the budget 4x (one materialised [rows, V] tensor would break it)
+N_ATEN = 384
+
+
+@pytest.fixture(params=["ext", "aten"])
+def path(request):
+    if request.param == "ext" and not _ext.built():
+        pytest.skip("lsa_kernels._C not built: the ATen path is the only one")
+    with _ext.disable(request.param == "aten"):
+        assert cpu.use_ext(torch.zeros(1)) == (request.param == "ext")
+        yield request.param
+
+
+def _claimed_bytes(pair: bool) -> int:
+    """K · C · V · 4 for the path in force: the most bytes of [C, V] buffers cpu.py says a chunk holds."""
+    x = torch.zeros(1)
+    out = cpu.k_buffers(False, x) * cpu.chunk_rows(10 * N, V, cpu.k_buffers(False, x), BUDGET) * V * 4
+    if pair:
+        k = cpu.k_buffers(True, x)
+        out = max(out, k * cpu.chunk_rows(10 * N, V, k, BUDGET) * V * 4)
+    return out
 
 
 def _measure(fn):
@@ -70,13 +98,15 @@ def test_tracker_sees_materialised_logits():
 
 
 @pytest.mark.parametrize(
-    "reduction,opts", [("mean", dict()), ("none", dict(softcap=3.0, label_smoothing=0.1, z_loss=1e-3))],
-    ids=["mean-plain", "none-all"],
+    "reduction,opts", [("mean", dict()), ("sum", dict(softcap=3.0)),
+                       ("none", dict(softcap=3.0, label_smoothing=0.1, z_loss=1e-3))],
+    ids=["mean-plain", "sum-softcap", "none-all"],  # folded without / with a softcap, and the recompute path
 )
-def test_ce_within_chunk_budget(reduction, opts):
-    assert N * V * 4 >= 10 * BUDGET
-    x, w = leaf(torch.randn(N, H)), leaf(torch.randn(V, H))
-    y = targets((N,), V)
+def test_ce_within_chunk_budget(path, reduction, opts):
+    n = N if path == "ext" else N_ATEN
+    assert n * V * 4 >= 4 * BUDGET
+    x, w = leaf(torch.randn(n, H)), leaf(torch.randn(V, H))
+    y = targets((n,), V)
 
     def run():
         out = L.linear_cross_entropy(x, w, y, reduction=reduction, backend="cpu", chunk_bytes=BUDGET, **opts)
@@ -84,14 +114,15 @@ def test_ce_within_chunk_budget(reduction, opts):
 
     peak = _measure(run)
     assert 0 < peak <= BUDGET, f"peak live logits {peak} B > budget {BUDGET} B"
+    assert peak <= _claimed_bytes(pair=False), f"{path}: peak {peak} B > K_CE chunks {_claimed_bytes(False)} B"
 
 
 @pytest.mark.parametrize(
     "divergence,temperature,softcap", [("sce", 1.0, None), ("sym_kl", 0.7, 3.0), ("js", 0.7, 3.0)]
 )
-def test_long_short_within_chunk_budget(divergence, temperature, softcap):
-    B, T = 2, N // 2
-    assert 2 * B * T * V * 4 >= 10 * BUDGET
+def test_long_short_within_chunk_budget(path, divergence, temperature, softcap):
+    B, T = 2, (N if path == "ext" else N_ATEN) // 2
+    assert B * T * V * 4 >= 4 * BUDGET
     hl, hs = leaf(torch.randn(B, T, H)), leaf(torch.randn(B, T, H))
     w = leaf(torch.randn(V, H))
     yl, ys = targets((B, T), V), targets((B, T), V)
@@ -103,3 +134,4 @@ def test_long_short_within_chunk_budget(divergence, temperature, softcap):
 
     peak = _measure(run)
     assert 0 < peak <= BUDGET, f"peak live logits {peak} B > budget {BUDGET} B"
+    assert peak <= _claimed_bytes(pair=True), f"{path}: peak {peak} B > K chunks {_claimed_bytes(True)} B"
