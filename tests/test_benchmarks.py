@@ -92,6 +92,11 @@ def test_correctness_smoke():
     """The GPU correctness check's code path, on CPU tensors and tiny shapes (backend="cpu")."""
     res = C.correctness("cpu", quick=True)
     assert len(res) == 4 and all(r["ok"] for r in res), res
+    # the truth is fp64, not the fp32 reference itself: torch's fp32 reference has a (small) error against it
+    for r in res:
+        assert r["truth"] == "fp64"
+        for k in ("loss", "x", "w") if r["op"] == "ce" else ("loss", "hl", "hs", "w"):
+            assert 0 < r[k]["err_torch_same_dtype"] < (1e-5 if r["dtype"] == "fp32" else 2e-2), (r, k)
 
 
 def test_tp_comm_counts_the_bytes(tmp_path):
