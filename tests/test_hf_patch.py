@@ -124,9 +124,9 @@ def test_unpatch_restores_exactly():
     hf.patch(m)
     assert hf.is_patched(m) and "forward" in m.__dict__
     hf.patch(m, chunk_bytes=1 << 20)  # patched again: same wrapper, options updated
-    assert len(P._PATCHES[m]) == 1
+    assert len(m.__dict__[P._STACK]) == 1
     hf.unpatch(m)
-    assert "forward" not in m.__dict__ and not hf.is_patched(m)
+    assert "forward" not in m.__dict__ and P._STACK not in m.__dict__ and not hf.is_patched(m)
     assert m.forward.__func__ is LlamaForCausalLM.forward
     with pytest.raises(ValueError, match="not patched"):
         hf.unpatch(m)
@@ -141,6 +141,37 @@ def test_unpatch_restores_exactly():
     m.forward = lambda *a, **k: None  # wrapped again after the patch: unpatching would drop it
     with pytest.raises(RuntimeError, match="wrapped again"):
         hf.unpatch(m)
+
+
+def test_a_patched_model_can_be_freed():
+    import gc
+    import weakref
+
+    m = tiny()
+    hf.patch(m)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_deepcopy_of_a_patched_model_runs_its_own_weights():
+    import copy
+
+    x, lab = batch()
+    m = tiny()
+    hf.patch(m)
+    c = copy.deepcopy(m)
+    assert hf.is_patched(c)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.mul_(0.5)
+    want = hf.causal_lm_loss(c, x, lab)
+    torch.testing.assert_close(c(input_ids=x, labels=lab).loss, want)  # training: fused path
+    c.eval()
+    torch.testing.assert_close(c(input_ids=x, labels=lab).loss, want)  # eval: the copy's own forward
+    hf.unpatch(c)
+    assert hf.is_patched(m) and "forward" not in c.__dict__
 
 
 def test_peft_lora_model():

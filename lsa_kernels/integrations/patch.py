@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -53,7 +52,17 @@ from .hf import (
 
 __all__ = ["patch", "unpatch", "is_patched", "LongShortOutput"]
 
-_MISSING = object()
+class _Missing:
+    """No instance-level ``forward`` before the patch (survives ``copy.deepcopy`` as itself)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return "<missing>"
+
+
+_MISSING = _Missing()
 # keyword arguments of a causal LM's forward that belong to the loss, not to the decoder
 _LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index", "logits_to_keep", "return_dict",
                 "fused_lm_head")
@@ -68,7 +77,13 @@ class _Patch:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
-_PATCHES: "weakref.WeakKeyDictionary[nn.Module, List[_Patch]]" = weakref.WeakKeyDictionary()
+# the patches of a model live on the model (a list in its __dict__, removed by the last unpatch): a global
+# registry would hold the model alive through the bound methods it keeps
+_STACK = "_lsa_patches"
+
+
+def _stack(lm: nn.Module) -> List[_Patch]:
+    return lm.__dict__.get(_STACK) or []
 
 
 try:  # transformers' ModelOutput: dict + attribute access, what Trainer expects from a model
@@ -162,17 +177,15 @@ def patch(model, *, backend: str = "auto", chunk_bytes: Optional[int] = None):
     lm = _causal_lm(model)
     _check_supported(lm)
     opts = {"backend": backend, "chunk_bytes": chunk_bytes}
-    stack = _PATCHES.get(lm)
+    stack = _stack(lm)
     if stack and lm.__dict__.get("forward", _MISSING) is stack[-1].installed:
         stack[-1].options.update(opts)
         return model
     previous = lm.__dict__.get("forward", _MISSING)
-    inner = lm.forward  # bound: the instance's own attribute (e.g. TRL's head) or the class's forward
     record = _Patch(previous, None, opts)
-    fn = _make_forward(inner, record, type(lm).forward)
-    record.installed = types.MethodType(fn, lm)
+    record.installed = types.MethodType(_make_forward(type(lm).forward), lm)
     lm.forward = record.installed
-    _PATCHES.setdefault(lm, []).append(record)
+    lm.__dict__[_STACK] = stack + [record]
     return model
 
 
@@ -187,7 +200,7 @@ def unpatch(model):
         unpatch(model.model)
         return model
     lm = _causal_lm(model)
-    stack = _PATCHES.get(lm)
+    stack = _stack(lm)
     if not stack:
         raise ValueError(f"unpatch(model): {type(lm).__name__} is not patched")
     top = stack[-1]
@@ -201,9 +214,10 @@ def unpatch(model):
         del lm.forward
     else:
         lm.forward = top.previous
-    stack.pop()
-    if not stack:
-        del _PATCHES[lm]
+    if len(stack) > 1:
+        lm.__dict__[_STACK] = stack[:-1]
+    else:
+        del lm.__dict__[_STACK]
     return model
 
 
@@ -212,8 +226,8 @@ def is_patched(model) -> bool:
     if _is_trainer(model):
         model = model.model
     lm = _causal_lm(model)
-    stack = _PATCHES.get(lm)
-    return bool(stack) and any(lm.__dict__.get("forward", _MISSING) is p.installed for p in stack[-1:])
+    stack = _stack(lm)
+    return bool(stack) and lm.__dict__.get("forward", _MISSING) is stack[-1].installed
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -237,7 +251,16 @@ def _as_kwargs(sig: Optional[inspect.Signature], self, args, kwargs) -> Dict[str
     return out
 
 
-def _make_forward(inner, record: _Patch, class_forward):
+def _record_of(model: nn.Module, fn) -> _Patch:
+    for rec in reversed(_stack(model)):
+        if getattr(rec.installed, "__func__", None) is fn:
+            return rec
+    raise RuntimeError(f"patched forward called on a {type(model).__name__} that does not hold this patch")
+
+
+def _make_forward(class_forward):
+    """The patched forward. What it wraps (``inner``) and its options are looked up on the model at each
+    call, not captured here: a ``copy.deepcopy`` of a patched model then runs its own weights."""
     try:
         sig = inspect.signature(class_forward)
     except (TypeError, ValueError):  # pragma: no cover
@@ -245,6 +268,9 @@ def _make_forward(inner, record: _Patch, class_forward):
 
     @functools.wraps(class_forward)  # keeps the signature: Trainer and generate() inspect it
     def forward(self, *args, **kwargs):
+        record = _record_of(self, forward)
+        # the instance's own forward before the patch (e.g. TRL's head), else the class's
+        inner = types.MethodType(class_forward, self) if record.previous is _MISSING else record.previous
         ls = kwargs.pop("lsa_long_short", None)
         if ls is not None:
             return _long_short_forward(self, _as_kwargs(sig, self, args, kwargs), ls, record.options)
