@@ -5,6 +5,7 @@ The table below is the one the README shows (section "Bad input").
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lsa_kernels as L
 from lsa_kernels import backends
@@ -106,8 +107,54 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         L.linear_cross_entropy(x, w, y, backend="triton")
 
 
-def test_target_check_can_be_skipped():
-    """check_targets=False skips the one host sync; valid input still gives the right answer."""
-    a = L.linear_cross_entropy(x, w, y, check_targets=False)
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that hand a tensor's value to the host (``.item()``, ``bool(t)``): a host sync on CUDA."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.item.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs(fn):
+    mode = HostSyncs()
+    with mode:
+        fn()
+    return mode.seen
+
+
+@pytest.mark.parametrize("backend", [
+    "cpu",
+    pytest.param("reference", marks=pytest.mark.xfail(
+        strict=True, reason="functional.py hands backend='reference' calls to lsa_kernels.reference, whose own "
+                            "_checks.check_ce / check_long_short run the target check again (check_values=True)")),
+])
+def test_target_check_can_be_skipped(backend):
+    """check_targets=False skips the one host sync (the target-range check): forward and backward then read
+    no value back to the host; with the check on, the sync is there (so this test can see one); valid input
+    still gives the right answer."""
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    hs_, ys_ = hl.clone().requires_grad_(True), yl.roll(1, 1)
+
+    def ce_call(check):
+        return lambda: L.linear_cross_entropy(xs, ws, y, backend=backend, check_targets=check).backward()
+
+    def ls_call(check):
+        return lambda: L.long_short_loss(hl, hs_, ws, yl, ys_, l_extra=2, backend=backend, positions="last",
+                                         check_targets=check).loss.backward()
+
+    for call in (ce_call, ls_call):
+        assert _syncs(call(True)), "the target check should read a value on the host"
+        assert _syncs(call(False)) == [], "check_targets=False still synchronises with the host"
+    a = L.linear_cross_entropy(x, w, y, check_targets=False, backend=backend)
     b = L.reference.linear_cross_entropy(x, w, y)
     torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="target"):  # and the check, when on, is the one that catches bad ids
+        L.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4, V]), backend=backend)

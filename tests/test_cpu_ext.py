@@ -150,6 +150,8 @@ def test_pair_chunk_op(div, tau, detach, with_ce, cap):
     op(a, b, *y_args, st, *c_args, *args)  # backward from saved statistics
     if with_ce or detach != "p":
         _close(a, ga_t, atol_rel=2e-6, name="dz_p(stats)")
+    if with_ce or detach != "q":
+        _close(b, gb_t, atol_rel=2e-6, name="dz_q(stats)")
 
 
 @needs_ext
