@@ -118,7 +118,7 @@ def test_eval_writes_json_and_plot(tmp_path, trained, texts):
     for name in ("a", "b"):
         r = res["runs"][name]
         assert all(1 < r["ppl"][str(L)]["ppl"] < 4096 for L in (16, 32, 64))
-        assert r["lsm"]["lsm"] > 0
+        assert r["lsm"]["sce"]["lsm"] > 0
     assert res["runs"]["a"]["ppl"] == res["runs"]["b"]["ppl"]  # same model, same windows
     assert (ev / "ppl_vs_length.png").stat().st_size > 1000
 
