@@ -22,7 +22,8 @@ import tempfile
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="a transformers causal LM directory (default: a small Llama from a config)")
+    p.add_argument("--model", default="",
+                   help="a transformers causal LM directory (default: a small Llama from a config)")
     p.add_argument("--max-steps", type=int, default=50)
     p.add_argument("--l-train", type=int, default=64, help="tokens of the long view (l_extra ~ U{1..l_train/2})")
     p.add_argument("--batch-size", type=int, default=4, help="windows per device and micro-batch")

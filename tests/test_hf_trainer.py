@@ -247,7 +247,8 @@ def test_long_short_trainer_with_lora_and_eval(tok, tmp_path):
 
 
 def test_example_runs(tmp_path):
-    spec = importlib.util.spec_from_file_location("lst_example", os.path.join(ROOT, "examples", "long_short_trainer.py"))
+    path = os.path.join(ROOT, "examples", "long_short_trainer.py")
+    spec = importlib.util.spec_from_file_location("lst_example", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "out"

@@ -2,11 +2,12 @@
 
 After ``patch(model)`` the model's ``forward`` (of this instance only: no class is touched) is a wrapper:
 
-* training mode with ``labels`` (targets: ``shift_labels`` when also given): the decoder runs as the model's own forward would
-  run it (same ``attention_mask``, ``position_ids``, packed-sequence and attention kwargs), its final hidden
-  states go through :func:`lsa_kernels.functional.linear_cross_entropy` against the model's output head
-  (:func:`lsa_kernels.integrations.hf.output_head`: scale and softcap from the config, checked once against
-  the model's own logits), and the result is ``CausalLMOutputWithPast(loss=loss, logits=None)``. No
+* training mode with ``labels`` (targets: ``shift_labels`` when also given): the decoder runs as the
+  model's own forward would run it (same ``attention_mask``, ``position_ids``, packed-sequence and
+  attention kwargs), its final hidden states go through :func:`lsa_kernels.functional.linear_cross_entropy`
+  against the model's output head (:func:`lsa_kernels.integrations.hf.output_head`: scale and softcap from
+  the config, checked once against the model's own logits), and the result is
+  ``CausalLMOutputWithPast(loss=loss, logits=None)``. No
   ``[B, T, V]`` tensor exists in forward or backward. The loss is transformers' ``ForCausalLMLoss``:
   ``labels`` shifted (``shift_labels`` taken as they are), ``ignore_index`` rows skipped, the mean over
   valid rows, or the sum divided by ``num_items_in_batch`` when the Trainer passes it (its gradient
@@ -147,7 +148,8 @@ def _check_supported(lm: nn.Module) -> None:
 def _check_options(backend, chunk_bytes) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"patch(backend=...): expected one of {BACKENDS}, got {backend!r}")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
+    bad = isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+    if chunk_bytes is not None and bad:
         raise ValueError(f"patch(chunk_bytes=...): expected a positive int or None, got {chunk_bytes!r}")
 
 
