@@ -60,6 +60,10 @@ def main(argv=None) -> int:
         tok_path = a.model if os.path.exists(os.path.join(a.model, "tokenizer_config.json")) else None
         tok = D.load_tokenizer(tok_path)
         model = hf.load_causal_lm(a.model)
+        if model.config.vocab_size < tok.vocab_size:
+            print(f"error: --model has a vocabulary of {model.config.vocab_size} tokens, the tokenizer "
+                  f"{tok.path} has {tok.vocab_size} (put the model's tokenizer in its directory)", file=sys.stderr)
+            return 2
     else:
         tok = D.load_tokenizer()
         model = LlamaForCausalLM(LlamaConfig(
