@@ -139,6 +139,12 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
 
 
+def _p_eq(p: float) -> str:
+    """``p = 0.012`` / ``p < 0.0001`` / ``p = n/a``."""
+    s = _fmt_p(p)
+    return f"p {s}" if s.startswith("<") else f"p = {s}"
+
+
 def call(d: dict, level: float = P_CALL) -> str:
     """The rule: "lower" / "higher" when the paired t-test gives p < level, else "no significant difference"."""
     if _ok(d["p_t"]) and d["p_t"] < level:
@@ -154,7 +160,7 @@ def verdict(arm: str, ref: str, metric: str, d: dict, level: float = P_CALL) -> 
         return f"{arm} vs {ref}: {metric}: no seeds to compare"
     sd = f"{d['std']:.1f}" if _ok(d["std"]) else "n/a"
     return (f"{arm} vs {ref}: {metric} lower on {d['k_lower']} of {d['n']} seeds, mean {d['mean']:+.1f} % ± {sd} "
-            f"(paired t-test p = {_fmt_p(d['p_t'])}, sign test p = {_fmt_p(d['p_sign'])}) -> {call(d, level)}")
+            f"(paired t-test {_p_eq(d['p_t'])}, sign test {_p_eq(d['p_sign'])}) -> {call(d, level)}")
 
 
 # ------------------------------------------------------------------------------------- correlation

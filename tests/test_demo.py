@@ -1,0 +1,127 @@
+"""The multi-seed demo: its statistics on hand-made numbers, and a tiny end-to-end run (lsa demo)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from lsa_kernels.train import demo_stats as S
+
+# ------------------------------------------------------------------------------------ statistics
+
+
+def test_student_t_and_sign_test_match_tables():
+    # two-sided 5 % critical values of Student's t (any statistics table)
+    assert S.student_t_p(2.776445, 4) == pytest.approx(0.05, abs=1e-6)
+    assert S.student_t_p(2.570582, 5) == pytest.approx(0.05, abs=1e-6)
+    assert S.student_t_p(12.7062, 1) == pytest.approx(0.05, abs=1e-5)
+    assert S.student_t_p(-1.0, 1) == pytest.approx(0.5)  # Cauchy
+    assert S.student_t_p(0.0, 3) == pytest.approx(1.0)
+    # exact two-sided sign test: 5 of 5 -> 2/32; 4 of 5 -> 2*6/32; ties dropped
+    assert S.sign_test_p(5, 0) == pytest.approx(0.0625)
+    assert S.sign_test_p(1, 4) == pytest.approx(0.375)
+    assert S.sign_test_p(3, 2) == 1.0 and S.sign_test_p(0, 0) == 1.0
+    assert S.sign_test_p(10, 0) == pytest.approx(2 / 1024)
+
+
+def test_paired_differences_and_verdict_text():
+    ref = {0: 100.0, 1: 200.0, 2: 50.0, 3: 100.0, 4: 100.0}
+    arm = {0: 97.0, 1: 196.0, 2: 48.0, 3: 99.0, 4: 101.0}  # -3 %, -2 %, -4 %, -1 %, +1 %
+    d = S.paired(arm, ref)
+    assert d["seeds"] == [0, 1, 2, 3, 4] and d["n"] == 5
+    assert d["rel_pct"] == pytest.approx([-3.0, -2.0, -4.0, -1.0, 1.0])
+    assert d["abs"] == pytest.approx([-3.0, -4.0, -2.0, -1.0, 1.0])
+    assert d["mean"] == pytest.approx(-1.8)
+    assert d["std"] == pytest.approx(math.sqrt(((1.2**2) + 0.2**2 + 2.2**2 + 0.8**2 + 2.8**2) / 4))
+    assert (d["k_lower"], d["k_higher"]) == (4, 1)
+    t = -1.8 / (d["std"] / math.sqrt(5))
+    assert d["t"] == pytest.approx(t) and d["p_t"] == pytest.approx(0.10454, abs=2e-5)  # scipy.stats.ttest_rel
+    assert d["p_sign"] == pytest.approx(0.375)
+    line = S.verdict("sce", "ce1", "PPL@1024", d)
+    assert line == ("sce vs ce1: PPL@1024 lower on 4 of 5 seeds, mean -1.8 % ± 1.9 (paired t-test p = 0.10, "
+                    "sign test p = 0.38) -> no significant difference")
+    # a consistent drop is called "lower"; a consistent rise "higher"
+    d2 = S.paired({s: 0.97 * v + 0.001 * s for s, v in ref.items()}, ref)
+    assert d2["k_lower"] == 5 and d2["p_t"] < 0.05 and S.call(d2) == "lower"
+    assert S.verdict("symkl", "ce2", "LongPPL@1024", d2).endswith("-> lower")
+    d3 = S.paired({s: 1.05 * v + 0.001 * s for s, v in ref.items()}, ref)
+    assert S.call(d3) == "higher" and "lower on 0 of 5 seeds, mean +5.0 %" in S.verdict("a", "b", "m", d3)
+    # the same shift on every seed: std 0, still called
+    d4 = S.paired({s: 0.9 * v for s, v in ref.items()}, ref)
+    assert d4["std"] == pytest.approx(0.0, abs=1e-12) and d4["p_t"] == 0.0 and S.call(d4) == "lower"
+
+
+def test_paired_drops_missing_seeds():
+    d = S.paired({0: 1.0, 1: float("nan"), 2: 3.0, 5: 1.0}, {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0})
+    assert d["seeds"] == [0, 2] and d["n"] == 2 and d["rel_pct"] == pytest.approx([-50.0, 50.0])
+    assert S.call(d) == "no significant difference"
+    assert "no seeds" in S.verdict("a", "b", "m", S.paired({0: None}, {0: 1.0}))
+
+
+def test_correlations_and_final_train_ce():
+    x, y = [1, 2, 3, 4, 5], [2, 4, 5, 4, 5]
+    pe = S.pearson(x, y)  # scipy.stats.pearsonr: 0.7745967, p 0.1240271
+    assert pe["r"] == pytest.approx(0.7745967, abs=1e-6) and pe["p"] == pytest.approx(0.1240271, abs=1e-6)
+    sp = S.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])  # scipy.stats.spearmanr: 0.8207827, p 0.0885870
+    assert sp["r"] == pytest.approx(0.8207827, abs=1e-6) and sp["p"] == pytest.approx(0.0885870, abs=1e-6)
+    assert S.ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert S.pearson([1, 2, 3], [3, 2, 1])["r"] == pytest.approx(-1.0)
+    assert math.isnan(S.pearson([1, 1, 1], [1, 2, 3])["r"])
+    assert S.pearson([1, 2, None, 4], [1, 2, 3, float("nan")])["n"] == 2
+    rows = [{"ce": float(i)} for i in range(1, 21)]  # last 10 % of 20 rows = the last 2
+    assert S.final_train_ce(rows) == pytest.approx(19.5)
+    assert S.final_train_ce(rows[:5]) == pytest.approx(5.0)  # at least one row
+    assert math.isnan(S.final_train_ce([]))
+
+
+def _fake_runs():
+    base = {0: 100.0, 1: 110.0, 2: 90.0}
+    runs = []
+    for arm, f in (("ce1", 1.0), ("ce2", 0.99), ("sce", 1.03)):
+        for s, v in base.items():
+            runs.append({"arm": arm, "seed": s, "metrics": {"PPL@64": v * f, "LongPPL@64": v * f / 10 + s,
+                                                            "LSM(sce)": f + 0.01 * s, "train CE": 4.0 + s}})
+    return runs
+
+
+def test_build_stats_markdown_and_plot(tmp_path):
+    runs = _fake_runs()
+    ms = ["PPL@64", "LongPPL@64", "LSM(sce)", "train CE"]
+    st = S.build_stats(runs, ms, verdict_metrics=["PPL@64"], corr_target="PPL@64", corr_predictors=["LSM(sce)", "train CE"])
+    assert st["arms"] == ["ce1", "ce2", "sce"]
+    assert st["summary"]["ce1"]["PPL@64"]["mean"] == pytest.approx(100.0)
+    assert st["summary"]["ce1"]["PPL@64"]["std"] == pytest.approx(10.0)
+    assert set(st["paired"]) == {"ce1", "ce2"} and set(st["paired"]["ce1"]) == {"ce2", "sce"}
+    assert st["paired"]["ce1"]["sce"]["PPL@64"]["rel_pct"] == pytest.approx([3.0, 3.0, 3.0])
+    assert st["verdicts"][0] == ("ce2 vs ce1: PPL@64 lower on 3 of 3 seeds, mean -1.0 % ± 0.0 (paired t-test "
+                                 "p < 0.0001, sign test p = 0.25) -> lower")
+    assert len(st["verdicts"]) == 4  # ce2, sce vs ce1; ce1, sce vs ce2
+    assert st["correlation"]["train CE"]["pearson"]["n"] == 9
+    text = S.markdown(st, {"base x4": {"PPL@64": 120.0, "LSM(sce)": 1.5}})
+    assert "| base x4 | 1 | 120.00 | n/a | 1.5000 | n/a |" in text
+    assert "| ce1 | 3 | 100.00 ± 10.00 |" in text
+    assert "| sce | +3.0 ± 0.0 (0/3) |" in text
+    assert "- sce vs ce2: PPL@64 lower on 0 of 3 seeds" in text and "Spearman" in text
+    S.plot(st, [64], str(tmp_path / "d.png"), runs=runs, reference_rows={"base x4": {"PPL@64": 120.0}}, l_train=64,
+           scatter=["LSM(sce)", "train CE"])
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+
+
+def test_parse_arm_and_bad_options(capsys, tmp_path):
+    from lsa_kernels.train.demo import demo_main, parse_arm
+    from lsa_kernels.train.loop import ConfigError
+
+    assert parse_arm("sce@0.5") == ("sce@0.5", {"alpha": 0.5, "ce_views": 0, "divergence": "sce"})
+    assert parse_arm("symkl@1.0")[0] == "symkl@1"
+    for bad in ("sce", "sce@0", "foo@0.1", "sce@x", "sce@nan"):
+        with pytest.raises(ConfigError, match="--extra-arms"):
+            parse_arm(bad)
+    out = tmp_path / "d"
+    for argv, msg in ((["--seeds", "0"], "--seeds"), (["--extra-arms", "sce@-1"], "--extra-arms"),
+                      (["--rope-factor", "0.5"], "--rope-factor"), (["--base-l-train", "10", "--rope-factor", "1.25"],
+                                                                    "whole length")):
+        assert demo_main(["--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lsa demo: error:") and msg in err[0], err
+        assert not out.exists()
