@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One NVIDIA GPU (sized for an H200), < 8 minutes:
+# One NVIDIA GPU (sized for an H200), < 10 minutes in all (TOTAL_S, default 560 s):
 #   1. record the GPU (nvidia-smi) and the software versions;
+#   1b. the CUDA test path: tests/test_cuda.py in its own pytest process with the interpreter off (every op
+#      and option, bf16/fp16/fp32, odd shapes, compiled kernels vs the reference, device guard, fp64
+#      routing, autocast, int64 offsets) -> test_cuda.log, test_cuda.xml (limit CUDA_TEST_S, default 210);
 #   2. correctness: compiled Triton kernels vs the reference at real sizes (e.g. N=8192, H=4096,
 #      V=128256 bf16, fwd+bwd; CE and long-short sce/js/kl; error vs an fp32 truth must be within
 #      1.5x torch's same-dtype error + tol) -> cuda_correctness.json;
@@ -8,16 +11,19 @@
 #      stopped by a deadline so it always finishes -> cuda_*.csv, SUMMARY_cuda.md, plots_cuda/.
 # Results go to $OUT/gpu_<stamp>/ when $OUT is set (the device runner fetches $OUT), else to
 # benchmarks/results/gpu_<stamp>/. Exit status: 0 when everything ran and correctness passed,
-# 1 when correctness failed, 2 when no CUDA-capable python was found; the suite's rows are kept anyway.
+# 1 when the CUDA tests or correctness failed, 2 when no CUDA-capable python was found; the suite's rows
+# are kept anyway.
 #
-# Environment knobs: PYTHON (interpreter with CUDA torch + triton), TOTAL_S (default 470),
-# CHECK_S (correctness time limit, default 150), SUITE_ARGS (extra args for python -m benchmarks).
+# Environment knobs: PYTHON (interpreter with CUDA torch + triton), TOTAL_S (default 560),
+# CUDA_TEST_S (default 210), CHECK_S (correctness time limit, default 100), SUITE_ARGS (extra args for
+# python -m benchmarks).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$(date +%s)
-TOTAL_S=${TOTAL_S:-470}
-CHECK_S=${CHECK_S:-150}
+TOTAL_S=${TOTAL_S:-560}
+CUDA_TEST_S=${CUDA_TEST_S:-210}
+CHECK_S=${CHECK_S:-100}
 STAMP=$(date +%Y%m%d_%H%M%S)
 if [[ -n "${OUT:-}" ]]; then RES="$OUT/gpu_$STAMP"; else RES="benchmarks/results/gpu_$STAMP"; fi
 mkdir -p "$RES"
@@ -66,6 +72,16 @@ EOF
 
 # build the C++ extension only if it is cheap to skip: the GPU path does not need it
 STATUS=0
+
+# ---- 1b. the CUDA test path (compiled kernels vs the reference, own process, interpreter off)
+echo "== tests/test_cuda.py (limit ${CUDA_TEST_S} s)"
+if TRITON_INTERPRET=0 timeout --kill-after=10 "$CUDA_TEST_S" "$PY" -m pytest -q -ra -p no:cacheprovider \
+     tests/test_cuda.py --junitxml="$RES/test_cuda.xml" > "$RES/test_cuda.log" 2>&1; then
+  echo "cuda tests: PASS"; tail -3 "$RES/test_cuda.log"
+else
+  rc=$?; STATUS=1
+  echo "cuda tests: FAIL or timeout (rc=$rc); see $RES/test_cuda.log"; tail -40 "$RES/test_cuda.log"
+fi
 
 # ---- 2. correctness (compiled kernels at real sizes)
 echo "== correctness (limit ${CHECK_S} s)"

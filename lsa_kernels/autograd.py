@@ -10,10 +10,16 @@ before backward (up to the scalar upstream gradient), so a backend that offers
 CPU); backward then only scales them. When an auxiliary output (``ce``/``misalign`` of the long-short
 loss) also receives a gradient, backward recomputes with the combined coefficients instead.
 Nothing here syncs with the host: counts stay tensors.
+
+Autocast: the public ops cast their operands to the autocast dtype themselves (:mod:`.functional`); the
+Functions' forward and backward run with autocast OFF (:func:`_autocast_off`), so a backward called
+inside an autocast region cannot turn the backends' fp32 accumulations (dW, db, statistics) into bf16 GEMMs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -23,6 +29,26 @@ from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss
 
 Tensor = torch.Tensor
+
+
+@contextlib.contextmanager
+def _autocast_off_ctx():
+    with contextlib.ExitStack() as stack:
+        for dev in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(dev):
+                stack.enter_context(torch.autocast(dev, enabled=False))
+        yield
+
+
+def _autocast_off(fn):
+    """Run an autograd Function's forward / backward with autocast disabled (module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _autocast_off_ctx():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -59,6 +85,7 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, w, b, y, reduction: str, opts: CEOptions, backend):
         be = backends.get(backend)
         x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
@@ -81,6 +108,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (loss_row * weight).sum().to(x.dtype)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g):
         if ctx.pre is not None:
             x, w, b = ctx.saved_tensors
@@ -109,6 +137,7 @@ def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, back
 
 class _LinearDivergence(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, xp, xq, w, b, sel, div_w, opts: PairOptions, backend, mode: str):
         be = backends.get(backend)
         xp, xq, w, b = _contig(xp), _contig(xq), _contig(w), _contig(b)
@@ -133,6 +162,7 @@ class _LinearDivergence(torch.autograd.Function):
         return (div * div_w).sum().to(xp.dtype)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g):
         nones = (None,) * 5
         if ctx.pre is not None:
@@ -189,6 +219,7 @@ def _merge_views(dxp, dxq, dxu, B: int, T: int, l_extra: int):
 
 class _LongShort(torch.autograd.Function):
     @staticmethod
+    @_autocast_off
     def forward(ctx, hl, hs, w, b, yl, ys, sel, l_extra: int, alpha: float, opts: PairOptions, backend):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
@@ -231,6 +262,7 @@ class _LongShort(torch.autograd.Function):
         return (ce + alpha * mis).to(dt), ce.to(dt), mis.to(dt)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, g_loss, g_ce, g_mis):
         B, T, l_extra, alpha, opts, backend = ctx.meta
         xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, stats, lse_u = ctx.saved_tensors

@@ -6,10 +6,21 @@
 
 Every check in :mod:`lsa_kernels._checks` runs before any kernel. ``backend="auto"`` picks Triton for
 CUDA tensors and the chunked cpu path for CPU tensors; ``"reference"`` materialises the logits.
+
+Autocast: like ``F.linear``, under ``torch.autocast(device_type, dtype)`` each op casts its input(s),
+weight and bias (floating, not float64, on an autocast-enabled device type) to the autocast dtype first,
+then runs with autocast off (statistics and accumulation stay fp32 inside the backends; the loss comes
+back in the autocast dtype, gradients reach fp32 master weights through the cast).
+
+float64 on CUDA: the Triton kernels take fp32/bf16/fp16 only (``tl.dot`` has no fp64 tensor-core path),
+so ``backend="auto"`` sends float64 CUDA tensors to ``"reference"`` (materialised logits: meant for
+gradcheck-sized problems) and ``backend="triton"`` refuses float64 with a ValueError. GPUs below
+compute capability 8.0 are refused by the Triton backend (``UnsupportedDevice``, a ValueError).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -22,19 +33,58 @@ from .pairing import LongShortLoss, pair_mask
 __all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend"]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend and check that the choice can run on ``device``."""
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Map ``"auto"`` to a concrete backend and check that the choice can run on ``device`` / ``dtype``.
+
+    ``auto``: Triton for CUDA tensors (``reference`` for float64 ones), cpu for CPU tensors."""
     _checks.check_backend(backend)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "cpu"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
-            f"got tensors on {device}. Use backend='cpu' or 'auto'."
-        )
+        if device.type != "cuda":
+            return "cpu"
+        if dtype == torch.float64:
+            return "reference"
+        backend = "triton"
+    if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
+                f"got tensors on {device}. Use backend='cpu' or 'auto'."
+            )
+        if dtype == torch.float64:
+            raise ValueError(
+                "backend='triton' takes float32, bfloat16 or float16 inputs, got float64 (the kernels have no fp64 "
+                "path); use backend='auto' or 'reference' for float64 on CUDA, 'cpu' for CPU tensors"
+            )
+        if device.type == "cuda":
+            from .kernels._common import check_device
+
+            check_device(device)
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     return backend
+
+
+def _autocast_cast(*tensors):
+    """The tensors as ``F.linear`` sees them under autocast: floating (not float64) tensors on a device type
+    with autocast enabled cast to that autocast dtype; everything else unchanged."""
+    out = []
+    for t in tensors:
+        if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                and torch.is_autocast_enabled(t.device.type)):
+            t = t.to(torch.get_autocast_dtype(t.device.type))
+        out.append(t)
+    return out
+
+
+def no_autocast(device: torch.device):
+    """Autocast off for ``device``'s type inside the block (no-op when it is not on)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _device_of(t) -> torch.device:
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
 def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore_index, check_targets):
@@ -96,13 +146,26 @@ def linear_cross_entropy(
     per chunk follow from V). ``check_targets=False`` skips the one host sync that checks target values.
     ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
     vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.distributed`); targets are global ids.
-    Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``.
+    Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``. Honours autocast like
+    ``F.linear`` (module docstring).
     """
+    input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
+    with no_autocast(_device_of(input)):
+        return _linear_cross_entropy(
+            input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
+            backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+        )
+
+
+def _linear_cross_entropy(
+    input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
+    backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+):
     _checks.check_ce(
         input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
         check_values=check_targets and process_group is None,
     )
-    be = resolve_backend(backend, input.device)
+    be = resolve_backend(backend, input.device, input.dtype)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [("target", target)], ignore_index,
                          check_targets)
     if be == "reference":
@@ -144,11 +207,24 @@ def linear_divergence(
     never materialised. ``divergence`` is one of ``sce`` (default), ``sym_kl``, ``kl`` (KL(p‖q)),
     ``kl_reverse`` (KL(q‖p)), ``js``. ``detach="p"`` / ``"q"`` stops the gradient into that side.
     ``mask [...]`` (bool) selects rows; ``mean`` averages over selected rows (0 when none).
+    Honours autocast like ``F.linear`` (module docstring).
     """
+    input_p, input_q, linear_weight, linear_bias = _autocast_cast(input_p, input_q, linear_weight, linear_bias)
+    with no_autocast(_device_of(input_p)):
+        return _linear_divergence(
+            input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
+            backend, chunk_bytes, deterministic, process_group, vocab_start,
+        )
+
+
+def _linear_divergence(
+    input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
+    backend, chunk_bytes, deterministic, process_group, vocab_start,
+):
     _checks.check_divergence(
         input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
     )
-    be = resolve_backend(backend, input_p.device)
+    be = resolve_backend(backend, input_p.device, input_p.dtype)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], -100, False)
     if be == "reference":
         return reference.linear_divergence(
@@ -206,14 +282,30 @@ def long_short_loss(
     ``ce`` is the mean token CE over all valid rows of both views; ``misalign`` the mean divergence over
     pairs whose targets are both valid (``positions="last"``: only each sequence's last such pair).
     ``detach="long"`` makes the long view a fixed teacher for the divergence, ``"short"`` the reverse.
-    Returns ``LongShortLoss(loss, ce, misalign)``; each is differentiable.
+    Returns ``LongShortLoss(loss, ce, misalign)``; each is differentiable. Honours autocast like ``F.linear``
+    (module docstring).
     """
+    hidden_long, hidden_short, linear_weight, linear_bias = _autocast_cast(
+        hidden_long, hidden_short, linear_weight, linear_bias)
+    with no_autocast(_device_of(hidden_long)):
+        return _long_short_loss(
+            hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
+            temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
+            chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+        )
+
+
+def _long_short_loss(
+    hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
+    temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
+    chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+):
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
         check_values=check_targets and process_group is None,
     )
-    be = resolve_backend(backend, hidden_long.device)
+    be = resolve_backend(backend, hidden_long.device, hidden_long.dtype)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be,
                          [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index, check_targets)
     if be == "reference":

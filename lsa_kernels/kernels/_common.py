@@ -16,11 +16,22 @@ row / column index is cast to int64 before it multiplies a stride, so N·H and V
 stores bf16 as uint16); on a GPU bf16 operands go to the tensor cores as they are (bf16·bf16 products are
 exact in fp32, the accumulation is fp32 either way). fp32 inputs use ``tf32x3`` on a GPU (≈ fp32 accuracy
 on tensor cores).
+
+The gradient GEMMs of the backward take dz rounded to the input dtype (:func:`dot_operand_`), as a
+GPU's bf16/fp16 tensor cores need; under the interpreter the same rounding is done explicitly (round to
+nearest even, the interpreter's own bf16 cast truncates) so that interpreter tests check the numbers a
+GPU computes.
+
+Launches: every launcher runs inside :func:`device_guard` of its tensors' device (Triton launches on
+the *current* CUDA device and stream; a head on ``cuda:1`` while ``cuda:0`` is current would fail or use
+the wrong stream). Block sizes come from one table per GPU family (:data:`GPU_TABLE`, chosen by
+:func:`arch_class`); compute capabilities below 8.0 are refused (:class:`UnsupportedDevice`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
@@ -79,6 +90,27 @@ def log_ratio_to_mid_(d):
     dl = tl.maximum(d, 1.0)
     r_large = -dl + 0.6931471805599453 - log1p_(tl.exp(-dl))
     return tl.where(d > 1.0, r_large, r_small)
+
+
+@triton.jit
+def round_bf16_(x):
+    """fp32 → the nearest bf16 (ties to even), returned as fp32 (finite x). Bit arithmetic, because the
+    interpreter's own fp32 → bf16 cast truncates instead of rounding."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot_operand_(t, like_ptr, UPCAST: tl.constexpr):
+    """fp32 ``t`` (dz) as an operand of the gradient GEMMs: rounded to the input dtype (``like_ptr``'s
+    element type) as the tensor cores take it on a GPU; under the interpreter (UPCAST) the same rounding,
+    kept in fp32. fp32 inputs: unchanged."""
+    if UPCAST:
+        r = t
+    else:
+        r = t.to(like_ptr.dtype.element_ty)
+    return r
 
 
 @triton.jit
@@ -225,49 +257,126 @@ def _lc(bn, bv, bh, warps, stages):
     return LaunchConfig(bn, bv, bh, num_warps=warps, num_stages=stages)
 
 
-GPU_TABLE = {
-    ("sm90", False): {
-        "ce_fwd": _lc(128, 128, 64, 8, 3),
-        "ce_bwd": _lc(64, 128, 64, 8, 2),
-        "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
-        "ce_bwd_dw": _lc(64, 128, 64, 8, 2),
-        "pair_fwd": _lc(64, 64, 64, 8, 3),  # 64×128 tiles spilled 16 B for sym_kl (4 accumulators, 2 expm1)
-        "pair_js": _lc(64, 64, 64, 8, 3),
-        "pair_bwd": _lc(64, 64, 64, 8, 2),
-        "pair_bwd_dx": _lc(64, 64, 64, 8, 2),
-        "pair_bwd_dw": _lc(64, 64, 32, 8, 2),
-    },
-    ("sm80", False): {
-        "ce_fwd": _lc(64, 128, 64, 8, 3),
-        "ce_bwd": _lc(64, 64, 64, 8, 2),
-        "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
-        "ce_bwd_dw": _lc(64, 64, 64, 8, 2),
-        "pair_fwd": _lc(64, 64, 64, 8, 3),
-        "pair_js": _lc(64, 32, 64, 8, 3),
-        "pair_bwd": _lc(32, 64, 64, 8, 2),
-        "pair_bwd_dx": _lc(32, 64, 64, 8, 2),
-        "pair_bwd_dw": _lc(32, 64, 64, 8, 2),
-    },
-    ("any", True): {
-        "ce_fwd": _lc(64, 64, 32, 8, 3),
-        "ce_bwd": _lc(32, 64, 32, 4, 2),
-        "ce_bwd_dx": _lc(32, 64, 32, 4, 2),
-        "ce_bwd_dw": _lc(32, 64, 32, 4, 2),
-        "pair_fwd": _lc(32, 64, 32, 8, 3),
-        "pair_js": _lc(32, 32, 32, 8, 3),
-        "pair_bwd": _lc(16, 32, 32, 4, 2),
-        "pair_bwd_dx": _lc(16, 32, 32, 4, 2),
-        "pair_bwd_dw": _lc(16, 32, 32, 4, 2),
-    },
+_SM80 = {
+    "ce_fwd": _lc(64, 128, 64, 8, 3),
+    "ce_bwd": _lc(64, 64, 64, 8, 2),
+    "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
+    "ce_bwd_dw": _lc(64, 64, 64, 8, 2),
+    "pair_fwd": _lc(64, 64, 64, 8, 3),
+    "pair_js": _lc(64, 32, 64, 8, 3),
+    "pair_bwd": _lc(32, 64, 64, 8, 2),
+    "pair_bwd_dx": _lc(32, 64, 64, 8, 2),
+    "pair_bwd_dw": _lc(32, 64, 64, 8, 2),
 }
-KERNEL_KINDS = tuple(GPU_TABLE[("sm90", False)])
+_SM90 = {
+    "ce_fwd": _lc(128, 128, 64, 8, 3),
+    "ce_bwd": _lc(64, 128, 64, 8, 2),
+    "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
+    "ce_bwd_dw": _lc(64, 128, 64, 8, 2),
+    "pair_fwd": _lc(64, 64, 64, 8, 3),  # 64×128 tiles spilled 16 B for sym_kl (4 accumulators, 2 expm1)
+    "pair_js": _lc(64, 64, 64, 8, 3),
+    "pair_bwd": _lc(64, 64, 64, 8, 2),
+    "pair_bwd_dx": _lc(64, 64, 64, 8, 2),
+    "pair_bwd_dw": _lc(64, 64, 32, 8, 2),
+}
+_FP32 = {
+    "ce_fwd": _lc(64, 64, 32, 8, 3),
+    "ce_bwd": _lc(32, 64, 32, 4, 2),
+    "ce_bwd_dx": _lc(32, 64, 32, 4, 2),
+    "ce_bwd_dw": _lc(32, 64, 32, 4, 2),
+    "pair_fwd": _lc(32, 64, 32, 8, 3),
+    "pair_js": _lc(32, 32, 32, 8, 3),
+    "pair_bwd": _lc(16, 32, 32, 4, 2),
+    "pair_bwd_dx": _lc(16, 32, 32, 4, 2),
+    "pair_bwd_dw": _lc(16, 32, 32, 4, 2),
+}
+
+# One table per GPU family (key: arch_class(cc)) for bf16/fp16 inputs, plus ("any", True) for fp32 inputs.
+#   sm80   A100 / A30 / Orin (sm_80, sm_87): mma.sync, 163 KB shared memory per block
+#   sm86   consumer / workstation Ampere and Ada (sm_86, sm_89): mma.sync, 99 KB per block
+#   sm90   H100 / H200: wgmma, 227 KB
+#   sm100  B200 / GB200 / B300 (sm_100, sm_103): tcgen05, 227 KB
+#   sm120  consumer Blackwell (sm_120, sm_121): mma.sync, 99 KB
+GPU_TABLE = {
+    ("sm80", False): _SM80,
+    ("sm86", False): dict(_SM80),
+    ("sm90", False): _SM90,
+    ("sm100", False): dict(_SM90),
+    ("sm120", False): dict(_SM80),
+    ("any", True): _FP32,
+}
+KERNEL_KINDS = tuple(_SM90)
+
+# Shared memory per block (opt-in maximum) of each compute capability, and the archs whose tables the
+# compile test checks (one representative per family, the smallest shared memory of the family).
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024,
+                100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024, 121: 99 * 1024}
+CLASS_ARCH = {"sm80": 80, "sm86": 86, "sm90": 90, "sm100": 100, "sm120": 120}
+MIN_ARCH = 80
+
+
+class UnsupportedDevice(ValueError):
+    """The Triton kernels cannot run on this GPU (compute capability < 8.0)."""
+
+
+def arch_class(arch: int) -> str:
+    """The table family of compute capability ``arch`` (e.g. 86 for sm_86); raises below sm_80.
+
+    Unknown future capabilities take the nearest lower family (Triton compiles them the same way)."""
+    if arch < MIN_ARCH:
+        raise UnsupportedDevice(
+            f"the Triton kernels need an NVIDIA GPU of compute capability >= 8.0 (bf16 and tf32 tensor "
+            f"cores); this one is sm_{arch}. Use backend='reference' (materialises the N x V logits) or "
+            "run the loss on CPU tensors (backend='cpu')"
+        )
+    if arch >= 120:
+        return "sm120"
+    if arch >= 100:
+        return "sm100"
+    if arch >= 90:
+        return "sm90"
+    if arch in (86, 88, 89):
+        return "sm86"
+    return "sm80"
 
 
 def gpu_config(kind: str, arch: int, fp32: bool) -> LaunchConfig:
     """Production block sizes of kernel ``kind`` for compute capability ``arch`` (80, 86, 89, 90, ...)."""
+    cls = arch_class(arch)
     if fp32:
         return GPU_TABLE[("any", True)][kind]
-    return GPU_TABLE[("sm90" if arch >= 90 else "sm80", False)][kind]
+    return GPU_TABLE[(cls, False)][kind]
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as one int (sm_90 → 90)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def check_device(device: torch.device) -> None:
+    """Raise :class:`UnsupportedDevice` when the kernels cannot run on CUDA ``device`` (no-op elsewhere)."""
+    if device.type == "cuda" and not interpreting():
+        arch_class(device_arch(device))
+
+
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` for a CUDA device (Triton launches on the current device and its
+    current stream), a no-op context otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(fn):
+    """Run launcher ``fn`` with its first argument's device current (:func:`device_guard`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with device_guard(args[0].device):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _interp_config(N: int, V: int, H: int) -> LaunchConfig:
@@ -285,8 +394,7 @@ def pick_config(kind: str, N: int, V: int, H: int, device: torch.device, dtype: 
     elif interpreting() or device.type != "cuda":
         cfg = _interp_config(N, V, H)
     else:
-        major, minor = torch.cuda.get_device_capability(device)
-        cfg = gpu_config(kind, 10 * major + minor, dtype == torch.float32)
+        cfg = gpu_config(kind, device_arch(device), dtype == torch.float32)
     if cfg.SPLIT_V == 0:
         cfg = replace(cfg, SPLIT_V=_auto_split(N, V, cfg, device))
     return cfg

@@ -43,8 +43,10 @@ import triton.language as tl
 
 from ..options import CEOptions
 from ._common import (
-    grouped_pid_,
     ce_grad_,
+    dot_operand_,
+    grouped_pid_,
+    on_tensor_device,
     finish_logits_,
     logits_tile_,
     online_update_,
@@ -124,6 +126,7 @@ def _merge_ce(part: torch.Tensor, y: torch.Tensor, V: int, opts: CEOptions):
     return loss, lse
 
 
+@on_tensor_device
 def ce_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y: torch.Tensor, opts: CEOptions):
     """Per-row CE loss and lse, both fp32 [N] (see lsa_kernels.backends)."""
     N, H = x.shape
@@ -200,12 +203,9 @@ def _ce_bwd_kernel(
                          HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS, UPCAST, DOT_PREC,
                          BLOCK_N, BLOCK_V, BLOCK_H)
         if NEED_DB:
-            tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0), mask=col_mask)
+            tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
         if NEED_DX or NEED_DW:
-            if UPCAST:
-                dzc = dz
-            else:
-                dzc = dz.to(x_ptr.dtype.element_ty)
+            dzc = dot_operand_(dz, x_ptr, UPCAST)
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
@@ -216,7 +216,7 @@ def _ce_bwd_kernel(
                         wt = wt.to(tl.float32)
                     dx = tl.dot(dzc, wt, input_precision=DOT_PREC)
                     tl.atomic_add(dx_ptr + rows64[:, None] * stride_dx + offs_h[None, :], dx,
-                                  mask=row_mask[:, None] & h_mask[None, :])
+                                  mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
                 if NEED_DW:
                     xt = tl.load(x_ptr + rows64[:, None] * stride_x + offs_h[None, :],
                                  mask=row_mask[:, None] & h_mask[None, :], other=0.0)
@@ -224,7 +224,7 @@ def _ce_bwd_kernel(
                         xt = xt.to(tl.float32)
                     dw = tl.dot(tl.trans(dzc), xt, input_precision=DOT_PREC)
                     tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :], dw,
-                                  mask=col_mask[:, None] & h_mask[None, :])
+                                  mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -254,10 +254,7 @@ def _ce_bwd_dx_kernel(
                              H, stride_x, stride_w, cap, inv_cap, one_minus_eps, eps_over_v, two_zloss,
                              HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS, UPCAST, DOT_PREC,
                              BLOCK_N, BLOCK_V, BLOCK_H)
-            if UPCAST:
-                dzc = dz
-            else:
-                dzc = dz.to(x_ptr.dtype.element_ty)
+            dzc = dot_operand_(dz, x_ptr, UPCAST)
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
@@ -303,10 +300,7 @@ def _ce_bwd_dw_kernel(
             if NEED_DB:
                 db_acc += tl.sum(dz, 0)
             if NEED_DW:
-                if UPCAST:
-                    dzt = tl.trans(dz)
-                else:
-                    dzt = tl.trans(dz.to(x_ptr.dtype.element_ty))
+                dzt = tl.trans(dot_operand_(dz, x_ptr, UPCAST))
                 for h0 in range(0, H, BLOCK_H):
                     offs_h = h0 + tl.arange(0, BLOCK_H)
                     h_mask = offs_h < H
@@ -323,6 +317,7 @@ def _ce_bwd_dw_kernel(
         tl.store(db_ptr + cols64, cur_b + db_acc, mask=col_mask)
 
 
+@on_tensor_device
 def ce_backward(
     x: torch.Tensor,
     w: torch.Tensor,

@@ -1,14 +1,23 @@
 """The production kernel configurations (dtype × feature flags × block sizes) and how to compile them.
 
 Every entry is one specialisation the launchers in ce.py / pair.py can emit on a GPU, with the block
-sizes of ``_common.gpu_config`` for that arch. ``tests/test_triton_compile.py`` compiles each for sm_80 and sm_90
-with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` — no GPU needed — and checks
-shared memory, register spills (ptxas -v) and 64-bit offset arithmetic. The list is not the full cross
-product of flags (that is thousands of kernels): it covers every kernel, every divergence, both dot
-precisions (bf16 tensor cores, fp32 via tf32x3) and the heaviest flag combination of each kernel.
+sizes of ``_common.gpu_config`` for that arch. ``tests/test_triton_compile.py`` compiles them with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` — no GPU needed — and checks
+shared memory against the arch's limit, register spills (ptxas -v), 64-bit offset arithmetic and, for
+the atomic kernels, that every atomic is a relaxed reduction with no fence (PTX, and SASS via nvdisasm).
+The hand-written list covers every kernel, every divergence, both dot precisions (bf16 tensor cores,
+fp32 via tf32x3) and the heaviest flag combination of each kernel.
 
-Run ``python -m lsa_kernels.kernels.configs NAME ARCH [ARCH ...]`` (with TRITON_INTERPRET unset) to
-compile one config and print one JSON report line per arch.
+:func:`dispatch_configs` finds EVERY flag set the launchers can emit (it runs them with recording
+kernels over the whole option space): about 27.7k specialisations per arch, 9.2k per dtype, most of
+them pair-backward variants. Compiling them all is the sweep command (hours of CPU; shard it):
+
+    python -m lsa_kernels.kernels.configs sweep --arch 80 86 90 100 120 --jobs 16 --out sweep.jsonl \
+        [--dtypes bf16,fp32] [--kinds ce_fwd,pair_bwd] [--shard K/N] [--limit M]
+
+(``--out`` is appended to and skipped on a rerun, so a stopped sweep resumes; exit 1 if any problem.)
+One config: ``python -m lsa_kernels.kernels.configs NAME ARCH [ARCH ...]`` prints one JSON report per arch.
+Both need TRITON_INTERPRET unset.
 """
 
 from __future__ import annotations
@@ -140,6 +149,109 @@ SMOKE = (
 )
 
 
+# ------------------------------------------------------------------------------ every dispatchable flag set
+
+_LAUNCH_ONLY = {"UPCAST", "DOT_PREC", "BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP", "num_warps", "num_stages"}
+_KERNEL_KIND = {"_ce_fwd_kernel": "ce_fwd", "_ce_bwd_kernel": "ce_bwd", "_ce_bwd_dx_kernel": "ce_bwd_dx",
+                "_ce_bwd_dw_kernel": "ce_bwd_dw", "_pair_bwd_kernel": "pair_bwd",
+                "_pair_bwd_dx_kernel": "pair_bwd_dx", "_pair_bwd_dw_kernel": "pair_bwd_dw"}
+_DT_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+class _Recorder:
+    """Stands in for a jitted kernel: records the constexprs of each launch instead of launching."""
+
+    def __init__(self, name: str, seen: Dict[tuple, "KernelConfig"]):
+        self.name, self.seen = name, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            import torch
+
+            x = args[0]
+            dt = _DT_NAMES[str(x.dtype).replace("torch.", "")]
+            flags = {k: v for k, v in kw.items() if k not in _LAUNCH_ONLY}
+            if self.name == "_pair_fwd_kernel":
+                kind = "pair_js" if flags.get("PHASE") == 2 else "pair_fwd"
+            else:
+                kind = _KERNEL_KIND[self.name]
+            key = (kind, dt, tuple(sorted(flags.items())))
+            if key not in self.seen:
+                short = "_".join(f"{k.lower()}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(flags.items()))
+                self.seen[key] = KernelConfig(f"{kind}_{dt}__{short}", kind, dt, dict(flags))
+            del torch
+        return launch
+
+
+def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
+    """Every (kernel, dtype, constexpr flags) specialisation the launchers of ce.py / pair.py can emit.
+
+    Found by running the launchers themselves over the whole option space (bias, softcap, label smoothing,
+    z-loss, temperature, every divergence, detach, CE on/off, deterministic, every subset of requested
+    gradients) on tiny CPU tensors with the kernels replaced by recorders, so the list follows the
+    dispatch code rather than a hand-written copy of it."""
+    import itertools
+
+    import torch
+
+    from ..options import CEOptions, PairOptions
+    from . import ce, pair
+
+    seen: Dict[tuple, KernelConfig] = {}
+    names = ["_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_bwd_dx_kernel", "_ce_bwd_dw_kernel", "_pair_fwd_kernel",
+             "_pair_bwd_kernel", "_pair_bwd_dx_kernel", "_pair_bwd_dw_kernel"]
+    mods = {n: (ce if n.startswith("_ce") else pair) for n in names}
+    saved = {n: getattr(mods[n], n) for n in names}
+    try:
+        for n in names:
+            setattr(mods[n], n, _Recorder(n, seen))
+        N, H, V = 4, 8, 16
+        tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        for dn in dtypes:
+            dt = tdt[dn]
+            x = torch.zeros(N, H, dtype=dt)
+            w = torch.zeros(V, H, dtype=dt)
+            bias = torch.zeros(V, dtype=dt)
+            y = torch.zeros(N, dtype=torch.int64)
+            coef = torch.ones(N)
+            f32 = lambda *s: torch.zeros(*s)  # noqa: E731
+            for b, cap, eps, zl, det in itertools.product((None, bias), (None, 30.0), (0.0, 0.1), (0.0, 1e-4),
+                                                          (False, True)):
+                o = CEOptions(label_smoothing=eps, z_loss=zl, softcap=cap, deterministic=det)
+                ce.ce_forward(x, w, b, y, o)
+                for ndx, ndw, ndb in itertools.product((False, True), repeat=3):
+                    ce.ce_backward(x, w, b, y, coef, coef, o, f32(N, H) if ndx else None,
+                                   f32(V, H) if ndw else None, f32(V) if ndb else None)
+            stats = torch.zeros(N, 8)
+            for div, temp, with_ce, detach, b, cap, eps, zl, det in itertools.product(
+                    ("sce", "kl", "kl_reverse", "sym_kl", "js"), (1.0, 2.0), (False, True), (None, "p", "q"),
+                    (None, bias), (None, 30.0), (0.0, 0.1), (0.0, 1e-4), (False, True)):
+                if not with_ce and (eps or zl):
+                    continue  # linear_divergence builds its CEOptions with no smoothing / z-loss
+                o = PairOptions(divergence=div, temperature=temp, detach=detach, with_ce=with_ce,
+                                ce=CEOptions(label_smoothing=eps, z_loss=zl, softcap=cap, deterministic=det))
+                yy = y if with_ce else None
+                if not det:  # the forward ignores `deterministic`
+                    pair.pair_forward(x, x, w, b, yy, yy, o)
+                cc = coef if with_ce else None
+                for nxp, nxq, ndw, ndb in itertools.product((False, True), repeat=4):
+                    pair.pair_backward(x, x, w, b, yy, yy, stats, cc, cc, coef, o,
+                                       f32(N, H) if nxp else None, f32(N, H) if nxq else None,
+                                       f32(V, H) if ndw else None, f32(V) if ndb else None)
+    finally:
+        for n in names:
+            setattr(mods[n], n, saved[n])
+    return sorted(seen.values(), key=lambda c: c.name)
+
+
+# The heaviest configs of each kernel family, compiled in CI for the tables of the other GPU families
+# (sm_86: 99 KB shared memory; sm_100; sm_120) besides sm_80 / sm_90.
+FAMILY_SMOKE = (
+    "ce_fwd_bf16_all", "ce_bwd_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_bwd_bf16_sce_temp_all",
+    "pair_bwd_fp32_sce",
+)
+
+
 def by_name(name: str) -> KernelConfig:
     for c in production_configs():
         if c.name == name:
@@ -181,7 +293,71 @@ def ast_source_args(cfg: KernelConfig, arch: int):
     return fn, signature, constexprs, attrs
 
 
-def ptxas_path() -> str | None:
+def nvdisasm_path() -> str | None:
+    """nvdisasm shipped with Triton's NVIDIA backend (SASS of a cubin), else one on PATH."""
+    try:
+        import triton
+
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        if os.path.exists(p):
+            return p
+    except ImportError:
+        pass
+    return shutil.which("nvdisasm")
+
+
+_PTX_SYNC = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:atom|red|fence|membar)\b(?:\.[\w:]+)*)", re.M)
+_SASS_SYNC = re.compile(r"\b((?:MEMBAR|ERRBAR|CCTL|ATOMG?|REDG?|FENCE)(?:\.[\w]+)*)\b")
+
+
+def memory_ops(ptx: str, cubin: bytes | None) -> Dict[str, Any]:
+    """Atomics, fences and barriers of a compiled kernel: PTX instructions and (when nvdisasm is there)
+    the SASS opcodes, each as a sorted list of distinct names."""
+    found = sorted(set(_PTX_SYNC.findall(ptx)))
+    rep: Dict[str, Any] = {
+        "ptx_atomics": [i for i in found if i.startswith(("atom", "red"))],
+        "ptx_fences": [i for i in found if i.startswith(("fence", "membar"))],
+    }
+    nvd = nvdisasm_path()
+    if nvd is not None and cubin:
+        with tempfile.TemporaryDirectory() as d:
+            cf = os.path.join(d, "k.cubin")
+            with open(cf, "wb") as f:
+                f.write(cubin)
+            r = subprocess.run([nvd, "-c", cf], capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            rep["sass_sync"] = sorted(set(_SASS_SYNC.findall(r.stdout)) - {"REDUX"})
+    return rep
+
+
+def atomic_problems(rep: Dict[str, Any]) -> List[str]:
+    """Why a report's accumulating atomics are not fence-free relaxed reductions ([] when they are).
+
+    PTX: every atom/red carries ``.relaxed`` (the default acq_rel makes ptxas put a GPU-wide MEMBAR before
+    and an L1 invalidation after each one); no membar; the only fences are the async-proxy fences wgmma
+    needs (``fence.proxy.async``). SASS: no GPU/system-scope MEMBAR, no ERRBAR, no CCTL."""
+    out = []
+    if not rep["ptx_atomics"]:
+        out.append("no atomics in the PTX of an atomic kernel")
+    out += [f"PTX atomic without .relaxed: {a}" for a in rep["ptx_atomics"] if ".relaxed" not in a]
+    out += [f"PTX fence/barrier: {f}" for f in rep["ptx_fences"] if not f.startswith("fence.proxy.async")]
+    for op in rep.get("sass_sync", []):
+        if op.startswith(("ERRBAR", "CCTL")) or (op.startswith("MEMBAR") and not op.endswith(".CTA")):
+            out.append(f"SASS {op}")
+    return out
+
+
+def ptxas_path(arch: int = 90) -> str | None:
+    """The ptxas Triton itself uses for ``arch`` (its bundled ptxas, ptxas-blackwell from sm_100: the
+    PTX Triton emits for Blackwell has an ISA version older CUDA toolkits reject), else a system one."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        p = get_ptxas(arch).path
+        if p and os.path.exists(p):
+            return p
+    except Exception:  # noqa: BLE001 - older / newer Triton layouts: fall back to the system's
+        pass
     for p in ("/usr/local/bin/ptxas", shutil.which("ptxas")):
         if p and os.path.exists(p):
             return p
@@ -210,8 +386,9 @@ def compile_report(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
         # multiplies in the PTX (mul.wide.s32 = i32 × i32 → i64, or s64 multiplies)
         "ttir_i64_mul": bool(re.search(r"arith\.muli [^\n]*: tensor<[\dx]+xi64>", k.asm["ttir"])),
         "wide_mul": bool(re.search(r"mul\.wide\.[su]32|mad\.wide\.[su]32|mul\.lo\.s64|mad\.lo\.s64", ptx)),
+        **memory_ops(ptx, k.asm.get("cubin")),
     }
-    ptxas = ptxas_path()
+    ptxas = ptxas_path(arch)
     if ptxas is not None:
         m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)
         gpu = m.group(1) if m else f"sm_{arch}"
@@ -234,8 +411,114 @@ def compile_report(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
     return rep
 
 
+def _sweep_worker(args):
+    cfg, arch, timeout = args
+    import signal
+
+    def _alarm(*_):
+        raise TimeoutError(f"compile took more than {timeout} s")
+
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        rep = compile_report(cfg, arch)
+        rep.pop("ptxas_log", None)
+    except Exception as e:  # noqa: BLE001 - reported, not raised: the sweep goes on
+        rep = {"name": cfg.name, "arch": arch, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+    finally:
+        signal.alarm(0)
+    rep["kernel"], rep["dtype"], rep["flags"] = cfg.kernel, cfg.dtype, cfg.flags
+    rep["problems"] = report_problems(rep, cfg)
+    return rep
+
+
+def report_problems(rep: Dict[str, Any], cfg: KernelConfig) -> List[str]:
+    """Everything wrong with one compile report ([] = fine): errors, shared memory over the arch's limit,
+    spills, failed ptxas, atomics that are not fence-free relaxed reductions."""
+    from ._common import SHARED_LIMIT
+
+    if "error" in rep:
+        return [rep["error"]]
+    out = []
+    limit = SHARED_LIMIT.get(rep["arch"])
+    if limit is not None and rep["shared"] > limit:
+        out.append(f"shared memory {rep['shared']} B > {limit} B")
+    if rep.get("ptxas_rc") not in (None, 0):
+        out.append(f"ptxas rc={rep['ptxas_rc']}")
+    if rep.get("spill_bytes"):
+        out.append(f"{rep['spill_bytes']} bytes spilled")
+    if cfg.kernel in ("ce_bwd", "pair_bwd"):
+        out += atomic_problems(rep)
+    return out
+
+
+def sweep(archs: List[int], *, dtypes=("bf16", "fp16", "fp32"), shard=(0, 1), jobs: int = 2,
+          out: str | None = None, timeout: int = 600, limit: int | None = None, kinds=None) -> int:
+    """Compile every dispatchable flag set (:func:`dispatch_configs`) for each arch; one JSON line per
+    (config, arch) to ``out`` (appended; already present lines are skipped, so a run can be resumed).
+    Returns the number of (config, arch) pairs with problems."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    cfgs = dispatch_configs(tuple(dtypes))
+    if kinds:
+        cfgs = [c for c in cfgs if c.kernel in kinds]
+    k, n = shard
+    todo = [(c, a) for i, c in enumerate(cfgs) if i % n == k for a in archs]
+    done = set()
+    if out and os.path.exists(out):
+        with open(out) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    done.add((r["name"], r["arch"]))
+                except (ValueError, KeyError):
+                    pass
+    todo = [(c, a) for c, a in todo if (c.name, a) not in done]
+    if limit is not None:
+        todo = todo[:limit]
+    bad = 0
+    fh = open(out, "a") if out else None
+    try:
+        with ProcessPoolExecutor(max_workers=jobs) as ex:
+            it = ex.map(_sweep_worker, [(c, a, timeout) for c, a in todo], chunksize=1)
+            for rep in tqdm(it, total=len(todo), desc=f"compile sweep (shard {k}/{n})", unit="kernel"):
+                bad += bool(rep["problems"])
+                if rep["problems"]:
+                    print(f"PROBLEM {rep['name']} sm_{rep['arch']}: {rep['problems']}", file=sys.stderr, flush=True)
+                if fh:
+                    fh.write(json.dumps(rep) + "\n")
+                    fh.flush()
+    finally:
+        if fh:
+            fh.close()
+    print(f"sweep: {len(todo)} compiled, {bad} with problems, {len(done)} already in {out}", flush=True)
+    return bad
+
+
 def main(argv: List[str] | None = None) -> None:
+    """``NAME ARCH [ARCH ...]``: compile one production config, one REPORT line per arch.
+    ``sweep [--arch 80 90 ...] [--dtypes bf16,fp16,fp32] [--shard K/N] [--jobs J] [--out F.jsonl]``:
+    compile every dispatchable flag set (exit 1 when any has a problem)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sweep":
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="python -m lsa_kernels.kernels.configs sweep")
+        ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+        ap.add_argument("--dtypes", default="bf16,fp16,fp32")
+        ap.add_argument("--kinds", default="", help="comma-separated kernel kinds (default: all)")
+        ap.add_argument("--shard", default="0/1", help="K/N: every N-th config starting at K")
+        ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
+        ap.add_argument("--out", default=None, help="JSON lines, appended; present (name, arch) pairs skipped")
+        ap.add_argument("--timeout", type=int, default=600, help="seconds per compile")
+        ap.add_argument("--limit", type=int, default=None, help="compile at most this many this run")
+        a = ap.parse_args(argv[1:])
+        k, n = (int(v) for v in a.shard.split("/"))
+        bad = sweep(a.arch, dtypes=a.dtypes.split(","), shard=(k, n), jobs=a.jobs, out=a.out, timeout=a.timeout,
+                    limit=a.limit, kinds=[s for s in a.kinds.split(",") if s] or None)
+        sys.exit(1 if bad else 0)
     cfg = by_name(argv[0])
     for arch in argv[1:]:
         print("REPORT " + json.dumps(compile_report(cfg, int(arch))), flush=True)

@@ -55,8 +55,10 @@ import triton.language as tl
 from ..options import N_PAIR_STATS, STAT_X2, STAT_Y2, PairOptions
 from ..stats import EXPM1_CLAMP, divergence_from_stats
 from ._common import (
-    grouped_pid_,
     ce_grad_,
+    dot_operand_,
+    grouped_pid_,
+    on_tensor_device,
     expm1_,
     finish_logits_,
     log_ratio_to_mid_,
@@ -226,6 +228,7 @@ def _fwd_launch(xp, xq, w, b, opts: PairOptions, kind: str = "pair_fwd"):
     return (triton.cdiv(N, cfg.BLOCK_N), n_split), n_split, scal, common
 
 
+@on_tensor_device
 def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> torch.Tensor:
     """``[N, 2]`` fp32: ``Σ_v p_v log(p_v/m_v)`` and ``Σ_v q_v log(q_v/m_v)`` over the rows of ``w``, with
     p = exp(a − lset[:, 0]), q = exp(b − lset[:, 1]) for GIVEN normalisers ``lset [N, 2]`` (js phase 2).
@@ -243,6 +246,7 @@ def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> torch.Tensor:
     return part2.sum(0)
 
 
+@on_tensor_device
 def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
     """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.stats)."""
     N = xp.shape[0]
@@ -424,13 +428,9 @@ def _pair_bwd_kernel(
             DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
             UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
         if NEED_DB:
-            tl.atomic_add(db_ptr + cols64, tl.sum(gp + gq, 0), mask=col_mask)
-        if UPCAST:
-            gpc = gp
-            gqc = gq
-        else:
-            gpc = gp.to(xp_ptr.dtype.element_ty)
-            gqc = gq.to(xp_ptr.dtype.element_ty)
+            tl.atomic_add(db_ptr + cols64, tl.sum(gp + gq, 0), mask=col_mask, sem="relaxed")
+        gpc = dot_operand_(gp, xp_ptr, UPCAST)
+        gqc = dot_operand_(gq, xp_ptr, UPCAST)
         if NEED_DXP or NEED_DXQ or NEED_DW:
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -443,10 +443,10 @@ def _pair_bwd_kernel(
                         wt = wt.to(tl.float32)
                     if NEED_DXP:
                         tl.atomic_add(dxp_ptr + rows64[:, None] * stride_dxp + offs_h[None, :],
-                                      tl.dot(gpc, wt, input_precision=DOT_PREC), mask=mx)
+                                      tl.dot(gpc, wt, input_precision=DOT_PREC), mask=mx, sem="relaxed")
                     if NEED_DXQ:
                         tl.atomic_add(dxq_ptr + rows64[:, None] * stride_dxq + offs_h[None, :],
-                                      tl.dot(gqc, wt, input_precision=DOT_PREC), mask=mx)
+                                      tl.dot(gqc, wt, input_precision=DOT_PREC), mask=mx, sem="relaxed")
                 if NEED_DW:
                     dw = tl.zeros([BLOCK_V, BLOCK_H], tl.float32)
                     if USE_GP:
@@ -459,7 +459,7 @@ def _pair_bwd_kernel(
                         if UPCAST:
                             xqt = xqt.to(tl.float32)
                         dw = tl.dot(tl.trans(gqc), xqt, dw, input_precision=DOT_PREC)
-                    tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :], dw, mask=mw)
+                    tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :], dw, mask=mw, sem="relaxed")
 
 
 @triton.jit
@@ -492,12 +492,8 @@ def _pair_bwd_dx_kernel(
                 H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
                 DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
                 UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
-            if UPCAST:
-                gpc = gp
-                gqc = gq
-            else:
-                gpc = gp.to(xp_ptr.dtype.element_ty)
-                gqc = gq.to(xp_ptr.dtype.element_ty)
+            gpc = dot_operand_(gp, xp_ptr, UPCAST)
+            gqc = dot_operand_(gq, xp_ptr, UPCAST)
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
@@ -551,12 +547,8 @@ def _pair_bwd_dw_kernel(
             if NEED_DB:
                 db_acc += tl.sum(gp + gq, 0)
             if NEED_DW:
-                if UPCAST:
-                    gpt = tl.trans(gp)
-                    gqt = tl.trans(gq)
-                else:
-                    gpt = tl.trans(gp.to(xp_ptr.dtype.element_ty))
-                    gqt = tl.trans(gq.to(xp_ptr.dtype.element_ty))
+                gpt = tl.trans(dot_operand_(gp, xp_ptr, UPCAST))
+                gqt = tl.trans(dot_operand_(gq, xp_ptr, UPCAST))
                 for h0 in range(0, H, BLOCK_H):
                     offs_h = h0 + tl.arange(0, BLOCK_H)
                     h_mask = offs_h < H
@@ -580,6 +572,7 @@ def _pair_bwd_dw_kernel(
         tl.store(db_ptr + cols64, cur_b + db_acc, mask=col_mask)
 
 
+@on_tensor_device
 def pair_backward(
     xp, xq, w, b, yp, yq, stats, coef_ce_p, coef_ce_q, coef_div, opts: PairOptions,
     dxp_out: Optional[torch.Tensor], dxq_out: Optional[torch.Tensor],

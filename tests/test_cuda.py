@@ -1,0 +1,294 @@
+"""The Triton kernels COMPILED on a CUDA GPU against the reference: every op and option, bf16 and fp32.
+
+Runs in its own pytest process with the interpreter off (``make test`` does this when CUDA exists;
+``benchmarks/gpu_run.sh`` starts with it):
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda.py
+
+Without CUDA (or with TRITON_INTERPRET=1, as in the main test process) every test is skipped.
+``LSA_CUDA_TEST_ON_CPU=1`` together with TRITON_INTERPRET=1 runs the same tests on CPU tensors under the
+interpreter with small shapes: it checks the test code, not the GPU.
+
+Truth: the reference on float64 copies of the (already rounded) inputs. Rule, per output and gradient
+(CCE's, taken over the whole tensor because two independent roundings of dz to bf16 — ours and torch's
+— land on different elements): ‖ours − truth‖ ≤ 2·‖torch same-dtype − truth‖ + rtol·‖truth‖, and the
+same with max-abs norms. Shapes are odd (no block multiple).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import lsa_kernels as L
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CPU = INTERP and os.environ.get("LSA_CUDA_TEST_ON_CPU") == "1"
+if torch.cuda.is_available() and not INTERP:
+    DEV = torch.device("cuda")
+elif ON_CPU:
+    DEV = torch.device("cpu")
+else:
+    pytest.skip("needs CUDA with TRITON_INTERPRET unset/0 (or LSA_CUDA_TEST_ON_CPU=1 under the interpreter)",
+                allow_module_level=True)
+
+needs_gpu = pytest.mark.skipif(DEV.type != "cuda", reason="needs a real CUDA device")
+N, H, V = (515, 255, 10007) if DEV.type == "cuda" else (37, 61, 503)
+B, T, LX = (3, 211, 37) if DEV.type == "cuda" else (2, 19, 5)
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+IGN = -100
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, seed, scale=1.0):
+    return torch.randn(*shape, generator=_gen(seed)) * scale
+
+
+def _targets(shape, seed, n_ignored=3):
+    y = torch.randint(0, V, shape, generator=_gen(seed))
+    flat = y.view(-1)
+    flat[torch.randperm(flat.numel(), generator=_gen(seed + 1))[:n_ignored]] = IGN
+    return y
+
+
+def _close(name, ours, truth, lowp, dtype):
+    ours, truth, lowp = ours.double().cpu(), truth.double().cpu(), lowp.double().cpu()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    rtol = RTOL[dtype]
+    for norm in (lambda t: t.norm(), lambda t: t.abs().max()):
+        e_ours, e_low, scale = norm(ours - truth).item(), norm(lowp - truth).item(), norm(truth).item()
+        assert e_ours <= 2.0 * e_low + rtol * scale + 1e-12, (
+            f"{name}: error {e_ours:.3e} > 2 x torch {dtype} error {e_low:.3e} + {rtol:g} x {scale:.3e}")
+
+
+def _leaves(tensors, dtype):
+    """Differentiable copies on DEV in ``dtype`` (None stays None)."""
+    return [None if t is None else t.to(DEV, dtype).detach().requires_grad_() for t in tensors]
+
+
+def _run(fn, tensors, dtype, backend):
+    leaves = _leaves(tensors, dtype)
+    outs = fn(leaves, backend)
+    total = sum((o.double() * (k + 1)).sum() for k, o in enumerate(outs))
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(total, present, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(present, grads)]
+    return [o.detach() for o in outs], grads
+
+
+def _compare(fn, tensors, dtype, names=None):
+    """ours (triton, dtype) vs truth (reference, fp64 of the dtype-rounded inputs) vs lowp (reference, dtype)."""
+    rounded = [None if t is None else t.to(dtype) for t in tensors]
+    ours = _run(fn, rounded, dtype, "triton")
+    truth = _run(fn, rounded, torch.float64, "reference")
+    lowp = _run(fn, rounded, dtype, "reference")
+    for kind, (o_list, t_list, l_list) in (("out", (ours[0], truth[0], lowp[0])), ("grad", (ours[1], truth[1], lowp[1]))):
+        for i, (o, t, lo) in enumerate(zip(o_list, t_list, l_list)):
+            _close(f"{kind}[{i}]", o, t, lo, dtype)
+    return ours
+
+
+# ------------------------------------------------------------------------------------------- CE
+
+CE_CASES = {
+    "plain": dict(),
+    "all": dict(bias=True, label_smoothing=0.1, z_loss=1e-3, softcap=15.0, reduction="sum"),
+    "none": dict(reduction="none"),
+}
+
+
+def _ce_fn(opts, y):
+    def fn(leaves, backend):
+        x, w, b = leaves
+        return [L.linear_cross_entropy(x, w, y.to(DEV), linear_bias=b, backend=backend, **opts)]
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_ce(case, dtype):
+    kw = dict(CE_CASES[case])
+    bias = kw.pop("bias", False)
+    x, w = _rand(N, H, seed=1), _rand(V, H, seed=2, scale=2.0 / H**0.5)
+    b = _rand(V, seed=3, scale=0.5) if bias else None
+    _compare(_ce_fn(kw, _targets((N,), 4)), [x, w, b], dtype)
+
+
+def test_ce_fp16():
+    x, w = _rand(N, H, seed=5), _rand(V, H, seed=6, scale=2.0 / H**0.5)
+    _compare(_ce_fn({}, _targets((N,), 7)), [x, w, None], torch.float16)
+
+
+def test_ce_confident_bf16():
+    """p_y → 1 with bf16 inputs: the true-class gradient p_y − 1 must survive (Liger's regression)."""
+    x, w = _rand(N, H, seed=8), _rand(V, H, seed=9, scale=1.0 / H**0.5)
+    y = _targets((N,), 10)
+    valid = y != IGN
+    x[valid] += 6.0 * w[y[valid]] / w[y[valid]].norm(dim=1, keepdim=True) * H**0.5 / 4
+    _compare(_ce_fn({}, y), [x, w, None], torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_ce_deterministic_bit_identical(dtype):
+    x, w, b = _rand(N, H, seed=11), _rand(V, H, seed=12, scale=2.0 / H**0.5), _rand(V, seed=13)
+    fn = _ce_fn(dict(deterministic=True, softcap=20.0, label_smoothing=0.05), _targets((N,), 14))
+    first = _compare(fn, [x, w, b], dtype)
+    again = _run(fn, [t.to(dtype) for t in (x, w, b)], dtype, "triton")
+    for a, c in zip(first[0] + first[1], again[0] + again[1]):
+        assert torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------------- divergence
+
+
+def _div_fn(opts, mask=None):
+    def fn(leaves, backend):
+        xp, xq, w, b = leaves
+        return [L.linear_divergence(xp, xq, w, linear_bias=b, backend=backend,
+                                    mask=None if mask is None else mask.to(DEV), **opts)]
+    return fn
+
+
+def _div_inputs(seed, bias=False):
+    xp = _rand(N, H, seed=seed)
+    xq = xp + 0.5 * _rand(N, H, seed=seed + 1)
+    w = _rand(V, H, seed=seed + 2, scale=2.0 / H**0.5)
+    return [xp, xq, w, _rand(V, seed=seed + 3, scale=0.3) if bias else None]
+
+
+@pytest.mark.parametrize("divergence", ["sce", "kl", "kl_reverse", "sym_kl", "js"])
+def test_divergence_bf16(divergence):
+    _compare(_div_fn(dict(divergence=divergence)), _div_inputs(20), torch.bfloat16)
+
+
+@pytest.mark.parametrize("divergence", ["sce", "js"])
+def test_divergence_fp32(divergence):
+    _compare(_div_fn(dict(divergence=divergence)), _div_inputs(21), torch.float32)
+
+
+def test_divergence_options_bf16():
+    mask = torch.rand(N, generator=_gen(22)) > 0.3
+    opts = dict(divergence="kl", temperature=2.0, detach="p", softcap=10.0, reduction="sum")
+    _compare(_div_fn(opts, mask), _div_inputs(23, bias=True), torch.bfloat16)
+
+
+def test_divergence_none_reduction_deterministic():
+    opts = dict(divergence="sym_kl", reduction="none", deterministic=True, detach="q")
+    _compare(_div_fn(opts), _div_inputs(24), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------- long-short
+
+
+def _ls_fn(opts, yl, ys):
+    def fn(leaves, backend):
+        hl, hs, w, b = leaves
+        out = L.long_short_loss(hl, hs, w, yl.to(DEV), ys.to(DEV), l_extra=LX, linear_bias=b, backend=backend,
+                                **opts)
+        return [out.loss, out.ce, out.misalign]
+    return fn
+
+
+def _ls_inputs(seed, bias=False):
+    hl = _rand(B, T, H, seed=seed)
+    hs = hl.clone()
+    hs[:, : T - LX] = hl[:, LX:] + 0.4 * _rand(B, T - LX, H, seed=seed + 1)
+    w = _rand(V, H, seed=seed + 2, scale=2.0 / H**0.5)
+    b = _rand(V, seed=seed + 3, scale=0.3) if bias else None
+    return [hl, hs, w, b], _targets((B, T), seed + 4, 5), _targets((B, T), seed + 5, 5)
+
+
+LS_CASES = {
+    "sce_bf16": (torch.bfloat16, dict(divergence="sce")),
+    "js_all_bf16": (torch.bfloat16, dict(divergence="js", temperature=1.5, softcap=20.0, label_smoothing=0.1,
+                                         z_loss=1e-3, positions="last", detach="long", bias=True)),
+    "kl_fp32": (torch.float32, dict(divergence="kl", detach="short")),
+    "sym_kl_det_bf16": (torch.bfloat16, dict(divergence="sym_kl", deterministic=True, alpha=0.5)),
+    "kl_reverse_fp16": (torch.float16, dict(divergence="kl_reverse")),
+}
+
+
+@pytest.mark.parametrize("case", list(LS_CASES))
+def test_long_short(case):
+    dtype, opts = LS_CASES[case]
+    opts = dict(opts)
+    bias = opts.pop("bias", False)
+    tensors, yl, ys = _ls_inputs(30, bias)
+    _compare(_ls_fn(opts, yl, ys), tensors, dtype)
+
+
+# ------------------------------------------------------------------------------ GPU-only behaviour
+
+
+@needs_gpu
+def test_float64_auto_goes_to_reference_and_triton_refuses():
+    x = _rand(N, H, seed=40).to(DEV, torch.float64).requires_grad_()
+    w = _rand(V, H, seed=41, scale=1 / H**0.5).to(DEV, torch.float64)
+    y = _targets((N,), 42).to(DEV)
+    out = L.linear_cross_entropy(x, w, y)
+    ref = L.linear_cross_entropy(x, w, y, backend="reference")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="float64"):
+        L.linear_cross_entropy(x, w, y, backend="triton")
+
+
+@needs_gpu
+def test_autocast_cuda_equals_inputs_cast_first():
+    tensors, yl, ys = _ls_inputs(50, bias=True)
+    fn = _ls_fn(dict(divergence="sce"), yl, ys)
+    leaves = _leaves(tensors, torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = fn(leaves, "triton")
+    want = fn([t.to(torch.bfloat16) for t in leaves], "triton")
+    for a, b in zip(got, want):  # forward: no atomics, so bit-identical
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_other_device_and_stream():
+    """The head on the last GPU while GPU 0 is current, on a side stream: same numbers as on GPU 0."""
+    n_dev = torch.cuda.device_count()
+    x, w = _rand(N, H, seed=60), _rand(V, H, seed=61, scale=2.0 / H**0.5)
+    y = _targets((N,), 62)
+    base = _run(_ce_fn({}, y), [x.bfloat16(), w.bfloat16(), None], torch.bfloat16, "triton")
+    dev = torch.device("cuda", n_dev - 1)
+    torch.cuda.set_device(0)
+    s = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(s):
+        xl = x.to(dev, torch.bfloat16).requires_grad_()
+        wl = w.to(dev, torch.bfloat16).requires_grad_()
+        out = L.linear_cross_entropy(xl, wl, y.to(dev), deterministic=False)
+        gx, gw = torch.autograd.grad(out.double(), [xl, wl])
+    s.synchronize()
+    torch.testing.assert_close(out.cpu().float(), base[0][0].cpu().float(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gx.cpu().float(), base[1][0].cpu().float(), rtol=2e-2, atol=1e-3)
+    assert torch.cuda.current_device() == 0
+
+
+@needs_gpu
+def test_int64_offsets_rows_past_2_31_elements():
+    """N·H > 2^31: the last rows' loss and dx match the reference on those rows."""
+    free, _ = torch.cuda.mem_get_info()
+    Hb, Vb = 4096, 512
+    Nb = (2**31) // Hb + 77
+    if free < 40 * 2**30:
+        pytest.skip("needs ~40 GB of free GPU memory")
+    g = torch.Generator(device=DEV).manual_seed(70)
+    x = torch.randn(Nb, Hb, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = (torch.randn(Vb, Hb, device=DEV, generator=g) / Hb**0.5).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, Vb, (Nb,), device=DEV, generator=g)
+    rows = L.linear_cross_entropy(x, w, y, reduction="none")
+    (gx,) = torch.autograd.grad(rows.float().sum(), [x])
+    tail = slice(Nb - 64, Nb)
+    xt = x.detach()[tail].double().requires_grad_()
+    ref = L.linear_cross_entropy(xt, w.detach().double(), y[tail], reduction="none", backend="reference")
+    (gt,) = torch.autograd.grad(ref.sum(), [xt])
+    torch.testing.assert_close(rows[tail].double(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx[tail].double(), gt, rtol=5e-2, atol=2e-3)
