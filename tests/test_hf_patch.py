@@ -315,3 +315,22 @@ def test_trl_fused_lm_head_served_by_the_fused_ce():
     assert torch.equal(got.is_top1.bool(), ref.is_top1.bool())
     for (n, p0), (_, p1) in zip(ref_m.named_parameters(), m.named_parameters()):
         torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
+
+
+def test_bf16_autocast_matches_within_bf16_precision():
+    """Trainer's bf16 (accelerate autocast; also SFTConfig's default): the head runs in bf16 as F.linear would."""
+    x, lab = batch()
+    ref_m, m = tiny(), tiny()
+    hf.patch(m)
+    res = []
+    for mm in (ref_m, m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mm(input_ids=x, labels=lab, num_items_in_batch=torch.tensor(40))
+        out.loss.backward()
+        res.append((out.loss.float(), {n: p.grad for n, p in mm.named_parameters()}))
+    (l0, g0), (l1, g1) = res
+    assert abs(l1.item() - l0.item()) <= 1e-2 * abs(l0.item())  # the fused loss is returned in bf16
+    for n in g0:
+        assert g1[n].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g0[n].flatten(), g1[n].flatten(), dim=0)
+        assert cos > 0.999, (n, cos.item())
