@@ -110,7 +110,9 @@ def assert_same_run(a, b, keys=("loss", "grad_norm")):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora):
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset
+    if lora:
+        pytest.importorskip("peft")
 
     feats = Dataset.from_list([{"input_ids": tok(ln)["input_ids"]} for ln in lines])
 
