@@ -99,7 +99,7 @@ def test_build_stats_markdown_and_plot(tmp_path):
     assert len(st["verdicts"]) == 4  # ce2, sce vs ce1; ce1, sce vs ce2
     assert st["correlation"]["train CE"]["pearson"]["n"] == 9
     text = S.markdown(st, {"base x4": {"PPL@64": 120.0, "LSM(sce)": 1.5}})
-    assert "| base x4 | 1 | 120.00 | n/a | 1.5000 | n/a |" in text
+    assert "| base x4 | 1 | 120.00 | n/a | 1.5 | n/a |" in text
     assert "| ce1 | 3 | 100.00 ± 10.00 |" in text
     assert "| sce | +3.0 ± 0.0 (0/3) |" in text
     assert "- sce vs ce2: PPL@64 lower on 0 of 3 seeds" in text and "Spearman" in text

@@ -265,14 +265,16 @@ def build_stats(runs: Sequence[Mapping], metrics: Sequence[str], refs: Sequence[
     return res
 
 
-def fmt_pm(mean: float, std: float, digits: int = 2) -> str:
+def fmt_pm(mean: float, std: float, digits=2) -> str:
+    """``mean ± std`` with ``digits`` decimals, or (``digits`` a string such as ``".4g"``) that format."""
     if not _ok(mean):
         return "n/a"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if _ok(std) else f"{mean:.{digits}f}"
+    f, fs = (f".{digits}f", f".{digits}f") if isinstance(digits, int) else (digits, ".2g")
+    return f"{mean:{f}} ± {std:{fs}}" if _ok(std) else f"{mean:{f}}"
 
 
-def _digits(metric: str) -> int:
-    return 4 if metric.startswith("LSM") else (3 if "CE" in metric else 2)
+def _digits(metric: str):
+    return ".4g" if metric.startswith("LSM") else (3 if "CE" in metric else 2)
 
 
 def markdown(stats: dict, reference_rows: Optional[Mapping[str, Mapping[str, float]]] = None) -> str:
@@ -340,7 +342,9 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
             ax.errorbar(off, [s[m]["mean"] if m in s else math.nan for m in ms],
                         yerr=[s[m]["std"] if m in s and _ok(s[m]["std"]) else 0 for m in ms], marker="o", capsize=3,
                         color=colors[arm], label=arm)
-        _length_axis(ax, l_train)
+        if not any(_ok(stats["summary"][arm].get(m, {}).get("mean")) for arm in arms for m in ms):
+            ax.text(0.5, 0.5, f"no {kind} values (no key tokens?)", transform=ax.transAxes, ha="center")
+        _length_axis(ax, l_train, lengths)
         ax.set_ylabel(f"held-out {kind} (mean ± std over seeds)")
         ax.set_title(f"{kind} vs evaluation length")
         ax.legend(fontsize=7)
@@ -352,7 +356,7 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
                             yerr=[d[m]["std"] if m in d and _ok(d[m]["std"]) else 0 for m in ms], marker="o",
                             capsize=3, color=colors[arm], label=arm)
         ax.axhline(0, color="gray", lw=1)
-        _length_axis(ax, l_train)
+        _length_axis(ax, l_train, lengths)
         ax.set_ylabel(f"{kind}: {ref}-paired difference (%)")
         ax.set_title(f"{kind} relative to {ref}, paired by seed (mean ± std)")
         ax.legend(fontsize=7)
@@ -381,8 +385,11 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
     plt.close(fig)
 
 
-def _length_axis(ax, l_train):
+def _length_axis(ax, l_train, lengths=()):
     ax.set_xscale("log", base=2)
+    if lengths:
+        ax.set_xticks(list(lengths), [str(L) for L in lengths])
+        ax.minorticks_off()
     if l_train:
         ax.axvline(l_train, color="gray", ls=":", lw=1)
     ax.set_xlabel("evaluation length (tokens)" + ("; dotted: fine-tuning length" if l_train else ""))
