@@ -395,3 +395,99 @@ def test_pair_far_distributions_finite(divergence):
     truth = R.divergence_from_logits(R.logits(xp.double(), w.double(), None, None),
                                      R.logits(xq.double(), w.double(), None, None), divergence)
     _close(div, truth, atol=1e-4, rtol=1e-5, name="div")
+
+
+# ------------------------------------------------------------------------------- which kernels run
+#
+# Under the interpreter the programs of a grid run one after another, so two runs of the atomic backward
+# give the same bits and a bit-identity test cannot tell the paths apart. These tests check instead WHICH
+# backward kernels a call launches: deterministic=True must never launch the atomic kernels, and the
+# kernels it does launch must contain no atomic operation.
+
+ATOMIC = {"ce": "_ce_bwd_kernel", "pair": "_pair_bwd_kernel"}
+OWNER_WRITES = {"ce": ("_ce_bwd_dx_kernel", "_ce_bwd_dw_kernel"), "pair": ("_pair_bwd_dx_kernel", "_pair_bwd_dw_kernel")}
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel in its module: records ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.seen.append(self.name)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from lsa_kernels.kernels import ce as ce_mod
+    from lsa_kernels.kernels import pair as pair_mod
+
+    seen = []
+    for mod, kind in ((ce_mod, "ce"), (pair_mod, "pair")):
+        for name in (ATOMIC[kind], *OWNER_WRITES[kind]):
+            monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), name, seen))
+    return seen
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_backward_kernels_launched(deterministic, launches):
+    xp, xq, w, b, yp, yq = _inputs(torch.float32, True, seed=17, close=True)
+    ce_opts = CEOptions(softcap=5.0, deterministic=deterministic)
+    with override_config(SMALL_BLOCKS):  # many programs per grid
+        _run_ce(xp, w, b, yp, _coef(yp), ce_opts)
+        ce_seen = list(launches)
+        launches.clear()
+        opts = PairOptions(divergence="js", temperature=0.7, ce=ce_opts)
+        _run_pair(xp, xq, w, b, yp, yq, _coef(yp, 1), _coef(yq, 2), _coef(None, 3), opts)
+        pair_seen = list(launches)
+    for kind, seen in (("ce", ce_seen), ("pair", pair_seen)):
+        if deterministic:
+            assert ATOMIC[kind] not in seen, (kind, seen)
+            assert sorted(seen) == sorted(OWNER_WRITES[kind]), (kind, seen)
+        else:
+            assert seen == [ATOMIC[kind]], (kind, seen)
+
+
+@pytest.mark.parametrize("backend_call", ["ce", "long_short"])
+def test_public_api_deterministic_launches_no_atomic_kernel(backend_call, launches):
+    import lsa_kernels as L
+
+    xp, xq, w, b, yp, yq = _inputs(torch.float32, True, seed=18, close=True)
+    ins = [t.clone().requires_grad_(True) for t in (xp, xq, w, b)]
+    for det in (True, False):
+        launches.clear()
+        if backend_call == "ce":
+            out = L.linear_cross_entropy(ins[0], ins[2], yp, linear_bias=ins[3], backend="triton", deterministic=det)
+        else:
+            out = L.long_short_loss(ins[0].reshape(1, N, H), ins[1].reshape(1, N, H), ins[2], yp.reshape(1, N),
+                                    yq.reshape(1, N), l_extra=5, linear_bias=ins[3], backend="triton",
+                                    deterministic=det, divergence="kl").loss
+        out.backward()
+        atomics = [k for k in launches if k in ATOMIC.values()]
+        assert launches, "no backward kernel recorded: the recorder does not see the launches"
+        assert (atomics == []) == det, (det, launches)
+
+
+def test_owner_writes_kernels_have_no_atomics():
+    """The deterministic kernels (and the helpers they share) contain no atomic operation."""
+    import inspect
+
+    from lsa_kernels.kernels import _common
+    from lsa_kernels.kernels import ce as ce_mod
+    from lsa_kernels.kernels import pair as pair_mod
+
+    def src(kernel):  # a JITFunction, or the interpreter's InterpretedFunction wrapping the Python function
+        return inspect.getsource(getattr(kernel, "fn", kernel))
+
+    for mod, kind in ((ce_mod, "ce"), (pair_mod, "pair")):
+        for name in OWNER_WRITES[kind]:
+            assert "atomic" not in src(getattr(mod, name)), name
+        assert "atomic_add" in src(getattr(mod, ATOMIC[kind]))  # the check sees an atomic where there is one
+    assert "tl.atomic" not in inspect.getsource(_common)
