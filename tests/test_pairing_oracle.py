@@ -262,3 +262,18 @@ def test_oracle_sanity_identical_paired_rows_zero_misalign():
         shifted = oracle(hl, hs, w, bias, yl, ys, divergence=div, **{**kw, "l_extra": L_EXTRA + 1})
         assert shifted[2].item() > 1e-3
     assert math.isfinite(oracle(hl, hs, w, bias, yl, ys, divergence="sce", **kw)[2].item())
+
+
+def test_make_views_cut_the_window_as_the_oracle_does():
+    """lsa_kernels.pairing.make_views (what the training loop and the HF adapter use) against the window
+    positions above: long = positions 0 .. n-1, short = positions l_extra .. l_extra + n - 1."""
+    from lsa_kernels.pairing import make_views
+
+    win = torch.arange(2 * (T + L_EXTRA + 1)).reshape(2, -1)
+    long, short = make_views(win, L_EXTRA)
+    n = T + 1
+    assert long.shape == short.shape == (2, n)
+    for s in range(n):
+        assert torch.equal(long[:, s], win[:, s]) and torch.equal(short[:, s], win[:, L_EXTRA + s])
+    # rows on the same window position hold the same token: long row l_extra + i <-> short row i
+    assert torch.equal(long[:, L_EXTRA:], short[:, : n - L_EXTRA])
