@@ -125,3 +125,53 @@ def test_parse_arm_and_bad_options(capsys, tmp_path):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("lsa demo: error:") and msg in err[0], err
         assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ end to end
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--base-l-train", "16",
+        "--base-steps", "3", "--base-batch-size", "4", "--steps", "2", "--batch-size", "2", "--n-windows", "2",
+        "--lsm-samples", "4", "--quiet"]
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    from _util import write_corpus_texts
+
+    from lsa_kernels.train.demo import demo_main
+
+    (tmp_path / "texts").mkdir()
+    texts = write_corpus_texts(tmp_path / "texts")
+    out = tmp_path / "demo"
+    argv = TINY + ["--out", str(out), "--train-files", *texts["train"], "--eval-files", *texts["test"]]
+    assert demo_main(argv + ["--seeds", "2", "--arms", "ce1", "ce2", "--extra-arms", "symkl@0.5"]) == 0
+    for f in ("table.md", "results.json", "demo.png", "eval/results.json"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    assert res["protocol"]["l_train"] == 64 and res["protocol"]["lengths"] == [64, 128, 256]
+    runs = res["runs"]
+    assert [(r["arm"], r["seed"]) for r in runs] == [(a, s) for s in (0, 1) for a in ("ce1", "ce2", "symkl@0.5")]
+    for r in runs:  # every run trained its steps at the extended length, from the extended base
+        assert r["steps_logged"] == 2 and math.isfinite(r["metrics"]["PPL@256"]) and math.isfinite(r["metrics"]["train CE"])
+        cfg = json.loads((out / "runs" / r["arm"] / f"seed{r['seed']}" / "config.json").read_text())
+        assert cfg["l_train"] == 64 and cfg["rope_scaling"] == "linear" and cfg["rope_factor"] == 4
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    assert by[("ce1", 0)]["train_misalign"] == 0 and by[("ce2", 0)]["train_misalign"] == 0
+    assert by[("symkl@0.5", 0)]["train_misalign"] > 0
+    cfg = json.loads((out / "runs" / "symkl@0.5" / "seed0" / "config.json").read_text())
+    assert (cfg["alpha"], cfg["divergence"]) == (0.5, "sym_kl")
+    # the evaluated models carry the extension; the view past 64 positions changes no output
+    assert res["wall_s"]["view_max_logit_diff"] == 0.0
+    assert res["eval_runs"]["symkl@0.5/seed1"]["rope"]["rope_type"] == "linear"
+    st = res["stats"]
+    assert set(st["paired"]) == {"ce1", "ce2"} and set(st["paired"]["ce1"]) == {"ce2", "symkl@0.5"}
+    assert len(st["verdicts"]) == 3 * 4 and st["verdicts"][0].startswith("ce2 vs ce1: PPL@64 lower on ")
+    assert set(st["correlation"]) == {"LSM(sce)", "LSM(sym_kl)", "train CE", "train loss"}
+    assert st["correlation"]["LSM(sce)"]["pearson"]["n"] == 6
+    table = (out / "table.md").read_text()
+    assert "| base x4 | 1 |" in table and "Verdicts" in table and "Wall time" in table
+    # a second call reuses the finished base (and, with --resume, the finished run): only the evaluation runs
+    assert demo_main(argv + ["--seeds", "1", "--arms", "ce1", "--resume"]) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["wall_s"]["base_reused"] is True and res2["runs"][0]["reused"] is True
+    assert res2["runs"][0]["metrics"]["PPL@256"] == pytest.approx(by[("ce1", 0)]["metrics"]["PPL@256"], rel=1e-6)

@@ -347,7 +347,7 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
         _length_axis(ax, l_train, lengths)
         ax.set_ylabel(f"held-out {kind} (mean ± std over seeds)")
         ax.set_title(f"{kind} vs evaluation length")
-        ax.legend(fontsize=7)
+        _legend(ax)
         ax = axes[1][col]
         if ref in stats["paired"]:
             for i, (arm, d) in enumerate(stats["paired"][ref].items()):
@@ -359,7 +359,7 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
         _length_axis(ax, l_train, lengths)
         ax.set_ylabel(f"{kind}: {ref}-paired difference (%)")
         ax.set_title(f"{kind} relative to {ref}, paired by seed (mean ± std)")
-        ax.legend(fontsize=7)
+        _legend(ax)
     for col in range(2, ncol):
         axes[0][col].axis("off")
         axes[1][col].axis("off")
@@ -377,12 +377,17 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
             ax.set_xlabel(p)
             ax.set_ylabel(target)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _legend(ax)
         for col in range(len(scatter), ncol):
             axes[2][col].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _legend(ax):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _length_axis(ax, l_train, lengths=()):
