@@ -118,9 +118,11 @@ def test_parse_arm_and_bad_options(capsys, tmp_path):
         with pytest.raises(ConfigError, match="--extra-arms"):
             parse_arm(bad)
     out = tmp_path / "d"
-    for argv, msg in ((["--seeds", "0"], "--seeds"), (["--extra-arms", "sce@-1"], "--extra-arms"),
-                      (["--rope-factor", "0.5"], "--rope-factor"), (["--base-l-train", "10", "--rope-factor", "1.25"],
-                                                                    "whole length")):
+    bad = [(["--seeds", "0"], "--seeds"), (["--extra-arms", "sce@-1"], "--extra-arms"),
+           (["--rope-factor", "0.5"], "--rope-factor"), (["--threads", "-1"], "--threads"),
+           (["--base-l-train", "10", "--rope-factor", "1.25"], "whole length"),
+           (["--rope-scaling", "yarn"], "--rope-scaling linear only")]
+    for argv, msg in bad:
         assert demo_main(["--out", str(out), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("lsa demo: error:") and msg in err[0], err

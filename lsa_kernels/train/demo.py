@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-files", nargs="*", default=None, help="held-out text files (default: shipped held-out works)")
     ap.add_argument("--train-files", nargs="*", default=[], help="training text files (default: the shipped corpus)")
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = torch's default; 1 is much faster on a machine busy with other jobs)")
     ap.add_argument("--resume", action="store_true", help="also reuse finished fine-tuning runs with the same config")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -114,6 +116,8 @@ def plan(a) -> dict:
     for name in ("base_l_train", "base_steps", "base_batch_size", "steps", "batch_size", "n_windows", "lsm_samples"):
         if getattr(a, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {a.threads}")
     if a.lora < 0:
         raise ConfigError(f"--lora must be >= 0, got {a.lora}")
     if not (math.isfinite(a.rope_factor) and a.rope_factor >= 1):
@@ -328,6 +332,10 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
         print(f"lsa demo: error: {e}", file=sys.stderr)
         return 2
     base, runs, l_train, lengths = p["base"], p["runs"], p["l_train"], p["lengths"]
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     say = (lambda *x: None) if a.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
     wall: Dict[str, float] = {}
     mach = machine()
