@@ -418,6 +418,8 @@ def _cell(r: Optional[Dict], field: str = "peak_total_mib", spec: str = ".0f") -
     if r["status"] == "oom":
         v = r.get("peak_total_mib", float("nan")) if field == "peak_total_mib" else float("nan")
         cap = r.get("mem_cap_mib", float("nan"))
+        if str(r.get("reason", "")).startswith("not run"):
+            return "oom (not run)"
         if field == "peak_total_mib" and not math.isnan(cap):
             return f"oom (> {cap:.0f} cap)" if math.isnan(v) or v < cap * 0.9 else f"oom (> {v:.0f})"
         return "oom"
@@ -432,7 +434,7 @@ def make_plot(rows: Sequence[Dict], path: Path, fit_mib: float, title: str) -> P
 
     colors = {"hf": "tab:red", "fused_ce": "tab:blue", "long_short": "tab:green"}
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 4.8))
-    xs = sorted({r["T"] for r in rows})
+    xs = sorted({r["T"] for r in rows if r.get("kind", "grid") == "grid"}) or sorted({r["T"] for r in rows})
     for obj in OBJECTIVES:
         for ckpt in (False, True):
             rs = sorted((r for r in rows if r["objective"] == obj and r["grad_ckpt"] == ckpt), key=lambda r: r["T"])
@@ -497,8 +499,9 @@ def summary_markdown(rows: Sequence[Dict], machine: Dict, fit_mib: float, meta: 
         L.append(f"- Measured {stamps[0]} … {stamps[-1]}" + (f"; 1-minute load average {min(loads):.1f} … {max(loads):.1f} "
                  "(above the core count = CPUs shared with other work: times are inflated and noisy; memory is not affected)"
                  if loads else ""))
-    if meta.get("wall_s"):
-        L.append(f"- Wall time of the run: {meta['wall_s'] / 60:.1f} min (`{meta.get('command', '')}`)")
+    for run in machine.get("earlier_runs", []) + [meta]:
+        if run.get("wall_s"):
+            L.append(f"- Wall time: {run['wall_s'] / 60:.1f} min for `{run.get('command', '')}`")
     L += ["", "`peak total` = the process's VmHWM during the step (model, optimizer state, interpreter and "
           "libraries included); `extra` = VmHWM − VmRSS just before the step (the step's own memory: activations, "
           "logits, gradients, optimizer temporaries). `oom (> X)`: the step failed at the memory cap after "
@@ -606,7 +609,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-limit-mib", type=float, default=None, help="also cap the step's extra memory (tests)")
     ap.add_argument("--fit-gib", type=float, default=8.0, help="the memory line: longest T with total peak <= this")
     ap.add_argument("--refine", type=int, default=None,
-                    help="bisection steps between the last grid T that fits and the next (default 2; --quick 0)")
+                    help="bisection steps between the last grid T that fits and the next (default 3; --quick 0)")
     ap.add_argument("--repeats", type=int, default=None, help="max measured steps per case (default 3; --quick 1)")
     ap.add_argument("--repeat-budget", type=float, default=12.0, help="seconds of measured steps per case")
     ap.add_argument("--warmup-len", type=int, default=None, help="tokens of the warm-up step (default 64; --quick 16)")
@@ -635,7 +638,7 @@ def main(argv=None) -> int:
         ap.error(f"--lengths: every T must be >= 8, got {min(lengths)}")
     ckpts = {"both": [False, True], "off": [False], "on": [True]}[a.ckpt]
     model = QUICK_MODEL if a.quick else FULL_MODEL
-    refine = a.refine if a.refine is not None else (0 if a.quick else 2)
+    refine = a.refine if a.refine is not None else (0 if a.quick else 3)
     base_spec = dict(model=model, optimizer=not a.no_optimizer,
                      warmup_len=a.warmup_len or (16 if a.quick else 64),
                      max_repeats=a.repeats or (1 if a.quick else 3), repeat_budget_s=a.repeat_budget,
@@ -725,6 +728,10 @@ def main(argv=None) -> int:
         log.close()
     wall = time.time() - t_start
     info["run"]["wall_s"] = round(wall, 1)
+    info["run"]["loadavg_end"] = round(_loadavg(), 2)
+    if a.resume and (out / "machine.json").exists():  # keep what the earlier sittings were
+        old = json.loads((out / "machine.json").read_text())
+        info["earlier_runs"] = old.get("earlier_runs", []) + ([old["run"]] if "run" in old else [])
     with open(out / "machine.json", "w") as f:
         json.dump(info, f, indent=2)
     md, lines = write_report(out, fit_mib)
