@@ -291,7 +291,8 @@ _FP32 = {
     "pair_bwd_dw": _lc(16, 32, 32, 4, 2),
 }
 
-# One table per GPU family (key: arch_class(cc)) for bf16/fp16 inputs, plus ("any", True) for fp32 inputs.
+# One table per GPU family (key: arch_class(cc)) for bf16/fp16 inputs, plus ("any", True) for fp32 inputs
+# (with per-family fp32 overrides where the shared one spilled).
 #   sm80   A100 / A30 / Orin (sm_80, sm_87): mma.sync, 163 KB shared memory per block
 #   sm86   consumer / workstation Ampere and Ada (sm_86, sm_89): mma.sync, 99 KB per block
 #   sm90   H100 / H200: wgmma, 227 KB
@@ -301,9 +302,17 @@ GPU_TABLE = {
     ("sm80", False): _SM80,
     ("sm86", False): dict(_SM80),
     ("sm90", False): _SM90,
-    ("sm100", False): dict(_SM90),
-    ("sm120", False): dict(_SM80),
+    # sm_100 (ptxas-blackwell, tcgen05): the sm_90 tiles spilled in five kernels (ce_fwd 136 B, ce_bwd_dw
+    # 464 B, pair_fwd 64 B, pair_bwd_dx / pair_bwd_dw 944 B); these are the first spill-free candidates
+    ("sm100", False): {**_SM90, "ce_fwd": _lc(128, 64, 64, 8, 3), "ce_bwd_dw": _lc(64, 64, 64, 8, 2),
+                       "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_bwd_dx": _lc(32, 64, 32, 8, 2),
+                       "pair_bwd_dw": _lc(32, 64, 64, 8, 2)},
+    # sm_120: the sm_80 tiles, except the pair forward (kl / sym_kl spilled 24 / 32 B at 64×64×64)
+    ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3)},
     ("any", True): _FP32,
+    # fp32 inputs on Blackwell: js phase 2 spilled 16 B at 32×32×32 / 8 warps / 3 stages
+    ("sm100", True): {**_FP32, "pair_js": _lc(32, 32, 32, 8, 2)},
+    ("sm120", True): {**_FP32, "pair_js": _lc(16, 32, 32, 4, 2)},
 }
 KERNEL_KINDS = tuple(_SM90)
 
@@ -344,7 +353,7 @@ def gpu_config(kind: str, arch: int, fp32: bool) -> LaunchConfig:
     """Production block sizes of kernel ``kind`` for compute capability ``arch`` (80, 86, 89, 90, ...)."""
     cls = arch_class(arch)
     if fp32:
-        return GPU_TABLE[("any", True)][kind]
+        return GPU_TABLE.get((cls, True), GPU_TABLE[("any", True)])[kind]
     return GPU_TABLE[(cls, False)][kind]
 
 

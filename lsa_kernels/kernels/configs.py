@@ -307,7 +307,8 @@ def nvdisasm_path() -> str | None:
 
 
 _PTX_SYNC = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:atom|red|fence|membar)\b(?:\.[\w:]+)*)", re.M)
-_SASS_SYNC = re.compile(r"\b((?:MEMBAR|ERRBAR|CCTL|ATOMG?|REDG?|FENCE)(?:\.[\w]+)*)\b")
+# (not the SYNCS.CCTL.* of the mbarrier unit that sm_100's tcgen05 pipelines use: hence the lookbehind)
+_SASS_SYNC = re.compile(r"(?<![\w.])((?:MEMBAR|ERRBAR|CCTL|ATOMG?|REDG?|FENCE)(?:\.[\w]+)*)\b")
 
 
 def memory_ops(ptx: str, cubin: bytes | None) -> Dict[str, Any]:
