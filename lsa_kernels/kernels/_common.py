@@ -107,7 +107,10 @@ def dot_operand_(t, like_ptr, UPCAST: tl.constexpr):
     element type) as the tensor cores take it on a GPU; under the interpreter (UPCAST) the same rounding,
     kept in fp32. fp32 inputs: unchanged."""
     if UPCAST:
-        r = t
+        if like_ptr.dtype.element_ty == tl.bfloat16:
+            r = round_bf16_(t)
+        else:
+            r = t.to(like_ptr.dtype.element_ty).to(tl.float32)
     else:
         r = t.to(like_ptr.dtype.element_ty)
     return r
