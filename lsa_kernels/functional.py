@@ -64,13 +64,21 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     return backend
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast_cast(*tensors):
     """The tensors as ``F.linear`` sees them under autocast: floating (not float64) tensors on a device type
     with autocast enabled cast to that autocast dtype; everything else unchanged."""
     out = []
     for t in tensors:
         if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                and torch.is_autocast_enabled(t.device.type)):
+                and _autocast_on(t.device.type)):
             t = t.to(torch.get_autocast_dtype(t.device.type))
         out.append(t)
     return out
@@ -78,7 +86,7 @@ def _autocast_cast(*tensors):
 
 def no_autocast(device: torch.device):
     """Autocast off for ``device``'s type inside the block (no-op when it is not on)."""
-    if torch.is_autocast_enabled(device.type):
+    if _autocast_on(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -96,6 +104,9 @@ def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore
     from . import backends, distributed
 
     if backend == "reference":
+        if w.dtype == torch.float64 and w.device.type == "cuda":
+            raise ValueError("a vocab-parallel head cannot take float64 CUDA tensors (the Triton kernels take "
+                             "float32, bfloat16 or float16; float64 on CUDA runs only on the non-parallel reference)")
         raise ValueError("backend='reference' cannot run a vocab-parallel head; use 'auto', 'cpu' or 'triton'")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int (this rank's first vocab id), got {vocab_start!r}")
