@@ -18,6 +18,10 @@ list for all five. Every flag combination the dispatch can emit (configs.dispatc
 specialisations per arch) is compiled by the documented sweep command, not in CI:
 
     python -m lsa_kernels.kernels.configs sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]
+
+or, as a slow-marked test taking the same arguments from LSA_SWEEP (skipped when it is unset):
+
+    LSA_SWEEP="--arch 80 90 --jobs 16 --shard 0/8" python -m pytest -m slow tests/test_triton_compile.py -k sweep
 """
 
 from __future__ import annotations
@@ -142,3 +146,18 @@ def test_production_configs_are_dispatchable():
     seen = {(c.kernel, c.dtype, tuple(sorted(c.flags.items()))) for c in dispatch_configs(("bf16", "fp16", "fp32"))}
     for c in production_configs():
         assert (c.kernel, c.dtype, tuple(sorted(c.flags.items()))) in seen, c.name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LSA_SWEEP"),
+                    reason="dispatch-wide compile sweep (~27.7k kernels per arch): set LSA_SWEEP to its arguments")
+def test_dispatch_sweep(tmp_path):
+    """Every flag set the dispatch can emit compiles with no spill, within shared memory, relaxed atomics."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    out = os.environ.get("LSA_SWEEP_OUT", str(tmp_path / "sweep.jsonl"))
+    r = subprocess.run([sys.executable, "-m", "lsa_kernels.kernels.configs", "sweep",
+                        *os.environ["LSA_SWEEP"].split(), "--out", out],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    problems = [ln for ln in r.stderr.splitlines() if ln.startswith("PROBLEM")]
+    assert r.returncode == 0 and not problems, "\n".join(problems[:20]) or r.stderr[-3000:]
