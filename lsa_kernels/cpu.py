@@ -278,6 +278,14 @@ def _pair_chunk(
     lta, ltb = stats[:, STAT_LSET_P].unsqueeze(1), stats[:, STAT_LSET_Q].unsqueeze(1)
     p = (a - lta).exp_()
     q = (b - ltb).exp_()
+    if stats_in is None:
+        # the forward's p and q normalised by their own sums: an lse one ulp off at large logits (|z| ≈ 300:
+        # ε ≈ 3e-5) would scale every expectation E_p[·], E_q[·] by (1 − ε), an error of ε·|E[z]| in X and Y
+        # (sce's Y off by 2.7e-3 at |z| ≈ 300 and dx by 0.03, 20x the compiled path's error: found by the
+        # nightly property run). Not from saved statistics: a vocab shard's backward gets the GLOBAL lse,
+        # under which its p sums to its share of the mass, not to 1.
+        p.div_(p.sum(1, keepdim=True))
+        q.div_(q.sum(1, keepdim=True))
     div = opts.divergence
     u = a - b if div in ("kl", "kl_reverse", "sym_kl") else None
     if div == "js":
