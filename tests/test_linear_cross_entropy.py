@@ -58,7 +58,10 @@ def test_matches_reference(backend, opt, reduction, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     assert_close_rule(ours, same, truth, atol=tol, rtol=tol, name="loss")
     for name, o, s, t in zip(["dx", "dw", "db"], go, gs, gt):
-        assert_close_rule(o, s, t, atol=tol * 0.1, rtol=tol, name=name)
+        # Triton's gradient GEMMs take dz rounded to bf16 as the GPU's tensor cores do: one bf16 half-ulp at
+        # the gradient's scale on top of CCE's rule (the cpu paths keep fp32 dz and the tighter rule)
+        extra = 2.0**-8 * t.abs().max().item() if (backend == "triton" and dtype != torch.float32) else 0.0
+        assert_close_rule(o, s, t, atol=tol * 0.1 + extra, rtol=tol, name=name)
 
 
 @pytest.mark.parametrize("backend", backends())

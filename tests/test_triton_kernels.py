@@ -128,12 +128,25 @@ def _run_pair(xp, xq, w, b, yp, yq, cp, cq, cd, opts):
     return dict(ce_p=ce_p, ce_q=ce_q, div=div, stats=stats, dxp=dxp, dxq=dxq, dw=dw, db=db)
 
 
+GRADS = ("dx", "dxp", "dxq", "dw", "db")
+
+
+def _grad_atol(k, truth, atol, lowp):
+    """Low-precision inputs: the gradient GEMMs take dz rounded to the input dtype, as the GPU's tensor cores
+    do (and the interpreter emulates): one bf16 half-ulp at the gradient's scale, 2^-8·max|truth|, on top
+    of CCE's rule. The confident-target tests below keep a norm check that this does not loosen."""
+    if lowp is None or k not in GRADS:
+        return atol
+    return atol + 2.0**-8 * truth[k].abs().max().item()
+
+
 def _check_ce(ours, truth, lowp=None, atol=2e-5):
     for k in ("loss", "lse", "dx", "dw", "db"):
         if ours[k] is None:
             continue
         assert ours[k].dtype == torch.float32, k
-        _close(ours[k], truth[k], atol=atol, lowp=None if lowp is None or k == "lse" else lowp[k], name=k)
+        _close(ours[k], truth[k], atol=_grad_atol(k, truth, atol, lowp),
+               lowp=None if lowp is None or k == "lse" else lowp[k], name=k)
 
 
 def _check_pair(ours, truth, opts, lowp=None, atol=2e-5):
@@ -142,7 +155,8 @@ def _check_pair(ours, truth, opts, lowp=None, atol=2e-5):
         if ours[k] is None:
             continue
         assert ours[k].dtype == torch.float32, k
-        _close(ours[k], truth[k], atol=atol, lowp=None if lowp is None else lowp[k], name=k)
+        _close(ours[k], truth[k], atol=_grad_atol(k, truth, atol, lowp), lowp=None if lowp is None else lowp[k],
+               name=k)
     if not opts.with_ce:
         assert torch.equal(ours["ce_p"], torch.zeros(N)) and torch.equal(ours["ce_q"], torch.zeros(N))
 
