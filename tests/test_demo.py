@@ -177,3 +177,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     res2 = json.loads((out / "results.json").read_text())
     assert res2["wall_s"]["base_reused"] is True and res2["runs"][0]["reused"] is True
     assert res2["runs"][0]["metrics"]["PPL@256"] == pytest.approx(by[("ce1", 0)]["metrics"]["PPL@256"], rel=1e-6)
+    # --replot redraws the figure from results.json alone
+    (out / "demo.png").unlink()
+    assert demo_main(["--out", str(out), "--replot"]) == 0 and (out / "demo.png").stat().st_size > 10_000
+    assert demo_main(["--out", str(tmp_path / "nothing"), "--replot"]) == 2

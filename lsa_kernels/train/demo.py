@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="torch CPU threads (0 = torch's default; 1 is much faster on a machine busy with other jobs)")
     ap.add_argument("--resume", action="store_true", help="also reuse finished fine-tuning runs with the same config")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--replot", action="store_true", help="only redraw <out>/demo.png from <out>/results.json")
     return ap
 
 
@@ -325,6 +326,8 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     from .loop import ConfigError, model_dir, train
 
     a = _parser().parse_args(argv)
+    if a.replot:
+        return replot(a.out)
     t0 = time.perf_counter()
     try:
         p = plan(a)
@@ -405,9 +408,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     stats = S.build_stats(run_info, metrics, refs=("ce1", "ce2"), verdict_metrics=verdict_metrics,
                           corr_target=f"PPL@{Lmax}", corr_predictors=[f"LSM({d})" for d in LSM_DIVERGENCES]
                           + ["train CE", "train loss"])
-    S.plot(stats, lengths, os.path.join(a.out, "demo.png"), runs=run_info, reference_rows=reference, l_train=l_train,
-           ref="ce1" if "ce1" in stats["paired"] else next(iter(stats["paired"]), "ce1"),
-           scatter=[f"LSM({d})" for d in LSM_DIVERGENCES] + ["train CE"])
+    _plot(stats, lengths, os.path.join(a.out, "demo.png"), run_info, reference, l_train)
     wall["total_s"] = time.perf_counter() - t0
     header = [
         f"# lsa demo: RoPE {a.rope_scaling} x{a.rope_factor:g} context extension, {len(p['arms'])} arms x {a.seeds} seeds",
@@ -442,6 +443,37 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     print(text)
     print(f"wrote {os.path.join(a.out, 'table.md')}, results.json, demo.png; total wall time {wall['total_s']:.0f} s "
           f"({wall['total_s'] / 60:.1f} min)")
+    return 0
+
+
+def _plot(stats, lengths, path, runs, reference, l_train) -> None:
+    from . import demo_stats as S
+
+    S.plot(stats, lengths, path, runs=runs, reference_rows=reference, l_train=l_train,
+           ref="ce1" if "ce1" in stats["paired"] else next(iter(stats["paired"]), "ce1"),
+           scatter=[f"LSM({d})" for d in LSM_DIVERGENCES] + ["train CE"])
+
+
+def replot(out: str) -> int:
+    """``lsa demo --replot --out DIR``: redraw ``DIR/demo.png`` from ``DIR/results.json`` (no training)."""
+    path = os.path.join(out, "results.json")
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        stats, lengths = res["stats"], res["protocol"]["lengths"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"lsa demo: error: --replot needs {path} from an earlier demo ({e})", file=sys.stderr)
+        return 2
+    def nan(x):  # results.json stores missing numbers as null
+        if isinstance(x, dict):
+            return {k: nan(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [nan(v) for v in x]
+        return float("nan") if x is None else x
+
+    stats, runs, reference = nan(stats), nan(res["runs"]), nan(res["reference"])
+    _plot(stats, lengths, os.path.join(out, "demo.png"), runs, reference, res["protocol"]["l_train"])
+    print(f"wrote {os.path.join(out, 'demo.png')}")
     return 0
 
 

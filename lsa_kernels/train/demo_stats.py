@@ -139,6 +139,10 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
 
 
+def _fmt_r(c: dict) -> str:
+    return f"{c['r']:+.3f} ({_fmt_p(c['p'])})" if _ok(c["r"]) else "n/a"
+
+
 def _p_eq(p: float) -> str:
     """``p = 0.012`` / ``p < 0.0001`` / ``p = n/a``."""
     s = _fmt_p(p)
@@ -311,7 +315,7 @@ def markdown(stats: dict, reference_rows: Optional[Mapping[str, Mapping[str, flo
                   "|---|---|---|---|"]
         for p, c in stats["correlation"].items():
             pe, sp = c["pearson"], c["spearman"]
-            lines.append(f"| {p} | {pe['n']} | {pe['r']:+.3f} ({_fmt_p(pe['p'])}) | {sp['r']:+.3f} ({_fmt_p(sp['p'])}) |")
+            lines.append(f"| {p} | {pe['n']} | {_fmt_r(pe)} | {_fmt_r(sp)} |")
     return "\n".join(lines)
 
 
@@ -334,6 +338,12 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
     for col, kind in enumerate(("PPL", "LongPPL")):
         ax = axes[0][col]
         ms = [f"{kind}@{L}" for L in lengths]
+        if not any(_ok(stats["summary"][arm].get(m, {}).get("mean")) for arm in arms for m in ms):
+            for row in (0, 1):  # nothing to draw (LongPPL without key tokens): say so instead of empty axes
+                axes[row][col].axis("off")
+                axes[row][col].text(0.5, 0.5, f"no {kind} values" + (" (no key tokens: see the table)"
+                                    if kind == "LongPPL" else ""), transform=axes[row][col].transAxes, ha="center")
+            continue
         for name, row in (reference_rows or {}).items():
             ax.plot(lengths, [row.get(m, math.nan) for m in ms], "k--", marker="x", label=name)
         for i, arm in enumerate(arms):
@@ -342,10 +352,9 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
             ax.errorbar(off, [s[m]["mean"] if m in s else math.nan for m in ms],
                         yerr=[s[m]["std"] if m in s and _ok(s[m]["std"]) else 0 for m in ms], marker="o", capsize=3,
                         color=colors[arm], label=arm)
-        if not any(_ok(stats["summary"][arm].get(m, {}).get("mean")) for arm in arms for m in ms):
-            ax.text(0.5, 0.5, f"no {kind} values (no key tokens?)", transform=ax.transAxes, ha="center")
         _length_axis(ax, l_train, lengths)
-        ax.set_ylabel(f"held-out {kind} (mean ± std over seeds)")
+        ax.set_yscale("log")  # arms can differ by a factor (alpha 0.5) while the others differ by a few %
+        ax.set_ylabel(f"held-out {kind} (mean ± std over seeds; log scale)")
         ax.set_title(f"{kind} vs evaluation length")
         _legend(ax)
         ax = axes[1][col]
@@ -357,7 +366,8 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
                             capsize=3, color=colors[arm], label=arm)
         ax.axhline(0, color="gray", lw=1)
         _length_axis(ax, l_train, lengths)
-        ax.set_ylabel(f"{kind}: {ref}-paired difference (%)")
+        ax.set_yscale("symlog", linthresh=10)  # linear within ±10 %, logarithmic beyond
+        ax.set_ylabel(f"{kind}: {ref}-paired difference (%, symlog)")
         ax.set_title(f"{kind} relative to {ref}, paired by seed (mean ± std)")
         _legend(ax)
     for col in range(2, ncol):
@@ -373,9 +383,11 @@ def plot(stats: dict, lengths: Sequence[int], path: str, runs: Sequence[Mapping]
                 pts = [(a, b) for a, b in pts if _ok(a) and _ok(b)]
                 ax.scatter([a for a, _ in pts], [b for _, b in pts], color=colors[arm], label=arm, s=18)
             if c:
-                ax.set_title(f"{p}: Pearson r {c['pearson']['r']:+.2f}, Spearman {c['spearman']['r']:+.2f}", fontsize=9)
+                ax.set_title(f"{p}: Pearson r {_fmt_r(c['pearson'])}, Spearman {_fmt_r(c['spearman'])}", fontsize=9)
             ax.set_xlabel(p)
-            ax.set_ylabel(target)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 4))
+            ax.set_ylabel(target + " (log scale)")
+            ax.set_yscale("log")
             ax.grid(alpha=0.3)
             _legend(ax)
         for col in range(len(scatter), ncol):
