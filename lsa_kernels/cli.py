@@ -15,7 +15,7 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("lsa_kernels.train.loop", "train_main", "fine-tune a causal LM with the long-short loss"),
     "eval": ("lsa_kernels.train.evaluate", "eval_main", "perplexity vs length and the LSM metric"),
-    "demo": ("lsa_kernels.train.demo", "demo_main", "train alpha=0 vs alpha=0.1, evaluate, plot (CPU, ~10 min)"),
+    "demo": ("lsa_kernels.train.demo", "demo_main", "the paper's experiment in miniature: base, RoPE x4, 4-5 arms x seeds, stats (CPU, ~30 min)"),
     "synthetic": ("lsa_kernels.train.synthetic", "main", "the paper's synthetic study (mean/length prediction)"),
 }
 

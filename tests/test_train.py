@@ -13,7 +13,6 @@ pytest.importorskip("tokenizers")
 
 
 from _util import write_corpus_texts  # noqa: E402
-from lsa_kernels.train.demo import demo_main  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
@@ -171,11 +170,3 @@ def test_ddp_and_fsdp_two_processes_gloo(tmp_path, texts):
     assert [g["params"] for g in od["param_groups"]] == [g["params"] for g in of["param_groups"]]
     for i in od["state"]:
         assert torch.allclose(of["state"][i]["exp_avg"], od["state"][i]["exp_avg"], atol=1e-6, rtol=1e-3), i
-
-
-def test_demo_quick(tmp_path):
-    rc = demo_main(["--out", str(tmp_path / "demo"), "--steps", "2", "--l-train", "16", "--batch-size", "2",
-                    "--n-windows", "1", "--lsm-samples", "2", "--quiet"])
-    assert rc == 0
-    assert (tmp_path / "demo" / "table.md").exists()
-    assert (tmp_path / "demo" / "eval" / "ppl_vs_length.png").exists()
