@@ -264,7 +264,7 @@ _SM80 = {
     "ce_fwd": _lc(64, 128, 64, 8, 3),
     "ce_bwd": _lc(64, 64, 64, 8, 2),
     "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
-    "ce_bwd_dw": _lc(64, 64, 64, 8, 2),
+    "ce_bwd_dw": _lc(32, 64, 64, 8, 2),  # 64×64 spilled 16-32 B with softcap (dispatch sweep)
     "pair_fwd": _lc(64, 64, 64, 8, 3),
     "pair_js": _lc(64, 32, 64, 8, 3),
     "pair_bwd": _lc(32, 64, 64, 8, 2),
@@ -286,7 +286,7 @@ _FP32 = {
     "ce_fwd": _lc(64, 64, 32, 8, 3),
     "ce_bwd": _lc(32, 64, 32, 4, 2),
     "ce_bwd_dx": _lc(32, 64, 32, 4, 2),
-    "ce_bwd_dw": _lc(32, 64, 32, 4, 2),
+    "ce_bwd_dw": _lc(16, 64, 32, 4, 2),  # 32×64 spilled 8-32 B with bias / softcap / smoothing (sweep)
     "pair_fwd": _lc(32, 64, 32, 8, 3),
     "pair_js": _lc(32, 32, 32, 8, 3),
     "pair_bwd": _lc(16, 32, 32, 4, 2),
