@@ -316,7 +316,7 @@ def read_rows(path: Path) -> List[Dict]:
                 try:
                     r[k] = int(float(r[k]))
                 except (ValueError, TypeError, KeyError):
-                    r[k] = 0
+                    r[k] = 0 if k == "T" else None  # blank stays blank when the CSV is rewritten (--resume)
             for k in ("peak_extra_mib", "peak_total_mib", "step_s", "step_s_min", "fwd_bwd_s", "opt_s",
                       "base_mib", "mem_cap_mib", "loss", "loadavg_1m", "wall_s"):
                 try:
@@ -482,7 +482,7 @@ def summary_markdown(rows: Sequence[Dict], machine: Dict, fit_mib: float, meta: 
     settings = [(o, c) for o in OBJECTIVES for c in (False, True)
                 if any(r["objective"] == o and r["grad_ckpt"] == c for r in grid)]
     by = {(r["objective"], r["grad_ckpt"], r["T"]): r for r in grid}
-    r0 = rows[0] if rows else {}
+    r0 = next((r for r in rows if r.get("V")), rows[0] if rows else {})
     stamps = sorted(r.get("timestamp", "") for r in rows if r.get("timestamp"))
     loads = [r["loadavg_1m"] for r in rows if not math.isnan(r.get("loadavg_1m", float("nan")))]
     L = [f"# Training-step memory at long context ({meta.get('mode', 'full')})", ""]
@@ -576,7 +576,7 @@ def write_report(out: Path, fit_mib: float, meta: Optional[Dict] = None) -> Tupl
     meta = dict(machine.get("run", {}), **(meta or {}))
     text, lines = summary_markdown(rows, machine, fit_mib, meta)
     if rows:
-        r0 = rows[0]
+        r0 = next((r for r in rows if r.get("V")), rows[0])
         make_plot(rows, out / "train_step.png", fit_mib,
                   f"one training step, LlamaForCausalLM V={r0['V']} H={r0['H']} {r0['layers']} layers, fp32 CPU, batch 1")
     md = out / "SUMMARY.md"
