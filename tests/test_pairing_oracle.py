@@ -13,7 +13,8 @@ Written from token windows, without lsa_kernels.pairing, lsa_kernels.stats or ls
 The labels are built so that every hard case occurs: ignored labels on one view only (the other view's
 label at the same window position valid, both ways round), a sequence with no valid pair at all (its
 misalignment contributes nothing, its CE rows still count), trailing pairs that do not count after the
-last one that does (what ``positions="last"`` must skip), and a sequence where every label is valid.
+last one that does (what ``positions="last"`` must skip), a sequence whose only counted pair is its first,
+and a sequence where every label is valid.
 Every backend runs: the reference, the cpu backend on both of its paths (compiled kernels and ATen), and
 Triton (under the interpreter on CPU).
 """
@@ -31,7 +32,7 @@ from lsa_kernels import _ext, cpu
 from _util import IGN, triton_available
 
 DIVERGENCES = ("sce", "kl", "kl_reverse", "sym_kl", "js")
-B, T, H, V, L_EXTRA = 4, 11, 12, 29, 3
+B, T, H, V, L_EXTRA = 5, 11, 12, 29, 3
 P = T - L_EXTRA  # pairs per sequence
 
 
@@ -74,6 +75,9 @@ def _window_case(seed: int = 0):
     ignore_long(2, T - 3)
     ignore_short(2, L_EXTRA + 1)
     # sequence 3: every label valid
+    # sequence 4: only the FIRST pair counts (every later one one-sided): "last" must keep pair 0
+    for k, s in enumerate(range(L_EXTRA + 1, T)):
+        (ignore_long if k % 2 == 0 else ignore_short)(4, s)
     emb = torch.randn(V, H, generator=g, dtype=torch.float64)
     tok_long = win[:, :T]
     tok_short = win[:, L_EXTRA : L_EXTRA + T]
@@ -101,6 +105,7 @@ def test_the_case_has_every_hard_pattern():
     assert counts[1] == []  # a sequence with no valid pair
     assert len(counts[2]) >= 2 and counts[2][-1] < P - 1  # several valid pairs, then trailing invalid ones
     assert counts[3] == list(range(P))
+    assert counts[4] == [0]
 
 
 # ----------------------------------------------------------------------------------------- the oracle
