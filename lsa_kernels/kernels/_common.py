@@ -313,6 +313,9 @@ GPU_TABLE = {
     # sm_120: the sm_80 tiles, except the pair forward (kl / sym_kl spilled 24 / 32 B at 64×64×64)
     ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3)},
     ("any", True): _FP32,
+    # fp32 atomic CE backward on sm_80: 4 warps spilled 16-32 B in 36 of 80 dispatchable flag sets (dW- or
+    # db-only); 8 warps: 0 of 80 (dispatch sweep)
+    ("sm80", True): {**_FP32, "ce_bwd": _lc(32, 64, 32, 8, 2)},
     # fp32 inputs on Blackwell: js phase 2 spilled 16 B at 32×32×32 / 8 warps / 3 stages
     ("sm100", True): {**_FP32, "pair_js": _lc(32, 32, 32, 8, 2)},
     ("sm120", True): {**_FP32, "pair_js": _lc(16, 32, 32, 4, 2)},
