@@ -282,3 +282,53 @@ def test_make_views_cut_the_window_as_the_oracle_does():
         assert torch.equal(long[:, s], win[:, s]) and torch.equal(short[:, s], win[:, L_EXTRA + s])
     # rows on the same window position hold the same token: long row l_extra + i <-> short row i
     assert torch.equal(long[:, L_EXTRA:], short[:, : n - L_EXTRA])
+
+
+def test_pair_mask_against_the_window_oracle():
+    """pairing.pair_mask itself (its default ignore_index too) against the pairs the oracle counts, and with
+    a class id as ignore_index (labels below it stay valid)."""
+    from lsa_kernels.pairing import pair_mask
+
+    _, yl, ys = _window_case()[:3]
+    for ign in (IGN, 7):
+        yl2 = torch.where(yl == IGN, torch.full_like(yl, ign), yl)
+        ys2 = torch.where(ys == IGN, torch.full_like(ys, ign), ys)
+        assert bool(((yl2 >= 0) & (yl2 < ign)).any()) or ign == IGN
+        for positions in ("overlap", "last"):
+            want = torch.zeros(B, P, dtype=torch.bool)
+            for b in range(B):
+                counted = [i for i in range(P) if int(yl2[b, L_EXTRA + i]) != ign and int(ys2[b, i]) != ign]
+                want[b, counted[-1:] if positions == "last" else counted] = True
+            if ign == IGN:  # the default
+                got = pair_mask(yl2, ys2, L_EXTRA) if positions == "overlap" else pair_mask(yl2, ys2, L_EXTRA, "last")
+            else:
+                got = pair_mask(yl2, ys2, L_EXTRA, positions, ign)
+            assert torch.equal(got, want), (ign, positions)
+
+
+def test_make_views_refuses_exactly_what_does_not_fit():
+    """Every window length n and l_extra: accepted iff 1 <= l_extra and both views (n - l_extra tokens) hold
+    more than l_extra tokens; refusals name l_extra and the window length."""
+    from lsa_kernels.pairing import make_views
+
+    for n in range(2, 13):
+        win = torch.arange(n)  # 1-D: the length is shape[-1], not shape[1]
+        for l_extra in range(-1, n + 1):
+            if l_extra >= 1 and n - l_extra >= l_extra + 1:
+                long, short = make_views(win, l_extra)
+                assert long.shape[-1] == short.shape[-1] == n - l_extra
+            else:
+                with pytest.raises(ValueError, match=f"l_extra={l_extra} does not fit a window of {n} tokens"):
+                    make_views(win, l_extra)
+
+
+def test_sample_l_extra_edges():
+    g = torch.Generator().manual_seed(0)
+    assert {L.sample_l_extra(2, generator=g) for _ in range(20)} == {1}  # the smallest l_train
+    assert {L.sample_l_extra(3, generator=g) for _ in range(20)} == {1}
+    for bad in (True, 4.0, "8"):
+        with pytest.raises(TypeError, match="l_train must be an int"):
+            L.sample_l_extra(bad)
+    for bad in (1, 0, -3):
+        with pytest.raises(ValueError, match="l_train must be >= 2"):
+            L.sample_l_extra(bad)
