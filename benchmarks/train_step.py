@@ -446,7 +446,8 @@ def make_plot(rows: Sequence[Dict], path: Path, fit_mib: float, title: str) -> P
                          lw=2.2 if obj != "hf" else 1.6)
             if ok:
                 ax_m.plot([r["T"] for r in ok], [r["peak_total_mib"] / 1024 for r in ok], label=lab, **style)
-                ax_t.plot([r["T"] for r in ok], [r["step_s"] for r in ok], label=lab, **style)
+                okg = [r for r in ok if r.get("kind", "grid") == "grid"]  # bisection probes ran at another load
+                ax_t.plot([r["T"] for r in okg], [r["step_s"] for r in okg], label=lab, **style)
             oom = [r for r in rs if r["status"] == "oom" and r.get("kind", "grid") == "grid"]
             for r in oom:
                 y = max(r.get("peak_total_mib", 0) or 0, r.get("mem_cap_mib", 0) or 0)
@@ -496,7 +497,7 @@ def summary_markdown(rows: Sequence[Dict], machine: Dict, fit_mib: float, meta: 
              f"torch {machine.get('torch', '?')}, transformers {machine.get('transformers', '?')}; "
              f"git {machine.get('git', '?')}")
     if stamps:
-        L.append(f"- Measured {stamps[0]} … {stamps[-1]}" + (f"; 1-minute load average {min(loads):.1f} … {max(loads):.1f} "
+        L.append(f"- Cases started {stamps[0]} … {stamps[-1]}" + (f"; 1-minute load average {min(loads):.1f} … {max(loads):.1f} "
                  "(above the core count = CPUs shared with other work: times are inflated and noisy; memory is not affected)"
                  if loads else ""))
     for run in machine.get("earlier_runs", []) + [meta]:
