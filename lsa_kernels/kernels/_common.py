@@ -266,7 +266,7 @@ _SM80 = {
     "ce_bwd_dx": _lc(64, 128, 64, 8, 2),
     "ce_bwd_dw": _lc(32, 64, 64, 8, 2),  # 64×64 spilled 16-32 B with softcap (dispatch sweep)
     "pair_fwd": _lc(64, 64, 64, 8, 3),
-    "pair_js": _lc(64, 32, 64, 8, 3),
+    "pair_js": _lc(64, 16, 64, 8, 3),  # 64×32 spilled 16-88 B in 3 of 4 plain flag sets (sweep); 64×16: 0 of 16
     "pair_bwd": _lc(32, 64, 64, 8, 2),
     "pair_bwd_dx": _lc(32, 64, 64, 8, 2),
     "pair_bwd_dw": _lc(32, 64, 64, 8, 2),
