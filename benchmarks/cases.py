@@ -389,7 +389,7 @@ def _rel(a: torch.Tensor, truth: torch.Tensor) -> float:
 def correctness(device: str = "cuda", quick: bool = False) -> List[Dict]:
     """Compiled Triton kernels (``backend="triton"``) against the reference at real sizes, fwd+bwd.
 
-    Rule (SPEC §7, from Cut Cross-Entropy): for the loss and every gradient, the error of ours against
+    Rule (docs/maths.md §7, from Cut Cross-Entropy): for the loss and every gradient, the error of ours against
     an fp64 truth (reference on fp64 copies of the same inputs, TF32 off) must be ≤ 1.5 × the error of
     torch's same-dtype reference + tol (relative Frobenius norms; tol 2e-3 for bf16, 1e-4 for fp32). An
     fp64 truth also for fp32 inputs: an fp32 truth would be the same-dtype reference itself (its error 0).

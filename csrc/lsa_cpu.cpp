@@ -7,7 +7,7 @@
 // chunk's logits make at most two trips through DRAM (the GEMM's write plus this read/write).
 // The only [C, V] buffers are z (CE) and za, zb (pairs): K = 1 and 2 in cpu.py's chunk_rows().
 //
-// Maths (SPEC.md §3, §5; lsa_kernels/stats.py), per row, z = softcap(z_raw) = c·tanh(z_raw / c):
+// Maths (docs/maths.md §3, §5; lsa_kernels/stats.py), per row, z = softcap(z_raw) = c·tanh(z_raw / c):
 //
 //   lse = m + log Σ e^{z - m},  loss = (1-ε)(lse - z_y) + ε(lse - mean z) + λ lse²   (0 if ignored)
 //   dz  = coef · (softmax(z)(1 + 2λ lse) - (1-ε) onehot(y) - ε/V) · (1 - (z/c)²)

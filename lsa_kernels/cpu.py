@@ -1,7 +1,7 @@
 """The cpu backend: chunked ATen, never more than one chunk of logits alive.
 
 Rows are processed in chunks of ``C`` rows. For each chunk the logits ``z = softcap(x_c W^T + b)``
-(fp32, ``[C, V]``) are formed with one GEMM, reduced to per-row statistics (SPEC §3, §5 and
+(fp32, ``[C, V]``) are formed with one GEMM, reduced to per-row statistics (docs/maths.md §3, §5 and
 :mod:`lsa_kernels.stats`), and — when the gradient coefficients are known — turned in place into
 ``dz`` and fed to two more GEMMs: ``dx_c = dz W`` and ``dW += dzᵀ x_c`` (``addmm_`` into one fp32
 buffer, no V×H temporaries). Everything between the GEMMs runs in the compiled extension
@@ -227,7 +227,7 @@ def ce_backward(x, w, b, y, lse, coef, opts: CEOptions, dx_out, dw_out, db_out) 
 
 
 def _js_log_ratios(a: Tensor, b: Tensor, lta: Tensor, ltb: Tensor) -> Tuple[Tensor, Tensor]:
-    """(log p − log m, log q − log m) of a chunk, m = (p + q)/2, all in log space (SPEC §5);
+    """(log p − log m, log q − log m) of a chunk, m = (p + q)/2, all in log space (docs/maths.md §5);
     ``lta``/``ltb`` are the ``[C, 1]`` normalisers of a = z_p/τ and b = z_q/τ."""
     lp = a - lta
     lq = b - ltb

@@ -1,8 +1,8 @@
 """The public ops: validate, pick a backend, hand off to the autograd layer.
 
-    linear_cross_entropy(input, linear_weight, target, ...)          SPEC §3
-    linear_divergence(input_p, input_q, linear_weight, ...)          SPEC §5
-    long_short_loss(hidden_long, hidden_short, linear_weight, ...)   SPEC §4
+    linear_cross_entropy(input, linear_weight, target, ...)          docs/maths.md §3
+    linear_divergence(input_p, input_q, linear_weight, ...)          docs/maths.md §5
+    long_short_loss(hidden_long, hidden_short, linear_weight, ...)   docs/maths.md §4
 
 Every check in :mod:`lsa_kernels._checks` runs before any kernel. ``backend="auto"`` picks Triton for
 CUDA tensors and the chunked cpu path for CPU tensors; ``"reference"`` materialises the logits.
@@ -285,7 +285,7 @@ def long_short_loss(
     process_group=None,
     vocab_start: int = 0,
 ) -> LongShortLoss:
-    """Long-short alignment loss (SPEC §4): ``loss = ce + alpha * misalign``, fused, no logits in memory.
+    """Long-short alignment loss (docs/maths.md §4): ``loss = ce + alpha * misalign``, fused, no logits in memory.
 
     ``hidden_long``/``hidden_short`` ``[B, T, H]`` are the final hidden states of the two views of one
     window (long = ``x[:T]``, short = ``x[l_extra:l_extra+T]``), ``labels_*`` ``[B, T]`` their

@@ -29,7 +29,7 @@ N_PAIR_STATS = 8
 
 @dataclass(frozen=True)
 class CEOptions:
-    """Options of the linear cross-entropy (SPEC §3)."""
+    """Options of the linear cross-entropy (docs/maths.md §3)."""
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
@@ -50,7 +50,7 @@ class CEOptions:
 
 @dataclass(frozen=True)
 class PairOptions:
-    """Options of the fused two-view op: CE on each view (optional) + a divergence between them (SPEC §5)."""
+    """Options of the fused two-view op: CE on each view (optional) + a divergence between them (docs/maths.md §5)."""
 
     divergence: str = "sce"
     temperature: float = 1.0

@@ -1,4 +1,4 @@
-"""The two views of a text window and how their rows pair (SPEC §4).
+"""The two views of a text window and how their rows pair (docs/maths.md §4).
 
 From one window ``x`` of ``l_train + l_extra`` tokens:
 
@@ -26,7 +26,7 @@ class LongShortLoss(NamedTuple):
 
 
 def sample_l_extra(l_train: int, generator: Optional[torch.Generator] = None) -> int:
-    """Draw ``l_extra ~ Uniform{1, ..., floor(l_train / 2)}`` (the paper's range; SPEC §4)."""
+    """Draw ``l_extra ~ Uniform{1, ..., floor(l_train / 2)}`` (the paper's range; docs/maths.md §4)."""
     if isinstance(l_train, bool) or not isinstance(l_train, int):
         raise TypeError(f"l_train must be an int, got {type(l_train).__name__}")
     if l_train < 2:

@@ -3,7 +3,7 @@
 Nothing here is fused or clever: logits ``z = x W^T + b`` are formed in the input dtype (as torch
 would), promoted to fp32, softcapped, and fed to ``log_softmax``. Gradients come from autograd.
 To get an fp32 "truth" for low-precision inputs, call these with ``.double()`` or ``.float()``
-copies of the inputs (SPEC §7, CCE's rule).
+copies of the inputs (docs/maths.md §7, CCE's rule).
 
 Signatures match the public functions in :mod:`lsa_kernels.functional` (``backend`` is accepted and
 ignored), so a test can swap one for the other.
@@ -49,7 +49,7 @@ def cross_entropy_from_logits(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """Per-row loss ``[N]`` of SPEC §3 (0 on ignored rows)."""
+    """Per-row loss ``[N]`` of docs/maths.md §3 (0 on ignored rows)."""
     valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target))
     lse = torch.logsumexp(z, dim=-1)
@@ -65,7 +65,7 @@ def cross_entropy_from_logits(
 def divergence_from_logits(
     a: torch.Tensor, b: torch.Tensor, divergence: str = "sce", temperature: float = 1.0
 ) -> torch.Tensor:
-    """Per-row divergence ``D(softmax(a/τ), softmax(b/τ))`` of SPEC §5, shape ``a.shape[:-1]``."""
+    """Per-row divergence ``D(softmax(a/τ), softmax(b/τ))`` of docs/maths.md §5, shape ``a.shape[:-1]``."""
     la = torch.log_softmax(a / temperature, dim=-1)
     lb = torch.log_softmax(b / temperature, dim=-1)
     p, q = la.exp(), lb.exp()
@@ -105,7 +105,7 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     backend: str = "reference",
 ) -> torch.Tensor:
-    """Reference for :func:`lsa_kernels.linear_cross_entropy` (SPEC §3)."""
+    """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3)."""
     _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap)
     x = input.reshape(-1, input.shape[-1])
     y = target.reshape(-1)
@@ -133,7 +133,7 @@ def linear_divergence(
     softcap: Optional[float] = None,
     backend: str = "reference",
 ) -> torch.Tensor:
-    """Reference for :func:`lsa_kernels.linear_divergence` (SPEC §5)."""
+    """Reference for :func:`lsa_kernels.linear_divergence` (docs/maths.md §5)."""
     _checks.check_divergence(
         input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
     )
@@ -174,7 +174,7 @@ def long_short_loss(
     z_loss: float = 0.0,
     backend: str = "reference",
 ) -> LongShortLoss:
-    """Reference for :func:`lsa_kernels.long_short_loss` (SPEC §4): CE of both views + α·divergence."""
+    """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence."""
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,

@@ -17,7 +17,7 @@ A pair forward (CPU chunk or Triton tile loop) reduces each row pair to eight fp
 
 Why ``expm1``: ``KL(p||q) = E_p[u] - (lse_a - lse_b)`` is a small difference of large numbers when
 p ≈ q. ``lse_b - lse_a = log E_p[e^{-u}] = log1p(E_p[expm1(-u)])`` is formed from per-element
-differences instead, so the KL of two close distributions keeps its relative precision (SPEC §5).
+differences instead, so the KL of two close distributions keeps its relative precision (docs/maths.md §5).
 sym_kl is the sum of the two KLs formed that way, never ``E_p[u] - E_q[u]`` (which cancels when p ≈ q).
 
 The expm1 form is for close distributions. Backends clamp the argument of expm1 at ``EXPM1_CLAMP``

@@ -54,7 +54,7 @@ def grads(out, inputs):
 
 
 def assert_close_rule(ours, torch_same, truth, *, rtol=0.0, atol=1e-5, name=""):
-    """CCE's rule (SPEC §7): per element ``|ours - truth| <= |torch_same - truth| + tol``."""
+    """CCE's rule (docs/maths.md §7): per element ``|ours - truth| <= |torch_same - truth| + tol``."""
     ours, torch_same, truth = ours.double(), torch_same.double(), truth.double()
     err = (ours - truth).abs()
     allowed = (torch_same - truth).abs() + atol + rtol * truth.abs()

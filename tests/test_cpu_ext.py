@@ -306,7 +306,7 @@ def test_linear_divergence_vs_reference(path, divergence, reduction, detach):
 
 @pytest.mark.parametrize("divergence", ["sce", "kl", "js"])
 def test_bf16_rule(path, divergence):
-    """bf16 inputs: |ours - fp32 truth| <= |torch bf16 reference - fp32 truth| + tol (SPEC §7)."""
+    """bf16 inputs: |ours - fp32 truth| <= |torch bf16 reference - fp32 truth| + tol (docs/maths.md §7)."""
     hl, hs, w, b, yl, ys = _views(bias=True)
     dt = torch.bfloat16
     hl, hs, w, b = (t.to(dt).float() for t in (hl, hs, w, b))

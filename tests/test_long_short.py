@@ -169,7 +169,7 @@ def test_identities_between_divergences():
 
 
 def test_kl_of_close_distributions_keeps_relative_precision():
-    """SPEC §5: KL between nearly equal distributions is a small difference of large numbers."""
+    """docs/maths.md §5: KL between nearly equal distributions is a small difference of large numbers."""
     g = torch.Generator().manual_seed(10)
     H2, V2 = 32, 4000
     x = torch.randn(8, H2, generator=g, dtype=torch.float64)

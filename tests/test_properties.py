@@ -6,7 +6,7 @@ What each example draws:
   interpreter, has its own tests with fewer examples), and a chunk budget that is either the default or
   small enough (``chunk_bytes`` of 1..24 rows of fp32 logits) that the rows run in several chunks;
 * fp32 or bf16 inputs. fp32 is judged against the fp64 truth with a tolerance relative to the largest true
-  value; bf16 by CCE's rule (SPEC §7): per element ``|ours − truth| ≤ |torch's bf16 reference − truth|``
+  value; bf16 by CCE's rule (docs/maths.md §7): per element ``|ours − truth| ≤ |torch's bf16 reference − truth|``
   plus one bf16 rounding of the output (``2^-8·|truth|``) and ``1e-3·max|truth|``;
 * every divergence is its own test case (a pytest parameter), so each gets the same number of examples.
 

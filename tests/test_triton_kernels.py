@@ -2,7 +2,7 @@
 
 Every test calls the four contract functions directly. Truth: lsa_kernels.reference on float64 copies of
 the (already rounded) inputs, gradients by autograd of ``Σ coef·per_row``. fp32 inputs: allclose.
-bf16 inputs: CCE's rule per element, |ours − truth| ≤ |torch bf16 reference − truth| + tol (SPEC §7).
+bf16 inputs: CCE's rule per element, |ours − truth| ≤ |torch bf16 reference − truth| + tol (docs/maths.md §7).
 Shapes are odd (37 × 61 × 1003: no block multiple) and small: the interpreter pays per tile step.
 """
 

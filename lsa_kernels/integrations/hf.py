@@ -269,7 +269,7 @@ def long_short_step(
     ignore_index: int = -100,
     **loss_kw,
 ) -> LongShortLoss:
-    """The long-short loss of SPEC §4 for token windows ``[B, l_train + l_extra + 1]``.
+    """The long-short loss of docs/maths.md §4 for token windows ``[B, l_train + l_extra + 1]``.
 
     The views are ``long = window[:, :l_train + 1]`` and ``short = window[:, l_extra:]`` (the extra
     token gives the last row its target); each view's inputs are ``view[:, :-1]`` and its targets

@@ -2,7 +2,7 @@
 
 Each optimisation step draws ``l_extra ~ U{1 .. l_train // 2}``; the collator cuts windows of
 ``l_train + l_extra + 1`` tokens from the examples (token blocks of at least ``l_train + l_train // 2 + 1``
-tokens, e.g. from :func:`window_dataset`), and the trainer's loss is the long-short loss of SPEC §4 on them::
+tokens, e.g. from :func:`window_dataset`), and the trainer's loss is the long-short loss of docs/maths.md §4 on them::
 
     long  = window[:, :l_train + 1]        short = window[:, l_extra:]
     loss  = ce(long and short views) + alpha * misalign(h_long[:, l_extra + i] <-> h_short[:, i])

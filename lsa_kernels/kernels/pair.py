@@ -1,4 +1,4 @@
-"""Fused two-view loss: CE(p), CE(q) and the divergence D(p, q) in one pass over V (SPEC §3, §5).
+"""Fused two-view loss: CE(p), CE(q) and the divergence D(p, q) in one pass over V (docs/maths.md §3, §5).
 
 Views: z_p = softcap(x_p Wᵀ + b), z_q = softcap(x_q Wᵀ + b); each W chunk is loaded ONCE per tile step
 and used by both views' dots. Divergence logits a = z_p/τ, b = z_q/τ; p = softmax(a), q = softmax(b),

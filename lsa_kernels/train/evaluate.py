@@ -20,7 +20,7 @@ for a model extended by ``F``) is an error, never silently truncated.
   its last ``short`` tokens of context), and whose full-context loss is below ``--longppl-max-loss`` (2.0).
   They are chosen once, so every run is judged on the same tokens: LongPPL of a run at length ``L`` =
   exp(mean loss over the key tokens with context ``L``); null when there is no key token.
-* LSM (SPEC §6), per divergence (``--lsm-divergence``, default ``sce sym_kl``): for ``lsm_samples`` held-out
+* LSM (docs/maths.md §6), per divergence (``--lsm-divergence``, default ``sce sym_kl``): for ``lsm_samples`` held-out
   windows and lengths ``l1, l2 ~ U[l_train/2, l_train]`` (``l_train`` = the run's training length), the
   mean divergence between the next-token distributions at the last position of ``x[-l1:]`` and ``x[-l2:]``.
   The same (window, l1, l2) samples serve every divergence and every run with the same ``l_train``.

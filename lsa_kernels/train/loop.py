@@ -8,7 +8,7 @@
 
 Each step draws ``l_extra ~ U{1..l_train/2}`` and a batch of windows of ``l_train + l_extra + 1``
 tokens; the model sees both views (long = first ``l_train`` tokens, short = last ``l_train``) in one
-batched forward and the fused loss gives ``ce + alpha * misalign`` (SPEC §4). ``alpha = 0`` takes the
+batched forward and the fused loss gives ``ce + alpha * misalign`` (docs/maths.md §4). ``alpha = 0`` takes the
 plain CE path: the long view only (``--ce-views 2``: CE on both views, the same tokens as the
 regularised run). Every run with the same seed sees the same windows in the same order, whatever its
 alpha. The model is a small Llama built from a config (sized for a CPU), or any transformers causal LM
@@ -57,7 +57,7 @@ class TrainConfig:
     # data: "" = the shipped Shakespeare corpus / tokenizer
     tokenizer: str = ""
     train_files: List[str] = field(default_factory=list)
-    # objective (SPEC §4)
+    # objective (docs/maths.md §4)
     l_train: int = 128
     alpha: float = 0.1
     divergence: str = "sce"

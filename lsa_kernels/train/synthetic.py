@@ -1,6 +1,6 @@
 """Synthetic length-generalisation study of the paper's §3 (Du et al., ICML 2025, arXiv 2506.11769).
 
-What it reproduces (SPEC §8): sequences of i.i.d. fair bits, training lengths uniform in [1, 10],
+What it reproduces (docs/maths.md §8): sequences of i.i.d. fair bits, training lengths uniform in [1, 10],
 tests at every length 1..50.
 
 Tasks (``--tasks``):
@@ -39,7 +39,7 @@ task's own target space (mean, n, sqrt n, log n or 1/sqrt n):
 
     misalign = E[(g(x) - g(x[-l2:]))**2] / Var_train(target)
 
-where l1, l2 are two i.i.d. draws from U{5..10} ordered so that l1 >= l2 (the SPEC §6 recipe: lengths in
+where l1, l2 are two i.i.d. draws from U{5..10} ordered so that l1 >= l2 (the docs/maths.md §6 recipe: lengths in
 [l_train/2, l_train], i.e. measured *inside* the training range), and Var_train(target) is the variance of
 the task's target under the training distribution, so the number is scale-free and comparable across
 tasks: it is the fraction of the output's natural spread that moves when context is cut. For the mean task
