@@ -1,4 +1,4 @@
-"""An independent oracle for the two views of a window and how their rows pair (SPEC §4).
+"""An independent oracle for the two views of a window and how their rows pair (docs/maths.md §4).
 
 Written from token windows, without lsa_kernels.pairing, lsa_kernels.stats or lsa_kernels.reference:
 
@@ -116,7 +116,7 @@ def _capped(z, softcap):
 
 
 def _row_ce(z, y, eps, zl):
-    """CE of one row of logits (SPEC §3): (1-ε)(lse - z_y) + ε(lse - mean z) + λ lse²."""
+    """CE of one row of logits (docs/maths.md §3): (1-ε)(lse - z_y) + ε(lse - mean z) + λ lse²."""
     lse = torch.logsumexp(z, 0)
     return (1 - eps) * (lse - z[y]) + eps * (lse - z.mean()) + zl * lse * lse
 
@@ -304,6 +304,8 @@ def test_pair_mask_against_the_window_oracle():
             else:
                 got = pair_mask(yl2, ys2, L_EXTRA, positions, ign)
             assert torch.equal(got, want), (ign, positions)
+            built = "".join(list(positions))  # an equal string that is not the interned literal
+            assert torch.equal(pair_mask(yl2, ys2, L_EXTRA, built, ign), want), (ign, positions)
 
 
 def test_make_views_refuses_exactly_what_does_not_fit():
@@ -320,6 +322,8 @@ def test_make_views_refuses_exactly_what_does_not_fit():
             else:
                 with pytest.raises(ValueError, match=f"l_extra={l_extra} does not fit a window of {n} tokens"):
                     make_views(win, l_extra)
+                with pytest.raises(ValueError, match=f"a window of {n} tokens"):  # [B, n]: not the batch size
+                    make_views(win.expand(3, n), l_extra)
 
 
 def test_sample_l_extra_edges():
