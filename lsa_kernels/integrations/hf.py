@@ -216,17 +216,10 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opt
 
 
 def head_operands(head: OutputHead, h: torch.Tensor):
-    """``(h', W, b')`` for the fused ops: the scale folded in (:meth:`OutputHead.prepare`) and, inside
-    ``torch.autocast``, all three cast to the autocast dtype as ``F.linear`` would (the fused ops still keep
-    their statistics, losses and dW accumulation in fp32). Outside autocast ``h`` and ``W`` must share a dtype."""
+    """``(h', W, b')`` for the fused ops, the scale folded in (:meth:`OutputHead.prepare`). Under
+    ``torch.autocast`` the fused ops themselves cast all three to the autocast dtype, as ``F.linear`` does."""
     h, b = head.prepare(h)
-    w = head.weight
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        h, w = h.to(dt), w.to(dt)
-        b = None if b is None else b.to(dt)
-    return h, w, b
+    return h, head.weight, b
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
