@@ -48,7 +48,10 @@
 namespace lsa {
 namespace {
 
+// Divergence ids and statistic columns: lsa_kernels/maths.py (Divergence, Stat) is the definition;
+// tests/test_maths_defs.py pins these two enums to it.
 enum Div : int64_t { SCE = 0, KL = 1, KL_REVERSE = 2, SYM_KL = 3, JS = 4 };
+enum Stat : int { LSE_P = 0, LSE_Q = 1, LSET_P = 2, LSET_Q = 3, ST_X = 4, ST_Y = 5, ST_X2 = 6, ST_Y2 = 7, N_STATS = 8 };
 
 struct CEParams {
   int64_t ignore_index;
@@ -205,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> ce_chunk(at::Tensor z, const at::Tensor& y, c
 
 // ----------------------------------------------------------------------------------------- pairs
 
-constexpr int64_t kStats = 8;  // lsa_kernels.options.N_PAIR_STATS
+constexpr int64_t kStats = N_STATS;  // lsa_kernels.maths.N_PAIR_STATS
 
 struct PairRow {
   int64_t yp, yq;       // targets (ignore_index when no CE)
@@ -261,8 +264,8 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
   if (R.st_in) {
     sweep_cap<SC>(za, V, ce.cap);
     sweep_cap<SC>(zb, V, ce.cap);
-    lse_p = R.st_in[0], lse_q = R.st_in[1], lta = R.st_in[2], ltb = R.st_in[3], X = R.st_in[4], Y = R.st_in[5];
-    X2 = R.st_in[6], Y2 = R.st_in[7];
+    lse_p = R.st_in[LSE_P], lse_q = R.st_in[LSE_Q], lta = R.st_in[LSET_P], ltb = R.st_in[LSET_Q];
+    X = R.st_in[ST_X], Y = R.st_in[ST_Y], X2 = R.st_in[ST_X2], Y2 = R.st_in[ST_Y2];
     *R.ce_p = 0.0f;
     *R.ce_q = 0.0f;
   } else {
@@ -345,8 +348,8 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
     }
   }
   float* st = R.st;
-  st[0] = lse_p, st[1] = lse_q, st[2] = lta, st[3] = ltb, st[4] = X, st[5] = Y;
-  st[6] = X2, st[7] = Y2;
+  st[LSE_P] = lse_p, st[LSE_Q] = lse_q, st[LSET_P] = lta, st[LSET_Q] = ltb;
+  st[ST_X] = X, st[ST_Y] = Y, st[ST_X2] = X2, st[ST_Y2] = Y2;
   if (!R.has_coef) return;
 
   // gradient sweep: za <- dz_p, zb <- dz_q

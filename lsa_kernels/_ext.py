@@ -18,9 +18,11 @@ import warnings
 
 import torch
 
+from .maths import Divergence
+
 MISSING_MESSAGE = "lsa_kernels._C not built; using the chunked ATen path"
 
-DIVERGENCE_CODES = {"sce": 0, "kl": 1, "kl_reverse": 2, "sym_kl": 3, "js": 4}
+DIVERGENCE_CODES = {d.label: int(d) for d in Divergence}  # the C++ enum Div (pinned by tests/test_maths_defs.py)
 
 _module = None
 _load_error: Exception | None = None

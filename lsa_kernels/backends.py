@@ -29,7 +29,7 @@ to global memory (triton).
 
     pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions) -> (ce_p [N], ce_q [N], div [N], stats [N, 8])
         ce_* as above when opts.with_ce (zeros otherwise; yp/yq may then be None);
-        div and stats as documented in lsa_kernels.stats (divergence on every row; callers mask).
+        div and stats as documented in lsa_kernels.maths (divergence on every row; callers mask).
 
     pair_backward(xp, xq, w, b, yp, yq, stats, coef_ce_p, coef_ce_q, coef_div, opts,
                   dxp_out, dxq_out, dw_out, db_out) -> None

@@ -2,7 +2,7 @@
 
 Rows are processed in chunks of ``C`` rows. For each chunk the logits ``z = softcap(x_c W^T + b)``
 (fp32, ``[C, V]``) are formed with one GEMM, reduced to per-row statistics (docs/maths.md §3, §5 and
-:mod:`lsa_kernels.stats`), and — when the gradient coefficients are known — turned in place into
+:mod:`lsa_kernels.maths`), and — when the gradient coefficients are known — turned in place into
 ``dz`` and fed to two more GEMMs: ``dx_c = dz W`` and ``dW += dzᵀ x_c`` (``addmm_`` into one fp32
 buffer, no V×H temporaries). Everything between the GEMMs runs in the compiled extension
 ``lsa_kernels._C`` when it is built (csrc/), else in the ATen code below.
@@ -37,7 +37,7 @@ from .options import (
     PairOptions,
 )
 from . import _ext
-from .stats import EXPM1_CLAMP, divergence_from_stats
+from .maths import EXPM1_CLAMP, ce_row_loss, divergence_from_stats
 
 Tensor = torch.Tensor
 
@@ -135,13 +135,8 @@ def _ce_rows(z: Tensor, y: Tensor, opts: CEOptions) -> Tuple[Tensor, Tensor, Ten
     ys = _safe_targets(y, z.shape[1], opts.ignore_index)
     lse = torch.logsumexp(z, dim=1)
     zy = z.gather(1, ys.clamp(min=0).unsqueeze(1)).squeeze(1)
-    eps = opts.label_smoothing
-    loss = (1.0 - eps) * (lse - zy)
-    if eps > 0:
-        loss = loss + eps * (lse - z.mean(dim=1))
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse * lse
-    return torch.where(valid, loss, torch.zeros_like(loss)), lse, ys
+    zmean = z.mean(dim=1) if opts.label_smoothing > 0 else None
+    return ce_row_loss(lse, zy, zmean, valid, opts.label_smoothing, opts.z_loss), lse, ys
 
 
 def _ce_grad_(p: Tensor, lse: Tensor, ys: Tensor, coef: Tensor, opts: CEOptions) -> Tensor:
@@ -313,7 +308,7 @@ def _pair_chunk(
     X, Y = stats[:, STAT_X].unsqueeze(1), stats[:, STAT_Y].unsqueeze(1)
     cd = (coef_div / tau).unsqueeze(1)
 
-    # dD/da into gp, dD/db into gq (stats.py table), scaled by coef_div/τ
+    # dD/da into gp, dD/db into gq (maths.py table), scaled by coef_div/τ
     gp = gq = None
     if opts.grad_p:
         if div == "sce":

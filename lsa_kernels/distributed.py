@@ -56,7 +56,7 @@ from .options import (
     CEOptions,
     PairOptions,
 )
-from .stats import divergence_from_stats
+from .maths import ce_row_loss, divergence_from_stats
 
 Tensor = torch.Tensor
 
@@ -171,13 +171,7 @@ class VocabParallel:
 
     @staticmethod
     def _ce_from(lse: Tensor, zy: Tensor, zsum: Tensor, y: Tensor, opts: CEOptions, V: int) -> Tensor:
-        eps = opts.label_smoothing
-        loss = (1.0 - eps) * (lse - zy)
-        if eps > 0:
-            loss = loss + eps * (lse - zsum / V)
-        if opts.z_loss > 0:
-            loss = loss + opts.z_loss * lse * lse
-        return torch.where(y != opts.ignore_index, loss, torch.zeros_like(loss))
+        return ce_row_loss(lse, zy, zsum / V, y != opts.ignore_index, opts.label_smoothing, opts.z_loss)
 
     # ------------------------------------------------------------------------------------- CE
     def ce_forward(self, x, w, b, y, opts: CEOptions):

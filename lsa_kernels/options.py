@@ -10,21 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from .maths import DIVERGENCES, N_PAIR_STATS, Stat  # noqa: F401  (re-exported: the one definition is in maths.py)
+
 REDUCTIONS = ("mean", "sum", "none")
-DIVERGENCES = ("sce", "sym_kl", "kl", "kl_reverse", "js")
 BACKENDS = ("auto", "triton", "cpu", "reference")
 POSITIONS = ("overlap", "last")
 
-# Per-row statistics a pair forward hands to its backward (columns of a [N, 8] fp32 tensor).
-#   LSE_P, LSE_Q   : lse of the (softcapped) logits of each view, used by CE
-#   LSET_P, LSET_Q : lse of logits / temperature, used by the divergence
-#   X, Y           : divergence expectations, meaning depends on the divergence:
-#       sce                 X = E_p[b],      Y = E_q[a]
-#       kl/kl_reverse/sym_kl X = E_p[a - b],  Y = E_q[a - b]
-#       js                  X = KL(p || m),  Y = KL(q || m)
-#   X2, Y2         : only sym_kl: E_p[expm1(-u)], E_q[expm1(u)] (see lsa_kernels.stats); 0 otherwise
-STAT_LSE_P, STAT_LSE_Q, STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_Y, STAT_X2, STAT_Y2 = range(8)
-N_PAIR_STATS = 8
+# Column indices of the per-row statistics (their meaning: lsa_kernels.maths).
+STAT_LSE_P, STAT_LSE_Q, STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_Y, STAT_X2, STAT_Y2 = (int(c) for c in Stat)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """An independent oracle for the two views of a window and how their rows pair (docs/maths.md §4).
 
-Written from token windows, without lsa_kernels.pairing, lsa_kernels.stats or lsa_kernels.reference:
+Written from token windows, without lsa_kernels.pairing, lsa_kernels.maths or lsa_kernels.reference:
 
 * a window ``win [B, T + l_extra + 1]`` of token ids gives the long view (window positions ``0 .. T-1``)
   and the short view (positions ``l_extra .. l_extra + T - 1``); the row at window position ``s`` predicts

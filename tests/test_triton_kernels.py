@@ -400,7 +400,7 @@ def test_pair_none_buffers():
 
 @pytest.mark.parametrize("divergence", ["kl", "kl_reverse", "sym_kl"])
 def test_pair_far_distributions_finite(divergence):
-    """Logits ~±100 apart: expm1 arguments are clamped (stats.EXPM1_CLAMP), no 0·inf, D still right."""
+    """Logits ~±100 apart: expm1 arguments are clamped (maths.EXPM1_CLAMP), no 0·inf, D still right."""
     g = torch.Generator().manual_seed(16)
     xp, xq = torch.randn(8, 32, generator=g) * 6, torch.randn(8, 32, generator=g) * 6
     w = torch.randn(300, 32, generator=g)

@@ -8,10 +8,10 @@ Forward, phase 1 (online over V tiles, every running sum rescaled by exp(m_old �
 
     CE stats     m_z, s_z = Σ e^{z−m_z}, z_y, Σ_v z        → lse(z), ℓ as in ce.py       (each view)
     lse of a, b  m_a, s_a, m_b, s_b                          (shared with the CE stats when τ == 1)
-    divergence   X, Y of lsa_kernels.stats, from weighted sums:
+    divergence   X, Y of lsa_kernels.maths, from weighted sums:
         sce         X = Σ e^{a−m_a}·b / s_a         Y = Σ e^{b−m_b}·a / s_b
         kl          X = Σ e^{a−m_a}·u / s_a         Y = Σ e^{a−m_a}·expm1(−u) / s_a
-                    (every expm1 argument clamped at stats.EXPM1_CLAMP = 80: no 0·inf)
+                    (every expm1 argument clamped at maths.EXPM1_CLAMP = 80: no 0·inf)
         kl_reverse  X = Σ e^{b−m_b}·expm1(u) / s_b  Y = Σ e^{b−m_b}·u / s_b
         sym_kl      X = Σ e^{a−m_a}·u / s_a         Y = Σ e^{b−m_b}·u / s_b
                     X2 = Σ e^{a−m_a}·expm1(−u) / s_a  Y2 = Σ e^{b−m_b}·expm1(u) / s_b
@@ -21,11 +21,11 @@ Forward, phase 1 (online over V tiles, every running sum rescaled by exp(m_old �
         (``pair_js_partial`` runs phase 2 alone for given lse_a, lse_b: with a vocab shard's W and the
         whole vocabulary's normalisers it gives that shard's share of X and Y; lsa_kernels.distributed)
 
-The per-row value D is :func:`lsa_kernels.stats.divergence_from_stats` of the [N, 8] stats.
+The per-row value D is :func:`lsa_kernels.maths.divergence_from_stats` of the [N, 8] stats.
 Grid: (row blocks, V splits); splits write partial statistics to an [S, N, k] fp32 scratch merged by
 a few torch ops (no host sync, no rows×V tensor).
 
-Backward (recompute both tiles; per unit of a and b, from lsa_kernels.stats):
+Backward (recompute both tiles; per unit of a and b, from lsa_kernels.maths):
 
     sce          dD/da = p − q − p⊙(b − X)       dD/db = q − p − q⊙(a − Y)
     kl           dD/da = p⊙(u − X)               dD/db = q − p
@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ..options import N_PAIR_STATS, STAT_X2, STAT_Y2, PairOptions
-from ..stats import EXPM1_CLAMP, divergence_from_stats
+from ..maths import EXPM1_CLAMP, Divergence, divergence_from_stats
 from ._common import (
     ce_grad_,
     dot_operand_,
@@ -71,10 +71,10 @@ from ._common import (
 )
 from .ce import _merge_lse
 
-# expm1 arguments are clamped (lsa_kernels.stats: e^80 is finite in fp32; rows where it could bite take
+# expm1 arguments are clamped (lsa_kernels.maths: e^80 is finite in fp32; rows where it could bite take
 # the lse difference in divergence_from_stats instead)
 _CLAMP = tl.constexpr(EXPM1_CLAMP)
-DIVERGENCE_IDS = {"sce": 0, "kl": 1, "kl_reverse": 2, "sym_kl": 3, "js": 4}
+DIVERGENCE_IDS = {d.label: int(d) for d in Divergence}
 N_P1 = 16  # phase-1 partials: m_p s_p zy_p sz_p m_q s_q zy_q sz_q m_a s_a m_b s_b accX accY accX2 accY2
 
 
@@ -248,7 +248,7 @@ def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> torch.Tensor:
 
 @on_tensor_device
 def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
-    """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.stats)."""
+    """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.maths)."""
     N = xp.shape[0]
     V = w.shape[0]
     dev = xp.device
