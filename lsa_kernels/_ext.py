@@ -13,11 +13,11 @@ opaque ops.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 
+from . import _env
 from .maths import Divergence
 
 MISSING_MESSAGE = "lsa_kernels._C not built; using the chunked ATen path"
@@ -28,7 +28,7 @@ _module = None
 _load_error: Exception | None = None
 _tried = False
 _warned = False
-_disabled = os.environ.get("LSA_DISABLE_EXT", "0") not in ("", "0")
+_disabled = _env.ext_disabled_by_env()
 
 
 def _register_fakes() -> None:

@@ -50,7 +50,6 @@ coefficients in advance (reduction mean/sum), which saves one GEMM per view on t
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 
@@ -70,6 +69,4 @@ def get(name) -> ModuleType:
     raise ValueError(f"no compute backend named {name!r}")
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from ._env import interpreting  # noqa: E402,F401  (re-exported)

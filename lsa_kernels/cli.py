@@ -12,6 +12,8 @@ import subprocess
 import sys
 from typing import List, Optional
 
+from . import _env
+
 COMMANDS = {
     "train": ("lsa_kernels.train.loop", "train_main", "fine-tune a causal LM with the long-short loss"),
     "eval": ("lsa_kernels.train.evaluate", "eval_main", "perplexity vs length and the LSM metric"),
@@ -38,7 +40,7 @@ def _info() -> int:
     try:
         import triton
 
-        print(f"triton {triton.__version__}  (interpreter: {os.environ.get('TRITON_INTERPRET') == '1'})")
+        print(f"triton {triton.__version__}  (interpreter: {_env.interpreting()})")
     except Exception as exc:  # pragma: no cover
         print(f"triton unavailable: {exc}")
     try:

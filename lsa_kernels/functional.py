@@ -21,12 +21,11 @@ compute capability 8.0 are refused by the Triton backend (``UnsupportedDevice``,
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 
-from . import _checks, reference
+from . import _checks, _env, reference
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss, pair_mask
 
@@ -45,7 +44,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
             return "reference"
         backend = "triton"
     if backend == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not _env.interpreting():
             raise ValueError(
                 "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
                 f"got tensors on {device}. Use backend='cpu' or 'auto'."

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import interpreting
+from .._env import interpreting
 
 LN2 = math.log(2.0)
 

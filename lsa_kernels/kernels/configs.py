@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
+from .. import _env
 from ._common import LaunchConfig, gpu_config
 
 _FLOAT_SCALARS = {"cap", "inv_cap", "inv_temp", "one_minus_eps", "eps_over_v", "two_zloss"}
@@ -368,7 +369,7 @@ def ptxas_path(arch: int = 90) -> str | None:
 
 def compile_report(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
     """Compile one config for sm_<arch> and return shared memory, ptxas registers / spills, offsets check."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _env.interpreting():
         raise RuntimeError("compile with TRITON_INTERPRET unset")
     import triton
     from triton.backends.compiler import GPUTarget
