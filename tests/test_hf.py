@@ -139,3 +139,56 @@ def test_attn_implementation_on_cpu():
     assert hf.attn_implementation("cpu") == "sdpa"
     assert _model("llama").config._attn_implementation == "sdpa"
     assert _model("gemma2").config._attn_implementation in ("sdpa", "eager")
+
+
+@pytest.mark.parametrize("positions", ["overlap", "last"])
+@pytest.mark.parametrize("divergence", ["sce", "kl", "js"])
+def test_long_short_step_with_ignored_labels(positions, divergence):
+    """``labels`` with ignored positions (padding at the end of one window, a masked prompt, holes): the
+    expected loss is written out here from the model's logits, row by row, without lsa_kernels.pairing."""
+    m = _model("llama")
+    l_train, l_extra, B = 20, 6, 3
+    W = l_train + l_extra + 1
+    torch.manual_seed(3)
+    window = torch.randint(0, V, (B, W))
+    labels = window.clone()
+    labels[0, -4:] = -100        # padded tail: the last pairs of sequence 0 are invalid ("last" must skip them)
+    labels[1, :9] = -100         # a masked prompt: long-only rows and the first pairs are invalid
+    labels[2, [8, 13, 14]] = -100  # holes inside the overlap
+    got = hf.long_short_step(m, window, l_extra, alpha=0.7, divergence=divergence, positions=positions, labels=labels)
+    got.loss.backward()
+    g_got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+
+    zl = m(input_ids=window[:, :l_train]).logits.float()           # long rows t predict window[t + 1]
+    zs = m(input_ids=window[:, l_extra:W - 1]).logits.float()      # short rows i predict window[l_extra + i + 1]
+    ce_terms, pairs = [], []
+    for s in range(B):
+        for t in range(l_train):
+            if labels[s, t + 1] != -100:
+                ce_terms.append(torch.nn.functional.cross_entropy(zl[s, t], labels[s, t + 1]))
+            if labels[s, l_extra + t + 1] != -100:
+                ce_terms.append(torch.nn.functional.cross_entropy(zs[s, t], labels[s, l_extra + t + 1]))
+        valid = [i for i in range(l_train - l_extra) if labels[s, l_extra + i + 1] != -100]
+        if positions == "last":
+            valid = valid[-1:]
+        pairs += [(s, i) for i in valid]
+    ce = torch.stack(ce_terms).mean()
+    mis = torch.stack([
+        reference.divergence_from_logits(zl[s, l_extra + i][None], zs[s, i][None], divergence)[0] for s, i in pairs
+    ]).mean()
+    want = ce + 0.7 * mis
+    want.backward()
+    assert len(pairs) < B * (l_train - l_extra) and len(ce_terms) < 2 * B * l_train
+    for a, b in ((got.loss, want), (got.ce, ce), (got.misalign, mis)):
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-5), (a.item(), b.item())
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(g_got[n], p.grad, atol=1e-5, rtol=1e-4), n
+    m.zero_grad(set_to_none=True)
+
+
+def test_long_short_step_labels_shape_is_checked():
+    window = torch.randint(0, V, (2, 20))
+    with pytest.raises(ValueError, match="labels must have the window's shape"):
+        hf.long_short_step(_model("llama"), window, 4, labels=window[:, :-1])

@@ -260,24 +260,34 @@ def long_short_step(
     divergence: str = "sce",
     backend: str = "auto",
     ignore_index: int = -100,
+    labels: Optional[torch.Tensor] = None,
     **loss_kw,
 ) -> LongShortLoss:
     """The long-short loss of docs/maths.md §4 for token windows ``[B, l_train + l_extra + 1]``.
 
     The views are ``long = window[:, :l_train + 1]`` and ``short = window[:, l_extra:]`` (the extra
     token gives the last row its target); each view's inputs are ``view[:, :-1]`` and its targets
-    ``view[:, 1:]``. Both views run through the decoder in ONE batched call (so DDP sees one forward),
+    ``view[:, 1:]``. ``labels`` (optional, the window's shape): the targets to use instead of the window's
+    tokens, ``ignore_index`` where a position must not count (padding, a prompt): the views take
+    ``labels`` exactly as they take ``window``, so a row counts in CE when its own target is valid and a
+    pair counts in the divergence when both targets are (docs/maths.md §4). Both views run through the decoder in ONE batched call (so DDP sees one forward),
     then :func:`lsa_kernels.functional.long_short_loss` pairs ``h_long[:, l_extra + i] <-> h_short[:, i]``.
     ``loss_kw``: ``temperature``, ``detach``, ``positions``, ``label_smoothing``, ``z_loss``, and
     ``process_group``, ``vocab_start`` for a vocab-sharded output embedding (as in :func:`causal_lm_loss`).
     """
     head = output_head(model)
     long, short = make_views(window, l_extra)
+    if labels is None:
+        lab_long, lab_short = long, short
+    else:
+        if labels.shape != window.shape:
+            raise ValueError(f"labels must have the window's shape {tuple(window.shape)}, got {tuple(labels.shape)}")
+        lab_long, lab_short = make_views(labels.to(window.device), l_extra)
     B = window.shape[0]
     x = torch.cat([long[:, :-1], short[:, :-1]], dim=0)
     h, w, b = head_operands(head, hidden_states(model, x))
     return long_short_loss(
-        h[:B], h[B:], w, long[:, 1:], short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
+        h[:B], h[B:], w, lab_long[:, 1:], lab_short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
         linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw,
     )
 
