@@ -18,7 +18,7 @@ COMMANDS = {
     "train": ("lsa_kernels.train.loop", "train_main", "fine-tune a causal LM with the long-short loss"),
     "eval": ("lsa_kernels.train.evaluate", "eval_main", "perplexity vs length and the LSM metric"),
     "demo": ("lsa_kernels.train.demo", "demo_main", "the paper's experiment in miniature: base, RoPE x4, 4-5 arms x seeds, stats (CPU, ~30 min)"),
-    "synthetic": ("lsa_kernels.train.synthetic", "main", "the paper's synthetic study (mean/length prediction)"),
+    "synthetic": ("lsa_kernels.studies.synthetic", "main", "the paper's synthetic study (mean/length prediction)"),
 }
 
 

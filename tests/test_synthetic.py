@@ -1,10 +1,11 @@
-"""Synthetic study of the paper's §3 (lsa_kernels.train.synthetic): data, inverses, and the headline finding."""
+"""Synthetic study of the paper's §3 (lsa_kernels.studies.synthetic): data, inverses, and the headline finding."""
 import math
 
 import pytest
 import torch
 
-from lsa_kernels.train import synthetic as syn
+from lsa_kernels.studies import synthetic as syn
+from lsa_kernels.studies.synthetic_model import PES, Regressors, init_params
 
 
 def test_make_batch_and_targets():
@@ -52,17 +53,17 @@ def test_train_target_stats_exact():
 
 def test_model_is_causal_and_reads_last_token():
     torch.manual_seed(0)
-    for pe in syn.PES:
-        model = syn.TinyRegressor(pe, 16, 1, 2, 11, 0.0, 1.0).eval()
+    for pe in PES:
+        model = Regressors(pe, 2, 11, [init_params(pe, 16, 1, 11)], [0.0], [1.0]).eval()
         g = torch.Generator().manual_seed(1)
         lengths = torch.tensor([3, 7, 12])  # 12 > table: learned PE clamps
         ids = syn.make_batch(g, lengths)
-        out = model(ids, lengths)
+        out = model(ids, lengths)[0]
         garbage = ids.clone()
         for i, L in enumerate(lengths.tolist()):
             garbage[i, L + 1:] = 1  # change only the padding
-        assert torch.allclose(out, model(garbage, lengths), atol=1e-6)
-        single = torch.stack([model(ids[i:i + 1, : L + 1], lengths[i:i + 1])[0] for i, L in enumerate(lengths.tolist())])
+        assert torch.allclose(out, model(garbage, lengths)[0], atol=1e-6)
+        single = torch.stack([model(ids[i:i + 1, : L + 1], lengths[i:i + 1])[0, 0] for i, L in enumerate(lengths.tolist())])
         assert torch.allclose(out, single, atol=1e-5)
 
 
@@ -82,13 +83,12 @@ def test_misalignment_suffix_is_exact():
 
 
 def test_ensemble_matches_single_model_training():
-    """Training M models as one batched Ensemble is the same computation as training each alone."""
+    """Training M models as one stacked Regressors is the same computation as training each alone."""
     cfg = syn.StudyConfig(steps=4, batch_size=8, warmup=2)
     members, ens, _ = syn.train_group(("mean", "length_log"), "rope", (3,), cfg)
-    for (task, seed), batched in zip(members, syn.unstack(ens, members, "rope", cfg)):
-        _, alone, _ = syn.train_group((task,), "rope", (seed,), cfg)
-        (single,) = syn.unstack(alone, [(task, seed)], "rope", cfg)
-        for (k, a), b in zip(batched.state_dict().items(), single.state_dict().values()):
+    for i, (task, seed) in enumerate(members):
+        _, single, _ = syn.train_group((task,), "rope", (seed,), cfg)
+        for (k, a), b in zip(ens.member(i).state_dict().items(), single.state_dict().values()):
             assert torch.allclose(a, b, atol=1e-5), k
 
 

@@ -16,10 +16,11 @@ The loss is MSE in the (re-parameterised) target space. The head's output is aff
 with the mean/std of the training target distribution (fixed buffers, computed exactly): an affine map is
 absorbed by the linear head anyway, so this changes optimisation speed only, not what can extrapolate.
 
-Model: a small *causal* pre-LN transformer (2 layers, width 32, 4 heads, GELU MLP), written in plain torch
-around ``F.scaled_dot_product_attention``. A library model (HF GPT-2 and friends) is not used because the
-model is tiny, we need three interchangeable positional schemes including NoPE, a regression head read at
-the last real token, and no extra dependency; 60 lines of torch are easier to audit than a config object.
+Model (:mod:`lsa_kernels.studies.synthetic_model`): a small *causal* pre-LN transformer (2 layers, width 32,
+4 heads, GELU MLP), written in plain torch around ``F.scaled_dot_product_attention``. A library model (HF
+GPT-2 and friends) is not used because the model is tiny, we need three interchangeable positional schemes
+including NoPE, a regression head read at the last real token, and no extra dependency; 100 lines of torch
+are easier to audit than a config object.
 Causal, because the paper reads the output at the last position of a decoder, and because with a causal
 mask right-padding never reaches the last real token, so variable-length batches need no attention mask.
 Every sequence starts with a BOS token (vocabulary {0, 1, BOS}): a causal NoPE model needs some anchor to
@@ -54,9 +55,10 @@ Errors. Per test length L: ``mse`` (in the task's natural space: mean, or the le
 ``rel_rmse = sqrt(mse) / sqrt(E[y**2])`` (for ``mean`` the denominator is ~0.5; for length tasks it is L),
 which makes mean- and length-prediction errors comparable.
 
-Library: ``run_study(config) -> dict``. CLI: ``main(argv) -> int`` (``python -m lsa_kernels.train.synthetic``).
+Library: ``run_study(config) -> dict``. CLI: ``main(argv) -> int`` (``python -m lsa_kernels.studies.synthetic``,
+``lsa synthetic``); the summary, table and plots are in :mod:`lsa_kernels.studies.synthetic_report`.
 Cost. The models are so small that per-op overhead dominates on CPU, so the tasks of one (PE, seed) train
-together as one batched ``Ensemble`` (stacked parameters, batched matmuls; mathematically the same as five
+together as one ``Regressors`` module with stacked members (batched matmuls; mathematically the same as five
 separate trainings, checked by a test). The 9 (PE, seed) jobs are spread over ``--workers`` processes with
 one torch thread each. Results do not depend on the number of workers. Default: 45 models, 500 steps of
 batch 64: about 400 CPU-seconds, i.e. roughly 3-4 minutes on 2 idle cores (estimated from CPU time;
@@ -66,22 +68,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .synthetic_model import BOS, PES, Regressors, init_params
+
 TASKS = ("mean", "length", "length_sqrt", "length_log", "length_invsqrt")
-PES = ("nope", "rope", "learned")
-BOS = 2
-VOCAB = 3
 LONG_RANGE = (30, 50)  # lengths over which "long-length error" is averaged
 
 
@@ -183,89 +183,15 @@ def sample_train_lengths(gen: torch.Generator, batch: int, lo: int, hi: int) -> 
     return torch.randint(lo, hi + 1, (batch,), generator=gen)
 
 
-# ----------------------------------------------------------------------------------------------- model
-def _rope_cache(T: int, dim: int, base: float = 10000.0):
-    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None, :]
-    return ang.cos(), ang.sin()  # [T, dim/2]
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2)
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, h: int):
-        super().__init__()
-        self.h = h
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyRegressor(nn.Module):
-    """Causal transformer over {0, 1, BOS}; scalar output read at the last real token."""
-
-    def __init__(self, pe: str, d: int, n_layers: int, n_heads: int, n_pos: int, y_mean: float, y_std: float):
-        super().__init__()
-        if pe not in PES:
-            raise ValueError(f"unknown pe {pe!r}")
-        self.pe, self.n_pos, self.hd = pe, n_pos, d // n_heads
-        self.emb = nn.Embedding(VOCAB, d)
-        self.pos = nn.Embedding(n_pos, d) if pe == "learned" else None
-        self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 1)
-        self.register_buffer("y_mean", torch.tensor(float(y_mean)))
-        self.register_buffer("y_std", torch.tensor(float(y_std)))
-
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] with BOS at 0; lengths [B] = number of bits. Returns prediction [B] (target space)."""
-        B, T = ids.shape
-        x = self.emb(ids)
-        rope = None
-        if self.pe == "learned":
-            # positions past the trained table are clamped to its last row (no extrapolation possible)
-            pos = torch.arange(T, device=ids.device).clamp_max(self.n_pos - 1)
-            x = x + self.pos(pos)[None]
-        elif self.pe == "rope":
-            rope = _rope_cache(T, self.hd)
-        for blk in self.blocks:
-            x = blk(x, rope)
-        x = self.ln_f(x[torch.arange(B), lengths])  # last real token sits at index `length`
-        return self.head(x).squeeze(-1) * self.y_std + self.y_mean
-
-
-# ----------------------------------------------------------------------------------------- one run
-def _predict(model: nn.Module, ids: torch.Tensor, lengths: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Predictions [M, B] (float64) for a shared batch ids [B, T]; model is an ``Ensemble`` (M members) or a
-    ``TinyRegressor`` (M = 1)."""
-    out = []
-    for i in range(0, ids.shape[0], chunk):
-        x, l = ids[i:i + chunk], lengths[i:i + chunk]
-        if isinstance(model, Ensemble):
-            M = model.y_mean.shape[0]
-            out.append(model(x.expand(M, *x.shape), l.expand(M, *l.shape)).double())
-        else:
-            out.append(model(x, l).double()[None])
-    return torch.cat(out, dim=1)
+def _predict(model: Regressors, ids: torch.Tensor, lengths: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Predictions [M, B] (float64) of every member for a shared batch ids [B, T]."""
+    return torch.cat([model(ids[i:i + chunk], lengths[i:i + chunk]).double() for i in range(0, ids.shape[0], chunk)],
+                     dim=1)
 
 
 def misalignment(model: nn.Module, lo: int, hi: int, n: int, var, seed: int) -> torch.Tensor:
-    """E[(g(x) - g(x[-l2:]))^2] / var per member ([M]), l1 >= l2 two ordered i.i.d. draws from U{lo..hi}."""
+    """E[(g(x) - g(x[-l2:]))^2] / var per member ([M]), l1 >= l2 two ordered i.i.d. draws from U{lo..hi}.
+    ``model(ids [B, T], lengths [B])`` returns [M, B] (or [B]: one member)."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randint(lo, hi + 1, (n,), generator=gen)
     b = torch.randint(lo, hi + 1, (n,), generator=gen)
@@ -278,87 +204,30 @@ def misalignment(model: nn.Module, lo: int, hi: int, n: int, var, seed: int) -> 
     bits = torch.gather(ids, 1, src.clamp_max(ids.shape[1] - 1)) * (j < l2[:, None])
     short = torch.cat([torch.full((n, 1), BOS, dtype=torch.long), bits], dim=1)
     with torch.no_grad():
-        d = _predict(model, ids, l1) - _predict(model, short, l2)
-    return (d ** 2).mean(1) / torch.as_tensor(var, dtype=torch.float64)
+        d = model(ids, l1).double() - model(short, l2).double()
+    return (d ** 2).mean(-1) / torch.as_tensor(var, dtype=torch.float64)
 
 
-class Ensemble(nn.Module):
-    """M independent ``TinyRegressor``s (same PE) evaluated as one batched graph.
-
-    Parameters are stacked along a leading model axis; linear layers are batched matmuls and attention runs
-    on the flattened (model, batch) axis. Member m's output depends only on member m's parameters, the loss
-    is a sum of per-member losses, gradients are clipped per member and AdamW is elementwise, so training the
-    ensemble is the same computation as training the M models one by one (up to float summation order;
-    ``tests/test_synthetic.py`` checks it). It exists only because the models are so small that per-op
-    overhead, not arithmetic, dominates on CPU: batching 15 models is several times faster than a loop.
-    """
-
-    def __init__(self, members: Sequence[TinyRegressor]):
-        super().__init__()
-        m0 = members[0]
-        self.pe, self.n_pos, self.hd, self.h = m0.pe, m0.n_pos, m0.hd, m0.blocks[0].h
-        self.n_layers = len(m0.blocks)
-        self.p = nn.ParameterDict({
-            k.replace(".", "__"): nn.Parameter(torch.stack([dict(m.named_parameters())[k].detach() for m in members]))
-            for k, _ in m0.named_parameters()})
-        self.register_buffer("y_mean", torch.stack([m.y_mean for m in members]))
-        self.register_buffer("y_std", torch.stack([m.y_std for m in members]))
-
-    def member_state(self, i: int) -> dict:
-        st = {k.replace("__", "."): v[i].detach().clone() for k, v in self.p.items()}
-        st["y_mean"], st["y_std"] = self.y_mean[i].clone(), self.y_std[i].clone()
-        return st
-
-    def _lin(self, x, name):  # x [M, N, in] -> [M, N, out]
-        return torch.baddbmm(self.p[name + "__bias"][:, None, :], x, self.p[name + "__weight"].transpose(1, 2))
-
-    def _ln(self, x, name):  # x [M, N, d]
-        w, b = self.p[name + "__weight"], self.p[name + "__bias"]
-        return F.layer_norm(x, x.shape[-1:]) * w[:, None, :] + b[:, None, :]
-
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids [M, B, T], lengths [M, B] -> predictions [M, B]."""
-        M, B, T = ids.shape
-        ar = torch.arange(M)[:, None, None]
-        x = self.p["emb__weight"][ar, ids]  # [M, B, T, d]
-        D = x.shape[-1]
-        rope = None
-        if self.pe == "learned":
-            pos = torch.arange(T).clamp_max(self.n_pos - 1)
-            x = x + self.p["pos__weight"][:, pos][:, None]
-        elif self.pe == "rope":
-            rope = _rope_cache(T, self.hd)
-        x = x.reshape(M, B * T, D)
-        for i in range(self.n_layers):
-            pre = f"blocks__{i}__"
-            q, k, v = (self._lin(self._ln(x, pre + "ln1"), pre + "qkv")
-                       .view(M * B, T, 3, self.h, self.hd).permute(2, 0, 3, 1, 4))
-            if rope is not None:
-                q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(M, B * T, D)
-            x = x + self._lin(a, pre + "proj")
-            hdn = F.gelu(self._lin(self._ln(x, pre + "ln2"), pre + "mlp__0"))
-            x = x + self._lin(hdn, pre + "mlp__2")
-        x = x.view(M, B, T, D)[ar[:, :, 0], torch.arange(B)[None, :], lengths]  # [M, B, D]
-        x = self._ln(x, "ln_f")
-        out = self._lin(x, "head").squeeze(-1)
-        return out * self.y_std[:, None] + self.y_mean[:, None]
-
-
-def build_member(task: str, pe: str, seed: int, cfg: StudyConfig) -> TinyRegressor:
-    y_mean, y_var = train_target_stats(task, cfg.train_min_len, cfg.train_max_len)
-    torch.manual_seed(1000 * seed + 17)  # same init for every task of one seed
-    return TinyRegressor(pe, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.train_max_len + 1, y_mean, math.sqrt(y_var))
+def build_group(members: Sequence[tuple], pe: str, cfg: StudyConfig) -> Regressors:
+    """The untrained models ``[(task, seed)]`` stacked; every task of one seed starts from the same weights."""
+    params, y_mean, y_std = [], [], []
+    for task, seed in members:
+        m, v = train_target_stats(task, cfg.train_min_len, cfg.train_max_len)
+        torch.manual_seed(1000 * seed + 17)
+        params.append(init_params(pe, cfg.d_model, cfg.n_layers, cfg.train_max_len + 1))
+        y_mean.append(m)
+        y_std.append(math.sqrt(v))
+    return Regressors(pe, cfg.n_heads, cfg.train_max_len + 1, params, y_mean, y_std)
 
 
 def train_group(tasks: Sequence[str], pe: str, seeds: Sequence[int], cfg: StudyConfig):
     """Train the models (task, pe, seed) for every task x seed together.
 
-    Returns (members [(task, seed)], trained ``Ensemble``, per-step per-member losses [steps, M])."""
+    Returns (members [(task, seed)], the trained ``Regressors``, per-step per-member losses [steps, M])."""
     lo, hi = cfg.train_min_len, cfg.train_max_len
     members = [(t, s) for s in seeds for t in tasks]
     var = torch.tensor([train_target_stats(t, lo, hi)[1] for t, _ in members])
-    ens = Ensemble([build_member(t, pe, s, cfg) for t, s in members])
+    ens = build_group(members, pe, cfg)
     params = list(ens.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -393,18 +262,8 @@ def train_group(tasks: Sequence[str], pe: str, seeds: Sequence[int], cfg: StudyC
     return members, ens.eval(), L
 
 
-def unstack(ens: "Ensemble", members, pe: str, cfg: StudyConfig) -> List[TinyRegressor]:
-    """The ensemble's members as ordinary ``TinyRegressor``s."""
-    models = []
-    for i, (t, s) in enumerate(members):
-        m = build_member(t, pe, s, cfg)
-        m.load_state_dict(ens.member_state(i))
-        models.append(m.eval())
-    return models
-
-
-def evaluate(model: nn.Module, tasks: Sequence[str], cfg: StudyConfig) -> List[dict]:
-    """Metrics for each member (task ``tasks[i]``) of an ``Ensemble``, or of one ``TinyRegressor``."""
+def evaluate(model: Regressors, tasks: Sequence[str], cfg: StudyConfig) -> List[dict]:
+    """Metrics for each member (task ``tasks[i]``) of ``model``."""
     lo, hi = cfg.train_min_len, cfg.train_max_len
     var = [train_target_stats(t, lo, hi)[1] for t in tasks]
     M = len(tasks)
@@ -467,111 +326,11 @@ def run_group(tasks: Sequence[str], pe: str, seeds: Sequence[int], cfg: StudyCon
         torch.set_num_threads(n_threads)
 
 
-def run_one(task: str, pe: str, seed: int, cfg: StudyConfig) -> dict:
-    """Train one model and evaluate it; returns a JSON-able dict."""
-    return run_group([task], pe, [seed], cfg)[0]
-
-
 def _run_group_star(args):
     return run_group(*args)
 
 
 # --------------------------------------------------------------------------------------- the study
-def _geo_mean(xs: List[float]) -> float:
-    return math.exp(sum(math.log(max(x, 1e-30)) for x in xs) / len(xs))
-
-
-def _pearson(x: List[float], y: List[float]) -> float:
-    n = len(x)
-    if n < 3:
-        return float("nan")
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-
-
-def _spearman(x: List[float], y: List[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for k, i in enumerate(order):
-            r[i] = float(k)
-        return r
-    return _pearson(ranks(x), ranks(y))
-
-
-def summarise(runs: List[dict], cfg: StudyConfig) -> dict:
-    groups: Dict[str, dict] = {}
-    for task in cfg.tasks:
-        for pe in cfg.pes:
-            rs = [r for r in runs if r["task"] == task and r["pe"] == pe]
-            if not rs:
-                continue
-            n = len(rs)
-            per_len = lambda key: [sum(r[key][i] for r in rs) / n for i in range(cfg.test_max_len)]  # noqa: E731
-
-            def ms(key):
-                v = [r[key] for r in rs]
-                m = sum(v) / n
-                s = math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1)) if n > 1 else 0.0
-                return dict(mean=m, std=s, min=min(v), max=max(v), per_seed=v)
-
-            groups[f"{task}/{pe}"] = dict(
-                task=task, pe=pe, n_seeds=n,
-                mse=per_len("mse"), rel_rmse=per_len("rel_rmse"),
-                rel_long=ms("rel_long"), rel_in=ms("rel_in"),
-                misalign=ms("misalign"), misalign_dist=ms("misalign_dist"), misalign_long=ms("misalign_long"),
-                final_train_loss=ms("final_train_loss"),
-            )
-
-    claims = {}
-    # 1. mean prediction generalises, length prediction does not
-    if "mean" in cfg.tasks and "length" in cfg.tasks:
-        per_pe = {}
-        for pe in cfg.pes:
-            gm, gl = groups.get(f"mean/{pe}"), groups.get(f"length/{pe}")
-            if gm and gl:
-                per_pe[pe] = dict(mean_rel_long=gm["rel_long"]["mean"], length_rel_long=gl["rel_long"]["mean"],
-                                  ratio=gl["rel_long"]["mean"] / max(gm["rel_long"]["mean"], 1e-12),
-                                  holds_every_seed=gl["rel_long"]["min"] > gm["rel_long"]["max"])
-        claims["mean_generalises_length_does_not"] = per_pe
-    # 2. each reparameterisation helps length prediction
-    if "length" in cfg.tasks:
-        rep = {}
-        for task in cfg.tasks:
-            if not task.startswith("length_"):
-                continue
-            rep[task] = {}
-            for pe in cfg.pes:
-                g0, g1 = groups.get(f"length/{pe}"), groups.get(f"{task}/{pe}")
-                if g0 and g1:
-                    rep[task][pe] = dict(base_rel_long=g0["rel_long"]["mean"], reparam_rel_long=g1["rel_long"]["mean"],
-                                         helps=g1["rel_long"]["mean"] < g0["rel_long"]["mean"])
-        claims["reparameterisation_helps"] = rep
-    # 3. best PE per task (lowest long-length relative error, mean over seeds)
-    best = {}
-    for task in cfg.tasks:
-        cands = [(groups[f"{task}/{pe}"]["rel_long"]["mean"], pe) for pe in cfg.pes if f"{task}/{pe}" in groups]
-        if cands:
-            best[task] = min(cands)[1]
-    claims["best_pe"] = best
-    # 4. misalignment vs long-length error across all trained models
-    xs = [r["misalign"] for r in runs]
-    xl = [r["misalign_long"] for r in runs]
-    xd = [r["misalign_dist"] for r in runs]
-    ys = [r["rel_long"] for r in runs]
-    lg = lambda v: [math.log10(max(t, 1e-30)) for t in v]  # noqa: E731
-    claims["misalignment_vs_error"] = dict(
-        n_models=len(runs),
-        spearman_in_range=_spearman(xs, ys), pearson_log_in_range=_pearson(lg(xs), lg(ys)),
-        spearman_dist=_spearman(xd, ys), pearson_log_dist=_pearson(lg(xd), lg(ys)),
-        spearman_long=_spearman(xl, ys), pearson_log_long=_pearson(lg(xl), lg(ys)),
-    )
-    return dict(groups=groups, claims=claims)
-
-
 def run_study(config: Optional[StudyConfig] = None, **overrides) -> dict:
     """Train every (task, pe, seed) model, evaluate, and summarise. Returns a JSON-able dict."""
     cfg = config or StudyConfig()
@@ -638,155 +397,10 @@ def run_study(config: Optional[StudyConfig] = None, **overrides) -> dict:
         wall_seconds=time.time() - t0,
         workers=workers,
     )
+    from .synthetic_report import summarise
+
     out.update(summarise(runs, cfg))
     return out
-
-
-# ------------------------------------------------------------------------------------------ reporting
-TASK_LABEL = {"mean": "mean", "length": "length", "length_sqrt": "length via √n",
-              "length_log": "length via log n", "length_invsqrt": "length via 1/√n"}
-
-
-def plot_results(res: dict, out_dir: str) -> List[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = res["config"]
-    tasks, pes = cfg["tasks"], cfg["pes"]
-    Ls = list(range(1, cfg["test_max_len"] + 1))
-    colors = {"nope": "tab:blue", "rope": "tab:orange", "learned": "tab:green"}
-    styles = {"length": "-", "length_sqrt": "--", "length_log": "-.", "length_invsqrt": ":"}
-    paths = []
-
-    # Figure 1: relative error vs length. Panel per task, one line per PE; last panel overlays reparams.
-    n = len(tasks) + (1 if any(t.startswith("length") for t in tasks) else 0)
-    ncol = min(3, n)
-    nrow = (n + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.7 * nrow), sharey=True, squeeze=False)
-    axes = list(axes.flat)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    axes = axes[:n]
-    for ax, task in zip(axes, tasks):
-        for pe in pes:
-            g = res["groups"].get(f"{task}/{pe}")
-            if g is None:
-                continue
-            per_seed = [r["rel_rmse"] for r in res["runs"] if r["task"] == task and r["pe"] == pe]
-            lo = [min(v[i] for v in per_seed) for i in range(len(Ls))]
-            hi = [max(v[i] for v in per_seed) for i in range(len(Ls))]
-            ax.plot(Ls, g["rel_rmse"], color=colors[pe], label=pe)
-            ax.fill_between(Ls, lo, hi, color=colors[pe], alpha=0.15, linewidth=0)
-        ax.axvspan(cfg["train_min_len"], cfg["train_max_len"], color="red", alpha=0.07)
-        ax.set_yscale("log")
-        ax.set_title(TASK_LABEL.get(task, task))
-        ax.set_xlabel("test length")
-        ax.grid(alpha=0.3, which="both")
-    for ax in axes[::ncol]:
-        ax.set_ylabel("relative RMSE (seed mean; band min..max)")
-    axes[0].legend(fontsize=8)
-    if n > len(tasks):
-        ax = axes[-1]
-        for task in tasks:
-            if not task.startswith("length"):
-                continue
-            for pe in pes:
-                g = res["groups"].get(f"{task}/{pe}")
-                if g is not None:
-                    ax.plot(Ls, g["rel_rmse"], color=colors[pe], linestyle=styles[task],
-                            label=f"{TASK_LABEL[task]}, {pe}")
-        ax.axvspan(cfg["train_min_len"], cfg["train_max_len"], color="red", alpha=0.07)
-        ax.set_yscale("log")
-        ax.set_title("length: reparameterisations")
-        ax.set_xlabel("test length")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6, ncol=1)
-    fig.suptitle("Synthetic study (paper §3): train lengths 1–10 (shaded), test 1–50")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "error_vs_length.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    # Figure 2: misalignment vs long-length error, one point per trained model.
-    markers = {"mean": "o", "length": "s", "length_sqrt": "^", "length_log": "D", "length_invsqrt": "v"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    for ax, key, title in ((axes[0], "misalign", "per-sequence misalignment, lengths 5–10"),
-                           (axes[1], "misalign_dist", "mean-output shift between lengths 5–10"),
-                           (axes[2], "misalign_long", "per-sequence misalignment, lengths 25–50")):
-        for r in res["runs"]:
-            ax.scatter(max(r[key], 1e-8), r["rel_long"], color=colors[r["pe"]], marker=markers.get(r["task"], "o"),
-                       s=30, alpha=0.8, edgecolor="k", linewidth=0.3)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"{key} (normalised by Var_train(target))")
-        ax.set_ylabel(f"relative RMSE at lengths {LONG_RANGE[0]}–{LONG_RANGE[1]}")
-        c = res["claims"]["misalignment_vs_error"]
-        sp = c[{"misalign": "spearman_in_range", "misalign_dist": "spearman_dist", "misalign_long": "spearman_long"}[key]]
-        ax.set_title(f"{title}\nSpearman ρ = {sp:.2f} over {c['n_models']} models", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    from matplotlib.lines import Line2D
-    handles = [Line2D([], [], marker=markers[t], linestyle="", color="gray", label=TASK_LABEL[t]) for t in tasks]
-    handles += [Line2D([], [], marker="o", linestyle="", color=colors[p], label=p) for p in pes]
-    axes[2].legend(handles=handles, fontsize=7, loc="lower right")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "misalignment_vs_error.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-    return paths
-
-
-def markdown_table(res: dict) -> str:
-    cfg = res["config"]
-    lines = [
-        f"Relative RMSE (mean ± std over {len(cfg['seeds'])} seeds) at training lengths "
-        f"{cfg['train_min_len']}–{cfg['train_max_len']} and at test lengths {LONG_RANGE[0]}–{LONG_RANGE[1]}; "
-        "misalignment = normalised long-short misalignment inside the training range.",
-        "",
-        "| task | PE | rel. error, lengths 1–10 | rel. error, lengths 30–50 | MSE at length 50 "
-        "| misalign (5–10) | mean-output shift (5–10) | misalign (25–50) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, g in res["groups"].items():
-        lines.append(
-            f"| {TASK_LABEL.get(g['task'], g['task'])} | {g['pe']} "
-            f"| {g['rel_in']['mean']:.3g} ± {g['rel_in']['std']:.2g} "
-            f"| {g['rel_long']['mean']:.3g} ± {g['rel_long']['std']:.2g} "
-            f"| {g['mse'][-1]:.3g} "
-            f"| {g['misalign']['mean']:.3g} | {g['misalign_dist']['mean']:.3g} | {g['misalign_long']['mean']:.3g} |")
-    cl = res["claims"]
-    lines += ["", "Claims (paper §3) against this run:", ""]
-    if "mean_generalises_length_does_not" in cl:
-        for pe, c in cl["mean_generalises_length_does_not"].items():
-            lines.append(f"- mean vs length, {pe}: length error / mean error at 30–50 = {c['ratio']:.1f}× "
-                         f"({'holds on every seed' if c['holds_every_seed'] else 'NOT on every seed'})")
-    for task, d in cl.get("reparameterisation_helps", {}).items():
-        for pe, c in d.items():
-            lines.append(f"- {TASK_LABEL[task]}, {pe}: {c['base_rel_long']:.3g} → {c['reparam_rel_long']:.3g} "
-                         f"({'helps' if c['helps'] else 'does NOT help'})")
-    for task, pe in cl.get("best_pe", {}).items():
-        lines.append(f"- best PE for {TASK_LABEL[task]}: {pe}")
-    m = cl["misalignment_vs_error"]
-    lines.append(f"- misalignment vs error at 30–50 over {m['n_models']} models: Spearman "
-                 f"{m['spearman_in_range']:.2f} (per-sequence, 5–10), {m['spearman_dist']:.2f} (mean-output shift, "
-                 f"5–10), {m['spearman_long']:.2f} (per-sequence, 25–50)")
-    return "\n".join(lines) + "\n"
-
-
-def save_results(res: dict, out_dir: str) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.md")}
-    with open(paths["json"], "w") as f:
-        json.dump(res, f, indent=1)
-    with open(paths["table"], "w") as f:
-        f.write(markdown_table(res))
-    try:
-        paths["plots"] = plot_results(res, out_dir)
-    except ImportError as e:  # pragma: no cover
-        print(f"no plots: {e}", file=sys.stderr)
-    return paths
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -805,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .synthetic_report import markdown_table, save_results
+
     args = build_parser().parse_args(argv)
     cfg = StudyConfig.quick() if args.quick else StudyConfig()
     kw = dict(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
