@@ -110,7 +110,7 @@ def test_build_stats_markdown_and_plot(tmp_path):
 
 def test_parse_arm_and_bad_options(capsys, tmp_path):
     from lsa_kernels.train.demo import demo_main, parse_arm
-    from lsa_kernels.train.loop import ConfigError
+    from lsa_kernels.train.config import ConfigError
 
     assert parse_arm("sce@0.5") == ("sce@0.5", {"alpha": 0.5, "ce_views": 0, "divergence": "sce"})
     assert parse_arm("symkl@1.0")[0] == "symkl@1"

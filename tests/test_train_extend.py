@@ -12,9 +12,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from _util import write_corpus_texts  # noqa: E402
-from lsa_kernels.train.loop import (  # noqa: E402
-    ROPE_TYPES, ConfigError, TrainConfig, build_model, extend_rope, max_positions, micro_batch_weights, train_main,
-)
+from lsa_kernels.train.config import ROPE_TYPES, ConfigError, TrainConfig  # noqa: E402
+from lsa_kernels.train.loop import micro_batch_weights, train_main  # noqa: E402
+from lsa_kernels.train.model import build_model, extend_rope, max_positions  # noqa: E402
 
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--batch-size", "2",
         "--quiet", "--warmup", "1"]
@@ -59,7 +59,7 @@ def _logits(model, T, seed=0):
 def test_extension_written_to_config_and_rebuilt_by_from_pretrained(tmp_path, base, kind):
     from transformers import AutoModelForCausalLM
 
-    from lsa_kernels.train.loop import model_dir
+    from lsa_kernels.train.checkpoint import model_dir
 
     cfg = TrainConfig(model=str(base), rope_scaling=kind, rope_factor=4)
     ext = build_model(cfg, 4096, torch.device("cpu"))
@@ -136,7 +136,7 @@ def _one_step_grads(model, window, l_extra):
 
 
 def test_grad_checkpointing_same_loss_and_gradients(base):
-    from lsa_kernels.train.loop import enable_grad_checkpointing
+    from lsa_kernels.train.model import enable_grad_checkpointing
 
     cfg = TrainConfig(model=str(base), rope_scaling="linear", rope_factor=2)
     g = torch.Generator().manual_seed(3)
@@ -227,7 +227,7 @@ def test_lora_frozen_base_adapter_merged_checkpoint_and_resume(tmp_path, texts, 
     assert torch.equal(sm["model.layers.0.mlp.up_proj.weight"], sb["model.layers.0.mlp.up_proj.weight"])  # not a target
     assert not torch.equal(sm["model.norm.weight"], sb["model.norm.weight"])
     # the merged model computes what the trained base + adapter computes
-    from lsa_kernels.train.loop import apply_lora
+    from lsa_kernels.train.model import apply_lora
 
     cfg = TrainConfig(model=str(base), rope_scaling="linear", rope_factor=2, lora=4, lora_trainable="norm")
     pm = apply_lora(cfg, build_model(cfg, 4096, torch.device("cpu")), os.path.join(ck, "adapter"))
@@ -246,7 +246,7 @@ def test_lora_frozen_base_adapter_merged_checkpoint_and_resume(tmp_path, texts, 
 
 def test_lora_head_gets_no_gradient(base):
     from lsa_kernels.integrations.hf import output_head
-    from lsa_kernels.train.loop import apply_lora
+    from lsa_kernels.train.model import apply_lora
 
     cfg = TrainConfig(model=str(base), lora=2)
     pm = apply_lora(cfg, build_model(cfg, 4096, torch.device("cpu")))

@@ -81,10 +81,9 @@ def test_tensor_parallel_matches_single_process(setup):
         for k in ("loss", "ce", "misalign", "grad_norm"):
             assert rb[k] == pytest.approx(ra[k], abs=1e-5, rel=1e-5), (k, ra, rb)
     assert a[0]["grad_norm"] > 0.5  # the clip was active: the global norm is computed across shards
-    # the replicated decoder + embeddings: bit-identical on both ranks; the logical weights agree
-    assert open(out / "replicated_sha256.rank0").read() == open(out / "replicated_sha256.rank1").read()
-    assert float(open(out / "param_sum.rank0").read()) == float(open(out / "param_sum.rank1").read())
     ms, mt = json.load(open(d / "single" / "metrics.json")), json.load(open(out / "metrics.json"))
+    # the replicated decoder + embeddings: bit-identical on both ranks (checked by the run itself)
+    assert mt["replicas_agree"] is True and ms["replicas_agree"] is None
     # fp32 rounding differs between the paths (js's sums: ATen per shard vs the C++ op on the whole V), and
     # Adam's normalised step amplifies it on near-zero gradients: 2e-6 relative on the sum of all weights
     assert mt["param_sum"] == pytest.approx(ms["param_sum"], rel=1e-5)

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state", "atomic_write_text", "safe_load",
+__all__ = ["save_checkpoint", "latest_checkpoint", "model_dir", "load_trainer_state", "atomic_write_text", "safe_load",
            "UnsafeCheckpoint", "ADAPTER_DIR"]
 
 ADAPTER_DIR = "adapter"
@@ -135,6 +135,14 @@ def latest_checkpoint(out: str) -> Optional[str]:
         return None
     d = os.path.join(out, open(p).read().strip())
     return d if os.path.isfile(os.path.join(d, "trainer.pt")) else None
+
+
+def model_dir(path: str) -> Optional[str]:
+    """The transformers model dir behind ``path``: itself, or the latest checkpoint of a run's ``--out`` dir."""
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "latest")):
+        return path
+    ckpt = latest_checkpoint(path) if os.path.isdir(path) else None
+    return ckpt if ckpt and os.path.isfile(os.path.join(ckpt, "config.json")) else None
 
 
 def load_trainer_state(ckpt: str, optimizer=None, transform=None, loader=None) -> int:

@@ -55,7 +55,7 @@ _NOT_RESULTS = ("out", "quiet", "resume", "ckpt_every", "stop_after", "device")
 
 def parse_arm(spec: str):
     """``NAME@ALPHA`` (``sce@0.5``, ``symkl@1``) -> (label, TrainConfig fields); ConfigError if malformed."""
-    from .loop import ConfigError
+    from .config import ConfigError
 
     name, sep, alpha = spec.partition("@")
     try:
@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 def plan(a) -> dict:
     """Every run's TrainConfig (validated, nothing written): ``{"base": cfg, "runs": [(arm, seed, cfg)],
     "l_train": int, "lengths": [...]}``; raises ConfigError for a bad option."""
-    from .loop import ConfigError, TrainConfig, validate
+    from .config import ConfigError, TrainConfig, validate
 
     if a.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {a.seeds}")
@@ -192,7 +192,7 @@ def _is_demo_run(path: str) -> bool:
 
 def _clear(path: str) -> None:
     """Remove an unfinished / different earlier run at ``path`` (only a training run dir, never anything else)."""
-    from .loop import ConfigError
+    from .config import ConfigError
 
     if not os.path.exists(path):
         return
@@ -215,7 +215,8 @@ def extended_base(base_out: str, rope_scaling: str, factor: float, dest: str) ->
     import torch
 
     from .checkpoint import latest_checkpoint
-    from .loop import TrainConfig, build_model
+    from .config import TrainConfig
+    from .model import build_model
 
     ckpt = latest_checkpoint(base_out)
     model = build_model(TrainConfig(model=ckpt, rope_scaling=rope_scaling, rope_factor=factor), 0, torch.device("cpu"))
@@ -258,7 +259,8 @@ def check_view(model_dir: str, view: str, length: int) -> float:
     ConfigError unless they agree (then the view changes nothing but the allowed length)."""
     import torch
 
-    from .loop import ConfigError, TrainConfig, build_model
+    from .config import ConfigError, TrainConfig
+    from .model import build_model
 
     torch.manual_seed(0)
     outs = []
@@ -323,7 +325,9 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     from . import demo_stats as S
     from .checkpoint import atomic_write_text
     from .evaluate import evaluate
-    from .loop import ConfigError, model_dir, train
+    from .checkpoint import model_dir
+    from .config import ConfigError
+    from .loop import train
 
     a = _parser().parse_args(argv)
     if a.replot:
@@ -495,7 +499,8 @@ def _measure_one(mode: str, l_train: int, batch: int, repeats: int, backend: str
     import torch
 
     from ..integrations.hf import LongShortObjective, output_head
-    from .loop import TrainConfig, build_model
+    from .config import TrainConfig
+    from .model import build_model
 
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

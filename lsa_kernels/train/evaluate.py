@@ -46,7 +46,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .loop import ConfigError
+from .config import ConfigError, TrainConfig
+from .model import build_model, positions, quiet_transformers, rope_of
 
 DIVERGENCES = ("sce", "sym_kl", "kl", "kl_reverse", "js")
 PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -87,42 +88,6 @@ def _model_config(ckpt: str, run: str):
         return AutoConfig.from_pretrained(ckpt, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{run}: cannot read the model config in {ckpt!r} ({e})") from None
-
-
-def _positions(cfg) -> tuple:
-    """(positions the model allows, its ``max_position_embeddings`` or equivalent); None, None if unknown.
-
-    Dynamic NTK scaling keeps ``max_position_embeddings = n0`` in the config (as ``lsa train`` writes it and
-    transformers reads it) and allows ``n0 * factor``; with ``original_max_position_embeddings`` given, the
-    larger of ``max_position_embeddings`` and ``original * factor``."""
-    for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-            if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) == "dynamic":
-                f = float(rp.get("factor", 1.0) or 1.0)
-                n0 = rp.get("original_max_position_embeddings")
-                return (max(v, int(round(n0 * f))) if isinstance(n0, int) else int(round(v * f))), v
-            return v, v
-    return None, None
-
-
-def rope_of(cfg) -> Optional[dict]:
-    """The RoPE scaling a model config carries (``rope_parameters``, or legacy ``rope_scaling``), or None
-    for plain RoPE / no RoPE. Per-layer-type parameters (Gemma 3) come back as ``{type: {...}}``."""
-    rp = getattr(cfg, "rope_parameters", None)
-    if rp is None:
-        rp = getattr(cfg, "rope_scaling", None)
-    if not isinstance(rp, dict) or not rp:
-        return None
-
-    def scaled(d):
-        return isinstance(d, dict) and d.get("rope_type", d.get("type", "default")) not in (None, "default")
-
-    if all(isinstance(v, dict) for v in rp.values()):
-        sub = {k: dict(v) for k, v in rp.items() if scaled(v)}
-        return sub or None
-    return dict(rp) if scaled(rp) else None
 
 
 # ------------------------------------------------------------------------------------- model calls
@@ -434,9 +399,8 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
     from ..integrations.hf import hidden_states, output_head
     from .checkpoint import atomic_write_text
     from .data import DEFAULT_TOKENIZER, DataError, WindowSampler, eval_windows, load_corpus, load_tokenizer
-    from .loop import TrainConfig, _quiet_transformers, build_model
 
-    _quiet_transformers()
+    quiet_transformers()
 
     # ---- options
     if not runs:
@@ -513,7 +477,7 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
         checks.append((f"--longppl-reference {ref_path}", ref_ckpt, Lmax))
     for k, (run, ckpt, need_pos) in enumerate(checks):
         cfg = _model_config(ckpt, run)
-        npos, n_mpe = _positions(cfg)
+        npos, n_mpe = positions(cfg)
         rope = rope_of(cfg)
         if npos is not None and need_pos > npos:
             what = f"rope {json.dumps(rope)}" if rope else "no RoPE scaling"

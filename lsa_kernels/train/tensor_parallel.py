@@ -8,7 +8,7 @@ same all-reduced gradient wrt the hidden states, so the replicated decoder and i
 identical gradients on every rank without any DDP wrapper; the head gradient stays local to the shard.
 
 What has to be global is done here: the gradient-norm clip (the head's part of the norm is summed over
-ranks), the weight fingerprint, and checkpoints. A checkpoint holds the FULL model and the FULL optimizer
+ranks), the weight fingerprint, and checkpoints (parallel.TensorParallel calls these from the loop). A checkpoint holds the FULL model and the FULL optimizer
 state (the head rows and their Adam moments gathered to rank 0), exactly as an untied single-process run
 would write it: ``from_pretrained`` / ``lsa eval`` load it as is, and ``--resume`` slices it again (with
 any ``--tensor-parallel``, or none).
@@ -17,7 +17,6 @@ any ``--tensor-parallel``, or none).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -197,15 +196,3 @@ def param_sum(model, shard: HeadShard) -> float:
     parts = [torch.empty_like(mine) for _ in range(shard.world)]
     dist.all_gather(parts, mine, group=shard.group)
     return rep + float(torch.cat(parts).sum())
-
-
-@torch.no_grad()
-def replicated_digest(model) -> str:
-    """sha256 of the bytes of every parameter except the head shard (must agree across ranks)."""
-    head = {id(p) for p in head_params(model)}
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if id(p) not in head:
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -1,0 +1,226 @@
+"""The training run's configuration: :class:`TrainConfig` (every option of ``lsa train`` in one dataclass),
+its command-line flags (:func:`parser`, :func:`config_from_args`), the checks that need neither a model nor
+data (:func:`validate`), and :class:`ConfigError`, the one-line error every training / evaluation entry
+point reports with exit code 2. The objective the options select is docs/maths.md §4."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .checkpoint import ADAPTER_DIR, latest_checkpoint, model_dir
+
+__all__ = ["TrainConfig", "ConfigError", "ROPE_TYPES", "validate", "parser", "config_from_args", "csv_list"]
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+CLI_DOC = "lsa train: fine-tune a causal LM with the long-short loss (see lsa_kernels.train.loop and docs/training.md)"
+
+
+@dataclass
+class TrainConfig:
+    # model: "" = a small Llama from LlamaConfig (fields below); else a transformers model dir on disk
+    model: str = ""
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_kv_head: int = 2
+    ffn: int = 352
+    max_positions: int = 4096  # room to evaluate at 8x l_train without any RoPE change
+    # data: "" = the shipped Shakespeare corpus / tokenizer
+    tokenizer: str = ""
+    train_files: List[str] = field(default_factory=list)
+    # objective (docs/maths.md §4)
+    l_train: int = 128
+    alpha: float = 0.1
+    divergence: str = "sce"
+    temperature: float = 1.0
+    detach: Optional[str] = None
+    positions: str = "overlap"
+    backend: str = "auto"
+    # CE on one view (the long one) or both; 0 = 1 when alpha == 0, else 2 (the long-short loss)
+    ce_views: int = 0
+    # context extension of a RoPE model (--model): "" = none, else one of ROPE_TYPES, with factor >= 1
+    rope_scaling: str = ""
+    rope_factor: float = 1.0
+    # memory levers
+    grad_checkpointing: bool = False
+    lora: int = 0  # LoRA rank; 0 = full fine-tuning
+    lora_alpha: float = 0.0  # 0 = 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    lora_trainable: str = ""  # also train (fully) these, LongLoRA-style: comma list of "embed", "norm"
+    grad_accum: int = 1
+    dtype: str = "auto"  # "fp32", "bf16" (autocast), "auto" = bf16 on CUDA, fp32 on CPU
+    # parallelism (parallel.py): N > 1 shards the LM head over the vocabulary across N processes (torchrun,
+    # world = N); it unties the embeddings (as --untie-embeddings does); see tensor_parallel.py
+    tensor_parallel: int = 1
+    untie_embeddings: bool = False
+    # FSDP2 (fully_shard) instead of DDP under torchrun: parameters, gradients and optimizer state sharded
+    fsdp: bool = False
+    # optimisation
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    # io
+    out: str = "runs/train"
+    resume: bool = False
+    ckpt_every: int = 100
+    stop_after: int = 0  # stop (after checkpointing) once this many steps ran in this process; 0 = never
+    device: str = ""  # "" = cuda if available else cpu
+    quiet: bool = False
+
+
+class ConfigError(ValueError):
+    """A bad flag / input, reported as one line and a non-zero exit; nothing is written to --out."""
+
+
+def csv_list(text: str) -> List[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every check of ``cfg`` that needs no model or data; raises :class:`ConfigError` with one line."""
+    if not (isinstance(cfg.alpha, (int, float)) and math.isfinite(cfg.alpha) and cfg.alpha >= 0):
+        raise ConfigError(f"--alpha must be a finite number >= 0, got {cfg.alpha}")
+    if cfg.l_train < 4:
+        raise ConfigError(f"--l-train must be >= 4, got {cfg.l_train}")
+    for name in ("steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.tensor_parallel < 1:
+        raise ConfigError(f"--tensor-parallel must be >= 1, got {cfg.tensor_parallel}")
+    if cfg.fsdp and cfg.tensor_parallel > 1:
+        raise ConfigError("--fsdp and --tensor-parallel cannot be combined (choose one way to split the model)")
+    if cfg.fsdp and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("--fsdp shards the model over the processes of a torchrun launch: run it as "
+                          "torchrun --nproc_per_node N -m lsa_kernels.train.loop --fsdp ...")
+    if cfg.tensor_parallel > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != cfg.tensor_parallel:
+            raise ConfigError(
+                f"--tensor-parallel {cfg.tensor_parallel} shards the LM head over exactly {cfg.tensor_parallel} "
+                f"processes, but the world size is {world}: launch with torchrun --nproc_per_node "
+                f"{cfg.tensor_parallel} (tensor parallelism combined with data parallelism is not supported)"
+            )
+        if cfg.backend == "reference":
+            raise ConfigError("--tensor-parallel needs a fused backend (--backend auto, cpu or triton), not reference")
+    if cfg.model and model_dir(cfg.model) is None:
+        raise ConfigError(f"--model {cfg.model!r}: no transformers model there (expected a directory with config.json, "
+                          "a checkpoint dir or the --out dir of an earlier run)")
+    if cfg.ce_views not in (0, 1, 2):
+        raise ConfigError(f"--ce-views must be 0 (auto), 1 or 2, got {cfg.ce_views}")
+    if cfg.ce_views == 1 and cfg.alpha > 0:
+        raise ConfigError("--ce-views 1 needs --alpha 0 (the long-short loss trains CE on both views)")
+    if cfg.rope_scaling and cfg.rope_scaling not in ROPE_TYPES:
+        raise ConfigError(f"--rope-scaling {cfg.rope_scaling!r} is not supported; choose one of {', '.join(ROPE_TYPES)}")
+    if not (isinstance(cfg.rope_factor, (int, float)) and math.isfinite(cfg.rope_factor) and cfg.rope_factor >= 1):
+        raise ConfigError(f"--rope-factor must be a number >= 1 (the context extension ratio), got {cfg.rope_factor}")
+    if cfg.rope_factor != 1 and not cfg.rope_scaling:
+        raise ConfigError("--rope-factor needs --rope-scaling (linear, dynamic, yarn or llama3)")
+    if cfg.rope_scaling and (cfg.tensor_parallel > 1 or cfg.fsdp):
+        raise ConfigError("--rope-scaling is supported on one process or DDP, not with --tensor-parallel / --fsdp")
+    if cfg.lora < 0:
+        raise ConfigError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {cfg.lora}")
+    if cfg.lora and (cfg.tensor_parallel > 1 or cfg.fsdp):
+        raise ConfigError("--lora is supported on one process or DDP, not with --tensor-parallel / --fsdp")
+    if cfg.lora_alpha < 0 or not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-alpha must be >= 0 and --lora-dropout in [0, 1), got {cfg.lora_alpha}, {cfg.lora_dropout}")
+    bad = [t for t in csv_list(cfg.lora_trainable) if t not in ("embed", "norm")]
+    if bad:
+        raise ConfigError(f"--lora-trainable takes a comma list of embed, norm; got {', '.join(bad)}")
+    if cfg.lora_trainable and not cfg.lora:
+        raise ConfigError("--lora-trainable needs --lora R (without LoRA every weight is trained already)")
+    if cfg.grad_accum < 1:
+        raise ConfigError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+    if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
+        raise ConfigError(f"--tokenizer {cfg.tokenizer!r} does not exist")
+    for p in cfg.train_files:
+        if not os.path.isfile(p):
+            raise ConfigError(f"--train-files: {p!r} does not exist")
+    if cfg.resume:
+        ckpt = latest_checkpoint(cfg.out)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {cfg.out!r}")
+        if cfg.lora and not os.path.isfile(os.path.join(ckpt, ADAPTER_DIR, "adapter_config.json")):
+            raise ConfigError(f"--resume --lora: {ckpt!r} holds no LoRA adapter ({ADAPTER_DIR}/adapter_config.json); "
+                              "it was not written by a --lora run")
+        if cfg.lora and not cfg.model:
+            raise ConfigError("--resume --lora needs --model: the base model the adapter was trained on")
+    elif os.path.exists(os.path.join(cfg.out, "latest")):
+        raise ConfigError(f"{cfg.out!r} already holds a run: pass --resume to continue it or choose another --out")
+
+
+def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="lsa train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=d.model, help="transformers model dir (default: a small Llama from config)")
+    ap.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer.json or tokenizer dir (default: shipped BPE)")
+    ap.add_argument("--train-files", nargs="*", default=[], help="text files, one document each (default: shipped corpus)")
+    ap.add_argument("--l-train", type=int, default=d.l_train)
+    ap.add_argument("--alpha", type=float, default=d.alpha, help="weight of the misalignment term; 0 = plain CE")
+    ap.add_argument("--divergence", default=d.divergence, choices=["sce", "sym_kl", "kl", "kl_reverse", "js"])
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--detach", default=d.detach, choices=[None, "long", "short"])
+    ap.add_argument("--positions", default=d.positions, choices=["overlap", "last"])
+    ap.add_argument("--ce-views", type=int, default=d.ce_views, choices=[0, 1, 2],
+                    help="CE on 1 view (the long one) or 2 (both); 0 = 1 with --alpha 0, else 2")
+    g = ap.add_argument_group("context extension (RoPE models)")
+    g.add_argument("--rope-scaling", default=d.rope_scaling, metavar="TYPE",
+                   help=f"extend the model's context: one of {', '.join(ROPE_TYPES)} (linear = position interpolation)")
+    g.add_argument("--rope-factor", type=float, default=d.rope_factor, help="extension ratio (>= 1)")
+    g = ap.add_argument_group("memory")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
+    g.add_argument("--lora", type=int, default=d.lora, metavar="R", help="train a LoRA adapter of rank R (0 = full)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scaling alpha (default 2R)")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--lora-targets", default=d.lora_targets, help="comma list of module names to adapt")
+    g.add_argument("--lora-trainable", default=d.lora_trainable,
+                   help="also train these in full, LongLoRA-style: comma list of embed, norm")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K",
+                   help="K micro-batches of --batch-size per step, normalised over all their targets")
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
+                   help="bf16 = autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step per process")
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm; 0 = no clipping")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    ap.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    ap.add_argument("--stop-after", type=int, default=d.stop_after, help="stop after N steps in this process (resumable)")
+    ap.add_argument("--backend", default=d.backend, choices=["auto", "cpu", "triton", "reference"])
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel,
+                    help="shard the LM head over the vocabulary across N processes (torchrun --nproc_per_node N)")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP")
+    ap.add_argument("--untie-embeddings", action="store_true",
+                    help="give the LM head its own copy of tied input embeddings (implied by --tensor-parallel > 1)")
+    ap.add_argument("--n-layer", type=int, default=d.n_layer)
+    ap.add_argument("--n-embd", type=int, default=d.n_embd)
+    ap.add_argument("--n-head", type=int, default=d.n_head)
+    ap.add_argument("--n-kv-head", type=int, default=d.n_kv_head)
+    ap.add_argument("--ffn", type=int, default=d.ffn)
+    ap.add_argument("--max-positions", type=int, default=d.max_positions)
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def config_from_args(argv=None, description: str = CLI_DOC) -> TrainConfig:
+    a = vars(parser(description).parse_args(argv))
+    return TrainConfig(**{k: v for k, v in a.items()})
