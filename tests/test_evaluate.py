@@ -16,7 +16,9 @@ from _util import write_corpus_texts  # noqa: E402
 
 from lsa_kernels.integrations.hf import OutputHead, hidden_states, load_causal_lm, output_head  # noqa: E402
 from lsa_kernels.reference import divergence_from_logits  # noqa: E402
-from lsa_kernels.train import evaluate as E  # noqa: E402
+from lsa_kernels.maths import DIVERGENCES  # noqa: E402
+from lsa_kernels.train import eval_metrics as E  # noqa: E402
+from lsa_kernels.train import passkey as PK  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main, evaluate, markdown_table  # noqa: E402
 
 V = 4096  # the shipped tokenizer
@@ -176,7 +178,7 @@ def test_lsm_against_materialised_logits():
     m = load_causal_lm(LlamaConfig(**SMALL, max_position_embeddings=64), dtype=torch.float32).eval()
     fn, head = (lambda ids: hidden_states(m, ids)), output_head(m)
     win = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(0))
-    divs = list(E.DIVERGENCES)
+    divs = list(DIVERGENCES)
     # identical suffixes: every divergence but sce (a cross-entropy, 2 H(p) for p = q) is exactly 0
     same = E.lsm_values(fn, head, win, [(0, 9, 9), (1, 12, 12), (2, 16, 16)], divs, 64, "cpu")
     for d in ("sym_kl", "kl", "kl_reverse", "js"):
@@ -216,15 +218,15 @@ def test_passkey_prompts():
     from lsa_kernels.train.data import load_tokenizer
 
     tok = load_tokenizer()
-    ps = E.passkey_prompts(tok, [80, 160], [0.0, 0.5, 1.0], 3, seed=7)
+    ps = PK.passkey_prompts(tok, [80, 160], [0.0, 0.5, 1.0], 3, seed=7)
     assert len(ps) == 2 * 3 * 3 and ps[0].key != ps[1].key
-    assert [p.key for p in ps] == [p.key for p in E.passkey_prompts(tok, [80, 160], [0.0, 0.5, 1.0], 3, seed=7)]
+    assert [p.key for p in ps] == [p.key for p in PK.passkey_prompts(tok, [80, 160], [0.0, 0.5, 1.0], 3, seed=7)]
     for p in ps:
         text = tok.decode(p.ids)
         assert p.length - 6 <= len(p.ids) <= p.length  # whole filler sentences, as many as fit
-        assert text.endswith(f"{E.PASSKEY_QUESTION} {p.key}") and tok.decode(p.ids[-p.n_answer:]).strip() == p.key
-        key_sentence = E.PASSKEY_SENTENCE.format(key=p.key)
-        where = text.index(key_sentence) / max(1, text.index(E.PASSKEY_QUESTION) - len(key_sentence) - 1)
+        assert text.endswith(f"{PK.PASSKEY_QUESTION} {p.key}") and tok.decode(p.ids[-p.n_answer:]).strip() == p.key
+        key_sentence = PK.PASSKEY_SENTENCE.format(key=p.key)
+        where = text.index(key_sentence) / max(1, text.index(PK.PASSKEY_QUESTION) - len(key_sentence) - 1)
         assert abs(where - p.depth) < 0.15, (p.depth, text)
         assert len(p.key) == 5 and text.count(p.key) == 3
 
@@ -237,9 +239,9 @@ def test_passkey_scoring_is_greedy_decoding(setup):
         gen = m.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)[0, 20:].tolist()
     ids = prompt[0].tolist() + gen
     wrong = ids[:-1] + [(ids[-1] + 1) % V]
-    ps = [E.PasskeyPrompt(24, 0.0, 0, "k", ids, 4), E.PasskeyPrompt(24, 0.0, 1, "k", wrong, 4),
-          E.PasskeyPrompt(24, 0.0, 2, "k", ids[:-1], 3)]
-    (ok, lp), (bad, lp_bad), (ok3, _) = E.passkey_scores(fn, head, ps, 64)
+    ps = [PK.PasskeyPrompt(24, 0.0, 0, "k", ids, 4), PK.PasskeyPrompt(24, 0.0, 1, "k", wrong, 4),
+          PK.PasskeyPrompt(24, 0.0, 2, "k", ids[:-1], 3)]
+    (ok, lp), (bad, lp_bad), (ok3, _) = PK.passkey_scores(fn, head, ps, 64)
     assert ok and not bad and ok3
     assert lp > lp_bad and lp < 0
 
@@ -252,7 +254,7 @@ def test_passkey_depth_grid_with_a_short_sighted_oracle():
 
     tok = load_tokenizer()
     lengths, depths = [48, 200], [0.0, 0.5, 1.0]
-    ps = E.passkey_prompts(tok, lengths, depths, 2, seed=0)
+    ps = PK.passkey_prompts(tok, lengths, depths, 2, seed=0)
     full = {tuple(p.ids[:-1]): p for p in ps}
     marker = tok.encode_batch([" pass key is"])[0]
 
@@ -267,7 +269,7 @@ def test_passkey_depth_grid_with_a_short_sighted_oracle():
                 z[r, j, row[j + 1] if sees else (row[j + 1] + 1) % V] = 30.0
         return z
 
-    grid = E.passkey_grid(ps, E.passkey_scores(fn, OutputHead(torch.eye(V), None), ps, 256), lengths, depths)
+    grid = PK.passkey_grid(ps, PK.passkey_scores(fn, OutputHead(torch.eye(V), None), ps, 256), lengths, depths)
     assert grid["accuracy_grid"] == [[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
     assert grid["accuracy"] == pytest.approx(4 / 6)
     assert grid["key_logprob_grid"][0][0] > -1e-6 > grid["key_logprob_grid"][1][0]

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ..maths import DIVERGENCES
 from .checkpoint import ADAPTER_DIR, latest_checkpoint, model_dir
 
 __all__ = ["TrainConfig", "ConfigError", "ROPE_TYPES", "validate", "parser", "config_from_args", "csv_list"]
@@ -171,7 +172,7 @@ def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
     ap.add_argument("--train-files", nargs="*", default=[], help="text files, one document each (default: shipped corpus)")
     ap.add_argument("--l-train", type=int, default=d.l_train)
     ap.add_argument("--alpha", type=float, default=d.alpha, help="weight of the misalignment term; 0 = plain CE")
-    ap.add_argument("--divergence", default=d.divergence, choices=["sce", "sym_kl", "kl", "kl_reverse", "js"])
+    ap.add_argument("--divergence", default=d.divergence, choices=list(DIVERGENCES))
     ap.add_argument("--temperature", type=float, default=d.temperature)
     ap.add_argument("--detach", default=d.detach, choices=[None, "long", "short"])
     ap.add_argument("--positions", default=d.positions, choices=["overlap", "last"])

@@ -31,6 +31,9 @@ for a model extended by ``F``) is an error, never silently truncated.
 
 Writes ``results.json`` and ``ppl_vs_length.png`` (and ``passkey.json``, ``passkey.png``) to ``--out``.
 Everything is checked before ``--out`` is created; models are loaded one at a time.
+
+This module resolves the runs, checks the inputs, orchestrates and writes the outputs (and is the CLI); the
+metrics are in eval_metrics.py, the pass-key prompts and scores in passkey.py, the figures in eval_plots.py.
 """
 
 from __future__ import annotations
@@ -41,19 +44,16 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..maths import DIVERGENCES
 from .config import ConfigError, TrainConfig
+from .eval_metrics import key_tokens, last_losses, length_losses, lsm_samples_for, lsm_values, truncated_losses
+from .eval_plots import plot, plot_passkey
 from .model import build_model, positions, quiet_transformers, rope_of
-
-DIVERGENCES = ("sce", "sym_kl", "kl", "kl_reverse", "js")
-PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-PASSKEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
+from .passkey import PASSKEY_FILLER, PASSKEY_QUESTION, PASSKEY_SENTENCE, passkey_grid, passkey_prompts, passkey_scores
 
 # ------------------------------------------------------------------------------------------- inputs
 def _resolve(run: str):
@@ -88,288 +88,6 @@ def _model_config(ckpt: str, run: str):
         return AutoConfig.from_pretrained(ckpt, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{run}: cannot read the model config in {ckpt!r} ({e})") from None
-
-
-# ------------------------------------------------------------------------------------- model calls
-HiddenFn = Callable[[torch.Tensor], torch.Tensor]  # ids [B, T] (on the head's device) -> final hidden [B, T, H]
-
-
-def _rows(budget_tokens: int, T: int) -> int:
-    return max(1, budget_tokens // max(1, T))
-
-
-@torch.no_grad()
-def last_losses(hidden_fn: HiddenFn, head, inputs: torch.Tensor, targets: torch.Tensor, budget_tokens: int,
-                backend: str) -> torch.Tensor:
-    """Per-token CE ``[B, S]`` (float64, CPU) of the last ``S = targets.shape[1]`` positions of ``inputs [B, T]``
-    (position ``T - S + j`` predicts ``targets[:, j]``). Fused CE, no logits."""
-    from ..functional import linear_cross_entropy
-
-    dev = head.weight.device
-    S = targets.shape[1]
-    out = []
-    rows = _rows(budget_tokens, inputs.shape[1])
-    for i in range(0, inputs.shape[0], rows):
-        h = hidden_fn(inputs[i : i + rows].to(dev))[:, -S:]
-        h, b = head.prepare(h.float())
-        per = linear_cross_entropy(h, head.weight.float(), targets[i : i + rows].to(dev),
-                                   linear_bias=None if b is None else b.float(), softcap=head.softcap,
-                                   reduction="none", backend=backend)
-        out.append(per.double().cpu())
-    return torch.cat(out)
-
-
-def length_losses(hidden_fn: HiddenFn, head, windows: torch.Tensor, lengths: Sequence[int], score_tokens: int,
-                  budget_tokens: int, backend: str) -> Dict[int, torch.Tensor]:
-    """``{L: [n, score_tokens]}``: the losses of each window's final ``score_tokens`` targets, fed its last
-    ``L + 1`` tokens (context ``L``). The targets are ``windows[:, -score_tokens:]`` at every length."""
-    S = score_tokens
-    tgt = windows[:, -S:]
-    return {L: last_losses(hidden_fn, head, windows[:, -(L + 1) : -1], tgt, budget_tokens, backend) for L in lengths}
-
-
-def truncated_losses(hidden_fn: HiddenFn, head, windows: torch.Tensor, score_tokens: int, short: int,
-                     budget_tokens: int, backend: str) -> torch.Tensor:
-    """``[n, score_tokens]``: the loss of each scored target ``t`` given ONLY ``x[t-short : t]`` (one sequence
-    of ``short`` tokens per target, batched)."""
-    n, N = windows.shape
-    S = score_tokens
-    assert N - S - short >= 0, "truncated context reaches before the window"
-    ctx = windows.unfold(1, short, 1)[:, N - S - short : N - short]  # [n, S, short]: x[t-short:t], t = N-S..N-1
-    ctx = ctx.reshape(n * S, short)
-    tgt = windows[:, -S:].reshape(n * S, 1)
-    return last_losses(hidden_fn, head, ctx, tgt, budget_tokens, backend).reshape(n, S)
-
-
-def key_tokens(full: torch.Tensor, short: torch.Tensor, gap: float, max_loss: float) -> torch.Tensor:
-    """LongPPL's key tokens: ``short - full > gap`` (long context helps by more than ``gap`` nats) and
-    ``full < max_loss`` (the reference model actually predicts them with the full context)."""
-    return ((short - full) > gap) & (full < max_loss)
-
-
-@torch.no_grad()
-def lsm_values(hidden_fn: HiddenFn, head, windows: torch.Tensor, samples: Sequence[tuple], divergences: Sequence[str],
-               budget_tokens: int, backend: str) -> Dict[str, dict]:
-    """``{div: {lsm, lsm_std, lsm_n}}`` over ``samples = [(window index, l1, l2)]``: the divergence between the
-    next-token distributions at the last position of ``windows[i, -l1:]`` (p) and ``windows[i, -l2:]`` (q)."""
-    from ..functional import linear_divergence
-
-    dev = head.weight.device
-    need = sorted({(i, l) for i, l1, l2 in samples for l in (l1, l2)}, key=lambda t: (t[1], t[0]))
-    last: Dict[tuple, torch.Tensor] = {}
-    by_len: Dict[int, List[int]] = {}
-    for i, l in need:
-        by_len.setdefault(l, []).append(i)
-    for l, idx in by_len.items():
-        rows = _rows(budget_tokens, l)
-        for j in range(0, len(idx), rows):
-            ii = idx[j : j + rows]
-            h = hidden_fn(windows[ii, -l:].to(dev))[:, -1].float()
-            for k, i in enumerate(ii):
-                last[(i, l)] = h[k]
-    hp = torch.stack([last[(i, l1)] for i, l1, _ in samples])
-    hq = torch.stack([last[(i, l2)] for i, _, l2 in samples])
-    (hp, b), (hq, _) = head.prepare(hp), head.prepare(hq)
-    res = {}
-    for div in divergences:
-        d = linear_divergence(hp, hq, head.weight.float(), linear_bias=None if b is None else b.float(), divergence=div,
-                              softcap=head.softcap, reduction="none", backend=backend).double().cpu()
-        n = d.numel()
-        res[div] = {"lsm": d.mean().item(), "lsm_std": d.std().item() if n > 1 else 0.0, "lsm_n": n}
-    return res
-
-
-def lsm_samples_for(l_train: int, fractions: torch.Tensor) -> List[tuple]:
-    """``[(i, l1, l2)]`` with ``l ~ U{lo..l_train}``, ``lo = max(1, l_train // 2)``, from fixed uniforms in [0, 1)
-    (so runs with the same ``l_train`` get the same samples)."""
-    lo = max(1, l_train // 2)
-    span = l_train - lo + 1
-    ls = (lo + (fractions * span).floor().long().clamp(max=span - 1)).tolist()
-    return [(i, l1, l2) for i, (l1, l2) in enumerate(ls)]
-
-
-# ------------------------------------------------------------------------------------------ pass key
-@dataclass
-class PasskeyPrompt:
-    length: int  # the requested length (prompt + key tokens <= length)
-    depth: float
-    trial: int
-    key: str
-    ids: List[int]  # prompt + key tokens
-    n_answer: int  # the key's tokens are ids[-n_answer:]
-
-
-def passkey_prompts(tok, lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int,
-                    skip_short: bool = False) -> List[PasskeyPrompt]:
-    """One prompt per (length, depth, trial): filler sentences (whole ones, as many as fit), the key sentence
-    after ``round(depth * n)`` of the ``n`` filler sentences, the question; the key's tokens follow and the
-    whole sequence has at most ``length`` tokens. Keys are 5-digit, seeded. Tokenised as one string each.
-    A length that cannot hold the key sentence, the question and the key is an error, or (``skip_short``)
-    left out."""
-    g = torch.Generator().manual_seed(seed)
-    avg = max(1.0, sum(len(x) for x in tok.encode_batch([" ".join(PASSKEY_FILLER)])) / len(PASSKEY_FILLER))
-    out = []
-
-    def build(n, depth, key):
-        fill = [PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n)]
-        p = int(round(depth * n))
-        text = " ".join(fill[:p] + [PASSKEY_SENTENCE.format(key=key)] + fill[p:] + [PASSKEY_QUESTION])
-        ids_p, ids_f = tok.encode_batch([text, f"{text} {key}"])
-        if ids_f[: len(ids_p)] != ids_p or len(ids_f) == len(ids_p):  # tokenisation merged across the boundary
-            ids_f = list(ids_p) + tok.encode_batch([f" {key}"])[0]
-        return list(ids_f), len(ids_f) - len(ids_p)
-
-    for L in lengths:
-        for d in depths:
-            for t in range(trials):
-                key = str(int(torch.randint(10000, 100000, (1,), generator=g)))
-                base, _ = build(0, d, key)
-                n = max(0, int((L - len(base)) / avg))
-                ids, k = build(n, d, key)
-                while len(ids) > L and n > 0:
-                    n = max(0, n - max(1, int((len(ids) - L) / avg)))
-                    ids, k = build(n, d, key)
-                while True:  # as many whole sentences as fit
-                    nxt, k2 = build(n + 1, d, key)
-                    if len(nxt) > L:
-                        break
-                    n, ids, k = n + 1, nxt, k2
-                if len(ids) > L:
-                    if skip_short:
-                        continue
-                    raise ConfigError(f"--passkey-lengths: {L} tokens cannot hold the key sentence and the question "
-                                      f"({len(ids)} tokens without any filler)")
-                out.append(PasskeyPrompt(L, float(d), t, key, ids, k))
-    return out
-
-
-@torch.no_grad()
-def passkey_scores(hidden_fn: HiddenFn, head, prompts: Sequence[PasskeyPrompt], budget_tokens: int) -> List[tuple]:
-    """``[(correct, mean key-token log-prob)]`` per prompt, from one teacher-forced forward of prompt + key
-    (greedy decoding reproduces the key iff the argmax at each key position is the key's token)."""
-    dev = head.weight.device
-    res: List[Optional[tuple]] = [None] * len(prompts)
-    by_len: Dict[int, List[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p.ids), []).append(i)
-    for T, idx in by_len.items():
-        rows = _rows(budget_tokens, T)
-        for j in range(0, len(idx), rows):
-            ii = idx[j : j + rows]
-            K = max(prompts[i].n_answer for i in ii)
-            x = torch.tensor([prompts[i].ids for i in ii], dtype=torch.long)
-            logits = head.logits(hidden_fn(x[:, :-1].to(dev))[:, -K:].float()).float()  # [B, K, V]: small
-            logp = torch.log_softmax(logits, -1).cpu()
-            for r, i in enumerate(ii):
-                k = prompts[i].n_answer
-                tgt = x[r, -k:]
-                lp = logp[r, -k:]
-                ok = bool((lp.argmax(-1) == tgt).all())
-                res[i] = (ok, lp.gather(-1, tgt[:, None]).mean().item())
-    return res  # type: ignore[return-value]
-
-
-def passkey_grid(prompts: Sequence[PasskeyPrompt], scores: Sequence[tuple], lengths, depths) -> dict:
-    acc = [[0.0] * len(depths) for _ in lengths]
-    lp = [[0.0] * len(depths) for _ in lengths]
-    cnt = [[0] * len(depths) for _ in lengths]
-    li, di = {L: a for a, L in enumerate(lengths)}, {float(d): b for b, d in enumerate(depths)}
-    for p, (ok, l) in zip(prompts, scores):
-        a, b = li[p.length], di[p.depth]
-        acc[a][b] += float(ok)
-        lp[a][b] += l
-        cnt[a][b] += 1
-    acc = [[v / max(1, c) for v, c in zip(ra, rc)] for ra, rc in zip(acc, cnt)]
-    lp = [[v / max(1, c) for v, c in zip(ra, rc)] for ra, rc in zip(lp, cnt)]
-    n = sum(map(sum, cnt))
-    return {
-        "accuracy": sum(float(ok) for ok, _ in scores) / max(1, n),
-        "key_logprob": sum(l for _, l in scores) / max(1, n),
-        "accuracy_grid": acc, "key_logprob_grid": lp,
-    }
-
-
-# -------------------------------------------------------------------------------------------- plots
-def plot(results: dict, path: str) -> None:
-    """PPL vs length, one line per run; a second panel with LongPPL when any run has it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = results["runs"]
-    has_long = any(v.get("longppl") is not None for r in runs.values() for v in r["ppl"].values())
-    ncol = 2 if has_long else 1
-    fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 4.0), squeeze=False)
-    axes = axes[0]
-    for name, r in runs.items():
-        xs = sorted(int(k) for k in r["ppl"])
-        lsm = r.get("lsm") or {}
-        div = next(iter(lsm), None)
-        lab = f"{name} (LSM {div} {lsm[div]['lsm']:.3f})" if div else name
-        line, = axes[0].plot(xs, [r["ppl"][str(k)]["ppl"] for k in xs], marker="o", ms=3, label=lab)
-        if has_long:
-            ys = [r["ppl"][str(k)].get("longppl") for k in xs]
-            axes[1].plot(xs, [math.nan if y is None else y for y in ys], marker="o", ms=3, color=line.get_color())
-    lt = results.get("l_train")
-    titles = [f"Perplexity vs context ({results.get('score_tokens')} fixed targets per window)"]
-    if has_long:
-        lp = results.get("longppl") or {}
-        titles.append(f"LongPPL ({lp.get('n_key')} key tokens, reference {os.path.basename(str(lp.get('reference')))})")
-    for ax, title in zip(axes, titles):
-        if lt:
-            ax.axvline(lt, color="gray", ls=":", lw=1)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens); dotted: training length")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("held-out perplexity")
-    if has_long:
-        axes[1].set_ylabel("LongPPL")
-    n = len(runs)
-    axes[0].legend(fontsize=7 if n <= 8 else 5, ncol=1 if n <= 12 else 2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_passkey(passkey: dict, path: str) -> None:
-    """Heat map (length x depth) of pass-key accuracy, one panel per run; cells show accuracy and the mean
-    key-token log-prob."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = passkey["runs"]
-    lengths, depths = passkey["lengths"], passkey["depths"]
-    n = max(1, len(runs))
-    ncol = min(4, n)
-    nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 + 0.75 * len(depths) * ncol, 1.2 + (0.5 + 0.4 * len(lengths)) * nrow),
-                             squeeze=False, constrained_layout=True)
-    im = None
-    for ax, (name, r) in zip(axes.flat, runs.items()):
-        acc = r["accuracy_grid"]
-        im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
-        for a in range(len(lengths)):
-            for b in range(len(depths)):
-                ax.text(b, a, f"{acc[a][b]:.1f}\n{r['key_logprob_grid'][a][b]:.1f}", ha="center", va="center",
-                        fontsize=5, color="white" if acc[a][b] < 0.6 else "black")
-        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
-        ax.set_yticks(range(len(lengths)), [str(L) for L in lengths], fontsize=6)
-        ax.set_title(f"{name}: acc {r['accuracy']:.2f}", fontsize=7)
-        ax.set_xlabel("depth", fontsize=6)
-        ax.set_ylabel("length", fontsize=6)
-    for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.8, label="pass-key accuracy")
-    fig.suptitle(f"Pass-key retrieval, {passkey['trials']} trials per cell (cell text: accuracy / mean key-token "
-                 "log-prob)", fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------- evaluate
