@@ -17,11 +17,13 @@ import torch
 
 import lsa_kernels as L
 from lsa_kernels import functional
-from lsa_kernels.kernels import _common, ce, pair
+from lsa_kernels.kernels import _common, ce, pair_bwd, pair_js, pair_phase1
 
 KERNELS = {
-    ce: ["_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_bwd_dx_kernel", "_ce_bwd_dw_kernel"],
-    pair: ["_pair_fwd_kernel", "_pair_bwd_kernel", "_pair_bwd_dx_kernel", "_pair_bwd_dw_kernel"],
+    ce: ["ce_fwd_kernel", "ce_bwd_kernel", "ce_dz_kernel"],
+    pair_phase1: ["pair_phase1_kernel"],
+    pair_js: ["pair_js_kernel"],
+    pair_bwd: ["pair_bwd_kernel", "pair_dz_kernel"],
 }
 OTHER = "cuda:0 (current before the call)"
 

@@ -189,7 +189,9 @@ def test_ce_small_blocks_splits(deterministic):
     """Several row blocks, H chunks, V splits; dW accumulates into a non-zero buffer."""
     x, _, w, b, y, _ = _inputs(torch.float32, True, seed=3)
     coef = _coef(y, p_zero=0.3)
-    opts = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, deterministic=deterministic)
+    # deterministic: dz buffer of 16 rows (3 row chunks of the 37 rows, the last one short)
+    opts = CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, deterministic=deterministic,
+                     chunk_bytes=16 * V * 4)
     dw0 = torch.randn(w.shape)
     with override_config(SMALL_BLOCKS):
         ours = _run_ce(x, w, b, y, coef, opts, dw_init=dw0)
@@ -366,10 +368,12 @@ def test_pair_stats_layout():
 
 @pytest.mark.parametrize("divergence,small", [("sce", False), ("js", True)])
 def test_pair_deterministic(divergence, small):
+    """Bit-identical twice, and right; ``small``: several blocks and row chunks of 10 rows (dz buffer budget)."""
     xp, xq, w, b, yp, yq = _inputs(torch.bfloat16, True, seed=14, close=True)
     cp, cq, cd = _coef(yp, 1), _coef(yq, 2), _coef(None, 3)
     opts = PairOptions(divergence=divergence, temperature=0.7,
-                       ce=CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, deterministic=True))
+                       ce=CEOptions(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, deterministic=True,
+                                    chunk_bytes=2 * 10 * V * 2 if small else None))
     if small:
         with override_config(SMALL_BLOCKS):
             r1 = _run_pair(xp, xq, w, b, yp, yq, cp, cq, cd, opts)
@@ -382,6 +386,20 @@ def test_pair_deterministic(divergence, small):
     truth = _pair_ref(xp, xq, w, b, yp, yq, cp, cq, cd, opts, torch.float64)
     lowp = _pair_ref(xp, xq, w, b, yp, yq, cp, cq, cd, opts, torch.bfloat16)
     _check_pair(r1, truth, opts, lowp=lowp, atol=1e-4)
+
+
+@pytest.mark.parametrize("divergence,detach", [("kl", "q"), ("kl_reverse", "p")])
+def test_pair_deterministic_one_view(divergence, detach):
+    """linear_divergence with detach, deterministic: only one view has a dz (one-view buffer, one dW GEMM);
+    row chunks of 8 rows, several blocks."""
+    xp, xq, w, b, _, _ = _inputs(torch.float32, True, seed=19, close=True)
+    cd = _coef(None, 3, p_zero=0.2)
+    opts = PairOptions(divergence=divergence, temperature=0.7, detach=detach, with_ce=False,
+                       ce=CEOptions(softcap=8.0, deterministic=True, chunk_bytes=8 * V * 4))
+    with override_config(SMALL_BLOCKS):
+        ours = _run_pair(xp, xq, w, b, None, None, None, None, cd, opts)
+    truth = _pair_ref(xp, xq, w, b, None, None, None, None, cd, opts, torch.float64)
+    _check_pair(ours, truth, opts)
 
 
 def test_pair_none_buffers():
@@ -415,11 +433,19 @@ def test_pair_far_distributions_finite(divergence):
 #
 # Under the interpreter the programs of a grid run one after another, so two runs of the atomic backward
 # give the same bits and a bit-identity test cannot tell the paths apart. These tests check instead WHICH
-# backward kernels a call launches: deterministic=True must never launch the atomic kernels, and the
-# kernels it does launch must contain no atomic operation.
+# backward kernels and GEMMs a call launches: deterministic=True must never launch the atomic kernels, it
+# must launch its dz kernel once per row chunk followed by the torch GEMMs (docs/maths.md §14.3), and the
+# kernels it launches must contain no atomic operation.
 
-ATOMIC = {"ce": "_ce_bwd_kernel", "pair": "_pair_bwd_kernel"}
-OWNER_WRITES = {"ce": ("_ce_bwd_dx_kernel", "_ce_bwd_dw_kernel"), "pair": ("_pair_bwd_dx_kernel", "_pair_bwd_dw_kernel")}
+# kind → (module of lsa_kernels.kernels, kernel name)
+ATOMIC = {"ce": ("ce", "ce_bwd_kernel"), "pair": ("pair_bwd", "pair_bwd_kernel")}
+DZ_KERNEL = {"ce": ("ce", "ce_dz_kernel"), "pair": ("pair_bwd", "pair_dz_kernel")}
+
+
+def _kmod(name):
+    import importlib
+
+    return importlib.import_module(f"lsa_kernels.kernels.{name}")
 
 
 class _Recorder:
@@ -440,33 +466,44 @@ class _Recorder:
 
 @pytest.fixture
 def launches(monkeypatch):
-    from lsa_kernels.kernels import ce as ce_mod
-    from lsa_kernels.kernels import pair as pair_mod
+    """Kernel launches and deterministic-path GEMMs, in order, as names ("ce_dz_kernel", "mm", "addmm")."""
+    from lsa_kernels.kernels import deterministic
 
     seen = []
-    for mod, kind in ((ce_mod, "ce"), (pair_mod, "pair")):
-        for name in (ATOMIC[kind], *OWNER_WRITES[kind]):
-            monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), name, seen))
+    for mod, name in (*ATOMIC.values(), *DZ_KERNEL.values()):
+        m = _kmod(mod)
+        monkeypatch.setattr(m, name, _Recorder(getattr(m, name), name, seen))
+    for fn, tag in ((deterministic.mm_into, "mm"), (deterministic.addmm_into, "addmm")):
+        def spy(*a, _fn=fn, _tag=tag):
+            seen.append(_tag)
+            return _fn(*a)
+        monkeypatch.setattr(deterministic, fn.__name__, spy)
     return seen
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 def test_backward_kernels_launched(deterministic, launches):
+    """Atomic: one kernel. Deterministic: per row chunk (37 rows, chunks of 16: 3 chunks) the dz kernel, then
+    dx = dz W (one GEMM per view) and ONE dW GEMM over the views."""
     xp, xq, w, b, yp, yq = _inputs(torch.float32, True, seed=17, close=True)
-    ce_opts = CEOptions(softcap=5.0, deterministic=deterministic)
+    ce_opts = CEOptions(softcap=5.0, deterministic=deterministic, chunk_bytes=16 * V * 4)
     with override_config(SMALL_BLOCKS):  # many programs per grid
-        _run_ce(xp, w, b, yp, _coef(yp), ce_opts)
+        ce_ours = _run_ce(xp, w, b, yp, _coef(yp), ce_opts)
         ce_seen = list(launches)
         launches.clear()
-        opts = PairOptions(divergence="js", temperature=0.7, ce=ce_opts)
-        _run_pair(xp, xq, w, b, yp, yq, _coef(yp, 1), _coef(yq, 2), _coef(None, 3), opts)
+        pair_opts = PairOptions(divergence="js", temperature=0.7,
+                                ce=CEOptions(softcap=5.0, deterministic=deterministic, chunk_bytes=2 * 16 * V * 4))
+        pair_ours = _run_pair(xp, xq, w, b, yp, yq, _coef(yp, 1), _coef(yq, 2), _coef(None, 3), pair_opts)
         pair_seen = list(launches)
-    for kind, seen in (("ce", ce_seen), ("pair", pair_seen)):
-        if deterministic:
-            assert ATOMIC[kind] not in seen, (kind, seen)
-            assert sorted(seen) == sorted(OWNER_WRITES[kind]), (kind, seen)
-        else:
-            assert seen == [ATOMIC[kind]], (kind, seen)
+    if deterministic:
+        assert ce_seen == ["ce_dz_kernel", "mm", "addmm"] * 3, ce_seen
+        assert pair_seen == ["pair_dz_kernel", "mm", "mm", "addmm"] * 3, pair_seen
+    else:
+        assert ce_seen == ["ce_bwd_kernel"], ce_seen
+        assert pair_seen == ["pair_bwd_kernel"], pair_seen
+    _check_ce(ce_ours, _ce_ref(xp, w, b, yp, _coef(yp), ce_opts, torch.float64))
+    _check_pair(pair_ours, _pair_ref(xp, xq, w, b, yp, yq, _coef(yp, 1), _coef(yq, 2), _coef(None, 3), pair_opts,
+                                     torch.float64), pair_opts)
 
 
 @pytest.mark.parametrize("backend_call", ["ce", "long_short"])
@@ -475,6 +512,7 @@ def test_public_api_deterministic_launches_no_atomic_kernel(backend_call, launch
 
     xp, xq, w, b, yp, yq = _inputs(torch.float32, True, seed=18, close=True)
     ins = [t.clone().requires_grad_(True) for t in (xp, xq, w, b)]
+    atomic_names = {name for _, name in ATOMIC.values()}
     for det in (True, False):
         launches.clear()
         if backend_call == "ce":
@@ -484,24 +522,25 @@ def test_public_api_deterministic_launches_no_atomic_kernel(backend_call, launch
                                     yq.reshape(1, N), l_extra=5, linear_bias=ins[3], backend="triton",
                                     deterministic=det, divergence="kl").loss
         out.backward()
-        atomics = [k for k in launches if k in ATOMIC.values()]
+        atomics = [k for k in launches if k in atomic_names]
         assert launches, "no backward kernel recorded: the recorder does not see the launches"
         assert (atomics == []) == det, (det, launches)
+        assert ("addmm" in launches) == det, (det, launches)
 
 
-def test_owner_writes_kernels_have_no_atomics():
-    """The deterministic kernels (and the helpers they share) contain no atomic operation."""
+def test_deterministic_kernels_have_no_atomics():
+    """The deterministic dz kernels, the helpers they share and the GEMM driver contain no atomic operation."""
     import inspect
 
-    from lsa_kernels.kernels import _common
-    from lsa_kernels.kernels import ce as ce_mod
-    from lsa_kernels.kernels import pair as pair_mod
+    from lsa_kernels.kernels import _common, deterministic, tiles
 
     def src(kernel):  # a JITFunction, or the interpreter's InterpretedFunction wrapping the Python function
         return inspect.getsource(getattr(kernel, "fn", kernel))
 
-    for mod, kind in ((ce_mod, "ce"), (pair_mod, "pair")):
-        for name in OWNER_WRITES[kind]:
-            assert "atomic" not in src(getattr(mod, name)), name
-        assert "atomic_add" in src(getattr(mod, ATOMIC[kind]))  # the check sees an atomic where there is one
-    assert "tl.atomic" not in inspect.getsource(_common)
+    for kind in ("ce", "pair"):
+        mod, name = DZ_KERNEL[kind]
+        assert "atomic" not in src(getattr(_kmod(mod), name)), name
+        mod, name = ATOMIC[kind]
+        assert "atomic_add" in src(getattr(_kmod(mod), name))  # the check sees an atomic where there is one
+    for m in (_common, tiles, deterministic, _kmod("pair_bwd").pair_dz_tiles, _kmod("ce").ce_dz_tile):
+        assert "tl.atomic" not in src(m), m

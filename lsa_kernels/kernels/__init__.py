@@ -1,8 +1,27 @@
 """Triton backend of lsa_kernels: the functions of the contract in :mod:`lsa_kernels.backends`.
 
-    ce_forward, ce_backward        fused linear cross-entropy            (kernels/ce.py)
-    pair_forward, pair_backward    two views + divergence in one V pass  (kernels/pair.py)
-    pair_js_partial                js's X, Y for given normalisers       (kernels/pair.py; vocab-parallel js)
+    ce_forward, ce_backward        fused linear cross-entropy                      (ce.py)
+    pair_forward, pair_backward    two views + divergence in one V pass            (pair.py: launchers)
+    pair_js_partial                js's X, Y for given normalisers                 (pair.py; vocab-parallel js)
+
+Modules (the maths each implements opens the file and cites docs/maths.md):
+
+    tiles.py          shared @triton.jit helpers: logits tiles, online softmax step, CE gradient, expm1 / log1p
+    merge.py          torch: named columns of the forward partials and their merge over V splits
+    ce.py             CE forward, atomic backward, deterministic dz kernel, and their launchers
+    pair_phase1.py    pair forward phase 1 (CE of both views, lse of a and b, sums of sce / kl / sym_kl)
+    pair_js.py        js's second pass (needs the final lse of a and b)
+    pair_bwd.py       pair backward: atomic kernel and deterministic dz kernel
+    pair.py           the pair launchers (forward: phase 1 → merge → js phase 2; backward)
+    deterministic.py  the deterministic backward's chunking and torch GEMMs (dx = dz W, dW += dzᵀ x)
+    _common.py        launch configuration: block-size tables per GPU family, device guard, dot precision
+    configs.py        the production / dispatchable kernel specialisations and how to compile them
+
+Naming in this package: a launched kernel ends in ``_kernel``; every other @triton.jit function is a helper
+with a plain name (no trailing underscore), shared ones in tiles.py. A trailing underscore means "in place",
+as in torch (``dx_out.zero_()``). Raw logits before bias / softcap are ``z_raw`` / ``zraw_p``; logits are
+``z``, their temperature-scaled forms ``a`` / ``b`` (``av`` / ``bv`` as tiles), log-probabilities
+``logp`` / ``logq``.
 
 Tests run them on CPU tensors under ``TRITON_INTERPRET=1``; production launches take CUDA tensors.
 """

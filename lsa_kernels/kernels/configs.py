@@ -1,7 +1,7 @@
 """The production kernel configurations (dtype × feature flags × block sizes) and how to compile them.
 
 Every entry is one specialisation the launchers in ce.py / pair.py can emit on a GPU, with the block
-sizes of ``_common.gpu_config`` for that arch. ``tests/test_triton_compile.py`` compiles them with
+sizes of ``_common.gpu_config`` (the tables ``_common.GPU_TABLE``) for that arch. ``tests/test_triton_compile.py`` compiles them with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` — no GPU needed — and checks
 shared memory against the arch's limit, register spills (ptxas -v), 64-bit offset arithmetic and, for
 the atomic kernels, that every atomic is a relaxed reduction with no fence (PTX, and SASS via nvdisasm).
@@ -9,8 +9,8 @@ The hand-written list covers every kernel, every divergence, both dot precisions
 fp32 via tf32x3) and the heaviest flag combination of each kernel.
 
 :func:`dispatch_configs` finds EVERY flag set the launchers can emit (it runs them with recording
-kernels over the whole option space): about 27.7k specialisations per arch, 9.2k per dtype, most of
-them pair-backward variants. Compiling them all is the sweep command (hours of CPU; shard it):
+kernels over the whole option space): a few thousand specialisations per dtype and arch, most of them
+pair-backward variants (the count: ``len(dispatch_configs())``). Compiling them all is the sweep command (hours of CPU; shard it):
 
     python -m lsa_kernels.kernels.configs sweep --arch 80 86 90 100 120 --jobs 16 --out sweep.jsonl \
         [--dtypes bf16,fp32] [--kinds ce_fwd,pair_bwd] [--shard K/N] [--limit M]
@@ -18,6 +18,9 @@ them pair-backward variants. Compiling them all is the sweep command (hours of C
 (``--out`` is appended to and skipped on a rerun, so a stopped sweep resumes; exit 1 if any problem.)
 One config: ``python -m lsa_kernels.kernels.configs NAME ARCH [ARCH ...]`` prints one JSON report per arch.
 Both need TRITON_INTERPRET unset.
+
+(Over 500 lines: the configuration lists, the dispatch enumeration and the compile / report / sweep tooling
+are one tool whose parts share the KernelConfig record and are used together by tests/test_triton_compile.py.)
 """
 
 from __future__ import annotations
@@ -33,20 +36,21 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
 from .. import _env
+from ..maths import DIVERGENCES, N_PAIR_STATS, Divergence
 from ._common import LaunchConfig, gpu_config
 
 _FLOAT_SCALARS = {"cap", "inv_cap", "inv_temp", "one_minus_eps", "eps_over_v", "two_zloss"}
-_INPUT_PTRS = {"x_ptr", "w_ptr", "b_ptr", "xp_ptr", "xq_ptr"}
+_INPUT_PTRS = {"x_ptr", "w_ptr", "b_ptr", "xp_ptr", "xq_ptr", "dz_ptr", "dzp_ptr", "dzq_ptr"}  # the input dtype
 _TARGET_PTRS = {"y_ptr", "yp_ptr", "yq_ptr"}
 _DIVISIBLE_INTS = {"H", "stride_x", "stride_w", "stride_xp", "stride_xq", "stride_dx", "stride_dxp",
-                   "stride_dxq", "stride_dw"}
+                   "stride_dxq", "stride_dw", "stride_dz"}
 _TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     name: str
-    kernel: str  # key of GPU_CONFIGS and of kernel_fn()
+    kernel: str  # kernel kind: key of the _common.GPU_TABLE tables and of KERNELS
     dtype: str  # bf16 | fp16 | fp32
     flags: Dict[str, Any] = field(default_factory=dict)
 
@@ -54,20 +58,28 @@ class KernelConfig:
         return gpu_config(self.kernel, arch, self.dtype == "fp32")
 
 
-def kernel_fn(kind: str):
-    from . import ce, pair
+# kernel kind → (module under lsa_kernels.kernels, kernel name)
+KERNELS = {
+    "ce_fwd": ("ce", "ce_fwd_kernel"),
+    "ce_bwd": ("ce", "ce_bwd_kernel"),
+    "ce_dz": ("ce", "ce_dz_kernel"),
+    "pair_fwd": ("pair_phase1", "pair_phase1_kernel"),
+    "pair_js": ("pair_js", "pair_js_kernel"),
+    "pair_bwd": ("pair_bwd", "pair_bwd_kernel"),
+    "pair_dz": ("pair_bwd", "pair_dz_kernel"),
+}
+ATOMIC_KINDS = ("ce_bwd", "pair_bwd")
 
-    return {
-        "ce_fwd": ce._ce_fwd_kernel,
-        "ce_bwd": ce._ce_bwd_kernel,
-        "ce_bwd_dx": ce._ce_bwd_dx_kernel,
-        "ce_bwd_dw": ce._ce_bwd_dw_kernel,
-        "pair_fwd": pair._pair_fwd_kernel,
-        "pair_js": pair._pair_fwd_kernel,  # phase 2 alone (pair_js_partial): its own block sizes
-        "pair_bwd": pair._pair_bwd_kernel,
-        "pair_bwd_dx": pair._pair_bwd_dx_kernel,
-        "pair_bwd_dw": pair._pair_bwd_dw_kernel,
-    }[kind]
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def kernel_fn(kind: str):
+    mod, name = KERNELS[kind]
+    return getattr(_module(mod), name)
 
 
 def _dot_constexprs(dtype: str) -> Dict[str, Any]:
@@ -86,15 +98,16 @@ def _ce_bwd_flags(all_on: bool, **need) -> Dict[str, Any]:
     return base
 
 
-def _pair_flags(div: int, *, temp_one=True, with_ce=True, extras=False, **more) -> Dict[str, Any]:
-    f = dict(DIV=div, TEMP_ONE=temp_one, WITH_CE=with_ce, HAS_BIAS=extras, HAS_SOFTCAP=extras, HAS_SMOOTHING=extras)
+def _pair_flags(div: Divergence, *, temp_one=True, with_ce=True, extras=False, **more) -> Dict[str, Any]:
+    f = dict(DIV=int(div), TEMP_ONE=temp_one, WITH_CE=with_ce, HAS_BIAS=extras, HAS_SOFTCAP=extras,
+             HAS_SMOOTHING=extras)
     f.update(more)
     return f
 
 
-def _pair_bwd_flags(div: int, *, grad_p=True, grad_q=True, with_ce=True, temp_one=True, extras=False,
+def _pair_bwd_flags(div: Divergence, *, grad_p=True, grad_q=True, with_ce=True, temp_one=True, extras=False,
                     **need) -> Dict[str, Any]:
-    f = dict(DIV=div, TEMP_ONE=temp_one, GRAD_P=grad_p, GRAD_Q=grad_q, WITH_CE=with_ce, HAS_BIAS=extras,
+    f = dict(DIV=int(div), TEMP_ONE=temp_one, GRAD_P=grad_p, GRAD_Q=grad_q, WITH_CE=with_ce, HAS_BIAS=extras,
              HAS_SOFTCAP=extras, HAS_SMOOTHING=extras, HAS_ZLOSS=extras)
     f.update(need)
     return f
@@ -106,64 +119,60 @@ def production_configs() -> List[KernelConfig]:
     for dt in ("bf16", "fp32"):
         out.append(KernelConfig(f"ce_fwd_{dt}_plain", "ce_fwd", dt, dict(_CE_NONE)))
         out.append(KernelConfig(f"ce_bwd_{dt}_plain", "ce_bwd", dt, _ce_bwd_flags(False, **atomic_need)))
+        out.append(KernelConfig(f"ce_dz_{dt}_all", "ce_dz", dt, _ce_bwd_flags(True, NEED_DB=True)))
     out.append(KernelConfig("ce_fwd_bf16_all", "ce_fwd", "bf16", dict(_CE_ALL)))
     out.append(KernelConfig("ce_fwd_fp16_plain", "ce_fwd", "fp16", dict(_CE_NONE)))
     out.append(KernelConfig("ce_bwd_bf16_all", "ce_bwd", "bf16",
                             _ce_bwd_flags(True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
-    out.append(KernelConfig("ce_bwd_dx_bf16_all", "ce_bwd_dx", "bf16", _ce_bwd_flags(True)))
-    out.append(KernelConfig("ce_bwd_dw_bf16_all", "ce_bwd_dw", "bf16",
-                            _ce_bwd_flags(True, NEED_DW=True, NEED_DB=True)))
 
-    names = ["sce", "kl", "kl_reverse", "sym_kl", "js"]
     pair_need = dict(USE_GP=True, USE_GQ=True, NEED_DXP=True, NEED_DXQ=True, NEED_DW=True, NEED_DB=False)
-    for div, nm in enumerate(names):
-        out.append(KernelConfig(f"pair_fwd_bf16_{nm}", "pair_fwd", "bf16", _pair_flags(div, PHASE=1)))
-        out.append(KernelConfig(f"pair_bwd_bf16_{nm}", "pair_bwd", "bf16", _pair_bwd_flags(div, **pair_need)))
+    for div in Divergence:
+        out.append(KernelConfig(f"pair_fwd_bf16_{div.label}", "pair_fwd", "bf16", _pair_flags(div)))
+        out.append(KernelConfig(f"pair_bwd_bf16_{div.label}", "pair_bwd", "bf16", _pair_bwd_flags(div, **pair_need)))
     for dt in ("bf16", "fp32"):  # as pair_js_partial launches it, heaviest flags
-        out.append(KernelConfig(f"pair_js_{dt}_phase2", "pair_js", dt,
-                                _pair_flags(4, with_ce=False, temp_one=False, extras=True, PHASE=2)))
+        out.append(KernelConfig(f"pair_js_{dt}_all", "pair_js", dt,
+                                dict(TEMP_ONE=False, HAS_BIAS=True, HAS_SOFTCAP=True)))
     out.append(KernelConfig("pair_fwd_bf16_kl_temp_all", "pair_fwd", "bf16",
-                            _pair_flags(1, temp_one=False, extras=True, PHASE=1)))
-    out.append(KernelConfig("pair_fwd_fp32_sce", "pair_fwd", "fp32", _pair_flags(0, PHASE=1)))
+                            _pair_flags(Divergence.KL, temp_one=False, extras=True)))
+    out.append(KernelConfig("pair_fwd_fp32_sce", "pair_fwd", "fp32", _pair_flags(Divergence.SCE)))
     out.append(KernelConfig("pair_bwd_bf16_sce_temp_all", "pair_bwd", "bf16",
-                            _pair_bwd_flags(0, temp_one=False, extras=True,
+                            _pair_bwd_flags(Divergence.SCE, temp_one=False, extras=True,
                                             **{**pair_need, "NEED_DB": True})))
-    out.append(KernelConfig("pair_bwd_bf16_kl_detach_nocE", "pair_bwd", "bf16",
-                            _pair_bwd_flags(1, grad_p=False, with_ce=False,
+    out.append(KernelConfig("pair_bwd_bf16_kl_detach_noce", "pair_bwd", "bf16",
+                            _pair_bwd_flags(Divergence.KL, grad_p=False, with_ce=False,
                                             **{**pair_need, "USE_GP": False, "NEED_DXP": False})))
-    out.append(KernelConfig("pair_bwd_fp32_sce", "pair_bwd", "fp32", _pair_bwd_flags(0, **pair_need)))
-    out.append(KernelConfig("pair_bwd_dx_bf16_js_all", "pair_bwd_dx", "bf16",
-                            _pair_bwd_flags(4, temp_one=False, extras=True, NEED_DXP=True, NEED_DXQ=True)))
-    out.append(KernelConfig("pair_bwd_dw_bf16_js_all", "pair_bwd_dw", "bf16",
-                            _pair_bwd_flags(4, temp_one=False, extras=True, USE_GP=True, USE_GQ=True,
-                                            NEED_DW=True, NEED_DB=True)))
+    out.append(KernelConfig("pair_bwd_fp32_sce", "pair_bwd", "fp32", _pair_bwd_flags(Divergence.SCE, **pair_need)))
+    for dt in ("bf16", "fp32"):  # deterministic dz kernel, heaviest flags (js: two log-ratio terms per element)
+        out.append(KernelConfig(f"pair_dz_{dt}_js_all", "pair_dz", dt,
+                                _pair_bwd_flags(Divergence.JS, temp_one=False, extras=True, USE_GP=True,
+                                                USE_GQ=True, NEED_DB=True)))
+    out.append(KernelConfig("pair_dz_bf16_sym_kl_all", "pair_dz", "bf16",
+                            _pair_bwd_flags(Divergence.SYM_KL, temp_one=False, extras=True, USE_GP=True,
+                                            USE_GQ=True, NEED_DB=True)))
     return out
 
 
 # One config per kernel × dtype class, heaviest flags: what the default compile test runs (the full list
 # runs with LSA_SLOW=1; it takes ~10 minutes on 2 cores).
 SMOKE = (
-    "ce_fwd_bf16_all", "ce_fwd_fp32_plain", "ce_bwd_bf16_all", "ce_bwd_fp32_plain", "ce_bwd_dx_bf16_all",
-    "ce_bwd_dw_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_js_bf16_phase2", "pair_fwd_fp32_sce",
-    "pair_bwd_bf16_sce_temp_all", "pair_bwd_bf16_js", "pair_bwd_fp32_sce", "pair_bwd_dx_bf16_js_all",
-    "pair_bwd_dw_bf16_js_all",
+    "ce_fwd_bf16_all", "ce_fwd_fp32_plain", "ce_bwd_bf16_all", "ce_bwd_fp32_plain", "ce_dz_bf16_all",
+    "ce_dz_fp32_all", "pair_fwd_bf16_kl_temp_all", "pair_js_bf16_all", "pair_fwd_fp32_sce",
+    "pair_bwd_bf16_sce_temp_all", "pair_bwd_bf16_js", "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
+    "pair_dz_fp32_js_all",
 )
 
 
 # ------------------------------------------------------------------------------ every dispatchable flag set
 
 _LAUNCH_ONLY = {"UPCAST", "DOT_PREC", "BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP", "num_warps", "num_stages"}
-_KERNEL_KIND = {"_ce_fwd_kernel": "ce_fwd", "_ce_bwd_kernel": "ce_bwd", "_ce_bwd_dx_kernel": "ce_bwd_dx",
-                "_ce_bwd_dw_kernel": "ce_bwd_dw", "_pair_bwd_kernel": "pair_bwd",
-                "_pair_bwd_dx_kernel": "pair_bwd_dx", "_pair_bwd_dw_kernel": "pair_bwd_dw"}
 _DT_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 class _Recorder:
     """Stands in for a jitted kernel: records the constexprs of each launch instead of launching."""
 
-    def __init__(self, name: str, seen: Dict[tuple, "KernelConfig"]):
-        self.name, self.seen = name, seen
+    def __init__(self, kind: str, seen: Dict[tuple, "KernelConfig"]):
+        self.kind, self.seen = kind, seen
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
@@ -172,10 +181,7 @@ class _Recorder:
             x = args[0]
             dt = _DT_NAMES[str(x.dtype).replace("torch.", "")]
             flags = {k: v for k, v in kw.items() if k not in _LAUNCH_ONLY}
-            if self.name == "_pair_fwd_kernel":
-                kind = "pair_js" if flags.get("PHASE") == 2 else "pair_fwd"
-            else:
-                kind = _KERNEL_KIND[self.name]
+            kind = self.kind
             key = (kind, dt, tuple(sorted(flags.items())))
             if key not in self.seen:
                 short = "_".join(f"{k.lower()}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(flags.items()))
@@ -199,13 +205,10 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
     from . import ce, pair
 
     seen: Dict[tuple, KernelConfig] = {}
-    names = ["_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_bwd_dx_kernel", "_ce_bwd_dw_kernel", "_pair_fwd_kernel",
-             "_pair_bwd_kernel", "_pair_bwd_dx_kernel", "_pair_bwd_dw_kernel"]
-    mods = {n: (ce if n.startswith("_ce") else pair) for n in names}
-    saved = {n: getattr(mods[n], n) for n in names}
+    saved = {kind: kernel_fn(kind) for kind in KERNELS}
     try:
-        for n in names:
-            setattr(mods[n], n, _Recorder(n, seen))
+        for kind, (mod, name) in KERNELS.items():
+            setattr(_module(mod), name, _Recorder(kind, seen))
         N, H, V = 4, 8, 16
         tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         for dn in dtypes:
@@ -224,9 +227,9 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                 for ndx, ndw, ndb in itertools.product((False, True), repeat=3):
                     ce.ce_backward(x, w, b, y, coef, coef, o, f32(N, H) if ndx else None,
                                    f32(V, H) if ndw else None, f32(V) if ndb else None)
-            stats = torch.zeros(N, 8)
+            stats = torch.zeros(N, N_PAIR_STATS)
             for div, temp, with_ce, detach, b, cap, eps, zl, det in itertools.product(
-                    ("sce", "kl", "kl_reverse", "sym_kl", "js"), (1.0, 2.0), (False, True), (None, "p", "q"),
+                    DIVERGENCES, (1.0, 2.0), (False, True), (None, "p", "q"),
                     (None, bias), (None, 30.0), (0.0, 0.1), (0.0, 1e-4), (False, True)):
                 if not with_ce and (eps or zl):
                     continue  # linear_divergence builds its CEOptions with no smoothing / z-loss
@@ -241,8 +244,8 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                        f32(N, H) if nxp else None, f32(N, H) if nxq else None,
                                        f32(V, H) if ndw else None, f32(V) if ndb else None)
     finally:
-        for n in names:
-            setattr(mods[n], n, saved[n])
+        for kind, (mod, name) in KERNELS.items():
+            setattr(_module(mod), name, saved[kind])
     return sorted(seen.values(), key=lambda c: c.name)
 
 
@@ -250,7 +253,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
 # (sm_86: 99 KB shared memory; sm_100; sm_120) besides sm_80 / sm_90.
 FAMILY_SMOKE = (
     "ce_fwd_bf16_all", "ce_bwd_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_bwd_bf16_sce_temp_all",
-    "pair_bwd_fp32_sce",
+    "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
 )
 
 
@@ -450,7 +453,7 @@ def report_problems(rep: Dict[str, Any], cfg: KernelConfig) -> List[str]:
         out.append(f"ptxas rc={rep['ptxas_rc']}")
     if rep.get("spill_bytes"):
         out.append(f"{rep['spill_bytes']} bytes spilled")
-    if cfg.kernel in ("ce_bwd", "pair_bwd"):
+    if cfg.kernel in ATOMIC_KINDS:
         out += atomic_problems(rep)
     return out
 

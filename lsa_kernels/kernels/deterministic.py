@@ -1,0 +1,71 @@
+"""The deterministic backward: dz of a chunk of rows in a buffer, then the gradient GEMMs by torch.
+
+docs/maths.md §3 (gradient), §14.3 (this schedule), §14.4 (rounding of dz). For a chunk R of at most C rows:
+
+    dz[R, :] ← a Triton kernel over (row blocks of R) × (V tiles): each program recomputes its logits tile
+               and writes its dz tile, rounded to the input dtype, to a [C, V] buffer (ce.py / pair_bwd.py)
+    dX[R]  = dz[R] · W                  torch.mm    (fp32 output, fp32 accumulation)
+    dW    += dz[R]ᵀ · X[R]              torch.addmm (accumulated in dW's fp32)
+    db    += Σ_blocks dbpart            the kernel's fp32 column sums of dz per row block, summed by torch
+
+No atomics anywhere: every program owns the tile it writes, and a GEMM of fixed shapes on a fixed device
+sums in a fixed order, so two runs give the same bits. (cuBLAS guarantees this for one stream; with
+several streams it needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (or ``:16:8``), as torch's
+``use_deterministic_algorithms`` documents. The chunking depends only on the shapes and the budget.)
+
+The dz buffer holds ``C·V`` elements of the input dtype per view; C is the largest multiple of 128 rows
+(or, below 128, the largest number of rows) whose buffer fits ``chunk_bytes`` (the options' ``chunk_bytes``, else
+:data:`DEFAULT_DZ_BYTES`). bf16 / fp16 inputs on CUDA: the GEMMs take the bf16 dz and W / X as they are
+and write fp32 (``out_dtype=torch.float32``), the numbers the atomic path's tensor-core dots produce.
+Under the interpreter (CPU tensors) the operands are upcast to fp32 first: products of bf16 values are
+exact in fp32, so that is the same GEMM. fp32 inputs: fp32 GEMMs, whose precision follows
+``torch.backends.cuda.matmul`` (full fp32 by default; TF32 when the user allows it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+DEFAULT_DZ_BYTES = 1 << 30
+ROW_MULTIPLE = 128
+
+
+def chunk_rows(N: int, V: int, n_views: int, dtype: torch.dtype, chunk_bytes: Optional[int]) -> int:
+    """Rows per chunk: the dz buffer ``[n_views·C, V]`` of ``dtype`` stays within the budget (one row at least)."""
+    budget = chunk_bytes if chunk_bytes else DEFAULT_DZ_BYTES
+    per_row = n_views * max(V, 1) * torch.empty((), dtype=dtype).element_size()
+    c = budget // per_row
+    if c >= ROW_MULTIPLE:
+        c -= c % ROW_MULTIPLE
+    c = max(c, 1)
+    return min(c, max(N, 1))
+
+
+def gemm_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the GEMMs take it: unchanged on CUDA; fp32 on CPU (interpreter tests: exact products)."""
+    return t if t.device.type == "cuda" else t.float()
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out ← a·b`` with fp32 ``out`` (a, b from :func:`gemm_operand` or a dz buffer)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    elif out.device.type == "cuda":
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a·b`` with fp32 ``out``."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        out.addmm_(a, b)
+    elif out.device.type == "cuda":
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        except RuntimeError:  # a torch build that refuses out= aliasing self here: one fp32 temporary
+            out.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        out.addmm_(a.float(), b.float())

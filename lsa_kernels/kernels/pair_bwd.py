@@ -1,0 +1,257 @@
+"""Pair backward: dz of both views (CE and divergence) per tile, then the gradient GEMMs.
+
+docs/maths.md §3 (CE gradient), §5 (∂D/∂a, ∂D/∂b), §14.3 (atomic vs deterministic), §14.4 (rounding of dz).
+Recompute both logits tiles; a = z_p/τ, b = z_q/τ, p = softmax(a), q = softmax(b), u = a − b, and X, Y the
+statistics of the forward (lsa_kernels.maths, columns maths.Stat):
+
+    sce          dD/da = p − q − p⊙(b − X)       dD/db = q − p − q⊙(a − Y)
+    kl           dD/da = p⊙(u − X)               dD/db = q − p
+    kl_reverse   dD/da = p − q                   dD/db = q⊙(Y − u)
+    sym_kl       dD/da = p⊙(u − X) + p − q       dD/db = q⊙(Y − u) + q − p
+    js           dD/da = ½p⊙(log(p/m) − X)       dD/db = ½q⊙(log(q/m) − Y)       (tiles.log_ratio_to_mid)
+
+    dz_p = coef_ce_p·(softmax(z_p)(1 + 2λ·lse_p) − (1−ε)onehot(y_p) − ε/V) + (coef_div/τ)·dD/da   [GRAD_P]
+    dz_q likewise;  both × softcap'(z_raw) = 1 − tanh²(z_raw/c)
+    dx_p = dz_p W,  dx_q = dz_q W,  dW += dz_pᵀ x_p + dz_qᵀ x_q,  db += Σ(dz_p + dz_q)
+
+* :func:`pair_bwd_kernel` (default): atomics over a (row block × V tile) grid, as ce.py's backward; both
+  views' dW contributions are summed in registers before ONE relaxed atomic per chunk.
+* :func:`pair_dz_kernel` (``deterministic``): writes dz_p and dz_q of a row chunk, rounded to the input
+  dtype, into a buffer; torch GEMMs form dx and dW (kernels/deterministic.py).
+
+With a detached view whose CE is off (linear_divergence with detach), its dz is identically zero: the
+constexprs USE_GP / USE_GQ drop its GEMMs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..maths import Divergence, Stat
+from .tiles import (
+    ce_grad,
+    dot_operand,
+    finish_logits,
+    grouped_pid,
+    load_h_tile,
+    log_ratio_to_mid,
+    logits_tile2,
+    store_dz_tile,
+)
+
+SCE: tl.constexpr = tl.constexpr(int(Divergence.SCE))
+KL: tl.constexpr = tl.constexpr(int(Divergence.KL))
+KL_REVERSE: tl.constexpr = tl.constexpr(int(Divergence.KL_REVERSE))
+SYM_KL: tl.constexpr = tl.constexpr(int(Divergence.SYM_KL))
+
+# statistics columns (maths.Stat) as constexprs for the kernels
+_LSE_P: tl.constexpr = tl.constexpr(int(Stat.LSE_P))
+_LSE_Q: tl.constexpr = tl.constexpr(int(Stat.LSE_Q))
+_LSET_P: tl.constexpr = tl.constexpr(int(Stat.LSET_P))
+_LSET_Q: tl.constexpr = tl.constexpr(int(Stat.LSET_Q))
+_X: tl.constexpr = tl.constexpr(int(Stat.X))
+_Y: tl.constexpr = tl.constexpr(int(Stat.Y))
+
+
+@triton.jit
+def pair_row_loads(
+    yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
+    WITH_CE: tl.constexpr,
+):
+    """Per-row inputs of the backward: targets, statistics and coefficients (0 on masked / ignored rows);
+    ``live``: whether any row of the block has a non-zero coefficient."""
+    st = stats_ptr + rows64 * stride_st
+    lse_p = tl.load(st + _LSE_P, mask=row_mask, other=0.0)
+    lse_q = tl.load(st + _LSE_Q, mask=row_mask, other=0.0)
+    lset_p = tl.load(st + _LSET_P, mask=row_mask, other=0.0)
+    lset_q = tl.load(st + _LSET_Q, mask=row_mask, other=0.0)
+    sx = tl.load(st + _X, mask=row_mask, other=0.0)
+    sy = tl.load(st + _Y, mask=row_mask, other=0.0)
+    cd = tl.load(cd_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
+    if WITH_CE:
+        yp = tl.load(yp_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
+        yq = tl.load(yq_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
+        cp = tl.load(cp_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+        cq = tl.load(cq_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+        cp = tl.where(yp == ignore_index, 0.0, cp)
+        cq = tl.where(yq == ignore_index, 0.0, cq)
+    else:
+        yp = tl.zeros_like(rows64) - 1
+        yq = yp
+        cp = tl.zeros_like(cd)
+        cq = cp
+    live = tl.sum(((cp != 0.0) | (cq != 0.0) | (cd != 0.0)).to(tl.int32), 0) > 0
+    return yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live
+
+
+@triton.jit
+def pair_dz_tiles(
+    xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
+    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
+    H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
+    WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """(dz_p, dz_q) w.r.t. the raw logits of one row block × V tile (fp32; 0 on masked entries)."""
+    zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
+                                  stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+    zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+    zq, tq = finish_logits(zraw_q, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+    cm = col_mask[None, :]
+    if TEMP_ONE:
+        av = tl.where(cm, zp, 0.0)
+        bv = tl.where(cm, zq, 0.0)
+    else:
+        av = tl.where(cm, zp * inv_temp, 0.0)
+        bv = tl.where(cm, zq * inv_temp, 0.0)
+    logp = av - lset_p[:, None]
+    logq = bv - lset_q[:, None]
+    p = tl.where(cm, tl.exp(logp), 0.0)
+    q = tl.where(cm, tl.exp(logq), 0.0)
+    X = sx[:, None]
+    Y = sy[:, None]
+    u = av - bv
+    if DIV == SCE:
+        da = p - q - p * (bv - X)
+        db = q - p - q * (av - Y)
+    elif DIV == KL:
+        da = p * (u - X)
+        db = q - p
+    elif DIV == KL_REVERSE:
+        da = p - q
+        db = q * (Y - u)
+    elif DIV == SYM_KL:
+        da = p * (u - X) + p - q
+        db = q * (Y - u) + q - p
+    else:  # js
+        d = logq - logp
+        da = 0.5 * p * (log_ratio_to_mid(d) - X)
+        db = 0.5 * q * (log_ratio_to_mid(-d) - Y)
+    gp = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    gq = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if GRAD_P:
+        gp = cd[:, None] * da
+    if GRAD_Q:
+        gq = cd[:, None] * db
+    if WITH_CE:
+        if TEMP_ONE:
+            sm_p = p
+            sm_q = q
+        else:
+            sm_p = tl.where(cm, tl.exp(zp - lse_p[:, None]), 0.0)
+            sm_q = tl.where(cm, tl.exp(zq - lse_q[:, None]), 0.0)
+        gp += cp[:, None] * ce_grad(sm_p, cols64[None, :] == yp[:, None], col_mask, lse_p, one_minus_eps,
+                                    eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
+        gq += cq[:, None] * ce_grad(sm_q, cols64[None, :] == yq[:, None], col_mask, lse_q, one_minus_eps,
+                                    eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
+    if HAS_SOFTCAP:
+        gp = gp * (1.0 - tp * tp)
+        gq = gq * (1.0 - tq * tq)
+    m2 = cm & row_mask[:, None]
+    return tl.where(m2, gp, 0.0), tl.where(m2, gq, 0.0)
+
+
+@triton.jit
+def pair_bwd_kernel(
+    xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
+    dxp_ptr, dxq_ptr, dw_ptr, db_ptr,
+    N, V, H, stride_xp, stride_xq, stride_w, stride_dxp, stride_dxq, stride_dw,
+    stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
+    WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr,
+    NEED_DXP: tl.constexpr, NEED_DXQ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Atomic backward: one program per (row block, V tile), grouped for L2 reuse."""
+    pid_n, pid_v = grouped_pid(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
+        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
+        WITH_CE)
+    if live:
+        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols64 = cols.to(tl.int64)
+        gp, gq = pair_dz_tiles(
+            xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
+            yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
+            H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+            DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
+            UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+        if NEED_DB:
+            tl.atomic_add(db_ptr + cols64, tl.sum(gp + gq, 0), mask=col_mask, sem="relaxed")
+        gpc = dot_operand(gp, xp_ptr, UPCAST)
+        gqc = dot_operand(gq, xp_ptr, UPCAST)
+        if NEED_DXP or NEED_DXQ or NEED_DW:
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                h_mask = offs_h < H
+                mx = row_mask[:, None] & h_mask[None, :]
+                if NEED_DXP or NEED_DXQ:
+                    wt = load_h_tile(w_ptr, cols64, col_mask, stride_w, offs_h, h_mask, UPCAST)
+                    if NEED_DXP:
+                        tl.atomic_add(dxp_ptr + rows64[:, None] * stride_dxp + offs_h[None, :],
+                                      tl.dot(gpc, wt, input_precision=DOT_PREC), mask=mx, sem="relaxed")
+                    if NEED_DXQ:
+                        tl.atomic_add(dxq_ptr + rows64[:, None] * stride_dxq + offs_h[None, :],
+                                      tl.dot(gqc, wt, input_precision=DOT_PREC), mask=mx, sem="relaxed")
+                if NEED_DW:
+                    dw = tl.zeros([BLOCK_V, BLOCK_H], tl.float32)
+                    if USE_GP:
+                        xpt = load_h_tile(xp_ptr, rows64, row_mask, stride_xp, offs_h, h_mask, UPCAST)
+                        dw = tl.dot(tl.trans(gpc), xpt, dw, input_precision=DOT_PREC)
+                    if USE_GQ:
+                        xqt = load_h_tile(xq_ptr, rows64, row_mask, stride_xq, offs_h, h_mask, UPCAST)
+                        dw = tl.dot(tl.trans(gqc), xqt, dw, input_precision=DOT_PREC)
+                    tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :], dw,
+                                  mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
+
+
+@triton.jit
+def pair_dz_kernel(
+    xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
+    dzp_ptr, dzq_ptr, dbpart_ptr,
+    N, V, H, stride_xp, stride_xq, stride_w, stride_dz,
+    stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
+    WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Deterministic backward, first half: dz_p / dz_q tiles of (row block, V tile) of a row chunk (N rows,
+    pointers offset to the chunk) into the dz buffers (USE_GP / USE_GQ); with NEED_DB the fp32 column sums
+    of dz_p + dz_q into dbpart[row block]."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols64 = cols.to(tl.int64)
+    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
+        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
+        WITH_CE)
+    gp = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    gq = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if live:
+        gp, gq = pair_dz_tiles(
+            xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
+            yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
+            H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+            DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
+            UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+    if USE_GP:
+        store_dz_tile(dzp_ptr, gp, rows64, row_mask, cols64, col_mask, stride_dz, UPCAST)
+    if USE_GQ:
+        store_dz_tile(dzq_ptr, gq, rows64, row_mask, cols64, col_mask, stride_dz, UPCAST)
+    if NEED_DB:
+        tl.store(dbpart_ptr + pid_n.to(tl.int64) * V + cols64, tl.sum(gp + gq, 0), mask=col_mask)

@@ -1,0 +1,73 @@
+"""js, second pass: X = Σ_v p_v log(p_v/m_v), Y = Σ_v q_v log(q_v/m_v) for GIVEN normalisers lse_a, lse_b.
+
+docs/maths.md §5 (js), §14.2. With a = z_p/τ, b = z_q/τ (z = softcap(x Wᵀ + b)) and the lse of a and b from
+phase 1 (or, for a vocab shard, the whole vocabulary's; lsa_kernels.distributed):
+
+    log p = a − lse_a,  log q = b − lse_b,  d = log q − log p,   m = (p + q)/2
+    log(p/m) = −log1p(expm1(d)/2)  (d ≤ 1),   −d + log 2 − log1p(e^{−d})  (d > 1)      (tiles.log_ratio_to_mid)
+    X ← Σ_v p·log(p/m),   Y ← Σ_v q·log(q/m)        plain sums: no rescaling, the normalisers are final
+
+so js = (X + Y)/2 (lsa_kernels.maths.divergence_from_stats) never forms log(p + q) (both can underflow).
+Grid: (row blocks, V splits); each program writes its [X, Y] partial to an ``[S, N, 2]`` scratch that the
+launcher sums over S. The gradient (½p⊙(log(p/m) − X), ½q⊙(log(q/m) − Y)) is in kernels/pair_bwd.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import finish_logits, log_ratio_to_mid, logits_tile2
+
+N_JS_PARTS = 2  # columns of the partials: X, Y
+_NJS: tl.constexpr = tl.constexpr(N_JS_PARTS)
+
+
+@triton.jit
+def pair_js_kernel(
+    xp_ptr, xq_ptr, w_ptr, b_ptr, lset_ptr, part_ptr,
+    N, V, H, stride_xp, stride_xq, stride_w, tiles_per_split,
+    cap, inv_cap, inv_temp,
+    TEMP_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """js's (X, Y) partial sums of one row block over one V split; ``lset [N, 2]`` holds lse_a, lse_b."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    lse_a = tl.load(lset_ptr + rows64 * 2 + 0, mask=row_mask, other=0.0)
+    lse_b = tl.load(lset_ptr + rows64 * 2 + 1, mask=row_mask, other=0.0)
+    acc_x = tl.zeros([BLOCK_N], tl.float32)
+    acc_y = tl.zeros([BLOCK_N], tl.float32)
+
+    v_start = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols64 = cols.to(tl.int64)
+        cm = col_mask[None, :]
+        zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
+                                      stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+        zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+        zq, tq = finish_logits(zraw_q, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+        if TEMP_ONE:
+            av = tl.where(cm, zp, 0.0)
+            bv = tl.where(cm, zq, 0.0)
+        else:
+            av = tl.where(cm, zp * inv_temp, 0.0)
+            bv = tl.where(cm, zq * inv_temp, 0.0)
+        logp = av - lse_a[:, None]
+        logq = bv - lse_b[:, None]
+        p = tl.where(cm, tl.exp(logp), 0.0)
+        q = tl.where(cm, tl.exp(logq), 0.0)
+        d = logq - logp
+        acc_x += tl.sum(p * log_ratio_to_mid(d), 1)
+        acc_y += tl.sum(q * log_ratio_to_mid(-d), 1)
+
+    base = part_ptr + (split.to(tl.int64) * N + rows64) * _NJS
+    tl.store(base + 0, acc_x, mask=row_mask)
+    tl.store(base + 1, acc_y, mask=row_mask)

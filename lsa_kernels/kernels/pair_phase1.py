@@ -1,0 +1,149 @@
+"""Pair forward, phase 1: CE of both views, the lse of a and b and the divergence sums, in one pass over V.
+
+docs/maths.md §3 (CE), §5 (divergences), §14.1 (online softmax, split merge), §14.2 (these partials).
+Views z_p = softcap(x_p Wᵀ + b), z_q = softcap(x_q Wᵀ + b); each W chunk is loaded ONCE per tile step
+and used by both views' dots. a = z_p/τ, b = z_q/τ, u = a − b (per element), p = softmax(a), q = softmax(b).
+Online over V tiles, every running sum rescaled by exp(m_old − m_new) when its max moves:
+
+    CE stats     m_z, s_z = Σ e^{z−m_z}, z_y, Σ_v z      → lse(z) and the CE row loss    (each view)
+    lse of a, b  m_a, s_a, m_b, s_b                        (the CE ones when τ == 1: TEMP_ONE)
+    divergence   the weighted sums behind X, Y (X2, Y2) of lsa_kernels.maths:
+        sce         X ← Σ e^{a−m_a}·b               Y ← Σ e^{b−m_b}·a
+        kl          X ← Σ e^{a−m_a}·u               Y ← Σ e^{a−m_a}·expm1(−u)
+        kl_reverse  X ← Σ e^{b−m_b}·expm1(u)        Y ← Σ e^{b−m_b}·u
+        sym_kl      X ← Σ e^{a−m_a}·u               Y ← Σ e^{b−m_b}·u
+                    X2 ← Σ e^{a−m_a}·expm1(−u)      Y2 ← Σ e^{b−m_b}·expm1(u)
+        js          nothing here: its sums need the final lse_a, lse_b (kernels/pair_js.py)
+    (every expm1 argument is clamped at maths.EXPM1_CLAMP: no 0·inf where p ≈ 0)
+
+Each program writes its partials, columns merge.PairPart, to an ``[S, N, 16]`` fp32 scratch;
+:func:`merge.pair_stats` divides each sum by its softmax's s (E_p[f] = Σ e^{a−m_a} f / s_a, §5) and merges
+the splits. Gradients: kernels/pair_bwd.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..maths import EXPM1_CLAMP, Divergence
+from .merge import N_PAIR_PARTS, PairPart
+from .tiles import expm1, finish_logits, logits_tile2, online_update
+
+SCE: tl.constexpr = tl.constexpr(int(Divergence.SCE))
+KL: tl.constexpr = tl.constexpr(int(Divergence.KL))
+KL_REVERSE: tl.constexpr = tl.constexpr(int(Divergence.KL_REVERSE))
+SYM_KL: tl.constexpr = tl.constexpr(int(Divergence.SYM_KL))
+_CLAMP: tl.constexpr = tl.constexpr(EXPM1_CLAMP)
+
+# partial columns (merge.PairPart) as constexprs for the kernel
+_NPART: tl.constexpr = tl.constexpr(N_PAIR_PARTS)
+_M_P: tl.constexpr = tl.constexpr(int(PairPart.M_P))
+_S_P: tl.constexpr = tl.constexpr(int(PairPart.S_P))
+_ZY_P: tl.constexpr = tl.constexpr(int(PairPart.ZY_P))
+_SZ_P: tl.constexpr = tl.constexpr(int(PairPart.SZ_P))
+_M_Q: tl.constexpr = tl.constexpr(int(PairPart.M_Q))
+_S_Q: tl.constexpr = tl.constexpr(int(PairPart.S_Q))
+_ZY_Q: tl.constexpr = tl.constexpr(int(PairPart.ZY_Q))
+_SZ_Q: tl.constexpr = tl.constexpr(int(PairPart.SZ_Q))
+_M_A: tl.constexpr = tl.constexpr(int(PairPart.M_A))
+_S_A: tl.constexpr = tl.constexpr(int(PairPart.S_A))
+_M_B: tl.constexpr = tl.constexpr(int(PairPart.M_B))
+_S_B: tl.constexpr = tl.constexpr(int(PairPart.S_B))
+_X: tl.constexpr = tl.constexpr(int(PairPart.X))
+_Y: tl.constexpr = tl.constexpr(int(PairPart.Y))
+_X2: tl.constexpr = tl.constexpr(int(PairPart.X2))
+_Y2: tl.constexpr = tl.constexpr(int(PairPart.Y2))
+
+
+@triton.jit
+def pair_phase1_kernel(
+    xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, part_ptr,
+    N, V, H, stride_xp, stride_xq, stride_w, tiles_per_split,
+    cap, inv_cap, inv_temp,
+    DIV: tl.constexpr, TEMP_ONE: tl.constexpr,
+    WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Phase-1 partials (merge.PairPart) of one row block over one V split."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows64 = rows.to(tl.int64)
+    zero = tl.zeros([BLOCK_N], tl.float32)
+    ninf = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    if WITH_CE:
+        yp = tl.load(yp_ptr + rows64, mask=row_mask, other=-1).to(tl.int64)
+        yq = tl.load(yq_ptr + rows64, mask=row_mask, other=-1).to(tl.int64)
+    m_p, s_p, zy_p, sz_p = ninf, zero, zero, zero
+    m_q, s_q, zy_q, sz_q = ninf, zero, zero, zero
+    m_a, s_a, m_b, s_b = ninf, zero, ninf, zero
+    acc_x, acc_y, acc_x2, acc_y2 = zero, zero, zero, zero
+
+    v_start = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        cols64 = cols.to(tl.int64)
+        cm = col_mask[None, :]
+        zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
+                                      stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+        zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+        zq, tq = finish_logits(zraw_q, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+        if TEMP_ONE:
+            av = tl.where(cm, zp, 0.0)
+            bv = tl.where(cm, zq, 0.0)
+        else:
+            av = tl.where(cm, zp * inv_temp, 0.0)
+            bv = tl.where(cm, zq * inv_temp, 0.0)
+        m_p, al_p, e_p, s_p = online_update(m_p, s_p, tl.where(cm, zp, float("-inf")))
+        m_q, al_q, e_q, s_q = online_update(m_q, s_q, tl.where(cm, zq, float("-inf")))
+        if WITH_CE:
+            zy_p += tl.sum(tl.where(cols64[None, :] == yp[:, None], zp, 0.0), 1)
+            zy_q += tl.sum(tl.where(cols64[None, :] == yq[:, None], zq, 0.0), 1)
+            if HAS_SMOOTHING:
+                sz_p += tl.sum(tl.where(cm, zp, 0.0), 1)
+                sz_q += tl.sum(tl.where(cm, zq, 0.0), 1)
+        if TEMP_ONE:
+            al_a, e_a, al_b, e_b = al_p, e_p, al_q, e_q
+        else:
+            m_a, al_a, e_a, s_a = online_update(m_a, s_a, tl.where(cm, av, float("-inf")))
+            m_b, al_b, e_b, s_b = online_update(m_b, s_b, tl.where(cm, bv, float("-inf")))
+        u = av - bv
+        if DIV == SCE:
+            acc_x = acc_x * al_a + tl.sum(e_a * bv, 1)
+            acc_y = acc_y * al_b + tl.sum(e_b * av, 1)
+        elif DIV == KL:
+            acc_x = acc_x * al_a + tl.sum(e_a * u, 1)
+            acc_y = acc_y * al_a + tl.sum(e_a * expm1(tl.minimum(-u, _CLAMP)), 1)
+        elif DIV == KL_REVERSE:
+            acc_x = acc_x * al_b + tl.sum(e_b * expm1(tl.minimum(u, _CLAMP)), 1)
+            acc_y = acc_y * al_b + tl.sum(e_b * u, 1)
+        elif DIV == SYM_KL:  # KL(p||q) + KL(q||p), each in the expm1 form
+            acc_x = acc_x * al_a + tl.sum(e_a * u, 1)
+            acc_y = acc_y * al_b + tl.sum(e_b * u, 1)
+            acc_x2 = acc_x2 * al_a + tl.sum(e_a * expm1(tl.minimum(-u, _CLAMP)), 1)
+            acc_y2 = acc_y2 * al_b + tl.sum(e_b * expm1(tl.minimum(u, _CLAMP)), 1)
+
+    if TEMP_ONE:
+        m_a, s_a, m_b, s_b = m_p, s_p, m_q, s_q
+    base = part_ptr + (split.to(tl.int64) * N + rows64) * _NPART
+    tl.store(base + _M_P, m_p, mask=row_mask)
+    tl.store(base + _S_P, s_p, mask=row_mask)
+    tl.store(base + _ZY_P, zy_p, mask=row_mask)
+    tl.store(base + _SZ_P, sz_p, mask=row_mask)
+    tl.store(base + _M_Q, m_q, mask=row_mask)
+    tl.store(base + _S_Q, s_q, mask=row_mask)
+    tl.store(base + _ZY_Q, zy_q, mask=row_mask)
+    tl.store(base + _SZ_Q, sz_q, mask=row_mask)
+    tl.store(base + _M_A, m_a, mask=row_mask)
+    tl.store(base + _S_A, s_a, mask=row_mask)
+    tl.store(base + _M_B, m_b, mask=row_mask)
+    tl.store(base + _S_B, s_b, mask=row_mask)
+    tl.store(base + _X, acc_x, mask=row_mask)
+    tl.store(base + _Y, acc_y, mask=row_mask)
+    tl.store(base + _X2, acc_x2, mask=row_mask)
+    tl.store(base + _Y2, acc_y2, mask=row_mask)
