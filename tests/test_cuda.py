@@ -133,10 +133,13 @@ def test_ce_confident_bf16():
     _compare(_ce_fn({}, y), [x, w, None], torch.bfloat16)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_ce_deterministic_bit_identical(dtype):
+def test_ce_deterministic_bit_identical(dtype, chunked):
+    """dz kernel + torch GEMMs (docs/maths.md §14.3); ``chunks``: a dz budget of 100 rows (several row chunks)."""
     x, w, b = _rand(N, H, seed=11), _rand(V, H, seed=12, scale=2.0 / H**0.5), _rand(V, seed=13)
-    fn = _ce_fn(dict(deterministic=True, softcap=20.0, label_smoothing=0.05), _targets((N,), 14))
+    budget = 100 * V * (4 if dtype == torch.float32 else 2) if chunked else None
+    fn = _ce_fn(dict(deterministic=True, softcap=20.0, label_smoothing=0.05, chunk_bytes=budget), _targets((N,), 14))
     first = _compare(fn, [x, w, b], dtype)
     again = _run(fn, [t.to(dtype) for t in (x, w, b)], dtype, "triton")
     for a, c in zip(first[0] + first[1], again[0] + again[1]):
@@ -208,7 +211,9 @@ LS_CASES = {
     "js_all_bf16": (torch.bfloat16, dict(divergence="js", temperature=1.5, softcap=20.0, label_smoothing=0.1,
                                          z_loss=1e-3, positions="last", detach="long", bias=True)),
     "kl_fp32": (torch.float32, dict(divergence="kl", detach="short")),
-    "sym_kl_det_bf16": (torch.bfloat16, dict(divergence="sym_kl", deterministic=True, alpha=0.5)),
+    # deterministic with a dz budget of 100 rows per view: several row chunks (docs/maths.md §14.3)
+    "sym_kl_det_bf16": (torch.bfloat16, dict(divergence="sym_kl", deterministic=True, alpha=0.5,
+                                             chunk_bytes=2 * 100 * V * 2)),
     "kl_reverse_fp16": (torch.float16, dict(divergence="kl_reverse")),
 }
 
