@@ -78,7 +78,7 @@ _SM80 = {
     "pair_fwd": _lc(64, 64, 64, 8, 3),
     "pair_js": _lc(64, 16, 64, 8, 3),  # 64×32 spilled 16-88 B in 3 of 4 plain flag sets (sweep); 64×16: 0 of 16
     "pair_bwd": _lc(32, 64, 64, 8, 2),
-    "pair_dz": _lc(64, 64, 64, 8, 3),
+    "pair_dz": _lc(32, 64, 64, 8, 2),  # 64×64×64 / 3 stages spilled 824 B (js, all flags)
 }
 _SM90 = {
     "ce_fwd": _lc(128, 128, 64, 8, 3),
@@ -108,15 +108,17 @@ _FP32 = {
 #   sm120  consumer Blackwell (sm_120, sm_121): mma.sync, 99 KB
 GPU_TABLE = {
     ("sm80", False): _SM80,
-    ("sm86", False): dict(_SM80),
+    # sm_86: pair_dz (js, all flags) spilled 8 B at the sm_80 tile (32×64×64, 8 warps), 32 B with 4 warps;
+    # 32×32×64: 0 B
+    ("sm86", False): {**_SM80, "pair_dz": _lc(32, 32, 64, 8, 2)},
     ("sm90", False): _SM90,
     # sm_100 (ptxas-blackwell, tcgen05): the sm_90 tiles spilled in ce_fwd (136 B) and pair_fwd (64 B);
-    # these are the first spill-free candidates. The deterministic dz kernels take the forward's tiles
-    # (their work per tile is a forward's: one logits GEMM and elementwise maths).
+    # these are the first spill-free candidates. ce_dz takes the forward's tile; pair_dz (js, all flags)
+    # spilled 8 B at 64×64×32 / 3 stages and at 32×64×32, 112-128 B at 4 warps or 32×32×64; 64×32×32: 0 B.
     ("sm100", False): {**_SM90, "ce_fwd": _lc(128, 64, 64, 8, 3), "ce_dz": _lc(64, 64, 64, 8, 3),
-                       "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_dz": _lc(64, 64, 32, 8, 3)},
+                       "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_dz": _lc(64, 32, 32, 8, 2)},
     # sm_120: the sm_80 tiles, except the pair forward (kl / sym_kl spilled 24 / 32 B at 64×64×64)
-    ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_dz": _lc(64, 64, 32, 8, 3)},
+    ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3)},
     ("any", True): _FP32,
     # fp32 atomic CE backward on sm_80: 4 warps spilled 16-32 B in 36 of 80 dispatchable flag sets (dW- or
     # db-only); 8 warps: 0 of 80 (dispatch sweep)
