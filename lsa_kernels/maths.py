@@ -50,6 +50,8 @@ __all__ = [
     "DIVERGENCES",
     "Stat",
     "N_PAIR_STATS",
+    "UNDER_P",
+    "UNDER_Q",
     "EXPM1_CLAMP",
     "EXPM1_AGREE",
     "ce_row_loss",
@@ -97,6 +99,23 @@ class Stat(enum.IntEnum):
 
 
 N_PAIR_STATS = len(Stat)
+
+#: Which softmax weights each accumulated expectation (the table above): the statistics listed under
+#: UNDER_P are expectations under p = softmax(a), those under UNDER_Q under q = softmax(b). A split of the
+#: vocabulary (Triton's split-V partials, a vocab-parallel shard) is merged by rescaling each with its own
+#: view's normaliser. js is absent: its X, Y are formed in a second pass with the final normalisers.
+UNDER_P = {
+    Divergence.SCE: (Stat.X,),
+    Divergence.KL: (Stat.X, Stat.Y),
+    Divergence.KL_REVERSE: (),
+    Divergence.SYM_KL: (Stat.X, Stat.X2),
+}
+UNDER_Q = {
+    Divergence.SCE: (Stat.Y,),
+    Divergence.KL: (),
+    Divergence.KL_REVERSE: (Stat.X, Stat.Y),
+    Divergence.SYM_KL: (Stat.Y, Stat.Y2),
+}
 
 EXPM1_CLAMP = 80.0
 EXPM1_AGREE = 1e-6

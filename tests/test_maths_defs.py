@@ -56,3 +56,14 @@ def test_ce_row_loss_matches_torch():
     got = maths.ce_row_loss(lse, zy, z.mean(1), valid, 0.1, 1e-3)
     want = torch.nn.functional.cross_entropy(z, y, reduction="none", label_smoothing=0.1) + 1e-3 * lse**2 * valid
     torch.testing.assert_close(got, want)
+
+
+def test_under_p_and_q_partition_the_expectations():
+    """Every X/Y column of a one-pass divergence is an expectation under exactly one of p, q (maths.py table)."""
+    for d in maths.Divergence:
+        if d == Divergence.JS:
+            assert d not in maths.UNDER_P and d not in maths.UNDER_Q
+            continue
+        used = {Stat.X, Stat.Y} | ({Stat.X2, Stat.Y2} if d == Divergence.SYM_KL else set())
+        p, q = set(maths.UNDER_P[d]), set(maths.UNDER_Q[d])
+        assert not (p & q) and (p | q) == used, d

@@ -18,7 +18,7 @@ import enum
 
 import torch
 
-from ..maths import Divergence, Stat, ce_row_loss
+from ..maths import UNDER_P, Divergence, Stat, ce_row_loss
 
 
 class CEPart(enum.IntEnum):
@@ -56,14 +56,7 @@ class PairPart(enum.IntEnum):
 
 N_PAIR_PARTS = len(PairPart)
 
-# Which softmax weights each accumulated statistic (docs/maths.md §5, the table in lsa_kernels.maths):
-# the statistics listed here are expectations under p = softmax(a), the others under q = softmax(b).
-UNDER_P = {
-    Divergence.SCE: (Stat.X,),
-    Divergence.KL: (Stat.X, Stat.Y),
-    Divergence.KL_REVERSE: (),
-    Divergence.SYM_KL: (Stat.X, Stat.X2),
-}
+# Which softmax weights each accumulated statistic: lsa_kernels.maths.UNDER_P (the others are under q).
 
 
 def merge_lse(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
