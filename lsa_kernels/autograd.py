@@ -1,15 +1,19 @@
-"""Autograd Functions tying the backends (cpu, triton) to the public API.
+"""Autograd Functions tying the backends (cpu, triton, vocab-parallel) to the public API.
 
-Each Function takes its non-tensor options as one dataclass (:mod:`lsa_kernels.options`) and a
-backend name, runs the backend's per-row forward, reduces, and in backward turns the upstream
-gradient into per-row coefficients for the backend's backward (contract in :mod:`.backends`).
+Each Function takes its non-tensor options as one dataclass (:mod:`lsa_kernels.options`) and a backend
+name or object, runs the backend's per-row forward, reduces, and in backward turns the upstream gradient
+into per-row coefficients for the backend's backward (contract: :mod:`lsa_kernels.backends.contract`).
+The reductions and coefficients are docs/maths.md §3 (CE: mean over valid rows, sum, none) and §4 (the
+long-short loss ``ce + α·misalign``: CE over every valid row of both views, the divergence over the
+selected pairs).
 
 Gradient folded into the forward: for ``mean``/``sum`` reductions the per-row coefficients are known
-before backward (up to the scalar upstream gradient), so a backend that offers
-``*_forward_backward`` computes dX/dW in the same pass over the logits (one GEMM per view saved on the
-CPU); backward then only scales them. When an auxiliary output (``ce``/``misalign`` of the long-short
-loss) also receives a gradient, backward recomputes with the combined coefficients instead.
-Nothing here syncs with the host: counts stay tensors.
+before backward (up to the scalar upstream gradient), so a backend with
+``caps.fused_forward_backward`` computes dX/dW in the same pass over the logits (one GEMM per view saved
+on the CPU); backward then only scales them. Otherwise — no such capability, ``reduction="none"``, or
+an auxiliary output (``ce``/``misalign`` of the long-short loss) that also receives a gradient — the
+backward runs the backend's backward from the statistics the forward saved (always saved: a few floats
+per row). Nothing here syncs with the host: counts stay tensors.
 
 Autocast: the public ops cast their operands to the autocast dtype themselves (:mod:`.functional`); the
 Functions' forward and backward run with autocast OFF (:func:`_autocast_off`), so a backward called
@@ -25,6 +29,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from .backends import Grads, PairCoefs, PairGrads, PairOut, PairRows
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss
 
@@ -56,19 +61,21 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _empty_acc(x: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=_acc(x), device=x.device)
+def _empty_acc(x: Tensor, want: bool = True) -> Optional[Tensor]:
+    return torch.empty(x.shape, dtype=_acc(x), device=x.device) if want else None
 
 
-def _grad_buffers(x: Tensor, w: Tensor, b: Optional[Tensor], need_x: bool, need_w: bool, need_b: bool):
+def _grad_buffers(x: Tensor, w: Tensor, b: Optional[Tensor], need_x: bool, need_w: bool, need_b: bool) -> Grads:
     f32 = dict(dtype=_acc(x), device=x.device)
-    dx = torch.empty(x.shape, **f32) if need_x else None
-    dw = torch.zeros(w.shape, **f32) if need_w else None
-    db = torch.zeros(w.shape[0], **f32) if (need_b and b is not None) else None
-    return dx, dw, db
+    return Grads(
+        dx=_empty_acc(x, need_x),
+        dw=torch.zeros(w.shape, **f32) if need_w else None,
+        db=torch.zeros(w.shape[0], **f32) if (need_b and b is not None) else None,
+    )
 
 
 def _cast(g: Optional[Tensor], like: Optional[Tensor], scale=None) -> Optional[Tensor]:
+    """``g`` (times ``scale``; not in place: a retained graph may run backward again) in ``like``'s dtype."""
     if g is None or like is None:
         return None
     if scale is not None:
@@ -89,42 +96,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, w, b, y, reduction: str, opts: CEOptions, backend):
         be = backends.get(backend)
         x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need = ctx.needs_input_grad[:3]
         valid = (y != opts.ignore_index).to(_acc(w))
         ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
         if reduction == "none":
-            loss_row, lse = be.ce_forward(x, w, b, y, opts)
-            ctx.save_for_backward(x, w, b, y, lse)
-            return loss_row.to(x.dtype)
-        weight = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
-        if (need_x or need_w or need_b) and hasattr(be, "ce_forward_backward"):
-            dx, dw, db = _grad_buffers(x, w, b, need_x, need_w, need_b)
-            loss_row, _ = be.ce_forward_backward(x, w, b, y, opts, weight, dx, dw, db)
-            ctx.pre = (dx, dw, db)
+            weight = valid
+        else:
+            weight = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
+        if reduction != "none" and any(need) and be.caps.fused_forward_backward:
+            ctx.pre = _grad_buffers(x, w, b, *need)
+            out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
             ctx.save_for_backward(x, w, b)
         else:
-            loss_row, lse = be.ce_forward(x, w, b, y, opts)
-            ctx.save_for_backward(x, w, b, y, lse, weight)
-        return (loss_row * weight).sum().to(x.dtype)
+            out = be.ce_forward(x, w, b, y, opts)
+            ctx.save_for_backward(x, w, b, y, out.lse, weight)
+        if reduction == "none":
+            return out.loss.to(x.dtype)
+        return (out.loss * weight).sum().to(x.dtype)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, g):
+        nones = (None,) * 4
         if ctx.pre is not None:
             x, w, b = ctx.saved_tensors
-            dx, dw, db = ctx.pre
             g = g.to(_acc(w))
-            return _cast(dx, x, g), _cast(dw, w, g), _cast(db, b, g), None, None, None, None
-        be = backends.get(ctx.backend)
-        if ctx.reduction == "none":
-            x, w, b, y, lse = ctx.saved_tensors
-            coef = g.to(_acc(w)).reshape(-1) * (y != ctx.opts.ignore_index).to(_acc(w))
-        else:
-            x, w, b, y, lse, weight = ctx.saved_tensors
-            coef = weight * g.to(_acc(w))
-        dx, dw, db = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
-        be.ce_backward(x, w, b, y, lse, coef, ctx.opts, dx, dw, db)
-        return _cast(dx, x), _cast(dw, w), _cast(db, b), None, None, None, None
+            return _cast(ctx.pre.dx, x, g), _cast(ctx.pre.dw, w, g), _cast(ctx.pre.db, b, g), *nones
+        x, w, b, y, lse, weight = ctx.saved_tensors
+        coef = weight * g.to(_acc(w)).reshape(-1) if ctx.reduction == "none" else weight * g.to(_acc(w))
+        grads = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
+        backends.get(ctx.backend).ce_backward(x, w, b, y, lse, coef, ctx.opts, grads)
+        return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
 
 
 def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend) -> Tensor:
@@ -135,52 +137,51 @@ def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, back
 # ------------------------------------------------------------------------------------ divergence
 
 
+def _pair_grads(xp, xq, w, b, need_p: bool, need_q: bool, need_w: bool, need_b: bool, xu=None) -> PairGrads:
+    """Out buffers of a pair gradient; ``xu`` (long-short's CE-only rows) gets a dx with the views' (need_p)."""
+    g = _grad_buffers(xp, w, b, need_p, need_w, need_b)
+    dxu = None if xu is None else _empty_acc(xu, need_p)
+    return PairGrads(dxp=g.dx, dxq=_empty_acc(xq, need_q), dxu=dxu, dw=g.dw, db=g.db)
+
+
 class _LinearDivergence(torch.autograd.Function):
     @staticmethod
     @_autocast_off
     def forward(ctx, xp, xq, w, b, sel, div_w, opts: PairOptions, backend, mode: str):
         be = backends.get(backend)
-        xp, xq, w, b = _contig(xp), _contig(xq), _contig(w), _contig(b)
+        rows = PairRows(_contig(xp), _contig(xq))
+        w, b = _contig(w), _contig(b)
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[:4]
-        need_p, need_q = need_p and opts.grad_p, need_q and opts.grad_q
+        ctx.need = (need_p and opts.grad_p, need_q and opts.grad_q, need_w, need_b)
         ctx.opts, ctx.backend, ctx.mode, ctx.pre = opts, backend, mode, None
-        ctx.need = (need_p, need_q, need_w, need_b)
-        sel_f = sel.to(_acc(w))
-        if mode == "weighted" and any(ctx.need) and hasattr(be, "pair_forward_backward"):
-            dxp, dw, db = _grad_buffers(xp, w, b, need_p, need_w, need_b)
-            dxq = _empty_acc(xq) if need_q else None
-            _, _, div, _ = be.pair_forward_backward(
-                xp, xq, w, b, None, None, opts, None, None, div_w, dxp, dxq, dw, db
-            )
-            ctx.pre = (dxp, dxq, dw, db)
-            ctx.save_for_backward(xp, xq, w, b)
+        weight = sel.to(_acc(w)) if mode == "none" else div_w
+        if mode == "weighted" and any(ctx.need) and be.caps.fused_forward_backward:
+            ctx.pre = _pair_grads(rows.xp, rows.xq, w, b, *ctx.need)
+            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(div=div_w), ctx.pre)
+            ctx.save_for_backward(rows.xp, rows.xq, w, b)
         else:
-            _, _, div, stats = be.pair_forward(xp, xq, w, b, None, None, opts)
-            ctx.save_for_backward(xp, xq, w, b, stats, sel_f if mode == "none" else div_w)
+            out = be.pair_forward(rows, w, b, opts)
+            ctx.save_for_backward(rows.xp, rows.xq, w, b, out.stats, weight)
         if mode == "none":
-            return (div * sel_f).to(xp.dtype)
-        return (div * div_w).sum().to(xp.dtype)
+            return (out.div * weight).to(xp.dtype)
+        return (out.div * div_w).sum().to(xp.dtype)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, g):
         nones = (None,) * 5
-        if ctx.pre is not None:
-            xp, xq, w, b = ctx.saved_tensors
-            dxp, dxq, dw, db = ctx.pre
-            g = g.to(_acc(w))
-            return _cast(dxp, xp, g), _cast(dxq, xq, g), _cast(dw, w, g), _cast(db, b, g), *nones
-        xp, xq, w, b, stats, weight = ctx.saved_tensors
-        need_p, need_q, need_w, need_b = ctx.need
         if not any(ctx.need):
             return (None,) * 9
+        if ctx.pre is not None:
+            xp, xq, w, b = ctx.saved_tensors
+            pre, g = ctx.pre, g.to(_acc(w))
+            return _cast(pre.dxp, xp, g), _cast(pre.dxq, xq, g), _cast(pre.dw, w, g), _cast(pre.db, b, g), *nones
+        xp, xq, w, b, stats, weight = ctx.saved_tensors
         coef = weight * (g.to(_acc(w)).reshape(-1) if ctx.mode == "none" else g.to(_acc(w)))
-        dxp, dw, db = _grad_buffers(xp, w, b, need_p, need_w, need_b)
-        dxq = _empty_acc(xq) if need_q else None
-        backends.get(ctx.backend).pair_backward(
-            xp, xq, w, b, None, None, stats, None, None, coef, ctx.opts, dxp, dxq, dw, db
-        )
-        return _cast(dxp, xp), _cast(dxq, xq), _cast(dw, w), _cast(db, b), *nones
+        grads = _pair_grads(xp, xq, w, b, *ctx.need)
+        saved = PairOut(None, None, None, stats)
+        backends.get(ctx.backend).pair_backward(PairRows(xp, xq), w, b, saved, PairCoefs(div=coef), ctx.opts, grads)
+        return _cast(grads.dxp, xp), _cast(grads.dxq, xq), _cast(grads.dw, w), _cast(grads.db, b), *nones
 
 
 def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend, mode: str) -> Tensor:
@@ -197,7 +198,9 @@ def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend
 
 
 def _split_views(hl: Tensor, hs: Tensor, l_extra: int):
-    """(paired long rows, paired short rows, unpaired rows of both views) as contiguous [*, H]."""
+    """(paired long rows, paired short rows, unpaired rows of both views) as contiguous [*, H] (§4: long row
+    ``l_extra + i`` pairs with short row ``i``; the long view's first and the short view's last ``l_extra``
+    rows have no partner)."""
     B, T, H = hl.shape
     xp = hl[:, l_extra:].reshape(-1, H).contiguous()
     xq = hs[:, : T - l_extra].reshape(-1, H).contiguous()
@@ -205,15 +208,20 @@ def _split_views(hl: Tensor, hs: Tensor, l_extra: int):
     return xp, xq, xu
 
 
-def _merge_views(dxp, dxq, dxu, B: int, T: int, l_extra: int):
-    H = dxu.shape[-1]
+def _merge_views(grads: PairGrads, B: int, T: int, l_extra: int, scale=None):
+    """(d hidden_long, d hidden_short) ``[B, T, H]`` from the per-part dx (times ``scale``)."""
+    dxp, dxq, dxu = grads.dxp, grads.dxq, grads.dxu
+    H = dxp.shape[-1]
     n_u = B * l_extra
-    dhl = torch.empty(B, T, H, dtype=dxu.dtype, device=dxu.device)
+    dhl = torch.empty(B, T, H, dtype=dxp.dtype, device=dxp.device)
     dhs = torch.empty_like(dhl)
     dhl[:, l_extra:] = dxp.view(B, T - l_extra, H)
     dhl[:, :l_extra] = dxu[:n_u].view(B, l_extra, H)
     dhs[:, : T - l_extra] = dxq.view(B, T - l_extra, H)
     dhs[:, T - l_extra :] = dxu[n_u:].view(B, l_extra, H)
+    if scale is not None:
+        dhl.mul_(scale)
+        dhs.mul_(scale)
     return dhl, dhs
 
 
@@ -227,37 +235,26 @@ class _LongShort(torch.autograd.Function):
         w, b = _contig(w), _contig(b)
         ign = opts.ce.ignore_index
         xp, xq, xu = _split_views(hl, hs, l_extra)
-        yp, yq, yu = _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra)
-        yp, yq, yu = yp.view(-1), yq.view(-1), yu.view(-1)
+        yp, yq, yu = (y.view(-1) for y in _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra))
+        rows = PairRows(xp, xq, yp, yq, xu, yu)
         selp = sel.reshape(-1).to(_acc(w))
         n_valid = ((yl != ign).sum() + (ys != ign).sum()).to(_acc(w)).clamp(min=1.0)
-        n_sel = selp.sum().clamp(min=1.0)
-        # coefficients of the per-row CE and divergence in `loss` (ce/misalign are these without alpha)
+        # coefficients of the per-row CE and divergence in `loss` (ce / misalign are these without alpha)
         c_ce = 1.0 / n_valid
-        c_div = 1.0 / n_sel
+        c_div = 1.0 / selp.sum().clamp(min=1.0)
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
         ctx.need = (need_l or need_s, need_w, need_b)
         ctx.pre = None
-        grads = (need_l or need_s or need_w or need_b) and hasattr(be, "pair_forward_backward")
-        if grads:
-            need_x = need_l or need_s
-            dxp, dw, db = _grad_buffers(xp, w, b, need_x, need_w, need_b)
-            dxq = _empty_acc(xq) if need_x else None
-            dxu = _empty_acc(xu) if need_x else None
-            vp, vq, vu = ((y != ign).to(_acc(w)) * c_ce for y in (yp, yq, yu))
-            ce_p, ce_q, div, _ = be.pair_forward_backward(
-                xp, xq, w, b, yp, yq, opts, vp, vq, selp * (alpha * c_div), dxp, dxq, dw, db
-            )
-            ce_u, _ = be.ce_forward_backward(xu, w, b, yu, opts.ce, vu, dxu, dw, db)
-            ctx.pre = (dxp, dxq, dxu, dw, db)
-            ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, None, None)
+        if any(ctx.need) and be.caps.fused_forward_backward:
+            need_x = ctx.need[0]
+            ctx.pre = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu)
+            out = be.pair_forward_backward(rows, w, b, opts, _coefs(rows, ign, selp, c_ce, alpha * c_div), ctx.pre)
         else:
-            ce_p, ce_q, div, stats = be.pair_forward(xp, xq, w, b, yp, yq, opts)
-            ce_u, lse_u = be.ce_forward(xu, w, b, yu, opts.ce)
-            ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, stats, lse_u)
-        ce = (ce_p.sum() + ce_q.sum() + ce_u.sum()) * c_ce
-        mis = (div * selp).sum() * c_div
+            out = be.pair_forward(rows, w, b, opts)
+        ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, out.stats, out.lse_u)
+        ce = (out.ce_p.sum() + out.ce_q.sum() + out.ce_u.sum()) * c_ce
+        mis = (out.div * selp).sum() * c_div
         dt = hl.dtype
         return (ce + alpha * mis).to(dt), ce.to(dt), mis.to(dt)
 
@@ -267,40 +264,32 @@ class _LongShort(torch.autograd.Function):
         B, T, l_extra, alpha, opts, backend = ctx.meta
         xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, stats, lse_u = ctx.saved_tensors
         need_x, need_w, need_b = ctx.need
-        nones = (None,) * 7
         if g_loss is None and g_ce is None and g_mis is None:
             return (None,) * 11
-        if ctx.pre is not None and g_ce is None and g_mis is None:
-            dxp, dxq, dxu, dw, db = ctx.pre
-            g = g_loss.to(_acc(w))
-        else:
-            be = backends.get(backend)
-            zero = torch.zeros((), dtype=torch.float32, device=xp.device)
+        if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
+            grads, scale = ctx.pre, g_loss.to(_acc(w))
+        else:  # the backend's backward with the combined coefficients of loss, ce and misalign
+            zero = torch.zeros((), dtype=_acc(w), device=xp.device)
             gl = zero if g_loss is None else g_loss.to(_acc(w))
             g_ce_tot = gl + (zero if g_ce is None else g_ce.to(_acc(w)))
             g_div_tot = alpha * gl + (zero if g_mis is None else g_mis.to(_acc(w)))
-            ign = opts.ce.ignore_index
-            vp, vq, vu = ((y != ign).to(_acc(w)) * (c_ce * g_ce_tot) for y in (yp, yq, yu))
-            cdiv = selp * (c_div * g_div_tot)
-            dxp, dw, db = _grad_buffers(xp, w, b, need_x, need_w, need_b)
-            dxq = _empty_acc(xq) if need_x else None
-            dxu = _empty_acc(xu) if need_x else None
-            if stats is None:  # the forward folded gradients for `loss` only: recompute statistics
-                _, _, _, stats = be.pair_forward(xp, xq, w, b, yp, yq, opts)
-                _, lse_u = be.ce_forward(xu, w, b, yu, opts.ce)
-            be.pair_backward(xp, xq, w, b, yp, yq, stats, vp, vq, cdiv, opts, dxp, dxq, dw, db)
-            be.ce_backward(xu, w, b, yu, lse_u, vu, opts.ce, dxu, dw, db)
-            g = None
+            rows = PairRows(xp, xq, yp, yq, xu, yu)
+            coefs = _coefs(rows, opts.ce.ignore_index, selp, c_ce * g_ce_tot, c_div * g_div_tot)
+            grads, scale = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu), None
+            saved = PairOut(None, None, None, stats, None, lse_u)
+            backends.get(backend).pair_backward(rows, w, b, saved, coefs, opts, grads)
         dhl = dhs = None
         if need_x:
-            dhl, dhs = _merge_views(dxp, dxq, dxu, B, T, l_extra)
-            if g is not None:
-                dhl, dhs = dhl.mul_(g), dhs.mul_(g)
-            dt = xp.dtype
-            dhl, dhs = dhl.to(dt), dhs.to(dt)
-            dhl = dhl if ctx.needs_input_grad[0] else None
-            dhs = dhs if ctx.needs_input_grad[1] else None
-        return dhl, dhs, _cast(dw, w, g), _cast(db, b, g), *nones
+            dhl, dhs = _merge_views(grads, B, T, l_extra, scale)
+            dhl = dhl.to(xp.dtype) if ctx.needs_input_grad[0] else None
+            dhs = dhs.to(xp.dtype) if ctx.needs_input_grad[1] else None
+        return dhl, dhs, _cast(grads.dw, w, scale), _cast(grads.db, b, scale), *(None,) * 7
+
+
+def _coefs(rows: PairRows, ign: int, selp: Tensor, c_ce: Tensor, c_div: Tensor) -> PairCoefs:
+    """Per-row coefficients: ``c_ce`` on every valid CE row, ``c_div`` on every selected pair."""
+    vp, vq, vu = ((y != ign).to(selp.dtype) * c_ce for y in (rows.yp, rows.yq, rows.yu))
+    return PairCoefs(div=selp * c_div, ce_p=vp, ce_q=vq, ce_u=vu)
 
 
 def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend) -> LongShortLoss:

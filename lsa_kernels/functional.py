@@ -101,6 +101,7 @@ def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore
             raise ValueError("vocab_start is only meaningful together with process_group=")
         return backend
     from . import backends, distributed
+    from .backends.vocab_parallel import VocabParallel
 
     if backend == "reference":
         if w.dtype == torch.float64 and w.device.type == "cuda":
@@ -114,7 +115,7 @@ def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore
         for name, y in targets:
             if y is not None:
                 _checks.check_target_values(name, y, shard.vocab_total, ignore_index)
-    return distributed.VocabParallel(backends.get(backend), shard)
+    return VocabParallel(backends.get(backend), shard)
 
 
 def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic) -> CEOptions:
@@ -155,7 +156,8 @@ def linear_cross_entropy(
     none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default 64 MiB; the rows
     per chunk follow from V). ``check_targets=False`` skips the one host sync that checks target values.
     ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
-    vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.distributed`); targets are global ids.
+    vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.backends.vocab_parallel`); targets are
+    global ids.
     Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``. Honours autocast like
     ``F.linear`` (module docstring).
     """
@@ -181,7 +183,7 @@ def _linear_cross_entropy(
     if be == "reference":
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, check_targets=check_targets,
         )
     from .autograd import linear_cross_entropy_fused
 
@@ -323,7 +325,7 @@ def _long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra=l_extra, alpha=alpha,
             divergence=divergence, temperature=temperature, detach=detach, positions=positions,
             ignore_index=ignore_index, linear_bias=linear_bias, softcap=softcap,
-            label_smoothing=label_smoothing, z_loss=z_loss,
+            label_smoothing=label_smoothing, z_loss=z_loss, check_targets=check_targets,
         )
     from .autograd import long_short_fused
 

@@ -104,9 +104,11 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     backend: str = "reference",
+    check_targets: bool = True,
 ) -> torch.Tensor:
     """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3)."""
-    _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss,
+                     softcap, check_values=check_targets)
     x = input.reshape(-1, input.shape[-1])
     y = target.reshape(-1)
     z = logits(x, linear_weight, linear_bias, softcap)
@@ -173,11 +175,13 @@ def long_short_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     backend: str = "reference",
+    check_targets: bool = True,
 ) -> LongShortLoss:
     """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence."""
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
+        check_values=check_targets,
     )
     B, T, H = hidden_long.shape
     zl = logits(hidden_long.reshape(-1, H), linear_weight, linear_bias, softcap)

@@ -130,12 +130,7 @@ def _syncs(fn):
     return mode.seen
 
 
-@pytest.mark.parametrize("backend", [
-    "cpu",
-    pytest.param("reference", marks=pytest.mark.xfail(
-        strict=True, reason="functional.py hands backend='reference' calls to lsa_kernels.reference, whose own "
-                            "_checks.check_ce / check_long_short run the target check again (check_values=True)")),
-])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_target_check_can_be_skipped(backend):
     """check_targets=False skips the one host sync (the target-range check): forward and backward then read
     no value back to the host; with the check on, the sync is there (so this test can see one); valid input

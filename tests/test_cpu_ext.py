@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import lsa_kernels as L
-from lsa_kernels import _ext, cpu
+from lsa_kernels import _ext
+from lsa_kernels.backends import cpu
 from lsa_kernels import reference as R
 from lsa_kernels.options import DIVERGENCES
 
@@ -192,14 +193,15 @@ def test_torch_compile_sees_opaque_ops():
 def test_path_selection_and_k(path):
     x32, x64 = torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64)
     assert cpu.use_ext(x32) == (path == "ext")
-    assert not cpu.use_ext(x64)  # fp64 (gradcheck) always runs the ATen path
-    if path == "ext":
-        assert (cpu.k_buffers(False, x32), cpu.k_buffers(True, x32)) == (cpu.K_CE_EXT, cpu.K_PAIR_EXT) == (1, 2)
-    else:
-        assert (cpu.k_buffers(False, x32), cpu.k_buffers(True, x32)) == (cpu.K_CE, cpu.K_PAIR)
-    assert (cpu.k_buffers(False, x64), cpu.k_buffers(True, x64)) == (cpu.K_CE, cpu.K_PAIR)
-    # the chunk grows as K shrinks, for one budget
-    assert cpu.chunk_rows(10_000, 1000, 1, 8 << 20) > cpu.chunk_rows(10_000, 1000, 3, 8 << 20)
+    assert cpu.impl(x32) is (cpu.ext if path == "ext" else cpu.aten)
+    assert not cpu.use_ext(x64) and cpu.impl(x64) is cpu.aten  # fp64 (gradcheck) always runs the ATen path
+    fns = cpu.impl(x32)
+    assert (cpu.k_buffers(False, x32), cpu.k_buffers(True, x32)) == (fns.K_CE, fns.K_PAIR)
+    assert (cpu.ext.K_CE, cpu.ext.K_PAIR) == (1, 1)  # the compiled ops allocate no [rows, V] tensor
+    assert (cpu.k_buffers(False, x64), cpu.k_buffers(True, x64)) == (cpu.aten.K_CE, cpu.aten.K_PAIR)
+    # the chunk grows as K shrinks, for one budget; the default budget without chunk_bytes
+    assert cpu.chunk_rows(1000, 1, 8 << 20) > cpu.chunk_rows(1000, 3, 8 << 20)
+    assert cpu.chunk_rows(1000, 1, None) == cpu.loop.DEFAULT_BUDGET // 4000 // 8 * 8
 
 
 CE_OPTS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=3.0),
@@ -272,7 +274,7 @@ def test_long_short_vs_reference(path, divergence, detach, temperature):
     hl, hs, w, b, yl, ys = _views(bias=(i % 2 == 0))
     kw = dict(l_extra=5, alpha=0.3, divergence=divergence, detach=detach, temperature=temperature, **extra)
     t_out, t_g = _ls_run(R.long_short_loss, hl, hs, w, b, yl, ys, torch.float64, weights, **kw)
-    rows = 11  # chunks of 11 pairs on either path: 28 pairs -> 3 chunks, one partial
+    rows = 15  # chunks of at most 15 rows on either path: 28 pairs + 20 unpaired rows -> 6 chunks
     chunk_bytes = rows * V * 4 * cpu.k_buffers(True, torch.empty(1))
     o_out, o_g = _ls_run(L.long_short_loss, hl, hs, w, b, yl, ys, torch.float32, weights, backend="cpu",
                          chunk_bytes=chunk_bytes, **kw)

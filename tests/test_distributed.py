@@ -135,14 +135,15 @@ def test_vocab_start_needs_a_process_group():
 
 def test_js_partial_with_own_normalisers_is_js():
     """``pair_js_partial`` with the weight's own lse gives js's X and Y (what a 1-shard group computes)."""
-    from lsa_kernels import cpu
+    from lsa_kernels.backends import PairRows, get
     from lsa_kernels.options import STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_Y, PairOptions
 
     g = torch.Generator().manual_seed(1)
     xp, xq = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
     w, b = torch.randn(13, 5, generator=g, dtype=torch.float64), torch.randn(13, generator=g, dtype=torch.float64)
     opts = PairOptions(divergence="js", temperature=0.6, with_ce=False)
-    _, _, div, st = cpu.pair_forward(xp, xq, w, b, None, None, opts)
+    cpu = get("cpu")
+    st = cpu.pair_forward(PairRows(xp, xq), w, b, opts).stats
     part = cpu.pair_js_partial(xp, xq, w, b, st[:, STAT_LSET_P : STAT_LSET_Q + 1], opts)
     torch.testing.assert_close(part, st[:, [STAT_X, STAT_Y]])
     ref = R.linear_divergence(xp, xq, w, linear_bias=b, divergence="js", temperature=0.6, reduction="none")

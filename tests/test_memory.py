@@ -6,8 +6,8 @@ storages shaped like logits (2-D, last dim V, more than one row) and records the
 
 Each test runs on the compiled path (``lsa_kernels._C``) and on the ATen fallback (what ``LSA_NO_EXT=1``
 or a failed build gives), and checks the peak against the budget AND against the path's own claim in
-cpu.py: at most ``K`` fp32 ``[C, V]`` buffers alive at once (K_CE = 3, K_PAIR = 9 on ATen; 1 and 2
-compiled), with ``C`` the rows per chunk that cpu.chunk_rows gives for that K.
+lsa_kernels/backends/cpu: at most ``K`` fp32 ``[R, V]`` buffers alive at once (aten.K_CE = 3, aten.K_PAIR = 5;
+ext: 1 and 1), with ``R`` the rows per chunk (all views together) that cpu.chunk_rows gives for that K.
 """
 
 import weakref
@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lsa_kernels as L
-from lsa_kernels import _ext, cpu
+from lsa_kernels import _ext
+from lsa_kernels.backends import cpu
 from lsa_kernels import reference as R
 
 from _util import leaf, targets
@@ -74,12 +75,12 @@ def path(request):
 
 
 def _claimed_bytes(pair: bool) -> int:
-    """K · C · V · 4 for the path in force: the most bytes of [C, V] buffers cpu.py says a chunk holds."""
+    """K · R · V · 4 for the path in force: the most bytes of [R, V] buffers the cpu backend says a chunk holds."""
     x = torch.zeros(1)
-    out = cpu.k_buffers(False, x) * cpu.chunk_rows(10 * N, V, cpu.k_buffers(False, x), BUDGET) * V * 4
+    out = cpu.k_buffers(False, x) * cpu.chunk_rows(V, cpu.k_buffers(False, x), BUDGET) * V * 4
     if pair:
         k = cpu.k_buffers(True, x)
-        out = max(out, k * cpu.chunk_rows(10 * N, V, k, BUDGET) * V * 4)
+        out = max(out, k * cpu.chunk_rows(V, k, BUDGET) * V * 4)
     return out
 
 

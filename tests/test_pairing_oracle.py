@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import lsa_kernels as L
-from lsa_kernels import _ext, cpu
+from lsa_kernels import _ext
+from lsa_kernels.backends import cpu
 
 from _util import IGN, triton_available
 

@@ -1,0 +1,190 @@
+"""The contract between the autograd layer (:mod:`lsa_kernels.autograd`) and a compute backend.
+
+A backend is an object with the methods of :class:`Backend` and a :class:`Capabilities` record. The
+maths it implements is docs/maths.md §3 (cross-entropy, its options and gradient) and §5 (the two views,
+their divergences, per-row statistics and gradients); the shared definitions (divergence ids, statistic
+columns, the CE row loss, a divergence from its statistics) are in :mod:`lsa_kernels.maths`.
+
+Tensors. All are 2-D (or 1-D per-row) and contiguous: rows ``x [N, H]`` (fp32, bf16, fp16; fp64 on the
+cpu backend for gradcheck), weight ``w [V, H]`` and bias ``b [V]`` (or None) of x's dtype, targets
+``y [N]`` int64 whose ignored rows hold ``opts.ignore_index``. Every statistic, loss and gradient is
+fp32 (fp64 for fp64 inputs).
+
+Forward methods return per-row values (:class:`CEOut`, :class:`PairOut`); reductions happen in the
+autograd layer. Backward methods take per-row coefficients — the upstream gradient times the reduction
+weight, zero on ignored or unselected rows — and write into out buffers (:class:`Grads`,
+:class:`PairGrads`): every ``dx*`` buffer given is OVERWRITTEN (rows with no gradient get zeros), ``dw``
+and ``db`` are ACCUMULATED into (so one fp32 ``dW`` serves every call of a loss with no V×H temporary).
+No backend holds a rows×V tensor larger than its chunk budget (cpu) or writes one to global memory
+(triton).
+
+The pair ops take :class:`PairRows`: rows ``xp``/``xq`` paired row by row (the long and the short view of
+the same tokens, §4) and, optionally, rows ``xu`` that take CE only (long-short's unpaired rows: the first
+``l_extra`` rows of the long view and the last ``l_extra`` of the short one). A backend may run those in the
+same pass over the vocabulary as the pairs (the cpu backend does: one set of GEMMs per chunk).
+
+    ce_forward(x, w, b, y, opts: CEOptions) -> CEOut(loss [N], lse [N])
+        loss = (1−ε)(lse − z_y) + ε(lse − mean_v z) + λ·lse²     (0 on ignored rows), z = softcap(x Wᵀ + b)
+    ce_backward(x, w, b, y, lse, coef [N], opts, grads: Grads) -> None
+        dz = coef ⊙ (softmax(z)(1 + 2λ·lse) − (1−ε)·onehot(y) − ε/V_total) ⊙ softcap'(z_raw)
+        dx = dz W,   dW += dzᵀ x,   db += Σ_rows dz
+
+    pair_forward(rows: PairRows, w, b, opts: PairOptions) -> PairOut
+        ce_p, ce_q (CE of each view when opts.with_ce, zeros otherwise), div (the divergence of every row;
+        callers mask), stats [N, 8] (lsa_kernels.maths.Stat), and ce_u / lse_u for rows.xu.
+    pair_backward(rows, w, b, saved: PairOut, coefs: PairCoefs, opts, grads: PairGrads) -> None
+        dz_p = coefs.ce_p·(CE gradient of z_p) + coefs.div/τ·∂D/∂a   (the second term only if opts.grad_p)
+        dz_q likewise with ∂D/∂b; dz_u = coefs.ce_u·(CE gradient of z_u); then the softcap derivative and
+        dx / dW / db as for CE (dW and db get every row of every view). ``saved`` is the forward's output
+        (its stats and lse_u are read; for a vocab shard they are the whole vocabulary's, merged).
+
+    pair_js_partial(xp, xq, w, b, lset [N, 2], opts) -> [N, 2]            (capability js_partial)
+        Σ_v p_v log(p_v/m_v), Σ_v q_v log(q_v/m_v) over the rows of ``w`` for GIVEN normalisers
+        lset = (lse(a), lse(b)) of a = z_p/τ, b = z_q/τ: js's X and Y when lset is w's own; a vocab
+        shard's share of them when lset is the whole vocabulary's (§5 js; the vocab-parallel wrapper).
+
+    ce_forward_backward(x, w, b, y, opts, coef, grads) -> CEOut          (capability fused_forward_backward)
+    pair_forward_backward(rows, w, b, opts, coefs, grads) -> PairOut     (capability fused_forward_backward)
+        the forward AND the backward with coefficients known in advance, in ONE pass over the logits (the
+        autograd layer uses them for mean/sum reductions: one GEMM per view fewer on the cpu backend).
+
+Vocabulary shards (only through :class:`lsa_kernels.backends.vocab_parallel.VocabParallel`): a target
+``y >= V`` that is not ignore_index means "a valid row whose class is in another shard" — the row gets its
+softmax gradient but no one-hot, and its forward CE value is unspecified (the wrapper merges the shards'
+statistics instead). ``opts.vocab_total`` (when set) is the V of the label-smoothing gradient term
+``ε/V_total``; the forward's ``mean_v z`` is over the weight's own rows (the wrapper merges the sums).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+from ..options import CEOptions, PairOptions
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "Backend",
+    "Capabilities",
+    "CEOut",
+    "Grads",
+    "PairCoefs",
+    "PairGrads",
+    "PairOut",
+    "PairRows",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers beyond the four required methods (checked instead of ``hasattr``)."""
+
+    #: ``ce_forward_backward`` / ``pair_forward_backward`` compute forward and gradient in one pass
+    fused_forward_backward: bool = False
+    #: ``pair_js_partial`` is available (the vocab-parallel js needs it from its local backend)
+    js_partial: bool = False
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """The rows of a pair op: ``xp``/``xq [N, H]`` paired row by row, their targets ``yp``/``yq [N]`` (None
+    without CE), and optional CE-only rows ``xu [M, H]`` with targets ``yu [M]``."""
+
+    xp: Tensor
+    xq: Tensor
+    yp: Optional[Tensor] = None
+    yq: Optional[Tensor] = None
+    xu: Optional[Tensor] = None
+    yu: Optional[Tensor] = None
+
+    @property
+    def has_unpaired(self) -> bool:
+        return self.xu is not None
+
+
+@dataclass(frozen=True)
+class PairCoefs:
+    """Per-row gradient coefficients of a pair op: ``div [N]`` for the divergence, ``ce_p``/``ce_q [N]`` for
+    the CE of each view and ``ce_u [M]`` for the CE-only rows (None where there is no such term)."""
+
+    div: Tensor
+    ce_p: Optional[Tensor] = None
+    ce_q: Optional[Tensor] = None
+    ce_u: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class Grads:
+    """Out buffers of a CE gradient (fp32, or fp64 for fp64 inputs): ``dx [N, H]`` overwritten, ``dw [V, H]``
+    and ``db [V]`` accumulated into; None: not wanted."""
+
+    dx: Optional[Tensor] = None
+    dw: Optional[Tensor] = None
+    db: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class PairGrads:
+    """Out buffers of a pair gradient: ``dxp``/``dxq [N, H]`` and ``dxu [M, H]`` overwritten, ``dw``/``db``
+    accumulated into; None: not wanted."""
+
+    dxp: Optional[Tensor] = None
+    dxq: Optional[Tensor] = None
+    dxu: Optional[Tensor] = None
+    dw: Optional[Tensor] = None
+    db: Optional[Tensor] = None
+
+    def any(self) -> bool:
+        return any(t is not None for t in (self.dxp, self.dxq, self.dxu, self.dw, self.db))
+
+
+@dataclass(frozen=True)
+class CEOut:
+    """Per-row CE loss and lse ``[N]``."""
+
+    loss: Tensor
+    lse: Tensor
+
+
+@dataclass(frozen=True)
+class PairOut:
+    """Per-row outputs of a pair forward: ``ce_p``, ``ce_q``, ``div [N]``, ``stats [N, 8]``
+    (:class:`lsa_kernels.maths.Stat`), and ``ce_u``, ``lse_u [M]`` for the CE-only rows (None without)."""
+
+    ce_p: Tensor
+    ce_q: Tensor
+    div: Tensor
+    stats: Tensor
+    ce_u: Optional[Tensor] = None
+    lse_u: Optional[Tensor] = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A compute backend (module docstring). Optional methods exist on every backend; call them only when
+    :attr:`caps` says so (a backend without the capability raises NotImplementedError)."""
+
+    name: str
+    caps: Capabilities
+
+    def ce_forward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions) -> CEOut: ...
+
+    def ce_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, lse: Tensor, coef: Tensor,
+                    opts: CEOptions, grads: Grads) -> None: ...
+
+    def pair_forward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions) -> PairOut: ...
+
+    def pair_backward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], saved: PairOut, coefs: PairCoefs,
+                      opts: PairOptions, grads: PairGrads) -> None: ...
+
+    def pair_js_partial(self, xp: Tensor, xq: Tensor, w: Tensor, b: Optional[Tensor], lset: Tensor,
+                        opts: PairOptions) -> Tensor: ...
+
+    def ce_forward_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions,
+                            coef: Tensor, grads: Grads) -> CEOut: ...
+
+    def pair_forward_backward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions,
+                              coefs: PairCoefs, grads: PairGrads) -> PairOut: ...

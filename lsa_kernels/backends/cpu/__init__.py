@@ -1,0 +1,158 @@
+"""The cpu backend: chunked, never more than one chunk of logits alive (contract: ..contract).
+
+Maths: docs/maths.md §3 (CE) and §5 (pairs), evaluated chunk by chunk: :mod:`.loop` forms a chunk's logits
+with one GEMM, a per-chunk function reduces them to per-row statistics and — when the gradient
+coefficients are known — turns them in place into ``dz``, and two more GEMMs give ``dx = dz W`` and
+``dW += dzᵀ x``. The per-chunk functions come in two implementations with the same calls: the compiled
+ops of ``lsa_kernels._C`` (:mod:`.ext`, used when built and not disabled: ``LSA_DISABLE_EXT=1`` or
+``lsa_kernels._ext.disable()``) and plain ATen (:mod:`.aten`; also every fp64 call, for gradcheck).
+
+Forward and backward in one pass (``caps.fused_forward_backward``): given the coefficients, the forward
+also writes the gradient, which saves the backward's logits GEMM. Long-short's CE-only rows run in the same
+chunks as the pairs (one set of GEMMs per chunk for all of them).
+
+Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 × bf16 → fp32
+GEMM), so logits are never rounded to bf16: W once per call (a ``[V, H]`` fp32 copy), x chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from ... import _ext
+from ...maths import divergence_from_stats
+from ...options import N_PAIR_STATS, CEOptions, PairOptions
+from ..contract import Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
+from . import aten, ext, loop
+from .loop import acc_dtype, chunk_rows
+
+Tensor = torch.Tensor
+
+__all__ = ["backend", "CpuBackend", "use_ext", "impl", "k_buffers", "chunk_rows"]
+
+
+def use_ext(x: Tensor) -> bool:
+    """Whether a call with input ``x`` runs the compiled per-chunk functions: not fp64, ``_C`` available."""
+    return x.dtype != torch.float64 and _ext.available()
+
+
+def impl(x: Tensor) -> ModuleType:
+    """The per-chunk implementation a call with input ``x`` takes: :mod:`.ext` or :mod:`.aten`."""
+    return ext if use_ext(x) else aten
+
+
+def k_buffers(pair: bool, x: Tensor) -> int:
+    """``K`` of the path a call with input ``x`` takes: fp32 ``[rows, V]`` buffers alive per chunk row."""
+    m = impl(x)
+    return m.K_PAIR if pair else m.K_CE
+
+
+def _empty(n: int, like: Tensor, *cols: int) -> Tensor:
+    return torch.empty(n, *cols, dtype=acc_dtype(like), device=like.device)
+
+
+def _ce(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions, *, lse: Optional[Tensor] = None,
+        coef: Optional[Tensor] = None, grads: Grads = Grads()) -> CEOut:
+    """Forward (``coef`` None), forward + gradient, or gradient from the saved ``lse``."""
+    fns = impl(x)
+    N = x.shape[0]
+    loss_all, lse_all = _empty(N, x), (_empty(N, x) if lse is None else lse)
+
+    def step(z, sl):
+        (s,) = sl
+        lr, lsr = fns.ce_chunk(z[0], y[s], opts, None if lse is None else lse[s], None if coef is None else coef[s])
+        loss_all[s] = lr
+        if lse is None:
+            lse_all[s] = lsr
+
+    rows = chunk_rows(w.shape[0], fns.K_CE, opts.chunk_bytes)
+    loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
+    return CEOut(loss_all, lse_all)
+
+
+def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, saved: Optional[PairOut] = None,
+          coefs: Optional[PairCoefs] = None, grads: PairGrads = PairGrads()) -> PairOut:
+    """Forward (``coefs`` None), forward + gradient, or gradient from the ``saved`` statistics."""
+    fns = impl(rows.xp)
+    N, like = rows.xp.shape[0], rows.xp
+    fwd = saved is None
+    zeros = torch.zeros(N, dtype=acc_dtype(like), device=like.device)
+    ce_p, ce_q = (_empty(N, like), _empty(N, like)) if (fwd and opts.with_ce) else (zeros, zeros)
+    stats = _empty(N, like, N_PAIR_STATS) if fwd else saved.stats
+    unpaired = rows.has_unpaired
+    M = rows.xu.shape[0] if unpaired else 0
+    ce_u = _empty(M, like) if unpaired else None
+    lse_u = (_empty(M, like) if fwd else saved.lse_u) if unpaired else None
+    parts = [loop.Part(rows.xp, grads.dxp, opts.with_ce or opts.grad_p),
+             loop.Part(rows.xq, grads.dxq, opts.with_ce or opts.grad_q)]
+    if unpaired:
+        parts.append(loop.Part(rows.xu, grads.dxu))
+
+    def sl_(t, s):
+        return None if t is None else t[s]
+
+    def step(z, sl):
+        s = sl[0]
+        c = None if coefs is None else PairCoefs(coefs.div[s], sl_(coefs.ce_p, s), sl_(coefs.ce_q, s))
+        cp, cq, st = fns.pair_chunk(z[0], z[1], sl_(rows.yp, s), sl_(rows.yq, s), opts,
+                                    None if fwd else stats[s], c)
+        if fwd:
+            stats[s] = st
+            if opts.with_ce:
+                ce_p[s], ce_q[s] = cp, cq
+        if unpaired:
+            u = sl[2]
+            lu, lsu = fns.ce_chunk(z[2], rows.yu[u], opts.ce, None if fwd else lse_u[u],
+                                   None if coefs is None else coefs.ce_u[u])
+            ce_u[u] = lu
+            if fwd:
+                lse_u[u] = lsu
+
+    n_rows = chunk_rows(w.shape[0], fns.K_PAIR, opts.ce.chunk_bytes)
+    loop.run(parts, w, b, max(n_rows, 2 + unpaired), step, backward=coefs is not None, dw=grads.dw, db=grads.db)
+    return PairOut(ce_p, ce_q, divergence_from_stats(stats, opts.divergence), stats, ce_u, lse_u)
+
+
+class CpuBackend:
+    """The cpu backend object (module docstring; methods: lsa_kernels.backends.contract)."""
+
+    name = "cpu"
+    caps = Capabilities(fused_forward_backward=True, js_partial=True)
+
+    def ce_forward(self, x, w, b, y, opts: CEOptions) -> CEOut:
+        return _ce(x, w, b, y, opts)
+
+    def ce_forward_backward(self, x, w, b, y, opts: CEOptions, coef: Tensor, grads: Grads) -> CEOut:
+        return _ce(x, w, b, y, opts, coef=coef, grads=grads)
+
+    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
+        _ce(x, w, b, y, opts, lse=lse, coef=coef, grads=grads)
+
+    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions) -> PairOut:
+        return _pair(rows, w, b, opts)
+
+    def pair_forward_backward(self, rows: PairRows, w, b, opts: PairOptions, coefs: PairCoefs,
+                              grads: PairGrads) -> PairOut:
+        return _pair(rows, w, b, opts, coefs=coefs, grads=grads)
+
+    def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
+                      grads: PairGrads) -> None:
+        _pair(rows, w, b, opts, saved=saved, coefs=coefs, grads=grads)
+
+    def pair_js_partial(self, xp, xq, w, b, lset, opts: PairOptions) -> Tensor:
+        """ATen chunks on every input dtype (contract)."""
+        out = _empty(xp.shape[0], xp, 2)
+
+        def step(z, sl):
+            s = sl[0]
+            out[s] = aten.js_partial_chunk(z[0], z[1], lset[s], opts)
+
+        rows = chunk_rows(w.shape[0], aten.K_PAIR, opts.ce.chunk_bytes)
+        loop.run([loop.Part(xp), loop.Part(xq)], w, b, max(rows, 2), step, backward=False)
+        return out
+
+
+backend = CpuBackend()

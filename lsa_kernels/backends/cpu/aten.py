@@ -1,0 +1,237 @@
+"""Per-chunk functions of the cpu backend in ATen: what happens to a chunk of logits between the GEMMs.
+
+Each function takes a chunk of RAW logits ``z = x Wᵀ + b`` (fp32, or fp64 for gradcheck; ``[c, V]``,
+contiguous, a view of the chunk loop's buffer), applies the softcap, reduces every row to its
+statistics, and — given gradient coefficients — overwrites ``z`` with ``dz = ∂(Σ coef·loss)/∂z_raw``,
+which the loop then feeds to the gradient GEMMs. Without coefficients the contents of ``z`` afterwards
+are unspecified.
+
+Maths: docs/maths.md §3 (CE: row loss, lse, ∂ℓ/∂z, softcap derivative) and §5 (the per-row statistics
+of :class:`lsa_kernels.maths.Stat`, each divergence's ∂D/∂a and ∂D/∂b, the expm1 and log-space js forms):
+
+    CE      lse = logsumexp(z),  ℓ = maths.ce_row_loss(lse, z_y, mean z),
+            dz = coef ⊙ (softmax(z)(1 + 2λ·lse) − (1−ε)·onehot(y) − ε/V_total) ⊙ (1 − (z/c)²)
+    pairs   a = z_p/τ, b = z_q/τ, p = softmax(a), q = softmax(b): stats (maths.py table), then
+            dz_p = coef_ce_p·(CE gradient of z_p) + coef_div/τ·∂D/∂a,  dz_q likewise, ⊙ softcap'
+
+Memory (``K`` of :mod:`lsa_kernels.backends.cpu`: fp32 ``[c, V]`` buffers alive at once, the chunk's own
+included, per row of the chunk): CE 3, pairs 9 per pair of rows (a, b, p, q, u or the js log ratios,
+∂D/∂a, ∂D/∂b, the CE softmax), i.e. ``K_PAIR = 5`` per chunk row (both views' rows count). Checked by
+tests/test_memory.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ...maths import EXPM1_CLAMP, Stat, ce_row_loss
+from ...options import N_PAIR_STATS, CEOptions, PairOptions
+from ..contract import PairCoefs
+
+Tensor = torch.Tensor
+
+#: fp32 [rows, V] buffers alive at once per row of a chunk (module docstring; tests/test_memory.py)
+K_CE = 3
+K_PAIR = 5
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a[i, v] b[i, v] without a [c, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _softcap_(z: Tensor, softcap: Optional[float]) -> Tensor:
+    if softcap is not None and softcap > 0:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _softcap_grad_(dz: Tensor, zc: Tensor, softcap: Optional[float], scale: float = 1.0) -> Tensor:
+    """``dz *= 1 − (zc·scale/c)²`` where ``zc·scale`` is the softcapped logit (chain rule through tanh)."""
+    if softcap is None or not softcap > 0:
+        return dz
+    d = zc * (scale / softcap)
+    d.square_().neg_().add_(1.0)
+    return dz.mul_(d)
+
+
+def _safe_targets(y: Tensor, V: int, ignore_index: int) -> Tensor:
+    """Targets with a one-hot in this weight, else −1 (ignored rows, and ids >= V: another vocab shard)."""
+    return torch.where((y != ignore_index) & (y >= 0) & (y < V), y, torch.full_like(y, -1))
+
+
+def _ce_rows(z: Tensor, y: Tensor, opts: CEOptions) -> Tuple[Tensor, Tensor]:
+    """(loss_row, lse) of a chunk of softcapped logits."""
+    ys = _safe_targets(y, z.shape[1], opts.ignore_index)
+    lse = torch.logsumexp(z, dim=1)
+    zy = z.gather(1, ys.clamp(min=0).unsqueeze(1)).squeeze(1)
+    zmean = z.mean(dim=1) if opts.label_smoothing > 0 else None
+    return ce_row_loss(lse, zy, zmean, y != opts.ignore_index, opts.label_smoothing, opts.z_loss), lse
+
+
+def _ce_grad_(p: Tensor, lse: Tensor, y: Tensor, coef: Tensor, opts: CEOptions) -> Tensor:
+    """Turn ``p = softmax(z)`` in place into ``coef ⊙ ∂ℓ/∂z`` (before the softcap derivative)."""
+    eps, V = opts.label_smoothing, p.shape[1]
+    ys = _safe_targets(y, V, opts.ignore_index)
+    if opts.z_loss > 0:
+        p.mul_((1.0 + 2.0 * opts.z_loss * lse).unsqueeze(1))
+    hot = (ys >= 0).to(p.dtype)
+    p.scatter_add_(1, ys.clamp(min=0).unsqueeze(1), (hot * -(1.0 - eps)).unsqueeze(1))
+    if eps > 0:
+        p.sub_(eps / (opts.vocab_total or V))
+    return p.mul_(coef.unsqueeze(1))
+
+
+def ce_chunk(z: Tensor, y: Tensor, opts: CEOptions, lse: Optional[Tensor] = None,
+             coef: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(loss [c], lse [c]) of a chunk; with ``coef`` also ``z ← dz``. With ``lse`` given (backward from saved
+    statistics) the loss is not computed (zeros) and only the gradient is formed."""
+    _softcap_(z, opts.softcap)
+    if lse is None:
+        loss, lse = _ce_rows(z, y, opts)
+    else:
+        loss = torch.zeros_like(lse)
+    if coef is not None:
+        capped = opts.has_softcap
+        # with a softcap the capped logits are still needed for the chain rule: softmax into a new buffer
+        p = (z - lse.unsqueeze(1)).exp_() if capped else z.sub_(lse.unsqueeze(1)).exp_()
+        dz = _softcap_grad_(_ce_grad_(p, lse, y, coef, opts), z, opts.softcap)
+        if capped:
+            z.copy_(dz)
+    return loss, lse
+
+
+def _js_log_ratios(a: Tensor, b: Tensor, lta: Tensor, ltb: Tensor) -> Tuple[Tensor, Tensor]:
+    """(log p − log m, log q − log m), m = (p + q)/2, all in log space (docs/maths.md §5 js);
+    ``lta``/``ltb`` are the ``[c, 1]`` normalisers of a and b."""
+    lp = a - lta
+    lq = b - ltb
+    lm = torch.logaddexp(lp, lq).sub_(math.log(2.0))
+    return lp.sub_(lm), lq.sub_(lm)
+
+
+def _expm1c(t: Tensor) -> Tensor:
+    return torch.expm1(t.clamp(max=EXPM1_CLAMP))
+
+
+def pair_chunk(za: Tensor, zb: Tensor, yp: Optional[Tensor], yq: Optional[Tensor], opts: PairOptions,
+               stats: Optional[Tensor] = None, coefs: Optional[PairCoefs] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(ce_p [c], ce_q [c], stats [c, 8]) of a chunk of paired rows; with ``coefs`` also ``za ← dz_p``,
+    ``zb ← dz_q``. With ``stats`` given (backward) they are not recomputed and ce_p, ce_q are zeros."""
+    ce, tau, div = opts.ce, opts.temperature, opts.divergence
+    _softcap_(za, ce.softcap)
+    _softcap_(zb, ce.softcap)
+    C = za.shape[0]
+    forward = stats is None
+    ce_p = ce_q = torch.zeros(C, dtype=za.dtype, device=za.device)
+    if forward:
+        stats = torch.zeros(C, N_PAIR_STATS, dtype=za.dtype, device=za.device)
+        if opts.with_ce:
+            ce_p, stats[:, Stat.LSE_P] = _ce_rows(za, yp, ce)
+            ce_q, stats[:, Stat.LSE_Q] = _ce_rows(zb, yq, ce)
+    # divergence on a = za/τ, b = zb/τ (scaled in place; τ·a is recovered where needed)
+    if tau != 1.0:
+        za.div_(tau)
+        zb.div_(tau)
+    a, b = za, zb
+    if forward:
+        if opts.with_ce and tau == 1.0:
+            stats[:, Stat.LSET_P] = stats[:, Stat.LSE_P]
+            stats[:, Stat.LSET_Q] = stats[:, Stat.LSE_Q]
+        else:
+            stats[:, Stat.LSET_P] = torch.logsumexp(a, dim=1)
+            stats[:, Stat.LSET_Q] = torch.logsumexp(b, dim=1)
+    lta, ltb = stats[:, Stat.LSET_P].unsqueeze(1), stats[:, Stat.LSET_Q].unsqueeze(1)
+    p = (a - lta).exp_()
+    q = (b - ltb).exp_()
+    if forward:
+        # normalised by their own sums: an lse one ulp off at large logits (|z| ≈ 300: ε ≈ 3e-5) would scale
+        # every expectation by (1 − ε), an error of ε·|E[z]| in X and Y (found by the nightly property run).
+        # Not in backward: a vocab shard's backward gets the GLOBAL lse, under which p sums to its share.
+        p.div_(p.sum(1, keepdim=True))
+        q.div_(q.sum(1, keepdim=True))
+    u = a - b if div in ("kl", "kl_reverse", "sym_kl") else None
+    lp = lq = None
+    if div == "js":
+        lp, lq = _js_log_ratios(a, b, lta, ltb)
+    if forward:
+        if div == "sce":
+            X, Y = _rowdot(p, b), _rowdot(q, a)
+        elif div == "kl":
+            X, Y = _rowdot(p, u), _rowdot(p, _expm1c(-u))
+        elif div == "kl_reverse":
+            X, Y = _rowdot(q, _expm1c(u)), _rowdot(q, u)
+        elif div == "sym_kl":
+            X, Y = _rowdot(p, u), _rowdot(q, u)
+            stats[:, Stat.X2], stats[:, Stat.Y2] = _rowdot(p, _expm1c(-u)), _rowdot(q, _expm1c(u))
+        else:  # js
+            X, Y = _rowdot(p, lp), _rowdot(q, lq)
+        stats[:, Stat.X], stats[:, Stat.Y] = X, Y
+    if coefs is None:
+        return ce_p, ce_q, stats
+
+    X, Y = stats[:, Stat.X].unsqueeze(1), stats[:, Stat.Y].unsqueeze(1)
+    cd = (coefs.div / tau).unsqueeze(1)
+    gp = gq = None  # ∂D/∂a, ∂D/∂b (docs/maths.md §5 table) times coef_div/τ
+    if opts.grad_p:
+        if div == "sce":
+            gp = (b - X).mul_(p).neg_().add_(p).sub_(q)
+        elif div == "kl":
+            gp = (u - X).mul_(p)
+        elif div == "kl_reverse":
+            gp = p - q
+        elif div == "sym_kl":
+            gp = (u - X).mul_(p).add_(p).sub_(q)
+        else:
+            gp = (lp - X).mul_(p).mul_(0.5)
+        gp.mul_(cd)
+    if opts.grad_q:
+        if div == "sce":
+            gq = (a - Y).mul_(q).neg_().add_(q).sub_(p)
+        elif div == "kl":
+            gq = q - p
+        elif div == "kl_reverse":
+            gq = (Y - u).mul_(q)
+        elif div == "sym_kl":
+            gq = (Y - u).mul_(q).add_(q).sub_(p)
+        else:
+            gq = (lq - Y).mul_(q).mul_(0.5)
+        gq.mul_(cd)
+    del u, lp, lq
+
+    def view_grad(g: Optional[Tensor], z_over_tau: Tensor, p_t: Tensor, lse_col: Tensor, y, coef_ce) -> None:
+        """z_over_tau ← the view's dz (CE gradient + g, through the softcap); zeros without either."""
+        if opts.with_ce:
+            # softmax(z) for CE: p itself when τ = 1, else exp(τ·a − lse)
+            if tau == 1.0:
+                sm = p_t.clone() if g is not None else p_t
+            else:
+                sm = (z_over_tau * tau).sub_(lse_col.unsqueeze(1)).exp_()
+            sm = _ce_grad_(sm, lse_col, y, coef_ce, ce)
+            g = sm if g is None else g.add_(sm)
+        if g is None:
+            z_over_tau.zero_()
+            return
+        z_over_tau.copy_(_softcap_grad_(g, z_over_tau, ce.softcap, scale=tau))
+
+    view_grad(gp, a, p, stats[:, Stat.LSE_P], yp, coefs.ce_p)
+    del gp
+    view_grad(gq, b, q, stats[:, Stat.LSE_Q], yq, coefs.ce_q)
+    return ce_p, ce_q, stats
+
+
+def js_partial_chunk(za: Tensor, zb: Tensor, lset: Tensor, opts: PairOptions) -> Tensor:
+    """``[c, 2]``: Σ_v p_v log(p_v/m_v), Σ_v q_v log(q_v/m_v) under the GIVEN normalisers ``lset [c, 2]`` of
+    a = z_p/τ, b = z_q/τ (contract: pair_js_partial)."""
+    tau = float(opts.temperature)
+    a, b = _softcap_(za, opts.ce.softcap), _softcap_(zb, opts.ce.softcap)
+    if tau != 1.0:
+        a.div_(tau)
+        b.div_(tau)
+    lta, ltb = (lset[:, i : i + 1].to(a.dtype) for i in (0, 1))
+    p, q = (a - lta).exp_(), (b - ltb).exp_()
+    lp, lq = _js_log_ratios(a, b, lta, ltb)
+    return torch.stack([_rowdot(p, lp), _rowdot(q, lq)], dim=1)

@@ -1,0 +1,61 @@
+"""The Triton backend: the contract (..contract) over the fused kernels of :mod:`lsa_kernels.kernels`.
+
+Maths: docs/maths.md §3 (CE) and §5 (pairs), evaluated tile by tile over the vocabulary as described in
+docs/maths.md §14; this module only translates the contract's dataclasses into the kernels' launchers
+(their names and signatures belong to lsa_kernels.kernels). Long-short's CE-only rows are a separate CE
+launch. The kernels recompute logits in backward from the saved statistics, so a fused forward+backward
+would save nothing here (``caps.fused_forward_backward`` is False).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import kernels
+from ..options import CEOptions, PairOptions
+from .contract import Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
+
+Tensor = torch.Tensor
+
+
+class TritonBackend:
+    """The Triton backend object (module docstring)."""
+
+    name = "triton"
+    caps = Capabilities(fused_forward_backward=False, js_partial=True)
+
+    def ce_forward(self, x, w, b, y, opts: CEOptions) -> CEOut:
+        loss, lse = kernels.ce_forward(x, w, b, y, opts)
+        return CEOut(loss, lse)
+
+    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
+        kernels.ce_backward(x, w, b, y, lse, coef, opts, grads.dx, grads.dw, grads.db)
+
+    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions) -> PairOut:
+        ce_p, ce_q, div, stats = kernels.pair_forward(rows.xp, rows.xq, w, b, rows.yp, rows.yq, opts)
+        ce_u = lse_u = None
+        if rows.has_unpaired:
+            out = self.ce_forward(rows.xu, w, b, rows.yu, opts.ce)
+            ce_u, lse_u = out.loss, out.lse
+        return PairOut(ce_p, ce_q, div, stats, ce_u, lse_u)
+
+    def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
+                      grads: PairGrads) -> None:
+        kernels.pair_backward(rows.xp, rows.xq, w, b, rows.yp, rows.yq, saved.stats, coefs.ce_p, coefs.ce_q,
+                              coefs.div, opts, grads.dxp, grads.dxq, grads.dw, grads.db)
+        if rows.has_unpaired:
+            self.ce_backward(rows.xu, w, b, rows.yu, saved.lse_u, coefs.ce_u, opts.ce,
+                             Grads(grads.dxu, grads.dw, grads.db))
+
+    def pair_js_partial(self, xp, xq, w, b, lset, opts: PairOptions) -> Tensor:
+        return kernels.pair_js_partial(xp, xq, w, b, lset, opts)
+
+    def ce_forward_backward(self, x, w, b, y, opts, coef, grads) -> CEOut:
+        raise NotImplementedError("the triton backend has no fused forward+backward (caps.fused_forward_backward)")
+
+    def pair_forward_backward(self, rows, w, b, opts, coefs, grads) -> PairOut:
+        raise NotImplementedError("the triton backend has no fused forward+backward (caps.fused_forward_backward)")
+
+
+backend = TritonBackend()
+
