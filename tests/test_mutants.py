@@ -132,6 +132,26 @@ def test_maths_ce_row_loss_terms_and_mask():
     bad[2], bad[5] = float("inf"), float("nan")
     got = maths.ce_row_loss(bad, zy, zmean, valid, 0.3, 0.05)
     assert got[2] == 0 and got[5] == 0 and torch.isfinite(got).all()
+    bad[0] = float("inf")  # a valid row whose lse overflowed: inf, not the NaN of an added 0·inf
+    assert maths.ce_row_loss(bad, zy, None, valid, 0.0, 0.0)[0] == float("inf")
+
+
+def test_maths_divergence_from_stats_agreement_bound_is_inclusive():
+    """maths._log_ratio: the expm1 form is used where it agrees with ``lse_b − lse_a`` to WITHIN
+    ``EXPM1_AGREE·(1 + |lse_a| + |lse_b|)``, the bound included (a row exactly at the bound keeps it)."""
+    for lse in (0.0, 3.0):  # lse_a = lse_b: the plain difference is 0, the bound 1e-6·(1 + 2·lse)
+        la = torch.full((1,), lse)
+        bound = maths.EXPM1_AGREE * (1.0 + la.abs() + la.abs())
+        e = bound.clone()
+        for _ in range(400):  # the fp32 expm1 column whose log1p is exactly the bound
+            if torch.log1p(e).item() == bound.item():
+                break
+            e = torch.nextafter(e, torch.ones(1))
+        assert torch.log1p(e).item() == bound.item()
+        st = torch.zeros(1, 8)
+        st[0, maths.Stat.LSET_P] = st[0, maths.Stat.LSET_Q] = lse
+        st[0, maths.Stat.X], st[0, maths.Stat.Y] = 0.25, e.item()
+        assert maths.divergence_from_stats(st, "kl").item() == (0.25 + bound).item()
 
 
 # ------------------------------------------------------------------------ autograd.py and functional.py
@@ -156,6 +176,143 @@ def _inputs(seed: int, dtype=torch.float64):
     ys = torch.randint(0, V, (B, T), generator=g)
     yl[0, 1], yl[1, 5], ys[0, 0], ys[1, 2], yl[0, 6] = IGN, IGN, IGN, IGN, IGN
     return [t.to(dtype) for t in (hl, hs, w, b)] + [yl, ys]
+
+
+# --------------------------------------------------------------------------------------------- functional.py
+
+from lsa_kernels.functional import resolve_backend  # noqa: E402
+
+
+def test_functional_resolve_backend_choices(monkeypatch):
+    cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
+    assert resolve_backend("auto", cpu, torch.float32) == "cpu"
+    assert resolve_backend("auto", cpu, torch.float64) == "cpu"
+    assert resolve_backend("auto", meta) == "cpu"
+    assert resolve_backend("auto", cuda, torch.float64) == "reference"  # no device query on this path
+    assert resolve_backend("cpu", cpu) == "cpu" and resolve_backend("reference", cpu) == "reference"
+    assert resolve_backend("reference", cuda, torch.float64) == "reference"
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        resolve_backend("cpu", cuda, torch.float32)
+    with pytest.raises(ValueError, match="float64"):
+        resolve_backend("triton", cuda, torch.float64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("gpu", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu, torch.float32) == "triton"
+    assert resolve_backend("triton", meta, torch.bfloat16) == "triton"
+    with pytest.raises(ValueError, match="float64"):
+        resolve_backend("triton", cpu, torch.float64)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        resolve_backend("triton", cpu, torch.float32)
+
+
+def test_functional_vocab_parallel_arguments_are_checked_before_any_group_use():
+    hl, hs, w, _, yl, ys = _inputs(31)
+    x, y = hl.reshape(-1, H), yl.reshape(-1)
+    for vs in (1, 5):
+        with pytest.raises(ValueError, match="vocab_start is only meaningful"):
+            L.linear_cross_entropy(x, w, y, backend="cpu", vocab_start=vs)
+    assert torch.equal(L.linear_cross_entropy(x, w, y, backend="cpu", vocab_start=None),
+                       L.linear_cross_entropy(x, w, y, backend="cpu"))
+    group = object()  # never reached: the arguments are refused first
+    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
+        L.linear_cross_entropy(x, w, y, backend="reference", process_group=group)
+    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
+        L.linear_divergence(x, hs.reshape(-1, H), w, backend="reference", process_group=group)
+    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
+        L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, backend="reference", process_group=group)
+    m = [t.to("meta") for t in (x, w)]  # float64 off CUDA (a device type sorting after "cuda"): not that message
+    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
+        L.linear_cross_entropy(m[0], m[1], y.to("meta"), backend="reference", process_group=group)
+    for vs in (-1, True, 1.0, None):
+        with pytest.raises(ValueError, match="vocab_start must be a non-negative int"):
+            L.linear_cross_entropy(x, w, y, backend="cpu", process_group=group, vocab_start=vs)
+    with pytest.raises(ValueError, match="vocab_start must be a non-negative int"):  # triton passes on to the check
+        L.linear_cross_entropy(x.float(), w.float(), y, backend="triton", process_group=group, vocab_start=-1)
+
+
+def test_functional_vocab_parallel_single_rank_group(tmp_path):
+    """functional._vocab_parallel with a real (1-rank gloo) group: same values as no group; the global target
+    check runs unless check_targets=False."""
+    import torch.distributed as dist
+
+    hl, hs, w, _, yl, ys = _inputs(34, torch.float32)
+    x, y = hl.reshape(-1, H), yl.reshape(-1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        grp = dist.group.WORLD
+        torch.testing.assert_close(L.linear_cross_entropy(x, w, y, process_group=grp, backend="cpu"),
+                                   L.linear_cross_entropy(x, w, y, backend="cpu"))
+        got = L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, process_group=grp, backend="cpu")
+        for a, c in zip(got, L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, backend="cpu")):
+            torch.testing.assert_close(a, c)
+        bad = y.clone()
+        bad[2] = V
+        with pytest.raises(ValueError, match="target"):
+            L.linear_cross_entropy(x, w, bad, process_group=grp, backend="cpu")
+        L.linear_cross_entropy(x, w, bad, process_group=grp, backend="cpu", check_targets=False)
+        bad_l = yl.clone()
+        bad_l[1, 1] = V + 2
+        with pytest.raises(ValueError, match="labels_long"):
+            L.long_short_loss(hl, hs, w, bad_l, ys, l_extra=2, process_group=grp, backend="cpu")
+        del grp
+    finally:
+        dist.destroy_process_group()
+
+
+def test_functional_check_targets_switch():
+    """check_targets=False skips the value check (a target >= V is then a row of another vocab shard)."""
+    hl, hs, w, _, yl, ys = _inputs(32)
+    x, y = hl.reshape(-1, H), yl.reshape(-1).clone()
+    y[3] = V
+    with pytest.raises(ValueError, match="target"):
+        L.linear_cross_entropy(x, w, y, backend="cpu")
+    L.linear_cross_entropy(x, w, y, backend="cpu", check_targets=False)
+    yl2 = yl.clone()
+    yl2[0, 3] = V + 4
+    with pytest.raises(ValueError, match="labels_long"):
+        L.long_short_loss(hl, hs, w, yl2, ys, l_extra=2, backend="cpu")
+    L.long_short_loss(hl, hs, w, yl2, ys, l_extra=2, backend="cpu", check_targets=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_functional_shapes_options_and_autocast(backend):
+    """reduction="none" keeps the leading shape; options reach the backend; autocast casts like F.linear."""
+    hl, hs, w, b, yl, ys = _inputs(33)
+    kw = dict(linear_bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=2.0, ignore_index=IGN)
+    got = L.linear_cross_entropy(hl, w, yl, reduction="none", backend=backend, chunk_bytes=4 * V * 8,
+                                 deterministic=True, **kw)
+    assert got.shape == (B, T)
+    torch.testing.assert_close(got, R.linear_cross_entropy(hl, w, yl, reduction="none", **kw), **TIGHT)
+    ign = int(yl[0, 0])  # a class id used as ignore_index
+    y3 = yl.clone()
+    y3[y3 == IGN] = ign
+    torch.testing.assert_close(L.linear_cross_entropy(hl, w, y3, ignore_index=ign, backend=backend),
+                               R.linear_cross_entropy(hl, w, y3, ignore_index=ign), **TIGHT)
+    d = L.linear_divergence(hl, hs, w, reduction="none", backend=backend, softcap=2.0, divergence="sym_kl")
+    assert d.shape == (B, T)
+    torch.testing.assert_close(d, R.linear_divergence(hl, hs, w, reduction="none", softcap=2.0,
+                                                      divergence="sym_kl"), **TIGHT)
+    ls = L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, backend=backend, positions="last", alpha=2, **kw)
+    want = R.long_short_loss(hl, hs, w, yl, ys, l_extra=2, positions="last", alpha=2, **kw)
+    for a, c in zip(ls, want):
+        torch.testing.assert_close(a, c, **TIGHT)
+    # autocast: fp32 operands are cast to bf16 first (fp64 ones are not), the loss comes back in bf16
+    h32, w32, b32 = hl.float(), w.float(), b.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = L.linear_cross_entropy(h32, w32, yl, linear_bias=b32, backend=backend)
+        div = L.linear_divergence(h32, hs.float(), w32, linear_bias=b32, backend=backend)
+        lsl = L.long_short_loss(h32, hs.float(), w32, yl, ys, l_extra=2, linear_bias=b32, backend=backend)
+        out64 = L.linear_cross_entropy(hl, w, yl, backend=backend)
+    assert out.dtype == div.dtype == lsl.loss.dtype == torch.bfloat16 and out64.dtype == torch.float64
+    bf = [t.bfloat16() for t in (h32, w32, b32)]
+    torch.testing.assert_close(out, R.linear_cross_entropy(bf[0], bf[1], yl, linear_bias=bf[2]), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(div, R.linear_divergence(bf[0], hs.bfloat16(), bf[1], linear_bias=bf[2]),
+                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out64, R.linear_cross_entropy(hl, w, yl), **TIGHT)
+    # outside autocast nothing is cast
+    assert L.linear_cross_entropy(h32, w32, yl, backend=backend).dtype == torch.float32
 
 
 def _grads_of(fn, tensors, need, weights):
@@ -190,7 +347,7 @@ NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False,
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_autograd_ce_every_gradient_path_matches_reference(reduction):
+def test_autograd_ce_every_gradient_path(reduction):
     """autograd._LinearCrossEntropy: folded (mean/sum) and backward (none) paths, each input alone."""
     hl, _, w, b, yl, _ = _inputs(11)
     x = hl.reshape(-1, H)
@@ -222,7 +379,7 @@ def test_autograd_ce_mean_of_all_ignored_rows_is_zero_with_zero_gradients():
 
 @pytest.mark.parametrize("div", DIVS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_autograd_linear_divergence_every_gradient_path_matches_reference(div, reduction):
+def test_autograd_linear_divergence_every_gradient_path(div, reduction):
     """autograd._LinearDivergence: weighted (folded) and none (backward) modes, detach, a mask, each input alone."""
     hl, hs, w, b, _, _ = _inputs(13)
     xp, xq = hl.reshape(-1, H), hs.reshape(-1, H)
@@ -245,7 +402,7 @@ LS_WEIGHTS = [(1.0, None, None), (2.5, None, None), (None, 1.0, None), (None, No
 
 @pytest.mark.parametrize("div", ["sce", "kl", "js"])
 @pytest.mark.parametrize("positions", ["overlap", "last"])
-def test_autograd_long_short_every_gradient_path_matches_reference(div, positions):
+def test_autograd_long_short_every_gradient_path(div, positions):
     """autograd._LongShort: loss only (folded), ce / misalign receiving gradients (recomputed), each input
     alone or with the other view, detach, alpha, bias, label smoothing and z-loss."""
     hl, hs, w, b, yl, ys = _inputs(14)
@@ -290,21 +447,6 @@ def test_autograd_fused_ops_keep_fp32_dtypes():
         _compare(lambda p_, q_: L.linear_divergence(p_, q_, w, reduction=red, backend="cpu"),
                  lambda p_, q_: R.linear_divergence(p_.double(), q_.double(), w.double(), reduction=red).float(),
                  [x, hs.reshape(-1, H)], [True, True], [1.0], tol=loose)
-
-
-def test_maths_divergence_from_stats_agreement_bound_is_inclusive():
-    """maths._log_ratio: the expm1 form is used where it agrees with ``lse_b − lse_a`` to WITHIN
-    ``EXPM1_AGREE·(1 + |lse_a| + |lse_b|)``, the bound included (a row exactly at the bound keeps it)."""
-    bound = maths.EXPM1_AGREE * (1.0 + torch.zeros(1).abs() + torch.zeros(1).abs())  # lse_a = lse_b = 0
-    e = bound.clone()
-    for _ in range(400):  # the fp32 expm1 column whose log1p is exactly the bound
-        if torch.log1p(e).item() == bound.item():
-            break
-        e = torch.nextafter(e, torch.ones(1))
-    assert torch.log1p(e).item() == bound.item()
-    st = torch.zeros(1, 8)
-    st[0, maths.Stat.X], st[0, maths.Stat.Y] = 0.25, e.item()
-    assert maths.divergence_from_stats(st, "kl").item() == (0.25 + bound).item()
 
 
 # --------------------------------------------------------------------------------------------- reference.py
@@ -458,106 +600,3 @@ def test_reference_long_short_parts_and_detach(detach):
     z = R.long_short_loss(hl, hs, w, allign, allign, l_extra=l_extra)
     assert all(torch.equal(t, torch.zeros_like(t)) for t in z)
     assert R.long_short_loss(hl.bfloat16(), hs.bfloat16(), w.bfloat16(), yl, ys, l_extra=1).loss.dtype == torch.bfloat16
-
-
-# --------------------------------------------------------------------------------------------- functional.py
-
-from lsa_kernels.functional import resolve_backend  # noqa: E402
-
-
-def test_functional_resolve_backend_choices(monkeypatch):
-    cpu, cuda, meta = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
-    assert resolve_backend("auto", cpu, torch.float32) == "cpu"
-    assert resolve_backend("auto", cpu, torch.float64) == "cpu"
-    assert resolve_backend("auto", meta) == "cpu"
-    assert resolve_backend("auto", cuda, torch.float64) == "reference"  # no device query on this path
-    assert resolve_backend("cpu", cpu) == "cpu" and resolve_backend("reference", cpu) == "reference"
-    assert resolve_backend("reference", cuda, torch.float64) == "reference"
-    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
-        resolve_backend("cpu", cuda, torch.float32)
-    with pytest.raises(ValueError, match="float64"):
-        resolve_backend("triton", cuda, torch.float64)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        resolve_backend("gpu", cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("triton", cpu, torch.float32) == "triton"
-    assert resolve_backend("triton", meta, torch.bfloat16) == "triton"
-    with pytest.raises(ValueError, match="float64"):
-        resolve_backend("triton", cpu, torch.float64)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
-        resolve_backend("triton", cpu, torch.float32)
-
-
-def test_functional_vocab_parallel_arguments_are_checked_before_any_group_use():
-    hl, hs, w, _, yl, ys = _inputs(31)
-    x, y = hl.reshape(-1, H), yl.reshape(-1)
-    for vs in (1, 5):
-        with pytest.raises(ValueError, match="vocab_start is only meaningful"):
-            L.linear_cross_entropy(x, w, y, backend="cpu", vocab_start=vs)
-    assert torch.equal(L.linear_cross_entropy(x, w, y, backend="cpu", vocab_start=None),
-                       L.linear_cross_entropy(x, w, y, backend="cpu"))
-    group = object()  # never reached: the arguments are refused first
-    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
-        L.linear_cross_entropy(x, w, y, backend="reference", process_group=group)
-    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
-        L.linear_divergence(x, hs.reshape(-1, H), w, backend="reference", process_group=group)
-    with pytest.raises(ValueError, match="cannot run a vocab-parallel head"):
-        L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, backend="reference", process_group=group)
-    for vs in (-1, True, 1.0, None):
-        with pytest.raises(ValueError, match="vocab_start must be a non-negative int"):
-            L.linear_cross_entropy(x, w, y, backend="cpu", process_group=group, vocab_start=vs)
-
-
-def test_functional_check_targets_switch():
-    """check_targets=False skips the value check (a target >= V is then a row of another vocab shard)."""
-    hl, hs, w, _, yl, ys = _inputs(32)
-    x, y = hl.reshape(-1, H), yl.reshape(-1).clone()
-    y[3] = V
-    with pytest.raises(ValueError, match="target"):
-        L.linear_cross_entropy(x, w, y, backend="cpu")
-    L.linear_cross_entropy(x, w, y, backend="cpu", check_targets=False)
-    yl2 = yl.clone()
-    yl2[0, 3] = V + 4
-    with pytest.raises(ValueError, match="labels_long"):
-        L.long_short_loss(hl, hs, w, yl2, ys, l_extra=2, backend="cpu")
-    L.long_short_loss(hl, hs, w, yl2, ys, l_extra=2, backend="cpu", check_targets=False)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_functional_shapes_options_and_autocast(backend):
-    """reduction="none" keeps the leading shape; options reach the backend; autocast casts like F.linear."""
-    hl, hs, w, b, yl, ys = _inputs(33)
-    kw = dict(linear_bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=2.0, ignore_index=IGN)
-    got = L.linear_cross_entropy(hl, w, yl, reduction="none", backend=backend, chunk_bytes=4 * V * 8,
-                                 deterministic=True, **kw)
-    assert got.shape == (B, T)
-    torch.testing.assert_close(got, R.linear_cross_entropy(hl, w, yl, reduction="none", **kw), **TIGHT)
-    ign = int(yl[0, 0])  # a class id used as ignore_index
-    y3 = yl.clone()
-    y3[y3 == IGN] = ign
-    torch.testing.assert_close(L.linear_cross_entropy(hl, w, y3, ignore_index=ign, backend=backend),
-                               R.linear_cross_entropy(hl, w, y3, ignore_index=ign), **TIGHT)
-    d = L.linear_divergence(hl, hs, w, reduction="none", backend=backend, softcap=2.0, divergence="sym_kl")
-    assert d.shape == (B, T)
-    torch.testing.assert_close(d, R.linear_divergence(hl, hs, w, reduction="none", softcap=2.0,
-                                                      divergence="sym_kl"), **TIGHT)
-    ls = L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, backend=backend, positions="last", alpha=2, **kw)
-    want = R.long_short_loss(hl, hs, w, yl, ys, l_extra=2, positions="last", alpha=2, **kw)
-    for a, c in zip(ls, want):
-        torch.testing.assert_close(a, c, **TIGHT)
-    # autocast: fp32 operands are cast to bf16 first (fp64 ones are not), the loss comes back in bf16
-    h32, w32, b32 = hl.float(), w.float(), b.float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = L.linear_cross_entropy(h32, w32, yl, linear_bias=b32, backend=backend)
-        div = L.linear_divergence(h32, hs.float(), w32, linear_bias=b32, backend=backend)
-        lsl = L.long_short_loss(h32, hs.float(), w32, yl, ys, l_extra=2, linear_bias=b32, backend=backend)
-        out64 = L.linear_cross_entropy(hl, w, yl, backend=backend)
-    assert out.dtype == div.dtype == lsl.loss.dtype == torch.bfloat16 and out64.dtype == torch.float64
-    bf = [t.bfloat16() for t in (h32, w32, b32)]
-    torch.testing.assert_close(out, R.linear_cross_entropy(bf[0], bf[1], yl, linear_bias=bf[2]), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(div, R.linear_divergence(bf[0], hs.bfloat16(), bf[1], linear_bias=bf[2]),
-                               rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(out64, R.linear_cross_entropy(hl, w, yl), **TIGHT)
-    # outside autocast nothing is cast
-    assert L.linear_cross_entropy(h32, w32, yl, backend=backend).dtype == torch.float32
