@@ -40,10 +40,11 @@ from ..maths import DIVERGENCES, N_PAIR_STATS, Divergence
 from ._common import LaunchConfig, gpu_config
 
 _FLOAT_SCALARS = {"cap", "inv_cap", "inv_temp", "one_minus_eps", "eps_over_v", "two_zloss"}
-_INPUT_PTRS = {"x_ptr", "w_ptr", "b_ptr", "xp_ptr", "xq_ptr", "dz_ptr", "dzp_ptr", "dzq_ptr"}  # the input dtype
+_INPUT_PTRS = {"x_ptr", "w_ptr", "b_ptr", "xp_ptr", "xq_ptr", "wq_ptr", "bq_ptr", "dz_ptr", "dzp_ptr",
+               "dzq_ptr"}  # the input dtype
 _TARGET_PTRS = {"y_ptr", "yp_ptr", "yq_ptr"}
-_DIVISIBLE_INTS = {"H", "stride_x", "stride_w", "stride_xp", "stride_xq", "stride_dx", "stride_dxp",
-                   "stride_dxq", "stride_dw", "stride_dz"}
+_DIVISIBLE_INTS = {"H", "Hq", "stride_x", "stride_w", "stride_wq", "stride_xp", "stride_xq", "stride_dx",
+                   "stride_dxp", "stride_dxq", "stride_dw", "stride_dwq", "stride_dz"}
 _TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
@@ -98,17 +99,25 @@ def _ce_bwd_flags(all_on: bool, **need) -> Dict[str, Any]:
     return base
 
 
-def _pair_flags(div: Divergence, *, temp_one=True, with_ce=True, extras=False, **more) -> Dict[str, Any]:
+def _pair_flags(div: Divergence, *, temp_one=True, with_ce=True, extras=False, two_heads=False, **more
+                ) -> Dict[str, Any]:
+    # one shared head: HAS_BIAS_Q = HAS_BIAS (view q's bias pointer is view p's)
     f = dict(DIV=int(div), TEMP_ONE=temp_one, WITH_CE=with_ce, HAS_BIAS=extras, HAS_SOFTCAP=extras,
-             HAS_SMOOTHING=extras)
+             HAS_SMOOTHING=extras, TWO_HEADS=two_heads, HAS_BIAS_Q=extras)
     f.update(more)
     return f
 
 
 def _pair_bwd_flags(div: Divergence, *, grad_p=True, grad_q=True, with_ce=True, temp_one=True, extras=False,
-                    **need) -> Dict[str, Any]:
+                    two_heads=False, ce_p=None, dz=False, **need) -> Dict[str, Any]:
+    """Flags of pair_bwd_kernel (``dz=False``) or pair_dz_kernel (``dz=True``); CE on view q whenever
+    ``with_ce``, on view p too unless ``ce_p=False`` (distillation: the student's CE only)."""
     f = dict(DIV=int(div), TEMP_ONE=temp_one, GRAD_P=grad_p, GRAD_Q=grad_q, WITH_CE=with_ce, HAS_BIAS=extras,
-             HAS_SOFTCAP=extras, HAS_SMOOTHING=extras, HAS_ZLOSS=extras)
+             HAS_SOFTCAP=extras, HAS_SMOOTHING=extras, HAS_ZLOSS=extras,
+             CE_P=with_ce if ce_p is None else ce_p, CE_Q=with_ce, TWO_HEADS=two_heads, HAS_BIAS_Q=extras,
+             NEED_DBQ=False)
+    if not dz:
+        f["NEED_DWQ"] = False
     f.update(need)
     return f
 
@@ -131,7 +140,8 @@ def production_configs() -> List[KernelConfig]:
         out.append(KernelConfig(f"pair_bwd_bf16_{div.label}", "pair_bwd", "bf16", _pair_bwd_flags(div, **pair_need)))
     for dt in ("bf16", "fp32"):  # as pair_js_partial launches it, heaviest flags
         out.append(KernelConfig(f"pair_js_{dt}_all", "pair_js", dt,
-                                dict(TEMP_ONE=False, HAS_BIAS=True, HAS_SOFTCAP=True)))
+                                dict(TEMP_ONE=False, HAS_BIAS=True, HAS_SOFTCAP=True, TWO_HEADS=False,
+                                     HAS_BIAS_Q=True)))
     out.append(KernelConfig("pair_fwd_bf16_kl_temp_all", "pair_fwd", "bf16",
                             _pair_flags(Divergence.KL, temp_one=False, extras=True)))
     out.append(KernelConfig("pair_fwd_fp32_sce", "pair_fwd", "fp32", _pair_flags(Divergence.SCE)))
@@ -144,11 +154,44 @@ def production_configs() -> List[KernelConfig]:
     out.append(KernelConfig("pair_bwd_fp32_sce", "pair_bwd", "fp32", _pair_bwd_flags(Divergence.SCE, **pair_need)))
     for dt in ("bf16", "fp32"):  # deterministic dz kernel, heaviest flags (js: two log-ratio terms per element)
         out.append(KernelConfig(f"pair_dz_{dt}_js_all", "pair_dz", dt,
-                                _pair_bwd_flags(Divergence.JS, temp_one=False, extras=True, USE_GP=True,
+                                _pair_bwd_flags(Divergence.JS, temp_one=False, extras=True, dz=True, USE_GP=True,
                                                 USE_GQ=True, NEED_DB=True)))
     out.append(KernelConfig("pair_dz_bf16_sym_kl_all", "pair_dz", "bf16",
-                            _pair_bwd_flags(Divergence.SYM_KL, temp_one=False, extras=True, USE_GP=True,
+                            _pair_bwd_flags(Divergence.SYM_KL, temp_one=False, extras=True, dz=True, USE_GP=True,
                                             USE_GQ=True, NEED_DB=True)))
+    out += _two_head_configs()
+    return out
+
+
+def _two_head_configs() -> List[KernelConfig]:
+    """Issue 16's specialisations: two heads (distillation, docs/maths.md §12), heaviest flags. Frozen
+    teacher (detach="p", student CE only: USE_GP off) and both heads trained, atomic and deterministic."""
+    out: List[KernelConfig] = []
+    two = dict(two_heads=True)
+    for dt in ("bf16", "fp32"):
+        for div in (Divergence.KL, Divergence.SYM_KL):  # kl: the usual KD; sym_kl: the most accumulators
+            out.append(KernelConfig(f"pair_fwd_{dt}_{div.label}_two_heads_all", "pair_fwd", dt,
+                                    _pair_flags(div, temp_one=False, extras=True, **two)))
+        out.append(KernelConfig(f"pair_js_{dt}_two_heads_all", "pair_js", dt,
+                                dict(TEMP_ONE=False, HAS_BIAS=True, HAS_SOFTCAP=True, TWO_HEADS=True,
+                                     HAS_BIAS_Q=True)))
+        # frozen teacher: student dx, dW, db only
+        out.append(KernelConfig(f"pair_bwd_{dt}_kl_two_heads_frozen", "pair_bwd", dt,
+                                _pair_bwd_flags(Divergence.KL, grad_p=False, temp_one=False, extras=True, ce_p=False,
+                                                USE_GP=False, USE_GQ=True, NEED_DXP=False, NEED_DXQ=True,
+                                                NEED_DW=False, NEED_DB=False, NEED_DWQ=True, NEED_DBQ=True, **two)))
+        # both heads trained, every buffer
+        out.append(KernelConfig(f"pair_bwd_{dt}_sce_two_heads_all", "pair_bwd", dt,
+                                _pair_bwd_flags(Divergence.SCE, temp_one=False, extras=True, USE_GP=True,
+                                                USE_GQ=True, NEED_DXP=True, NEED_DXQ=True, NEED_DW=True,
+                                                NEED_DB=True, NEED_DWQ=True, NEED_DBQ=True, **two)))
+        out.append(KernelConfig(f"pair_dz_{dt}_js_two_heads_all", "pair_dz", dt,
+                                _pair_bwd_flags(Divergence.JS, temp_one=False, extras=True, dz=True, USE_GP=True,
+                                                USE_GQ=True, NEED_DB=True, NEED_DBQ=True, **two)))
+        out.append(KernelConfig(f"pair_dz_{dt}_kl_two_heads_frozen", "pair_dz", dt,
+                                _pair_bwd_flags(Divergence.KL, grad_p=False, temp_one=False, extras=True, dz=True,
+                                                ce_p=False, USE_GP=False, USE_GQ=True, NEED_DB=False,
+                                                NEED_DBQ=True, **two)))
     return out
 
 
@@ -196,7 +239,10 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
     Found by running the launchers themselves over the whole option space (bias, softcap, label smoothing,
     z-loss, temperature, every divergence, detach, CE on/off, deterministic, every subset of requested
     gradients) on tiny CPU tensors with the kernels replaced by recorders, so the list follows the
-    dispatch code rather than a hand-written copy of it."""
+    dispatch code rather than a hand-written copy of it. Issue 16's options: CE on view q only (one head),
+    and two heads with CE on neither / the student / both views; for two heads view p's gradient buffers
+    are requested together (all or none) and label smoothing with z-loss together, which keeps the
+    enumeration's size in bounds (every subset of view q's buffers is still enumerated)."""
     import itertools
 
     import torch
@@ -209,7 +255,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
     try:
         for kind, (mod, name) in KERNELS.items():
             setattr(_module(mod), name, _Recorder(kind, seen))
-        N, H, V = 4, 8, 16
+        N, H, V, Hq = 4, 8, 16, 24
         tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         for dn in dtypes:
             dt = tdt[dn]
@@ -243,6 +289,40 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                     pair.pair_backward(x, x, w, b, yy, yy, stats, cc, cc, coef, o,
                                        f32(N, H) if nxp else None, f32(N, H) if nxq else None,
                                        f32(V, H) if ndw else None, f32(V) if ndb else None)
+            # issue 16: CE on one view only (one head), and two heads (view q's own head wq [V, Hq])
+            xq2 = torch.zeros(N, Hq, dtype=dt)
+            wq = torch.zeros(V, Hq, dtype=dt)
+            bufs.update({(N, Hq): torch.zeros(N, Hq), (V, Hq): torch.zeros(V, Hq)})
+            for div, temp, detach, b, cap, det in itertools.product(
+                    DIVERGENCES, (1.0, 2.0), (None, "p", "q"), (None, bias), (None, 30.0), (False, True)):
+                o = PairOptions(divergence=div, temperature=temp, detach=detach,
+                                ce=CEOptions(softcap=cap, deterministic=det))
+                if not det:
+                    pair.pair_forward(x, x, w, b, None, y, o)
+                for nxp, nxq, ndw, ndb in itertools.product((False, True), repeat=4):
+                    pair.pair_backward(x, x, w, b, None, y, stats, None, coef, coef, o,
+                                       f32(N, H) if nxp else None, f32(N, H) if nxq else None,
+                                       f32(V, H) if ndw else None, f32(V) if ndb else None)
+            for div, temp, ce_mode, detach, b, bq, cap, extra, det in itertools.product(
+                    DIVERGENCES, (1.0, 2.0), ("none", "q", "both"), (None, "p", "q"), (None, bias), (None, bias),
+                    (None, 30.0), (False, True), (False, True)):
+                if ce_mode == "none" and extra:
+                    continue
+                o = PairOptions(divergence=div, temperature=temp, detach=detach, with_ce=ce_mode != "none",
+                                ce=CEOptions(label_smoothing=0.1 if extra else 0.0, z_loss=1e-4 if extra else 0.0,
+                                             softcap=cap, deterministic=det))
+                yp_ = y if ce_mode == "both" else None
+                yq_ = y if ce_mode != "none" else None
+                if not det:
+                    pair.pair_forward(x, xq2, w, b, yp_, yq_, o, wq=wq, bq=bq)
+                cp_ = coef if yp_ is not None else None
+                cq_ = coef if yq_ is not None else None
+                # view p's buffers (dx_p, dW_p, db_p) together (a frozen or a trained teacher), view q's subsets
+                for tp, nxq, ndwq, ndbq in itertools.product((False, True), repeat=4):
+                    pair.pair_backward(x, xq2, w, b, yp_, yq_, stats, cp_, cq_, coef, o,
+                                       f32(N, H) if tp else None, f32(N, Hq) if nxq else None,
+                                       f32(V, H) if tp else None, f32(V) if tp else None, wq=wq, bq=bq,
+                                       dwq_out=f32(V, Hq) if ndwq else None, dbq_out=f32(V) if ndbq else None)
     finally:
         for kind, (mod, name) in KERNELS.items():
             setattr(_module(mod), name, saved[kind])

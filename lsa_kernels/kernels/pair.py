@@ -9,6 +9,14 @@ The maths lives with the kernels; this module only schedules them:
     pair_backward    kernels/pair_bwd.py: the atomic kernel, or (deterministic) per row chunk the dz
                      kernel followed by torch GEMMs (kernels/deterministic.py)
 
+Two heads (docs/maths.md §12, distillation: teacher = view p, student = view q): every launcher takes
+``wq`` / ``bq`` keyword arguments; with ``wq`` view q's logits are ``x_q W_qᵀ + b_q`` (x_q [N, Hq], W_q
+[V, Hq], the same V and dtype as view p's head), the backward sends view p's weight gradient to
+``dw_out`` / ``db_out`` and view q's to ``dwq_out`` / ``dbq_out``. Without ``wq`` the kernels are the
+one-head specialisations (TWO_HEADS=False). CE on one view only: ``yp=None`` (forward) and
+``coef_ce_p=None`` (backward) drop view p's CE (``ce_p`` is zeros; CE_P=False), likewise for q; with
+``detach="p"`` and no CE on p, no p-side gradient work is done at all (USE_GP=False).
+
 Every launch runs with the tensors' device current (``on_tensor_device``). The kernels are looked up as
 attributes of their modules at each call, so tests can replace one (``monkeypatch.setattr``).
 """
@@ -29,74 +37,109 @@ from . import pair_phase1 as phase1
 from ._common import on_tensor_device, pick_config, softcap_args, split_ranges, upcast_and_prec
 from .merge import N_PAIR_PARTS, PairPart, ce_rows, pair_stats
 
+# ----------------------------------------------------------------------------------------- heads
+
+
+def _heads(xp, xq, w, b, wq, bq):
+    """Pointer and size arguments of view q's head: (wq, bq, Hq, stride_wq, TWO_HEADS, HAS_BIAS_Q).
+    One head: view p's (the kernels then compile exactly as without the argument). Raises on bad input."""
+    if wq is None:
+        if bq is not None:
+            raise ValueError("bq is the bias of view q's own head: pass wq with it (or b for a shared head)")
+        if xq.shape[1] != w.shape[1]:
+            raise ValueError(f"xq has hidden size {xq.shape[1]} but w has {w.shape[1]}: pass view q's own "
+                             "head as wq for different hidden sizes")
+        bb = b if b is not None else w
+        return w, bb, w.shape[1], w.stride(0), False, b is not None
+    if wq.dim() != 2 or wq.shape[0] != w.shape[0]:
+        raise ValueError(f"wq must be [V, Hq] with the V of w ({w.shape[0]}), got {tuple(wq.shape)}")
+    if xq.dim() != 2 or xq.shape[1] != wq.shape[1]:
+        raise ValueError(f"xq must be [N, Hq] with the Hq of wq ({wq.shape[1]}), got {tuple(xq.shape)}")
+    if xq.shape[0] != xp.shape[0]:
+        raise ValueError(f"xq has {xq.shape[0]} rows but xp has {xp.shape[0]}")
+    if wq.dtype != xp.dtype or xq.dtype != xp.dtype:
+        raise ValueError(f"wq and xq must have xp's dtype {xp.dtype} (got {wq.dtype}, {xq.dtype}): cast the "
+                         "teacher's operands to the student's dtype first")
+    if wq.device != w.device:
+        raise ValueError(f"wq is on {wq.device} but w is on {w.device}")
+    if bq is not None and (bq.shape != (w.shape[0],) or bq.dtype != xp.dtype):
+        raise ValueError(f"bq must be [V] = [{w.shape[0]}] of dtype {xp.dtype}, got {tuple(bq.shape)} {bq.dtype}")
+    return wq, (bq if bq is not None else wq), wq.shape[1], wq.stride(0), True, bq is not None
+
+
 # ----------------------------------------------------------------------------------------- forward
 
 
-def _forward_plan(xp, w, b, opts: PairOptions, kind: str):
-    """(cfg, grid, n_split, scalar args after the pointers, launch kwargs shared by both phases)."""
+def _forward_plan(xp, xq, w, b, wq, bq, opts: PairOptions, kind: str):
+    """(grid, n_split, pointers after b, scalar args after the pointers, launch kwargs shared by both phases)."""
     N, H = xp.shape
     V = w.shape[0]
-    cfg = pick_config(kind, N, V, H, xp.device, xp.dtype)
+    wq_, bq_, Hq, stride_wq, two, has_bq = _heads(xp, xq, w, b, wq, bq)
+    cfg = pick_config(kind, N, V, max(H, Hq), xp.device, xp.dtype)
     per, n_split = split_ranges(V, cfg.BLOCK_V, cfg.SPLIT_V)
     has_cap, cap, inv_cap = softcap_args(opts.softcap)
     upcast, prec = upcast_and_prec(xp.dtype)
     shared = dict(
         TEMP_ONE=float(opts.temperature) == 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap,
+        TWO_HEADS=two, HAS_BIAS_Q=has_bq,
         UPCAST=upcast, DOT_PREC=prec, BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (triton.cdiv(N, cfg.BLOCK_N), n_split), n_split, (N, V, H, per, cap, inv_cap), shared
+    dims = (N, V, H, Hq, xp.stride(0), xq.stride(0), w.stride(0), stride_wq, per, cap, inv_cap,
+            1.0 / float(opts.temperature))
+    return (triton.cdiv(N, cfg.BLOCK_N), n_split), n_split, (wq_, bq_), dims, shared
 
 
 @on_tensor_device
-def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions) -> torch.Tensor:
+def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions, *, wq=None, bq=None) -> torch.Tensor:
     """``[N, 2]`` fp32: ``Σ_v p_v log(p_v/m_v)`` and ``Σ_v q_v log(q_v/m_v)`` over the rows of ``w``, with
     p = exp(a − lset[:, 0]), q = exp(b − lset[:, 1]) for GIVEN normalisers ``lset [N, 2]`` (js phase 2).
 
     With the lse of the whole vocabulary these are one vocab shard's share of js's X and Y
-    (:mod:`lsa_kernels.distributed` sums them over the ranks)."""
-    grid, n_split, (N, V, H, per, cap, inv_cap), shared = _forward_plan(xp, w, b, opts, "pair_js")
+    (:mod:`lsa_kernels.distributed` sums them over the ranks). ``wq`` / ``bq``: view q's own head."""
+    grid, n_split, qhead, dims, shared = _forward_plan(xp, xq, w, b, wq, bq, opts, "pair_js")
+    N = dims[0]
     lset = lset.float().contiguous()
     part = torch.empty((n_split, N, js.N_JS_PARTS), device=xp.device, dtype=torch.float32)
     if N > 0:
-        js.pair_js_kernel[grid](
-            xp, xq, w, b if b is not None else w, lset, part,
-            N, V, H, xp.stride(0), xq.stride(0), w.stride(0), per, cap, inv_cap, 1.0 / float(opts.temperature),
-            **shared,
-        )
+        js.pair_js_kernel[grid](xp, xq, w, b if b is not None else w, *qhead, lset, part, *dims, **shared)
     return part.sum(0)
 
 
 @on_tensor_device
-def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions):
-    """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.maths)."""
+def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions, *, wq=None, bq=None):
+    """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.maths).
+
+    ``wq`` / ``bq``: view q's own head (module docstring). With ``opts.with_ce``, a view whose target is
+    None gets no CE (zeros)."""
     N = xp.shape[0]
     V = w.shape[0]
     dev = xp.device
     div = Divergence.of(opts.divergence)
-    with_ce = bool(opts.with_ce)
-    grid, n_split, (_, _, H, per, cap, inv_cap), shared = _forward_plan(xp, w, b, opts, "pair_fwd")
+    ce_p_on = bool(opts.with_ce) and yp is not None
+    ce_q_on = bool(opts.with_ce) and yq is not None
+    with_ce = ce_p_on or ce_q_on
+    grid, n_split, qhead, dims, shared = _forward_plan(xp, xq, w, b, wq, bq, opts, "pair_fwd")
     part = torch.empty((n_split, N, N_PAIR_PARTS), device=dev, dtype=torch.float32)
     stats = torch.zeros((N, N_PAIR_STATS), device=dev, dtype=torch.float32)
     if N > 0:
+        yp_ptr = yp if ce_p_on else (yq if with_ce else part)  # a view without CE: its z_y is discarded
+        yq_ptr = yq if ce_q_on else (yp if with_ce else part)
         phase1.pair_phase1_kernel[grid](
-            xp, xq, w, b if b is not None else w, yp if with_ce else part, yq if with_ce else part, part,
-            N, V, H, xp.stride(0), xq.stride(0), w.stride(0), per, cap, inv_cap, 1.0 / float(opts.temperature),
+            xp, xq, w, b if b is not None else w, *qhead, yp_ptr, yq_ptr, part, *dims,
             DIV=int(div), WITH_CE=with_ce, HAS_SMOOTHING=opts.ce.label_smoothing > 0, **shared,
         )
     pair_stats(part, div, float(opts.temperature) == 1.0, stats)
     if div == Divergence.JS:  # second pass with the final lse of a and b
-        stats[:, Stat.X:Stat.Y + 1] = pair_js_partial(xp, xq, w, b, stats[:, Stat.LSET_P:Stat.LSET_Q + 1], opts)
+        stats[:, Stat.X:Stat.Y + 1] = pair_js_partial(xp, xq, w, b, stats[:, Stat.LSET_P:Stat.LSET_Q + 1], opts,
+                                                      wq=wq, bq=bq)
     d = divergence_from_stats(stats, div)
-    if with_ce:
-        c = opts.ce
-        ce_p = ce_rows(stats[:, Stat.LSE_P], part[..., PairPart.ZY_P], part[..., PairPart.SZ_P], yp, V,
-                       c.ignore_index, c.label_smoothing, c.z_loss)
-        ce_q = ce_rows(stats[:, Stat.LSE_Q], part[..., PairPart.ZY_Q], part[..., PairPart.SZ_Q], yq, V,
-                       c.ignore_index, c.label_smoothing, c.z_loss)
-    else:
-        ce_p = torch.zeros(N, device=dev, dtype=torch.float32)
-        ce_q = torch.zeros(N, device=dev, dtype=torch.float32)
+    c = opts.ce
+    zeros = lambda: torch.zeros(N, device=dev, dtype=torch.float32)  # noqa: E731
+    ce_p = ce_rows(stats[:, Stat.LSE_P], part[..., PairPart.ZY_P], part[..., PairPart.SZ_P], yp, V,
+                   c.ignore_index, c.label_smoothing, c.z_loss) if ce_p_on else zeros()
+    ce_q = ce_rows(stats[:, Stat.LSE_Q], part[..., PairPart.ZY_Q], part[..., PairPart.SZ_Q], yq, V,
+                   c.ignore_index, c.label_smoothing, c.z_loss) if ce_q_on else zeros()
     return ce_p, ce_q, d, stats
 
 
@@ -108,30 +151,50 @@ def pair_backward(
     xp, xq, w, b, yp, yq, stats, coef_ce_p, coef_ce_q, coef_div, opts: PairOptions,
     dxp_out: Optional[torch.Tensor], dxq_out: Optional[torch.Tensor],
     dw_out: Optional[torch.Tensor], db_out: Optional[torch.Tensor],
+    *, wq=None, bq=None, dwq_out: Optional[torch.Tensor] = None, dbq_out: Optional[torch.Tensor] = None,
 ) -> None:
-    """dx_p, dx_q ← (overwritten); dW, db += (see lsa_kernels.backends)."""
+    """dx_p, dx_q ← (overwritten); dW, db += (see lsa_kernels.backends). With ``wq``: dw_out / db_out get view
+    p's head's gradient and dwq_out / dbq_out view q's (accumulated). A view's CE term is on when
+    ``opts.with_ce`` and its coefficient and target are given."""
     N, H = xp.shape
     V = w.shape[0]
+    wq_, bq_, Hq, stride_wq, two, has_bq = _heads(xp, xq, w, b, wq, bq)
+    if not two and (dwq_out is not None or dbq_out is not None):
+        raise ValueError("dwq_out / dbq_out are the gradients of view q's own head: pass wq (and bq)")
+    if dwq_out is not None and (dwq_out.shape != wq_.shape or dwq_out.dtype != torch.float32):
+        raise ValueError(f"dwq_out must be fp32 of wq's shape {tuple(wq_.shape)}, got {tuple(dwq_out.shape)} "
+                         f"{dwq_out.dtype}")
+    if dbq_out is not None and (dbq_out.shape != (V,) or dbq_out.dtype != torch.float32):
+        raise ValueError(f"dbq_out must be fp32 [V] = [{V}], got {tuple(dbq_out.shape)} {dbq_out.dtype}")
     for d in (dxp_out, dxq_out):
         if d is not None:
             d.zero_()
     if db_out is not None and b is None:
         db_out = None
-    with_ce = bool(opts.with_ce) and coef_ce_p is not None and coef_ce_q is not None
+    if dbq_out is not None and not has_bq:
+        dbq_out = None
+    ce_p_on = bool(opts.with_ce) and coef_ce_p is not None and yp is not None
+    ce_q_on = bool(opts.with_ce) and coef_ce_q is not None and yq is not None
+    with_ce = ce_p_on or ce_q_on
     grad_p, grad_q = opts.grad_p, opts.grad_q
-    use_gp, use_gq = with_ce or grad_p, with_ce or grad_q
+    use_gp, use_gq = ce_p_on or grad_p, ce_q_on or grad_q
     need_dxp = dxp_out is not None and use_gp
     need_dxq = dxq_out is not None and use_gq
-    need_dw = dw_out is not None and (use_gp or use_gq)
-    need_db = db_out is not None and (use_gp or use_gq)
-    if N == 0 or not (need_dxp or need_dxq or need_dw or need_db):
+    if two:
+        need_dw, need_db = dw_out is not None and use_gp, db_out is not None and use_gp
+        need_dwq, need_dbq = dwq_out is not None and use_gq, dbq_out is not None and use_gq
+    else:
+        need_dw = dw_out is not None and (use_gp or use_gq)
+        need_db = db_out is not None and (use_gp or use_gq)
+        need_dwq = need_dbq = False
+    if N == 0 or not (need_dxp or need_dxq or need_dw or need_db or need_dwq or need_dbq):
         return
     stats = stats.to(torch.float32).contiguous()
     cd = coef_div.to(torch.float32).contiguous()
-    cp = coef_ce_p.to(torch.float32).contiguous() if with_ce else cd
-    cq = coef_ce_q.to(torch.float32).contiguous() if with_ce else cd
-    ypp = yp if with_ce else cd
-    yqp = yq if with_ce else cd
+    cp = coef_ce_p.to(torch.float32).contiguous() if ce_p_on else cd
+    cq = coef_ce_q.to(torch.float32).contiguous() if ce_q_on else cd
+    ypp = yp if ce_p_on else cd
+    yqp = yq if ce_q_on else cd
     has_cap, cap, inv_cap = softcap_args(opts.softcap)
     upcast, prec = upcast_and_prec(xp.dtype)
     eps = float(opts.ce.label_smoothing)
@@ -142,45 +205,57 @@ def pair_backward(
         DIV=int(Divergence.of(opts.divergence)), TEMP_ONE=temp == 1.0, GRAD_P=grad_p, GRAD_Q=grad_q,
         WITH_CE=with_ce, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, HAS_SMOOTHING=eps > 0,
         HAS_ZLOSS=opts.ce.z_loss > 0, UPCAST=upcast, DOT_PREC=prec, USE_GP=use_gp, USE_GQ=use_gq,
+        CE_P=ce_p_on, CE_Q=ce_q_on, TWO_HEADS=two, HAS_BIAS_Q=has_bq,
     )
     bb = b if b is not None else w
+    heads = (w, bb, wq_, bq_, H, Hq, stride_wq)
     if opts.ce.deterministic:
-        _pair_backward_gemm(xp, xq, w, bb, ypp, yqp, stats, cp, cq, cd, opts, scal, flags,
+        _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, opts, scal, flags,
                             dxp_out if need_dxp else None, dxq_out if need_dxq else None,
-                            dw_out if need_dw else None, db_out if need_db else None)
+                            dw_out if need_dw else None, db_out if need_db else None,
+                            dwq_out if need_dwq else None, dbq_out if need_dbq else None)
         return
     dummy = cd
-    cfg = pick_config("pair_bwd", N, V, H, xp.device, xp.dtype)
+    buf = lambda t: t if t is not None else dummy  # noqa: E731
+    stride = lambda t: t.stride(0) if t is not None else 0  # noqa: E731
+    cfg = pick_config("pair_bwd", N, V, max(H, Hq), xp.device, xp.dtype)
     grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(V, cfg.BLOCK_V),)
     bwd.pair_bwd_kernel[grid](
-        xp, xq, w, bb, ypp, yqp, stats, cp, cq, cd,
-        dxp_out if dxp_out is not None else dummy, dxq_out if dxq_out is not None else dummy,
-        dw_out if dw_out is not None else dummy, db_out if db_out is not None else dummy,
-        N, V, H, xp.stride(0), xq.stride(0), w.stride(0),
-        dxp_out.stride(0) if dxp_out is not None else 0, dxq_out.stride(0) if dxq_out is not None else 0,
-        dw_out.stride(0) if dw_out is not None else 0, *scal, **flags,
+        xp, xq, w, bb, wq_, bq_, ypp, yqp, stats, cp, cq, cd,
+        buf(dxp_out), buf(dxq_out), buf(dw_out), buf(db_out), buf(dwq_out), buf(dbq_out),
+        N, V, H, Hq, xp.stride(0), xq.stride(0), w.stride(0), stride_wq,
+        stride(dxp_out), stride(dxq_out), stride(dw_out), stride(dwq_out), *scal, **flags,
         NEED_DXP=need_dxp, NEED_DXQ=need_dxq, NEED_DW=need_dw, NEED_DB=need_db,
+        NEED_DWQ=need_dwq, NEED_DBQ=need_dbq,
         BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP=cfg.GROUP,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
-def _pair_backward_gemm(xp, xq, w, bb, ypp, yqp, stats, cp, cq, cd, opts: PairOptions, scal, flags,
-                        dxp_out, dxq_out, dw_out, db_out) -> None:
+def _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, opts: PairOptions, scal, flags,
+                        dxp_out, dxq_out, dw_out, db_out, dwq_out, dbq_out) -> None:
     """deterministic=True: per row chunk, pair_dz_kernel writes dz_p / dz_q (input dtype) into one buffer
     ([dz_p; dz_q] rows), then torch GEMMs: dx_p = dz_p W, dx_q = dz_q W, dW += [dz_p; dz_q]ᵀ [x_p; x_q]
-    (one GEMM over both views), db += the kernel's fp32 column sums (docs/maths.md §14.3)."""
-    N, H = xp.shape
+    (one GEMM over both views), db += the kernel's fp32 column sums (docs/maths.md §14.3). Two heads:
+    dx_q = dz_q W_q, dW_p += dz_pᵀ x_p, dW_q += dz_qᵀ x_q, db_p / db_q from separate column sums."""
+    w, bb, wq, bq, H, Hq, stride_wq = heads
+    two = flags["TWO_HEADS"]
+    N = xp.shape[0]
     V = w.shape[0]
     use_gp, use_gq = flags["USE_GP"], flags["USE_GQ"]
     n_views = int(use_gp) + int(use_gq)
-    cfg = pick_config("pair_dz", N, V, H, xp.device, xp.dtype)
+    cfg = pick_config("pair_dz", N, V, max(H, Hq), xp.device, xp.dtype)
     C = det.chunk_rows(N, V, n_views, xp.dtype, opts.ce.chunk_bytes)
     dz = torch.empty((n_views * C, V), device=xp.device, dtype=xp.dtype)
-    need_db = db_out is not None
-    dbpart = torch.empty((triton.cdiv(C, cfg.BLOCK_N), V), device=xp.device, dtype=torch.float32) if need_db else cd
-    xcat = torch.empty((n_views * C, H), device=xp.device, dtype=xp.dtype) if dw_out is not None else None
-    w_op = det.gemm_operand(w) if (dxp_out is not None or dxq_out is not None) else None
+    n_blocks = triton.cdiv(C, cfg.BLOCK_N)
+    need_db, need_dbq = db_out is not None, dbq_out is not None
+    f32 = lambda: torch.empty((n_blocks, V), device=xp.device, dtype=torch.float32)  # noqa: E731
+    dbpart = f32() if need_db else cd
+    dbqpart = f32() if need_dbq else cd
+    xcat = torch.empty((n_views * C, H), device=xp.device, dtype=xp.dtype) if (dw_out is not None and not two) \
+        else None
+    w_op = det.gemm_operand(w) if (dxp_out is not None or (dxq_out is not None and not two)) else None
+    wq_op = det.gemm_operand(wq) if (dxq_out is not None and two) else w_op
     for r0 in range(0, N, C):
         n = min(C, N - r0)
         rows = slice(r0, r0 + n)
@@ -188,17 +263,23 @@ def _pair_backward_gemm(xp, xq, w, bb, ypp, yqp, stats, cp, cq, cd, opts: PairOp
         dz_q = dz[n * int(use_gp): n * n_views] if use_gq else None
         grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
         bwd.pair_dz_kernel[grid](
-            xp[rows], xq[rows], w, bb, ypp[rows], yqp[rows], stats[rows], cp[rows], cq[rows], cd[rows],
-            dz_p if dz_p is not None else dz, dz_q if dz_q is not None else dz, dbpart,
-            n, V, H, xp.stride(0), xq.stride(0), w.stride(0), dz.stride(0), *scal, **flags, NEED_DB=need_db,
+            xp[rows], xq[rows], w, bb, wq, bq, ypp[rows], yqp[rows], stats[rows], cp[rows], cq[rows], cd[rows],
+            dz_p if dz_p is not None else dz, dz_q if dz_q is not None else dz, dbpart, dbqpart,
+            n, V, H, Hq, xp.stride(0), xq.stride(0), w.stride(0), stride_wq, dz.stride(0), *scal, **flags,
+            NEED_DB=need_db, NEED_DBQ=need_dbq,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if dxp_out is not None:
             det.mm_into(dxp_out[rows], dz_p, w_op)
         if dxq_out is not None:
-            det.mm_into(dxq_out[rows], dz_q, w_op)
-        if dw_out is not None:
+            det.mm_into(dxq_out[rows], dz_q, wq_op)
+        if two:
+            if dw_out is not None:
+                det.addmm_into(dw_out, dz_p.t(), det.gemm_operand(xp[rows]))
+            if dwq_out is not None:
+                det.addmm_into(dwq_out, dz_q.t(), det.gemm_operand(xq[rows]))
+        elif dw_out is not None:
             if use_gp:
                 xcat[:n].copy_(xp[rows])
             if use_gq:
@@ -206,3 +287,5 @@ def _pair_backward_gemm(xp, xq, w, bb, ypp, yqp, stats, cp, cq, cd, opts: PairOp
             det.addmm_into(dw_out, dz[: n * n_views].t(), det.gemm_operand(xcat[: n * n_views]))
         if need_db:
             db_out += dbpart[: grid[0]].sum(0)
+        if need_dbq:
+            dbq_out += dbqpart[: grid[0]].sum(0)

@@ -20,7 +20,13 @@ statistics of the forward (lsa_kernels.maths, columns maths.Stat):
   dtype, into a buffer; torch GEMMs form dx and dW (kernels/deterministic.py).
 
 With a detached view whose CE is off (linear_divergence with detach), its dz is identically zero: the
-constexprs USE_GP / USE_GQ drop its GEMMs.
+constexprs USE_GP / USE_GQ drop its GEMMs. CE_P / CE_Q (with WITH_CE): whether each view has a CE term
+(distillation: the student's CE only, §12); a view with neither CE nor divergence gradient has USE_G* off.
+
+TWO_HEADS (docs/maths.md §12: teacher = view p, student = view q): z_p = softcap(x_p W_pᵀ + b_p) over H and
+z_q = softcap(x_q W_qᵀ + b_q) over Hq; the dz formulas are the same, the GEMMs split by head:
+dx_p = dz_p W_p, dW_p += dz_pᵀ x_p, db_p += Σ dz_p (dw/db buffers) and dx_q = dz_q W_q, dW_q += dz_qᵀ x_q,
+db_q += Σ dz_q (dwq/dbq buffers).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from .tiles import (
     grouped_pid,
     load_h_tile,
     log_ratio_to_mid,
-    logits_tile2,
+    pair_logits,
     store_dz_tile,
 )
 
@@ -57,7 +63,7 @@ _Y: tl.constexpr = tl.constexpr(int(Stat.Y))
 @triton.jit
 def pair_row_loads(
     yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
-    WITH_CE: tl.constexpr,
+    WITH_CE: tl.constexpr, CE_P: tl.constexpr, CE_Q: tl.constexpr,
 ):
     """Per-row inputs of the backward: targets, statistics and coefficients (0 on masked / ignored rows);
     ``live``: whether any row of the block has a non-zero coefficient."""
@@ -70,12 +76,20 @@ def pair_row_loads(
     sy = tl.load(st + _Y, mask=row_mask, other=0.0)
     cd = tl.load(cd_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
     if WITH_CE:
-        yp = tl.load(yp_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
-        yq = tl.load(yq_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
-        cp = tl.load(cp_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
-        cq = tl.load(cq_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
-        cp = tl.where(yp == ignore_index, 0.0, cp)
-        cq = tl.where(yq == ignore_index, 0.0, cq)
+        if CE_P:
+            yp = tl.load(yp_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
+            cp = tl.load(cp_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+            cp = tl.where(yp == ignore_index, 0.0, cp)
+        else:
+            yp = tl.zeros_like(rows64) - 1
+            cp = tl.zeros_like(cd)
+        if CE_Q:
+            yq = tl.load(yq_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
+            cq = tl.load(cq_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+            cq = tl.where(yq == ignore_index, 0.0, cq)
+        else:
+            yq = tl.zeros_like(rows64) - 1
+            cq = tl.zeros_like(cd)
     else:
         yp = tl.zeros_like(rows64) - 1
         yq = yp
@@ -87,19 +101,21 @@ def pair_row_loads(
 
 @triton.jit
 def pair_dz_tiles(
-    xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
-    H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
+    H, Hq, stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_ZLOSS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, CE_P: tl.constexpr, CE_Q: tl.constexpr, TWO_HEADS: tl.constexpr,
+    HAS_BIAS_Q: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """(dz_p, dz_q) w.r.t. the raw logits of one row block × V tile (fp32; 0 on masked entries)."""
-    zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
-                                  stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+    zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+                                 stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
+                                 UPCAST, DOT_PREC, TWO_HEADS)
     zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
-    zq, tq = finish_logits(zraw_q, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+    zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
     cm = col_mask[None, :]
     if TEMP_ONE:
         av = tl.where(cm, zp, 0.0)
@@ -143,10 +159,12 @@ def pair_dz_tiles(
         else:
             sm_p = tl.where(cm, tl.exp(zp - lse_p[:, None]), 0.0)
             sm_q = tl.where(cm, tl.exp(zq - lse_q[:, None]), 0.0)
-        gp += cp[:, None] * ce_grad(sm_p, cols64[None, :] == yp[:, None], col_mask, lse_p, one_minus_eps,
-                                    eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
-        gq += cq[:, None] * ce_grad(sm_q, cols64[None, :] == yq[:, None], col_mask, lse_q, one_minus_eps,
-                                    eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
+        if CE_P:
+            gp += cp[:, None] * ce_grad(sm_p, cols64[None, :] == yp[:, None], col_mask, lse_p, one_minus_eps,
+                                        eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
+        if CE_Q:
+            gq += cq[:, None] * ce_grad(sm_q, cols64[None, :] == yq[:, None], col_mask, lse_q, one_minus_eps,
+                                        eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
     if HAS_SOFTCAP:
         gp = gp * (1.0 - tp * tp)
         gq = gq * (1.0 - tq * tq)
@@ -155,41 +173,80 @@ def pair_dz_tiles(
 
 
 @triton.jit
+def grad_gemms(
+    dzc, x_ptr, w_ptr, dx_ptr, dw_ptr, rows64, row_mask, cols64, col_mask, H, stride_x, stride_w, stride_dx,
+    stride_dw, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """The atomic path's gradient GEMMs of one (row block, V tile) for one head: dx[rows] += dz W[cols] and
+    dW[cols] += dzᵀ x[rows] over H chunks, relaxed fp32 atomics (``dzc``: dz from :func:`dot_operand`)."""
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        if NEED_DX:
+            wt = load_h_tile(w_ptr, cols64, col_mask, stride_w, offs_h, h_mask, UPCAST)
+            tl.atomic_add(dx_ptr + rows64[:, None] * stride_dx + offs_h[None, :],
+                          tl.dot(dzc, wt, input_precision=DOT_PREC),
+                          mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
+        if NEED_DW:
+            xt = load_h_tile(x_ptr, rows64, row_mask, stride_x, offs_h, h_mask, UPCAST)
+            tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :],
+                          tl.dot(tl.trans(dzc), xt, input_precision=DOT_PREC),
+                          mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
+
+
+@triton.jit
 def pair_bwd_kernel(
-    xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
-    dxp_ptr, dxq_ptr, dw_ptr, db_ptr,
-    N, V, H, stride_xp, stride_xq, stride_w, stride_dxp, stride_dxq, stride_dw,
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
+    dxp_ptr, dxq_ptr, dw_ptr, db_ptr, dwq_ptr, dbq_ptr,
+    N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, stride_dxp, stride_dxq, stride_dw, stride_dwq,
     stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr,
     NEED_DXP: tl.constexpr, NEED_DXQ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    CE_P: tl.constexpr, CE_Q: tl.constexpr, TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
+    NEED_DWQ: tl.constexpr, NEED_DBQ: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Atomic backward: one program per (row block, V tile), grouped for L2 reuse."""
+    """Atomic backward: one program per (row block, V tile), grouped for L2 reuse. One head: NEED_DW / NEED_DB
+    take both views; TWO_HEADS: NEED_DW / NEED_DB are view p's head, NEED_DWQ / NEED_DBQ view q's."""
     pid_n, pid_v = grouped_pid(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
         yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
-        WITH_CE)
+        WITH_CE, CE_P, CE_Q)
     if live:
         cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         cols64 = cols.to(tl.int64)
         gp, gq = pair_dz_tiles(
-            xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
+            xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
             yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
-            H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
-            DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
-            UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
-        if NEED_DB:
+            H, Hq, stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v,
+            two_zloss, DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
+            CE_P, CE_Q, TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+        if TWO_HEADS:
+            if NEED_DB:
+                tl.atomic_add(db_ptr + cols64, tl.sum(gp, 0), mask=col_mask, sem="relaxed")
+            if NEED_DBQ:
+                tl.atomic_add(dbq_ptr + cols64, tl.sum(gq, 0), mask=col_mask, sem="relaxed")
+        elif NEED_DB:
             tl.atomic_add(db_ptr + cols64, tl.sum(gp + gq, 0), mask=col_mask, sem="relaxed")
         gpc = dot_operand(gp, xp_ptr, UPCAST)
         gqc = dot_operand(gq, xp_ptr, UPCAST)
-        if NEED_DXP or NEED_DXQ or NEED_DW:
+        if TWO_HEADS:
+            if NEED_DXP or NEED_DW:
+                grad_gemms(gpc, xp_ptr, w_ptr, dxp_ptr, dw_ptr, rows64, row_mask, cols64, col_mask, H, stride_xp,
+                           stride_w, stride_dxp, stride_dw, NEED_DXP, NEED_DW, UPCAST, DOT_PREC, BLOCK_H)
+            if NEED_DXQ or NEED_DWQ:
+                grad_gemms(gqc, xq_ptr, wq_ptr, dxq_ptr, dwq_ptr, rows64, row_mask, cols64, col_mask, Hq,
+                           stride_xq, stride_wq, stride_dxq, stride_dwq, NEED_DXQ, NEED_DWQ, UPCAST, DOT_PREC,
+                           BLOCK_H)
+        elif NEED_DXP or NEED_DXQ or NEED_DW:
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 h_mask = offs_h < H
@@ -216,19 +273,20 @@ def pair_bwd_kernel(
 
 @triton.jit
 def pair_dz_kernel(
-    xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
-    dzp_ptr, dzq_ptr, dbpart_ptr,
-    N, V, H, stride_xp, stride_xq, stride_w, stride_dz,
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
+    dzp_ptr, dzq_ptr, dbpart_ptr, dbqpart_ptr,
+    N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, stride_dz,
     stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr, NEED_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    CE_P: tl.constexpr, CE_Q: tl.constexpr, TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
+    NEED_DBQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Deterministic backward, first half: dz_p / dz_q tiles of (row block, V tile) of a row chunk (N rows,
     pointers offset to the chunk) into the dz buffers (USE_GP / USE_GQ); with NEED_DB the fp32 column sums
-    of dz_p + dz_q into dbpart[row block]."""
+    of dz_p + dz_q into dbpart[row block] (TWO_HEADS: Σ dz_p there and, with NEED_DBQ, Σ dz_q in dbqpart)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,19 +297,24 @@ def pair_dz_kernel(
     cols64 = cols.to(tl.int64)
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
         yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
-        WITH_CE)
+        WITH_CE, CE_P, CE_Q)
     gp = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     gq = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if live:
         gp, gq = pair_dz_tiles(
-            xp_ptr, xq_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask,
+            xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
             yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
-            H, stride_xp, stride_xq, stride_w, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
-            DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
-            UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+            H, Hq, stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v,
+            two_zloss, DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
+            CE_P, CE_Q, TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
     if USE_GP:
         store_dz_tile(dzp_ptr, gp, rows64, row_mask, cols64, col_mask, stride_dz, UPCAST)
     if USE_GQ:
         store_dz_tile(dzq_ptr, gq, rows64, row_mask, cols64, col_mask, stride_dz, UPCAST)
-    if NEED_DB:
+    if TWO_HEADS:
+        if NEED_DB:
+            tl.store(dbpart_ptr + pid_n.to(tl.int64) * V + cols64, tl.sum(gp, 0), mask=col_mask)
+        if NEED_DBQ:
+            tl.store(dbqpart_ptr + pid_n.to(tl.int64) * V + cols64, tl.sum(gq, 0), mask=col_mask)
+    elif NEED_DB:
         tl.store(dbpart_ptr + pid_n.to(tl.int64) * V + cols64, tl.sum(gp + gq, 0), mask=col_mask)

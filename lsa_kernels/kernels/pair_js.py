@@ -1,6 +1,7 @@
 """js, second pass: X = Σ_v p_v log(p_v/m_v), Y = Σ_v q_v log(q_v/m_v) for GIVEN normalisers lse_a, lse_b.
 
-docs/maths.md §5 (js), §14.2. With a = z_p/τ, b = z_q/τ (z = softcap(x Wᵀ + b)) and the lse of a and b from
+docs/maths.md §5 (js), §14.2. With a = z_p/τ, b = z_q/τ (z = softcap(x Wᵀ + b); with TWO_HEADS each view
+has its own head, z_q = softcap(x_q W_qᵀ + b_q), §12) and the lse of a and b from
 phase 1 (or, for a vocab shard, the whole vocabulary's; lsa_kernels.distributed):
 
     log p = a − lse_a,  log q = b − lse_b,  d = log q − log p,   m = (p + q)/2
@@ -17,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import finish_logits, log_ratio_to_mid, logits_tile2
+from .tiles import finish_logits, log_ratio_to_mid, pair_logits
 
 N_JS_PARTS = 2  # columns of the partials: X, Y
 _NJS: tl.constexpr = tl.constexpr(N_JS_PARTS)
@@ -25,10 +26,11 @@ _NJS: tl.constexpr = tl.constexpr(N_JS_PARTS)
 
 @triton.jit
 def pair_js_kernel(
-    xp_ptr, xq_ptr, w_ptr, b_ptr, lset_ptr, part_ptr,
-    N, V, H, stride_xp, stride_xq, stride_w, tiles_per_split,
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, lset_ptr, part_ptr,
+    N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, tiles_per_split,
     cap, inv_cap, inv_temp,
     TEMP_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -50,10 +52,11 @@ def pair_js_kernel(
         col_mask = cols < V
         cols64 = cols.to(tl.int64)
         cm = col_mask[None, :]
-        zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
-                                      stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+        zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+                                     stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
+                                     UPCAST, DOT_PREC, TWO_HEADS)
         zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
-        zq, tq = finish_logits(zraw_q, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+        zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
         if TEMP_ONE:
             av = tl.where(cm, zp, 0.0)
             bv = tl.where(cm, zq, 0.0)

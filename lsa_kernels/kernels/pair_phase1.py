@@ -2,7 +2,9 @@
 
 docs/maths.md §3 (CE), §5 (divergences), §14.1 (online softmax, split merge), §14.2 (these partials).
 Views z_p = softcap(x_p Wᵀ + b), z_q = softcap(x_q Wᵀ + b); each W chunk is loaded ONCE per tile step
-and used by both views' dots. a = z_p/τ, b = z_q/τ, u = a − b (per element), p = softmax(a), q = softmax(b).
+and used by both views' dots. With TWO_HEADS (distillation, §12: teacher = view p, student = view q) each
+view has its own head and hidden size: z_p = softcap(x_p W_pᵀ + b_p) over H, z_q = softcap(x_q W_qᵀ + b_q)
+over Hq (V shared); everything below is unchanged. a = z_p/τ, b = z_q/τ, u = a − b (per element), p = softmax(a), q = softmax(b).
 Online over V tiles, every running sum rescaled by exp(m_old − m_new) when its max moves:
 
     CE stats     m_z, s_z = Σ e^{z−m_z}, z_y, Σ_v z      → lse(z) and the CE row loss    (each view)
@@ -28,7 +30,7 @@ import triton.language as tl
 
 from ..maths import EXPM1_CLAMP, Divergence
 from .merge import N_PAIR_PARTS, PairPart
-from .tiles import expm1, finish_logits, logits_tile2, online_update
+from .tiles import expm1, finish_logits, online_update, pair_logits
 
 SCE: tl.constexpr = tl.constexpr(int(Divergence.SCE))
 KL: tl.constexpr = tl.constexpr(int(Divergence.KL))
@@ -58,11 +60,12 @@ _Y2: tl.constexpr = tl.constexpr(int(PairPart.Y2))
 
 @triton.jit
 def pair_phase1_kernel(
-    xp_ptr, xq_ptr, w_ptr, b_ptr, yp_ptr, yq_ptr, part_ptr,
-    N, V, H, stride_xp, stride_xq, stride_w, tiles_per_split,
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, part_ptr,
+    N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, tiles_per_split,
     cap, inv_cap, inv_temp,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -89,10 +92,11 @@ def pair_phase1_kernel(
         col_mask = cols < V
         cols64 = cols.to(tl.int64)
         cm = col_mask[None, :]
-        zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
-                                      stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+        zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+                                     stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
+                                     UPCAST, DOT_PREC, TWO_HEADS)
         zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
-        zq, tq = finish_logits(zraw_q, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+        zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
         if TEMP_ONE:
             av = tl.where(cm, zp, 0.0)
             bv = tl.where(cm, zq, 0.0)

@@ -11,6 +11,7 @@ Maths (all fp32; no libdevice, so they run under the interpreter and compile for
               = −d + log 2 − log1p(e^{−d})      d > 1  (no overflow for d ≫ 1)
     online softmax step (§14.1):  m' = max(m, max_v z),  s' = s·e^{m − m'} + Σ_v e^{z − m'}
     CE gradient per unit coefficient (§3):  softmax(z)·(1 + 2λ·lse) − (1−ε)·onehot(y) − ε/V
+    entropy gradient per unit coefficient (§3):  ∂H/∂z = −p⊙(z − E_p[z]) = −p⊙(log p + H)
 
 The logits tile of a row block × V tile is ``Σ_h x[rows, h]·W[cols, h]`` with fp32 accumulation (the RAW
 logits, before bias and softcap: :func:`finish_logits` applies those); every row / column index is cast to
@@ -174,6 +175,25 @@ def logits_tile2(
 
 
 @triton.jit
+def pair_logits(
+    xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq, stride_xp, stride_xq, stride_w,
+    stride_wq, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TWO_HEADS: tl.constexpr,
+):
+    """Both views' fp32 raw logits tiles: one shared head (``logits_tile2``: each W chunk loaded once for
+    both dots) or, with TWO_HEADS, ``x_p W_pᵀ`` over H and ``x_q W_qᵀ`` over Hq (docs/maths.md §12)."""
+    if TWO_HEADS:
+        zraw_p = logits_tile(xp_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_xp, stride_w,
+                             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+        zraw_q = logits_tile(xq_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, Hq, stride_xq, stride_wq,
+                             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+    else:
+        zraw_p, zraw_q = logits_tile2(xp_ptr, xq_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H,
+                                      stride_xp, stride_xq, stride_w, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
+    return zraw_p, zraw_q
+
+
+@triton.jit
 def finish_logits(z_raw, b_ptr, cols64, col_mask, cap, inv_cap,
                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """bias + softcap of a raw logits tile. Returns (z, t) with t = tanh(z_raw/c) (t = 0 without softcap)."""
@@ -200,6 +220,13 @@ def ce_grad(p, z_is_target, col_mask, lse, one_minus_eps, eps_over_v, two_zloss,
     if HAS_SMOOTHING:
         g = g - tl.where(col_mask[None, :], eps_over_v, 0.0)
     return g
+
+
+@triton.jit
+def entropy_grad(p, logp, ent):
+    """∂H/∂z of the softmax entropy H = −Σ_v p_v log p_v (per unit coefficient): −p⊙(log p + H) (§3).
+    ``p``, ``logp`` 0 on masked columns; ``ent`` [rows] the forward's H."""
+    return -p * (logp + ent[:, None])
 
 
 @triton.jit
