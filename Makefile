@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lsa-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-quick synthetic install clean-ext
+.PHONY: demo test test-fast bench bench-quick synthetic install clean-ext mutate
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,3 +43,9 @@ synthetic: $(STAMP)
 
 clean-ext:
 	rm -rf build lsa_kernels/_C*.so
+
+# Mutation testing (outside CI; hours on 2 cores): cosmic-ray over the core modules, report per module in
+# $(CR_WORK)/<module>/report.txt; method, selections and scores in tests/mutation/REPORT.md.
+# Needs: python3 -m venv /tmp/crvenv && /tmp/crvenv/bin/pip install cosmic-ray==8.7.0
+mutate: $(STAMP)
+	tests/mutation/run.sh all
