@@ -328,3 +328,157 @@ def test_two_heads_bad_input():
     with pytest.raises(ValueError, match="dwq_out"):  # the shape of view p's head, not view q's
         pair_backward(t["xp"], t["xq"], t["w"], t["b"], t["yp"], t["yq"], stats, None, None, torch.ones(N), opts,
                       None, None, None, None, wq=t["wq"], dwq_out=torch.zeros(V, HP))
+
+
+# ----------------------------------------------------------------------------------------- per-token outputs
+
+
+CE_CASES = {
+    "plain": dict(bias=False, opts=dict()),
+    "all": dict(bias=True, opts=dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)),
+}
+
+
+def _ce_inputs(dtype, bias, seed):
+    t = _inputs(dtype, bias, False, seed=seed)
+    return t["xp"], t["w"], t["b"], t["yp"]
+
+
+def _entropy_ref(x, w, b, y, coef, cent, opts: CEOptions, dtype):
+    """Plain torch: CE rows, H = −Σ p log p of the materialised logits, gradients of Σ coef·ce + Σ cent·H."""
+    xd, wd, bd = _leaf(x, dtype), _leaf(w, dtype), _leaf(b, dtype)
+    z = R.logits(xd, wd, bd, opts.softcap)
+    ce = R.cross_entropy_from_logits(z, y, ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                                     z_loss=opts.z_loss)
+    logp = torch.log_softmax(z.double() if dtype == torch.float64 else z, -1)
+    h = -(logp.exp() * logp).sum(-1)
+    total = (ce.double() * coef.double()).sum()
+    if cent is not None:
+        total = total + (h.double() * cent.double()).sum()
+    total.backward()
+    return dict(loss=ce.detach(), entropy=h.detach(), z=z.detach(), dx=_grad(xd), dw=_grad(wd), db=_grad(bd))
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_ce_forward_ext_fp32(case, blocks):
+    from lsa_kernels.kernels import ce_forward, ce_forward_ext
+
+    c = CE_CASES[case]
+    x, w, b, y = _ce_inputs(torch.float32, c["bias"], seed=11)
+    opts = CEOptions(**c["opts"])
+    with override_config(SMALL_BLOCKS) if blocks == "small" else _nullcontext():
+        out = ce_forward_ext(x, w, b, y, opts, entropy=True, argmax=True)
+        only_h = ce_forward_ext(x, w, b, y, opts, entropy=True)
+        only_a = ce_forward_ext(x, w, b, y, opts, argmax=True)
+        loss, lse = ce_forward(x, w, b, y, opts)
+    assert torch.equal(out.loss, loss) and torch.equal(out.lse, lse)
+    assert only_h.argmax is None and only_a.entropy is None
+    assert torch.equal(only_h.entropy, out.entropy) and torch.equal(only_a.argmax, out.argmax)
+    assert out.entropy.dtype == torch.float32 and out.argmax.dtype == torch.int64
+    truth = _entropy_ref(x, w, b, y, torch.zeros(N), None, opts, torch.float64)
+    _close(out.entropy, truth["entropy"], atol=2e-6, rtol=1e-5, name="entropy")
+    z = truth["z"].double()
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert clear.sum() > N // 2
+    assert torch.equal(out.argmax[clear], z.argmax(-1)[clear])
+    assert (z.gather(1, out.argmax[:, None]).squeeze(1) >= top2[:, 0] - 1e-4).all()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_ce_argmax_ties_lowest_index():
+    """Exact ties (identical rows of W in different V tiles and splits): the lowest index, as torch.argmax."""
+    from lsa_kernels.kernels import ce_forward_ext
+
+    x, w, _, y = _ce_inputs(torch.float32, False, seed=12)
+    w = w.clone()
+    big = x.mean(0) * 10.0  # a row of W every x agrees with: the max of most rows
+    for v in (900, 300, 301, 777):
+        w[v] = big
+    z = x.double() @ w.double().T
+    rows = z.argmax(-1) == 300
+    assert rows.sum() > N // 2
+    for blocks in (None, SMALL_BLOCKS, LaunchConfig(16, 16, 16, SPLIT_V=7)):
+        with override_config(blocks) if blocks is not None else _nullcontext():
+            out = ce_forward_ext(x, w, None, y, CEOptions(), argmax=True)
+        assert (out.argmax[rows] == 300).all(), out.argmax[rows]
+        torch.testing.assert_close(out.argmax, (x @ w.T).argmax(-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("case", list(CE_CASES))
+def test_ce_entropy_gradient_fp32(case, deterministic):
+    """dz = coef·∂CE/∂z + coef_entropy·∂H/∂z in the same dz; the entropy coefficient also on ignored rows
+    (whose CE coefficient is 0), negative and zero coefficients, several blocks / splits / row chunks."""
+    from lsa_kernels.kernels import ce_backward, ce_forward_ext
+
+    c = CE_CASES[case]
+    x, w, b, y = _ce_inputs(torch.float32, c["bias"], seed=13)
+    opts = CEOptions(**c["opts"], deterministic=deterministic, chunk_bytes=16 * V * 4)
+    coef = _coef(N, 1, y, p_zero=0.2)
+    cent = _coef(N, 2, p_zero=0.2) - 0.9  # both signs
+    with override_config(SMALL_BLOCKS):
+        out = ce_forward_ext(x, w, b, y, opts, entropy=True)
+        dx = torch.full(x.shape, float("nan"))
+        dw, db = torch.zeros(w.shape), (torch.zeros(V) if b is not None else None)
+        ce_backward(x, w, b, y, out.lse, coef, opts, dx, dw, db, coef_entropy=cent, entropy=out.entropy)
+    truth = _entropy_ref(x, w, b, y, coef, cent, opts, torch.float64)
+    for k, v in (("dx", dx), ("dw", dw), ("db", db)):
+        if v is not None:
+            _close(v, truth[k], atol=2e-5, name=k)
+
+
+def test_ce_entropy_gradient_only():
+    """Every CE coefficient 0 (all targets ignored): the entropy gradient alone (rows stay live)."""
+    from lsa_kernels.kernels import ce_backward, ce_forward_ext
+
+    x, w, b, _ = _ce_inputs(torch.float32, True, seed=14)
+    y = torch.full((N,), IGN)
+    opts = CEOptions(softcap=4.0)
+    out = ce_forward_ext(x, w, b, y, opts, entropy=True)
+    assert torch.equal(out.loss, torch.zeros(N))
+    cent = torch.ones(N)
+    dx, dw, db = torch.zeros(x.shape), torch.zeros(w.shape), torch.zeros(V)
+    ce_backward(x, w, b, y, out.lse, torch.ones(N), opts, dx, dw, db, coef_entropy=cent, entropy=out.entropy)
+    truth = _entropy_ref(x, w, b, y, torch.zeros(N), cent, opts, torch.float64)
+    assert truth["dx"].abs().max() > 1e-3
+    for k, v in (("dx", dx), ("dw", dw), ("db", db)):
+        _close(v, truth[k], atol=2e-5, name=k)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_ce_entropy_bf16(deterministic):
+    from lsa_kernels.kernels import ce_backward, ce_forward_ext
+
+    x, w, b, y = _ce_inputs(torch.bfloat16, True, seed=15)
+    opts = CEOptions(softcap=6.0, deterministic=deterministic)
+    coef, cent = _coef(N, 1, y), _coef(N, 2) * 0.5
+    out = ce_forward_ext(x, w, b, y, opts, entropy=True, argmax=True)
+    dx, dw, db = torch.zeros(x.shape), torch.zeros(w.shape), torch.zeros(V)
+    ce_backward(x, w, b, y, out.lse, coef, opts, dx, dw, db, coef_entropy=cent, entropy=out.entropy)
+    truth = _entropy_ref(x, w, b, y, coef, cent, opts, torch.float64)
+    lowp = _entropy_ref(x, w, b, y, coef, cent, opts, torch.bfloat16)
+    _close(out.entropy, truth["entropy"], atol=1e-4, lowp=lowp["entropy"], name="entropy")
+    for k, v in (("dx", dx), ("dw", dw), ("db", db)):
+        _close(v, truth[k], atol=1e-4 + 2.0**-8 * truth[k].abs().max().item(), lowp=lowp[k], name=k)
+    z = truth["z"].double()
+    top2 = z.topk(2, dim=-1).values
+    assert (z.gather(1, out.argmax[:, None]).squeeze(1) >= top2[:, 0] - 1e-4).all()
+
+
+def test_ce_entropy_bad_input():
+    from lsa_kernels.kernels import ce_backward
+
+    x, w, b, y = _ce_inputs(torch.float32, False, seed=16)
+    lse = torch.zeros(N)
+    with pytest.raises(ValueError, match="coef_entropy and entropy"):
+        ce_backward(x, w, b, y, lse, torch.ones(N), CEOptions(), None, None, None, coef_entropy=torch.ones(N))
+    with pytest.raises(ValueError, match="entropy must be"):
+        ce_backward(x, w, b, y, lse, torch.ones(N), CEOptions(), torch.zeros(x.shape), None, None,
+                    coef_entropy=torch.ones(N), entropy=torch.ones(N - 1))

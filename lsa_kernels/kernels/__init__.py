@@ -1,7 +1,9 @@
 """Triton backend of lsa_kernels: the functions of the contract in :mod:`lsa_kernels.backends`.
 
     ce_forward, ce_backward        fused linear cross-entropy                      (ce.py)
-    pair_forward, pair_backward    two views + divergence in one V pass            (pair.py: launchers)
+    ce_forward_ext                 + per-row entropy / argmax in the same pass     (ce.py; issue 16)
+    pair_forward, pair_backward    two views + divergence in one V pass            (pair.py: launchers;
+                                   wq= / bq=: a second head, distillation, issue 16)
     pair_js_partial                js's X, Y for given normalisers                 (pair.py; vocab-parallel js)
 
 Modules (the maths each implements opens the file and cites docs/maths.md):
@@ -26,7 +28,8 @@ as in torch (``dx_out.zero_()``). Raw logits before bias / softcap are ``z_raw``
 Tests run them on CPU tensors under ``TRITON_INTERPRET=1``; production launches take CUDA tensors.
 """
 
-from .ce import ce_backward, ce_forward
+from .ce import CEForwardExt, ce_backward, ce_forward, ce_forward_ext
 from .pair import pair_backward, pair_forward, pair_js_partial
 
-__all__ = ["ce_forward", "ce_backward", "pair_forward", "pair_backward", "pair_js_partial"]
+__all__ = ["ce_forward", "ce_forward_ext", "CEForwardExt", "ce_backward", "pair_forward", "pair_backward",
+           "pair_js_partial"]

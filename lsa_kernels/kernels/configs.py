@@ -43,6 +43,7 @@ _FLOAT_SCALARS = {"cap", "inv_cap", "inv_temp", "one_minus_eps", "eps_over_v", "
 _INPUT_PTRS = {"x_ptr", "w_ptr", "b_ptr", "xp_ptr", "xq_ptr", "wq_ptr", "bq_ptr", "dz_ptr", "dzp_ptr",
                "dzq_ptr"}  # the input dtype
 _TARGET_PTRS = {"y_ptr", "yp_ptr", "yq_ptr"}
+_INT32_PTRS = {"am_ptr"}  # the CE forward's argmax partials
 _DIVISIBLE_INTS = {"H", "Hq", "stride_x", "stride_w", "stride_wq", "stride_xp", "stride_xq", "stride_dx",
                    "stride_dxp", "stride_dxq", "stride_dw", "stride_dwq", "stride_dz"}
 _TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -92,9 +93,15 @@ _CE_ALL = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True)
 _CE_NONE = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_SMOOTHING=False)
 
 
-def _ce_bwd_flags(all_on: bool, **need) -> Dict[str, Any]:
+def _ce_fwd_flags(all_on: bool, ext: bool = False) -> Dict[str, Any]:
+    """ce_fwd_kernel; ``ext``: the per-token entropy and argmax (issue 16)."""
+    return dict(_CE_ALL if all_on else _CE_NONE, ENTROPY=ext, ARGMAX=ext)
+
+
+def _ce_bwd_flags(all_on: bool, entropy: bool = False, **need) -> Dict[str, Any]:
     base = dict(_CE_ALL if all_on else _CE_NONE)
     base["HAS_ZLOSS"] = all_on
+    base["HAS_ENTROPY"] = entropy
     base.update(need)
     return base
 
@@ -126,13 +133,20 @@ def production_configs() -> List[KernelConfig]:
     out: List[KernelConfig] = []
     atomic_need = dict(NEED_DX=True, NEED_DW=True, NEED_DB=False)
     for dt in ("bf16", "fp32"):
-        out.append(KernelConfig(f"ce_fwd_{dt}_plain", "ce_fwd", dt, dict(_CE_NONE)))
+        out.append(KernelConfig(f"ce_fwd_{dt}_plain", "ce_fwd", dt, _ce_fwd_flags(False)))
         out.append(KernelConfig(f"ce_bwd_{dt}_plain", "ce_bwd", dt, _ce_bwd_flags(False, **atomic_need)))
         out.append(KernelConfig(f"ce_dz_{dt}_all", "ce_dz", dt, _ce_bwd_flags(True, NEED_DB=True)))
-    out.append(KernelConfig("ce_fwd_bf16_all", "ce_fwd", "bf16", dict(_CE_ALL)))
-    out.append(KernelConfig("ce_fwd_fp16_plain", "ce_fwd", "fp16", dict(_CE_NONE)))
+    out.append(KernelConfig("ce_fwd_bf16_all", "ce_fwd", "bf16", _ce_fwd_flags(True)))
+    out.append(KernelConfig("ce_fwd_fp16_plain", "ce_fwd", "fp16", _ce_fwd_flags(False)))
     out.append(KernelConfig("ce_bwd_bf16_all", "ce_bwd", "bf16",
                             _ce_bwd_flags(True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
+    # issue 16: per-token entropy + argmax in the forward, the entropy gradient in the backward (heaviest flags)
+    for dt in ("bf16", "fp32"):
+        out.append(KernelConfig(f"ce_fwd_{dt}_ext_all", "ce_fwd", dt, _ce_fwd_flags(True, ext=True)))
+        out.append(KernelConfig(f"ce_bwd_{dt}_entropy_all", "ce_bwd", dt,
+                                _ce_bwd_flags(True, entropy=True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
+        out.append(KernelConfig(f"ce_dz_{dt}_entropy_all", "ce_dz", dt, _ce_bwd_flags(True, entropy=True,
+                                                                                      NEED_DB=True)))
 
     pair_need = dict(USE_GP=True, USE_GQ=True, NEED_DXP=True, NEED_DXQ=True, NEED_DW=True, NEED_DB=False)
     for div in Divergence:
@@ -270,9 +284,12 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                                           (False, True)):
                 o = CEOptions(label_smoothing=eps, z_loss=zl, softcap=cap, deterministic=det)
                 ce.ce_forward(x, w, b, y, o)
-                for ndx, ndw, ndb in itertools.product((False, True), repeat=3):
+                for ent, am in itertools.product((False, True), repeat=2):  # issue 16: per-token outputs
+                    ce.ce_forward_ext(x, w, b, y, o, entropy=ent, argmax=am)
+                for ndx, ndw, ndb, went in itertools.product((False, True), repeat=4):
                     ce.ce_backward(x, w, b, y, coef, coef, o, f32(N, H) if ndx else None,
-                                   f32(V, H) if ndw else None, f32(V) if ndb else None)
+                                   f32(V, H) if ndw else None, f32(V) if ndb else None,
+                                   coef_entropy=coef if went else None, entropy=coef if went else None)
             stats = torch.zeros(N, N_PAIR_STATS)
             for div, temp, with_ce, detach, b, cap, eps, zl, det in itertools.product(
                     DIVERGENCES, (1.0, 2.0), (False, True), (None, "p", "q"),
@@ -363,6 +380,8 @@ def ast_source_args(cfg: KernelConfig, arch: int):
                 signature[a] = "*" + cfg.dtype
             elif a in _TARGET_PTRS:
                 signature[a] = "*i64"
+            elif a in _INT32_PTRS:
+                signature[a] = "*i32"
             else:
                 signature[a] = "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]

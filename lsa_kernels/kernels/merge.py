@@ -8,7 +8,12 @@ s_s = Σ_{v in split s} e^{z_v − m_s},
     lse = M + log Σ_s s_s e^{m_s − M},   M = max_s m_s
     E[f] = Σ_s acc_s e^{m_s − M} / Σ_s s_s e^{m_s − M},   acc_s = Σ_{v in split s} e^{z_v − m_s} f_v
 
-and plain sums (z_y, Σ_v z) add. The CE row loss is then :func:`lsa_kernels.maths.ce_row_loss` (§3) and the
+and plain sums (z_y, Σ_v z) add. The CE forward's per-token extras (kernels/ce.py, docs/maths.md §3):
+with acc_s = Σ_{v in split s} e^{z_v − m_s}(z_v − m_s) and r_s = e^{m_s − M},
+
+    H = (lse − M) − Σ_s r_s (acc_s + (m_s − M) s_s) / Σ_s r_s s_s          (entropy, both terms ≥ 0)
+    argmax = the argmax of the first split s (in V order) with m_s = M      (ties → lowest index)
+ The CE row loss is then :func:`lsa_kernels.maths.ce_row_loss` (§3) and the
 divergence :func:`lsa_kernels.maths.divergence_from_stats` (§5).
 """
 
@@ -89,6 +94,22 @@ def merge_ce(part: torch.Tensor, y: torch.Tensor, V: int, ignore_index: int, lab
     lse = merge_lse(part[..., CEPart.M], part[..., CEPart.S])
     loss = ce_rows(lse, part[..., CEPart.ZY], part[..., CEPart.SZ], y, V, ignore_index, label_smoothing, z_loss)
     return loss, lse
+
+
+def merge_extras(part: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor | None, am: torch.Tensor | None):
+    """(entropy fp32 [N] or None, argmax int64 [N] or None) from the CE forward's partials ``[S, N, 4]``,
+    the merged lse and the ``[S, N]`` extras (module docstring)."""
+    m, s = part[..., CEPart.M], part[..., CEPart.S]
+    M = m.max(dim=0).values
+    h = idx = None
+    if ent is not None:
+        r = torch.exp(m - M)
+        ez = (r * (ent + (m - M) * s)).sum(0) / (r * s).sum(0)  # E_p[z − M] ≤ 0
+        h = (lse - M) - ez
+    if am is not None:
+        first = (m == M).to(torch.int32).argmax(dim=0)  # the first split holding the max
+        idx = am.gather(0, first[None]).squeeze(0).to(torch.int64)
+    return h, idx
 
 
 def pair_stats(part: torch.Tensor, div: Divergence, temp_one: bool, stats: torch.Tensor) -> None:
