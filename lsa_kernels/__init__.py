@@ -4,12 +4,15 @@ Public API:
     linear_cross_entropy(input, linear_weight, target, ...)            fused linear CE (one view)
     linear_divergence(input_p, input_q, linear_weight, ...)            fused divergence of two views
     long_short_loss(hidden_long, hidden_short, linear_weight, ...)     CE of both views + α·divergence
+    linear_distillation(student_input, student_weight, teacher_input, teacher_weight, target=None, ...)
+                                                                       fused KD between two heads
     LinearCrossEntropyLoss, LinearDivergenceLoss, LongShortAlignmentLoss   nn.Module wrappers
-    sample_l_extra(l_train), LongShortLoss
+    sample_l_extra(l_train), LongShortLoss, DistillationLoss
     reference                                                          the plain-torch ground truth
 """
 
 from . import reference
+from .distillation import DistillationLoss, linear_distillation
 from .functional import linear_cross_entropy, linear_divergence, long_short_loss
 from .modules import LinearCrossEntropyLoss, LinearDivergenceLoss, LongShortAlignmentLoss
 from .pairing import LongShortLoss, sample_l_extra
@@ -20,6 +23,8 @@ __all__ = [
     "linear_cross_entropy",
     "linear_divergence",
     "long_short_loss",
+    "linear_distillation",
+    "DistillationLoss",
     "LinearCrossEntropyLoss",
     "LinearDivergenceLoss",
     "LongShortAlignmentLoss",

@@ -23,28 +23,38 @@ the same tokens, §4) and, optionally, rows ``xu`` that take CE only (long-short
 ``l_extra`` rows of the long view and the last ``l_extra`` of the short one). A backend may run those in the
 same pass over the vocabulary as the pairs (the cpu backend does: one set of GEMMs per chunk).
 
+A second head (docs/maths.md §12, distillation: teacher = view p, student = view q): every pair method
+takes keyword arguments ``wq`` ``[V, Hq]`` / ``bq`` ``[V]``; with ``wq`` view q's logits are ``x_q W_qᵀ +
+b_q`` (``xq [N, Hq]``; same V and dtype as ``w``; no CE-only rows ``xu``), the backward ACCUMULATES view p's
+weight gradient into ``grads.dw``/``grads.db`` and view q's into ``grads.dwq``/``grads.dbq``. Without
+``wq`` (the default) both views share ``w``/``b`` exactly as before. With ``opts.with_ce`` a view whose
+target (``rows.yp``/``rows.yq``) or CE coefficient (``coefs.ce_p``/``coefs.ce_q``) is None takes no CE
+(its ``ce_*`` are zeros); with ``opts.detach == "p"`` and no CE on p, no p-side gradient is formed at all
+(``grads.dxp`` is zeros, ``dw``/``db`` of a second head untouched).
+
     ce_forward(x, w, b, y, opts: CEOptions) -> CEOut(loss [N], lse [N])
         loss = (1−ε)(lse − z_y) + ε(lse − mean_v z) + λ·lse²     (0 on ignored rows), z = softcap(x Wᵀ + b)
     ce_backward(x, w, b, y, lse, coef [N], opts, grads: Grads) -> None
         dz = coef ⊙ (softmax(z)(1 + 2λ·lse) − (1−ε)·onehot(y) − ε/V_total) ⊙ softcap'(z_raw)
         dx = dz W,   dW += dzᵀ x,   db += Σ_rows dz
 
-    pair_forward(rows: PairRows, w, b, opts: PairOptions) -> PairOut
+    pair_forward(rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut
         ce_p, ce_q (CE of each view when opts.with_ce, zeros otherwise), div (the divergence of every row;
         callers mask), stats [N, 8] (lsa_kernels.maths.Stat), and ce_u / lse_u for rows.xu.
-    pair_backward(rows, w, b, saved: PairOut, coefs: PairCoefs, opts, grads: PairGrads) -> None
+    pair_backward(rows, w, b, saved: PairOut, coefs: PairCoefs, opts, grads: PairGrads, *, wq=None, bq=None)
         dz_p = coefs.ce_p·(CE gradient of z_p) + coefs.div/τ·∂D/∂a   (the second term only if opts.grad_p)
         dz_q likewise with ∂D/∂b; dz_u = coefs.ce_u·(CE gradient of z_u); then the softcap derivative and
         dx / dW / db as for CE (dW and db get every row of every view). ``saved`` is the forward's output
         (its stats and lse_u are read; for a vocab shard they are the whole vocabulary's, merged).
 
-    pair_js_partial(xp, xq, w, b, lset [N, 2], opts) -> [N, 2]            (capability js_partial)
+    pair_js_partial(xp, xq, w, b, lset [N, 2], opts, *, wq=None, bq=None) -> [N, 2]   (capability js_partial)
         Σ_v p_v log(p_v/m_v), Σ_v q_v log(q_v/m_v) over the rows of ``w`` for GIVEN normalisers
         lset = (lse(a), lse(b)) of a = z_p/τ, b = z_q/τ: js's X and Y when lset is w's own; a vocab
         shard's share of them when lset is the whole vocabulary's (§5 js; the vocab-parallel wrapper).
 
     ce_forward_backward(x, w, b, y, opts, coef, grads) -> CEOut          (capability fused_forward_backward)
-    pair_forward_backward(rows, w, b, opts, coefs, grads) -> PairOut     (capability fused_forward_backward)
+    pair_forward_backward(rows, w, b, opts, coefs, grads, *, wq=None, bq=None) -> PairOut
+                                                                         (capability fused_forward_backward)
         the forward AND the backward with coefficients known in advance, in ONE pass over the logits (the
         autograd layer uses them for mean/sum reductions: one GEMM per view fewer on the cpu backend).
 
@@ -129,16 +139,19 @@ class Grads:
 @dataclass(frozen=True)
 class PairGrads:
     """Out buffers of a pair gradient: ``dxp``/``dxq [N, H]`` and ``dxu [M, H]`` overwritten, ``dw``/``db``
-    accumulated into; None: not wanted."""
+    accumulated into; with a second head (``wq``) ``dwq [V, Hq]``/``dbq [V]`` get view q's head's gradient
+    (accumulated) and ``dw``/``db`` view p's only; None: not wanted."""
 
     dxp: Optional[Tensor] = None
     dxq: Optional[Tensor] = None
     dxu: Optional[Tensor] = None
     dw: Optional[Tensor] = None
     db: Optional[Tensor] = None
+    dwq: Optional[Tensor] = None
+    dbq: Optional[Tensor] = None
 
     def any(self) -> bool:
-        return any(t is not None for t in (self.dxp, self.dxq, self.dxu, self.dw, self.db))
+        return any(t is not None for t in (self.dxp, self.dxq, self.dxu, self.dw, self.db, self.dwq, self.dbq))
 
 
 @dataclass(frozen=True)
@@ -175,16 +188,19 @@ class Backend(Protocol):
     def ce_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, lse: Tensor, coef: Tensor,
                     opts: CEOptions, grads: Grads) -> None: ...
 
-    def pair_forward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions) -> PairOut: ...
+    def pair_forward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *,
+                     wq: Optional[Tensor] = None, bq: Optional[Tensor] = None) -> PairOut: ...
 
     def pair_backward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], saved: PairOut, coefs: PairCoefs,
-                      opts: PairOptions, grads: PairGrads) -> None: ...
+                      opts: PairOptions, grads: PairGrads, *, wq: Optional[Tensor] = None,
+                      bq: Optional[Tensor] = None) -> None: ...
 
     def pair_js_partial(self, xp: Tensor, xq: Tensor, w: Tensor, b: Optional[Tensor], lset: Tensor,
-                        opts: PairOptions) -> Tensor: ...
+                        opts: PairOptions, *, wq: Optional[Tensor] = None, bq: Optional[Tensor] = None) -> Tensor: ...
 
     def ce_forward_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions,
                             coef: Tensor, grads: Grads) -> CEOut: ...
 
     def pair_forward_backward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions,
-                              coefs: PairCoefs, grads: PairGrads) -> PairOut: ...
+                              coefs: PairCoefs, grads: PairGrads, *, wq: Optional[Tensor] = None,
+                              bq: Optional[Tensor] = None) -> PairOut: ...

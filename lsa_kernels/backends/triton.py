@@ -3,7 +3,8 @@
 Maths: docs/maths.md §3 (CE) and §5 (pairs), evaluated tile by tile over the vocabulary as described in
 docs/maths.md §14; this module only translates the contract's dataclasses into the kernels' launchers
 (their names and signatures belong to lsa_kernels.kernels). Long-short's CE-only rows are a separate CE
-launch. The kernels recompute logits in backward from the saved statistics, so a fused forward+backward
+launch. A second head (``wq``/``bq``, docs/maths.md §12) goes to the kernels' two-head specialisation
+(``dwq``/``dbq`` of :class:`~.contract.PairGrads` to ``dwq_out``/``dbq_out``). The kernels recompute logits in backward from the saved statistics, so a fused forward+backward
 would save nothing here (``caps.fused_forward_backward`` is False).
 """
 
@@ -31,8 +32,10 @@ class TritonBackend:
     def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
         kernels.ce_backward(x, w, b, y, lse, coef, opts, grads.dx, grads.dw, grads.db)
 
-    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions) -> PairOut:
-        ce_p, ce_q, div, stats = kernels.pair_forward(rows.xp, rows.xq, w, b, rows.yp, rows.yq, opts)
+    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
+        if wq is not None and rows.has_unpaired:
+            raise ValueError("CE-only rows (xu) are not supported with a second head")
+        ce_p, ce_q, div, stats = kernels.pair_forward(rows.xp, rows.xq, w, b, rows.yp, rows.yq, opts, wq=wq, bq=bq)
         ce_u = lse_u = None
         if rows.has_unpaired:
             out = self.ce_forward(rows.xu, w, b, rows.yu, opts.ce)
@@ -40,20 +43,22 @@ class TritonBackend:
         return PairOut(ce_p, ce_q, div, stats, ce_u, lse_u)
 
     def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
-                      grads: PairGrads) -> None:
+                      grads: PairGrads, *, wq=None, bq=None) -> None:
+        two = wq is not None
         kernels.pair_backward(rows.xp, rows.xq, w, b, rows.yp, rows.yq, saved.stats, coefs.ce_p, coefs.ce_q,
-                              coefs.div, opts, grads.dxp, grads.dxq, grads.dw, grads.db)
+                              coefs.div, opts, grads.dxp, grads.dxq, grads.dw, grads.db, wq=wq, bq=bq,
+                              dwq_out=grads.dwq if two else None, dbq_out=grads.dbq if two else None)
         if rows.has_unpaired:
             self.ce_backward(rows.xu, w, b, rows.yu, saved.lse_u, coefs.ce_u, opts.ce,
                              Grads(grads.dxu, grads.dw, grads.db))
 
-    def pair_js_partial(self, xp, xq, w, b, lset, opts: PairOptions) -> Tensor:
-        return kernels.pair_js_partial(xp, xq, w, b, lset, opts)
+    def pair_js_partial(self, xp, xq, w, b, lset, opts: PairOptions, *, wq=None, bq=None) -> Tensor:
+        return kernels.pair_js_partial(xp, xq, w, b, lset, opts, wq=wq, bq=bq)
 
     def ce_forward_backward(self, x, w, b, y, opts, coef, grads) -> CEOut:
         raise NotImplementedError("the triton backend has no fused forward+backward (caps.fused_forward_backward)")
 
-    def pair_forward_backward(self, rows, w, b, opts, coefs, grads) -> PairOut:
+    def pair_forward_backward(self, rows, w, b, opts, coefs, grads, *, wq=None, bq=None) -> PairOut:
         raise NotImplementedError("the triton backend has no fused forward+backward (caps.fused_forward_backward)")
 
 

@@ -148,7 +148,9 @@ class VocabParallel:
         self._all_reduce(grads.dx)
 
     # ----------------------------------------------------------------------------------- pairs
-    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions) -> PairOut:
+    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
+        if wq is not None:
+            raise NotImplementedError("a second head (wq) over a vocab-parallel head is not implemented yet")
         ign = opts.ce.ignore_index
         js = opts.divergence == "js"
         if js and not self.local.caps.js_partial:
@@ -197,16 +199,18 @@ class VocabParallel:
         return PairOut(ce_p, ce_q, div, merged, ce_u, lse_u)
 
     def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
-                      grads: PairGrads) -> None:
+                      grads: PairGrads, *, wq=None, bq=None) -> None:
+        if wq is not None:
+            raise NotImplementedError("a second head (wq) over a vocab-parallel head is not implemented yet")
         self.local.pair_backward(self._local_rows(rows, opts.ce.ignore_index), w, b, saved, coefs, self._opts(opts),
                                  grads)
         self._all_reduce(grads.dxp, grads.dxq, grads.dxu if rows.has_unpaired else None)
 
-    def pair_js_partial(self, xp, xq, w, b, lset, opts):
+    def pair_js_partial(self, xp, xq, w, b, lset, opts, *, wq=None, bq=None):
         raise NotImplementedError("VocabParallel has no pair_js_partial (caps.js_partial)")
 
     def ce_forward_backward(self, x, w, b, y, opts, coef, grads):
         raise NotImplementedError("VocabParallel has no fused forward+backward (caps.fused_forward_backward)")
 
-    def pair_forward_backward(self, rows, w, b, opts, coefs, grads):
+    def pair_forward_backward(self, rows, w, b, opts, coefs, grads, *, wq=None, bq=None):
         raise NotImplementedError("VocabParallel has no fused forward+backward (caps.fused_forward_backward)")

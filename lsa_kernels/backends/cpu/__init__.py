@@ -11,12 +11,18 @@ Forward and backward in one pass (``caps.fused_forward_backward``): given the co
 also writes the gradient, which saves the backward's logits GEMM. Long-short's CE-only rows run in the same
 chunks as the pairs (one set of GEMMs per chunk for all of them).
 
+A second head (contract; distillation, docs/maths.md §12): view q's logits from its own ``wq``/``bq`` — the
+chunk loop runs one logits GEMM per head into the same chunk buffer and gives each head its own ``dx``/``dW``
+GEMMs; a frozen view p without CE (detach="p") gets no gradient GEMM at all. A view with CE off (no target)
+runs the per-chunk functions with ``ignore_index`` targets and zero CE coefficients.
+
 Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 × bf16 → fp32
 GEMM), so logits are never rounded to bf16: W once per call (a ``[V, H]`` fp32 copy), x chunk by chunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 from typing import Optional
 
@@ -73,23 +79,58 @@ def _ce(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions, *
     return CEOut(loss_all, lse_all)
 
 
+def _check_qhead(rows: PairRows, w: Tensor, wq: Optional[Tensor], bq: Optional[Tensor]) -> None:
+    """Shapes of a second head (contract: view q's own ``wq``/``bq``); raises ValueError naming the argument."""
+    if wq is None:
+        if bq is not None:
+            raise ValueError("bq is the bias of view q's own head: pass wq with it (or b for a shared head)")
+        return
+    if wq.dim() != 2 or wq.shape[0] != w.shape[0]:
+        raise ValueError(f"wq must be [V, Hq] with the V of w ({w.shape[0]}), got {tuple(wq.shape)}")
+    if rows.xq.shape[1] != wq.shape[1]:
+        raise ValueError(f"xq must be [N, Hq] with the Hq of wq ({wq.shape[1]}), got {tuple(rows.xq.shape)}")
+    if bq is not None and tuple(bq.shape) != (w.shape[0],):
+        raise ValueError(f"bq must be [V] = [{w.shape[0]}], got {tuple(bq.shape)}")
+    if rows.has_unpaired:
+        raise ValueError("CE-only rows (xu) are not supported with a second head")
+
+
 def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, saved: Optional[PairOut] = None,
-          coefs: Optional[PairCoefs] = None, grads: PairGrads = PairGrads()) -> PairOut:
-    """Forward (``coefs`` None), forward + gradient, or gradient from the ``saved`` statistics."""
+          coefs: Optional[PairCoefs] = None, grads: PairGrads = PairGrads(), wq: Optional[Tensor] = None,
+          bq: Optional[Tensor] = None) -> PairOut:
+    """Forward (``coefs`` None), forward + gradient, or gradient from the ``saved`` statistics. ``wq``/``bq``:
+    view q's own head (contract); a view without target or CE coefficient takes no CE."""
+    _check_qhead(rows, w, wq, bq)
     fns = impl(rows.xp)
     N, like = rows.xp.shape[0], rows.xp
     fwd = saved is None
-    zeros = torch.zeros(N, dtype=acc_dtype(like), device=like.device)
-    ce_p, ce_q = (_empty(N, like), _empty(N, like)) if (fwd and opts.with_ce) else (zeros, zeros)
+    acc = acc_dtype(like)
+    zeros = torch.zeros(N, dtype=acc, device=like.device)
+    # CE per view (contract): on when with_ce and the view has a target (and, in backward, a coefficient);
+    # the per-chunk functions take both views' targets, so a view without CE gets ignore_index everywhere
+    ce_p_on = opts.with_ce and rows.yp is not None and (coefs is None or coefs.ce_p is not None)
+    ce_q_on = opts.with_ce and rows.yq is not None and (coefs is None or coefs.ce_q is not None)
+    with_ce = ce_p_on or ce_q_on
+    if with_ce != opts.with_ce:
+        opts = dataclasses.replace(opts, with_ce=with_ce)
+    no_y = torch.full((N,), opts.ce.ignore_index, dtype=torch.long, device=like.device) if with_ce else None
+    yp = rows.yp if ce_p_on else no_y
+    yq = rows.yq if ce_q_on else no_y
+    if coefs is not None and with_ce:
+        coefs = PairCoefs(coefs.div, coefs.ce_p if ce_p_on else zeros, coefs.ce_q if ce_q_on else zeros, coefs.ce_u)
+    ce_p = _empty(N, like) if (fwd and ce_p_on) else zeros
+    ce_q = _empty(N, like) if (fwd and ce_q_on) else zeros
     stats = _empty(N, like, N_PAIR_STATS) if fwd else saved.stats
     unpaired = rows.has_unpaired
     M = rows.xu.shape[0] if unpaired else 0
     ce_u = _empty(M, like) if unpaired else None
     lse_u = (_empty(M, like) if fwd else saved.lse_u) if unpaired else None
-    parts = [loop.Part(rows.xp, grads.dxp, opts.with_ce or opts.grad_p),
-             loop.Part(rows.xq, grads.dxq, opts.with_ce or opts.grad_q)]
+    two = wq is not None
+    parts = [loop.Part(rows.xp, grads.dxp, ce_p_on or opts.grad_p),
+             loop.Part(rows.xq, grads.dxq, ce_q_on or opts.grad_q, head=1 if two else 0)]
     if unpaired:
         parts.append(loop.Part(rows.xu, grads.dxu))
+    heads = [loop.Head(wq, bq, grads.dwq, grads.dbq if bq is not None else None)] if two else []
 
     def sl_(t, s):
         return None if t is None else t[s]
@@ -97,12 +138,13 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     def step(z, sl):
         s = sl[0]
         c = None if coefs is None else PairCoefs(coefs.div[s], sl_(coefs.ce_p, s), sl_(coefs.ce_q, s))
-        cp, cq, st = fns.pair_chunk(z[0], z[1], sl_(rows.yp, s), sl_(rows.yq, s), opts,
-                                    None if fwd else stats[s], c)
+        cp, cq, st = fns.pair_chunk(z[0], z[1], sl_(yp, s), sl_(yq, s), opts, None if fwd else stats[s], c)
         if fwd:
             stats[s] = st
-            if opts.with_ce:
-                ce_p[s], ce_q[s] = cp, cq
+            if ce_p_on:
+                ce_p[s] = cp
+            if ce_q_on:
+                ce_q[s] = cq
         if unpaired:
             u = sl[2]
             lu, lsu = fns.ce_chunk(z[2], rows.yu[u], opts.ce, None if fwd else lse_u[u],
@@ -112,7 +154,8 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
                 lse_u[u] = lsu
 
     n_rows = chunk_rows(w.shape[0], fns.K_PAIR, opts.ce.chunk_bytes)
-    loop.run(parts, w, b, max(n_rows, 2 + unpaired), step, backward=coefs is not None, dw=grads.dw, db=grads.db)
+    loop.run(parts, w, b, max(n_rows, 2 + unpaired), step, backward=coefs is not None, dw=grads.dw,
+             db=grads.db, heads=heads)
     return PairOut(ce_p, ce_q, divergence_from_stats(stats, opts.divergence), stats, ce_u, lse_u)
 
 
@@ -131,19 +174,20 @@ class CpuBackend:
     def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
         _ce(x, w, b, y, opts, lse=lse, coef=coef, grads=grads)
 
-    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions) -> PairOut:
-        return _pair(rows, w, b, opts)
+    def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
+        return _pair(rows, w, b, opts, wq=wq, bq=bq)
 
     def pair_forward_backward(self, rows: PairRows, w, b, opts: PairOptions, coefs: PairCoefs,
-                              grads: PairGrads) -> PairOut:
-        return _pair(rows, w, b, opts, coefs=coefs, grads=grads)
+                              grads: PairGrads, *, wq=None, bq=None) -> PairOut:
+        return _pair(rows, w, b, opts, coefs=coefs, grads=grads, wq=wq, bq=bq)
 
     def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
-                      grads: PairGrads) -> None:
-        _pair(rows, w, b, opts, saved=saved, coefs=coefs, grads=grads)
+                      grads: PairGrads, *, wq=None, bq=None) -> None:
+        _pair(rows, w, b, opts, saved=saved, coefs=coefs, grads=grads, wq=wq, bq=bq)
 
-    def pair_js_partial(self, xp, xq, w, b, lset, opts: PairOptions) -> Tensor:
+    def pair_js_partial(self, xp, xq, w, b, lset, opts: PairOptions, *, wq=None, bq=None) -> Tensor:
         """ATen chunks on every input dtype (contract)."""
+        _check_qhead(PairRows(xp, xq), w, wq, bq)
         out = _empty(xp.shape[0], xp, 2)
 
         def step(z, sl):
@@ -151,7 +195,9 @@ class CpuBackend:
             out[s] = aten.js_partial_chunk(z[0], z[1], lset[s], opts)
 
         rows = chunk_rows(w.shape[0], aten.K_PAIR, opts.ce.chunk_bytes)
-        loop.run([loop.Part(xp), loop.Part(xq)], w, b, max(rows, 2), step, backward=False)
+        two = wq is not None
+        loop.run([loop.Part(xp), loop.Part(xq, head=1 if two else 0)], w, b, max(rows, 2), step, backward=False,
+                 heads=[loop.Head(wq, bq)] if two else [])
         return out
 
 
