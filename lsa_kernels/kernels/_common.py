@@ -9,6 +9,7 @@ the wrong stream). Block sizes come from one table per GPU family (:data:`GPU_TA
 (the keys of a table):
 
     ce_fwd     kernels/ce.py            CE forward (online softmax over V tiles, V splits)
+    ce_fwd_ext kernels/ce.py            the same kernel with the per-token entropy / argmax (issue 16)
     ce_bwd     kernels/ce.py            CE backward, atomic (default)
     ce_dz      kernels/ce.py            CE backward, deterministic: dz of a row chunk (GEMMs: deterministic.py)
     pair_fwd   kernels/pair_phase1.py   pair forward, phase 1 (CE of both views, lse, X/Y of sce/kl/...)
@@ -73,6 +74,7 @@ def _lc(bn, bv, bh, warps, stages):
 
 _SM80 = {
     "ce_fwd": _lc(64, 128, 64, 8, 3),
+    "ce_fwd_ext": _lc(64, 128, 64, 8, 3),
     "ce_bwd": _lc(64, 64, 64, 8, 2),
     "ce_dz": _lc(64, 128, 64, 8, 3),
     "pair_fwd": _lc(64, 64, 64, 8, 3),
@@ -82,6 +84,7 @@ _SM80 = {
 }
 _SM90 = {
     "ce_fwd": _lc(128, 128, 64, 8, 3),
+    "ce_fwd_ext": _lc(64, 128, 64, 8, 3),  # 128×128×64 spilled 412 B (entropy + argmax, all flags)
     "ce_bwd": _lc(64, 128, 64, 8, 2),
     "ce_dz": _lc(64, 128, 64, 8, 3),
     "pair_fwd": _lc(64, 64, 64, 8, 3),  # 64×128 tiles spilled 16 B for sym_kl (4 accumulators, 2 expm1)
@@ -91,6 +94,7 @@ _SM90 = {
 }
 _FP32 = {
     "ce_fwd": _lc(64, 64, 32, 8, 3),
+    "ce_fwd_ext": _lc(64, 64, 32, 8, 3),
     "ce_bwd": _lc(32, 64, 32, 4, 2),
     "ce_dz": _lc(64, 64, 32, 8, 3),
     "pair_fwd": _lc(32, 64, 32, 8, 3),
@@ -115,7 +119,8 @@ GPU_TABLE = {
     # sm_100 (ptxas-blackwell, tcgen05): the sm_90 tiles spilled in ce_fwd (136 B) and pair_fwd (64 B);
     # these are the first spill-free candidates. ce_dz takes the forward's tile; pair_dz (js, all flags)
     # spilled 8 B at 64×64×32 / 3 stages and at 32×64×32, 112-128 B at 4 warps or 32×32×64; 64×32×32: 0 B.
-    ("sm100", False): {**_SM90, "ce_fwd": _lc(128, 64, 64, 8, 3), "ce_dz": _lc(64, 64, 64, 8, 3),
+    ("sm100", False): {**_SM90, "ce_fwd": _lc(128, 64, 64, 8, 3), "ce_fwd_ext": _lc(64, 64, 64, 8, 3),
+                       "ce_dz": _lc(64, 64, 64, 8, 3),
                        "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_dz": _lc(64, 32, 32, 8, 2)},
     # sm_120: the sm_80 tiles, except the pair forward (kl / sym_kl spilled 24 / 32 B at 64×64×64)
     ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3)},

@@ -146,7 +146,7 @@ class CEForwardExt(NamedTuple):
 def _ce_forward_launch(x, w, b, y, opts: CEOptions, entropy: bool, argmax: bool):
     N, H = x.shape
     V = w.shape[0]
-    cfg = pick_config("ce_fwd", N, V, H, x.device, x.dtype)
+    cfg = pick_config("ce_fwd_ext" if (entropy or argmax) else "ce_fwd", N, V, H, x.device, x.dtype)
     per, n_split = split_ranges(V, cfg.BLOCK_V, cfg.SPLIT_V)
     part = torch.empty((n_split, N, N_CE_PARTS), device=x.device, dtype=torch.float32)
     ent = torch.empty((n_split, N), device=x.device, dtype=torch.float32) if entropy else None

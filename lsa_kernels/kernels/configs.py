@@ -63,6 +63,7 @@ class KernelConfig:
 # kernel kind → (module under lsa_kernels.kernels, kernel name)
 KERNELS = {
     "ce_fwd": ("ce", "ce_fwd_kernel"),
+    "ce_fwd_ext": ("ce", "ce_fwd_kernel"),  # the same kernel with ENTROPY / ARGMAX: its own block sizes
     "ce_bwd": ("ce", "ce_bwd_kernel"),
     "ce_dz": ("ce", "ce_dz_kernel"),
     "pair_fwd": ("pair_phase1", "pair_phase1_kernel"),
@@ -142,7 +143,7 @@ def production_configs() -> List[KernelConfig]:
                             _ce_bwd_flags(True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
     # issue 16: per-token entropy + argmax in the forward, the entropy gradient in the backward (heaviest flags)
     for dt in ("bf16", "fp32"):
-        out.append(KernelConfig(f"ce_fwd_{dt}_ext_all", "ce_fwd", dt, _ce_fwd_flags(True, ext=True)))
+        out.append(KernelConfig(f"ce_fwd_{dt}_ext_all", "ce_fwd_ext", dt, _ce_fwd_flags(True, ext=True)))
         out.append(KernelConfig(f"ce_bwd_{dt}_entropy_all", "ce_bwd", dt,
                                 _ce_bwd_flags(True, entropy=True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
         out.append(KernelConfig(f"ce_dz_{dt}_entropy_all", "ce_dz", dt, _ce_bwd_flags(True, entropy=True,
@@ -216,6 +217,9 @@ SMOKE = (
     "ce_dz_fp32_all", "pair_fwd_bf16_kl_temp_all", "pair_js_bf16_all", "pair_fwd_fp32_sce",
     "pair_bwd_bf16_sce_temp_all", "pair_bwd_bf16_js", "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
     "pair_dz_fp32_js_all",
+    # issue 16: per-token extras of the CE forward, the entropy gradient, two heads
+    "ce_fwd_bf16_ext_all", "ce_bwd_bf16_entropy_all", "pair_bwd_bf16_sce_two_heads_all",
+    "pair_dz_bf16_js_two_heads_all",
 )
 
 
@@ -239,6 +243,8 @@ class _Recorder:
             dt = _DT_NAMES[str(x.dtype).replace("torch.", "")]
             flags = {k: v for k, v in kw.items() if k not in _LAUNCH_ONLY}
             kind = self.kind
+            if kind in ("ce_fwd", "ce_fwd_ext"):  # one kernel, two table entries
+                kind = "ce_fwd_ext" if (flags.get("ENTROPY") or flags.get("ARGMAX")) else "ce_fwd"
             key = (kind, dt, tuple(sorted(flags.items())))
             if key not in self.seen:
                 short = "_".join(f"{k.lower()}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(flags.items()))
@@ -607,6 +613,10 @@ def main(argv: List[str] | None = None) -> None:
     ``sweep [--arch 80 90 ...] [--dtypes bf16,fp16,fp32] [--shard K/N] [--jobs J] [--out F.jsonl]``:
     compile every dispatchable flag set (exit 1 when any has a problem)."""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main.__doc__)
+        print("production configs: " + " ".join(c.name for c in production_configs()))
+        return
     if argv and argv[0] == "sweep":
         import argparse
 

@@ -4,7 +4,8 @@ docs/maths.md §3 (CE), §5 (divergences), §14.1 (online softmax, split merge),
 Views z_p = softcap(x_p Wᵀ + b), z_q = softcap(x_q Wᵀ + b); each W chunk is loaded ONCE per tile step
 and used by both views' dots. With TWO_HEADS (distillation, §12: teacher = view p, student = view q) each
 view has its own head and hidden size: z_p = softcap(x_p W_pᵀ + b_p) over H, z_q = softcap(x_q W_qᵀ + b_q)
-over Hq (V shared); everything below is unchanged. a = z_p/τ, b = z_q/τ, u = a − b (per element), p = softmax(a), q = softmax(b).
+over Hq (V shared); everything below is unchanged.
+a = z_p/τ, b = z_q/τ, u = a − b (per element), p = softmax(a), q = softmax(b).
 Online over V tiles, every running sum rescaled by exp(m_old − m_new) when its max moves:
 
     CE stats     m_z, s_z = Σ e^{z−m_z}, z_y, Σ_v z      → lse(z) and the CE row loss    (each view)
