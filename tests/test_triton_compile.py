@@ -14,7 +14,7 @@ under a timeout (oversized tiles can keep ptxas busy for minutes). Checks per co
 Compiles run a few at a time (a session fixture), each test then reads its report. By default one config
 per kernel × dtype class (configs.SMOKE) for sm_80 and sm_90, and the heaviest configs for the other
 families' tables (sm_86: 99 KB shared memory, sm_100, sm_120); LSA_SLOW=1 compiles the full production
-list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~21.8k
+list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~66.9k
 specialisations: `len(configs.dispatch_configs())`) is compiled by the documented sweep command, not in CI:
 
     python -m lsa_kernels.kernels.configs sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]
@@ -150,7 +150,7 @@ def test_production_configs_are_dispatchable():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("LSA_SWEEP"),
-                    reason="dispatch-wide compile sweep (~21.8k kernels per arch): set LSA_SWEEP to its arguments")
+                    reason="dispatch-wide compile sweep (~67k kernels per arch): set LSA_SWEEP to its arguments")
 def test_dispatch_sweep(tmp_path):
     """Every flag set the dispatch can emit compiles with no spill, within shared memory, relaxed atomics."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
