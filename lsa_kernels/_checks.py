@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .options import BACKENDS, DIVERGENCES, POSITIONS, REDUCTIONS
+from .options import BACKENDS, CE_WEIGHTINGS, DIVERGENCES, POSITIONS, REDUCTIONS
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -57,6 +57,12 @@ def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
 
 def _weight_bias(input_name: str, x: torch.Tensor, w, b) -> None:
     _tensor("linear_weight", w)
+    if w.dim() > 2:
+        raise ValueError(
+            f"linear_weight must be 2-D [V, H], got shape {tuple(w.shape)}: a K-dimensional weight [C, d1, ..., dk, H] "
+            "(torch's K-dimensional loss) is not supported; loop over the positions d with linear_weight=W[:, d] and "
+            "target=target[:, d], reduction='sum', and divide by the number of counted targets for a mean"
+        )
     if w.dim() != 2:
         raise ValueError(f"linear_weight must be 2-D [V, H], got shape {tuple(w.shape)}")
     if x.dim() < 1 or x.shape[-1] != w.shape[1]:
@@ -107,7 +113,11 @@ def check_backend(backend) -> None:
     _choice("backend", backend, BACKENDS)
 
 
-def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softcap, check_values=True) -> None:
+def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softcap, check_values=True, *,
+             weight=None, token_weight=None, explicit_ignore: bool = False, parallel: bool = False) -> bool:
+    """Checks of :func:`lsa_kernels.linear_cross_entropy`; returns whether ``y`` holds probability targets (a
+    float tensor of the logits' shape ``[..., V]``, docs/maths.md §11). ``explicit_ignore``: the caller passed
+    ``ignore_index`` (refused with probabilities, as torch does)."""
     _tensor("input", x)
     _weight_bias("input", x, w, b)
     _choice("reduction", reduction, REDUCTIONS)
@@ -116,10 +126,87 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
     _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
     _real("z_loss", z_loss, lo=0.0)
     _softcap(softcap)
-    _targets("target", y, x.shape[:-1], w.shape[0], ignore_index, x.device, check_values)
+    prob_shape = tuple(x.shape[:-1]) + (w.shape[0],)
+    prob = isinstance(y, torch.Tensor) and y.is_floating_point()
+    if prob:
+        if parallel:
+            raise ValueError("probability targets are not supported with process_group= (vocab-parallel head); "
+                             "gather the head or use class-index targets")
+        if tuple(y.shape) != prob_shape:
+            raise TypeError(
+                f"target must hold integer class indices (int64) of shape {tuple(x.shape[:-1])}, or probabilities: "
+                f"a float tensor of the logits' shape {prob_shape}; got a {y.dtype} tensor of shape {tuple(y.shape)}"
+            )
+        if y.dtype not in _FLOATS:
+            raise TypeError(f"target probabilities must be float32, bfloat16, float16 or float64, got {y.dtype}")
+        if y.device != x.device:
+            raise ValueError(f"target is on {y.device} but the input is on {x.device}")
+        if explicit_ignore:
+            raise ValueError("ignore_index cannot be given with probability targets (a float target of shape "
+                             f"{prob_shape}: no row is ignored, as in torch); leave ignore_index unset")
+        if softcap is not None:
+            raise ValueError("probability targets cannot be combined with softcap: their term Σ_v t_v z_v is formed "
+                             "without the logits, which needs z linear in linear_weight; pass softcap=None")
+    else:
+        _targets("target", y, x.shape[:-1], w.shape[0], ignore_index, x.device, check_values)
+    if weight is not None:
+        check_class_weight(weight, None if parallel else w.shape[0], x.device, check_values)
+        if label_smoothing > 0 and softcap is not None:
+            raise ValueError("weight= (class weights) with label_smoothing > 0 cannot be combined with softcap: the "
+                             "smoothing term Σ_v weight_v z_v is formed without the logits, which needs z linear in "
+                             "linear_weight; pass softcap=None, or label_smoothing=0")
+        if label_smoothing > 0 and parallel:
+            raise ValueError("weight= (class weights) with label_smoothing > 0 is not supported with process_group= "
+                             "(vocab-parallel head); use label_smoothing=0 or an unsharded head")
+    check_token_weight("token_weight", token_weight, x.shape[:-1], x.device, check_values)
+    return prob
 
 
-def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, mask, softcap) -> None:
+def check_class_weight(weight, V: Optional[int], device, check_values: bool) -> None:
+    """``weight`` (torch's class weights): a float tensor ``[V]``, on the input's device, values >= 0."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight (class weights) must be a torch.Tensor of shape [V], got {type(weight).__name__}")
+    if weight.dtype not in _FLOATS:
+        raise TypeError(f"weight (class weights) must be a float tensor, got {weight.dtype}")
+    if weight.dim() != 1 or (V is not None and weight.shape[0] != V):
+        want = "[V]" if V is None else f"[V={V}]"
+        raise ValueError(f"weight (class weights) must have shape {want}, one per class, got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but the input is on {device}")
+    if check_values:
+        _non_negative("weight", weight)
+
+
+def check_token_weight(name: str, tw, shape, device, check_values: bool) -> None:
+    """A per-row weight (docs/maths.md §11): None, or a float tensor of the rows' ``shape``, values >= 0."""
+    if tw is None:
+        return
+    if not isinstance(tw, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(shape)}, got {type(tw).__name__}")
+    if tw.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float tensor (one weight per row), got {tw.dtype}")
+    if tuple(tw.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (one weight per row), got {tuple(tw.shape)}")
+    if tw.device != device:
+        raise ValueError(f"{name} is on {tw.device} but the input is on {device}")
+    if check_values:
+        _non_negative(name, tw)
+
+
+def _non_negative(name: str, t: torch.Tensor) -> None:
+    """Values >= 0 and not NaN: a ValueError on CPU, a device-side assert on CUDA; skipped under torch.compile."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = ~(t >= 0)
+    if t.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"{name} values must be >= 0")
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{name} values must be >= 0 (and not NaN); found {t[bad][0].item()}")
+
+
+def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, mask, softcap, token_weight=None,
+                     check_values=True) -> None:
     _tensor("input_p", xp)
     _tensor("input_q", xq)
     _weight_bias("input_p", xp, w, b)
@@ -138,11 +225,13 @@ def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, m
             raise ValueError(f"mask must have shape {tuple(xp.shape[:-1])} (input_p's leading dims), got {tuple(mask.shape)}")
         if mask.device != xp.device:
             raise ValueError(f"mask is on {mask.device} but input_p is on {xp.device}")
+    check_token_weight("token_weight", token_weight, xp.shape[:-1], xp.device, check_values)
 
 
 def check_long_short(
     hl, hs, w, yl, ys, l_extra, alpha, divergence, temperature, detach, positions, ignore_index, b, softcap,
-    label_smoothing, z_loss, check_values=True,
+    label_smoothing, z_loss, check_values=True, token_weight_long=None, token_weight_short=None, ce_weighting="none",
+    longce_gamma=5.0,
 ) -> None:
     _tensor("hidden_long", hl)
     _tensor("hidden_short", hs)
@@ -171,3 +260,7 @@ def check_long_short(
     _real("z_loss", z_loss, lo=0.0)
     _targets("labels_long", yl, hl.shape[:2], w.shape[0], ignore_index, hl.device, check_values)
     _targets("labels_short", ys, hs.shape[:2], w.shape[0], ignore_index, hl.device, check_values)
+    check_token_weight("token_weight_long", token_weight_long, hl.shape[:2], hl.device, check_values)
+    check_token_weight("token_weight_short", token_weight_short, hs.shape[:2], hl.device, check_values)
+    _choice("ce_weighting", ce_weighting, CE_WEIGHTINGS)
+    _real("longce_gamma", longce_gamma, lo=0.0, lo_open=True)

@@ -93,16 +93,12 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, w, b, y, reduction: str, opts: CEOptions, backend):
+    def forward(ctx, x, w, b, y, rw, reduction: str, opts: CEOptions, backend):
         be = backends.get(backend)
         x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
         need = ctx.needs_input_grad[:3]
-        valid = (y != opts.ignore_index).to(_acc(w))
+        weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
         ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
-        if reduction == "none":
-            weight = valid
-        else:
-            weight = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
         if reduction != "none" and any(need) and be.caps.fused_forward_backward:
             ctx.pre = _grad_buffers(x, w, b, *need)
             out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
@@ -111,13 +107,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             out = be.ce_forward(x, w, b, y, opts)
             ctx.save_for_backward(x, w, b, y, out.lse, weight)
         if reduction == "none":
-            return out.loss.to(x.dtype)
+            return (out.loss if rw is None else out.loss * weight).to(x.dtype)
         return (out.loss * weight).sum().to(x.dtype)
 
     @staticmethod
     @_autocast_off
     def backward(ctx, g):
-        nones = (None,) * 4
+        nones = (None,) * 5
         if ctx.pre is not None:
             x, w, b = ctx.saved_tensors
             g = g.to(_acc(w))
@@ -129,9 +125,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
 
 
-def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend) -> Tensor:
-    """``x [N, H]``, ``y [N]``: the fused CE with ``reduction`` (validated by the caller)."""
-    return _LinearCrossEntropy.apply(x, w, b, y, reduction, opts, backend)
+def row_coefficients(counted: Tensor, rw: Optional[Tensor], reduction: str, dtype: torch.dtype) -> Tensor:
+    """Per-row weights of a reduction (docs/maths.md §3, §11): ``m = counted·rw`` (rw: token × class weights,
+    None = 1); ``mean``: ``m / Σm`` (all zeros when ``Σm = 0``: a loss of 0 with zero gradients), else ``m``."""
+    m = counted.to(dtype)
+    if rw is not None:
+        m = m * rw.to(dtype)
+    if reduction != "mean":
+        return m
+    tot = m.sum()
+    return m / torch.where(tot > 0, tot, torch.ones_like(tot))
+
+
+def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None) -> Tensor:
+    """``x [N, H]``, ``y [N]``: the fused CE with ``reduction`` (validated by the caller); ``rw [N]`` optional
+    per-row weights (token weights times class weights of the targets, docs/maths.md §11; no gradient)."""
+    rw = None if rw is None else rw.detach()
+    return _LinearCrossEntropy.apply(x, w, b, y, rw, reduction, opts, backend)
 
 
 # ------------------------------------------------------------------------------------ divergence
@@ -154,7 +164,7 @@ class _LinearDivergence(torch.autograd.Function):
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.need = (need_p and opts.grad_p, need_q and opts.grad_q, need_w, need_b)
         ctx.opts, ctx.backend, ctx.mode, ctx.pre = opts, backend, mode, None
-        weight = sel.to(_acc(w)) if mode == "none" else div_w
+        weight = div_w
         if mode == "weighted" and any(ctx.need) and be.caps.fused_forward_backward:
             ctx.pre = _pair_grads(rows.xp, rows.xq, w, b, *ctx.need)
             out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(div=div_w), ctx.pre)
@@ -187,10 +197,10 @@ class _LinearDivergence(torch.autograd.Function):
 def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend, mode: str) -> Tensor:
     """The fused divergence of :func:`lsa_kernels.linear_divergence`.
 
-    ``mode="weighted"``: returns ``Σ div_i · div_w_i``; ``mode="none"``: per-row ``div_i · sel_i``.
+    ``mode="weighted"``: returns ``Σ div_i · div_w_i``; ``mode="none"``: per-row ``div_i · div_w_i``
+    (``div_w`` None: ``sel`` as 0/1; token weights enter through ``div_w``, docs/maths.md §11).
     """
-    if div_w is None:
-        div_w = sel.to(_acc(w))
+    div_w = sel.to(_acc(w)) if div_w is None else div_w.detach().to(_acc(w))
     return _LinearDivergence.apply(xp, xq, w, b, sel, div_w, opts, backend, mode)
 
 
@@ -228,33 +238,34 @@ def _merge_views(grads: PairGrads, B: int, T: int, l_extra: int, scale=None):
 class _LongShort(torch.autograd.Function):
     @staticmethod
     @_autocast_off
-    def forward(ctx, hl, hs, w, b, yl, ys, sel, l_extra: int, alpha: float, opts: PairOptions, backend):
+    def forward(ctx, hl, hs, w, b, yl, ys, sel, wl, ws, l_extra: int, alpha: float, opts: PairOptions, backend,
+                longce_gamma: Optional[float]):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
         B, T, H = hl.shape
         w, b = _contig(w), _contig(b)
-        ign = opts.ce.ignore_index
         xp, xq, xu = _split_views(hl, hs, l_extra)
         yp, yq, yu = (y.view(-1) for y in _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra))
         rows = PairRows(xp, xq, yp, yq, xu, yu)
-        selp = sel.reshape(-1).to(_acc(w))
-        n_valid = ((yl != ign).sum() + (ys != ign).sum()).to(_acc(w)).clamp(min=1.0)
-        # coefficients of the per-row CE and divergence in `loss` (ce / misalign are these without alpha)
-        c_ce = 1.0 / n_valid
-        c_div = 1.0 / selp.sum().clamp(min=1.0)
+        # per-row coefficients of the CE rows and the pairs in `ce` / `misalign` (docs/maths.md §4, §11, §13)
+        cp, cq, cu, dv = _ls_coefs(rows, opts.ce.ignore_index, sel.reshape(-1), wl, ws, l_extra, _acc(w))
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
         ctx.need = (need_l or need_s, need_w, need_b)
         ctx.pre = None
-        if any(ctx.need) and be.caps.fused_forward_backward:
+        if longce_gamma is None and any(ctx.need) and be.caps.fused_forward_backward:
             need_x = ctx.need[0]
             ctx.pre = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu)
-            out = be.pair_forward_backward(rows, w, b, opts, _coefs(rows, ign, selp, c_ce, alpha * c_div), ctx.pre)
+            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), ctx.pre)
         else:
             out = be.pair_forward(rows, w, b, opts)
-        ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, out.stats, out.lse_u)
-        ce = (out.ce_p.sum() + out.ce_q.sum() + out.ce_u.sum()) * c_ce
-        mis = (out.div * selp).sum() * c_div
+            if longce_gamma is not None:  # §13: the long row's CE × min(exp(ce_short − ce_long), γ), detached
+                paired = (yp != opts.ce.ignore_index) & (yq != opts.ce.ignore_index)
+                lsd = torch.where(paired, out.ce_q - out.ce_p, torch.zeros_like(out.ce_p))
+                cp = cp * torch.where(paired, lsd.exp().clamp(max=longce_gamma), torch.ones_like(lsd))
+        ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, out.stats, out.lse_u)
+        ce = (out.ce_p * cp).sum() + (out.ce_q * cq).sum() + (out.ce_u * cu).sum()
+        mis = (out.div * dv).sum()
         dt = hl.dtype
         return (ce + alpha * mis).to(dt), ce.to(dt), mis.to(dt)
 
@@ -262,10 +273,10 @@ class _LongShort(torch.autograd.Function):
     @_autocast_off
     def backward(ctx, g_loss, g_ce, g_mis):
         B, T, l_extra, alpha, opts, backend = ctx.meta
-        xp, xq, xu, w, b, yp, yq, yu, selp, c_ce, c_div, stats, lse_u = ctx.saved_tensors
+        xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u = ctx.saved_tensors
         need_x, need_w, need_b = ctx.need
         if g_loss is None and g_ce is None and g_mis is None:
-            return (None,) * 11
+            return (None,) * 14
         if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
             grads, scale = ctx.pre, g_loss.to(_acc(w))
         else:  # the backend's backward with the combined coefficients of loss, ce and misalign
@@ -274,7 +285,7 @@ class _LongShort(torch.autograd.Function):
             g_ce_tot = gl + (zero if g_ce is None else g_ce.to(_acc(w)))
             g_div_tot = alpha * gl + (zero if g_mis is None else g_mis.to(_acc(w)))
             rows = PairRows(xp, xq, yp, yq, xu, yu)
-            coefs = _coefs(rows, opts.ce.ignore_index, selp, c_ce * g_ce_tot, c_div * g_div_tot)
+            coefs = PairCoefs(dv * g_div_tot, cp * g_ce_tot, cq * g_ce_tot, cu * g_ce_tot)
             grads, scale = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu), None
             saved = PairOut(None, None, None, stats, None, lse_u)
             backends.get(backend).pair_backward(rows, w, b, saved, coefs, opts, grads)
@@ -283,16 +294,35 @@ class _LongShort(torch.autograd.Function):
             dhl, dhs = _merge_views(grads, B, T, l_extra, scale)
             dhl = dhl.to(xp.dtype) if ctx.needs_input_grad[0] else None
             dhs = dhs.to(xp.dtype) if ctx.needs_input_grad[1] else None
-        return dhl, dhs, _cast(grads.dw, w, scale), _cast(grads.db, b, scale), *(None,) * 7
+        return dhl, dhs, _cast(grads.dw, w, scale), _cast(grads.db, b, scale), *(None,) * 10
 
 
-def _coefs(rows: PairRows, ign: int, selp: Tensor, c_ce: Tensor, c_div: Tensor) -> PairCoefs:
-    """Per-row coefficients: ``c_ce`` on every valid CE row, ``c_div`` on every selected pair."""
-    vp, vq, vu = ((y != ign).to(selp.dtype) * c_ce for y in (rows.yp, rows.yq, rows.yu))
-    return PairCoefs(div=selp * c_div, ce_p=vp, ce_q=vq, ce_u=vu)
+def _ls_coefs(rows: PairRows, ign: int, sel: Tensor, wl: Optional[Tensor], ws: Optional[Tensor], l_extra: int,
+              dtype: torch.dtype):
+    """(cp, cq, cu, dv): each CE row's weight in ``ce`` (valid × token weight / Σ of those over both views) and
+    each pair's in ``misalign`` (selected × the LONG row's token weight / Σ of those), docs/maths.md §11."""
+    valid = [(y != ign).to(dtype) for y in (rows.yp, rows.yq, rows.yu)]
+    dsel = sel.to(dtype)
+    if wl is not None or ws is not None:
+        ones = torch.ones(rows.yp.shape[0] + rows.yu.shape[0] // 2, dtype=dtype, device=sel.device)
+        B = rows.yu.shape[0] // (2 * l_extra)
+        wl = ones.view(B, -1) if wl is None else wl.to(dtype)
+        ws = ones.view(B, -1) if ws is None else ws.to(dtype)
+        tw = [t.reshape(-1) for t in _split_views(wl.unsqueeze(-1), ws.unsqueeze(-1), l_extra)]
+        valid = [v * t for v, t in zip(valid, tw)]
+        dsel = dsel * tw[0]
+    tot = sum(v.sum() for v in valid)
+    c_ce = 1.0 / torch.where(tot > 0, tot, torch.ones_like(tot))
+    dtot = dsel.sum()
+    return (*(v * c_ce for v in valid), dsel / torch.where(dtot > 0, dtot, torch.ones_like(dtot)))
 
 
-def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend) -> LongShortLoss:
-    """The fused :func:`lsa_kernels.long_short_loss` (validated by the caller)."""
-    loss, ce, mis = _LongShort.apply(hl, hs, w, b, yl, ys, sel, l_extra, alpha, opts, backend)
+def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend, *, token_weight_long=None,
+                     token_weight_short=None, longce_gamma: Optional[float] = None) -> LongShortLoss:
+    """The fused :func:`lsa_kernels.long_short_loss` (validated by the caller). ``token_weight_*`` ``[B, T]``
+    (docs/maths.md §11); ``longce_gamma``: LongCE weighting of the long view's paired CE rows (§13), forward
+    then backward (its coefficients depend on the forward's values)."""
+    wl = None if token_weight_long is None else token_weight_long.detach()
+    ws = None if token_weight_short is None else token_weight_short.detach()
+    loss, ce, mis = _LongShort.apply(hl, hs, w, b, yl, ys, sel, wl, ws, l_extra, alpha, opts, backend, longce_gamma)
     return LongShortLoss(loss, ce, mis)

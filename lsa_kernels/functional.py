@@ -135,11 +135,13 @@ def linear_cross_entropy(
     target: torch.Tensor,
     *,
     linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    token_weight: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
     deterministic: bool = False,
@@ -149,50 +151,78 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of ``softcap(input @ linear_weight.T + linear_bias)`` against ``target``, fused.
 
-    Args mirror :func:`torch.nn.functional.linear_cross_entropy`. ``input [..., H]``, ``target [...]``
-    (int64, already aligned: no internal shift), ``linear_weight [V, H]``, ``linear_bias [V]``.
-    ``z_loss`` adds ``z_loss * lse²`` per row; ``softcap`` applies ``c * tanh(z / c)`` to the logits.
-    ``reduction="mean"`` averages over non-ignored rows and returns 0 (zero gradients) when there are
-    none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default 64 MiB; the rows
-    per chunk follow from V). ``check_targets=False`` skips the one host sync that checks target values.
-    ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
+    Args mirror :func:`torch.nn.functional.linear_cross_entropy`. ``input [..., H]``, ``linear_weight [V, H]``,
+    ``linear_bias [V]``; ``target`` is either class indices ``[...]`` (int64, already aligned: no internal
+    shift; ``ignore_index``, default -100, skips a row) or probabilities: a float tensor of the logits' shape
+    ``[..., V]`` (docs/maths.md §11; no row is ignored, ``ignore_index`` may not be given, no ``softcap``).
+    ``weight [V]``: torch's class weights — row i counts ``weight[target_i]`` times and ``mean`` divides by
+    their sum over counted rows; with ``label_smoothing`` the smoothing term is weighted per class as in torch
+    (then no ``softcap``). ``token_weight [...]`` (float, >= 0, no gradient): row i counts ``token_weight_i``
+    times (``mean`` = Σ w ℓ / Σ w; a total weight of 0 gives 0 with zero gradients).
+    ``z_loss`` adds ``z_loss * lse²`` per row (times the row's class weight); ``softcap`` applies
+    ``c * tanh(z / c)`` to the logits. ``reduction="mean"`` averages over counted rows and returns 0 (zero
+    gradients) when there are none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default
+    64 MiB; the rows per chunk follow from V). ``check_targets=False`` skips the host syncs that check target and
+    weight values. ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
     vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.backends.vocab_parallel`); targets are
-    global ids.
-    Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"``. Honours autocast like
-    ``F.linear`` (module docstring).
+    global ids, ``weight`` covers the whole vocabulary.
+    Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"`` (then ``-loss`` is each row's
+    log-probability of its target when ``label_smoothing = z_loss = 0``). Honours autocast like ``F.linear``
+    (module docstring).
     """
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     with no_autocast(_device_of(input)):
         return _linear_cross_entropy(
-            input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-            backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+            input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+            softcap, token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
         )
 
 
 def _linear_cross_entropy(
-    input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-    backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
+    token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
 ):
-    _checks.check_ce(
+    explicit_ignore = ignore_index is not None
+    ignore_index = -100 if ignore_index is None else ignore_index
+    prob = _checks.check_ce(
         input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-        check_values=check_targets and process_group is None,
+        check_values=check_targets and process_group is None, weight=weight, token_weight=token_weight,
+        explicit_ignore=explicit_ignore, parallel=process_group is not None,
     )
     be = resolve_backend(backend, input.device, input.dtype)
-    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [("target", target)], ignore_index,
-                         check_targets)
+    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [] if prob else [("target", target)],
+                         ignore_index, check_targets)
+    if process_group is not None and weight is not None:
+        _checks.check_class_weight(weight, be.shard.vocab_total, input.device, check_targets)
     if be == "reference":
         return reference.linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, reduction=reduction, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, check_targets=check_targets,
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index if explicit_ignore else None, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, token_weight=token_weight, check_targets=check_targets,
         )
-    from .autograd import linear_cross_entropy_fused
-
     opts = _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic)
     H = input.shape[-1]
-    out = linear_cross_entropy_fused(
-        input.reshape(-1, H), linear_weight, linear_bias, target.reshape(-1), reduction, opts, be
-    )
-    return out.reshape(target.shape) if reduction == "none" else out
+    rows_shape = input.shape[:-1]
+    x = input.reshape(-1, H)
+    tw = None if token_weight is None else token_weight.reshape(-1)
+    if prob or (weight is not None and label_smoothing > 0):
+        from .weights import linear_target_loss
+
+        y = target.reshape(-1, linear_weight.shape[0]) if prob else target.reshape(-1)
+        out = linear_target_loss(
+            x, linear_weight, linear_bias, y, prob=prob, class_weight=weight, token_weight=tw, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, opts=opts, backend=be,
+        )
+        return out.reshape(rows_shape) if reduction == "none" else out
+    from .autograd import linear_cross_entropy_fused
+
+    y = target.reshape(-1)
+    rw = tw
+    if weight is not None:  # class weights without smoothing: the row weight weight[y] (docs/maths.md §11)
+        cw = weight[torch.where(y != ignore_index, y, torch.zeros_like(y))]
+        rw = cw if rw is None else rw * cw
+    out = linear_cross_entropy_fused(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
+    return out.reshape(rows_shape) if reduction == "none" else out
 
 
 def linear_divergence(
@@ -207,6 +237,7 @@ def linear_divergence(
     reduction: str = "mean",
     mask: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    token_weight: Optional[torch.Tensor] = None,
     backend: str = "auto",
     chunk_bytes: Optional[int] = None,
     deterministic: bool = False,
@@ -219,22 +250,25 @@ def linear_divergence(
     never materialised. ``divergence`` is one of ``sce`` (default), ``sym_kl``, ``kl`` (KL(p‖q)),
     ``kl_reverse`` (KL(q‖p)), ``js``. ``detach="p"`` / ``"q"`` stops the gradient into that side.
     ``mask [...]`` (bool) selects rows; ``mean`` averages over selected rows (0 when none).
+    ``token_weight [...]`` (float, >= 0, no gradient): row i counts ``token_weight_i`` times (``mean`` =
+    Σ w·D / Σ w over selected rows, 0 with zero gradients when that is 0; docs/maths.md §11).
     Honours autocast like ``F.linear`` (module docstring).
     """
     input_p, input_q, linear_weight, linear_bias = _autocast_cast(input_p, input_q, linear_weight, linear_bias)
     with no_autocast(_device_of(input_p)):
         return _linear_divergence(
             input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
-            backend, chunk_bytes, deterministic, process_group, vocab_start,
+            token_weight, backend, chunk_bytes, deterministic, process_group, vocab_start,
         )
 
 
 def _linear_divergence(
     input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
-    backend, chunk_bytes, deterministic, process_group, vocab_start,
+    token_weight, backend, chunk_bytes, deterministic, process_group, vocab_start,
 ):
     _checks.check_divergence(
-        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
+        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
+        token_weight,
     )
     be = resolve_backend(backend, input_p.device, input_p.dtype)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], -100, False)
@@ -242,8 +276,9 @@ def _linear_divergence(
         return reference.linear_divergence(
             input_p, input_q, linear_weight, linear_bias=linear_bias, divergence=divergence,
             temperature=temperature, detach=detach, reduction=reduction, mask=mask, softcap=softcap,
+            token_weight=token_weight,
         )
-    from .autograd import pair_loss_fused
+    from .autograd import pair_loss_fused, row_coefficients
 
     opts = PairOptions(
         divergence=divergence, temperature=float(temperature), detach=detach, with_ce=False,
@@ -252,12 +287,11 @@ def _linear_divergence(
     H = input_p.shape[-1]
     xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
     sel = torch.ones(xp.shape[0], dtype=torch.bool, device=xp.device) if mask is None else mask.reshape(-1)
+    tw = None if token_weight is None else token_weight.reshape(-1)
+    div_w = row_coefficients(sel, tw, reduction, torch.float64 if xp.dtype == torch.float64 else torch.float32)
     if reduction == "none":
-        per_row = pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, None, opts, be, "none")
+        per_row = pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts, be, "none")
         return per_row.reshape(input_p.shape[:-1])
-    div_w = sel.to(torch.float64 if xp.dtype == torch.float64 else torch.float32)
-    if reduction == "mean":
-        div_w = div_w / sel.sum().clamp(min=1)
     return pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts, be, "weighted")
 
 
@@ -285,6 +319,10 @@ def long_short_loss(
     check_targets: bool = True,
     process_group=None,
     vocab_start: int = 0,
+    token_weight_long: Optional[torch.Tensor] = None,
+    token_weight_short: Optional[torch.Tensor] = None,
+    ce_weighting: str = "none",
+    longce_gamma: float = 5.0,
 ) -> LongShortLoss:
     """Long-short alignment loss (docs/maths.md §4): ``loss = ce + alpha * misalign``, fused, no logits in memory.
 
@@ -294,6 +332,11 @@ def long_short_loss(
     ``ce`` is the mean token CE over all valid rows of both views; ``misalign`` the mean divergence over
     pairs whose targets are both valid (``positions="last"``: only each sequence's last such pair).
     ``detach="long"`` makes the long view a fixed teacher for the divergence, ``"short"`` the reverse.
+    ``token_weight_long`` / ``token_weight_short`` ``[B, T]`` (float, >= 0, no gradient) weight each view's CE
+    rows (``ce`` = Σ w·ℓ / Σ w over valid rows of both views), and a pair's divergence by its LONG row's weight
+    (docs/maths.md §11). ``ce_weighting="longce"`` (LongCE, §13) weights each paired long row's CE by
+    ``min(exp(ce_short − ce_long), longce_gamma)`` (detached; unpaired rows 1; still divided by the number —
+    or token weight — of valid rows); it runs forward then backward (no fused forward+backward).
     Returns ``LongShortLoss(loss, ce, misalign)``; each is differentiable. Honours autocast like ``F.linear``
     (module docstring).
     """
@@ -303,20 +346,24 @@ def long_short_loss(
         return _long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
             temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
-            chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+            chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long,
+            token_weight_short, ce_weighting, longce_gamma,
         )
 
 
 def _long_short_loss(
     hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
     temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
-    chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+    chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long=None,
+    token_weight_short=None, ce_weighting="none", longce_gamma=5.0,
 ):
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
-        check_values=check_targets and process_group is None,
+        check_values=check_targets and process_group is None, token_weight_long=token_weight_long,
+        token_weight_short=token_weight_short, ce_weighting=ce_weighting, longce_gamma=longce_gamma,
     )
+    weights_kw = dict(token_weight_long=token_weight_long, token_weight_short=token_weight_short)
     be = resolve_backend(backend, hidden_long.device, hidden_long.dtype)
     be = _vocab_parallel(process_group, vocab_start, linear_weight, be,
                          [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index, check_targets)
@@ -325,7 +372,8 @@ def _long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra=l_extra, alpha=alpha,
             divergence=divergence, temperature=temperature, detach=detach, positions=positions,
             ignore_index=ignore_index, linear_bias=linear_bias, softcap=softcap,
-            label_smoothing=label_smoothing, z_loss=z_loss, check_targets=check_targets,
+            label_smoothing=label_smoothing, z_loss=z_loss, check_targets=check_targets, ce_weighting=ce_weighting,
+            longce_gamma=longce_gamma, **weights_kw,
         )
     from .autograd import long_short_fused
 
@@ -337,5 +385,5 @@ def _long_short_loss(
     sel = pair_mask(labels_long, labels_short, l_extra, positions, ignore_index)
     return long_short_fused(
         hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
-        sel, opts, be,
+        sel, opts, be, longce_gamma=float(longce_gamma) if ce_weighting == "longce" else None, **weights_kw,
     )

@@ -13,17 +13,23 @@ from .pairing import LongShortLoss
 
 
 class LinearCrossEntropyLoss(nn.Module):
-    """``loss(input, linear_weight, target, linear_bias=None)`` — see :func:`lsa_kernels.linear_cross_entropy`."""
+    """``loss(input, linear_weight, target, linear_bias=None, token_weight=None)`` — see
+    :func:`lsa_kernels.linear_cross_entropy`. ``weight`` (class weights ``[V]``) is held as a buffer, as in
+    ``nn.CrossEntropyLoss``; ``ignore_index=None`` means -100 for class-index targets (and allows probability
+    targets)."""
 
-    def __init__(self, *, reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: Optional[float] = None, backend: str = "auto", **kw):
+    def __init__(self, *, weight: Optional[torch.Tensor] = None, reduction: str = "mean",
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, backend: str = "auto", **kw):
         super().__init__()
+        self.register_buffer("weight", weight)
         self.kw = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                        z_loss=z_loss, softcap=softcap, backend=backend, **kw)
 
     def forward(self, input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
-                linear_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return LF.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **self.kw)
+                linear_bias: Optional[torch.Tensor] = None, token_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return LF.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                       token_weight=token_weight, **self.kw)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
@@ -38,16 +44,18 @@ class LinearDivergenceLoss(nn.Module):
         self.kw = dict(divergence=divergence, temperature=temperature, detach=detach, reduction=reduction,
                        softcap=softcap, backend=backend, **kw)
 
-    def forward(self, input_p, input_q, linear_weight, linear_bias=None, mask=None) -> torch.Tensor:
-        return LF.linear_divergence(input_p, input_q, linear_weight, linear_bias=linear_bias, mask=mask, **self.kw)
+    def forward(self, input_p, input_q, linear_weight, linear_bias=None, mask=None, token_weight=None) -> torch.Tensor:
+        return LF.linear_divergence(input_p, input_q, linear_weight, linear_bias=linear_bias, mask=mask,
+                                    token_weight=token_weight, **self.kw)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
 
 
 class LongShortAlignmentLoss(nn.Module):
-    """``loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, linear_bias=None)``
-    -> :class:`LongShortLoss` — see :func:`lsa_kernels.long_short_loss`."""
+    """``loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, linear_bias=None,
+    token_weight_long=None, token_weight_short=None)`` -> :class:`LongShortLoss` — see
+    :func:`lsa_kernels.long_short_loss` (``ce_weighting="longce"``, ``longce_gamma`` go to the constructor)."""
 
     def __init__(self, *, alpha: float = 0.1, divergence: str = "sce", temperature: float = 1.0,
                  detach: Optional[str] = None, positions: str = "overlap", ignore_index: int = -100,
@@ -59,9 +67,10 @@ class LongShortAlignmentLoss(nn.Module):
                        label_smoothing=label_smoothing, z_loss=z_loss, backend=backend, **kw)
 
     def forward(self, hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra: int,
-                linear_bias=None) -> LongShortLoss:
+                linear_bias=None, token_weight_long=None, token_weight_short=None) -> LongShortLoss:
         return LF.long_short_loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short,
-                                  l_extra=l_extra, linear_bias=linear_bias, **self.kw)
+                                  l_extra=l_extra, linear_bias=linear_bias, token_weight_long=token_weight_long,
+                                  token_weight_short=token_weight_short, **self.kw)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())

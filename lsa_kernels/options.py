@@ -15,6 +15,8 @@ from .maths import DIVERGENCES, N_PAIR_STATS, Stat  # noqa: F401  (re-exported: 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cpu", "reference")
 POSITIONS = ("overlap", "last")
+#: long_short_loss's weighting of the CE rows: "none", or "longce" (docs/maths.md §13)
+CE_WEIGHTINGS = ("none", "longce")
 
 # Column indices of the per-row statistics (their meaning: lsa_kernels.maths).
 STAT_LSE_P, STAT_LSE_Q, STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_Y, STAT_X2, STAT_Y2 = (int(c) for c in Stat)

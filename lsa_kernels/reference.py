@@ -24,6 +24,7 @@ __all__ = [
     "logits",
     "cross_entropy_from_logits",
     "divergence_from_logits",
+    "weighted_cross_entropy_from_logits",
     "linear_cross_entropy",
     "linear_divergence",
     "long_short_loss",
@@ -83,13 +84,50 @@ def divergence_from_logits(
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
-def _reduce(per_row: torch.Tensor, selected: torch.Tensor, reduction: str) -> torch.Tensor:
+def _reduce(per_row: torch.Tensor, selected: torch.Tensor, reduction: str, weight: Optional[torch.Tensor] = None,
+            den: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reduce per-row values: ``none`` ``w·ℓ``, ``sum`` ``Σ w·ℓ``, ``mean`` ``Σ w·ℓ / Σ den`` over selected rows
+    (``den`` = w by default; 0 when that total is 0). ``weight`` None: 1 (docs/maths.md §3, §11)."""
+    per_row = torch.where(selected, per_row, torch.zeros_like(per_row))
+    if weight is not None:
+        per_row = per_row * weight.to(per_row.dtype)
     if reduction == "none":
         return per_row
     total = per_row.sum()
     if reduction == "sum":
         return total
-    return total / selected.sum().clamp(min=1)
+    d = selected.to(per_row.dtype) if weight is None else weight.to(per_row.dtype) * selected
+    if den is not None:
+        d = den.to(per_row.dtype) * selected
+    d = d.sum()
+    return torch.where(d > 0, total / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(total))
+
+
+def weighted_cross_entropy_from_logits(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Per-row loss ``[N]`` with class weights and/or probability targets (docs/maths.md §11; torch's
+    ``F.cross_entropy`` definitions), from ``log_softmax``; z-loss times the row's class weight (index targets)."""
+    lp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    V = z.shape[-1]
+    c = torch.ones(V, dtype=z.dtype, device=z.device) if weight is None else weight.to(z.dtype)
+    eps = label_smoothing
+    if target.is_floating_point():
+        t = (1.0 - eps) * target.to(z.dtype) + eps / V
+        return -(t * c * lp).sum(-1) + z_loss * lse * lse
+    valid = target != ignore_index
+    ys = torch.where(valid, target, torch.zeros_like(target))
+    cy = c[ys]
+    loss = (1.0 - eps) * cy * -lp.gather(-1, ys.unsqueeze(-1)).squeeze(-1)
+    loss = loss + (eps / V) * -(lp * c).sum(-1) + z_loss * cy * lse * lse
+    return torch.where(valid, loss, torch.zeros_like(loss))
 
 
 def linear_cross_entropy(
@@ -98,26 +136,47 @@ def linear_cross_entropy(
     target: torch.Tensor,
     *,
     linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: Optional[int] = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    token_weight: Optional[torch.Tensor] = None,
     backend: str = "reference",
     check_targets: bool = True,
 ) -> torch.Tensor:
-    """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3)."""
-    _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss,
-                     softcap, check_values=check_targets)
+    """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3, §11)."""
+    explicit = ignore_index is not None
+    ignore_index = -100 if ignore_index is None else ignore_index
+    prob = _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing,
+                            z_loss, softcap, check_values=check_targets, weight=weight, token_weight=token_weight,
+                            explicit_ignore=explicit)
+    V = linear_weight.shape[0]
     x = input.reshape(-1, input.shape[-1])
-    y = target.reshape(-1)
     z = logits(x, linear_weight, linear_bias, softcap)
-    per_row = cross_entropy_from_logits(
-        z, y, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss
-    )
-    out = _reduce(per_row, y != ignore_index, reduction)
+    tw = None if token_weight is None else token_weight.reshape(-1)
+    if prob:
+        t = target.reshape(-1, V)
+        per_row = weighted_cross_entropy_from_logits(z, t, weight=weight, label_smoothing=label_smoothing,
+                                                     z_loss=z_loss)
+        out = _reduce(per_row, torch.ones_like(per_row, dtype=torch.bool), reduction, tw)
+    else:
+        y = target.reshape(-1)
+        valid = y != ignore_index
+        if weight is None:
+            per_row = cross_entropy_from_logits(
+                z, y, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss
+            )
+            den = tw
+        else:
+            per_row = weighted_cross_entropy_from_logits(z, y, weight=weight, ignore_index=ignore_index,
+                                                         label_smoothing=label_smoothing, z_loss=z_loss)
+            cy = weight.to(z.dtype)[torch.where(valid, y, torch.zeros_like(y))]
+            den = cy if tw is None else cy * tw.to(z.dtype)
+        out = _reduce(per_row, valid, reduction, tw, den)
     if reduction == "none":
-        out = out.reshape(target.shape)
+        out = out.reshape(input.shape[:-1])
     return out.to(input.dtype)
 
 
@@ -133,11 +192,13 @@ def linear_divergence(
     reduction: str = "mean",
     mask: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    token_weight: Optional[torch.Tensor] = None,
     backend: str = "reference",
 ) -> torch.Tensor:
-    """Reference for :func:`lsa_kernels.linear_divergence` (docs/maths.md §5)."""
+    """Reference for :func:`lsa_kernels.linear_divergence` (docs/maths.md §5, §11)."""
     _checks.check_divergence(
-        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap
+        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
+        token_weight,
     )
     H = input_p.shape[-1]
     xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
@@ -149,8 +210,7 @@ def linear_divergence(
         b = b.detach()
     per_row = divergence_from_logits(a, b, divergence, temperature)
     sel = torch.ones_like(per_row, dtype=torch.bool) if mask is None else mask.reshape(-1)
-    per_row = torch.where(sel, per_row, torch.zeros_like(per_row))
-    out = _reduce(per_row, sel, reduction)
+    out = _reduce(per_row, sel, reduction, None if token_weight is None else token_weight.reshape(-1))
     if reduction == "none":
         out = out.reshape(input_p.shape[:-1])
     return out.to(input_p.dtype)
@@ -176,21 +236,38 @@ def long_short_loss(
     z_loss: float = 0.0,
     backend: str = "reference",
     check_targets: bool = True,
+    token_weight_long: Optional[torch.Tensor] = None,
+    token_weight_short: Optional[torch.Tensor] = None,
+    ce_weighting: str = "none",
+    longce_gamma: float = 5.0,
 ) -> LongShortLoss:
-    """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence."""
+    """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence;
+    token weights (§11) and LongCE (§13) from the materialised logits."""
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
-        check_values=check_targets,
+        check_values=check_targets, token_weight_long=token_weight_long, token_weight_short=token_weight_short,
+        ce_weighting=ce_weighting, longce_gamma=longce_gamma,
     )
     B, T, H = hidden_long.shape
     zl = logits(hidden_long.reshape(-1, H), linear_weight, linear_bias, softcap)
     zs = logits(hidden_short.reshape(-1, H), linear_weight, linear_bias, softcap)
     yl, ys = labels_long.reshape(-1), labels_short.reshape(-1)
     ce_kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
-    ce_rows = torch.cat([cross_entropy_from_logits(zl, yl, **ce_kw), cross_entropy_from_logits(zs, ys, **ce_kw)])
-    n_valid = (yl != ignore_index).sum() + (ys != ignore_index).sum()
-    ce = ce_rows.sum() / n_valid.clamp(min=1)
+    ce_l = cross_entropy_from_logits(zl, yl, **ce_kw).reshape(B, T)
+    ce_s = cross_entropy_from_logits(zs, ys, **ce_kw).reshape(B, T)
+    vl, vs = labels_long != ignore_index, labels_short != ignore_index
+    ones = torch.ones(B, T, dtype=ce_l.dtype, device=ce_l.device)
+    wl = ones if token_weight_long is None else token_weight_long.to(ce_l.dtype)
+    ws = ones if token_weight_short is None else token_weight_short.to(ce_l.dtype)
+    f = ones.clone()
+    if ce_weighting == "longce":  # §13: long row t = l_extra + i pairs with short row i
+        both = vl[:, l_extra:] & vs[:, : T - l_extra]
+        lsd = (ce_s[:, : T - l_extra] - ce_l[:, l_extra:]).detach()
+        f[:, l_extra:] = torch.where(both, torch.clamp(torch.exp(lsd), max=longce_gamma), ones[:, l_extra:])
+    num = (ce_l * wl * f * vl).sum() + (ce_s * ws * vs).sum()
+    den = (wl * vl).sum() + (ws * vs).sum()
+    ce = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
     V = zl.shape[-1]
     a = zl.reshape(B, T, V)[:, l_extra:]
@@ -201,7 +278,6 @@ def long_short_loss(
         b = b.detach()
     sel = pair_mask(labels_long, labels_short, l_extra, positions, ignore_index)
     div = divergence_from_logits(a, b, divergence, temperature)
-    div = torch.where(sel, div, torch.zeros_like(div))
-    misalign = div.sum() / sel.sum().clamp(min=1)
+    misalign = _reduce(div.reshape(-1), sel.reshape(-1), "mean", wl[:, l_extra:].reshape(-1))
     dt = hidden_long.dtype
     return LongShortLoss((ce + alpha * misalign).to(dt), ce.to(dt), misalign.to(dt))
