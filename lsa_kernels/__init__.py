@@ -6,7 +6,8 @@ Public API:
     long_short_loss(hidden_long, hidden_short, linear_weight, ...)     CE of both views + α·divergence
     linear_distillation(student_input, student_weight, teacher_input, teacher_weight, target=None, ...)
                                                                        fused KD between two heads
-    LinearCrossEntropyLoss, LinearDivergenceLoss, LongShortAlignmentLoss   nn.Module wrappers
+    LinearCrossEntropyLoss, LinearDivergenceLoss, LongShortAlignmentLoss,
+    LinearDistillationLoss                                             nn.Module wrappers
     sample_l_extra(l_train), LongShortLoss, DistillationLoss
     reference                                                          the plain-torch ground truth
 """
@@ -14,7 +15,7 @@ Public API:
 from . import reference
 from .distillation import DistillationLoss, linear_distillation
 from .functional import linear_cross_entropy, linear_divergence, long_short_loss
-from .modules import LinearCrossEntropyLoss, LinearDivergenceLoss, LongShortAlignmentLoss
+from .modules import LinearCrossEntropyLoss, LinearDistillationLoss, LinearDivergenceLoss, LongShortAlignmentLoss
 from .pairing import LongShortLoss, sample_l_extra
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "LinearDivergenceLoss",
     "LongShortAlignmentLoss",
+    "LinearDistillationLoss",
     "LongShortLoss",
     "sample_l_extra",
     "reference",

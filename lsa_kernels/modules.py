@@ -74,3 +74,29 @@ class LongShortAlignmentLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())
+
+
+class LinearDistillationLoss(nn.Module):
+    """``loss(student_input, student_weight, teacher_input, teacher_weight, target=None, student_bias=None,
+    teacher_bias=None)`` -> :class:`~lsa_kernels.distillation.DistillationLoss` — see
+    :func:`lsa_kernels.linear_distillation` (options go to the constructor)."""
+
+    def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, hard_loss_weight: float = 0.0,
+                 soft_loss_weight: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
+                 reduction: str = "mean", temperature_scaling: bool = True, train_teacher: bool = False,
+                 backend: str = "auto", **kw):
+        super().__init__()
+        self.kw = dict(divergence=divergence, temperature=temperature, hard_loss_weight=hard_loss_weight,
+                       soft_loss_weight=soft_loss_weight, softcap=softcap, ignore_index=ignore_index,
+                       reduction=reduction, temperature_scaling=temperature_scaling, train_teacher=train_teacher,
+                       backend=backend, **kw)
+
+    def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
+                student_bias=None, teacher_bias=None):
+        from .distillation import linear_distillation
+
+        return linear_distillation(student_input, student_weight, teacher_input, teacher_weight, target,
+                                   student_bias=student_bias, teacher_bias=teacher_bias, **self.kw)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())

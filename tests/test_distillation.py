@@ -1,0 +1,319 @@
+"""linear_distillation (docs/maths.md §12): fused KD between two heads against plain-torch KD on materialised
+logits (fp64 truth; the CCE rule for fp32 / bf16), on the cpu backend (compiled and ATen paths) and Triton
+(interpreter); Liger's fused linear JSD as a second oracle; bad input; no [N, V] tensor; the module; the
+transformers step for two tiny causal LMs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lsa_kernels as L
+from lsa_kernels import _ext
+
+from _util import IGN, assert_close_rule, grads, has, leaf, targets, triton_available
+
+DIVERGENCES = ("kl", "kl_reverse", "sym_kl", "sce", "js")
+B, T, HS, HT, V = 2, 7, 13, 21, 67  # odd shapes, Hs != Ht
+
+PATHS = ["cpu", "cpu-aten"] + (["triton"] if triton_available() else [])
+
+
+# ------------------------------------------------------------------------------------ plain-torch truth
+
+
+def kd_truth(xs, ws, bs, xt, wt, bt, y, *, divergence="kl", temperature=1.0, hard_loss_weight=0.0,
+             soft_loss_weight=1.0, softcap=None, ignore_index=IGN, reduction="mean", temperature_scaling=True):
+    """Knowledge distillation written from the logits (no lsa_kernels code): (loss, hard, soft)."""
+
+    def logits(x, w, b):
+        z = F.linear(x, w, b)
+        z = z.float() if z.dtype in (torch.bfloat16, torch.float16) else z
+        return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+    zs, zt = logits(xs, ws, bs), logits(xt, wt, bt)
+    zs, zt = zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1])
+    lq, lp = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)  # student, teacher
+    p, q = lp.exp(), lq.exp()
+    if divergence == "kl":  # KL(teacher || student)
+        d = (p * (lp - lq)).sum(-1)
+    elif divergence == "kl_reverse":
+        d = (q * (lq - lp)).sum(-1)
+    elif divergence == "sym_kl":
+        d = (p * (lp - lq)).sum(-1) + (q * (lq - lp)).sum(-1)
+    elif divergence == "sce":
+        d = -(p * lq).sum(-1) - (q * lp).sum(-1)
+    else:
+        lm = torch.logaddexp(lp, lq) - math.log(2.0)
+        d = 0.5 * (p * (lp - lm)).sum(-1) + 0.5 * (q * (lq - lm)).sum(-1)
+    n = zs.shape[0]
+    if y is None:
+        valid = torch.ones(n, dtype=zs.dtype)
+        hard = torch.zeros(n, dtype=zs.dtype)
+    else:
+        yy = y.reshape(-1)
+        valid = (yy != ignore_index).to(zs.dtype)
+        hard = F.cross_entropy(zs, yy, ignore_index=ignore_index, reduction="none")
+    soft = d * valid * (temperature**2 if temperature_scaling else 1.0)
+    if reduction == "none":
+        hard, soft = hard.reshape(xs.shape[:-1]), soft.reshape(xs.shape[:-1])
+    else:
+        c = 1.0 / valid.sum().clamp(min=1.0) if reduction == "mean" else 1.0
+        hard, soft = hard.sum() * c, soft.sum() * c
+    loss = hard_loss_weight * hard + soft_loss_weight * soft
+    return tuple(o.to(xs.dtype) for o in (loss, hard, soft))  # in the input dtype, as torch's losses
+
+
+def _inputs(seed=0, bias=(True, True), target=True):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(B, T, HS, generator=g)
+    xt = torch.randn(B, T, HT, generator=g)
+    ws = torch.randn(V, HS, generator=g) / HS**0.5 * 2
+    wt = torch.randn(V, HT, generator=g) / HT**0.5 * 2
+    bs = torch.randn(V, generator=g) * 0.3 if bias[0] else None
+    bt = torch.randn(V, generator=g) * 0.3 if bias[1] else None
+    y = targets((B, T), V, p_ignore=0.3, gen=g) if target else None
+    return xs, ws, bs, xt, wt, bt, y
+
+
+def _run(fn, inputs, dtype, kw, out_weights, **extra):
+    """Values and the gradients of Σ c_k·out_k w.r.t. every floating input (teacher zeros when frozen)."""
+    xs, ws, bs, xt, wt, bt, y = inputs
+    tt = kw.get("train_teacher", False)
+    ins = [leaf(t, dtype) if t is not None else None for t in (xs, ws, bs, xt, wt, bt)]
+    if not tt:  # the truth's frozen teacher: no gradient
+        for i in (3, 4, 5):
+            if ins[i] is not None:
+                ins[i] = ins[i].detach()
+    args = dict(kw)
+    args.pop("train_teacher", None)
+    if fn is kd_truth:
+        out = kd_truth(*ins, y, **args)
+    else:
+        out = fn(ins[0], ins[1], ins[3], ins[4], y, student_bias=ins[2], teacher_bias=ins[5], train_teacher=tt,
+                 **args, **extra)
+    # upstream gradients exact in bf16 (multiples of 1/8), so that they reach a bf16 output unrounded
+    g_out = [(0.5 + (torch.arange(o.numel(), dtype=torch.float64) % 9) / 8).reshape(o.shape) for o in out]
+    scalar = sum(c * (gw * o.double()).sum() for c, gw, o in zip(out_weights, g_out, out) if c)
+    present = [t for t in ins if t is not None and t.requires_grad]
+    return [o.detach() for o in out], grads(scalar, present)
+
+
+# every divergence meets every reduction, train_teacher on/off, τ ≠ 1, softcap, biases, target or none,
+# hard + soft, and a gradient through `loss` alone (the folded forward+backward) or through all three outputs
+CONFIGS = [
+    dict(reduction="mean", train_teacher=False, temperature=2.0, softcap=None, hard_loss_weight=0.5, bias=(1, 1),
+         target=True, outw=(1.0, 0.0, 0.0)),
+    dict(reduction="sum", train_teacher=True, temperature=0.7, softcap=4.0, hard_loss_weight=0.0, bias=(1, 0),
+         target=True, outw=(1.0, 0.25, 0.5)),
+    dict(reduction="none", train_teacher=True, temperature=1.0, softcap=None, hard_loss_weight=0.0, bias=(0, 1),
+         target=False, outw=(1.0, 0.0, 0.5)),
+    dict(reduction="mean", train_teacher=True, temperature=1.0, softcap=6.0, hard_loss_weight=1.5, bias=(0, 0),
+         target=True, outw=(1.0, 0.0, 0.0), temperature_scaling=False),
+]
+
+
+def _check(path, dtype, div, cfg, seed=0):
+    cfg = dict(cfg)
+    bias, tgt, outw = cfg.pop("bias"), cfg.pop("target"), cfg.pop("outw")
+    inputs = _inputs(seed, bias=tuple(bool(b) for b in bias), target=tgt)
+    # representable in the test dtype: the fp64 truth sees exactly the inputs ours and torch's see
+    inputs = [t.to(dtype).float() if t is not None and t.is_floating_point() else t for t in inputs]
+    kw = dict(divergence=div, soft_loss_weight=0.8, **cfg)
+    truth = _run(kd_truth, inputs, torch.float64, kw, outw)
+    same = _run(kd_truth, inputs, dtype, kw, outw)
+    be = "cpu" if path.startswith("cpu") else path
+    with _ext.disable(path == "cpu-aten"):
+        ours = _run(L.linear_distillation, inputs, dtype, kw, outw, backend=be, chunk_bytes=4096)
+    tol = rtol = 2e-5 if dtype == torch.float32 else 2e-3
+    for name, o, s, t in zip(["loss", "hard", "soft"], ours[0], same[0], truth[0]):
+        assert o.dtype == dtype, name
+        assert o.shape == t.shape, name
+        assert_close_rule(o, s, t, atol=tol, rtol=rtol, name=f"{path} {div} {name}")
+    assert len(ours[1]) == len(truth[1])
+    for i, (o, s, t) in enumerate(zip(ours[1], same[1], truth[1])):
+        a = tol * 0.1
+        if path == "triton" and dtype != torch.float32:  # the kernels round dz to bf16 for the gradient GEMMs
+            a += 2.0**-8 * t.abs().max().item()          # (as tests/test_triton_issue16.py, test_triton_kernels)
+        assert_close_rule(o, s, t, atol=a, rtol=rtol, name=f"{path} {div} grad {i}")
+
+
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_torch_kd_fp32(path, div, cfg):
+    _check(path, torch.float32, div, CONFIGS[cfg])
+
+
+@pytest.mark.parametrize("div", ["kl", "js"])
+@pytest.mark.parametrize("path", PATHS)
+def test_matches_torch_kd_bf16(path, div):
+    _check(path, torch.bfloat16, div, CONFIGS[1])
+    _check(path, torch.bfloat16, div, CONFIGS[0], seed=1)
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_fp64_exact(div):
+    """fp64 on the cpu backend (ATen path) against the fp64 truth to 1e-10, every gradient."""
+    inputs = _inputs(3)
+    kw = dict(divergence=div, temperature=1.3, hard_loss_weight=0.4, softcap=5.0, reduction="sum",
+              train_teacher=True)
+    truth = _run(kd_truth, inputs, torch.float64, kw, (1.0, 0.2, 0.3))
+    ours = _run(L.linear_distillation, inputs, torch.float64, kw, (1.0, 0.2, 0.3), backend="cpu", chunk_bytes=2048)
+    for o, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
+        torch.testing.assert_close(o, t, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_backend_matches():
+    inputs = _inputs(4)
+    kw = dict(divergence="sce", temperature=1.7, hard_loss_weight=0.3, reduction="mean", train_teacher=True)
+    truth = _run(kd_truth, inputs, torch.float64, kw, (1.0, 0.5, 0.5))
+    ours = _run(L.linear_distillation, inputs, torch.float64, kw, (1.0, 0.5, 0.5), backend="reference")
+    for o, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
+        torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_teacher_gets_no_gradient():
+    xs, ws, bs, xt, wt, bt, y = _inputs(5)
+    xs, ws, xt, wt, bt = (leaf(t) for t in (xs, ws, xt, wt, bt))
+    out = L.linear_distillation(xs, ws, xt, wt, y, teacher_bias=bt, hard_loss_weight=1.0, backend="cpu")
+    out.loss.backward()
+    assert xt.grad is None and wt.grad is None and bt.grad is None
+    assert xs.grad is not None and ws.grad is not None
+
+
+def test_all_rows_ignored_gives_zero():
+    xs, ws, _, xt, wt, _, y = _inputs(6)
+    xs, ws = leaf(xs), leaf(ws)
+    y = torch.full_like(y, IGN)
+    out = L.linear_distillation(xs, ws, xt, wt, y, hard_loss_weight=1.0, backend="cpu")
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.hard.item() == 0.0 and out.soft.item() == 0.0
+    assert xs.grad.abs().max().item() == 0.0 and ws.grad.abs().max().item() == 0.0
+
+
+def test_teacher_dtype_is_cast_to_the_students():
+    """A bf16 student with an fp32 teacher equals the same call with the teacher cast to bf16 by hand; the
+    teacher's gradient comes back in fp32."""
+    xs, ws, _, xt, wt, _, y = _inputs(7)
+    xs16, ws16 = leaf(xs, torch.bfloat16), leaf(ws, torch.bfloat16)
+    xt32, wt32 = leaf(xt), leaf(wt)
+    a = L.linear_distillation(xs16, ws16, xt32, wt32, y, train_teacher=True, backend="cpu")
+    a.loss.backward()
+    b = L.linear_distillation(xs16.detach(), ws16.detach(), xt32.detach().bfloat16(), wt32.detach().bfloat16(), y,
+                              backend="cpu")
+    assert a.loss.dtype == torch.bfloat16
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+    assert xt32.grad.dtype == torch.float32 and wt32.grad.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------- Liger oracle
+
+
+@pytest.mark.skipif(not has("liger_kernel"), reason="liger-kernel not installed")
+@pytest.mark.skipif(not triton_available(), reason="Liger's kernels need triton (the interpreter on CPU)")
+@pytest.mark.parametrize("div,beta", [("js", 0.5), ("kl", 0.0), ("kl_reverse", 1.0)])
+@pytest.mark.parametrize("path", PATHS)
+def test_liger_fused_linear_jsd(path, div, beta):
+    """Liger's fused linear JSD (beta-JSD of teacher P and student Q; beta 0 = KL(P‖Q), 1 = KL(Q‖P); mean over
+    rows with a valid label, no τ², no gradient to the teacher, no bias or softcap)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_jsd
+
+    xs, ws, _, xt, wt, _, y = _inputs(8)
+    xs, ws, xt, wt, y = xs.reshape(-1, HS), ws, xt.reshape(-1, HT), wt, y.reshape(-1)
+    xa, wa = leaf(xs), leaf(ws)
+    theirs = liger_fused_linear_jsd(xa, wa, xt, wt, y, jsd_beta=beta, ignore_index=IGN, temperature=1.6)
+    g_theirs = grads(theirs, [xa, wa])
+    xb, wb = leaf(xs), leaf(ws)
+    be = "cpu" if path.startswith("cpu") else path
+    with _ext.disable(path == "cpu-aten"):
+        ours = L.linear_distillation(xb, wb, xt, wt, y, divergence=div, temperature=1.6, temperature_scaling=False,
+                                     backend=be).loss
+    g_ours = grads(ours, [xb, wb])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _bad(**over):
+    xs, ws, bs, xt, wt, bt, y = _inputs(9)
+    args = dict(student_input=xs, student_weight=ws, teacher_input=xt, teacher_weight=wt, target=y)
+    kw = dict(backend="cpu")
+    for k, v in over.items():
+        (args if k in args else kw)[k] = v
+    return L.linear_distillation(**args, **kw)
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(teacher_weight=torch.randn(V + 1, HT)), ValueError, "teacher_weight has V=68"),
+    (dict(teacher_input=torch.randn(B, T + 1, HT)), ValueError, "teacher_input must have the rows"),
+    (dict(teacher_input=torch.randn(B, T, HT + 1)), ValueError, "teacher_input must have last dim"),
+    (dict(student_input=torch.randn(B, T, HS + 2)), ValueError, "student_input must have last dim"),
+    (dict(divergence="tvd"), ValueError, "divergence must be one of"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (dict(hard_loss_weight=-0.1), ValueError, "hard_loss_weight must be >= 0"),
+    (dict(soft_loss_weight=-1.0), ValueError, "soft_loss_weight must be >= 0"),
+    (dict(target=torch.zeros(B, T + 1, dtype=torch.long)), ValueError, "target must have shape"),
+    (dict(target=torch.zeros(B, T)), TypeError, "target must hold integer"),
+    (dict(target=torch.full((B, T), V)), ValueError, "target values must be in"),
+    (dict(target=None, hard_loss_weight=1.0), ValueError, "hard_loss_weight=1.0 needs a target"),
+    (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+    (dict(student_bias=torch.randn(V + 1)), ValueError, "student_bias must have shape"),
+    (dict(teacher_bias=torch.randn(3)), ValueError, "teacher_bias must have shape"),
+    (dict(student_weight=torch.randn(V, HS).double()), TypeError, "student_weight has dtype"),
+    (dict(softcap=-1.0), ValueError, "softcap must be > 0"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad(**over)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("train_teacher", [False, True])
+def test_no_logits_tensor_is_created(train_teacher):
+    """With a small chunk budget no tensor with a last dim V and >= N/2 rows exists in forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    N, Vb = 256, 1000
+    g = torch.Generator().manual_seed(0)
+    xs, xt = leaf(torch.randn(N, 24, generator=g)), leaf(torch.randn(N, 40, generator=g))
+    ws, wt = leaf(torch.randn(Vb, 24, generator=g) * 0.2), leaf(torch.randn(Vb, 40, generator=g) * 0.2)
+    y = targets((N,), Vb, gen=g)
+    big = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == Vb and t.numel() >= N * Vb // 2:
+                    big.append((str(func), tuple(t.shape)))
+            return out
+
+    with Watch():
+        out = L.linear_distillation(xs, ws, xt, wt, y, hard_loss_weight=0.5, train_teacher=train_teacher,
+                                    backend="cpu", chunk_bytes=64 * 1024)
+        out.loss.backward()
+    assert not big, big
+    assert (wt.grad is not None) == train_teacher
+
+
+# ------------------------------------------------------------------------------------------------- module
+
+
+def test_module():
+    xs, ws, bs, xt, wt, bt, y = _inputs(10)
+    m = L.LinearDistillationLoss(divergence="js", temperature=2.0, hard_loss_weight=0.5, backend="cpu")
+    assert "js" in repr(m)
+    got = m(xs, ws, xt, wt, y, student_bias=bs, teacher_bias=bt)
+    want = L.linear_distillation(xs, ws, xt, wt, y, divergence="js", temperature=2.0, hard_loss_weight=0.5,
+                                 student_bias=bs, teacher_bias=bt, backend="cpu")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
