@@ -317,3 +317,57 @@ def test_module():
                                  student_bias=bs, teacher_bias=bt, backend="cpu")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------- transformers
+
+
+def _tiny_lm(hidden, seed):
+    transformers = pytest.importorskip("transformers")
+    from lsa_kernels.integrations import hf
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=301, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)
+    m = hf.load_causal_lm(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("train_teacher", [False, True])
+def test_hf_distillation_step(train_teacher):
+    """Two tiny Llamas (student H=32, teacher H=64, V=301) against KD on their own materialised logits."""
+    from lsa_kernels.integrations import hf
+
+    student, teacher = _tiny_lm(32, 0), _tiny_lm(64, 1)
+    x = torch.randint(0, 301, (2, 19))
+    labels = x.clone()
+    labels[0, :5] = IGN  # a masked prompt
+    kw = dict(divergence="kl", temperature=2.0, hard_loss_weight=0.5)
+    got = hf.distillation_step(student, teacher, x, labels, backend="cpu", train_teacher=train_teacher, **kw)
+    got.loss.backward()
+    g_got = {n: p.grad.clone() for m in (student, teacher) for n, p in m.named_parameters(prefix=str(id(m)))
+             if p.grad is not None}
+    for m in (student, teacher):
+        m.zero_grad(set_to_none=True)
+    assert train_teacher == any(n.startswith(str(id(teacher))) for n in g_got)  # frozen: no teacher grads
+
+    zs = student(input_ids=x).logits
+    with torch.enable_grad() if train_teacher else torch.no_grad():
+        zt = teacher(input_ids=x).logits
+    y = F.pad(labels[:, 1:], (0, 1), value=IGN).reshape(-1)
+    lq, lp = torch.log_softmax(zs.reshape(-1, 301) / 2.0, -1), torch.log_softmax(zt.reshape(-1, 301) / 2.0, -1)
+    valid = (y != IGN).float()
+    soft = 4.0 * ((lp.exp() * (lp - lq)).sum(-1) * valid).sum() / valid.sum()
+    hard = F.cross_entropy(zs.reshape(-1, 301), y, ignore_index=IGN)
+    want = 0.5 * hard + soft
+    want.backward()
+    for a, b in ((got.loss, want), (got.hard, hard), (got.soft, soft)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    for m in (student, teacher):
+        for n, p in m.named_parameters(prefix=str(id(m))):
+            if p.grad is not None:
+                torch.testing.assert_close(g_got[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)

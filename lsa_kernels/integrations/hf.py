@@ -20,6 +20,7 @@ shift happens here), so ``causal_lm_loss(model, x, labels)`` equals ``model(x, l
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import weakref
 from dataclasses import dataclass
@@ -346,3 +347,56 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f"{__package__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def distillation_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    ignore_index: int = -100,
+    train_teacher: bool = False,
+    **loss_kw,
+):
+    """Knowledge distillation between two causal LMs with one vocabulary (docs/maths.md §12), fused: no logits.
+
+    Both models run on ``input_ids [B, T]`` (the teacher under ``torch.no_grad()`` unless ``train_teacher``);
+    their final hidden states and output heads (each with its own scale folded in, :func:`output_head`) go to
+    :func:`lsa_kernels.linear_distillation`. ``labels`` (transformers' convention: ``input_ids`` with
+    ignored positions at ``ignore_index``; shifted here as in :func:`causal_lm_loss`): the student's CE
+    target, and only rows whose target is valid count in either term — pass labels with padding at
+    ``ignore_index`` to keep padded rows out. Without ``labels`` every row counts in the soft term (and
+    ``hard_loss_weight`` must be 0). ``loss_kw``: ``divergence`` (default ``"kl"`` = KL(teacher ‖ student)),
+    ``temperature``, ``hard_loss_weight``, ``soft_loss_weight``, ``temperature_scaling``, ``reduction``,
+    ``chunk_bytes``, ``deterministic``. The two heads must have the same softcap (Gemma-2's
+    ``final_logit_softcapping``), else :class:`UnsupportedModel`. Returns
+    :class:`lsa_kernels.DistillationLoss` ``(loss, hard, soft)``.
+    """
+    from ..distillation import linear_distillation
+
+    head_s = output_head(student)
+    head_t = output_head(teacher)
+    if (head_s.softcap or None) != (head_t.softcap or None):
+        raise UnsupportedModel(
+            f"the student's logit softcap ({head_s.softcap}) differs from the teacher's ({head_t.softcap}); "
+            "linear_distillation applies one softcap to both heads"
+        )
+    hs, ws, bs = head_operands(head_s, hidden_states(student, input_ids, attention_mask))
+    ctx = contextlib.nullcontext() if train_teacher else torch.no_grad()
+    with ctx:
+        ht, wt, bt = head_operands(head_t, hidden_states(teacher, input_ids.to(head_t.weight.device),
+                                                         None if attention_mask is None
+                                                         else attention_mask.to(head_t.weight.device)))
+    dev = hs.device
+    ht, wt, bt = ht.to(dev), wt.to(dev), None if bt is None else bt.to(dev)
+    y = None if labels is None else shift_labels(labels.to(dev), ignore_index)
+    return linear_distillation(
+        hs, ws, ht, wt, y, student_bias=bs, teacher_bias=bt, softcap=head_s.softcap, ignore_index=ignore_index,
+        train_teacher=train_teacher, backend=backend, **loss_kw,
+    )
+
+
+__all__.append("distillation_step")
