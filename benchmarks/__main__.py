@@ -9,6 +9,7 @@
     python -m benchmarks --report-only --tag cpu      # redo plots/summary from the CSVs
     python -m benchmarks --resume                     # keep finished rows, run the missing cases
     python -m benchmarks --train-step [opts]          # one training step's memory at long context (train_step.py)
+    python -m benchmarks --distill [opts]             # fused distillation vs torch KD vs the GEMMs (distill.py)
 
 Outputs in --out (default benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
 {tag}_errors.log, SUMMARY_{tag}.md, plots_{tag}/*.png; tag = device, + "_quick" / "_goal".
@@ -32,6 +33,10 @@ def main(argv=None) -> int:
         from . import train_step
 
         return train_step.main([x for x in argv if x != "--train-step"])
+    if "--distill" in argv:  # issue 16's distillation benchmark (python -m benchmarks.distill -h)
+        from . import distill
+
+        return distill.main([x for x in argv if x != "--distill"])
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, sce only, fp32 unless --dtype (< 3 min)")
