@@ -371,3 +371,33 @@ def test_bad_input(name, call, exc, words):
     msg = str(info.value)
     for word in words:
         assert word in msg, f"{name}: {word!r} not in {msg!r}"
+
+
+# ------------------------------------------------------------------------------------------ lsa train
+
+
+def test_train_longce_flag_reaches_the_loss(tmp_path, monkeypatch):
+    """``lsa train --ce-weighting longce --longce-gamma 5``: the loss of every step gets them."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from _util import write_corpus_texts
+    from lsa_kernels.integrations import hf
+    from lsa_kernels.train.config import ConfigError, config_from_args, validate
+    from lsa_kernels.train.loop import train_main
+
+    seen = []
+    real = hf.long_short_loss
+
+    def spy(*a, **kw):
+        seen.append((kw.get("ce_weighting"), kw.get("longce_gamma")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(hf, "long_short_loss", spy)
+    texts = write_corpus_texts(tmp_path)
+    tiny = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64",
+            "--max-positions", "64", "--l-train", "16", "--batch-size", "2", "--steps", "2", "--quiet"]
+    assert train_main(tiny + ["--train-files", *texts["train"], "--out", str(tmp_path / "run"), "--alpha", "0.1",
+                              "--ce-weighting", "longce", "--longce-gamma", "5"]) == 0
+    assert seen and all(s == ("longce", 5.0) for s in seen), seen
+    with pytest.raises(ConfigError, match="--ce-weighting longce"):
+        validate(config_from_args(["--alpha", "0", "--ce-weighting", "longce"]))

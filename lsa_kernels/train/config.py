@@ -43,6 +43,9 @@ class TrainConfig:
     backend: str = "auto"
     # CE on one view (the long one) or both; 0 = 1 when alpha == 0, else 2 (the long-short loss)
     ce_views: int = 0
+    # "longce": weight each paired long row's CE by min(exp(ce_short - ce_long), longce_gamma) (docs/maths.md §13)
+    ce_weighting: str = "none"
+    longce_gamma: float = 5.0
     # context extension of a RoPE model (--model): "" = none, else one of ROPE_TYPES, with factor >= 1
     rope_scaling: str = ""
     rope_factor: float = 1.0
@@ -123,6 +126,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ce-views must be 0 (auto), 1 or 2, got {cfg.ce_views}")
     if cfg.ce_views == 1 and cfg.alpha > 0:
         raise ConfigError("--ce-views 1 needs --alpha 0 (the long-short loss trains CE on both views)")
+    if cfg.ce_weighting not in ("none", "longce"):
+        raise ConfigError(f"--ce-weighting must be 'none' or 'longce', got {cfg.ce_weighting!r}")
+    if cfg.ce_weighting == "longce" and (cfg.ce_views or (1 if cfg.alpha == 0 else 2)) != 2:
+        raise ConfigError("--ce-weighting longce compares the two views: it needs --alpha > 0 or --ce-views 2")
+    if not (isinstance(cfg.longce_gamma, (int, float)) and math.isfinite(cfg.longce_gamma) and cfg.longce_gamma > 0):
+        raise ConfigError(f"--longce-gamma must be a finite number > 0, got {cfg.longce_gamma}")
     if cfg.rope_scaling and cfg.rope_scaling not in ROPE_TYPES:
         raise ConfigError(f"--rope-scaling {cfg.rope_scaling!r} is not supported; choose one of {', '.join(ROPE_TYPES)}")
     if not (isinstance(cfg.rope_factor, (int, float)) and math.isfinite(cfg.rope_factor) and cfg.rope_factor >= 1):
@@ -178,6 +187,10 @@ def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
     ap.add_argument("--positions", default=d.positions, choices=["overlap", "last"])
     ap.add_argument("--ce-views", type=int, default=d.ce_views, choices=[0, 1, 2],
                     help="CE on 1 view (the long one) or 2 (both); 0 = 1 with --alpha 0, else 2")
+    ap.add_argument("--ce-weighting", default=d.ce_weighting, choices=["none", "longce"],
+                    help="longce: weight each paired long row's CE by min(exp(ce_short - ce_long), gamma) "
+                         "(LongCE, docs/maths.md section 13)")
+    ap.add_argument("--longce-gamma", type=float, default=d.longce_gamma, help="LongCE's cap on a token's weight")
     g = ap.add_argument_group("context extension (RoPE models)")
     g.add_argument("--rope-scaling", default=d.rope_scaling, metavar="TYPE",
                    help=f"extend the model's context: one of {', '.join(ROPE_TYPES)} (linear = position interpolation)")

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig) -> dict:
     amp = autocast_for(cfg, device)
     objective = LongShortObjective(
         model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,
-        positions=cfg.positions, **par.loss_kwargs(),
+        positions=cfg.positions, ce_weighting=cfg.ce_weighting, longce_gamma=cfg.longce_gamma, **par.loss_kwargs(),
     )
     objective = par.wrap(objective, model)
 
