@@ -1,4 +1,5 @@
-"""Print the README's bad-input table: each wrong input from tests/test_bad_input.py and the error it gets.
+"""Print the README's bad-input table: each wrong input from tests/test_bad_input.py and tests/test_weights.py
+(token / class weights, probability targets, LongCE) and the error it gets.
 
     python scripts/bad_input_table.py > /tmp/table.md
 """
@@ -9,7 +10,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from test_bad_input import CASES  # noqa: E402
+from test_bad_input import CASES as BASE_CASES  # noqa: E402
+from test_weights import CASES as WEIGHT_CASES  # noqa: E402
+
+CASES = list(BASE_CASES) + list(WEIGHT_CASES)
 
 
 def main() -> None:
