@@ -1,13 +1,13 @@
-// lsa_kernels._C: the work BETWEEN the GEMMs of the cpu backend (lsa_kernels/cpu.py), in place.
+// lsa_kernels._C: the work BETWEEN the GEMMs of the cpu backend (lsa_kernels/backends/cpu/), in place.
 //
 // For a chunk of C rows the caller forms fp32 logits z [C, V] with one GEMM (bias included, softcap
 // NOT applied), calls one op below, and feeds the overwritten z (now dz) to the gradient GEMMs. Each
 // op is one parallel-for over rows; a row (V floats, or two rows for pairs) is read from memory once
 // and swept 2-4 times while it sits in L2 (max, sums, [js: log-m sums], gradient write), so each
 // chunk's logits make at most two trips through DRAM (the GEMM's write plus this read/write).
-// The only [C, V] buffers are z (CE) and za, zb (pairs): K = 1 and 2 in cpu.py's chunk_rows().
+// The only [C, V] buffer is the chunk loop's own (za, zb are two blocks of it): K = 1 (backends/cpu/ext.py).
 //
-// Maths (docs/maths.md §3, §5; lsa_kernels/stats.py), per row, z = softcap(z_raw) = c·tanh(z_raw / c):
+// Maths (docs/maths.md §3, §5; lsa_kernels/maths.py), per row, z = softcap(z_raw) = c·tanh(z_raw / c):
 //
 //   lse = m + log Σ e^{z - m},  loss = (1-ε)(lse - z_y) + ε(lse - mean z) + λ lse²   (0 if ignored)
 //   dz  = coef · (softmax(z)(1 + 2λ lse) - (1-ε) onehot(y) - ε/V) · (1 - (z/c)²)
@@ -63,7 +63,7 @@ struct CEParams {
 
 // Targets: ignore_index -> no loss, no gradient; 0 <= y < V -> one-hot at y; any other id (y >= V: a
 // class in another vocab shard) -> a valid row with the softmax gradient but no one-hot, and a loss
-// value computed with z[0] in place of z_y (unspecified: the caller merges shards), as cpu.py does.
+// value computed with z[0] in place of z_y (unspecified: the caller merges shards), as backends/cpu/aten.py does.
 LSA_INLINE bool in_shard(int64_t y, int64_t V) { return y >= 0 && y < V; }
 
 LSA_INLINE float eps_over_v(const CEParams& P, int64_t V) {
