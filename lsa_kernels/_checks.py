@@ -162,6 +162,18 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
     return prob
 
 
+def check_per_token(extras, linear_path: bool, parallel: bool) -> None:
+    """``(return_lse, return_entropy, return_accuracy)``: what linear_cross_entropy can return per token."""
+    names = [n for n, on in zip(("return_lse", "return_entropy", "return_accuracy"), extras) if on]
+    if names and linear_path:
+        raise ValueError(f"{', '.join(names)} cannot be combined with probability targets or with weight= and "
+                         "label_smoothing > 0 (that loss is not a per-row CE of one pass); compute them separately")
+    bad = [n for n in names if n != "return_lse"]
+    if bad and parallel:
+        raise ValueError(f"{', '.join(bad)} is not supported with process_group= (vocab-parallel head); "
+                         "return_lse is")
+
+
 def check_class_weight(weight, V: Optional[int], device, check_values: bool) -> None:
     """``weight`` (torch's class weights): a float tensor ``[V]``, on the input's device, values >= 0."""
     if not isinstance(weight, torch.Tensor):

@@ -125,6 +125,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
 
 
+class _LinearCrossEntropyExt(torch.autograd.Function):
+    """The CE with per-token outputs (docs/maths.md §3): (loss, lse, entropy, argmax). lse and argmax carry no
+    gradient; the entropy does (its coefficient goes to the backend's ``coef_entropy``). Forward then backward
+    (the entropy's coefficient is only known in backward). Outputs not asked for are empty tensors."""
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx, x, w, b, y, rw, reduction: str, opts: CEOptions, backend):
+        ctx.set_materialize_grads(False)
+        be = backends.get(backend)
+        x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
+        weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
+        ctx.opts, ctx.backend, ctx.reduction = opts, backend, reduction
+        out = be.ce_forward(x, w, b, y, opts)
+        empty = x.new_empty(0)
+        ent = out.entropy if opts.entropy else empty
+        am = out.argmax if opts.argmax else empty.to(torch.int64)
+        ctx.save_for_backward(x, w, b, y, out.lse, weight, ent)
+        loss = (out.loss if rw is None else out.loss * weight) if reduction == "none" else (out.loss * weight).sum()
+        lse = out.lse.to(x.dtype)
+        ctx.mark_non_differentiable(lse, am)
+        return loss.to(x.dtype), lse, ent.to(x.dtype), am
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, g, g_lse, g_ent, g_am):
+        nones = (None,) * 5
+        x, w, b, y, lse, weight, ent = ctx.saved_tensors
+        acc = _acc(w)
+        if g is None:
+            coef = torch.zeros_like(weight)
+        else:
+            coef = weight * (g.to(acc).reshape(-1) if ctx.reduction == "none" else g.to(acc))
+        kw = {}
+        if g_ent is not None and ctx.opts.entropy:
+            kw = dict(coef_entropy=g_ent.to(acc).reshape(-1).contiguous(), entropy=ent)
+        grads = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
+        backends.get(ctx.backend).ce_backward(x, w, b, y, lse, coef, ctx.opts, grads, **kw)
+        return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
+
+
+def linear_cross_entropy_ext(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None):
+    """(loss, lse, entropy, argmax) of rows ``x [N, H]`` (opts.entropy / opts.argmax say which extras)."""
+    rw = None if rw is None else rw.detach()
+    return _LinearCrossEntropyExt.apply(x, w, b, y, rw, reduction, opts, backend)
+
+
 def row_coefficients(counted: Tensor, rw: Optional[Tensor], reduction: str, dtype: torch.dtype) -> Tensor:
     """Per-row weights of a reduction (docs/maths.md §3, §11): ``m = counted·rw`` (rw: token × class weights,
     None = 1); ``mean``: ``m / Σm`` (all zeros when ``Σm = 0``: a loss of 0 with zero gradients), else ``m``."""

@@ -21,7 +21,8 @@ compute capability 8.0 are refused by the Triton backend (``UnsupportedDevice``,
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import dataclasses
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -29,7 +30,18 @@ from . import _checks, _env, reference
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss, pair_mask
 
-__all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend"]
+__all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput"]
+
+
+class CrossEntropyOutput(NamedTuple):
+    """:func:`linear_cross_entropy`'s return when a per-token output is asked (docs/maths.md §3): the loss, and
+    per row (the input's leading shape) ``lse`` (no gradient), ``entropy`` of softmax(z) (differentiable) and
+    ``accuracy`` (argmax of z == target; False on ignored rows; no gradient); None where not asked."""
+
+    loss: torch.Tensor
+    lse: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    accuracy: Optional[torch.Tensor]
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
@@ -148,7 +160,10 @@ def linear_cross_entropy(
     check_targets: bool = True,
     process_group=None,
     vocab_start: int = 0,
-) -> torch.Tensor:
+    return_lse: bool = False,
+    return_entropy: bool = False,
+    return_accuracy: bool = False,
+):
     """Cross-entropy of ``softcap(input @ linear_weight.T + linear_bias)`` against ``target``, fused.
 
     Args mirror :func:`torch.nn.functional.linear_cross_entropy`. ``input [..., H]``, ``linear_weight [V, H]``,
@@ -169,18 +184,27 @@ def linear_cross_entropy(
     Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"`` (then ``-loss`` is each row's
     log-probability of its target when ``label_smoothing = z_loss = 0``). Honours autocast like ``F.linear``
     (module docstring).
+    Per-token outputs, in the same pass over V (docs/maths.md §3; class-index targets; entropy and accuracy
+    not with ``process_group``, none of them with probability targets or class-weighted smoothing):
+    ``return_lse`` (log-normaliser per row, no gradient), ``return_entropy`` (entropy of softmax(z) per row,
+    every row; differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax == target, bool, False
+    on ignored rows). With any of them the result is a :class:`CrossEntropyOutput` ``(loss, lse, entropy,
+    accuracy)`` with None for what was not asked; they cost a separate backward pass on the cpu backend (no
+    forward+backward fusion) and run the ATen chunk function there.
     """
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     with no_autocast(_device_of(input)):
         return _linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
             softcap, token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+            (bool(return_lse), bool(return_entropy), bool(return_accuracy)),
         )
 
 
 def _linear_cross_entropy(
     input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
     token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
+    extras=(False, False, False),
 ):
     explicit_ignore = ignore_index is not None
     ignore_index = -100 if ignore_index is None else ignore_index
@@ -194,18 +218,21 @@ def _linear_cross_entropy(
                          ignore_index, check_targets)
     if process_group is not None and weight is not None:
         _checks.check_class_weight(weight, be.shard.vocab_total, input.device, check_targets)
+    linear_path = prob or (weight is not None and label_smoothing > 0)
+    _checks.check_per_token(extras, linear_path, process_group is not None)
     if be == "reference":
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index if explicit_ignore else None, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, token_weight=token_weight, check_targets=check_targets,
+            softcap=softcap, token_weight=token_weight, check_targets=check_targets, return_lse=extras[0],
+            return_entropy=extras[1], return_accuracy=extras[2],
         )
     opts = _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic)
     H = input.shape[-1]
     rows_shape = input.shape[:-1]
     x = input.reshape(-1, H)
     tw = None if token_weight is None else token_weight.reshape(-1)
-    if prob or (weight is not None and label_smoothing > 0):
+    if linear_path:
         from .weights import linear_target_loss
 
         y = target.reshape(-1, linear_weight.shape[0]) if prob else target.reshape(-1)
@@ -221,6 +248,18 @@ def _linear_cross_entropy(
     if weight is not None:  # class weights without smoothing: the row weight weight[y] (docs/maths.md §11)
         cw = weight[torch.where(y != ignore_index, y, torch.zeros_like(y))]
         rw = cw if rw is None else rw * cw
+    if any(extras):
+        from .autograd import linear_cross_entropy_ext
+
+        opts = dataclasses.replace(opts, entropy=extras[1], argmax=extras[2])
+        loss, lse, ent, am = linear_cross_entropy_ext(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
+        acc = (am == y) & (y != ignore_index) if extras[2] else None
+        return CrossEntropyOutput(
+            loss.reshape(rows_shape) if reduction == "none" else loss,
+            lse.reshape(rows_shape) if extras[0] else None,
+            ent.reshape(rows_shape) if extras[1] else None,
+            acc.reshape(rows_shape) if extras[2] else None,
+        )
     out = linear_cross_entropy_fused(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
     return out.reshape(rows_shape) if reduction == "none" else out
 

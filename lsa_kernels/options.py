@@ -37,6 +37,10 @@ class CEOptions:
     #: the full vocabulary size when ``linear_weight`` is one shard of it (vocab-parallel heads); the
     #: label-smoothing term spreads ε over this many classes. None: the weight's own V.
     vocab_total: Optional[int] = None
+    #: per-token extras of the CE forward, in the same pass over V (docs/maths.md §3): the entropy of
+    #: softmax(z) and the argmax of z per row (CEOut.entropy / CEOut.argmax)
+    entropy: bool = False
+    argmax: bool = False
 
     @property
     def has_softcap(self) -> bool:

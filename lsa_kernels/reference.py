@@ -145,8 +145,12 @@ def linear_cross_entropy(
     token_weight: Optional[torch.Tensor] = None,
     backend: str = "reference",
     check_targets: bool = True,
-) -> torch.Tensor:
-    """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3, §11)."""
+    return_lse: bool = False,
+    return_entropy: bool = False,
+    return_accuracy: bool = False,
+):
+    """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3, §11), per-token outputs included
+    (from the materialised logits: logsumexp, −Σ p log p, argmax)."""
     explicit = ignore_index is not None
     ignore_index = -100 if ignore_index is None else ignore_index
     prob = _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing,
@@ -177,7 +181,20 @@ def linear_cross_entropy(
         out = _reduce(per_row, valid, reduction, tw, den)
     if reduction == "none":
         out = out.reshape(input.shape[:-1])
-    return out.to(input.dtype)
+    out = out.to(input.dtype)
+    if not (return_lse or return_entropy or return_accuracy):
+        return out
+    from .functional import CrossEntropyOutput
+
+    rows = input.shape[:-1]
+    lse = torch.logsumexp(z, -1).detach().to(input.dtype).reshape(rows) if return_lse else None
+    lp = torch.log_softmax(z, -1)
+    ent = -(lp.exp() * lp).sum(-1).to(input.dtype).reshape(rows) if return_entropy else None
+    acc = None
+    if return_accuracy:
+        y = target.reshape(-1)
+        acc = ((z.argmax(-1) == y) & (y != ignore_index)).reshape(rows)
+    return CrossEntropyOutput(out, lse, ent, acc)
 
 
 def linear_divergence(

@@ -34,9 +34,12 @@ target (``rows.yp``/``rows.yq``) or CE coefficient (``coefs.ce_p``/``coefs.ce_q`
 
     ce_forward(x, w, b, y, opts: CEOptions) -> CEOut(loss [N], lse [N])
         loss = (1−ε)(lse − z_y) + ε(lse − mean_v z) + λ·lse²     (0 on ignored rows), z = softcap(x Wᵀ + b)
-    ce_backward(x, w, b, y, lse, coef [N], opts, grads: Grads) -> None
+        with opts.entropy / opts.argmax also, in the same pass: entropy [N] of softmax(z) (every row) and
+        argmax [N] int64 of z (ties: lowest index), docs/maths.md §3 per-token outputs
+    ce_backward(x, w, b, y, lse, coef [N], opts, grads: Grads, *, coef_entropy=None, entropy=None) -> None
         dz = coef ⊙ (softmax(z)(1 + 2λ·lse) − (1−ε)·onehot(y) − ε/V_total) ⊙ softcap'(z_raw)
         dx = dz W,   dW += dzᵀ x,   db += Σ_rows dz
+        with coef_entropy [N] (and the forward's entropy [N]): dz += coef_entropy ⊙ (−p ⊙ (log p + H)) (every row)
 
     pair_forward(rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut
         ce_p, ce_q (CE of each view when opts.with_ce, zeros otherwise), div (the divergence of every row;
@@ -156,10 +159,12 @@ class PairGrads:
 
 @dataclass(frozen=True)
 class CEOut:
-    """Per-row CE loss and lse ``[N]``."""
+    """Per-row CE loss and lse ``[N]``; entropy ``[N]`` and argmax ``[N]`` (int64) when the options ask."""
 
     loss: Tensor
     lse: Tensor
+    entropy: Optional[Tensor] = None
+    argmax: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,8 @@ class Backend(Protocol):
     def ce_forward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions) -> CEOut: ...
 
     def ce_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, lse: Tensor, coef: Tensor,
-                    opts: CEOptions, grads: Grads) -> None: ...
+                    opts: CEOptions, grads: Grads, *, coef_entropy: Optional[Tensor] = None,
+                    entropy: Optional[Tensor] = None) -> None: ...
 
     def pair_forward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *,
                      wq: Optional[Tensor] = None, bq: Optional[Tensor] = None) -> PairOut: ...

@@ -26,11 +26,17 @@ class TritonBackend:
     caps = Capabilities(fused_forward_backward=False, js_partial=True)
 
     def ce_forward(self, x, w, b, y, opts: CEOptions) -> CEOut:
+        if opts.entropy or opts.argmax:  # per-token extras in the same pass (kernels.ce_forward_ext)
+            out = kernels.ce_forward_ext(x, w, b, y, opts, entropy=opts.entropy, argmax=opts.argmax)
+            am = None if out.argmax is None else out.argmax.to(torch.int64)
+            return CEOut(out.loss, out.lse, out.entropy, am)
         loss, lse = kernels.ce_forward(x, w, b, y, opts)
         return CEOut(loss, lse)
 
-    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
-        kernels.ce_backward(x, w, b, y, lse, coef, opts, grads.dx, grads.dw, grads.db)
+    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads, *, coef_entropy=None,
+                    entropy=None) -> None:
+        kernels.ce_backward(x, w, b, y, lse, coef, opts, grads.dx, grads.dw, grads.db, coef_entropy=coef_entropy,
+                            entropy=entropy)
 
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
         if wq is not None and rows.has_unpaired:

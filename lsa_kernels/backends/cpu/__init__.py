@@ -61,22 +61,36 @@ def _empty(n: int, like: Tensor, *cols: int) -> Tensor:
 
 
 def _ce(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions, *, lse: Optional[Tensor] = None,
-        coef: Optional[Tensor] = None, grads: Grads = Grads()) -> CEOut:
-    """Forward (``coef`` None), forward + gradient, or gradient from the saved ``lse``."""
-    fns = impl(x)
+        coef: Optional[Tensor] = None, grads: Grads = Grads(), coef_entropy: Optional[Tensor] = None,
+        entropy: Optional[Tensor] = None) -> CEOut:
+    """Forward (``coef`` None), forward + gradient, or gradient from the saved ``lse``. Per-token extras
+    (``opts.entropy`` / ``opts.argmax``, the entropy's gradient) take the ATen chunk function on every path."""
+    extras = opts.entropy or opts.argmax or coef_entropy is not None
+    fns = aten if extras else impl(x)
     N = x.shape[0]
     loss_all, lse_all = _empty(N, x), (_empty(N, x) if lse is None else lse)
+    ent_all = _empty(N, x) if (extras and opts.entropy and lse is None) else None
+    am_all = torch.empty(N, dtype=torch.int64, device=x.device) if (extras and opts.argmax and lse is None) else None
 
     def step(z, sl):
         (s,) = sl
-        lr, lsr = fns.ce_chunk(z[0], y[s], opts, None if lse is None else lse[s], None if coef is None else coef[s])
+        args = (z[0], y[s], opts, None if lse is None else lse[s], None if coef is None else coef[s])
+        if extras:
+            lr, lsr, er, ar = aten.ce_chunk_ext(*args, None if entropy is None else entropy[s],
+                                                None if coef_entropy is None else coef_entropy[s])
+            if ent_all is not None:
+                ent_all[s] = er
+            if am_all is not None:
+                am_all[s] = ar
+        else:
+            lr, lsr = fns.ce_chunk(*args)
         loss_all[s] = lr
         if lse is None:
             lse_all[s] = lsr
 
-    rows = chunk_rows(w.shape[0], fns.K_CE, opts.chunk_bytes)
+    rows = chunk_rows(w.shape[0], aten.K_CE_EXT if extras else fns.K_CE, opts.chunk_bytes)
     loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
-    return CEOut(loss_all, lse_all)
+    return CEOut(loss_all, lse_all, ent_all, am_all)
 
 
 def _check_qhead(rows: PairRows, w: Tensor, wq: Optional[Tensor], bq: Optional[Tensor]) -> None:
@@ -171,8 +185,9 @@ class CpuBackend:
     def ce_forward_backward(self, x, w, b, y, opts: CEOptions, coef: Tensor, grads: Grads) -> CEOut:
         return _ce(x, w, b, y, opts, coef=coef, grads=grads)
 
-    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
-        _ce(x, w, b, y, opts, lse=lse, coef=coef, grads=grads)
+    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads, *, coef_entropy=None,
+                    entropy=None) -> None:
+        _ce(x, w, b, y, opts, lse=lse, coef=coef, grads=grads, coef_entropy=coef_entropy, entropy=entropy)
 
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
         return _pair(rows, w, b, opts, wq=wq, bq=bq)

@@ -36,6 +36,7 @@ Tensor = torch.Tensor
 #: fp32 [rows, V] buffers alive at once per row of a chunk (module docstring; tests/test_memory.py)
 K_CE = 3
 K_PAIR = 5
+K_CE_EXT = 4  # ce_chunk_ext: z, log p, p (+ the entropy's two temporaries in forward)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -102,6 +103,43 @@ def ce_chunk(z: Tensor, y: Tensor, opts: CEOptions, lse: Optional[Tensor] = None
         if capped:
             z.copy_(dz)
     return loss, lse
+
+
+def ce_chunk_ext(z: Tensor, y: Tensor, opts: CEOptions, lse: Optional[Tensor] = None, coef: Optional[Tensor] = None,
+                 entropy: Optional[Tensor] = None, coef_entropy: Optional[Tensor] = None):
+    """:func:`ce_chunk` with the per-token extras (docs/maths.md §3) -> (loss, lse, entropy, argmax).
+
+    Forward (``lse`` None): with ``opts.entropy`` the entropy ``H = log Σ_v e^{z_v−m} − E_p[z − m]`` (two
+    non-negative terms: no cancellation for a confident row), with ``opts.argmax`` the argmax of the softcapped
+    z (ties: the lowest index, as torch.argmax); else None. Gradient (``coef`` given): ``z ← dz`` of
+    :func:`ce_chunk` plus ``coef_entropy ⊙ ∂H/∂z = −coef_entropy ⊙ p ⊙ (log p + H)`` (every row) with ``entropy``
+    the forward's H. Memory: K_CE_EXT fp32 [c, V] buffers per chunk row."""
+    _softcap_(z, opts.softcap)
+    ent = am = None
+    if lse is None:
+        loss, lse = _ce_rows(z, y, opts)
+        if opts.argmax:
+            am = z.argmax(1)
+        if opts.entropy:
+            zm = z - z.amax(1, keepdim=True)
+            e = zm.exp()
+            s = e.sum(1)
+            ent = s.log() - _rowdot(e, zm) / s
+            del zm, e
+    else:
+        loss = torch.zeros_like(lse)
+    if coef is not None:
+        lp = z - lse.unsqueeze(1)  # log p
+        p = lp.exp()
+        if coef_entropy is not None:
+            h = entropy if entropy is not None else ent
+            lp.add_(h.to(lp.dtype).unsqueeze(1)).mul_(p).mul_(coef_entropy.to(lp.dtype).unsqueeze(1))
+        dz = _ce_grad_(p, lse, y, coef, opts)
+        if coef_entropy is not None:
+            dz.sub_(lp)
+        del lp
+        z.copy_(_softcap_grad_(dz, z, opts.softcap))
+    return loss, lse, ent, am
 
 
 def _js_log_ratios(a: Tensor, b: Tensor, lta: Tensor, ltb: Tensor) -> Tuple[Tensor, Tensor]:
