@@ -36,7 +36,7 @@ import torch
 from . import _checks, backends, reference
 from .autograd import _autocast_off
 from .backends import PairCoefs, PairGrads, PairOut, PairRows
-from .functional import _autocast_cast, _device_of, no_autocast, resolve_backend
+from .functional import _autocast_cast, _device_of, _vocab_parallel, no_autocast, resolve_backend
 from .maths import DIVERGENCES
 from .options import REDUCTIONS, CEOptions, PairOptions
 
@@ -235,6 +235,8 @@ def linear_distillation(
     deterministic: bool = False,
     backend: str = "auto",
     check_targets: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> DistillationLoss:
     """Knowledge distillation from a teacher head to a student head, fused: no ``[N, V]`` logits in memory.
 
@@ -269,7 +271,9 @@ def linear_distillation(
     ``backend``: ``"auto"`` (Triton on CUDA, the chunked cpu path on CPU), ``"cpu"``, ``"triton"``, or
     ``"reference"`` (materialised logits, small problems only). ``chunk_bytes`` bounds the cpu backend's
     logits buffer; ``deterministic`` as in :func:`lsa_kernels.linear_cross_entropy`;
-    ``check_targets=False`` skips the host sync of the target range check.
+    ``check_targets=False`` skips the host sync of the target range check. ``process_group`` /
+    ``vocab_start``: both weights (and biases) are this rank's shards ``W[vocab_start : vocab_start + V_r]`` of
+    vocab-parallel heads split the same way (:mod:`lsa_kernels.backends.vocab_parallel`); targets are global ids.
 
     Returns :class:`DistillationLoss` ``(loss, hard, soft)`` with ``soft`` the τ²-scaled term (each
     differentiable; ``loss = hard_loss_weight·hard + soft_loss_weight·soft``).
@@ -280,15 +284,16 @@ def linear_distillation(
         return _linear_distillation(
             student_input, student_weight, teacher_input, teacher_weight, target, divergence, temperature,
             hard_loss_weight, soft_loss_weight, student_bias, teacher_bias, softcap, ignore_index, reduction,
-            temperature_scaling, train_teacher, chunk_bytes, deterministic, backend, check_targets,
+            temperature_scaling, train_teacher, chunk_bytes, deterministic, backend, check_targets, process_group,
+            vocab_start,
         )
 
 
 def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w, soft_w, bs, bt, softcap,
                          ignore_index, reduction, temperature_scaling, train_teacher, chunk_bytes, deterministic,
-                         backend, check_targets) -> DistillationLoss:
+                         backend, check_targets, process_group, vocab_start) -> DistillationLoss:
     _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft_w, softcap, ignore_index,
-           reduction, chunk_bytes, check_targets)
+           reduction, chunk_bytes, check_targets and process_group is None)
     if not train_teacher:
         xt, wt = xt.detach(), wt.detach()
         bt = None if bt is None else bt.detach()
@@ -296,6 +301,7 @@ def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w
     xt, wt = xt.to(dt), wt.to(dt)
     bt = None if bt is None else bt.to(dt)
     be = resolve_backend(backend, xs.device, dt)
+    be = _vocab_parallel(process_group, vocab_start, ws, be, [("target", target)], ignore_index, check_targets)
     scale = float(temperature) ** 2 if temperature_scaling else 1.0
     lead = xs.shape[:-1]
     Hs, Ht = xs.shape[-1], xt.shape[-1]

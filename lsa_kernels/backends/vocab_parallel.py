@@ -30,6 +30,10 @@ Bytes on the wire per op and rank (N rows, H hidden, R ranks, fp32), against gat
              js only: + all_reduce of N·2·4
     backward all_reduce  ≈ 2·N·H·4 per input (ring)                               (same for any TP head)
 
+A second head (``wq``/``bq``, distillation: docs/maths.md §12) is view q's own shard of ITS head, split
+over the ranks exactly as ``w`` (the same ``vocab_start`` and ``V_r`` on every rank); everything above holds
+per view, with view q's target logit read from ``wq``/``bq``.
+
 Targets are global ids. On each rank a target outside the shard becomes ``V_r`` ("valid row, its
 class lives on another shard": the local backends add no one-hot for it), ``ignore_index`` stays.
 """
@@ -98,8 +102,11 @@ class VocabParallel:
         return dataclasses.replace(opts, vocab_total=self.shard.vocab_total)
 
     def _target_logit(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions) -> Tensor:
-        """``[N]``: the (softcapped) target logit z_y where this shard owns y, else 0 (sums to z_y over ranks)."""
+        """``[N]``: the (softcapped) target logit z_y where this shard owns y, else 0 (sums to z_y over ranks);
+        zeros for a view without targets (``y`` None)."""
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if y is None:
+            return torch.zeros(x.shape[0], dtype=acc, device=x.device)
         yl = self._local_targets(y, opts.ignore_index)
         here = (yl >= 0) & (yl < self.shard.vocab_size) & (y != opts.ignore_index)
         idx = torch.where(here, yl, torch.zeros_like(yl))
@@ -124,7 +131,9 @@ class VocabParallel:
             return (lse_r - loss_r) * self.shard.vocab_size
         return torch.zeros_like(lse_r)
 
-    def _ce_from(self, lse: Tensor, zy: Tensor, zsum: Tensor, y: Tensor, opts: CEOptions) -> Tensor:
+    def _ce_from(self, lse: Tensor, zy: Tensor, zsum: Tensor, y: Optional[Tensor], opts: CEOptions) -> Tensor:
+        if y is None:  # a view without CE (contract)
+            return torch.zeros_like(lse)
         return ce_row_loss(lse, zy, zsum / self.shard.vocab_total, y != opts.ignore_index, opts.label_smoothing,
                            opts.z_loss)
 
@@ -149,8 +158,9 @@ class VocabParallel:
 
     # ----------------------------------------------------------------------------------- pairs
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
-        if wq is not None:
-            raise NotImplementedError("a second head (wq) over a vocab-parallel head is not implemented yet")
+        if wq is not None and rows.has_unpaired:
+            raise ValueError("CE-only rows (xu) are not supported with a second head")
+        wq_, bq_ = (w, b) if wq is None else (wq, bq)  # view q's head: its own shard with the same vocab split
         ign = opts.ce.ignore_index
         js = opts.divergence == "js"
         if js and not self.local.caps.js_partial:
@@ -160,13 +170,13 @@ class VocabParallel:
         # js's sums need the global normalisers: the first pass only collects the lse (as sce, the cheapest)
         lo = dataclasses.replace(lo, ce=self._smoothing_opts(lo.ce), divergence="sce" if js else opts.divergence)
         pair_rows = PairRows(rows.xp, rows.xq, rows.yp, rows.yq)
-        loc = self.local.pair_forward(self._local_rows(pair_rows, ign), w, b, lo)
+        loc = self.local.pair_forward(self._local_rows(pair_rows, ign), w, b, lo, wq=wq, bq=bq)
         st = loc.stats
         cols = [st]
         if opts.with_ce:
             cols += [torch.stack([self._target_logit(rows.xp, w, b, rows.yp, opts.ce).to(st.dtype),
                                   self._zsum(loc.ce_p, st[:, Stat.LSE_P], opts.ce),
-                                  self._target_logit(rows.xq, w, b, rows.yq, opts.ce).to(st.dtype),
+                                  self._target_logit(rows.xq, wq_, bq_, rows.yq, opts.ce).to(st.dtype),
                                   self._zsum(loc.ce_q, st[:, Stat.LSE_Q], opts.ce)], dim=1)]
         g = _gather_rows(torch.cat(cols, dim=1), self.shard)  # [R, N, 8 (+4)]
         merged = torch.zeros_like(st)
@@ -174,7 +184,7 @@ class VocabParallel:
             merged[:, c] = _merge_lse(g[:, :, c])
         if js:  # second exchange: every shard's Σ p log(p/m), Σ q log(q/m) under the global p, q
             part = self.local.pair_js_partial(
-                rows.xp, rows.xq, w, b, merged[:, Stat.LSET_P : Stat.LSET_Q + 1].contiguous(), lo
+                rows.xp, rows.xq, w, b, merged[:, Stat.LSET_P : Stat.LSET_Q + 1].contiguous(), lo, wq=wq, bq=bq
             ).to(st.dtype).contiguous()
             dist.all_reduce(part, group=self.shard.group)
             merged[:, Stat.X], merged[:, Stat.Y] = part[:, 0], part[:, 1]
@@ -200,10 +210,8 @@ class VocabParallel:
 
     def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
                       grads: PairGrads, *, wq=None, bq=None) -> None:
-        if wq is not None:
-            raise NotImplementedError("a second head (wq) over a vocab-parallel head is not implemented yet")
         self.local.pair_backward(self._local_rows(rows, opts.ce.ignore_index), w, b, saved, coefs, self._opts(opts),
-                                 grads)
+                                 grads, wq=wq, bq=bq)
         self._all_reduce(grads.dxp, grads.dxq, grads.dxu if rows.has_unpaired else None)
 
     def pair_js_partial(self, xp, xq, w, b, lset, opts, *, wq=None, bq=None):
