@@ -138,7 +138,8 @@ def test_maths_ce_row_loss_terms_and_mask():
 
 def test_maths_divergence_from_stats_agreement_bound_is_inclusive():
     """maths._log_ratio: the expm1 form is used where it agrees with ``lse_b − lse_a`` to WITHIN
-    ``EXPM1_AGREE·(1 + |lse_a| + |lse_b|)``, the bound included (a row exactly at the bound keeps it)."""
+    ``EXPM1_AGREE·(1 + |lse_a| + |lse_b|)``, the bound included (a row exactly at the bound keeps it), and
+    the plain difference just outside it."""
     for lse in (0.0, 3.0):  # lse_a = lse_b: the plain difference is 0, the bound 1e-6·(1 + 2·lse)
         la = torch.full((1,), lse)
         bound = maths.EXPM1_AGREE * (1.0 + la.abs() + la.abs())
@@ -152,6 +153,8 @@ def test_maths_divergence_from_stats_agreement_bound_is_inclusive():
         st[0, maths.Stat.LSET_P] = st[0, maths.Stat.LSET_Q] = lse
         st[0, maths.Stat.X], st[0, maths.Stat.Y] = 0.25, e.item()
         assert maths.divergence_from_stats(st, "kl").item() == (0.25 + bound).item()
+        st[0, maths.Stat.Y] = math.expm1(1.2 * bound.item())  # 1.2x the bound: the plain difference (0)
+        assert maths.divergence_from_stats(st, "kl").item() == torch.tensor(0.25).item()
 
 
 # ------------------------------------------------------------------------ autograd.py and functional.py
@@ -162,7 +165,7 @@ def test_maths_divergence_from_stats_agreement_bound_is_inclusive():
 
 import lsa_kernels as L  # noqa: E402
 
-B, T, H, V, IGN = 2, 7, 6, 11, -100
+B, T, H, V, IGN = 2, 8, 6, 11, -100  # T = 8: T ^ l_extra != T - l_extra for l_extra < 8 (7 = 0b111 hid that)
 TIGHT = dict(rtol=1e-9, atol=1e-9)
 
 
@@ -191,8 +194,9 @@ def test_functional_resolve_backend_choices(monkeypatch):
     assert resolve_backend("auto", cuda, torch.float64) == "reference"  # no device query on this path
     assert resolve_backend("cpu", cpu) == "cpu" and resolve_backend("reference", cpu) == "reference"
     assert resolve_backend("reference", cuda, torch.float64) == "reference"
-    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
-        resolve_backend("cpu", cuda, torch.float32)
+    for name in ("cpu", "".join(["c", "pu"])):  # compared by value, not identity
+        with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+            resolve_backend(name, cuda, torch.float32)
     with pytest.raises(ValueError, match="float64"):
         resolve_backend("triton", cuda, torch.float64)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -247,6 +251,10 @@ def test_functional_vocab_parallel_single_rank_group(tmp_path):
         got = L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, process_group=grp, backend="cpu")
         for a, c in zip(got, L.long_short_loss(hl, hs, w, yl, ys, l_extra=2, backend="cpu")):
             torch.testing.assert_close(a, c)
+        torch.testing.assert_close(L.linear_divergence(x, hs.reshape(-1, H), w, process_group=grp, backend="cpu"),
+                                   L.linear_divergence(x, hs.reshape(-1, H), w, backend="cpu"))
+        with pytest.raises(ValueError, match="tile"):  # a valid vocab_start that does not tile a 1-rank group
+            L.linear_cross_entropy(x, w, y, process_group=grp, backend="cpu", vocab_start=3)
         bad = y.clone()
         bad[2] = V
         with pytest.raises(ValueError, match="target"):
@@ -259,6 +267,26 @@ def test_functional_vocab_parallel_single_rank_group(tmp_path):
         del grp
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mod", [L, R])
+def test_functional_and_reference_signatures(mod):
+    """The three tensors of each op may be passed by keyword; everything after them is keyword-only."""
+    hl, hs, w, b, yl, ys = _inputs(35)
+    x, y = hl.reshape(-1, H), yl.reshape(-1)
+    torch.testing.assert_close(mod.linear_cross_entropy(input=x, linear_weight=w, target=y),
+                               mod.linear_cross_entropy(x, w, y))
+    torch.testing.assert_close(mod.linear_divergence(input_p=x, input_q=hs.reshape(-1, H), linear_weight=w),
+                               mod.linear_divergence(x, hs.reshape(-1, H), w))
+    got = mod.long_short_loss(hidden_long=hl, hidden_short=hs, linear_weight=w, labels_long=yl, labels_short=ys,
+                              l_extra=2)
+    torch.testing.assert_close(got.loss, mod.long_short_loss(hl, hs, w, yl, ys, l_extra=2).loss)
+    with pytest.raises(TypeError):
+        mod.linear_cross_entropy(x, w, y, b)
+    with pytest.raises(TypeError):
+        mod.linear_divergence(x, x, w, b)
+    with pytest.raises(TypeError):
+        mod.long_short_loss(hl, hs, w, yl, ys, 2)
 
 
 def test_functional_check_targets_switch():
@@ -298,6 +326,9 @@ def test_functional_shapes_options_and_autocast(backend):
     want = R.long_short_loss(hl, hs, w, yl, ys, l_extra=2, positions="last", alpha=2, **kw)
     for a, c in zip(ls, want):
         torch.testing.assert_close(a, c, **TIGHT)
+    none = "".join(["no", "ne"])  # equal to "none", not the same object
+    assert L.linear_cross_entropy(hl, w, yl, reduction=none, backend=backend).shape == (B, T)
+    assert L.linear_divergence(hl, hs, w, reduction=none, backend=backend).shape == (B, T)
     # autocast: fp32 operands are cast to bf16 first (fp64 ones are not), the loss comes back in bf16
     h32, w32, b32 = hl.float(), w.float(), b.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -470,6 +501,10 @@ def test_reference_cross_entropy_from_logits_matches_torch(ign):
     for eps, lam in ((0.0, 0.0), (0.25, 0.0), (0.0, 0.02), (0.1, 1e-3)):
         got = R.cross_entropy_from_logits(z, y, ignore_index=ign, label_smoothing=eps, z_loss=lam)
         torch.testing.assert_close(got, _ce_truth(z, y, ign, eps, lam), rtol=1e-12, atol=1e-12)
+    # leading dimensions [3, 4, V]: every reduction is over the last dimension
+    got3 = R.cross_entropy_from_logits(z.reshape(3, 4, 9), y.reshape(3, 4), ignore_index=ign, label_smoothing=0.1,
+                                       z_loss=1e-3)
+    torch.testing.assert_close(got3.reshape(-1), _ce_truth(z, y, ign, 0.1, 1e-3), rtol=1e-12, atol=1e-12)
     # defaults: ignore_index=-100, no smoothing, no z-loss
     y2 = y.clone()
     y2[y2 == ign] = -100
@@ -595,6 +630,11 @@ def test_reference_long_short_parts_and_detach(detach):
     # the detached view gets no gradient from the misalignment term
     assert (hl_.grad is None or hl_.grad.abs().max() == 0) == (detach == "long")
     assert (hs_.grad is None or hs_.grad.abs().max() == 0) == (detach == "short")
+    # one valid target in all: ce is that row's CE (the count is 1, not clamped higher)
+    one_l, one_s = torch.full_like(yl, IGN), torch.full_like(ys, IGN)
+    one_l[1, 3] = yl[1, 3] if yl[1, 3] != IGN else 0
+    z1 = R.long_short_loss(hl, hs, w, one_l, one_s, l_extra=l_extra, linear_bias=b)
+    torch.testing.assert_close(z1.ce, _ce_truth(zl[1, 3][None], one_l[1, 3][None], IGN, 0.0, 0.0)[0], **TIGHT)
     # all targets ignored: every part is 0, not NaN
     allign = torch.full_like(yl, IGN)
     z = R.long_short_loss(hl, hs, w, allign, allign, l_extra=l_extra)
