@@ -255,6 +255,24 @@ def test_functional_vocab_parallel_single_rank_group(tmp_path):
                                    L.linear_divergence(x, hs.reshape(-1, H), w, backend="cpu"))
         with pytest.raises(ValueError, match="tile"):  # a valid vocab_start that does not tile a 1-rank group
             L.linear_cross_entropy(x, w, y, process_group=grp, backend="cpu", vocab_start=3)
+        # gradients through the group's backend (no folded forward-backward: autograd's backward paths)
+        for red in ("mean", "sum"):
+            xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+            ws = [w.clone().requires_grad_(), w.clone().requires_grad_()]
+            (1.7 * L.linear_cross_entropy(xs[0], ws[0], y, reduction=red, process_group=grp, backend="cpu")).backward()
+            (1.7 * L.linear_cross_entropy(xs[1], ws[1], y, reduction=red, backend="cpu")).backward()
+            torch.testing.assert_close(xs[0].grad, xs[1].grad)
+            torch.testing.assert_close(ws[0].grad, ws[1].grad)
+            ps = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+            for k, pg in enumerate((grp, None)):
+                (1.3 * L.linear_divergence(ps[k], hs.reshape(-1, H), w, reduction=red, divergence="kl",
+                                           process_group=pg, backend="cpu")).backward()
+            torch.testing.assert_close(ps[0].grad, ps[1].grad)
+        hls = [hl.clone().requires_grad_(), hl.clone().requires_grad_()]
+        for k, pg in enumerate((grp, None)):
+            out = L.long_short_loss(hls[k], hs, w, yl, ys, l_extra=2, process_group=pg, backend="cpu")
+            (2.0 * out.loss + 0.5 * out.ce).backward()
+        torch.testing.assert_close(hls[0].grad, hls[1].grad)
         bad = y.clone()
         bad[2] = V
         with pytest.raises(ValueError, match="target"):
