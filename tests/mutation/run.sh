@@ -28,7 +28,7 @@ case "$module" in
   maths) tests="$M tests/test_maths_defs.py tests/test_cpu_ext.py::test_fastmath_accuracy -k 'maths or fastmath'" ;;
   reference) tests="$M tests/test_pairing_oracle.py -k 'reference or oracle or pair_mask or make_views'" ;;
   functional) tests="$M tests/test_bad_input.py tests/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
-  autograd) tests="$M tests/test_edges.py -k 'autograd or edges'" ;;
+  autograd) tests="$M tests/test_edges.py -k 'autograd or single_rank or edges'" ;;
   cpu) tests="$M tests/test_cpu_ext.py -k 'autograd or functional or cpu_ext'" ;;
   pairing) tests="$M tests/test_pairing_oracle.py tests/test_bad_input.py tests/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
