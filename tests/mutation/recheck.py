@@ -10,6 +10,7 @@ per mutant: KILLED / SURVIVED, the job id and the mutated line, and a summary; w
 """
 
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -21,8 +22,13 @@ py = os.path.join(os.path.dirname(__file__), "..", "..", ".venv", "bin", "python
 py = os.environ.get("CR_PY", os.path.abspath(py))
 rows = sqlite3.connect(os.path.join(work, "session.sqlite")).execute(
     "select job_id, diff from work_results where test_outcome = 'SURVIVED'").fetchall()
+skip = os.environ.get("CR_SKIP")  # regex on the mutated line: survivors already judged equivalent, not re-run
 out, killed = [], 0
 for job, diff in rows:
+    plus = next((ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")), "")
+    if skip and re.search(skip, plus):
+        out.append(f"SKIPPED {job} {plus}")
+        continue
     with tempfile.TemporaryDirectory() as tmp:
         src = os.environ.get("CR_SRC", work)  # the unmutated package (a running local session mutates work's)
         shutil.copytree(os.path.join(src, "lsa_kernels"), os.path.join(tmp, "lsa_kernels"),
@@ -35,12 +41,11 @@ for job, diff in rows:
         env = dict(os.environ, PYTHONPATH=".", LSA_TEST_BACKENDS="cpu", OMP_NUM_THREADS="1")
         r = subprocess.run([py, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *sel], cwd=tmp, env=env,
                            capture_output=True, text=True, timeout=900)
-    plus = next((ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")), "")
     verdict = "KILLED" if r.returncode != 0 else "SURVIVED"
     killed += r.returncode != 0
     out.append(f"{verdict} {job} {plus}")
     print(out[-1], flush=True)
-out.append(f"{killed} of {len(rows)} survivors killed now")
+out.append(f"{killed} of {len(rows) - sum(o.startswith('SKIPPED') for o in out)} re-run survivors killed now")
 print(out[-1])
 with open(os.path.join(work, "recheck.txt"), "w") as f:
     f.write("\n".join(out) + "\n")
