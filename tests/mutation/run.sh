@@ -2,7 +2,8 @@
 # Mutation testing with cosmic-ray (outside CI): mutates ONE module of a private copy of the package and
 # runs the tests that should notice, per mutant. Never touches the working tree (other people edit it).
 #
-#   tests/mutation/run.sh maths          # one module: maths | reference | functional | autograd | cpu | pairing
+#   tests/mutation/run.sh maths          # one module: maths | reference | functional | autograd | pairing |
+#                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__
 #   tests/mutation/run.sh all            # every module above, in that order (what `make mutate` runs)
 #
 # Needs cosmic-ray in its own venv (kept apart from the project's pinned stack):
@@ -14,13 +15,15 @@
 # Each module has a small, fast test selection (tests/test_mutants.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
-module="${1:?module: maths | reference | functional | autograd | cpu | pairing | all}"
+module="${1:?module: maths | reference | functional | autograd | pairing | backends/cpu/{aten,loop,__init__} | all}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 if [ "$module" = all ]; then
-  for m in maths reference functional autograd cpu pairing; do "$0" "$m"; done
+  for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__; do
+    "$0" "$m"
+  done
   exit 0
 fi
-work="${CR_WORK:-/tmp/lsa-mutation}/$module"
+work="${CR_WORK:-/tmp/lsa-mutation}/${module//\//_}"
 cr="${CR_VENV:-/tmp/crvenv}/bin"
 py="$repo/.venv/bin/python"
 M="tests/test_mutants.py"
@@ -29,7 +32,7 @@ case "$module" in
   reference) tests="$M tests/test_pairing_oracle.py -k 'reference or oracle or pair_mask or make_views'" ;;
   functional) tests="$M tests/test_bad_input.py tests/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
   autograd) tests="$M tests/test_edges.py -k 'autograd or single_rank or edges'" ;;
-  cpu) tests="$M tests/test_cpu_ext.py -k 'autograd or functional or cpu_ext'" ;;
+  backends/cpu/*) tests="$M tests/test_cpu_ext.py tests/test_memory.py tests/test_distillation.py -k 'not triton'" ;;
   pairing) tests="$M tests/test_pairing_oracle.py tests/test_bad_input.py tests/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
 esac
