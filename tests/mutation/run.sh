@@ -15,7 +15,7 @@
 # Each module has a small, fast test selection (tests/test_mutants.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
-module="${1:?module: maths | reference | functional | autograd | pairing | backends/cpu/{aten,loop,__init__} | all}"
+module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__ or all}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 if [ "$module" = all ]; then
   for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__; do
