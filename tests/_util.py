@@ -68,6 +68,21 @@ def assert_close_rule(ours, torch_same, truth, *, rtol=0.0, atol=1e-5, name=""):
         )
 
 
+def assert_within(ours, truth, *, atol, rtol=1e-4, lowp=None, name=""):
+    """Per element ``|ours − truth| ≤ atol + rtol·|truth|`` (+ ``|lowp − truth|`` when the same computation in
+    the low-precision dtype is given: CCE's rule), all finite."""
+    ours, truth = ours.double(), truth.double()
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    if lowp is not None:
+        assert_close_rule(ours, lowp, truth, atol=atol, rtol=rtol, name=name)
+        return
+    err = (ours - truth).abs()
+    bound = atol + rtol * truth.abs()
+    bad = err > bound
+    assert not bad.any(), (f"{name}: {int(bad.sum())} elements off, max err {err.max().item():.3e}, "
+                           f"max excess {(err - bound).max().item():.3e}")
+
+
 def assert_close(a, b, *, rtol=1e-5, atol=1e-6, name=""):
     torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 

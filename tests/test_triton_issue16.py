@@ -17,6 +17,7 @@ from lsa_kernels.kernels import pair_backward, pair_forward, pair_js_partial
 from lsa_kernels.kernels._common import LaunchConfig, override_config
 from lsa_kernels.maths import Stat
 from lsa_kernels.options import CEOptions, PairOptions
+from _util import assert_within
 
 N, HP, HQ, V = 37, 61, 45, 1003
 IGN = -100
@@ -62,16 +63,7 @@ def _grad(t):
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
-def _close(ours, truth, *, atol, rtol=1e-4, lowp=None, name=""):
-    ours, truth = ours.double(), truth.double()
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - truth).abs()
-    bound = atol + rtol * truth.abs()
-    if lowp is not None:
-        bound = bound + (lowp.double() - truth).abs()
-    bad = err > bound
-    assert not bad.any(), (f"{name}: {int(bad.sum())} elements off, max err {err.max().item():.3e}, "
-                           f"max excess {(err - bound).max().item():.3e}")
+_close = assert_within  # tests/_util.py
 
 
 # ----------------------------------------------------------------------------------------- two heads

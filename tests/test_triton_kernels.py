@@ -16,7 +16,7 @@ from lsa_kernels.kernels import ce_backward, ce_forward, pair_backward, pair_for
 from lsa_kernels.kernels._common import LaunchConfig, override_config
 from lsa_kernels.options import CEOptions, PairOptions
 
-from _util import confident_ce_inputs
+from _util import assert_within, confident_ce_inputs
 
 N, H, V = 37, 61, 1003
 IGN = -100
@@ -89,20 +89,7 @@ def _pair_ref(xp, xq, w, b, yp, yq, cp, cq, cd, opts: PairOptions, dtype):
     return out
 
 
-def _close(ours, truth, *, atol, rtol=1e-4, lowp=None, name=""):
-    ours = ours.double()
-    truth = truth.double()
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - truth).abs()
-    if lowp is None:
-        bound = atol + rtol * truth.abs()
-    else:
-        bound = (lowp.double() - truth).abs() + atol + rtol * truth.abs()
-    bad = err > bound
-    assert not bad.any(), (
-        f"{name}: {int(bad.sum())} elements off, max err {err.max().item():.3e}, "
-        f"max excess {(err - bound).max().item():.3e}"
-    )
+_close = assert_within  # tests/_util.py
 
 
 # ----------------------------------------------------------------------------------------- runners
