@@ -18,15 +18,15 @@ $(STAMP): setup.py Makefile
 install: $(STAMP)
 
 # CI's entry. The main process runs every kernel under the Triton interpreter (tests/conftest.py);
-# where CUDA exists, tests/test_cuda.py then runs the COMPILED kernels against the reference in its own
+# where CUDA exists, tests/backends/test_cuda.py then runs the COMPILED kernels against the reference in its own
 # process (TRITON_INTERPRET=0: the flag is read when the kernels are imported, so it needs a new process).
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
-	  echo "CUDA found: compiled Triton kernels vs the reference (tests/test_cuda.py)"; \
-	  TRITON_INTERPRET=0 $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/test_cuda.py; \
+	  echo "CUDA found: compiled Triton kernels vs the reference (tests/backends/test_cuda.py)"; \
+	  TRITON_INTERPRET=0 $(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/backends/test_cuda.py; \
 	else \
-	  echo "no CUDA device: tests/test_cuda.py (compiled kernels on a GPU) not run"; \
+	  echo "no CUDA device: tests/backends/test_cuda.py (compiled kernels on a GPU) not run"; \
 	fi
 
 demo: $(STAMP)

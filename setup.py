@@ -56,7 +56,7 @@ setup(
             "transformers>=4.45",
             "liger-kernel==0.8.5",
             "cut-cross-entropy==25.1.1",
-            "expecttest",  # torch's OpInfo sample inputs (tests/test_torch_parity.py)
+            "expecttest",  # torch's OpInfo sample inputs (tests/api/test_torch_parity.py)
         ],
         # peft: LoRA for `lsa train --lora` (pinned: its adapter/merge API is what checkpoints rely on);
         # trl + accelerate: hf.patch under Trainer / SFTTrainer and LongShortTrainer (pinned to the versions the

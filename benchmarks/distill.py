@@ -13,7 +13,7 @@ frozen teacher; gradients to the student's hidden states and head):
     gemm      the GEMMs the step needs, into preallocated outputs — student logits x_s W_sᵀ, dX = G W_s,
               dW = Gᵀ x_s, teacher logits x_t W_tᵀ: the floor
     liger     Liger's fused linear JSD is Triton only; on a CPU it runs only under the Triton interpreter, which
-              is no speed measurement: not run here (its values are checked in tests/test_distillation.py)
+              is no speed measurement: not run here (its values are checked in tests/api/test_distillation.py)
 
 Goal (issue 16): lsa_cpu ≤ 1.25× the GEMMs' time and ≥ 10× less peak extra memory than torch. Writes
 ``{out}/{tag}.csv`` and ``{out}/{tag}.json`` (rows + machine + goal lines) and prints the goal lines.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One NVIDIA GPU (sized for an H200), < 10 minutes in all (TOTAL_S, default 570 s):
 #   1. record the GPU (nvidia-smi) and the software versions;
-#   1b. the CUDA test path: tests/test_cuda.py in its own pytest process with the interpreter off (every op
+#   1b. the CUDA test path: tests/backends/test_cuda.py in its own pytest process with the interpreter off (every op
 #      and option, bf16/fp16/fp32, odd shapes, compiled kernels vs the reference, device guard, fp64
 #      routing, autocast, int64 offsets) -> test_cuda.log, test_cuda.xml (limit CUDA_TEST_S, default 270; about 55 kernel specialisations compile cold);
 #   2. correctness: compiled Triton kernels vs the reference at real sizes (e.g. N=8192, H=4096,
@@ -74,9 +74,9 @@ EOF
 STATUS=0
 
 # ---- 1b. the CUDA test path (compiled kernels vs the reference, own process, interpreter off)
-echo "== tests/test_cuda.py (limit ${CUDA_TEST_S} s)"
+echo "== tests/backends/test_cuda.py (limit ${CUDA_TEST_S} s)"
 if TRITON_INTERPRET=0 timeout --kill-after=10 "$CUDA_TEST_S" "$PY" -m pytest -q -ra -p no:cacheprovider \
-     tests/test_cuda.py --junitxml="$RES/test_cuda.xml" > "$RES/test_cuda.log" 2>&1; then
+     tests/backends/test_cuda.py --junitxml="$RES/test_cuda.xml" > "$RES/test_cuda.log" 2>&1; then
   echo "cuda tests: PASS"; tail -3 "$RES/test_cuda.log"
 else
   rc=$?; STATUS=1

@@ -22,7 +22,7 @@ from .maths import Divergence
 
 MISSING_MESSAGE = "lsa_kernels._C not built; using the chunked ATen path"
 
-DIVERGENCE_CODES = {d.label: int(d) for d in Divergence}  # the C++ enum Div (pinned by tests/test_maths_defs.py)
+DIVERGENCE_CODES = {d.label: int(d) for d in Divergence}  # the C++ enum Div (pinned by tests/backends/test_maths_defs.py)
 
 _module = None
 _load_error: Exception | None = None

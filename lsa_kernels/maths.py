@@ -4,7 +4,7 @@ Every backend (the cpu ATen and C++ paths, the Triton kernels, the vocab-paralle
 divergence ids, statistic columns, CE row loss and divergence-from-statistics from here.
 :mod:`lsa_kernels.reference` does NOT: it is the independent ground truth and computes everything from
 materialised logits with plain torch, so a mistake here cannot hide in both sides of a test.
-csrc/lsa_cpu.cpp repeats the ids and columns (C++ cannot import Python); tests/test_maths_defs.py pins
+csrc/lsa_cpu.cpp repeats the ids and columns (C++ cannot import Python); tests/backends/test_maths_defs.py pins
 them to this module.
 
 Contents

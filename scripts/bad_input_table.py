@@ -1,4 +1,4 @@
-"""Print the README's bad-input table: each wrong input from tests/test_bad_input.py and tests/test_weights.py
+"""Print the README's bad-input table: each wrong input from tests/api/test_bad_input.py and tests/api/test_weights.py
 (token / class weights, probability targets, LongCE) and the error it gets.
 
     python scripts/bad_input_table.py > /tmp/table.md

@@ -65,7 +65,7 @@ def override_config(cfg: LaunchConfig) -> Iterator[None]:
         _OVERRIDE = old
 
 
-# GPU configs, checked by tests/test_triton_compile.py (shared memory ≤ the arch's limit, 0 spill bytes).
+# GPU configs, checked by tests/backends/test_triton_compile.py (shared memory ≤ the arch's limit, 0 spill bytes).
 # sm_90 (wgmma, 64K regs, 227 KB smem) takes bigger tiles than sm_80 (mma.sync keeps operands in
 # registers); fp32 inputs (tf32x3: three MMAs and 2× the operand bytes) take smaller ones.
 def _lc(bn, bv, bh, warps, stages):

@@ -1,7 +1,7 @@
 """The production kernel configurations (dtype × feature flags × block sizes) and how to compile them.
 
 Every entry is one specialisation the launchers in ce.py / pair.py can emit on a GPU, with the block
-sizes of ``_common.gpu_config`` (the tables ``_common.GPU_TABLE``) for that arch. ``tests/test_triton_compile.py`` compiles them with
+sizes of ``_common.gpu_config`` (the tables ``_common.GPU_TABLE``) for that arch. ``tests/backends/test_triton_compile.py`` compiles them with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` — no GPU needed — and checks
 shared memory against the arch's limit, register spills (ptxas -v), 64-bit offset arithmetic and, for
 the atomic kernels, that every atomic is a relaxed reduction with no fence (PTX, and SASS via nvdisasm).
@@ -20,7 +20,7 @@ One config: ``python -m lsa_kernels.kernels.configs NAME ARCH [ARCH ...]`` print
 Both need TRITON_INTERPRET unset.
 
 (Over 500 lines: the configuration lists, the dispatch enumeration and the compile / report / sweep tooling
-are one tool whose parts share the KernelConfig record and are used together by tests/test_triton_compile.py.)
+are one tool whose parts share the KernelConfig record and are used together by tests/backends/test_triton_compile.py.)
 """
 
 from __future__ import annotations

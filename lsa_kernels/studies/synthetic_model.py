@@ -78,7 +78,7 @@ class Regressors(nn.Module):
     layers are batched matmuls and attention runs on the flattened (member, batch) axis. Member m's output
     depends only on member m's parameters; the training loss is a sum of per-member losses, gradients are
     clipped per member and AdamW is elementwise, so training M members together is the same computation as
-    training them one by one (up to float summation order; ``tests/test_synthetic.py`` checks it). Stacking
+    training them one by one (up to float summation order; ``tests/training/test_synthetic.py`` checks it). Stacking
     exists because the models are so small that per-op overhead, not arithmetic, dominates on CPU: batching
     15 models is several times faster than a loop. With a causal mask right-padding never reaches the last
     real token, so variable-length batches need no attention mask.

@@ -12,7 +12,7 @@
 # extension built from it, or of the directory CR_SRC when set (e.g. a frozen `git worktree`, whose
 # lsa_kernels/_C*.so must be built). The tests run with the project's .venv python from inside the copy
 # (PYTHONPATH=copy), so the copy's package is the one imported, not the venv's editable install.
-# Each module has a small, fast test selection (tests/test_mutants.py first, so most mutants die in
+# Each module has a small, fast test selection (tests/api/test_mutants.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
 module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__ or all}"
@@ -26,14 +26,14 @@ fi
 work="${CR_WORK:-/tmp/lsa-mutation}/${module//\//_}"
 cr="${CR_VENV:-/tmp/crvenv}/bin"
 py="$repo/.venv/bin/python"
-M="tests/test_mutants.py"
+M="tests/api/test_mutants.py"
 case "$module" in
-  maths) tests="$M tests/test_maths_defs.py tests/test_cpu_ext.py::test_fastmath_accuracy -k 'maths or fastmath'" ;;
-  reference) tests="$M tests/test_pairing_oracle.py -k 'reference or oracle or pair_mask or make_views'" ;;
-  functional) tests="$M tests/test_bad_input.py tests/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
-  autograd) tests="$M tests/test_edges.py -k 'autograd or single_rank or edges'" ;;
-  backends/cpu/*) tests="$M tests/test_cpu_ext.py tests/test_memory.py tests/test_distillation.py -k 'not triton'" ;;
-  pairing) tests="$M tests/test_pairing_oracle.py tests/test_bad_input.py tests/test_long_short.py::test_sample_l_extra_range_and_module" ;;
+  maths) tests="$M tests/backends/test_maths_defs.py tests/backends/test_cpu_ext.py::test_fastmath_accuracy -k 'maths or fastmath'" ;;
+  reference) tests="$M tests/api/test_pairing_oracle.py -k 'reference or oracle or pair_mask or make_views'" ;;
+  functional) tests="$M tests/api/test_bad_input.py tests/api/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
+  autograd) tests="$M tests/api/test_edges.py -k 'autograd or single_rank or edges'" ;;
+  backends/cpu/*) tests="$M tests/backends/test_cpu_ext.py tests/backends/test_memory.py tests/api/test_distillation.py -k 'not triton'" ;;
+  pairing) tests="$M tests/api/test_pairing_oracle.py tests/api/test_bad_input.py tests/api/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
 esac
 if [ ! -f "${CR_SRC:-$repo}/lsa_kernels/$module.py" ]; then

@@ -17,7 +17,7 @@ of :class:`lsa_kernels.maths.Stat`, each divergence's ∂D/∂a and ∂D/∂b, t
 Memory (``K`` of :mod:`lsa_kernels.backends.cpu`: fp32 ``[c, V]`` buffers alive at once, the chunk's own
 included, per row of the chunk): CE 3, pairs 9 per pair of rows (a, b, p, q, u or the js log ratios,
 ∂D/∂a, ∂D/∂b, the CE softmax), i.e. ``K_PAIR = 5`` per chunk row (both views' rows count). Checked by
-tests/test_memory.py.
+tests/backends/test_memory.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ..contract import PairCoefs
 
 Tensor = torch.Tensor
 
-#: fp32 [rows, V] buffers alive at once per row of a chunk (module docstring; tests/test_memory.py)
+#: fp32 [rows, V] buffers alive at once per row of a chunk (module docstring; tests/backends/test_memory.py)
 K_CE = 3
 K_PAIR = 5
 K_CE_EXT = 4  # ce_chunk_ext: z, log p, p (+ the entropy's two temporaries in forward)

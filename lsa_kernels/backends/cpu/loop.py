@@ -17,7 +17,7 @@ of the same buffer, its own ``dx`` and ``dW`` GEMMs — per chunk three GEMMs pe
 one for a frozen head.
 
 Rows per chunk: ``R = budget / (K · V · 4 bytes)``, ``K`` the ``[R, V]`` fp32 buffers the per-chunk
-function keeps alive at once (1 compiled, 3 or 5 ATen: tests/test_memory.py checks it), ``budget`` =
+function keeps alive at once (1 compiled, 3 or 5 ATen: tests/backends/test_memory.py checks it), ``budget`` =
 ``chunk_bytes`` or :data:`DEFAULT_BUDGET`.
 """
 

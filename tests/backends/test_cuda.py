@@ -3,7 +3,7 @@
 Runs in its own pytest process with the interpreter off (``make test`` does this when CUDA exists;
 ``benchmarks/gpu_run.sh`` starts with it):
 
-    TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda.py
+    TRITON_INTERPRET=0 python -m pytest -q tests/backends/test_cuda.py
 
 Without CUDA (or with TRITON_INTERPRET=1, as in the main test process) every test is skipped.
 ``LSA_CUDA_TEST_ON_CPU=1`` together with TRITON_INTERPRET=1 runs the same tests on CPU tensors under the

@@ -21,7 +21,7 @@ specialisations: `len(configs.dispatch_configs())`) is compiled by the documente
 
 or, as a slow-marked test taking the same arguments from LSA_SWEEP (skipped when it is unset):
 
-    LSA_SWEEP="--arch 80 90 --jobs 16 --shard 0/8" python -m pytest -m slow tests/test_triton_compile.py -k sweep
+    LSA_SWEEP="--arch 80 90 --jobs 16 --shard 0/8" python -m pytest -m slow tests/backends/test_triton_compile.py -k sweep
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from lsa_kernels.kernels.configs import (
     ptxas_path,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAIN_ARCHS = (80, 90)
 FAMILY_ARCHS = tuple(a for a in sorted(CLASS_ARCH.values()) if a not in MAIN_ARCHS)  # 86, 100, 120
 TIMEOUT_S = int(os.environ.get("LSA_COMPILE_TIMEOUT", "420"))

@@ -16,7 +16,7 @@ from _util import write_corpus_texts  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--max-positions", "256",
         "--l-train", "16", "--batch-size", "4", "--quiet"]
 

@@ -1,8 +1,8 @@
 """Large shapes and determinism.
 
 * N·V > 2^31 on the cpu backend: per-row losses, dX and dW against the reference evaluated block by
-  block (rows are independent), so no 8 GiB logits tensor is ever built. Marked slow; CI runs it
-  (about a minute on 2 cores). Skip with LSA_SKIP_LARGE=1.
+  block (rows are independent), so no 8 GiB logits tensor is ever built. Marked `large`; CI runs it
+  (about a minute on 2 cores); deselect it with -m 'not large'.
 * deterministic: two runs give bit-identical losses and gradients.
 """
 
@@ -17,8 +17,7 @@ from lsa_kernels import reference as R
 from _util import IGN, assert_close_rule, targets
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LSA_SKIP_LARGE") == "1", reason="LSA_SKIP_LARGE=1")
+@pytest.mark.large
 def test_cpu_rows_times_vocab_beyond_int32():
     """Only the first and the last 1024 rows have valid targets: every row still runs through the
     kernels (so offsets past 2^31 are exercised), but the reference needs only those rows."""
@@ -69,7 +68,7 @@ def _run_all(seed, backend, device="cpu", B=3, T=11, H=24, V=301):
 
 def test_deterministic_bit_identical_cpu():
     """The cpu backend reduces in a fixed order (no atomics): a regression check of that. Which Triton kernels
-    a deterministic call launches is checked in tests/test_triton_kernels.py (the interpreter runs programs in
+    a deterministic call launches is checked in tests/backends/test_triton_kernels.py (the interpreter runs programs in
     order, so bit-identity cannot tell the paths apart there)."""
     a, b = _run_all(3, "cpu"), _run_all(3, "cpu")
     for x, y in zip(a, b):

@@ -28,7 +28,7 @@ from lsa_kernels.integrations import patch as P  # noqa: E402
 from lsa_kernels.integrations.trainer import LongShortCollator, LongShortTrainer, window_dataset  # noqa: E402
 from lsa_kernels.train import data as D  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-5
 
 

@@ -14,7 +14,7 @@ Profiles (``LSA_HYPOTHESIS_PROFILE``): ``ci`` (default) is derandomized — the 
 a CI failure reproduces — with 30 CE examples and 12 per divergence on the cpu backend, 4 CE and 2 per
 divergence on Triton (interpreter); ``nightly`` draws fresh examples (500 CE and 200 per divergence on cpu,
 60 and 30 on Triton) and keeps hypothesis' example database, e.g.
-``LSA_HYPOTHESIS_PROFILE=nightly .venv/bin/python -m pytest -q tests/test_properties.py``.
+``LSA_HYPOTHESIS_PROFILE=nightly .venv/bin/python -m pytest -q tests/api/test_properties.py``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from _util import write_corpus_texts  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 V = 4097  # > the tokenizer's 4096, odd: the two shards are 2049 and 2048 rows
 COMMON = ["--l-train", "16", "--batch-size", "4", "--quiet", "--steps", "4", "--alpha", "0.1", "--lr", "1e-2",
           "--warmup", "1", "--ckpt-every", "100", "--grad-clip", "0.5"]
@@ -61,7 +61,7 @@ def test_tensor_parallel_matches_single_process(setup):
     from safetensors.torch import load_file
 
     d = setup["dir"]
-    # js: the divergence that needs the second exchange (tests/test_distributed.py covers the others)
+    # js: the divergence that needs the second exchange (tests/backends/test_distributed.py covers the others)
     base = [*COMMON, "--model", setup["model"], "--train-files", *setup["train"], "--divergence", "js"]
     # reference: one process, the same model untied, the same data (rank 0's windows)
     assert train_main([*base, "--untie-embeddings", "--out", str(d / "single")]) == 0

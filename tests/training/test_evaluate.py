@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 pytest.importorskip("transformers")
 from _util import write_corpus_texts  # noqa: E402
 

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from _util import write_corpus_texts  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64",
         "--max-positions", "256", "--l-train", "16", "--batch-size", "4", "--quiet",
         "--steps", "14", "--alpha", "0.2", "--lr", "5e-3", "--warmup", "2", "--ckpt-every", "1"]

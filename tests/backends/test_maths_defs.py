@@ -9,7 +9,7 @@ import torch
 from lsa_kernels import _ext, maths, options
 from lsa_kernels.maths import Divergence, Stat
 
-CPP = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "lsa_cpu.cpp"
+CPP = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "lsa_cpu.cpp"
 
 
 def _cpp_enum(name: str) -> dict:

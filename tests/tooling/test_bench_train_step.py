@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import train_step as ts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 V = ts.QUICK_MODEL["vocab_size"]
 
 
