@@ -125,7 +125,7 @@ class _Distill(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, xs, ws, bs, xt, wt, bt, y, hard_w: float, soft_w: float, scale: float, reduction: str,
+    def forward(ctx, xs, ws, bs, xt, wt, bt, y, rw, hard_w: float, soft_w: float, scale: float, reduction: str,
                 opts: PairOptions, backend):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
@@ -133,6 +133,8 @@ class _Distill(torch.autograd.Function):
         N = xs.shape[0]
         rows = PairRows(xt, xs, None, y)
         valid = (y != opts.ce.ignore_index).to(acc) if y is not None else torch.ones(N, dtype=acc, device=xs.device)
+        if rw is not None:  # token weights (docs/maths.md §11): a row counts rw_i times in both terms
+            valid = valid * rw.to(acc)
         if reduction == "mean":
             c = 1.0 / valid.sum().clamp(min=1.0)
         else:
@@ -150,7 +152,7 @@ class _Distill(torch.autograd.Function):
         else:
             out = be.pair_forward(rows, wt, bt, opts, wq=ws, bq=bs)
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, y, valid, c, out.stats)
-        hard_rows = out.ce_q if has_y else torch.zeros(N, dtype=acc, device=xs.device)
+        hard_rows = (out.ce_q if rw is None else out.ce_q * rw.to(acc)) if has_y else torch.zeros(N, dtype=acc, device=xs.device)
         soft_rows = out.div * valid * scale
         dt = xs.dtype
         if reduction == "none":
@@ -166,7 +168,7 @@ class _Distill(torch.autograd.Function):
         hard_w, soft_w, scale, reduction, opts, backend = ctx.meta
         xs, ws, bs, xt, wt, bt, y, valid, c, stats = ctx.saved_tensors
         need_s, need_t = ctx.need
-        nones = (None,) * 7
+        nones = (None,) * 8
         if g_loss is None and g_hard is None and g_soft is None:
             return (None,) * 6 + nones
         acc = _acc(xs)
@@ -237,6 +239,7 @@ def linear_distillation(
     check_targets: bool = True,
     process_group=None,
     vocab_start: int = 0,
+    token_weight: Optional[Tensor] = None,
 ) -> DistillationLoss:
     """Knowledge distillation from a teacher head to a student head, fused: no ``[N, V]`` logits in memory.
 
@@ -257,7 +260,9 @@ def linear_distillation(
     (``hard_loss_weight > 0`` then raises); with ``target`` (the rows' shape, int64, already aligned: no
     shift) only rows whose target is not ``ignore_index`` count, in BOTH terms. ``reduction="mean"`` divides
     each term by the number of rows that count (0 with zero gradients when none), ``"sum"`` adds them,
-    ``"none"`` returns per-row values of the rows' shape (0 on rows that do not count).
+    ``"none"`` returns per-row values of the rows' shape (0 on rows that do not count). ``token_weight``
+    (float, the rows' shape, >= 0, no gradient): row i counts ``token_weight_i`` times in both terms (``mean``
+    divides by the total weight of the rows that count; 0 with zero gradients when it is 0; docs/maths.md §11).
 
     The teacher is frozen by default: its inputs are detached and no teacher gradient is computed or stored
     (its logits are recomputed per tile, nothing else). ``train_teacher=True`` sends the gradient of the
@@ -285,15 +290,17 @@ def linear_distillation(
             student_input, student_weight, teacher_input, teacher_weight, target, divergence, temperature,
             hard_loss_weight, soft_loss_weight, student_bias, teacher_bias, softcap, ignore_index, reduction,
             temperature_scaling, train_teacher, chunk_bytes, deterministic, backend, check_targets, process_group,
-            vocab_start,
+            vocab_start, token_weight,
         )
 
 
 def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w, soft_w, bs, bt, softcap,
                          ignore_index, reduction, temperature_scaling, train_teacher, chunk_bytes, deterministic,
-                         backend, check_targets, process_group, vocab_start) -> DistillationLoss:
+                         backend, check_targets, process_group, vocab_start, token_weight=None) -> DistillationLoss:
     _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft_w, softcap, ignore_index,
            reduction, chunk_bytes, check_targets and process_group is None)
+    _checks.check_token_weight("token_weight", token_weight, xs.shape[:-1], xs.device, check_targets)
+    rw = None if token_weight is None else token_weight.detach().reshape(-1)
     if not train_teacher:
         xt, wt = xt.detach(), wt.detach()
         bt = None if bt is None else bt.detach()
@@ -307,7 +314,7 @@ def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w
     Hs, Ht = xs.shape[-1], xt.shape[-1]
     y = None if target is None else target.reshape(-1).long()
     if be == "reference":
-        out = _materialised(xs.reshape(-1, Hs), ws, bs, xt.reshape(-1, Ht), wt, bt, y, divergence,
+        out = _materialised(xs.reshape(-1, Hs), ws, bs, xt.reshape(-1, Ht), wt, bt, y, rw, divergence,
                             float(temperature), float(hard_w), float(soft_w), scale, softcap, ignore_index,
                             reduction)
     else:
@@ -320,14 +327,15 @@ def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w
         out = _Distill.apply(xs.reshape(-1, Hs).contiguous(), ws.contiguous(),
                              None if bs is None else bs.contiguous(), xt.reshape(-1, Ht).contiguous(),
                              wt.contiguous(), None if bt is None else bt.contiguous(),
-                             None if y is None else y.contiguous(), float(hard_w), float(soft_w), scale, reduction,
+                             None if y is None else y.contiguous(), None if rw is None else rw.contiguous(),
+                             float(hard_w), float(soft_w), scale, reduction,
                              opts, be)
     if reduction == "none":
         out = tuple(t.reshape(lead) for t in out)
     return DistillationLoss(*out)
 
 
-def _materialised(xs, ws, bs, xt, wt, bt, y, divergence, tau, hard_w, soft_w, scale, softcap, ignore_index,
+def _materialised(xs, ws, bs, xt, wt, bt, y, rw, divergence, tau, hard_w, soft_w, scale, softcap, ignore_index,
                   reduction):
     """``backend="reference"``: the same loss from materialised logits (plain torch autograd; small problems)."""
     zs = reference.logits(xs, ws, bs, softcap)
@@ -340,6 +348,8 @@ def _materialised(xs, ws, bs, xt, wt, bt, y, divergence, tau, hard_w, soft_w, sc
     else:
         valid = (y != ignore_index).to(acc)
         hard_rows = reference.cross_entropy_from_logits(zs, y, ignore_index=ignore_index)
+    if rw is not None:
+        valid, hard_rows = valid * rw.to(acc), hard_rows * rw.to(acc)
     soft_rows = reference.divergence_from_logits(zt, zs, divergence, tau) * valid * scale
     if reduction == "none":
         hard, soft = hard_rows, soft_rows

@@ -92,11 +92,12 @@ class LinearDistillationLoss(nn.Module):
                        backend=backend, **kw)
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, target=None,
-                student_bias=None, teacher_bias=None):
+                student_bias=None, teacher_bias=None, token_weight=None):
         from .distillation import linear_distillation
 
         return linear_distillation(student_input, student_weight, teacher_input, teacher_weight, target,
-                                   student_bias=student_bias, teacher_bias=teacher_bias, **self.kw)
+                                   student_bias=student_bias, teacher_bias=teacher_bias, token_weight=token_weight,
+                                   **self.kw)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items())

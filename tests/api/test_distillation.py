@@ -24,7 +24,8 @@ PATHS = ["cpu", "cpu-aten"] + (["triton"] if triton_available() else [])
 
 
 def kd_truth(xs, ws, bs, xt, wt, bt, y, *, divergence="kl", temperature=1.0, hard_loss_weight=0.0,
-             soft_loss_weight=1.0, softcap=None, ignore_index=IGN, reduction="mean", temperature_scaling=True):
+             soft_loss_weight=1.0, softcap=None, ignore_index=IGN, reduction="mean", temperature_scaling=True,
+             token_weight=None):
     """Knowledge distillation written from the logits (no lsa_kernels code): (loss, hard, soft)."""
 
     def logits(x, w, b):
@@ -55,6 +56,9 @@ def kd_truth(xs, ws, bs, xt, wt, bt, y, *, divergence="kl", temperature=1.0, har
         yy = y.reshape(-1)
         valid = (yy != ignore_index).to(zs.dtype)
         hard = F.cross_entropy(zs, yy, ignore_index=ignore_index, reduction="none")
+    if token_weight is not None:  # row i counts token_weight_i times in both terms
+        tw = token_weight.reshape(-1).to(zs.dtype)
+        valid, hard = valid * tw, hard * tw
     soft = d * valid * (temperature**2 if temperature_scaling else 1.0)
     if reduction == "none":
         hard, soft = hard.reshape(xs.shape[:-1]), soft.reshape(xs.shape[:-1])
@@ -89,7 +93,7 @@ def _run(fn, inputs, dtype, kw, out_weights, **extra):
     args = dict(kw)
     args.pop("train_teacher", None)
     if fn is kd_truth:
-        out = kd_truth(*ins, y, **args)
+        out = kd_truth(*ins, y, **args, **extra)
     else:
         out = fn(ins[0], ins[1], ins[3], ins[4], y, student_bias=ins[2], teacher_bias=ins[5], train_teacher=tt,
                  **args, **extra)
@@ -430,3 +434,33 @@ def test_vocab_parallel_two_heads(tmp_path):
         mp.spawn(_vp_worker, args=(2, port, errfile), nprocs=2, join=True)
     except Exception:
         pytest.fail(open(errfile).read() if os.path.exists(errfile) else "(no error file)")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("path", PATHS)
+def test_token_weight(path, reduction):
+    """token_weight (docs/maths.md §11): row i counts w_i times in the hard and the soft term; mean divides by
+    the total weight of the counted rows; against the truth written from the logits, every gradient."""
+    inputs = _inputs(5)
+    tw = torch.rand(B, T, generator=torch.Generator().manual_seed(9)) * 2
+    tw[0, :3] = 0.0
+    kw = dict(divergence="kl", temperature=1.5, hard_loss_weight=0.7, reduction=reduction, train_teacher=True)
+    truth = _run(kd_truth, inputs, torch.float64, kw, (1.0, 0.3, 0.2), token_weight=tw.double())
+    be = "cpu" if path.startswith("cpu") else path
+    with _ext.disable(path == "cpu-aten"):
+        ours = _run(L.linear_distillation, inputs, torch.float32, kw, (1.0, 0.3, 0.2), backend=be, chunk_bytes=4096,
+                    token_weight=tw)
+    for o, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
+        assert_close_rule(o, o, t, atol=2e-5, rtol=2e-5, name=f"{path} {reduction}")
+
+
+def test_token_weight_zero_total_and_bad_shape():
+    xs, ws, bs, xt, wt, bt, y = _inputs(6)
+    xs = xs.clone().requires_grad_(True)
+    out = L.linear_distillation(xs, ws, xt, wt, y, token_weight=torch.zeros(B, T), hard_loss_weight=1.0)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.all(xs.grad == 0)
+    with pytest.raises(ValueError, match="token_weight must have shape"):
+        L.linear_distillation(xs, ws, xt, wt, y, token_weight=torch.ones(B, T + 1))
+    with pytest.raises(ValueError, match="token_weight values must be >= 0"):
+        L.linear_distillation(xs, ws, xt, wt, y, token_weight=-torch.ones(B, T))
