@@ -18,11 +18,11 @@ Batch 1, random token ids (seeded), ``labels = input_ids``. Objectives:
                 the sce divergence on the T - T//4 shared positions
 
 each with and without activation checkpointing
+(``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``).
 
 (Over 500 lines on purpose: the parent that schedules cases, the child process that measures ONE case, and
 the CSV / SUMMARY.md / plot writer share the case table and must stay one runnable module,
 ``python -m benchmarks.train_step``.)
-(``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})``).
 
 One step = forward + backward + ``AdamW.step()`` + ``zero_grad(set_to_none=True)`` (``--no-optimizer``
 leaves the optimizer out). Every case runs in a fresh process:
