@@ -51,17 +51,11 @@ import triton.language as tl
 from ..options import CEOptions
 from . import deterministic as det
 from ._common import on_tensor_device, pick_config, softcap_args, split_ranges, upcast_and_prec
+from .atomics import grad_gemms
 from .merge import N_CE_PARTS, CEPart, merge_ce, merge_extras
 from .tiles import (
-    ce_grad,
-    dot_operand,
-    entropy_grad,
-    finish_logits,
-    grouped_pid,
-    load_h_tile,
-    logits_tile,
-    online_update,
-    store_dz_tile,
+    ce_grad, ce_row_coefs, dot_operand, entropy_grad, finish_logits, grouped_pid, logits_tile,
+    online_update, split_bounds, store_dz_tile, tile_index,
 )
 
 # partial columns (merge.CEPart) as constexprs for the kernel
@@ -89,9 +83,7 @@ def ce_fwd_kernel(
     ent[split, row], with ARGMAX the split's first argmax into am[split, row] (int32)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
     y = tl.load(y_ptr + rows64, mask=row_mask, other=-1).to(tl.int64)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -100,12 +92,9 @@ def ce_fwd_kernel(
     sz = tl.zeros([BLOCK_N], tl.float32)
     acc_ez = tl.zeros([BLOCK_N], tl.float32)
     am = tl.zeros([BLOCK_N], tl.int32)
-    v_start = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
+    v_start, v_end = split_bounds(split, tiles_per_split, V, BLOCK_V)
     for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
+        cols64, col_mask = tile_index(v0, V, BLOCK_V)
         z_raw = logits_tile(x_ptr, w_ptr, rows64, row_mask, cols64, col_mask, H, stride_x, stride_w,
                             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, DOT_PREC)
         z, t = finish_logits(z_raw, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
@@ -191,14 +180,6 @@ def ce_forward_ext(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], 
 
 
 @triton.jit
-def ce_row_coefs(y_ptr, coef_ptr, rows64, row_mask, ignore_index):
-    """(targets, coefficients) of a row block; coefficient 0 on masked / ignored rows."""
-    y = tl.load(y_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
-    coef = tl.load(coef_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
-    return y, tl.where(y == ignore_index, 0.0, coef)
-
-
-@triton.jit
 def ce_row_entropy(ent_ptr, cent_ptr, coef, rows64, row_mask, HAS_ENTROPY: tl.constexpr):
     """(H, entropy coefficient, live) of a row block: the entropy terms (0 without HAS_ENTROPY; the entropy's
     coefficient is NOT masked by ignore_index) and whether any row has a non-zero coefficient."""
@@ -248,16 +229,12 @@ def ce_bwd_kernel(
 ):
     """Atomic backward: one program per (row block, V tile), grouped for L2 reuse."""
     pid_n, pid_v = grouped_pid(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
     y, coef = ce_row_coefs(y_ptr, coef_ptr, rows64, row_mask, ignore_index)
     ent, cent, live = ce_row_entropy(ent_ptr, cent_ptr, coef, rows64, row_mask, HAS_ENTROPY)
     if live:
         lse = tl.load(lse_ptr + rows64, mask=row_mask, other=0.0)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
+        cols64, col_mask = tile_index(pid_v * BLOCK_V, V, BLOCK_V)
         dz = ce_dz_tile(x_ptr, w_ptr, b_ptr, rows64, row_mask, cols64, col_mask, y, lse, coef, ent, cent,
                         H, stride_x, stride_w, cap, inv_cap, one_minus_eps, eps_over_v, two_zloss,
                         HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS, HAS_ENTROPY, UPCAST, DOT_PREC,
@@ -265,20 +242,9 @@ def ce_bwd_kernel(
         if NEED_DB:
             tl.atomic_add(db_ptr + cols64, tl.sum(dz, 0), mask=col_mask, sem="relaxed")
         if NEED_DX or NEED_DW:
-            dzc = dot_operand(dz, x_ptr, UPCAST)
-            for h0 in range(0, H, BLOCK_H):
-                offs_h = h0 + tl.arange(0, BLOCK_H)
-                h_mask = offs_h < H
-                if NEED_DX:
-                    wt = load_h_tile(w_ptr, cols64, col_mask, stride_w, offs_h, h_mask, UPCAST)
-                    tl.atomic_add(dx_ptr + rows64[:, None] * stride_dx + offs_h[None, :],
-                                  tl.dot(dzc, wt, input_precision=DOT_PREC),
-                                  mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
-                if NEED_DW:
-                    xt = load_h_tile(x_ptr, rows64, row_mask, stride_x, offs_h, h_mask, UPCAST)
-                    tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :],
-                                  tl.dot(tl.trans(dzc), xt, input_precision=DOT_PREC),
-                                  mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
+            grad_gemms(dot_operand(dz, x_ptr, UPCAST), x_ptr, w_ptr, dx_ptr, dw_ptr, rows64, row_mask, cols64,
+                       col_mask, H, stride_x, stride_w, stride_dx, stride_dw, NEED_DX, NEED_DW, UPCAST, DOT_PREC,
+                       BLOCK_H)
 
 
 @triton.jit
@@ -293,13 +259,8 @@ def ce_dz_kernel(
     """Deterministic backward, first half: the dz tile of (row block, V tile) of a row chunk (N rows, pointers
     already offset to the chunk) into the dz buffer; with NEED_DB its fp32 column sums into dbpart[row block]."""
     pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols64 = cols.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
+    cols64, col_mask = tile_index(tl.program_id(1) * BLOCK_V, V, BLOCK_V)
     y, coef = ce_row_coefs(y_ptr, coef_ptr, rows64, row_mask, ignore_index)
     ent, cent, live = ce_row_entropy(ent_ptr, cent_ptr, coef, rows64, row_mask, HAS_ENTROPY)
     dz = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)

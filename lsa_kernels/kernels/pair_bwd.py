@@ -34,22 +34,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..maths import Divergence, Stat
+from ..maths import Stat
+from .atomics import grad_gemms
 from .tiles import (
-    ce_grad,
-    dot_operand,
-    finish_logits,
-    grouped_pid,
-    load_h_tile,
-    log_ratio_to_mid,
-    pair_logits,
-    store_dz_tile,
+    KL, KL_REVERSE, SCE, SYM_KL, ce_grad, ce_row_coefs, dot_operand, grouped_pid, load_h_tile,
+    log_ratio_to_mid, pair_softmax, pair_tile_logits, store_dz_tile, tile_index,
 )
-
-SCE: tl.constexpr = tl.constexpr(int(Divergence.SCE))
-KL: tl.constexpr = tl.constexpr(int(Divergence.KL))
-KL_REVERSE: tl.constexpr = tl.constexpr(int(Divergence.KL_REVERSE))
-SYM_KL: tl.constexpr = tl.constexpr(int(Divergence.SYM_KL))
 
 # statistics columns (maths.Stat) as constexprs for the kernels
 _LSE_P: tl.constexpr = tl.constexpr(int(Stat.LSE_P))
@@ -58,6 +48,18 @@ _LSET_P: tl.constexpr = tl.constexpr(int(Stat.LSET_P))
 _LSET_Q: tl.constexpr = tl.constexpr(int(Stat.LSET_Q))
 _X: tl.constexpr = tl.constexpr(int(Stat.X))
 _Y: tl.constexpr = tl.constexpr(int(Stat.Y))
+
+
+@triton.jit
+def view_ce_row(y_ptr, c_ptr, rows64, row_mask, ignore_index, like, CE: tl.constexpr):
+    """(targets, CE coefficients) of one view's row block (:func:`tiles.ce_row_coefs`); without CE targets −1
+    and coefficients 0 (``like``'s shape)."""
+    if CE:
+        y, c = ce_row_coefs(y_ptr, c_ptr, rows64, row_mask, ignore_index)
+    else:
+        y = tl.zeros_like(rows64) - 1
+        c = tl.zeros_like(like)
+    return y, c
 
 
 @triton.jit
@@ -76,25 +78,11 @@ def pair_row_loads(
     sy = tl.load(st + _Y, mask=row_mask, other=0.0)
     cd = tl.load(cd_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32) * inv_temp
     if WITH_CE:
-        if CE_P:
-            yp = tl.load(yp_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
-            cp = tl.load(cp_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
-            cp = tl.where(yp == ignore_index, 0.0, cp)
-        else:
-            yp = tl.zeros_like(rows64) - 1
-            cp = tl.zeros_like(cd)
-        if CE_Q:
-            yq = tl.load(yq_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
-            cq = tl.load(cq_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
-            cq = tl.where(yq == ignore_index, 0.0, cq)
-        else:
-            yq = tl.zeros_like(rows64) - 1
-            cq = tl.zeros_like(cd)
+        yp, cp = view_ce_row(yp_ptr, cp_ptr, rows64, row_mask, ignore_index, cd, CE_P)
+        yq, cq = view_ce_row(yq_ptr, cq_ptr, rows64, row_mask, ignore_index, cd, CE_Q)
     else:
-        yp = tl.zeros_like(rows64) - 1
-        yq = yp
-        cp = tl.zeros_like(cd)
-        cq = cp
+        yp, cp = view_ce_row(yp_ptr, cp_ptr, rows64, row_mask, ignore_index, cd, False)
+        yq, cq = yp, cp
     live = tl.sum(((cp != 0.0) | (cq != 0.0) | (cd != 0.0)).to(tl.int32), 0) > 0
     return yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live
 
@@ -111,22 +99,12 @@ def pair_dz_tiles(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """(dz_p, dz_q) w.r.t. the raw logits of one row block × V tile (fp32; 0 on masked entries)."""
-    zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
-                                 stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
-                                 UPCAST, DOT_PREC, TWO_HEADS)
-    zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
-    zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
+    zp, tp, zq, tq, av, bv = pair_tile_logits(
+        xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+        stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, TEMP_ONE, HAS_BIAS, HAS_SOFTCAP,
+        TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
     cm = col_mask[None, :]
-    if TEMP_ONE:
-        av = tl.where(cm, zp, 0.0)
-        bv = tl.where(cm, zq, 0.0)
-    else:
-        av = tl.where(cm, zp * inv_temp, 0.0)
-        bv = tl.where(cm, zq * inv_temp, 0.0)
-    logp = av - lset_p[:, None]
-    logq = bv - lset_q[:, None]
-    p = tl.where(cm, tl.exp(logp), 0.0)
-    q = tl.where(cm, tl.exp(logq), 0.0)
+    logp, logq, p, q = pair_softmax(av, bv, lset_p, lset_q, col_mask)
     X = sx[:, None]
     Y = sy[:, None]
     u = av - bv
@@ -173,29 +151,6 @@ def pair_dz_tiles(
 
 
 @triton.jit
-def grad_gemms(
-    dzc, x_ptr, w_ptr, dx_ptr, dw_ptr, rows64, row_mask, cols64, col_mask, H, stride_x, stride_w, stride_dx,
-    stride_dw, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """The atomic path's gradient GEMMs of one (row block, V tile) for one head: dx[rows] += dz W[cols] and
-    dW[cols] += dzᵀ x[rows] over H chunks, relaxed fp32 atomics (``dzc``: dz from :func:`dot_operand`)."""
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        if NEED_DX:
-            wt = load_h_tile(w_ptr, cols64, col_mask, stride_w, offs_h, h_mask, UPCAST)
-            tl.atomic_add(dx_ptr + rows64[:, None] * stride_dx + offs_h[None, :],
-                          tl.dot(dzc, wt, input_precision=DOT_PREC),
-                          mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
-        if NEED_DW:
-            xt = load_h_tile(x_ptr, rows64, row_mask, stride_x, offs_h, h_mask, UPCAST)
-            tl.atomic_add(dw_ptr + cols64[:, None] * stride_dw + offs_h[None, :],
-                          tl.dot(tl.trans(dzc), xt, input_precision=DOT_PREC),
-                          mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
-
-
-@triton.jit
 def pair_bwd_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
     dxp_ptr, dxq_ptr, dw_ptr, db_ptr, dwq_ptr, dbq_ptr,
@@ -213,16 +168,12 @@ def pair_bwd_kernel(
     """Atomic backward: one program per (row block, V tile), grouped for L2 reuse. One head: NEED_DW / NEED_DB
     take both views; TWO_HEADS: NEED_DW / NEED_DB are view p's head, NEED_DWQ / NEED_DBQ view q's."""
     pid_n, pid_v = grouped_pid(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
         yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
         WITH_CE, CE_P, CE_Q)
     if live:
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
+        cols64, col_mask = tile_index(pid_v * BLOCK_V, V, BLOCK_V)
         gp, gq = pair_dz_tiles(
             xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
             yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
@@ -288,13 +239,8 @@ def pair_dz_kernel(
     pointers offset to the chunk) into the dz buffers (USE_GP / USE_GQ); with NEED_DB the fp32 column sums
     of dz_p + dz_q into dbpart[row block] (TWO_HEADS: Σ dz_p there and, with NEED_DBQ, Σ dz_q in dbqpart)."""
     pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols64 = cols.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
+    cols64, col_mask = tile_index(tl.program_id(1) * BLOCK_V, V, BLOCK_V)
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
         yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
         WITH_CE, CE_P, CE_Q)

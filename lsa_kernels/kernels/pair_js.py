@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import finish_logits, log_ratio_to_mid, pair_logits
+from .tiles import log_ratio_to_mid, pair_softmax, pair_tile_logits, split_bounds, tile_index
 
 N_JS_PARTS = 2  # columns of the partials: X, Y
 _NJS: tl.constexpr = tl.constexpr(N_JS_PARTS)
@@ -37,36 +37,20 @@ def pair_js_kernel(
     """js's (X, Y) partial sums of one row block over one V split; ``lset [N, 2]`` holds lse_a, lse_b."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
     lse_a = tl.load(lset_ptr + rows64 * 2 + 0, mask=row_mask, other=0.0)
     lse_b = tl.load(lset_ptr + rows64 * 2 + 1, mask=row_mask, other=0.0)
     acc_x = tl.zeros([BLOCK_N], tl.float32)
     acc_y = tl.zeros([BLOCK_N], tl.float32)
 
-    v_start = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
+    v_start, v_end = split_bounds(split, tiles_per_split, V, BLOCK_V)
     for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
-        cm = col_mask[None, :]
-        zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
-                                     stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
-                                     UPCAST, DOT_PREC, TWO_HEADS)
-        zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
-        zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
-        if TEMP_ONE:
-            av = tl.where(cm, zp, 0.0)
-            bv = tl.where(cm, zq, 0.0)
-        else:
-            av = tl.where(cm, zp * inv_temp, 0.0)
-            bv = tl.where(cm, zq * inv_temp, 0.0)
-        logp = av - lse_a[:, None]
-        logq = bv - lse_b[:, None]
-        p = tl.where(cm, tl.exp(logp), 0.0)
-        q = tl.where(cm, tl.exp(logq), 0.0)
+        cols64, col_mask = tile_index(v0, V, BLOCK_V)
+        zp, tp, zq, tq, av, bv = pair_tile_logits(
+            xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+            stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, TEMP_ONE, HAS_BIAS, HAS_SOFTCAP,
+            TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+        logp, logq, p, q = pair_softmax(av, bv, lse_a, lse_b, col_mask)
         d = logq - logp
         acc_x += tl.sum(p * log_ratio_to_mid(d), 1)
         acc_y += tl.sum(q * log_ratio_to_mid(-d), 1)

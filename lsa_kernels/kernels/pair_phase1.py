@@ -29,14 +29,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..maths import EXPM1_CLAMP, Divergence
+from ..maths import EXPM1_CLAMP
 from .merge import N_PAIR_PARTS, PairPart
-from .tiles import expm1, finish_logits, online_update, pair_logits
+from .tiles import KL, KL_REVERSE, SCE, SYM_KL, expm1, online_update, pair_tile_logits, split_bounds, tile_index
 
-SCE: tl.constexpr = tl.constexpr(int(Divergence.SCE))
-KL: tl.constexpr = tl.constexpr(int(Divergence.KL))
-KL_REVERSE: tl.constexpr = tl.constexpr(int(Divergence.KL_REVERSE))
-SYM_KL: tl.constexpr = tl.constexpr(int(Divergence.SYM_KL))
 _CLAMP: tl.constexpr = tl.constexpr(EXPM1_CLAMP)
 
 # partial columns (merge.PairPart) as constexprs for the kernel
@@ -73,9 +69,7 @@ def pair_phase1_kernel(
     """Phase-1 partials (merge.PairPart) of one row block over one V split."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows64 = rows.to(tl.int64)
+    rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
     zero = tl.zeros([BLOCK_N], tl.float32)
     ninf = tl.full([BLOCK_N], float("-inf"), tl.float32)
     if WITH_CE:
@@ -86,24 +80,14 @@ def pair_phase1_kernel(
     m_a, s_a, m_b, s_b = ninf, zero, ninf, zero
     acc_x, acc_y, acc_x2, acc_y2 = zero, zero, zero, zero
 
-    v_start = split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
+    v_start, v_end = split_bounds(split, tiles_per_split, V, BLOCK_V)
     for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
+        cols64, col_mask = tile_index(v0, V, BLOCK_V)
         cm = col_mask[None, :]
-        zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
-                                     stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
-                                     UPCAST, DOT_PREC, TWO_HEADS)
-        zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
-        zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
-        if TEMP_ONE:
-            av = tl.where(cm, zp, 0.0)
-            bv = tl.where(cm, zq, 0.0)
-        else:
-            av = tl.where(cm, zp * inv_temp, 0.0)
-            bv = tl.where(cm, zq * inv_temp, 0.0)
+        zp, tp, zq, tq, av, bv = pair_tile_logits(
+            xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+            stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, TEMP_ONE, HAS_BIAS, HAS_SOFTCAP,
+            TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
         m_p, al_p, e_p, s_p = online_update(m_p, s_p, tl.where(cm, zp, float("-inf")))
         m_q, al_q, e_q, s_q = online_update(m_q, s_q, tl.where(cm, zq, float("-inf")))
         if WITH_CE:

@@ -30,7 +30,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..maths import Divergence
+
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+# divergence ids (maths.Divergence) as constexprs for the pair kernels (js is the remaining id)
+SCE: tl.constexpr = tl.constexpr(int(Divergence.SCE))
+KL: tl.constexpr = tl.constexpr(int(Divergence.KL))
+KL_REVERSE: tl.constexpr = tl.constexpr(int(Divergence.KL_REVERSE))
+SYM_KL: tl.constexpr = tl.constexpr(int(Divergence.SYM_KL))
 
 
 @triton.jit
@@ -99,6 +107,22 @@ def dot_operand(t, like_ptr, UPCAST: tl.constexpr):
     else:
         r = t.to(like_ptr.dtype.element_ty)
     return r
+
+
+@triton.jit
+def tile_index(start, n, BLOCK: tl.constexpr):
+    """Indices ``start + [0, BLOCK)`` of a row block or V tile as int64 (they multiply strides, §7) and
+    their mask ``< n``."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx.to(tl.int64), idx < n
+
+
+@triton.jit
+def split_bounds(split, tiles_per_split, V, BLOCK_V: tl.constexpr):
+    """[v_start, v_end) of V split ``split`` (``tiles_per_split`` tiles of BLOCK_V each, the last one cut at V)."""
+    v_start = split * tiles_per_split * BLOCK_V
+    v_end = tl.minimum(V, v_start + tiles_per_split * BLOCK_V)
+    return v_start, v_end
 
 
 @triton.jit
@@ -207,6 +231,51 @@ def finish_logits(z_raw, b_ptr, cols64, col_mask, cap, inv_cap,
     else:
         t = tl.zeros_like(z)
     return z, t
+
+
+@triton.jit
+def pair_tile_logits(
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+    stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp,
+    TEMP_ONE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TWO_HEADS: tl.constexpr,
+    HAS_BIAS_Q: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Both views' logits tiles (docs/maths.md §4, §12): ``(z_p, t_p, z_q, t_q, a, b)`` with z = softcap(raw +
+    bias), t = tanh(raw/c) (:func:`finish_logits`) and a = z_p/τ, b = z_q/τ, 0 on masked columns."""
+    zraw_p, zraw_q = pair_logits(xp_ptr, xq_ptr, w_ptr, wq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
+                                 stride_xp, stride_xq, stride_w, stride_wq, BLOCK_N, BLOCK_V, BLOCK_H,
+                                 UPCAST, DOT_PREC, TWO_HEADS)
+    zp, tp = finish_logits(zraw_p, b_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS, HAS_SOFTCAP)
+    zq, tq = finish_logits(zraw_q, bq_ptr, cols64, col_mask, cap, inv_cap, HAS_BIAS_Q, HAS_SOFTCAP)
+    cm = col_mask[None, :]
+    if TEMP_ONE:
+        av = tl.where(cm, zp, 0.0)
+        bv = tl.where(cm, zq, 0.0)
+    else:
+        av = tl.where(cm, zp * inv_temp, 0.0)
+        bv = tl.where(cm, zq * inv_temp, 0.0)
+    return zp, tp, zq, tq, av, bv
+
+
+@triton.jit
+def pair_softmax(av, bv, lse_a, lse_b, col_mask):
+    """``(log p, log q, p, q)`` of a tile for GIVEN normalisers: log p = a − lse_a, log q = b − lse_b; p, q are
+    0 on masked columns (§5)."""
+    cm = col_mask[None, :]
+    logp = av - lse_a[:, None]
+    logq = bv - lse_b[:, None]
+    p = tl.where(cm, tl.exp(logp), 0.0)
+    q = tl.where(cm, tl.exp(logq), 0.0)
+    return logp, logq, p, q
+
+
+@triton.jit
+def ce_row_coefs(y_ptr, coef_ptr, rows64, row_mask, ignore_index):
+    """(targets, coefficients) of a row block; coefficient 0 on masked / ignored rows."""
+    y = tl.load(y_ptr + rows64, mask=row_mask, other=ignore_index).to(tl.int64)
+    coef = tl.load(coef_ptr + rows64, mask=row_mask, other=0.0).to(tl.float32)
+    return y, tl.where(y == ignore_index, 0.0, coef)
 
 
 @triton.jit
