@@ -41,7 +41,8 @@ from .tiles import (
     log_ratio_to_mid, pair_softmax, pair_tile_logits, store_dz_tile, tile_index,
 )
 
-# statistics columns (maths.Stat) as constexprs for the kernels
+# statistics columns (maths.Stat) as constexprs for the kernels (same shape as pair_phase1's merge.PairPart
+# block, other enum: a jit kernel reads module-level constexprs by name, so each file names its own)
 _LSE_P: tl.constexpr = tl.constexpr(int(Stat.LSE_P))
 _LSE_Q: tl.constexpr = tl.constexpr(int(Stat.LSE_Q))
 _LSET_P: tl.constexpr = tl.constexpr(int(Stat.LSET_P))
@@ -172,7 +173,7 @@ def pair_bwd_kernel(
     yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
         yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
         WITH_CE, CE_P, CE_Q)
-    if live:
+    if live:  # the loads + pair_dz_tiles calls repeat pair_dz_kernel's; only the skip of dead blocks differs
         cols64, col_mask = tile_index(pid_v * BLOCK_V, V, BLOCK_V)
         gp, gq = pair_dz_tiles(
             xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,

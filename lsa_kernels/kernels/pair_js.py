@@ -24,6 +24,7 @@ N_JS_PARTS = 2  # columns of the partials: X, Y
 _NJS: tl.constexpr = tl.constexpr(N_JS_PARTS)
 
 
+# its parameter list repeats pair_phase1_kernel's (duplicates): a @triton.jit kernel's signature cannot be shared
 @triton.jit
 def pair_js_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, lset_ptr, part_ptr,
