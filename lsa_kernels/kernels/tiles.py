@@ -20,6 +20,11 @@ to fp32 right after the load (required by the interpreter, which stores bf16 as 
 operands go to the tensor cores as they are (bf16·bf16 products are exact in fp32, the accumulation is fp32
 either way). fp32 inputs use ``tf32x3`` on a GPU (≈ fp32 accuracy on tensor cores).
 
+Tile bookkeeping shared by every kernel: :func:`tile_index` (int64 indices + mask of a row block or V tile),
+:func:`split_bounds` (the V range of a split-V program), :func:`pair_tile_logits` (both views' logits of a
+tile, bias, softcap, then a = z_p/τ, b = z_q/τ; §5, §12 for a second head) and :func:`pair_softmax`
+(log p = a − lse_a, log q, p, q of a tile given the row normalisers; §5).
+
 The gradient GEMMs take dz rounded to the input dtype (:func:`dot_operand`, §14.4), as a GPU's bf16/fp16
 tensor cores need; under the interpreter the same rounding is done explicitly (round to nearest even: the
 interpreter's own fp32 → bf16 cast truncates) so that interpreter tests check the numbers a GPU computes.
