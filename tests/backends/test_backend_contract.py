@@ -205,3 +205,18 @@ def test_unpaired_rows_take_ce_only(be):
     be.pair_backward(rows, w, b, out, coefs, opts, grads)
     assert_within(grads.dxu, dx_t, atol=2e-5, name="dxu")
     assert (grads.dxp == 0).all() and (grads.dxq == 0).all()  # zero coefficients: overwritten with zeros
+
+
+@pytest.mark.parametrize("detach", ["p", "q"])
+def test_detached_view_dx_is_overwritten_with_zeros(be, detach):
+    """A view without gradient (detach, no CE) whose dx buffer is still given: overwritten with zeros, never left
+    as it was (the buffers come from torch.empty)."""
+    x, xq, w, b, _, _ = _data(7)
+    opts = PairOptions(divergence="kl", detach=detach, with_ce=False)
+    rows = B.PairRows(xp=x, xq=xq)
+    out = be.pair_forward(rows, w, b, opts)
+    grads = B.PairGrads(dxp=torch.full((N, H), float("nan")), dxq=torch.full((N, H), float("nan")))
+    be.pair_backward(rows, w, b, out, B.PairCoefs(div=torch.ones(N)), opts, grads)
+    frozen, live = (grads.dxp, grads.dxq) if detach == "p" else (grads.dxq, grads.dxp)
+    assert (frozen == 0).all()
+    assert torch.isfinite(live).all() and live.abs().sum() > 0
