@@ -68,6 +68,27 @@ def assert_close_rule(ours, torch_same, truth, *, rtol=0.0, atol=1e-5, name=""):
         )
 
 
+def row_coef(n: int, seed: int = 1, y=None, p_zero: float = 0.0) -> torch.Tensor:
+    """Per-row gradient coefficients in [0.5, 1.5) (a share ``p_zero`` set to 0; 0 on ignored rows of ``y``)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.rand(n, generator=g) + 0.5
+    if p_zero:
+        c = c * (torch.rand(n, generator=g) > p_zero)
+    return c * (y != IGN) if y is not None else c
+
+
+def leaf_or_none(t, dtype):
+    """A differentiable copy of ``t`` in ``dtype``; None stays None."""
+    return None if t is None else t.detach().to(dtype).requires_grad_()
+
+
+def grad_or_zeros(t):
+    """``t.grad``, zeros if it got none; None for None."""
+    if t is None:
+        return None
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
 def assert_within(ours, truth, *, atol, rtol=1e-4, lowp=None, name=""):
     """Per element ``|ours − truth| ≤ atol + rtol·|truth|`` (+ ``|lowp − truth|`` when the same computation in
     the low-precision dtype is given: CCE's rule), all finite."""

@@ -17,7 +17,7 @@ from lsa_kernels.kernels import pair_backward, pair_forward, pair_js_partial
 from lsa_kernels.kernels._common import LaunchConfig, override_config
 from lsa_kernels.maths import Stat
 from lsa_kernels.options import CEOptions, PairOptions
-from _util import assert_within
+from _util import assert_within, grad_or_zeros, leaf_or_none, row_coef
 
 N, HP, HQ, V = 37, 61, 45, 1003
 IGN = -100
@@ -45,22 +45,7 @@ def _inputs(dtype, bias_p, bias_q, *, seed=0):
     return dict(xp=cast(xp), xq=cast(xq), w=cast(w), b=cast(b), wq=cast(wq), bq=cast(bq), yp=yp, yq=yq)
 
 
-def _coef(n, seed, y=None, p_zero=0.0):
-    g = torch.Generator().manual_seed(seed)
-    c = torch.rand(n, generator=g) + 0.5
-    if p_zero:
-        c = c * (torch.rand(n, generator=g) > p_zero)
-    return c * (y != IGN) if y is not None else c
-
-
-def _leaf(t, dtype):
-    return None if t is None else t.detach().to(dtype).requires_grad_()
-
-
-def _grad(t):
-    if t is None:
-        return None
-    return t.grad if t.grad is not None else torch.zeros_like(t)
+_coef, _leaf, _grad = row_coef, leaf_or_none, grad_or_zeros  # tests/_util.py
 
 
 _close = assert_within  # tests/_util.py

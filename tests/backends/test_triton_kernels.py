@@ -16,7 +16,7 @@ from lsa_kernels.kernels import ce_backward, ce_forward, pair_backward, pair_for
 from lsa_kernels.kernels._common import LaunchConfig, override_config
 from lsa_kernels.options import CEOptions, PairOptions
 
-from _util import assert_within, confident_ce_inputs
+from _util import assert_within, confident_ce_inputs, grad_or_zeros, leaf_or_none, row_coef
 
 N, H, V = 37, 61, 1003
 IGN = -100
@@ -39,21 +39,10 @@ def _inputs(dtype, bias, *, n=N, h=H, v=V, seed=0, close=False):
 
 
 def _coef(y, seed=1, p_zero=0.0):
-    g = torch.Generator().manual_seed(seed)
-    c = torch.rand(N if y is None else y.shape[0], generator=g) + 0.5
-    if p_zero:
-        c = c * (torch.rand(c.shape[0], generator=g) > p_zero)
-    return c * (y != IGN) if y is not None else c
+    return row_coef(N if y is None else y.shape[0], seed, y, p_zero)
 
 
-def _leaf(t, dtype):
-    return None if t is None else t.detach().to(dtype).requires_grad_()
-
-
-def _grad(t):
-    if t is None:
-        return None
-    return t.grad if t.grad is not None else torch.zeros_like(t)
+_leaf, _grad = leaf_or_none, grad_or_zeros  # tests/_util.py
 
 
 # ----------------------------------------------------------------------------------------- references
