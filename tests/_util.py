@@ -68,6 +68,42 @@ def assert_close_rule(ours, torch_same, truth, *, rtol=0.0, atol=1e-5, name=""):
         )
 
 
+def _gloo_entry(rank, world, port, errfile, body, args):
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.set_num_threads(1)
+        body(rank, world, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(errfile, "a") as f:
+            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
+        raise
+
+
+def run_gloo(body, world: int, tmp_path, *args) -> None:
+    """``body(rank, world, *args)`` on ``world`` gloo processes (module-level ``body``: it is pickled); a failure
+    on any rank fails the calling test with that rank's traceback."""
+    import socket
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    errfile = str(tmp_path / "errors.txt")
+    try:
+        mp.spawn(_gloo_entry, args=(world, port, errfile, body, args), nprocs=world, join=True)
+    except Exception:
+        pytest.fail(open(errfile).read() if os.path.exists(errfile) else "(no error file)")
+
+
 def row_coef(n: int, seed: int = 1, y=None, p_zero: float = 0.0) -> torch.Tensor:
     """Per-row gradient coefficients in [0.5, 1.5) (a share ``p_zero`` set to 0; 0 on ignored rows of ``y``)."""
     g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lsa_kernels as L
 from lsa_kernels import _ext
 
-from _util import IGN, assert_close_rule, grads, has, leaf, targets, triton_available
+from _util import IGN, assert_close_rule, grads, has, leaf, run_gloo, targets, triton_available
 
 DIVERGENCES = ("kl", "kl_reverse", "sym_kl", "sce", "js")
 B, T, HS, HT, V = 2, 7, 13, 21, 67  # odd shapes, Hs != Ht
@@ -380,60 +380,35 @@ def test_hf_distillation_step(train_teacher):
 # --------------------------------------------------------------------------------------- vocab-parallel
 
 
-def _vp_worker(rank, world, port, errfile):
-    import os
-    import traceback
-
+def _vp_body(rank, world):
     import torch.distributed as dist
 
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        sizes = [V // 3, V - V // 3]  # uneven shards, the same split for both heads
-        s, n = [0, sizes[0]][rank], sizes[rank]
-        for div, tt, red in (("kl", False, "mean"), ("js", True, "sum"), ("sce", True, "none")):
-            inputs = _inputs(11)
-            kw = dict(divergence=div, temperature=1.5, hard_loss_weight=0.5, softcap=5.0, reduction=red,
-                      train_teacher=tt)
-            truth = _run(kd_truth, inputs, torch.float64, kw, (1.0, 0.25, 0.5))
-            xs, ws, bs, xt, wt, bt, y = inputs
-            shard = [xs, ws[s:s + n], bs[s:s + n], xt, wt[s:s + n], bt[s:s + n], y]
-            ours = _run(L.linear_distillation, shard, torch.float64, kw, (1.0, 0.25, 0.5), backend="cpu",
-                        process_group=dist.group.WORLD, vocab_start=s)
-            for o, t in zip(ours[0], truth[0]):
-                torch.testing.assert_close(o, t, rtol=1e-9, atol=1e-10)
-            tg = truth[1]  # [xs, ws, bs, (xt, wt, bt)]
-            want = [tg[0], tg[1][s:s + n], tg[2][s:s + n]]
-            if tt:
-                want += [tg[3], tg[4][s:s + n], tg[5][s:s + n]]
-            assert len(ours[1]) == len(want)
-            for a, e in zip(ours[1], want):
-                torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
-        raise
+    sizes = [V // 3, V - V // 3]  # uneven shards, the same split for both heads
+    s, n = [0, sizes[0]][rank], sizes[rank]
+    for div, tt, red in (("kl", False, "mean"), ("js", True, "sum"), ("sce", True, "none")):
+        inputs = _inputs(11)
+        kw = dict(divergence=div, temperature=1.5, hard_loss_weight=0.5, softcap=5.0, reduction=red,
+                  train_teacher=tt)
+        truth = _run(kd_truth, inputs, torch.float64, kw, (1.0, 0.25, 0.5))
+        xs, ws, bs, xt, wt, bt, y = inputs
+        shard = [xs, ws[s:s + n], bs[s:s + n], xt, wt[s:s + n], bt[s:s + n], y]
+        ours = _run(L.linear_distillation, shard, torch.float64, kw, (1.0, 0.25, 0.5), backend="cpu",
+                    process_group=dist.group.WORLD, vocab_start=s)
+        for o, t in zip(ours[0], truth[0]):
+            torch.testing.assert_close(o, t, rtol=1e-9, atol=1e-10)
+        tg = truth[1]  # [xs, ws, bs, (xt, wt, bt)]
+        want = [tg[0], tg[1][s:s + n], tg[2][s:s + n]]
+        if tt:
+            want += [tg[3], tg[4][s:s + n], tg[5][s:s + n]]
+        assert len(ours[1]) == len(want)
+        for a, e in zip(ours[1], want):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
 def test_vocab_parallel_two_heads(tmp_path):
     """Both heads sharded over 2 gloo ranks (the same uneven split): values and every gradient (dW/db: the
     rank's slice) equal the single-process fp64 truth."""
-    import os
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    errfile = str(tmp_path / "errors.txt")
-    try:
-        mp.spawn(_vp_worker, args=(2, port, errfile), nprocs=2, join=True)
-    except Exception:
-        pytest.fail(open(errfile).read() if os.path.exists(errfile) else "(no error file)")
+    run_gloo(_vp_body, 2, tmp_path)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

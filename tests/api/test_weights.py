@@ -2,18 +2,15 @@
 the fp64 reference on materialised logits (odd shapes; fp32 and bf16 by CCE's rule), values and every gradient,
 the zero-weight edge, vocab-parallel, and bad input (CASES feed scripts/bad_input_table.py)."""
 
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lsa_kernels as L
 from lsa_kernels import reference as R
 
-from _util import IGN, assert_close_rule, backends, grads, leaf, targets
+from _util import IGN, assert_close_rule, backends, grads, leaf, run_gloo, targets
 
 N, H, V = 23, 37, 203
 
@@ -248,78 +245,62 @@ def test_modules_pass_weights():
 # ------------------------------------------------------------------------------------------ vocab-parallel
 
 
-def _vp_worker(rank, world, port, errfile):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        s, n = [(0, 80), (80, V - 80)][rank]  # uneven shards
-        x, w, b, y, tw, cw, t = _data()
-        x, w, b = x.double(), w.double(), b.double()
-        hl, hs, w2, b2, yl, ys, wl, ws = _ls_data()
-        hl, hs, w2, b2 = hl.double(), hs.double(), w2.double(), b2.double()
-        grp = dict(process_group=dist.group.WORLD, vocab_start=s)
-        cases = [
-            ("ce", dict(token_weight=tw, label_smoothing=0.1, z_loss=1e-3)),
-            ("ce", dict(weight=cw.double(), token_weight=tw, softcap=3.0, reduction="none")),
-            ("div", dict(token_weight=tw, divergence="kl", temperature=0.8)),
-            ("ls", dict(token_weight_long=wl, token_weight_short=ws, ce_weighting="longce", divergence="sce")),
-        ]
-        for kind, kw in cases:
-            res = []
-            for ref in (True, False):
-                if kind == "ls":
-                    ins = [leaf(v) for v in (hl, hs, w2 if ref else w2[s:s + n], b2 if ref else b2[s:s + n])]
-                    outs = (R.long_short_loss if ref else L.long_short_loss)(
-                        ins[0], ins[1], ins[2], yl, ys, linear_bias=ins[3], l_extra=3, alpha=0.3, **kw,
-                        **({} if ref else grp))
-                    outs = list(outs)
-                else:
-                    ins = [leaf(v) for v in (x, 0.5 * x + 0.3, w if ref else w[s:s + n], b if ref else b[s:s + n])]
-                    if kind == "ce":
-                        outs = [(R.linear_cross_entropy if ref else L.linear_cross_entropy)(
-                            ins[0], ins[2], y, linear_bias=ins[3], **kw, **({} if ref else grp))]
-                    else:
-                        outs = [(R.linear_divergence if ref else L.linear_divergence)(
-                            ins[0], ins[1], ins[2], linear_bias=ins[3], **kw, **({} if ref else grp))]
-                scalar = sum((i + 1) * o.sum() for i, o in enumerate(outs))
-                res.append((outs, grads(scalar, ins)))
-            (ro, rg), (oo, og) = res
-            for a, e in zip(oo, ro):
-                torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
-            rg = [rg[0], rg[1], rg[2][s:s + n], rg[3][s:s + n]]
-            for a, e in zip(og, rg):
-                torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
-        # per-token lse over the shards (docs/maths.md §3); entropy / accuracy are refused there
-        got = L.linear_cross_entropy(x, w[s:s + n], y, linear_bias=b[s:s + n], return_lse=True, **grp)
-        want = R.linear_cross_entropy(x, w, y, linear_bias=b, return_lse=True)
-        torch.testing.assert_close(got.lse, want.lse, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
-        for bad in (dict(target=t.double()), dict(weight=cw.double(), label_smoothing=0.1),
-                    dict(return_entropy=True)):
-            target = bad.pop("target", y)
-            try:
-                L.linear_cross_entropy(x, w[s:s + n], target, **bad, **grp)
-            except ValueError as e:
-                assert "process_group" in str(e)
+def _vp_body(rank, world):
+    s, n = [(0, 80), (80, V - 80)][rank]  # uneven shards
+    x, w, b, y, tw, cw, t = _data()
+    x, w, b = x.double(), w.double(), b.double()
+    hl, hs, w2, b2, yl, ys, wl, ws = _ls_data()
+    hl, hs, w2, b2 = hl.double(), hs.double(), w2.double(), b2.double()
+    grp = dict(process_group=dist.group.WORLD, vocab_start=s)
+    cases = [
+        ("ce", dict(token_weight=tw, label_smoothing=0.1, z_loss=1e-3)),
+        ("ce", dict(weight=cw.double(), token_weight=tw, softcap=3.0, reduction="none")),
+        ("div", dict(token_weight=tw, divergence="kl", temperature=0.8)),
+        ("ls", dict(token_weight_long=wl, token_weight_short=ws, ce_weighting="longce", divergence="sce")),
+    ]
+    for kind, kw in cases:
+        res = []
+        for ref in (True, False):
+            if kind == "ls":
+                ins = [leaf(v) for v in (hl, hs, w2 if ref else w2[s:s + n], b2 if ref else b2[s:s + n])]
+                outs = (R.long_short_loss if ref else L.long_short_loss)(
+                    ins[0], ins[1], ins[2], yl, ys, linear_bias=ins[3], l_extra=3, alpha=0.3, **kw,
+                    **({} if ref else grp))
+                outs = list(outs)
             else:
-                raise AssertionError(f"{list(bad)} under process_group= was not refused")
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
-        raise
+                ins = [leaf(v) for v in (x, 0.5 * x + 0.3, w if ref else w[s:s + n], b if ref else b[s:s + n])]
+                if kind == "ce":
+                    outs = [(R.linear_cross_entropy if ref else L.linear_cross_entropy)(
+                        ins[0], ins[2], y, linear_bias=ins[3], **kw, **({} if ref else grp))]
+                else:
+                    outs = [(R.linear_divergence if ref else L.linear_divergence)(
+                        ins[0], ins[1], ins[2], linear_bias=ins[3], **kw, **({} if ref else grp))]
+            scalar = sum((i + 1) * o.sum() for i, o in enumerate(outs))
+            res.append((outs, grads(scalar, ins)))
+        (ro, rg), (oo, og) = res
+        for a, e in zip(oo, ro):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+        rg = [rg[0], rg[1], rg[2][s:s + n], rg[3][s:s + n]]
+        for a, e in zip(og, rg):
+            torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
+    # per-token lse over the shards (docs/maths.md §3); entropy / accuracy are refused there
+    got = L.linear_cross_entropy(x, w[s:s + n], y, linear_bias=b[s:s + n], return_lse=True, **grp)
+    want = R.linear_cross_entropy(x, w, y, linear_bias=b, return_lse=True)
+    torch.testing.assert_close(got.lse, want.lse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=1e-12)
+    for bad in (dict(target=t.double()), dict(weight=cw.double(), label_smoothing=0.1),
+                dict(return_entropy=True)):
+        target = bad.pop("target", y)
+        try:
+            L.linear_cross_entropy(x, w[s:s + n], target, **bad, **grp)
+        except ValueError as e:
+            assert "process_group" in str(e)
+        else:
+            raise AssertionError(f"{list(bad)} under process_group= was not refused")
 
 
 def test_vocab_parallel_weights(tmp_path):
-    from test_distributed import _free_port
-
-    errfile = str(tmp_path / "errors.txt")
-    try:
-        mp.spawn(_vp_worker, args=(2, _free_port(), errfile), nprocs=2, join=True)  # noqa: F841
-    except Exception:
-        pytest.fail(open(errfile).read() if os.path.exists(errfile) else "(no error file)")
+    run_gloo(_vp_body, 2, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -1,26 +1,17 @@
 """Vocab-parallel losses over a gloo process group (2 and 4 CPU processes, uneven shards): values and
 gradients equal the single-process reference; dW stays a shard; dX is the full gradient on every rank."""
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lsa_kernels as L
 from lsa_kernels import reference as R
 
+from _util import run_gloo
+
 IGN = -100
 H, V = 24, 211
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shards(world: int):
@@ -80,39 +71,29 @@ def _run_case(kind, kw, hl, hs, w, b, yl, ys, **extra):
     return [o.detach() for o in outs], [None if g is None else g.detach() for g in grads]
 
 
-def _worker(rank, world, port, errfile, dtype=torch.float64, backend="cpu"):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.set_num_threads(1)
-        starts, sizes = _shards(world)
-        s, n = starts[rank], sizes[rank]
-        hl, hs, w, b, yl, ys = _data()
-        tight = dtype == torch.float64  # fp64: the ATen path, exact; fp32: the C++ path when built
-        rt, at = (1e-9, 1e-10) if tight else (2e-5, 1e-6)
-        truth = (hl, hs, w, b)
-        hl, hs, w, b = (t.to(dtype) for t in (hl, hs, w, b))
-        for kind, kw in (CASES if backend == "cpu" else TRITON_CASES):
-            ref_out, ref_g = _run_case(kind, kw, *truth, yl, ys, fn={"ce": R.linear_cross_entropy,
-                                                                          "div": R.linear_divergence,
-                                                                          "ls": R.long_short_loss}[kind])
-            out, g = _run_case(kind, kw, hl, hs, w[s:s + n], b[s:s + n], yl, ys, backend=backend,
-                               process_group=dist.group.WORLD, vocab_start=s)
-            for o, r in zip(out, ref_out):
-                torch.testing.assert_close(o.double(), r, rtol=rt, atol=at, msg=lambda m: f"{kind} {kw} value: {m}")
-            expect = [ref_g[0], ref_g[1], None if ref_g[2] is None else ref_g[2][s:s + n],
-                      None if ref_g[3] is None else ref_g[3][s:s + n]]
-            for name, a, e in zip(["d_in0", "d_in1", "dw", "db"], g, expect):
-                a = torch.zeros_like(e) if (a is None and e is not None) else a
-                e = torch.zeros_like(a) if (e is None and a is not None) else e
-                if a is not None:
-                    torch.testing.assert_close(a.double(), e, rtol=rt * 10, atol=at, msg=lambda m: f"{kind} {kw} {name}: {m}")
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        with open(errfile, "a") as f:
-            f.write(f"rank {rank}:\n{traceback.format_exc()}\n")
-        raise
+def _body(rank, world, dtype=torch.float64, backend="cpu"):
+    starts, sizes = _shards(world)
+    s, n = starts[rank], sizes[rank]
+    hl, hs, w, b, yl, ys = _data()
+    tight = dtype == torch.float64  # fp64: the ATen path, exact; fp32: the C++ path when built
+    rt, at = (1e-9, 1e-10) if tight else (2e-5, 1e-6)
+    truth = (hl, hs, w, b)
+    hl, hs, w, b = (t.to(dtype) for t in (hl, hs, w, b))
+    for kind, kw in (CASES if backend == "cpu" else TRITON_CASES):
+        ref_out, ref_g = _run_case(kind, kw, *truth, yl, ys, fn={"ce": R.linear_cross_entropy,
+                                                                      "div": R.linear_divergence,
+                                                                      "ls": R.long_short_loss}[kind])
+        out, g = _run_case(kind, kw, hl, hs, w[s:s + n], b[s:s + n], yl, ys, backend=backend,
+                           process_group=dist.group.WORLD, vocab_start=s)
+        for o, r in zip(out, ref_out):
+            torch.testing.assert_close(o.double(), r, rtol=rt, atol=at, msg=lambda m: f"{kind} {kw} value: {m}")
+        expect = [ref_g[0], ref_g[1], None if ref_g[2] is None else ref_g[2][s:s + n],
+                  None if ref_g[3] is None else ref_g[3][s:s + n]]
+        for name, a, e in zip(["d_in0", "d_in1", "dw", "db"], g, expect):
+            a = torch.zeros_like(e) if (a is None and e is not None) else a
+            e = torch.zeros_like(a) if (e is None and a is not None) else e
+            if a is not None:
+                torch.testing.assert_close(a.double(), e, rtol=rt * 10, atol=at, msg=lambda m: f"{kind} {kw} {name}: {m}")
 
 
 @pytest.mark.parametrize("world,dtype,backend", [(2, torch.float64, "cpu"), (4, torch.float64, "cpu"),
@@ -120,12 +101,7 @@ def _worker(rank, world, port, errfile, dtype=torch.float64, backend="cpu"):
 def test_vocab_parallel_matches_single_process(world, dtype, backend, tmp_path):
     if backend == "triton":
         pytest.importorskip("triton")
-    errfile = str(tmp_path / "errors.txt")
-    try:
-        mp.spawn(_worker, args=(world, _free_port(), errfile, dtype, backend), nprocs=world, join=True)
-    except Exception:
-        msg = open(errfile).read() if os.path.exists(errfile) else "(no error file)"
-        pytest.fail(msg)
+    run_gloo(_body, world, tmp_path, dtype, backend)
 
 
 def test_vocab_start_needs_a_process_group():
