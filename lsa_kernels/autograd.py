@@ -30,6 +30,7 @@ import torch
 
 from . import backends
 from .backends import Grads, PairCoefs, PairGrads, PairOut, PairRows
+from .maths import acc_dtype, mean_scale
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss
 
@@ -56,9 +57,7 @@ def _autocast_off(fn):
     return wrapper
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+_acc = acc_dtype  # lsa_kernels.maths
 
 
 def _empty_acc(x: Tensor, want: bool = True) -> Optional[Tensor]:
@@ -180,8 +179,7 @@ def row_coefficients(counted: Tensor, rw: Optional[Tensor], reduction: str, dtyp
         m = m * rw.to(dtype)
     if reduction != "mean":
         return m
-    tot = m.sum()
-    return m / torch.where(tot > 0, tot, torch.ones_like(tot))
+    return m * mean_scale(m.sum())
 
 
 def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None) -> Tensor:

@@ -37,7 +37,7 @@ from . import _checks, backends, reference
 from .autograd import _autocast_off
 from .backends import PairCoefs, PairGrads, PairOut, PairRows
 from .functional import _autocast_cast, _device_of, _vocab_parallel, no_autocast, resolve_backend
-from .maths import DIVERGENCES
+from .maths import DIVERGENCES, acc_dtype, mean_scale
 from .options import REDUCTIONS, CEOptions, PairOptions
 
 Tensor = torch.Tensor
@@ -55,8 +55,7 @@ class DistillationLoss(NamedTuple):
     soft: Tensor
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+_acc = acc_dtype  # lsa_kernels.maths
 
 
 def _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft_w, softcap, ignore_index,
@@ -136,7 +135,7 @@ class _Distill(torch.autograd.Function):
         if rw is not None:  # token weights (docs/maths.md §11): a row counts rw_i times in both terms
             valid = valid * rw.to(acc)
         if reduction == "mean":
-            c = 1.0 / valid.sum().clamp(min=1.0)
+            c = mean_scale(valid.sum())
         else:
             c = torch.ones((), dtype=acc, device=xs.device)
         need_s = ctx.needs_input_grad[:3]
@@ -354,7 +353,7 @@ def _materialised(xs, ws, bs, xt, wt, bt, y, rw, divergence, tau, hard_w, soft_w
     if reduction == "none":
         hard, soft = hard_rows, soft_rows
     else:
-        c = 1.0 / valid.sum().clamp(min=1.0) if reduction == "mean" else 1.0
+        c = mean_scale(valid.sum()) if reduction == "mean" else 1.0
         hard, soft = hard_rows.sum() * c, soft_rows.sum() * c
     loss = hard_w * hard + soft_w * soft
     dt = xs.dtype

@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks, _env, reference
+from .maths import acc_dtype
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss, pair_mask
 
@@ -327,7 +328,7 @@ def _linear_divergence(
     xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
     sel = torch.ones(xp.shape[0], dtype=torch.bool, device=xp.device) if mask is None else mask.reshape(-1)
     tw = None if token_weight is None else token_weight.reshape(-1)
-    div_w = row_coefficients(sel, tw, reduction, torch.float64 if xp.dtype == torch.float64 else torch.float32)
+    div_w = row_coefficients(sel, tw, reduction, acc_dtype(xp))
     if reduction == "none":
         per_row = pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts, be, "none")
         return per_row.reshape(input_p.shape[:-1])

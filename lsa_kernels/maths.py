@@ -55,6 +55,8 @@ __all__ = [
     "EXPM1_CLAMP",
     "EXPM1_AGREE",
     "ce_row_loss",
+    "acc_dtype",
+    "mean_scale",
     "divergence_from_stats",
 ]
 
@@ -119,6 +121,17 @@ UNDER_Q = {
 
 EXPM1_CLAMP = 80.0
 EXPM1_AGREE = 1e-6
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype of docs/maths.md §7: fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 (gradcheck)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def mean_scale(total: torch.Tensor) -> torch.Tensor:
+    """``1 / total`` for a ``mean`` over counted weight ``total``; 1 when it is 0 (the loss is then 0 with zero
+    gradients, docs/maths.md §3, §11). Never a clamp at 1: token weights may sum to less than one row."""
+    return 1.0 / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def ce_row_loss(lse: torch.Tensor, zy: torch.Tensor, zmean: torch.Tensor | None, valid: torch.Tensor,

@@ -34,6 +34,7 @@ import torch
 
 from . import backends
 from .autograd import _autocast_off
+from .maths import acc_dtype
 from .options import CEOptions
 
 Tensor = torch.Tensor
@@ -43,8 +44,7 @@ __all__ = ["linear_target_loss"]
 _DEFAULT_BUDGET = 64 << 20
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+_acc = acc_dtype  # lsa_kernels.maths
 
 
 class _RowLSE(torch.autograd.Function):

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
-from ..maths import N_PAIR_STATS, Stat, ce_row_loss, divergence_from_stats
+from ..maths import N_PAIR_STATS, UNDER_P, UNDER_Q, Divergence, Stat, acc_dtype, ce_row_loss, divergence_from_stats
 from ..options import CEOptions, PairOptions
 from .contract import Backend, Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
 
@@ -54,11 +54,6 @@ if TYPE_CHECKING:
     from ..distributed import Shard
 
 Tensor = torch.Tensor
-
-# which expectation columns are under p (long view) and which under q, per divergence (maths.py table)
-_P_COLS = {"sce": (Stat.X,), "kl": (Stat.X, Stat.Y), "kl_reverse": (), "sym_kl": (Stat.X, Stat.X2)}
-_Q_COLS = {"sce": (Stat.Y,), "kl": (), "kl_reverse": (Stat.X, Stat.Y), "sym_kl": (Stat.Y, Stat.Y2)}
-
 
 def _gather_rows(t: Tensor, shard: "Shard") -> Tensor:
     """``[N, k]`` on each rank -> ``[R, N, k]`` on every rank."""
@@ -104,7 +99,7 @@ class VocabParallel:
     def _target_logit(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions) -> Tensor:
         """``[N]``: the (softcapped) target logit z_y where this shard owns y, else 0 (sums to z_y over ranks);
         zeros for a view without targets (``y`` None)."""
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x)
         if y is None:
             return torch.zeros(x.shape[0], dtype=acc, device=x.device)
         yl = self._local_targets(y, opts.ignore_index)
@@ -189,12 +184,12 @@ class VocabParallel:
             dist.all_reduce(part, group=self.shard.group)
             merged[:, Stat.X], merged[:, Stat.Y] = part[:, 0], part[:, 1]
         else:
-            wp = torch.exp(g[:, :, Stat.LSET_P] - merged[:, Stat.LSET_P])  # [R, N]
-            wq = torch.exp(g[:, :, Stat.LSET_Q] - merged[:, Stat.LSET_Q])
-            for c in _P_COLS[opts.divergence]:
-                merged[:, c] = (wp * g[:, :, c]).sum(0)
-            for c in _Q_COLS[opts.divergence]:
-                merged[:, c] = (wq * g[:, :, c]).sum(0)
+            sp = torch.exp(g[:, :, Stat.LSET_P] - merged[:, Stat.LSET_P])  # [R, N]: each shard's share of the view's normaliser (not the heads wq)
+            sq = torch.exp(g[:, :, Stat.LSET_Q] - merged[:, Stat.LSET_Q])
+            for c in UNDER_P[Divergence.of(opts.divergence)]:
+                merged[:, c] = (sp * g[:, :, c]).sum(0)
+            for c in UNDER_Q[Divergence.of(opts.divergence)]:
+                merged[:, c] = (sq * g[:, :, c]).sum(0)
         div = divergence_from_stats(merged, opts.divergence)
         if opts.with_ce:
             k = N_PAIR_STATS

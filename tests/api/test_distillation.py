@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import lsa_kernels as L
 from lsa_kernels import _ext
 
-from _util import IGN, assert_close_rule, grads, has, leaf, run_gloo, targets, triton_available
+from _util import IGN, assert_close_rule, assert_within, grads, has, leaf, run_gloo, targets, triton_available
 
 DIVERGENCES = ("kl", "kl_reverse", "sym_kl", "sce", "js")
 B, T, HS, HT, V = 2, 7, 13, 21, 67  # odd shapes, Hs != Ht
@@ -63,7 +63,8 @@ def kd_truth(xs, ws, bs, xt, wt, bt, y, *, divergence="kl", temperature=1.0, har
     if reduction == "none":
         hard, soft = hard.reshape(xs.shape[:-1]), soft.reshape(xs.shape[:-1])
     else:
-        c = 1.0 / valid.sum().clamp(min=1.0) if reduction == "mean" else 1.0
+        tot = valid.sum()
+        c = 1.0 / torch.where(tot > 0, tot, torch.ones_like(tot)) if reduction == "mean" else 1.0
         hard, soft = hard.sum() * c, soft.sum() * c
     loss = hard_loss_weight * hard + soft_loss_weight * soft
     return tuple(o.to(xs.dtype) for o in (loss, hard, soft))  # in the input dtype, as torch's losses
@@ -426,7 +427,7 @@ def test_token_weight(path, reduction):
         ours = _run(L.linear_distillation, inputs, torch.float32, kw, (1.0, 0.3, 0.2), backend=be, chunk_bytes=4096,
                     token_weight=tw)
     for o, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
-        assert_close_rule(o, o, t, atol=2e-5, rtol=2e-5, name=f"{path} {reduction}")
+        assert_within(o, t, atol=2e-5, rtol=2e-5, name=f"{path} {reduction}")
 
 
 def test_token_weight_zero_total_and_bad_shape():
@@ -439,3 +440,17 @@ def test_token_weight_zero_total_and_bad_shape():
         L.linear_distillation(xs, ws, xt, wt, y, token_weight=torch.ones(B, T + 1))
     with pytest.raises(ValueError, match="token_weight values must be >= 0"):
         L.linear_distillation(xs, ws, xt, wt, y, token_weight=-torch.ones(B, T))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_token_weight_mean_with_total_below_one(path):
+    """``mean`` divides by the total weight even when it is below one row's worth (no clamp at 1)."""
+    inputs = _inputs(8)
+    tw = torch.full((B, T), 0.01)
+    kw = dict(divergence="js", hard_loss_weight=0.5, reduction="mean", train_teacher=True)
+    truth = _run(kd_truth, inputs, torch.float64, kw, (1.0, 0.0, 0.0), token_weight=tw.double())
+    be = "cpu" if path.startswith("cpu") else path
+    with _ext.disable(path == "cpu-aten"):
+        ours = _run(L.linear_distillation, inputs, torch.float32, kw, (1.0, 0.0, 0.0), backend=be, token_weight=tw)
+    for o, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
+        assert_within(o, t, atol=2e-5, rtol=2e-5, name=f"{path} total weight 0.14")

@@ -17,7 +17,6 @@ import torch
 from ... import _ext
 from ...options import CEOptions, PairOptions
 from ..contract import PairCoefs
-from .aten import js_partial_chunk  # noqa: F401  (the ATen one: no compiled op for it)
 
 Tensor = torch.Tensor
 

@@ -29,6 +29,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from ...maths import acc_dtype  # noqa: F401  (re-exported for the cpu backend)
+
 Tensor = torch.Tensor
 
 #: default bytes of [rows, V] fp32 buffers per chunk (all buffers together). Measured (fp32 fwd+bwd, 2 cores):
@@ -47,9 +49,6 @@ def chunk_rows(v: int, k: int, chunk_bytes: Optional[int]) -> int:
     return int(max(1, rows))
 
 
-def acc_dtype(t: Tensor) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (gradcheck runs in double on the ATen path)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def promote(t: Optional[Tensor]) -> Optional[Tensor]:
