@@ -243,7 +243,7 @@ def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, m
 def check_long_short(
     hl, hs, w, yl, ys, l_extra, alpha, divergence, temperature, detach, positions, ignore_index, b, softcap,
     label_smoothing, z_loss, check_values=True, token_weight_long=None, token_weight_short=None, ce_weighting="none",
-    longce_gamma=5.0,
+    longce_gamma=5.0, extras=(False, False, False), parallel=False,
 ) -> None:
     _tensor("hidden_long", hl)
     _tensor("hidden_short", hs)
@@ -276,3 +276,7 @@ def check_long_short(
     check_token_weight("token_weight_short", token_weight_short, hs.shape[:2], hl.device, check_values)
     _choice("ce_weighting", ce_weighting, CE_WEIGHTINGS)
     _real("longce_gamma", longce_gamma, lo=0.0, lo_open=True)
+    bad = [n for n, on in zip(("return_entropy", "return_accuracy"), extras[1:]) if on]
+    if bad and parallel:
+        raise ValueError(f"{', '.join(bad)} is not supported by long_short_loss with process_group= (vocab-parallel "
+                         "head: the per-view entropy and argmax are not merged over the shards); return_lse is")

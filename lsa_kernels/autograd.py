@@ -30,7 +30,7 @@ import torch
 
 from . import backends
 from .backends import Grads, PairCoefs, PairGrads, PairOut, PairRows
-from .maths import acc_dtype, mean_scale
+from .maths import Stat, acc_dtype, mean_scale
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss
 
@@ -342,6 +342,102 @@ class _LongShort(torch.autograd.Function):
         return dhl, dhs, _cast(grads.dw, w, scale), _cast(grads.db, b, scale), *(None,) * 10
 
 
+def _join_views(p: Tensor, q: Tensor, u: Tensor, B: int, T: int, l_extra: int):
+    """(long [B, T], short [B, T]) from per-row values of the paired p, q rows and the unpaired rows (the
+    inverse of :func:`_split_views` for one value per row)."""
+    n_u = B * l_extra
+    long = torch.empty(B, T, dtype=p.dtype, device=p.device)
+    short = torch.empty_like(long)
+    long[:, l_extra:] = p.view(B, T - l_extra)
+    long[:, :l_extra] = u[:n_u].view(B, l_extra)
+    short[:, : T - l_extra] = q.view(B, T - l_extra)
+    short[:, T - l_extra :] = u[n_u:].view(B, l_extra)
+    return long, short
+
+
+class _LongShortExt(torch.autograd.Function):
+    """The long-short loss with per-view per-token outputs (docs/maths.md §4 per-view outputs): (loss, ce,
+    misalign, lse_long, lse_short, entropy_long, entropy_short, argmax_long, argmax_short), the last six
+    ``[B, T]``. lse and argmax carry no gradient; the entropies do (their coefficients go to the backend's
+    ``coefs.entropy`` / ``coefs.entropy_u``). Forward then backward, like :class:`_LinearCrossEntropyExt`
+    (the entropies' coefficients are known only in backward). Outputs not asked for are empty tensors."""
+
+    @staticmethod
+    @_autocast_off
+    def forward(ctx, hl, hs, w, b, yl, ys, sel, wl, ws, l_extra: int, alpha: float, opts: PairOptions, backend,
+                longce_gamma: Optional[float]):
+        ctx.set_materialize_grads(False)
+        be = backends.get(backend)
+        B, T, H = hl.shape
+        w, b = _contig(w), _contig(b)
+        xp, xq, xu = _split_views(hl, hs, l_extra)
+        yp, yq, yu = (y.view(-1) for y in _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra))
+        rows = PairRows(xp, xq, yp, yq, xu, yu)
+        cp, cq, cu, dv = _ls_coefs(rows, opts.ce.ignore_index, sel.reshape(-1), wl, ws, l_extra, _acc(w))
+        ctx.meta = (B, T, l_extra, alpha, opts, backend)
+        out = be.pair_forward(rows, w, b, opts)
+        if longce_gamma is not None:  # §13, as in _LongShort
+            paired = (yp != opts.ce.ignore_index) & (yq != opts.ce.ignore_index)
+            lsd = torch.where(paired, out.ce_q - out.ce_p, torch.zeros_like(out.ce_p))
+            cp = cp * torch.where(paired, lsd.exp().clamp(max=longce_gamma), torch.ones_like(lsd))
+        dt = hl.dtype
+        def empty(dtype=hl.dtype):  # distinct tensors: an output may not alias another
+            return hl.new_empty(0, dtype=dtype)
+
+        if opts.ce.entropy:
+            ent, ent_u = out.entropy, out.entropy_u
+            ent_l, ent_s = _join_views(ent[:, 0], ent[:, 1], ent_u, B, T, l_extra)
+        else:
+            ent, ent_u, ent_l, ent_s = empty(), empty(), empty(), empty()
+        ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, out.stats, out.lse_u, ent, ent_u)
+        lse_l, lse_s = _join_views(out.stats[:, Stat.LSE_P], out.stats[:, Stat.LSE_Q], out.lse_u, B, T, l_extra)
+        if opts.ce.argmax:
+            am_l, am_s = _join_views(out.argmax[:, 0], out.argmax[:, 1], out.argmax_u, B, T, l_extra)
+        else:
+            am_l, am_s = empty(torch.int64), empty(torch.int64)
+        ce = (out.ce_p * cp).sum() + (out.ce_q * cq).sum() + (out.ce_u * cu).sum()
+        mis = (out.div * dv).sum()
+        lse_l, lse_s = lse_l.to(dt), lse_s.to(dt)
+        ctx.mark_non_differentiable(lse_l, lse_s, am_l, am_s)
+        return (ce + alpha * mis).to(dt), ce.to(dt), mis.to(dt), lse_l, lse_s, ent_l.to(dt), ent_s.to(dt), am_l, am_s
+
+    @staticmethod
+    @_autocast_off
+    def backward(ctx, g_loss, g_ce, g_mis, g_lse_l, g_lse_s, g_ent_l, g_ent_s, g_am_l, g_am_s):
+        B, T, l_extra, alpha, opts, backend = ctx.meta
+        xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u, ent, ent_u = ctx.saved_tensors
+        need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
+        g_ent_on = opts.ce.entropy and (g_ent_l is not None or g_ent_s is not None)
+        if (g_loss is None and g_ce is None and g_mis is None and not g_ent_on) or not (need_l or need_s or need_w
+                                                                                       or need_b):
+            return (None,) * 14
+        acc = _acc(w)
+        zero = torch.zeros((), dtype=acc, device=xp.device)
+        gl = zero if g_loss is None else g_loss.to(acc)
+        g_ce_tot = gl + (zero if g_ce is None else g_ce.to(acc))
+        g_div_tot = alpha * gl + (zero if g_mis is None else g_mis.to(acc))
+        c_ent = c_ent_u = None
+        if g_ent_on:
+            zl = torch.zeros(B, T, dtype=acc, device=xp.device)
+            el = zl if g_ent_l is None else g_ent_l.to(acc)
+            es = zl if g_ent_s is None else g_ent_s.to(acc)
+            ep, eq, eu = (t.reshape(-1) for t in _split_views(el.unsqueeze(-1), es.unsqueeze(-1), l_extra))
+            c_ent, c_ent_u = torch.stack([ep, eq], 1).contiguous(), eu.contiguous()
+        rows = PairRows(xp, xq, yp, yq, xu, yu)
+        coefs = PairCoefs(dv * g_div_tot, cp * g_ce_tot, cq * g_ce_tot, cu * g_ce_tot, c_ent, c_ent_u)
+        need_x = need_l or need_s
+        grads = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu)
+        saved = PairOut(None, None, None, stats, None, lse_u, ent if g_ent_on else None, None,
+                        ent_u if g_ent_on else None)
+        backends.get(backend).pair_backward(rows, w, b, saved, coefs, opts, grads)
+        dhl = dhs = None
+        if need_x:
+            dhl, dhs = _merge_views(grads, B, T, l_extra)
+            dhl = dhl.to(xp.dtype) if need_l else None
+            dhs = dhs.to(xp.dtype) if need_s else None
+        return dhl, dhs, _cast(grads.dw, w), _cast(grads.db, b), *(None,) * 10
+
+
 def _ls_coefs(rows: PairRows, ign: int, sel: Tensor, wl: Optional[Tensor], ws: Optional[Tensor], l_extra: int,
               dtype: torch.dtype):
     """(cp, cq, cu, dv): each CE row's weight in ``ce`` (valid × token weight / Σ of those over both views) and
@@ -371,3 +467,13 @@ def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOption
     ws = None if token_weight_short is None else token_weight_short.detach()
     loss, ce, mis = _LongShort.apply(hl, hs, w, b, yl, ys, sel, wl, ws, l_extra, alpha, opts, backend, longce_gamma)
     return LongShortLoss(loss, ce, mis)
+
+
+def long_short_ext(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend, *, token_weight_long=None,
+                   token_weight_short=None, longce_gamma: Optional[float] = None):
+    """:func:`long_short_fused` with the per-view outputs (docs/maths.md §4): (loss, ce, misalign, lse_l, lse_s,
+    ent_l, ent_s, argmax_l, argmax_s); ``opts.ce.entropy`` / ``opts.ce.argmax`` say which extras the backend
+    computes (the others are empty tensors; lse always comes)."""
+    wl = None if token_weight_long is None else token_weight_long.detach()
+    ws = None if token_weight_short is None else token_weight_short.detach()
+    return _LongShortExt.apply(hl, hs, w, b, yl, ys, sel, wl, ws, l_extra, alpha, opts, backend, longce_gamma)

@@ -29,7 +29,7 @@ import torch
 from . import _checks, _env, reference
 from .maths import acc_dtype
 from .options import CEOptions, PairOptions
-from .pairing import LongShortLoss, pair_mask
+from .pairing import LongShortLoss, LongShortOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
 
 __all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput"]
 
@@ -363,7 +363,10 @@ def long_short_loss(
     token_weight_short: Optional[torch.Tensor] = None,
     ce_weighting: str = "none",
     longce_gamma: float = 5.0,
-) -> LongShortLoss:
+    return_lse: bool = False,
+    return_entropy: bool = False,
+    return_accuracy: bool = False,
+):
     """Long-short alignment loss (docs/maths.md §4): ``loss = ce + alpha * misalign``, fused, no logits in memory.
 
     ``hidden_long``/``hidden_short`` ``[B, T, H]`` are the final hidden states of the two views of one
@@ -379,6 +382,15 @@ def long_short_loss(
     or token weight — of valid rows); it runs forward then backward (no fused forward+backward).
     Returns ``LongShortLoss(loss, ce, misalign)``; each is differentiable. Honours autocast like ``F.linear``
     (module docstring).
+    Per-view per-token outputs, in the same pass over V as the loss (docs/maths.md §4 per-view outputs; of each
+    view's logits z at temperature 1, whatever ``temperature``): ``return_lse`` (log-normaliser per row, no
+    gradient), ``return_entropy`` (entropy of softmax(z) per row, every row, ignored ones included;
+    differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax of z == label, bool, False on
+    ignored rows, ties to the lowest index). With any of them the result is a
+    ``LongShortOutput(loss, ce, misalign, long, short)`` whose ``long`` / ``short`` are ``PerToken(lse,
+    entropy, accuracy)`` of shape ``[B, T]`` (rows as in ``hidden_long`` / ``hidden_short``; None where not
+    asked); it runs forward then backward (no fused forward+backward). With ``process_group`` only
+    ``return_lse``.
     """
     hidden_long, hidden_short, linear_weight, linear_bias = _autocast_cast(
         hidden_long, hidden_short, linear_weight, linear_bias)
@@ -388,6 +400,7 @@ def long_short_loss(
             temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
             chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long,
             token_weight_short, ce_weighting, longce_gamma,
+            (bool(return_lse), bool(return_entropy), bool(return_accuracy)),
         )
 
 
@@ -395,13 +408,14 @@ def _long_short_loss(
     hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
     temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
     chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long=None,
-    token_weight_short=None, ce_weighting="none", longce_gamma=5.0,
+    token_weight_short=None, ce_weighting="none", longce_gamma=5.0, extras=(False, False, False),
 ):
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
         check_values=check_targets and process_group is None, token_weight_long=token_weight_long,
         token_weight_short=token_weight_short, ce_weighting=ce_weighting, longce_gamma=longce_gamma,
+        extras=extras, parallel=process_group is not None,
     )
     weights_kw = dict(token_weight_long=token_weight_long, token_weight_short=token_weight_short)
     be = resolve_backend(backend, hidden_long.device, hidden_long.dtype)
@@ -413,9 +427,10 @@ def _long_short_loss(
             divergence=divergence, temperature=temperature, detach=detach, positions=positions,
             ignore_index=ignore_index, linear_bias=linear_bias, softcap=softcap,
             label_smoothing=label_smoothing, z_loss=z_loss, check_targets=check_targets, ce_weighting=ce_weighting,
-            longce_gamma=longce_gamma, **weights_kw,
+            longce_gamma=longce_gamma, return_lse=extras[0], return_entropy=extras[1], return_accuracy=extras[2],
+            **weights_kw,
         )
-    from .autograd import long_short_fused
+    from .autograd import long_short_ext, long_short_fused
 
     opts = PairOptions(
         divergence=divergence, temperature=float(temperature),
@@ -423,7 +438,22 @@ def _long_short_loss(
         ce=_ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic),
     )
     sel = pair_mask(labels_long, labels_short, l_extra, positions, ignore_index)
-    return long_short_fused(
+    gamma = float(longce_gamma) if ce_weighting == "longce" else None
+    if not any(extras):
+        return long_short_fused(
+            hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
+            sel, opts, be, longce_gamma=gamma, **weights_kw,
+        )
+    # per-view outputs (docs/maths.md §4): lse from the statistics, entropy / argmax from the same pass
+    opts = dataclasses.replace(opts, ce=dataclasses.replace(opts.ce, entropy=extras[1], argmax=extras[2]))
+    loss, ce, mis, lse_l, lse_s, ent_l, ent_s, am_l, am_s = long_short_ext(
         hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
-        sel, opts, be, longce_gamma=float(longce_gamma) if ce_weighting == "longce" else None, **weights_kw,
+        sel, opts, be, longce_gamma=gamma, **weights_kw,
     )
+
+    def view(lse, ent, am, y) -> PerToken:
+        acc = (am == y) & (y != ignore_index) if extras[2] else None
+        return PerToken(lse if extras[0] else None, ent if extras[1] else None, acc)
+
+    return LongShortOutput(loss, ce, mis, view(lse_l, ent_l, am_l, labels_long), view(lse_s, ent_s, am_s,
+                                                                                       labels_short))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from .pairing import LongShortLoss, pair_mask, sample_l_extra  # noqa: F401  (re-exported)
+from .pairing import LongShortLoss, LongShortOutput, PerToken, pair_mask, sample_l_extra  # noqa: F401  (re-exported)
 
 __all__ = [
     "logits",
@@ -257,9 +257,13 @@ def long_short_loss(
     token_weight_short: Optional[torch.Tensor] = None,
     ce_weighting: str = "none",
     longce_gamma: float = 5.0,
-) -> LongShortLoss:
+    return_lse: bool = False,
+    return_entropy: bool = False,
+    return_accuracy: bool = False,
+):
     """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence;
-    token weights (§11) and LongCE (§13) from the materialised logits."""
+    token weights (§11) and LongCE (§13) from the materialised logits; the per-view outputs (§4: logsumexp,
+    −Σ p log p, argmax of each view's z at temperature 1) as a LongShortOutput when asked."""
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
@@ -297,4 +301,15 @@ def long_short_loss(
     div = divergence_from_logits(a, b, divergence, temperature)
     misalign = _reduce(div.reshape(-1), sel.reshape(-1), "mean", wl[:, l_extra:].reshape(-1))
     dt = hidden_long.dtype
-    return LongShortLoss((ce + alpha * misalign).to(dt), ce.to(dt), misalign.to(dt))
+    result = LongShortLoss((ce + alpha * misalign).to(dt), ce.to(dt), misalign.to(dt))
+    if not (return_lse or return_entropy or return_accuracy):
+        return result
+
+    def view(z: torch.Tensor, y: torch.Tensor) -> PerToken:
+        lse = torch.logsumexp(z, -1).detach().to(dt).reshape(B, T) if return_lse else None
+        lp = torch.log_softmax(z, -1)
+        ent = -(lp.exp() * lp).sum(-1).to(dt).reshape(B, T) if return_entropy else None
+        acc = ((z.argmax(-1) == y) & (y != ignore_index)).reshape(B, T) if return_accuracy else None
+        return PerToken(lse, ent, acc)
+
+    return LongShortOutput(*result, view(zl, yl), view(zs, ys))

@@ -50,6 +50,14 @@ target (``rows.yp``/``rows.yq``) or CE coefficient (``coefs.ce_p``/``coefs.ce_q`
         dx / dW / db as for CE (dW and db get every row of every view). ``saved`` is the forward's output
         (its stats and lse_u are read; for a vocab shard they are the whole vocabulary's, merged).
 
+    Per-view extras (long-short's per-token outputs, docs/maths.md §4; one head, τ-independent: of the views'
+    z at temperature 1): with opts.ce.entropy / opts.ce.argmax, pair_forward also returns, in the same pass
+    over V, PairOut.entropy / .argmax [N, 2] (columns p, q) and .entropy_u / .argmax_u [M] for rows.xu;
+    pair_backward with coefs.entropy [N, 2] / coefs.entropy_u [M] (and saved.entropy / saved.entropy_u, the
+    forward's) adds coef_entropy ⊙ (−p ⊙ (log p + H)), p = softmax(z), to each view's dz (before softcap').
+    They are kept out of the stats columns: stats is what a vocab shard merges; these are not merged (a
+    vocab-parallel caller refuses them).
+
     pair_js_partial(xp, xq, w, b, lset [N, 2], opts, *, wq=None, bq=None) -> [N, 2]   (capability js_partial)
         Σ_v p_v log(p_v/m_v), Σ_v q_v log(q_v/m_v) over the rows of ``w`` for GIVEN normalisers
         lset = (lse(a), lse(b)) of a = z_p/τ, b = z_q/τ: js's X and Y when lset is w's own; a vocab
@@ -127,6 +135,9 @@ class PairCoefs:
     ce_p: Optional[Tensor] = None
     ce_q: Optional[Tensor] = None
     ce_u: Optional[Tensor] = None
+    #: the per-view entropies' coefficients ``[N, 2]`` (columns p, q) and ``[M]`` (rows xu); None: no such term
+    entropy: Optional[Tensor] = None
+    entropy_u: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,8 @@ class CEOut:
 @dataclass(frozen=True)
 class PairOut:
     """Per-row outputs of a pair forward: ``ce_p``, ``ce_q``, ``div [N]``, ``stats [N, 8]``
-    (:class:`lsa_kernels.maths.Stat`), and ``ce_u``, ``lse_u [M]`` for the CE-only rows (None without)."""
+    (:class:`lsa_kernels.maths.Stat`), and ``ce_u``, ``lse_u [M]`` for the CE-only rows (None without); the
+    per-view extras when the options ask (module docstring)."""
 
     ce_p: Tensor
     ce_q: Tensor
@@ -178,6 +190,12 @@ class PairOut:
     stats: Tensor
     ce_u: Optional[Tensor] = None
     lse_u: Optional[Tensor] = None
+    #: per-view extras (opts.ce.entropy / opts.ce.argmax; else None): entropy of softmax(z) ``[N, 2]``
+    #: (columns p, q) and ``[M]`` for xu; argmax of z (int64, ties → lowest index) ``[N, 2]`` and ``[M]``
+    entropy: Optional[Tensor] = None
+    argmax: Optional[Tensor] = None
+    entropy_u: Optional[Tensor] = None
+    argmax_u: Optional[Tensor] = None
 
 
 @runtime_checkable

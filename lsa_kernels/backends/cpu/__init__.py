@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ... import _ext
-from ...maths import divergence_from_stats
+from ...maths import Stat, divergence_from_stats
 from ...options import N_PAIR_STATS, CEOptions, PairOptions
 from ..contract import Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
 from . import aten, ext, loop
@@ -131,7 +131,7 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     yp = rows.yp if ce_p_on else no_y
     yq = rows.yq if ce_q_on else no_y
     if coefs is not None and with_ce:
-        coefs = PairCoefs(coefs.div, coefs.ce_p if ce_p_on else zeros, coefs.ce_q if ce_q_on else zeros, coefs.ce_u)
+        coefs = dataclasses.replace(coefs, ce_p=coefs.ce_p if ce_p_on else zeros, ce_q=coefs.ce_q if ce_q_on else zeros)
     ce_p = _empty(N, like) if (fwd and ce_p_on) else zeros
     ce_q = _empty(N, like) if (fwd and ce_q_on) else zeros
     stats = _empty(N, like, N_PAIR_STATS) if fwd else saved.stats
@@ -140,6 +140,18 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     ce_u = _empty(M, like) if unpaired else None
     lse_u = (_empty(M, like) if fwd else saved.lse_u) if unpaired else None
     two = wq is not None
+    # per-view extras (contract; docs/maths.md §4): the ATen helpers on each view's raw chunk before the
+    # per-chunk function (compiled or ATen) reads it; the entropy's gradient term is added to its dz after
+    want_ent, want_am = fwd and opts.ce.entropy, fwd and opts.ce.argmax
+    ent_grad = coefs is not None and (coefs.entropy is not None or coefs.entropy_u is not None)
+    if (want_ent or want_am or ent_grad) and two:
+        raise ValueError("per-view entropy / argmax are not supported with a second head")
+    if ent_grad and (saved is None or saved.entropy is None):
+        raise ValueError("coefs.entropy needs the forward's entropy: pass it in saved.entropy")
+    ent = _empty(N, like, 2) if want_ent else None
+    am = torch.empty(N, 2, dtype=torch.int64, device=like.device) if want_am else None
+    ent_u = _empty(M, like) if (want_ent and unpaired) else None
+    am_u = torch.empty(M, dtype=torch.int64, device=like.device) if (want_am and unpaired) else None
     parts = [loop.Part(rows.xp, grads.dxp, ce_p_on or opts.grad_p),
              loop.Part(rows.xq, grads.dxq, ce_q_on or opts.grad_q, head=1 if two else 0)]
     if unpaired:
@@ -149,10 +161,32 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     def sl_(t, s):
         return None if t is None else t[s]
 
+    def extras(zk, e, a, idx, s, lse, h, ce_):
+        """Forward: the extras of one view's chunk into e / a (column idx); backward: its entropy term."""
+        if want_ent or want_am:
+            er, ar = aten.view_extras(zk, opts.ce, want_ent, want_am)
+            if want_ent:
+                e[s, idx] = er
+            if want_am:
+                a[s, idx] = ar
+        if ent_grad and ce_ is not None:
+            return aten.entropy_grad(zk, opts.ce, lse[s], h[s, idx], ce_[s, idx])
+        return None
+
+    ent_saved = None if fwd else saved.entropy
+    ce_ent = None if coefs is None else coefs.entropy
+    ce_ent_u = None if coefs is None or coefs.entropy_u is None else coefs.entropy_u.unsqueeze(1)
+
     def step(z, sl):
         s = sl[0]
         c = None if coefs is None else PairCoefs(coefs.div[s], sl_(coefs.ce_p, s), sl_(coefs.ce_q, s))
+        tp = extras(z[0], ent, am, 0, s, stats[:, Stat.LSE_P], ent_saved, ce_ent)
+        tq = extras(z[1], ent, am, 1, s, stats[:, Stat.LSE_Q], ent_saved, ce_ent)
         cp, cq, st = fns.pair_chunk(z[0], z[1], sl_(yp, s), sl_(yq, s), opts, None if fwd else stats[s], c)
+        for zk, t in ((z[0], tp), (z[1], tq)):
+            if t is not None:
+                zk.add_(t)
+        del tp, tq
         if fwd:
             stats[s] = st
             if ce_p_on:
@@ -161,16 +195,24 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
                 ce_q[s] = cq
         if unpaired:
             u = sl[2]
+            tu = None
+            if want_ent or want_am or (ent_grad and ce_ent_u is not None):
+                eu = None if ent_u is None else ent_u.unsqueeze(1)
+                tu = extras(z[2], eu, None if am_u is None else am_u.unsqueeze(1), 0, u, lse_u,
+                            None if fwd else saved.entropy_u.unsqueeze(1), ce_ent_u)
             lu, lsu = fns.ce_chunk(z[2], rows.yu[u], opts.ce, None if fwd else lse_u[u],
                                    None if coefs is None else coefs.ce_u[u])
             ce_u[u] = lu
             if fwd:
                 lse_u[u] = lsu
+            if tu is not None:
+                z[2].add_(tu)
 
-    n_rows = chunk_rows(w.shape[0], fns.K_PAIR, opts.ce.chunk_bytes)
+    n_rows = chunk_rows(w.shape[0], fns.K_PAIR + (aten.K_PAIR_EXTRA if ent_grad else 0), opts.ce.chunk_bytes)
     loop.run(parts, w, b, max(n_rows, 2 + unpaired), step, backward=coefs is not None, dw=grads.dw,
              db=grads.db, heads=heads)
-    return PairOut(ce_p, ce_q, divergence_from_stats(stats, opts.divergence), stats, ce_u, lse_u)
+    return PairOut(ce_p, ce_q, divergence_from_stats(stats, opts.divergence), stats, ce_u, lse_u, ent, am, ent_u,
+                   am_u)
 
 
 class CpuBackend:

@@ -37,6 +37,7 @@ Tensor = torch.Tensor
 K_CE = 3
 K_PAIR = 5
 K_CE_EXT = 4  # ce_chunk_ext: z, log p, p (+ the entropy's two temporaries in forward)
+K_PAIR_EXTRA = 1  # long-short's per-view extras: one entropy-gradient term per row kept across pair_chunk
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -140,6 +141,33 @@ def ce_chunk_ext(z: Tensor, y: Tensor, opts: CEOptions, lse: Optional[Tensor] = 
         del lp
         z.copy_(_softcap_grad_(dz, z, opts.softcap))
     return loss, lse, ent, am
+
+
+def view_extras(z: Tensor, opts: CEOptions, entropy: bool, argmax: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(entropy [c] or None, argmax [c] or None) of a chunk of RAW logits, left unchanged (long-short's per-view
+    outputs, docs/maths.md §4; the forms of :func:`ce_chunk_ext`): ``H = log Σ e^{z−m} − E_p[z − m]`` of the
+    softcapped z, the argmax of the softcapped z (ties: lowest index). Memory: 2 fp32 [c, V] temporaries."""
+    zc = _softcap_(z.clone(), opts.softcap)
+    am = zc.argmax(1) if argmax else None
+    ent = None
+    if entropy:
+        zc.sub_(zc.amax(1, keepdim=True))
+        e = zc.exp()
+        s = e.sum(1)
+        ent = s.log() - _rowdot(e, zc) / s
+    return ent, am
+
+
+def entropy_grad(z: Tensor, opts: CEOptions, lse: Tensor, entropy: Tensor, coef: Tensor) -> Tensor:
+    """``coef ⊙ ∂H/∂z_raw = −coef ⊙ p ⊙ (log p + H) ⊙ softcap'`` ``[c, V]`` of a chunk of RAW logits (left
+    unchanged), p = softmax(softcap(z)) with the forward's ``lse`` and ``entropy`` H (docs/maths.md §3, §4).
+    Memory: the result plus 2 fp32 [c, V] temporaries."""
+    zc = _softcap_(z.clone(), opts.softcap)
+    lp = zc - lse.to(zc.dtype).unsqueeze(1)
+    p = lp.exp()
+    g = lp.add_(entropy.to(zc.dtype).unsqueeze(1)).mul_(p).mul_(coef.to(zc.dtype).neg().unsqueeze(1))
+    del p
+    return _softcap_grad_(g, zc, opts.softcap)
 
 
 def _js_log_ratios(a: Tensor, b: Tensor, lta: Tensor, ltb: Tensor) -> Tuple[Tensor, Tensor]:
