@@ -313,8 +313,9 @@ class LongShortObjective(nn.Module):
 
     def forward(self, window: torch.Tensor, l_extra: int, alpha: float, views: int = 0) -> LongShortLoss:
         """``views``: 0 = the default pairing above; 2 with ``alpha == 0`` = CE over BOTH views of ``window``
-        ``[B, l_train + l_extra + 1]`` (the same tokens as the long-short loss, without the divergence)."""
-        if alpha == 0:
+        ``[B, l_train + l_extra + 1]`` (the same tokens as the long-short loss, without the divergence); with a
+        ``ce_weighting`` (LongCE, which needs the pairing) that is the long-short loss at ``alpha = 0``."""
+        if alpha == 0 and not (views == 2 and self.loss_kw.get("ce_weighting", "none") != "none"):
             head = output_head(self.model)
             if views == 2:
                 long, short = make_views(window, l_extra)

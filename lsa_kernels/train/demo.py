@@ -1,4 +1,4 @@
-"""The paper's experiment in miniature: context extension x4, four fine-tuning arms, several seeds.
+"""The paper's experiment in miniature: context extension x4, five fine-tuning arms, several seeds.
 
     lsa demo                                  # make demo: the defaults below
     lsa demo --seeds 5 --extra-arms sce@0.5   # the committed run (benchmarks/results/demo, docs/demo.md)
@@ -15,6 +15,9 @@ gives every arm the same windows in the same order and the same initial weights:
     ce2     alpha = 0, CE on both views: the same tokens as the regularised arms, no divergence
     sce     alpha = 0.1, divergence sce (the paper's: CE(p,q) + CE(q,p) = H(p) + H(q) + KL + KL)
     symkl   alpha = 0.1, divergence sym_kl (KL(p||q) + KL(q||p): alignment without the entropy terms)
+    longce  alpha = 0, CE on both views, each paired long row's CE weighted by min(exp(CE_short - CE_long), 5)
+            (LongCE, Fang et al., gamma 5; detached; short rows and unpaired long rows weight 1; docs/maths.md
+            §13): the same training tokens as ce2, which it is compared with
     --extra-arms NAME@ALPHA ...  e.g. sce@0.5 (the paper reports alpha 0.5 / 1.0 as harmful)
 
 Evaluation (``<out>/eval``) of every fine-tuned run and of the extended base before fine-tuning ("base x4",
@@ -33,18 +36,18 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
 from typing import Dict, List, Optional
 
-# the four arms of the protocol: TrainConfig fields that differ between them
+# the five arms of the protocol: TrainConfig fields that differ between them (the rest at TrainConfig's defaults)
 ARMS: Dict[str, dict] = {
     "ce1": {"alpha": 0.0, "ce_views": 1, "divergence": "sce"},
     "ce2": {"alpha": 0.0, "ce_views": 2, "divergence": "sce"},
     "sce": {"alpha": 0.1, "ce_views": 0, "divergence": "sce"},
     "symkl": {"alpha": 0.1, "ce_views": 0, "divergence": "sym_kl"},
+    "longce": {"alpha": 0.0, "ce_views": 2, "divergence": "sce", "ce_weighting": "longce", "longce_gamma": 5.0},
 }
 _DIVERGENCES = {"sce": "sce", "symkl": "sym_kl", "sym_kl": "sym_kl", "kl": "kl", "kl_reverse": "kl_reverse", "js": "js"}
 DEFAULT_SEEDS = 5
@@ -62,6 +65,8 @@ def parse_arm(spec: str):
         a = float(alpha)
     except ValueError:
         a = math.nan
+    if name in ARMS and name not in _DIVERGENCES:
+        raise ConfigError(f"--extra-arms: {spec!r}: {name} is an arm of the protocol (--arms ... {name}), not NAME@ALPHA")
     if not sep or name not in _DIVERGENCES or not (math.isfinite(a) and a > 0):
         raise ConfigError(f"--extra-arms: {spec!r} is not NAME@ALPHA with NAME one of {', '.join(_DIVERGENCES)} "
                           "and ALPHA > 0 (e.g. sce@0.5)")
@@ -168,12 +173,17 @@ def _result_fields(cfg) -> dict:
 
 
 def finished(cfg) -> bool:
-    """``cfg.out`` holds a completed run (metrics at the last step, a checkpoint) of the same configuration."""
+    """``cfg.out`` holds a completed run (metrics at the last step, a checkpoint) of the same configuration.
+
+    A field missing from the run's config.json (written before the field existed) counts as its TrainConfig
+    default: fields are added with defaults that keep what the older code computed (docs/demo.md, "The
+    committed run", checks this by re-running an old run)."""
     from .checkpoint import latest_checkpoint
+    from .config import TrainConfig
 
     try:
         with open(os.path.join(cfg.out, "config.json")) as f:
-            on_disk = json.load(f)
+            on_disk = dict(dataclasses.asdict(TrainConfig()), **json.load(f))
         with open(os.path.join(cfg.out, "metrics.json")) as f:
             metrics = json.load(f)
     except (OSError, ValueError):
@@ -276,24 +286,6 @@ def check_view(model_dir: str, view: str, length: int) -> float:
     return diff
 
 
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "python": platform.python_version(),
-            "platform": platform.platform(), "loadavg_at_start": load}
-
-
 def _clean(x):
     """NaN/inf -> None so results.json is strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -324,6 +316,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     from ..integrations.hf import UnsupportedModel
     from . import demo_stats as S
     from .checkpoint import atomic_write_text
+    from .demo_measure import machine
     from .evaluate import evaluate
     from .checkpoint import model_dir
     from .config import ConfigError
@@ -422,8 +415,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
         f"{' (reused)' if wall['base_reused'] else ''}. Fine-tuning: {a.rope_scaling} x{a.rope_factor:g} -> l_train "
         f"{l_train}, {'LoRA rank ' + str(a.lora) if a.lora else 'full fine-tuning'}, batch {a.batch_size}, "
         f"{a.steps} steps, lr {a.lr:g} (warmup {a.warmup}, cosine to 0.1), grad clip 1.0, seeds 0..{a.seeds - 1}. "
-        f"Arms: " + "; ".join(f"{k} (alpha {v['alpha']:g}, {_views(v)}{'' if v['alpha'] == 0 else ', ' + v['divergence']})"
-                             for k, v in p["arms"].items()) + ".",
+        f"Arms: " + "; ".join(f"{k} ({_describe(v)})" for k, v in p["arms"].items()) + ".",
         f"Evaluation: held-out text, {a.n_windows} windows per length (the same target tokens at every length), "
         f"LongPPL key tokens chosen by {ref_label}, LSM over {a.lsm_samples} samples. Lower is better everywhere. "
         f"train CE = mean training CE over the last 10 % of steps.",
@@ -481,9 +473,15 @@ def replot(out: str) -> int:
     return 0
 
 
-def _views(fields: dict) -> str:
+def _describe(fields: dict) -> str:
+    """An arm's settings in words, for the table's header: alpha, CE views, divergence, CE weighting."""
     v = fields.get("ce_views") or (1 if fields["alpha"] == 0 else 2)
-    return "CE on one view" if v == 1 else "CE on both views"
+    words = [f"alpha {fields['alpha']:g}", "CE on one view" if v == 1 else "CE on both views"]
+    if fields["alpha"] != 0:
+        words.append(fields["divergence"])
+    if fields.get("ce_weighting", "none") == "longce":
+        words.append(f"LongCE weights on the paired long rows, gamma {fields.get('longce_gamma', 5.0):g}")
+    return ", ".join(words)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The cost of a long-short training step against a plain-CE step (docs/training.md, "Cost of a long-short
 step"): one optimizer step (forward, backward, AdamW) of the demo model on the same windows, ``alpha = 0`` on
 one view vs ``alpha = 0.1`` on both views (docs/maths.md §4), each mode in its own process so that peak
-memory is not shared; median / min wall time, median process CPU time and the peak extra memory.
+memory is not shared; median / min wall time, median process CPU time and the peak extra memory. Also
+:func:`machine`, the description of the machine that ``lsa demo`` stores in its results.json.
 
     OMP_NUM_THREADS=1 python -m lsa_kernels.train.demo --measure --repeats 10 [--backend reference]
 """
@@ -10,10 +11,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
 from typing import List, Optional
+
+
+def machine() -> dict:
+    """The machine a demo ran on (results.json's "machine"): CPU, cores, torch threads and version, load."""
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg_at_start": load}
 
 
 def _rss_kib(field: str) -> int:

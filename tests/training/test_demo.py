@@ -1,5 +1,6 @@
 """The multi-seed demo: its statistics on hand-made numbers, and a tiny end-to-end run (lsa demo)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -117,6 +118,8 @@ def test_parse_arm_and_bad_options(capsys, tmp_path):
     for bad in ("sce", "sce@0", "foo@0.1", "sce@x", "sce@nan"):
         with pytest.raises(ConfigError, match="--extra-arms"):
             parse_arm(bad)
+    with pytest.raises(ConfigError, match=r"longce is an arm of the protocol \(--arms"):
+        parse_arm("longce@5")
     out = tmp_path / "d"
     bad = [(["--seeds", "0"], "--seeds"), (["--extra-arms", "sce@-1"], "--extra-arms"),
            (["--rope-factor", "0.5"], "--rope-factor"), (["--threads", "-1"], "--threads"),
@@ -127,6 +130,45 @@ def test_parse_arm_and_bad_options(capsys, tmp_path):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("lsa demo: error:") and msg in err[0], err
         assert not out.exists()
+
+
+def test_protocol_arms_and_their_train_configs(tmp_path):
+    from lsa_kernels.train.demo import _parser, plan
+
+    p = plan(_parser().parse_args(["--out", str(tmp_path / "d"), "--seeds", "2"]))
+    assert list(p["arms"]) == ["ce1", "ce2", "sce", "symkl", "longce"]  # make demo's arms, in table order
+    assert [(a, s) for a, s, _ in p["runs"]] == [(a, s) for s in (0, 1) for a in p["arms"]]
+    cfg = {(a, s): c for a, s, c in p["runs"]}
+    fields = ("alpha", "ce_views", "divergence", "ce_weighting", "longce_gamma")
+    want = {"ce1": (0.0, 1, "sce", "none", 5.0), "ce2": (0.0, 2, "sce", "none", 5.0),
+            "sce": (0.1, 0, "sce", "none", 5.0), "symkl": (0.1, 0, "sym_kl", "none", 5.0),
+            "longce": (0.0, 2, "sce", "longce", 5.0)}
+    for arm, w in want.items():
+        assert tuple(getattr(cfg[(arm, 1)], f) for f in fields) == w, arm
+    # longce differs from its comparison arm ce2 in the CE weighting only (and its output directory)
+    d2, dl = vars(cfg[("ce2", 0)]), vars(cfg[("longce", 0)])
+    assert {k for k in d2 if d2[k] != dl[k]} == {"ce_weighting", "out"}
+    assert not any(c.ce_weighting == "longce" for a, _, c in p["runs"] if a != "longce")
+    assert [a for a, _, _ in plan(_parser().parse_args(["--out", "x", "--seeds", "1", "--arms", "longce"]))["runs"]] == ["longce"]
+
+
+def test_finished_reads_missing_fields_as_defaults(tmp_path):
+    from lsa_kernels.train.config import TrainConfig
+    from lsa_kernels.train.demo import finished
+
+    out = tmp_path / "run"
+    (out / "ckpt-000003").mkdir(parents=True)
+    (out / "ckpt-000003" / "trainer.pt").write_bytes(b"")
+    (out / "latest").write_text("ckpt-000003")
+    (out / "metrics.json").write_text(json.dumps({"step": 3}))
+    cfg = TrainConfig(steps=3, out=str(out), ce_views=2)
+    d = dataclasses.asdict(cfg)
+    for missing in ({}, {"ce_weighting", "longce_gamma"}):  # written before these fields existed: their defaults
+        (out / "config.json").write_text(json.dumps({k: v for k, v in d.items() if k not in missing}))
+        assert finished(cfg), missing
+    assert not finished(dataclasses.replace(cfg, ce_weighting="longce"))  # a missing field is not a wildcard
+    (out / "config.json").write_text(json.dumps(dict(d, longce_gamma=2.0)))
+    assert not finished(cfg) and not finished(dataclasses.replace(cfg, steps=4))
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -146,13 +188,13 @@ def test_demo_end_to_end_tiny(tmp_path):
     texts = write_corpus_texts(tmp_path / "texts")
     out = tmp_path / "demo"
     argv = TINY + ["--out", str(out), "--train-files", *texts["train"], "--eval-files", *texts["test"]]
-    assert demo_main(argv + ["--seeds", "2", "--arms", "ce1", "ce2", "--extra-arms", "symkl@0.5"]) == 0
+    assert demo_main(argv + ["--seeds", "2", "--arms", "ce1", "ce2", "longce", "--extra-arms", "symkl@0.5"]) == 0
     for f in ("table.md", "results.json", "demo.png", "eval/results.json"):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
     assert res["protocol"]["l_train"] == 64 and res["protocol"]["lengths"] == [64, 128, 256]
     runs = res["runs"]
-    assert [(r["arm"], r["seed"]) for r in runs] == [(a, s) for s in (0, 1) for a in ("ce1", "ce2", "symkl@0.5")]
+    assert [(r["arm"], r["seed"]) for r in runs] == [(a, s) for s in (0, 1) for a in ("ce1", "ce2", "longce", "symkl@0.5")]
     for r in runs:  # every run trained its steps at the extended length, from the extended base
         assert r["steps_logged"] == 2 and math.isfinite(r["metrics"]["PPL@256"]) and math.isfinite(r["metrics"]["train CE"])
         cfg = json.loads((out / "runs" / r["arm"] / f"seed{r['seed']}" / "config.json").read_text())
@@ -162,16 +204,27 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert by[("symkl@0.5", 0)]["train_misalign"] > 0
     cfg = json.loads((out / "runs" / "symkl@0.5" / "seed0" / "config.json").read_text())
     assert (cfg["alpha"], cfg["divergence"]) == (0.5, "sym_kl")
+    cfg = json.loads((out / "runs" / "longce" / "seed0" / "config.json").read_text())
+    assert (cfg["alpha"], cfg["ce_views"], cfg["ce_weighting"], cfg["longce_gamma"]) == (0, 2, "longce", 5)
+    # the weighting reached the loss: same windows, same initial weights as ce2, a different logged CE at step 1
+    ce_first = {a: json.loads((out / "runs" / a / "seed0" / "log.jsonl").read_text().splitlines()[0])["ce"]
+                for a in ("ce2", "longce")}
+    assert ce_first["longce"] != ce_first["ce2"], ce_first
     # the evaluated models carry the extension; the view past 64 positions changes no output
     assert res["wall_s"]["view_max_logit_diff"] == 0.0
     assert res["eval_runs"]["symkl@0.5/seed1"]["rope"]["rope_type"] == "linear"
     st = res["stats"]
-    assert set(st["paired"]) == {"ce1", "ce2"} and set(st["paired"]["ce1"]) == {"ce2", "symkl@0.5"}
-    assert len(st["verdicts"]) == 3 * 4 and st["verdicts"][0].startswith("ce2 vs ce1: PPL@64 lower on ")
+    assert set(st["paired"]) == {"ce1", "ce2"} and set(st["paired"]["ce1"]) == {"ce2", "longce", "symkl@0.5"}
+    assert set(st["paired"]["ce2"]) == {"ce1", "longce", "symkl@0.5"}
+    assert len(st["verdicts"]) == 3 * 6 and st["verdicts"][0].startswith("ce2 vs ce1: PPL@64 lower on ")
+    for ref in ("ce1", "ce2"):
+        for m in ("PPL@64", "PPL@256", "LongPPL@256"):
+            assert sum(v.startswith(f"longce vs {ref}: {m}") for v in st["verdicts"]) == 1, (ref, m)
     assert set(st["correlation"]) == {"LSM(sce)", "LSM(sym_kl)", "train CE", "train loss"}
-    assert st["correlation"]["LSM(sce)"]["pearson"]["n"] == 6
+    assert st["correlation"]["LSM(sce)"]["pearson"]["n"] == 8
     table = (out / "table.md").read_text()
     assert "| base x4 | 1 |" in table and "Verdicts" in table and "Wall time" in table
+    assert "| longce | 2 |" in table and "longce (alpha 0, CE on both views, LongCE weights on the paired long rows, gamma 5)" in table
     # a second call reuses the finished base (and, with --resume, the finished run): only the evaluation runs
     assert demo_main(argv + ["--seeds", "1", "--arms", "ce1", "--resume"]) == 0
     res2 = json.loads((out / "results.json").read_text())
