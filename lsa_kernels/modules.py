@@ -55,7 +55,8 @@ class LinearDivergenceLoss(nn.Module):
 class LongShortAlignmentLoss(nn.Module):
     """``loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, linear_bias=None,
     token_weight_long=None, token_weight_short=None)`` -> :class:`LongShortLoss` — see
-    :func:`lsa_kernels.long_short_loss` (``ce_weighting="longce"``, ``longce_gamma`` go to the constructor)."""
+    :func:`lsa_kernels.long_short_loss` (``ce_weighting="longce"``, ``longce_gamma`` go to the constructor; so do
+    ``return_lse`` / ``return_entropy`` / ``return_accuracy``, which make it return a LongShortOutput)."""
 
     def __init__(self, *, alpha: float = 0.1, divergence: str = "sce", temperature: float = 1.0,
                  detach: Optional[str] = None, positions: str = "overlap", ignore_index: int = -100,
@@ -67,7 +68,7 @@ class LongShortAlignmentLoss(nn.Module):
                        label_smoothing=label_smoothing, z_loss=z_loss, backend=backend, **kw)
 
     def forward(self, hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra: int,
-                linear_bias=None, token_weight_long=None, token_weight_short=None) -> LongShortLoss:
+                linear_bias=None, token_weight_long=None, token_weight_short=None):
         return LF.long_short_loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short,
                                   l_extra=l_extra, linear_bias=linear_bias, token_weight_long=token_weight_long,
                                   token_weight_short=token_weight_short, **self.kw)
