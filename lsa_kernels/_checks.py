@@ -129,10 +129,9 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
     prob_shape = tuple(x.shape[:-1]) + (w.shape[0],)
     prob = isinstance(y, torch.Tensor) and y.is_floating_point()
     if prob:
-        if parallel:
-            raise ValueError("probability targets are not supported with process_group= (vocab-parallel head); "
-                             "gather the head or use class-index targets")
-        if tuple(y.shape) != prob_shape:
+        # under process_group the last dim is V or this rank's V_r, checked once the shards are known
+        # (check_prob_target_shard)
+        if tuple(y.shape) != prob_shape and not (parallel and tuple(y.shape[:-1]) == tuple(x.shape[:-1])):
             raise TypeError(
                 f"target must hold integer class indices (int64) of shape {tuple(x.shape[:-1])}, or probabilities: "
                 f"a float tensor of the logits' shape {prob_shape}; got a {y.dtype} tensor of shape {tuple(y.shape)}"
@@ -155,23 +154,29 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
             raise ValueError("weight= (class weights) with label_smoothing > 0 cannot be combined with softcap: the "
                              "smoothing term Σ_v weight_v z_v is formed without the logits, which needs z linear in "
                              "linear_weight; pass softcap=None, or label_smoothing=0")
-        if label_smoothing > 0 and parallel:
-            raise ValueError("weight= (class weights) with label_smoothing > 0 is not supported with process_group= "
-                             "(vocab-parallel head); use label_smoothing=0 or an unsharded head")
     check_token_weight("token_weight", token_weight, x.shape[:-1], x.device, check_values)
     return prob
 
 
-def check_per_token(extras, linear_path: bool, parallel: bool) -> None:
-    """``(return_lse, return_entropy, return_accuracy)``: what linear_cross_entropy can return per token."""
+def check_per_token(extras, linear_path: bool, parallel: bool = False) -> None:
+    """``(return_lse, return_entropy, return_accuracy)``: what linear_cross_entropy can return per token (all
+    three also under process_group=: docs/maths.md §15)."""
     names = [n for n, on in zip(("return_lse", "return_entropy", "return_accuracy"), extras) if on]
     if names and linear_path:
         raise ValueError(f"{', '.join(names)} cannot be combined with probability targets or with weight= and "
                          "label_smoothing > 0 (that loss is not a per-row CE of one pass); compute them separately")
-    bad = [n for n in names if n != "return_lse"]
-    if bad and parallel:
-        raise ValueError(f"{', '.join(bad)} is not supported with process_group= (vocab-parallel head); "
-                         "return_lse is")
+
+
+def check_prob_target_shard(y: torch.Tensor, V: int, V_r: int, vocab_start: int) -> None:
+    """A probability target under process_group= (docs/maths.md §15): its last dim is the whole vocabulary's V
+    (the full distribution, the same on every rank) or this rank's V_r (its columns [vocab_start, vocab_start +
+    V_r)); anything else is refused naming ``target``."""
+    if y.shape[-1] not in (V, V_r):
+        raise ValueError(
+            f"target (probabilities) under process_group= must have last dim V={V} (the full distribution, the "
+            f"same on every rank) or V_r={V_r} (this rank's columns {vocab_start}:{vocab_start + V_r}); got shape "
+            f"{tuple(y.shape)}"
+        )
 
 
 def check_class_weight(weight, V: Optional[int], device, check_values: bool) -> None:

@@ -181,12 +181,13 @@ def linear_cross_entropy(
     64 MiB; the rows per chunk follow from V). ``check_targets=False`` skips the host syncs that check target and
     weight values. ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
     vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.backends.vocab_parallel`); targets are
-    global ids, ``weight`` covers the whole vocabulary.
+    global ids, ``weight`` covers the whole vocabulary, a probability target is the full ``[..., V]`` or this
+    rank's columns ``[..., V_r]`` (docs/maths.md §15).
     Returns a scalar, or a tensor of ``input.shape[:-1]`` for ``reduction="none"`` (then ``-loss`` is each row's
     log-probability of its target when ``label_smoothing = z_loss = 0``). Honours autocast like ``F.linear``
     (module docstring).
-    Per-token outputs, in the same pass over V (docs/maths.md §3; class-index targets; entropy and accuracy
-    not with ``process_group``, none of them with probability targets or class-weighted smoothing):
+    Per-token outputs, in the same pass over V (docs/maths.md §3; class-index targets; none of them with
+    probability targets or class-weighted smoothing; all of them under ``process_group``, §15):
     ``return_lse`` (log-normaliser per row, no gradient), ``return_entropy`` (entropy of softmax(z) per row,
     every row; differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax == target, bool, False
     on ignored rows). With any of them the result is a :class:`CrossEntropyOutput` ``(loss, lse, entropy,
@@ -219,6 +220,8 @@ def _linear_cross_entropy(
                          ignore_index, check_targets)
     if process_group is not None and weight is not None:
         _checks.check_class_weight(weight, be.shard.vocab_total, input.device, check_targets)
+    if process_group is not None and prob:  # [..., V] (full) or [..., V_r] (this rank's columns): docs/maths.md §15
+        _checks.check_prob_target_shard(target, be.shard.vocab_total, be.shard.vocab_size, be.shard.vocab_start)
     linear_path = prob or (weight is not None and label_smoothing > 0)
     _checks.check_per_token(extras, linear_path, process_group is not None)
     if be == "reference":
@@ -236,10 +239,11 @@ def _linear_cross_entropy(
     if linear_path:
         from .weights import linear_target_loss
 
-        y = target.reshape(-1, linear_weight.shape[0]) if prob else target.reshape(-1)
+        y = target.reshape(-1, target.shape[-1]) if prob else target.reshape(-1)
         out = linear_target_loss(
             x, linear_weight, linear_bias, y, prob=prob, class_weight=weight, token_weight=tw, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, opts=opts, backend=be,
+            shard=None if process_group is None else be.shard,
         )
         return out.reshape(rows_shape) if reduction == "none" else out
     from .autograd import linear_cross_entropy_fused

@@ -23,6 +23,11 @@ class is in no shard": softmax gradient, no one-hot (lsa_kernels.backends.contra
 Cost over the plain fused CE: forward and backward are separate passes (the lse coefficient is only known in
 backward), and probability targets add two GEMMs of the logits' size (t·W in forward, tᵀ·x for dW).
 With a softcap, z is not linear in W: these combinations are refused (functional).
+
+Vocab-parallel head (docs/maths.md §15; ``shard=``): every L above is a sum over the classes, so each rank forms
+its shard's share (its rows of W and b, its columns of t and c; z_y on the owner only) and ONE all-reduce sums
+them (with the target mass Σ_v t_v c_v); lse is the VocabParallel merge. In backward, dW and db stay the shard's
+and the shares of dx (the linear terms' and lse's) are all-reduced once (vocab_parallel.copy_to_shards).
 """
 
 from __future__ import annotations
@@ -56,14 +61,15 @@ class _RowLSE(torch.autograd.Function):
 
     @staticmethod
     @_autocast_off
-    def forward(ctx, x, w, b, x_acc, w_acc, b_acc, opts: CEOptions, backend):
+    def forward(ctx, x, w, b, x_acc, w_acc, b_acc, opts: CEOptions, backend, n_classes: int, sharded: bool):
         be = backends.get(backend)
         x, w = x.detach().contiguous(), w.detach().contiguous()
         b = None if b is None else b.detach().contiguous()
-        y = torch.full((x.shape[0],), w.shape[0], dtype=torch.int64, device=x.device)
+        # the target n_classes (the whole vocabulary's V): "valid, class in no shard" (module docstring)
+        y = torch.full((x.shape[0],), n_classes, dtype=torch.int64, device=x.device)
         o = dataclasses.replace(opts, ignore_index=-1, label_smoothing=0.0, z_loss=0.0)
         lse = be.ce_forward(x, w, b, y, o).lse
-        ctx.o, ctx.backend = o, backend
+        ctx.o, ctx.backend, ctx.sharded = o, backend, sharded
         ctx.save_for_backward(x, w, b, y, lse)
         return lse
 
@@ -78,8 +84,9 @@ class _RowLSE(torch.autograd.Function):
             dw=torch.zeros(w.shape, **acc) if nw else None,
             db=torch.zeros(w.shape[0], **acc) if (nb and b is not None) else None,
         )
-        backends.get(ctx.backend).ce_backward(x, w, b, y, lse, g.to(_acc(x)).contiguous(), ctx.o, grads)
-        return None, None, None, grads.dx, grads.dw, grads.db, None, None
+        kw = dict(reduce_dx=False) if ctx.sharded else {}  # dx: this shard's share, all-reduced with the others
+        backends.get(ctx.backend).ce_backward(x, w, b, y, lse, g.to(_acc(x)).contiguous(), ctx.o, grads, **kw)
+        return None, None, None, grads.dx, grads.dw, grads.db, None, None, None, None
 
 
 class _TargetDot(torch.autograd.Function):
@@ -152,30 +159,48 @@ class _TargetDot(torch.autograd.Function):
 def linear_target_loss(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, *, prob: bool,
                        class_weight: Optional[Tensor], token_weight: Optional[Tensor], reduction: str,
                        ignore_index: int, label_smoothing: float, z_loss: float, opts: CEOptions,
-                       backend) -> Tensor:
+                       backend, shard=None) -> Tensor:
     """The loss of the module docstring over rows ``x [N, H]`` with ``target`` ``[N]`` (int, ``prob`` False) or
     ``[N, V]`` (``prob``); reduced like the CE (docs/maths.md §3, §11): ``mean`` = Σ w·ℓ / Σ w over counted rows
-    with w = token weight × (index targets) c_y — torch's definitions —, 0 with zero gradients when Σ w = 0."""
+    with w = token weight × (index targets) c_y — torch's definitions —, 0 with zero gradients when Σ w = 0.
+
+    ``shard`` (a :class:`lsa_kernels.distributed.Shard`; ``backend`` is then the VocabParallel wrapper): ``w``/``b``
+    are this rank's rows ``[s, s+V_r)`` of the head, ``class_weight`` is the whole ``[V]``, a probability target
+    is ``[N, V]`` or this rank's columns ``[N, V_r]`` (docs/maths.md §15). The linear terms are formed on the
+    shard and summed over the ranks (one all-reduce of ``[N, 2]``); their dx and lse's dx are this shard's shares,
+    all-reduced once in backward; dW, db stay the shard's."""
+    from .backends import vocab_parallel as vp
+
     acc = _acc(x)
-    N, V = x.shape[0], w.shape[0]
+    N = x.shape[0]
+    V = w.shape[0] if shard is None else shard.vocab_total
     eps = float(label_smoothing)
     x32, w32 = x.to(acc), w.to(acc)
     b32 = None if b is None else b.to(acc)
-    lse = _RowLSE.apply(x, w, b, x32, w32, b32, opts, backend)
+    xl = x32 if shard is None else vp.copy_to_shards(x32, shard)  # rows for the shard's own terms
+    lse = _RowLSE.apply(x, w, b, xl, w32, b32, opts, backend, V, shard is not None)
     c = None if class_weight is None else class_weight.to(acc)
-    if eps > 0:  # Σ_v c_v z_v = x·(cᵀW) + c·b
-        u = w32.sum(0) if c is None else c @ w32
-        cz = x32 @ u
+    cw_here = class_weight  # the class weights of this shard's classes
+    if shard is not None and class_weight is not None:
+        cw_here = class_weight[shard.vocab_start : shard.vocab_start + shard.vocab_size]
+    cl = None if cw_here is None else cw_here.to(acc)
+    if eps > 0:  # Σ_v c_v z_v = x·(cᵀW) + c·b   (over the shard's classes)
+        u = w32.sum(0) if cl is None else cl @ w32
+        cz = xl @ u
         if b32 is not None:
-            cz = cz + (b32.sum() if c is None else c @ b32)
+            cz = cz + (b32.sum() if cl is None else cl @ b32)
         c_sum = float(V) if c is None else c.sum()
     if prob:
         budget = opts.chunk_bytes or _DEFAULT_BUDGET
-        tdot, mass = _TargetDot.apply(x32, w32, b32, target, class_weight, budget)
-        A, L = mass, tdot
+        t = target if shard is None else vp.shard_columns(target, shard)
+        L, mass = _TargetDot.apply(xl, w32, b32, t, cw_here, budget)
+        if eps > 0:
+            L = (1.0 - eps) * L + (eps / V) * cz
+        if shard is not None:  # Σ over the shards of Σ_{v∈r} T_v z_v and of the target mass
+            L, mass = vp.sum_over_shards(torch.stack([L, mass], 1), shard).unbind(1)
+        A = mass
         if eps > 0:
             A = (1.0 - eps) * A + (eps / V) * c_sum
-            L = (1.0 - eps) * L + (eps / V) * cz
         omega = None
         counted = torch.ones(N, dtype=acc, device=x.device)
         den_w = counted
@@ -184,14 +209,25 @@ def linear_target_loss(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor
         ys = torch.where(valid, target, torch.zeros_like(target))
         vf = valid.to(acc)
         cy = vf if c is None else c[ys] * vf
-        zy = (x32 * w32[ys]).sum(1)
-        if b32 is not None:
-            zy = zy + b32[ys]
+        if shard is None:
+            zy = (x32 * w32[ys]).sum(1)
+            if b32 is not None:
+                zy = zy + b32[ys]
+        else:  # the owner's z_y, 0 on the other shards
+            yl = ys - shard.vocab_start
+            here = valid & (yl >= 0) & (yl < shard.vocab_size)
+            yl = torch.where(here, yl, torch.zeros_like(yl))
+            zy = (xl * w32[yl]).sum(1)
+            if b32 is not None:
+                zy = zy + b32[yl]
+            zy = zy * here.to(acc)
         A = (1.0 - eps) * cy
         L = (1.0 - eps) * cy * zy
         if eps > 0:
             A = A + (eps / V) * c_sum * vf
             L = L + (eps / V) * vf * cz
+        if shard is not None:
+            L = vp.sum_over_shards(L, shard)
         omega = cy
         counted = vf
         den_w = cy

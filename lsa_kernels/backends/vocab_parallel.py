@@ -26,7 +26,8 @@ shard's sum, which is recovered as ``V_r·(lse_r − loss_r)`` (one rounding of 
 
 Bytes on the wire per op and rank (N rows, H hidden, R ranks, fp32), against gathering the logits:
 
-    forward  all_gather  R·N·k·4   (k = 3 for CE; 8 (+ 4 with CE) for a pair)    vs  R·N·V_r·4
+    forward  all_gather  R·N·k·4   (k = 3 for CE, +1 entropy, +2 argmax; 8 (+ 4 with CE) for a pair)
+                                                                                 vs  R·N·V_r·4
              js only: + all_reduce of N·2·4
     backward all_reduce  ≈ 2·N·H·4 per input (ring)                               (same for any TP head)
 
@@ -36,6 +37,19 @@ per view, with view q's target logit read from ``wq``/``bq``.
 
 Targets are global ids. On each rank a target outside the shard becomes ``V_r`` ("valid row, its
 class lives on another shard": the local backends add no one-hot for it), ``ignore_index`` stays.
+
+Per-token outputs of the CE (docs/maths.md §15), in the same exchange (one more column each):
+
+    entropy  H = Σ_r ω_r (H_r + lse − lse_r)        (H_r the shard's own entropy; every term ≥ 0)
+             gradient: the local ce_backward with coef_entropy and the MERGED lse and H is the shard's slice
+    argmax   each shard's (max_{v∈r} z_v, its global id): the max read back at the local argmax by a row-wise
+             dot (as z_y); the largest wins, ties -> the lowest global id (torch.argmax); the id rides in the
+             float exchange while V ≤ 2^24 (fp32; else one all-gather of int64 ids)
+
+Probability targets and class-weighted label smoothing (lsa_kernels.weights, docs/maths.md §15) are linear in
+the logits: each rank forms its shard's share of the linear term (:func:`copy_to_shards` rows whose gradient is
+all-reduced in backward, :func:`sum_over_shards` for the forward sum, :func:`shard_columns` for a target given
+as the full ``[N, V]`` or as this rank's ``[N, V_r]``) and the lse comes from :meth:`VocabParallel.ce_forward`.
 """
 
 from __future__ import annotations
@@ -67,6 +81,92 @@ def _merge_lse(lse_r: Tensor) -> Tensor:
     return torch.logsumexp(lse_r, dim=0)
 
 
+# the largest vocabulary whose ids a float of this dtype holds exactly (2^mantissa+1)
+_EXACT_INT = {torch.float32: 1 << 24, torch.float64: 1 << 53}
+
+
+def merge_entropy(lse_r: Tensor, lse: Tensor, ent_r: Tensor) -> Tensor:
+    """``[R, N]`` shard lse and entropies, ``[N]`` merged lse -> the entropy of the whole row ``[N]``:
+    ``H = Σ_r ω_r (H_r + lse − lse_r)``, ω_r = exp(lse_r − lse) (docs/maths.md §15; every term ≥ 0)."""
+    d = lse.unsqueeze(0) - lse_r
+    return (torch.exp(-d) * (ent_r + d)).sum(0)
+
+
+def merge_argmax(val_r: Tensor, idx_r: Tensor) -> Tensor:
+    """``[R, N]`` (max logit of each shard, its global id) -> the global argmax ``[N]``: the shard with the
+    largest max, ties -> the lowest global id (as torch.argmax; docs/maths.md §15)."""
+    best = val_r.amax(0, keepdim=True)
+    cand = torch.where(val_r == best, idx_r, torch.full_like(idx_r, torch.iinfo(torch.int64).max))
+    return cand.amin(0)
+
+
+# ------------------------------------------------------------------- autograd pieces for per-shard linear terms
+class _CopyToShards(torch.autograd.Function):
+    """Identity; backward all-reduces the gradient (each rank's is its shard's share of the full one)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce (sum) of per-shard partials; backward the identity (the result is replicated on every rank)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _ShardColumns(torch.autograd.Function):
+    """This rank's columns of a full ``[N, V]`` tensor (a view); backward puts every rank's slice of the gradient
+    in place (zeros + own slice, all-reduced), so that a replicated full tensor gets its full gradient."""
+
+    @staticmethod
+    def forward(ctx, t, start: int, size: int, group):
+        ctx.start, ctx.size, ctx.group, ctx.V = start, size, group, t.shape[-1]
+        return t.narrow(-1, start, size)
+
+    @staticmethod
+    def backward(ctx, g):
+        full = g.new_zeros(g.shape[:-1] + (ctx.V,))
+        full.narrow(-1, ctx.start, ctx.size).copy_(g)
+        dist.all_reduce(full, group=ctx.group)
+        return full, None, None, None
+
+
+def copy_to_shards(x: Tensor, shard: "Shard") -> Tensor:
+    """``x`` for per-shard terms: its gradient is all-reduced in backward (module docstring)."""
+    return _CopyToShards.apply(x, shard.group)
+
+
+def sum_over_shards(t: Tensor, shard: "Shard") -> Tensor:
+    """Σ over the ranks of per-shard partials (differentiable; module docstring)."""
+    return _SumOverShards.apply(t, shard.group)
+
+
+def shard_columns(t: Tensor, shard: "Shard") -> Tensor:
+    """A probability target's columns on this rank: ``t [N, V]`` (the full distribution) -> ``t[:, s : s+V_r]``;
+    ``t [N, V_r]`` (already this rank's columns) as it is (docs/maths.md §15; the last dim was checked)."""
+    if t.shape[-1] == shard.vocab_size:
+        return t
+    if t.requires_grad:
+        return _ShardColumns.apply(t, shard.vocab_start, shard.vocab_size, shard.group)
+    return t.narrow(-1, shard.vocab_start, shard.vocab_size)
+
+
 class VocabParallel:
     """A backend over a vocab-sharded head (module docstring)."""
 
@@ -96,20 +196,25 @@ class VocabParallel:
             return dataclasses.replace(opts, ce=self._opts(opts.ce))
         return dataclasses.replace(opts, vocab_total=self.shard.vocab_total)
 
+    @staticmethod
+    def _row_logit(x: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor, opts: CEOptions) -> Tensor:
+        """``[N]``: the (softcapped) logit ``z_i[idx_i]`` of each row for LOCAL indices ``idx`` (a row-wise dot)."""
+        acc = acc_dtype(x)
+        z = (x.to(acc) * w[idx].to(acc)).sum(-1)
+        if b is not None:
+            z = z + b[idx].to(acc)
+        if opts.has_softcap:
+            z = opts.softcap * torch.tanh(z / opts.softcap)
+        return z
+
     def _target_logit(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions) -> Tensor:
         """``[N]``: the (softcapped) target logit z_y where this shard owns y, else 0 (sums to z_y over ranks);
         zeros for a view without targets (``y`` None)."""
-        acc = acc_dtype(x)
         if y is None:
-            return torch.zeros(x.shape[0], dtype=acc, device=x.device)
+            return torch.zeros(x.shape[0], dtype=acc_dtype(x), device=x.device)
         yl = self._local_targets(y, opts.ignore_index)
         here = (yl >= 0) & (yl < self.shard.vocab_size) & (y != opts.ignore_index)
-        idx = torch.where(here, yl, torch.zeros_like(yl))
-        zy = (x.to(acc) * w[idx].to(acc)).sum(-1)
-        if b is not None:
-            zy = zy + b[idx].to(acc)
-        if opts.has_softcap:
-            zy = opts.softcap * torch.tanh(zy / opts.softcap)
+        zy = self._row_logit(x, w, b, torch.where(here, yl, torch.zeros_like(yl)), opts)
         return torch.where(here, zy, torch.zeros_like(zy))
 
     @staticmethod
@@ -141,15 +246,39 @@ class VocabParallel:
     def ce_forward(self, x, w, b, y, opts: CEOptions) -> CEOut:
         out = self.local.ce_forward(x, w, b, self._local_targets(y, opts.ignore_index),
                                     self._smoothing_opts(self._opts(opts)))
-        parts = torch.stack([out.lse, self._target_logit(x, w, b, y, opts).to(out.lse.dtype),
-                             self._zsum(out.loss, out.lse, opts)], dim=1)
-        g = _gather_rows(parts, self.shard)  # [R, N, 3]
+        dt = out.lse.dtype
+        cols = [out.lse, self._target_logit(x, w, b, y, opts).to(dt), self._zsum(out.loss, out.lse, opts)]
+        if opts.entropy:  # this shard's H_r (module docstring, per-token outputs)
+            cols.append(out.entropy.to(dt))
+        packed = False
+        if opts.argmax:  # (max z_r, global index of it): the max read back at the local argmax
+            gidx = out.argmax.to(torch.int64) + self.shard.vocab_start
+            cols.append(self._row_logit(x, w, b, out.argmax.to(torch.int64), opts).to(dt))
+            packed = self.shard.vocab_total <= _EXACT_INT[dt]  # the id rides in the float exchange, exactly
+            if packed:
+                cols.append(gidx.to(dt))
+        g = _gather_rows(torch.stack(cols, dim=1), self.shard)  # [R, N, 3 (+1 entropy) (+2 argmax)]
         lse = _merge_lse(g[:, :, 0])
-        return CEOut(self._ce_from(lse, g[:, :, 1].sum(0), g[:, :, 2].sum(0), y, opts), lse)
+        loss = self._ce_from(lse, g[:, :, 1].sum(0), g[:, :, 2].sum(0), y, opts)
+        k, ent, am = 3, None, None
+        if opts.entropy:
+            ent = merge_entropy(g[:, :, 0], lse, g[:, :, k])
+            k += 1
+        if opts.argmax:
+            idx = g[:, :, k + 1].to(torch.int64) if packed else _gather_rows(gidx.unsqueeze(1), self.shard)[:, :, 0]
+            am = merge_argmax(g[:, :, k], idx)
+        return CEOut(loss, lse, ent, am)
 
-    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads) -> None:
-        self.local.ce_backward(x, w, b, self._local_targets(y, opts.ignore_index), lse, coef, self._opts(opts), grads)
-        self._all_reduce(grads.dx)
+    def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads, *, coef_entropy=None, entropy=None,
+                    reduce_dx: bool = True) -> None:
+        """The local backward with the MERGED ``lse`` (and merged ``entropy``): its dz is exactly this shard's
+        slice of the full dz (module docstring). ``reduce_dx=False`` leaves ``grads.dx`` as this shard's share
+        (for a caller that all-reduces it together with other per-shard terms: lsa_kernels.weights)."""
+        kw = {} if coef_entropy is None else dict(coef_entropy=coef_entropy, entropy=entropy)
+        self.local.ce_backward(x, w, b, self._local_targets(y, opts.ignore_index), lse, coef, self._opts(opts), grads,
+                               **kw)
+        if reduce_dx:
+            self._all_reduce(grads.dx)
 
     # ----------------------------------------------------------------------------------- pairs
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
