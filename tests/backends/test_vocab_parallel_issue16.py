@@ -191,10 +191,20 @@ def _ties_body(rank, world, backend):
     z = x @ w.T + b
     assert torch.equal(z.argmax(-1), want_am)  # the construction: those rows are the maxima
     ref = R.linear_cross_entropy(x, w, y, linear_bias=b, return_accuracy=True, reduction="none")
-    out = L.linear_cross_entropy(x, w[s:s + n], y, linear_bias=b[s:s + n], return_accuracy=True, reduction="none",
-                                 process_group=dist.group.WORLD, vocab_start=s, backend=backend)
     assert torch.equal(ref.accuracy, y == want_am)
-    assert torch.equal(out.accuracy, y == want_am), f"rank {rank}: {out.accuracy} vs {y == want_am}"
+    from lsa_kernels.backends import vocab_parallel as vp
+
+    exact = dict(vp._EXACT_INT)
+    for packed in (True, False):  # the ids in the float exchange, or (a V beyond 2^24) their own int64 gather
+        if not packed:
+            vp._EXACT_INT.update({k: 1 for k in exact})
+        try:
+            out = L.linear_cross_entropy(x, w[s:s + n], y, linear_bias=b[s:s + n], return_accuracy=True,
+                                         reduction="none", process_group=dist.group.WORLD, vocab_start=s,
+                                         backend=backend)
+        finally:
+            vp._EXACT_INT.update(exact)
+        assert torch.equal(out.accuracy, y == want_am), f"rank {rank} packed={packed}: {out.accuracy}"
 
 
 @pytest.mark.parametrize("world,backend", [(2, "cpu"), (3, "cpu"), (2, "triton")])
