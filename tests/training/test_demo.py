@@ -152,6 +152,38 @@ def test_protocol_arms_and_their_train_configs(tmp_path):
     assert [a for a, _, _ in plan(_parser().parse_args(["--out", "x", "--seeds", "1", "--arms", "longce"]))["runs"]] == ["longce"]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_longce_arm_objective_is_longce_at_alpha_0(backend):
+    """What the longce arm trains on (lsa train --alpha 0 --ce-views 2 --ce-weighting longce): CE over both views,
+    each paired long row's CE times min(exp(CE_short - CE_long), gamma) (docs/maths.md §13), by hand from logits
+    (at alpha 0 the objective once took the plain two-view CE path and dropped the weighting)."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lsa_kernels.integrations.hf import LongShortObjective
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                         tie_word_embeddings=True)).double()
+    T, e, gamma = 16, 5, 1.02  # a random model: weights near 1; a gamma this small binds on some rows
+    win = torch.randint(0, 97, (2, T + e + 1), generator=torch.Generator().manual_seed(1))
+    out = LongShortObjective(model, backend=backend, ce_weighting="longce", longce_gamma=gamma)(win, e, 0.0, views=2)
+    with torch.no_grad():
+        long, short = win[:, : T + 1], win[:, e:]
+        cl = torch.nn.functional.cross_entropy(model(long[:, :-1]).logits.transpose(1, 2), long[:, 1:], reduction="none")
+        cs = torch.nn.functional.cross_entropy(model(short[:, :-1]).logits.transpose(1, 2), short[:, 1:], reduction="none")
+    f = torch.ones_like(cl)
+    f[:, e:] = torch.clamp(torch.exp(cs[:, : T - e] - cl[:, e:]), max=gamma)
+    assert (f == gamma).any() and (f < 1).any()
+    want = ((cl * f).sum() + cs.sum()) / (cl.numel() + cs.numel())
+    torch.testing.assert_close(out.ce.detach(), want, rtol=1e-10, atol=1e-12)
+    assert abs(want - (cl.sum() + cs.sum()) / (cl.numel() + cs.numel())) > 1e-5  # differs from ce2's loss
+    out.loss.backward()  # and it trains: gradients reach the model
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
 def test_finished_reads_missing_fields_as_defaults(tmp_path):
     from lsa_kernels.train.config import TrainConfig
     from lsa_kernels.train.demo import finished
