@@ -423,7 +423,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     ]
     footer = ["", f"Wall time: total {wall['total_s']:.0f} s ({wall['total_s'] / 60:.1f} min): base "
                   f"{wall['base_s']:.0f} s{' (reused)' if wall['base_reused'] else ''}, fine-tuning {wall['finetune_s']:.0f} s "
-                  f"({len(runs)} runs), evaluation {wall['eval_s']:.0f} s. Machine: {mach['cpu']}, {mach['cores']} cores, "
+                  f"({_n_runs(run_info)}), evaluation {wall['eval_s']:.0f} s. Machine: {mach['cpu']}, {mach['cores']} cores, "
                   f"{mach['torch_threads']} torch threads, torch {mach['torch']}."]
     text = "\n".join(header) + "\n" + S.markdown(stats, reference) + "\n" + "\n".join(footer) + "\n"
     atomic_write_text(os.path.join(a.out, "table.md"), text)
@@ -471,6 +471,11 @@ def replot(out: str) -> int:
     _plot(stats, lengths, os.path.join(out, "demo.png"), runs, reference, res["protocol"]["l_train"])
     print(f"wrote {os.path.join(out, 'demo.png')}")
     return 0
+
+
+def _n_runs(run_info) -> str:
+    n_reused = sum(bool(r["reused"]) for r in run_info)
+    return f"{len(run_info)} runs" + (f": {len(run_info) - n_reused} trained, {n_reused} reused" if n_reused else "")
 
 
 def _describe(fields: dict) -> str:

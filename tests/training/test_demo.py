@@ -261,6 +261,7 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert demo_main(argv + ["--seeds", "1", "--arms", "ce1", "--resume"]) == 0
     res2 = json.loads((out / "results.json").read_text())
     assert res2["wall_s"]["base_reused"] is True and res2["runs"][0]["reused"] is True
+    assert "(1 runs: 0 trained, 1 reused)" in (out / "table.md").read_text()
     assert res2["runs"][0]["metrics"]["PPL@256"] == pytest.approx(by[("ce1", 0)]["metrics"]["PPL@256"], rel=1e-6)
     # --replot redraws the figure from results.json alone
     (out / "demo.png").unlink()
