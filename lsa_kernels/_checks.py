@@ -281,7 +281,4 @@ def check_long_short(
     check_token_weight("token_weight_short", token_weight_short, hs.shape[:2], hl.device, check_values)
     _choice("ce_weighting", ce_weighting, CE_WEIGHTINGS)
     _real("longce_gamma", longce_gamma, lo=0.0, lo_open=True)
-    bad = [n for n, on in zip(("return_entropy", "return_accuracy"), extras[1:]) if on]
-    if bad and parallel:
-        raise ValueError(f"{', '.join(bad)} is not supported by long_short_loss with process_group= (vocab-parallel "
-                         "head: the per-view entropy and argmax are not merged over the shards); return_lse is")
+    # extras / parallel: every per-view output works under process_group= too (docs/maths.md §15)

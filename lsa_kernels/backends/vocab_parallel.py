@@ -46,6 +46,9 @@ Per-token outputs of the CE (docs/maths.md §15), in the same exchange (one more
              dot (as z_y); the largest wins, ties -> the lowest global id (torch.argmax); the id rides in the
              float exchange while V ≤ 2^24 (fp32; else one all-gather of int64 ids)
 
+and the long-short per-view extras (PairOut.entropy / .argmax, columns p and q; the CE-only rows xu through
+:meth:`VocabParallel.ce_forward`) the same way in the pair forward's exchange, each view from its own lse(z).
+
 Probability targets and class-weighted label smoothing (lsa_kernels.weights, docs/maths.md §15) are linear in
 the logits: each rank forms its shard's share of the linear term (:func:`copy_to_shards` rows whose gradient is
 all-reduced in backward, :func:`sum_over_shards` for the forward sum, :func:`shard_columns` for a target given
@@ -243,30 +246,48 @@ class VocabParallel:
                 dist.all_reduce(t, group=self.shard.group)
 
     # ------------------------------------------------------------------------------------- CE
+    def _packed(self, dt: torch.dtype) -> bool:
+        """Whether the global ids ride in the float exchange exactly (V ≤ 2^24 in fp32)."""
+        return self.shard.vocab_total <= _EXACT_INT[dt]
+
+    def _extra_cols(self, x, w, b, ent, am, opts: CEOptions, dt):
+        """The per-token extras' columns of one view for the exchange (module docstring): ``[H_r]`` with
+        opts.entropy, ``[max_{v∈r} z_v (, its global id)]`` with opts.argmax; and the global ids ``[N]``."""
+        cols, ids = [], None
+        if opts.entropy:
+            cols.append(ent.to(dt))
+        if opts.argmax:
+            am = am.to(torch.int64)
+            ids = am + self.shard.vocab_start
+            cols.append(self._row_logit(x, w, b, am, opts).to(dt))
+            if self._packed(dt):
+                cols.append(ids.to(dt))
+        return cols, ids
+
+    def _merge_extras(self, g: Tensor, k: int, lse_col: int, lse: Tensor, ids, opts: CEOptions):
+        """(entropy, argmax, next column) of one view from the gathered ``g [R, N, ·]`` whose extras start at
+        column ``k`` (:meth:`_extra_cols`); ``lse_col`` is the view's shard-lse column, ``lse`` its merge."""
+        ent = am = None
+        if opts.entropy:
+            ent = merge_entropy(g[:, :, lse_col], lse, g[:, :, k])
+            k += 1
+        if opts.argmax:
+            packed = self._packed(g.dtype)
+            idx = g[:, :, k + 1].to(torch.int64) if packed else _gather_rows(ids.unsqueeze(1), self.shard)[:, :, 0]
+            am = merge_argmax(g[:, :, k], idx)
+            k += 2 if packed else 1
+        return ent, am, k
+
     def ce_forward(self, x, w, b, y, opts: CEOptions) -> CEOut:
         out = self.local.ce_forward(x, w, b, self._local_targets(y, opts.ignore_index),
                                     self._smoothing_opts(self._opts(opts)))
         dt = out.lse.dtype
-        cols = [out.lse, self._target_logit(x, w, b, y, opts).to(dt), self._zsum(out.loss, out.lse, opts)]
-        if opts.entropy:  # this shard's H_r (module docstring, per-token outputs)
-            cols.append(out.entropy.to(dt))
-        packed = False
-        if opts.argmax:  # (max z_r, global index of it): the max read back at the local argmax
-            gidx = out.argmax.to(torch.int64) + self.shard.vocab_start
-            cols.append(self._row_logit(x, w, b, out.argmax.to(torch.int64), opts).to(dt))
-            packed = self.shard.vocab_total <= _EXACT_INT[dt]  # the id rides in the float exchange, exactly
-            if packed:
-                cols.append(gidx.to(dt))
+        extra, ids = self._extra_cols(x, w, b, out.entropy, out.argmax, opts, dt)
+        cols = [out.lse, self._target_logit(x, w, b, y, opts).to(dt), self._zsum(out.loss, out.lse, opts)] + extra
         g = _gather_rows(torch.stack(cols, dim=1), self.shard)  # [R, N, 3 (+1 entropy) (+2 argmax)]
         lse = _merge_lse(g[:, :, 0])
         loss = self._ce_from(lse, g[:, :, 1].sum(0), g[:, :, 2].sum(0), y, opts)
-        k, ent, am = 3, None, None
-        if opts.entropy:
-            ent = merge_entropy(g[:, :, 0], lse, g[:, :, k])
-            k += 1
-        if opts.argmax:
-            idx = g[:, :, k + 1].to(torch.int64) if packed else _gather_rows(gidx.unsqueeze(1), self.shard)[:, :, 0]
-            am = merge_argmax(g[:, :, k], idx)
+        ent, am, _ = self._merge_extras(g, 3, 0, lse, ids, opts)
         return CEOut(loss, lse, ent, am)
 
     def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads, *, coef_entropy=None, entropy=None,
@@ -302,7 +323,15 @@ class VocabParallel:
                                   self._zsum(loc.ce_p, st[:, Stat.LSE_P], opts.ce),
                                   self._target_logit(rows.xq, wq_, bq_, rows.yq, opts.ce).to(st.dtype),
                                   self._zsum(loc.ce_q, st[:, Stat.LSE_Q], opts.ce)], dim=1)]
-        g = _gather_rows(torch.cat(cols, dim=1), self.shard)  # [R, N, 8 (+4)]
+        k_extra = sum(c.shape[1] for c in cols)
+        ex = opts.ce.entropy or opts.ce.argmax  # per-view extras (docs/maths.md §4, §15): merged like the CE's
+        if ex:
+            sel = lambda t, j: None if t is None else t[:, j]  # noqa: E731
+            ex_p, ids_p = self._extra_cols(rows.xp, w, b, sel(loc.entropy, 0), sel(loc.argmax, 0), opts.ce, st.dtype)
+            ex_q, ids_q = self._extra_cols(rows.xq, wq_, bq_, sel(loc.entropy, 1), sel(loc.argmax, 1), opts.ce,
+                                           st.dtype)
+            cols += [torch.stack(ex_p + ex_q, dim=1)]
+        g = _gather_rows(torch.cat(cols, dim=1), self.shard)  # [R, N, 8 (+4 CE) (+ extras)]
         merged = torch.zeros_like(st)
         for c in (Stat.LSE_P, Stat.LSE_Q, Stat.LSET_P, Stat.LSET_Q):
             merged[:, c] = _merge_lse(g[:, :, c])
@@ -326,11 +355,17 @@ class VocabParallel:
             ce_q = self._ce_from(merged[:, Stat.LSE_Q], g[:, :, k + 2].sum(0), g[:, :, k + 3].sum(0), rows.yq, opts.ce)
         else:
             ce_p = ce_q = torch.zeros_like(div)
-        ce_u = lse_u = None
-        if rows.has_unpaired:
+        ent = am = None
+        if ex:
+            e_p, a_p, k = self._merge_extras(g, k_extra, Stat.LSE_P, merged[:, Stat.LSE_P], ids_p, opts.ce)
+            e_q, a_q, _ = self._merge_extras(g, k, Stat.LSE_Q, merged[:, Stat.LSE_Q], ids_q, opts.ce)
+            ent = None if e_p is None else torch.stack([e_p, e_q], 1)
+            am = None if a_p is None else torch.stack([a_p, a_q], 1)
+        ce_u = lse_u = ent_u = am_u = None
+        if rows.has_unpaired:  # the CE's own merge, extras included
             u = self.ce_forward(rows.xu, w, b, rows.yu, opts.ce)
-            ce_u, lse_u = u.loss, u.lse
-        return PairOut(ce_p, ce_q, div, merged, ce_u, lse_u)
+            ce_u, lse_u, ent_u, am_u = u.loss, u.lse, u.entropy, u.argmax
+        return PairOut(ce_p, ce_q, div, merged, ce_u, lse_u, ent, am, ent_u, am_u)
 
     def pair_backward(self, rows: PairRows, w, b, saved: PairOut, coefs: PairCoefs, opts: PairOptions,
                       grads: PairGrads, *, wq=None, bq=None) -> None:

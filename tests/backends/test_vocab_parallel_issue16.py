@@ -32,6 +32,7 @@ def _data():
     w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5 * 2
     b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
     y = torch.randint(0, V, ROWS, generator=g)
+    y[..., ::2] = (x @ w.T + b).argmax(-1)[..., ::2]  # rows whose accuracy is True
     y[0, :3] = IGN
     y[1, 5] = IGN
     t = torch.softmax(2 * torch.randn(*ROWS, V, generator=g, dtype=torch.float64), -1)
@@ -135,6 +136,7 @@ def _body(rank, world, dtype, backend):
         assert set(ours_o) == set(truth_o), name
         for k, v in ours_o.items():
             if k == "accuracy":
+                assert truth_o[k].any() and not truth_o[k].all(), name  # a test that can fail
                 if dtype == torch.bfloat16:
                     assert torch.equal(v[clear], truth_o[k][clear]), f"{name} accuracy"
                 else:
@@ -233,3 +235,60 @@ def _bad_body(rank, world):
 
 def test_probability_target_of_the_wrong_last_dim(tmp_path):
     run_gloo(_bad_body, 2, tmp_path)
+
+
+# ------------------------------------------------------------------------- long_short_loss per-view outputs
+
+LS_CASES = [
+    dict(divergence="sce", l_extra=3, alpha=0.3, label_smoothing=0.1, softcap=2.5),
+    dict(divergence="js", l_extra=2, alpha=0.5, z_loss=1e-3, temperature=0.7, detach="long"),
+    dict(divergence="kl", l_extra=4, alpha=0.2, ce_weighting="longce", token_weight_long="tw"),
+]
+
+
+def _ls_run(d, kw, dtype, shard=None, **extra):
+    kw = dict(kw)
+    if isinstance(kw.get("token_weight_long"), str):
+        kw["token_weight_long"] = d[kw["token_weight_long"]].to(dtype)
+    hl, hs, w, b = (d[k].to(dtype).requires_grad_() for k in ("x", "hs", "w", "b"))
+    w_, b_ = (w, b) if shard is None else (w[shard[0]:shard[0] + shard[1]], b[shard[0]:shard[0] + shard[1]])
+    fn = R.long_short_loss if shard is None else L.long_short_loss
+    out = fn(hl, hs, w_, d["y"], d["ys"], linear_bias=b_, return_lse=True, return_entropy=True,
+             return_accuracy=True, **kw, **extra)
+    res = dict(loss=out.loss, ce=out.ce, mis=out.misalign, lse_l=out.long.lse, lse_s=out.short.lse,
+               ent_l=out.long.entropy, ent_s=out.short.entropy, acc_l=out.long.accuracy, acc_s=out.short.accuracy)
+    ec = d["ent_coef"].to(dtype)
+    scalar = 1.3 * out.loss + 0.4 * out.ce + (out.long.entropy * ec).sum() - 0.7 * (out.short.entropy * ec).sum()
+    gs = dict(zip(("dhl", "dhs", "dw", "db"), torch.autograd.grad(scalar, [hl, hs, w, b])))
+    if shard is not None:
+        gs["dw"], gs["db"] = gs["dw"][shard[0]:shard[0] + shard[1]], gs["db"][shard[0]:shard[0] + shard[1]]
+    return {k: v.detach() for k, v in res.items()}, gs
+
+
+def _ls_body(rank, world, dtype, backend):
+    starts, sizes = _shards(world)
+    shard = (starts[rank], sizes[rank])
+    d = _data()
+    g = torch.Generator().manual_seed(7)
+    d["hs"] = 0.6 * torch.randn(d["x"].shape, generator=g, dtype=torch.float64) + 0.8 * d["x"]
+    d["ys"] = torch.where(torch.arange(ROWS[1]) % 3 == 0, (d["hs"] @ d["w"].T + d["b"]).argmax(-1), d["y"].roll(1, -1))
+    grp = dict(process_group=dist.group.WORLD, vocab_start=shard[0], backend=backend)
+    for kw in LS_CASES:
+        truth_o, truth_g = _ls_run(d, kw, torch.float64)
+        ours_o, ours_g = _ls_run(d, kw, dtype, shard, **grp)
+        for k, v in ours_o.items():
+            if k.startswith("acc"):
+                assert truth_o[k].any() and not truth_o[k].all(), k  # a test that can fail
+                assert torch.equal(v, truth_o[k]), f"{kw} {k}"
+            else:
+                _close(v, truth_o[k], dtype, f"{kw} {k}")
+        s, n = shard
+        want = dict(truth_g, dw=truth_g["dw"][s:s + n], db=truth_g["db"][s:s + n])
+        for k, v in ours_g.items():
+            assert want[k].abs().max() > 1e-6, k
+            _close(v, want[k], dtype, f"{kw} {k}")
+
+
+@pytest.mark.parametrize("world,dtype", [(2, torch.float64), (3, torch.float32)], ids=["2-fp64", "3-fp32"])
+def test_long_short_per_view_under_process_group(world, dtype, tmp_path):
+    run_gloo(_ls_body, world, tmp_path, dtype, "cpu")
