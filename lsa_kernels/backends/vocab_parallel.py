@@ -162,7 +162,8 @@ def sum_over_shards(t: Tensor, shard: "Shard") -> Tensor:
 
 def shard_columns(t: Tensor, shard: "Shard") -> Tensor:
     """A probability target's columns on this rank: ``t [N, V]`` (the full distribution) -> ``t[:, s : s+V_r]``;
-    ``t [N, V_r]`` (already this rank's columns) as it is (docs/maths.md §15; the last dim was checked)."""
+    ``t [N, V_r]`` (already this rank's columns) as it is (docs/maths.md §15; the last dim was checked). Every
+    rank passes the same form (a full ``t`` that takes a gradient all-reduces it in backward: a collective)."""
     if t.shape[-1] == shard.vocab_size:
         return t
     if t.requires_grad:
