@@ -38,7 +38,7 @@ per view, with view q's target logit read from ``wq``/``bq``.
 Targets are global ids. On each rank a target outside the shard becomes ``V_r`` ("valid row, its
 class lives on another shard": the local backends add no one-hot for it), ``ignore_index`` stays.
 
-Per-token outputs of the CE (docs/maths.md §15), in the same exchange (one more column each):
+Per-token outputs of the CE (docs/maths.md §15), in the same exchange (+1 column for the entropy, +2 the argmax):
 
     entropy  H = Σ_r ω_r (H_r + lse − lse_r)        (H_r the shard's own entropy; every term ≥ 0)
              gradient: the local ce_backward with coef_entropy and the MERGED lse and H is the shard's slice
@@ -77,6 +77,11 @@ def _gather_rows(t: Tensor, shard: "Shard") -> Tensor:
     parts = [torch.empty_like(t) for _ in range(shard.world)]
     dist.all_gather(parts, t.contiguous(), group=shard.group)
     return torch.stack(parts)
+
+
+def _col(t: Optional[Tensor], j: int) -> Optional[Tensor]:
+    """Column ``j`` of a per-view ``[N, 2]`` tensor (None stays None)."""
+    return None if t is None else t[:, j]
 
 
 def _merge_lse(lse_r: Tensor) -> Tensor:
@@ -327,9 +332,8 @@ class VocabParallel:
         k_extra = sum(c.shape[1] for c in cols)
         ex = opts.ce.entropy or opts.ce.argmax  # per-view extras (docs/maths.md §4, §15): merged like the CE's
         if ex:
-            sel = lambda t, j: None if t is None else t[:, j]  # noqa: E731
-            ex_p, ids_p = self._extra_cols(rows.xp, w, b, sel(loc.entropy, 0), sel(loc.argmax, 0), opts.ce, st.dtype)
-            ex_q, ids_q = self._extra_cols(rows.xq, wq_, bq_, sel(loc.entropy, 1), sel(loc.argmax, 1), opts.ce,
+            ex_p, ids_p = self._extra_cols(rows.xp, w, b, _col(loc.entropy, 0), _col(loc.argmax, 0), opts.ce, st.dtype)
+            ex_q, ids_q = self._extra_cols(rows.xq, wq_, bq_, _col(loc.entropy, 1), _col(loc.argmax, 1), opts.ce,
                                            st.dtype)
             cols += [torch.stack(ex_p + ex_q, dim=1)]
         g = _gather_rows(torch.cat(cols, dim=1), self.shard)  # [R, N, 8 (+4 CE) (+ extras)]
