@@ -162,8 +162,9 @@ def _close(v, want, dtype, name, lowp=None):
 
 @pytest.mark.parametrize("world,dtype,backend", [(2, torch.float64, "cpu"), (3, torch.float64, "cpu"),
                                                  (3, torch.float32, "cpu"), (2, torch.bfloat16, "cpu"),
-                                                 (2, torch.float32, "triton")],
-                         ids=["2-fp64-cpu", "3-fp64-cpu", "3-fp32-cpu", "2-bf16-cpu", "2-fp32-triton"])
+                                                 (2, torch.float32, "triton"), (2, torch.bfloat16, "triton")],
+                         ids=["2-fp64-cpu", "3-fp64-cpu", "3-fp32-cpu", "2-bf16-cpu", "2-fp32-triton",
+                              "2-bf16-triton"])
 def test_issue16_under_process_group(world, dtype, backend, tmp_path):
     if backend == "triton":
         pytest.importorskip("triton")
