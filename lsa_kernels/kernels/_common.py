@@ -13,6 +13,7 @@ the wrong stream). Block sizes come from one table per GPU family (:data:`GPU_TA
     ce_bwd     kernels/ce.py            CE backward, atomic (default)
     ce_dz      kernels/ce.py            CE backward, deterministic: dz of a row chunk (GEMMs: deterministic.py)
     pair_fwd   kernels/pair_phase1.py   pair forward, phase 1 (CE of both views, lse, X/Y of sce/kl/...)
+    pair_fwd_ext kernels/pair_phase1.py the same kernel with long-short's per-view entropy / argmax (issue 16)
     pair_js    kernels/pair_js.py       js's second pass (also pair_js_partial)
     pair_bwd   kernels/pair_bwd.py      pair backward, atomic (default)
     pair_dz    kernels/pair_bwd.py      pair backward, deterministic: dz of both views for a row chunk
@@ -78,6 +79,7 @@ _SM80 = {
     "ce_bwd": _lc(64, 64, 64, 8, 2),
     "ce_dz": _lc(64, 128, 64, 8, 3),
     "pair_fwd": _lc(64, 64, 64, 8, 3),
+    "pair_fwd_ext": _lc(32, 64, 64, 8, 3),  # 64×64×64 spilled 88 B (sym_kl, all flags, entropy + argmax)
     "pair_js": _lc(64, 16, 64, 8, 3),  # 64×32 spilled 16-88 B in 3 of 4 plain flag sets (sweep); 64×16: 0 of 16
     "pair_bwd": _lc(32, 64, 64, 8, 2),
     "pair_dz": _lc(32, 64, 64, 8, 2),  # 64×64×64 / 3 stages spilled 824 B (js, all flags)
@@ -88,6 +90,7 @@ _SM90 = {
     "ce_bwd": _lc(64, 128, 64, 8, 2),
     "ce_dz": _lc(64, 128, 64, 8, 3),
     "pair_fwd": _lc(64, 64, 64, 8, 3),  # 64×128 tiles spilled 16 B for sym_kl (4 accumulators, 2 expm1)
+    "pair_fwd_ext": _lc(64, 64, 64, 8, 3),
     "pair_js": _lc(64, 64, 64, 8, 3),
     "pair_bwd": _lc(64, 64, 64, 8, 2),
     "pair_dz": _lc(64, 64, 64, 8, 3),
@@ -98,6 +101,7 @@ _FP32 = {
     "ce_bwd": _lc(32, 64, 32, 4, 2),
     "ce_dz": _lc(64, 64, 32, 8, 3),
     "pair_fwd": _lc(32, 64, 32, 8, 3),
+    "pair_fwd_ext": _lc(32, 64, 32, 8, 3),
     "pair_js": _lc(32, 32, 32, 8, 3),
     "pair_bwd": _lc(16, 32, 32, 4, 2),
     "pair_dz": _lc(32, 64, 32, 8, 3),
@@ -121,9 +125,10 @@ GPU_TABLE = {
     # spilled 8 B at 64×64×32 / 3 stages and at 32×64×32, 112-128 B at 4 warps or 32×32×64; 64×32×32: 0 B.
     ("sm100", False): {**_SM90, "ce_fwd": _lc(128, 64, 64, 8, 3), "ce_fwd_ext": _lc(64, 64, 64, 8, 3),
                        "ce_dz": _lc(64, 64, 64, 8, 3),
-                       "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_dz": _lc(64, 32, 32, 8, 2)},
+                       "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_fwd_ext": _lc(64, 64, 32, 8, 3),
+                       "pair_dz": _lc(64, 32, 32, 8, 2)},
     # sm_120: the sm_80 tiles, except the pair forward (kl / sym_kl spilled 24 / 32 B at 64×64×64)
-    ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3)},
+    ("sm120", False): {**_SM80, "pair_fwd": _lc(64, 64, 32, 8, 3), "pair_fwd_ext": _lc(32, 64, 32, 8, 3)},
     ("any", True): _FP32,
     # fp32 atomic CE backward on sm_80: 4 warps spilled 16-32 B in 36 of 80 dispatchable flag sets (dW- or
     # db-only); 8 warps: 0 of 80 (dispatch sweep)

@@ -67,6 +67,7 @@ KERNELS = {
     "ce_bwd": ("ce", "ce_bwd_kernel"),
     "ce_dz": ("ce", "ce_dz_kernel"),
     "pair_fwd": ("pair_phase1", "pair_phase1_kernel"),
+    "pair_fwd_ext": ("pair_phase1", "pair_phase1_kernel"),  # with ENTROPY / ARGMAX: its own block sizes
     "pair_js": ("pair_js", "pair_js_kernel"),
     "pair_bwd": ("pair_bwd", "pair_bwd_kernel"),
     "pair_dz": ("pair_bwd", "pair_dz_kernel"),
@@ -107,23 +108,25 @@ def _ce_bwd_flags(all_on: bool, entropy: bool = False, **need) -> Dict[str, Any]
     return base
 
 
-def _pair_flags(div: Divergence, *, temp_one=True, with_ce=True, extras=False, two_heads=False, **more
-                ) -> Dict[str, Any]:
-    # one shared head: HAS_BIAS_Q = HAS_BIAS (view q's bias pointer is view p's)
+def _pair_flags(div: Divergence, *, temp_one=True, with_ce=True, extras=False, two_heads=False, per_view=False,
+                **more) -> Dict[str, Any]:
+    # one shared head: HAS_BIAS_Q = HAS_BIAS (view q's bias pointer is view p's); per_view: long-short's
+    # per-view entropy + argmax (ENTROPY / ARGMAX, docs/maths.md §4)
     f = dict(DIV=int(div), TEMP_ONE=temp_one, WITH_CE=with_ce, HAS_BIAS=extras, HAS_SOFTCAP=extras,
-             HAS_SMOOTHING=extras, TWO_HEADS=two_heads, HAS_BIAS_Q=extras)
+             HAS_SMOOTHING=extras, TWO_HEADS=two_heads, HAS_BIAS_Q=extras, ENTROPY=per_view, ARGMAX=per_view)
     f.update(more)
     return f
 
 
 def _pair_bwd_flags(div: Divergence, *, grad_p=True, grad_q=True, with_ce=True, temp_one=True, extras=False,
-                    two_heads=False, ce_p=None, dz=False, **need) -> Dict[str, Any]:
+                    two_heads=False, ce_p=None, dz=False, entropy=False, **need) -> Dict[str, Any]:
     """Flags of pair_bwd_kernel (``dz=False``) or pair_dz_kernel (``dz=True``); CE on view q whenever
-    ``with_ce``, on view p too unless ``ce_p=False`` (distillation: the student's CE only)."""
+    ``with_ce``, on view p too unless ``ce_p=False`` (distillation: the student's CE only); ``entropy``: the
+    per-view entropies' gradient (HAS_ENTROPY, long-short's per-view outputs)."""
     f = dict(DIV=int(div), TEMP_ONE=temp_one, GRAD_P=grad_p, GRAD_Q=grad_q, WITH_CE=with_ce, HAS_BIAS=extras,
              HAS_SOFTCAP=extras, HAS_SMOOTHING=extras, HAS_ZLOSS=extras,
              CE_P=with_ce if ce_p is None else ce_p, CE_Q=with_ce, TWO_HEADS=two_heads, HAS_BIAS_Q=extras,
-             NEED_DBQ=False)
+             NEED_DBQ=False, HAS_ENTROPY=entropy)
     if not dz:
         f["NEED_DWQ"] = False
     f.update(need)
@@ -175,6 +178,25 @@ def production_configs() -> List[KernelConfig]:
                             _pair_bwd_flags(Divergence.SYM_KL, temp_one=False, extras=True, dz=True, USE_GP=True,
                                             USE_GQ=True, NEED_DB=True)))
     out += _two_head_configs()
+    out += _per_view_configs()
+    return out
+
+
+def _per_view_configs() -> List[KernelConfig]:
+    """Long-short's per-view outputs (issue 16, docs/maths.md §4), heaviest flags: phase 1 with both views'
+    entropy and argmax (sym_kl: the most accumulators), the entropy gradient in the atomic and deterministic
+    backward (all options, every buffer)."""
+    out: List[KernelConfig] = []
+    for dt in ("bf16", "fp32"):
+        out.append(KernelConfig(f"pair_fwd_ext_{dt}_sym_kl_all", "pair_fwd_ext", dt,
+                                _pair_flags(Divergence.SYM_KL, temp_one=False, extras=True, per_view=True)))
+        out.append(KernelConfig(f"pair_bwd_{dt}_sce_entropy_all", "pair_bwd", dt,
+                                _pair_bwd_flags(Divergence.SCE, temp_one=False, extras=True, entropy=True,
+                                                USE_GP=True, USE_GQ=True, NEED_DXP=True, NEED_DXQ=True,
+                                                NEED_DW=True, NEED_DB=True)))
+        out.append(KernelConfig(f"pair_dz_{dt}_js_entropy_all", "pair_dz", dt,
+                                _pair_bwd_flags(Divergence.JS, temp_one=False, extras=True, dz=True, entropy=True,
+                                                USE_GP=True, USE_GQ=True, NEED_DB=True)))
     return out
 
 
@@ -220,6 +242,8 @@ SMOKE = (
     # issue 16: per-token extras of the CE forward, the entropy gradient, two heads
     "ce_fwd_bf16_ext_all", "ce_bwd_bf16_entropy_all", "pair_bwd_bf16_sce_two_heads_all",
     "pair_dz_bf16_js_two_heads_all",
+    # issue 16: long-short's per-view entropy / argmax and the entropy gradient
+    "pair_fwd_ext_bf16_sym_kl_all", "pair_bwd_bf16_sce_entropy_all", "pair_dz_bf16_js_entropy_all",
 )
 
 
@@ -245,6 +269,8 @@ class _Recorder:
             kind = self.kind
             if kind in ("ce_fwd", "ce_fwd_ext"):  # one kernel, two table entries
                 kind = "ce_fwd_ext" if (flags.get("ENTROPY") or flags.get("ARGMAX")) else "ce_fwd"
+            if kind in ("pair_fwd", "pair_fwd_ext"):  # likewise
+                kind = "pair_fwd_ext" if (flags.get("ENTROPY") or flags.get("ARGMAX")) else "pair_fwd"
             key = (kind, dt, tuple(sorted(flags.items())))
             if key not in self.seen:
                 short = "_".join(f"{k.lower()}{int(v) if isinstance(v, bool) else v}" for k, v in sorted(flags.items()))
@@ -297,6 +323,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                    f32(V, H) if ndw else None, f32(V) if ndb else None,
                                    coef_entropy=coef if went else None, entropy=coef if went else None)
             stats = torch.zeros(N, N_PAIR_STATS)
+            ents = torch.zeros(N, 2)
             for div, temp, with_ce, detach, b, cap, eps, zl, det in itertools.product(
                     DIVERGENCES, (1.0, 2.0), (False, True), (None, "p", "q"),
                     (None, bias), (None, 30.0), (0.0, 0.1), (0.0, 1e-4), (False, True)):
@@ -307,11 +334,16 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                 yy = y if with_ce else None
                 if not det:  # the forward ignores `deterministic`
                     pair.pair_forward(x, x, w, b, yy, yy, o)
+                    if with_ce:  # issue 16: long-short's per-view entropy / argmax
+                        for ent, am in itertools.product((False, True), repeat=2):
+                            pair.pair_forward_ext(x, x, w, b, yy, yy, o, entropy=ent, argmax=am)
                 cc = coef if with_ce else None
                 for nxp, nxq, ndw, ndb in itertools.product((False, True), repeat=4):
-                    pair.pair_backward(x, x, w, b, yy, yy, stats, cc, cc, coef, o,
-                                       f32(N, H) if nxp else None, f32(N, H) if nxq else None,
-                                       f32(V, H) if ndw else None, f32(V) if ndb else None)
+                    for went in ((False, True) if with_ce else (False,)):  # long-short's entropy gradient
+                        pair.pair_backward(x, x, w, b, yy, yy, stats, cc, cc, coef, o,
+                                           f32(N, H) if nxp else None, f32(N, H) if nxq else None,
+                                           f32(V, H) if ndw else None, f32(V) if ndb else None,
+                                           coef_entropy=ents if went else None, entropy=ents if went else None)
             # issue 16: CE on one view only (one head), and two heads (view q's own head wq [V, Hq])
             xq2 = torch.zeros(N, Hq, dtype=dt)
             wq = torch.zeros(V, Hq, dtype=dt)
@@ -357,6 +389,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
 FAMILY_SMOKE = (
     "ce_fwd_bf16_all", "ce_bwd_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_bwd_bf16_sce_temp_all",
     "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
+    "pair_fwd_ext_bf16_sym_kl_all",  # its own table kind: compiled spill-free on sm_86 / 100 / 120 as well
 )
 
 

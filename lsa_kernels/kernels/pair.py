@@ -5,6 +5,8 @@ The maths lives with the kernels; this module only schedules them:
     pair_forward     phase 1 (kernels/pair_phase1.py) → merge (kernels/merge.py) → for js, phase 2
                      (kernels/pair_js.py) with the merged lse_a, lse_b → D = maths.divergence_from_stats,
                      CE rows = maths.ce_row_loss
+    pair_forward_ext pair_forward plus each view's entropy / argmax of z (τ = 1) from phase 1's same pass
+                     (long-short's per-view outputs, docs/maths.md §4; merge.merge_extras per view)
     pair_js_partial  phase 2 alone for given normalisers (a vocab shard's share of js's X, Y)
     pair_backward    kernels/pair_bwd.py: the atomic kernel, or (deterministic) per row chunk the dz
                      kernel followed by torch GEMMs (kernels/deterministic.py)
@@ -15,7 +17,8 @@ Two heads (docs/maths.md §12, distillation: teacher = view p, student = view q)
 ``dw_out`` / ``db_out`` and view q's to ``dwq_out`` / ``dbq_out``. Without ``wq`` the kernels are the
 one-head specialisations (TWO_HEADS=False). CE on one view only: ``yp=None`` (forward) and
 ``coef_ce_p=None`` (backward) drop view p's CE (``ce_p`` is zeros; CE_P=False), likewise for q; with
-``detach="p"`` and no CE on p, no p-side gradient work is done at all (USE_GP=False).
+``detach="p"`` and no CE on p, no p-side gradient work is done at all (USE_GP=False). The per-view entropy's
+gradient: ``pair_backward(..., coef_entropy=[N, 2], entropy=[N, 2])`` (HAS_ENTROPY; one head only).
 
 Every launch runs with the tensors' device current (``on_tensor_device``). The kernels are looked up as
 attributes of their modules at each call, so tests can replace one (``monkeypatch.setattr``).
@@ -23,7 +26,7 @@ attributes of their modules at each call, so tests can replace one (``monkeypatc
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -35,7 +38,7 @@ from . import pair_bwd as bwd
 from . import pair_js as js
 from . import pair_phase1 as phase1
 from ._common import on_tensor_device, pick_config, softcap_args, split_ranges, upcast_and_prec
-from .merge import N_PAIR_PARTS, PairPart, ce_rows, pair_stats
+from .merge import N_PAIR_PARTS, PairPart, ce_rows, merge_extras, pair_stats
 
 # ----------------------------------------------------------------------------------------- heads
 
@@ -106,12 +109,37 @@ def pair_js_partial(xp, xq, w, b, lset, opts: PairOptions, *, wq=None, bq=None) 
     return part.sum(0)
 
 
+class PairForwardExt(NamedTuple):
+    """:func:`pair_forward_ext`'s per-row outputs: those of :func:`pair_forward`, then the extras asked for
+    (else None): each view's entropy of softmax(z) (fp32 [N, 2]) and argmax of z (int64 [N, 2]), columns p, q."""
+
+    ce_p: torch.Tensor
+    ce_q: torch.Tensor
+    div: torch.Tensor
+    stats: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    argmax: Optional[torch.Tensor]
+
+
 @on_tensor_device
 def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions, *, wq=None, bq=None):
     """(ce_p [N], ce_q [N], div [N], stats [N, 8]), fp32 (see lsa_kernels.backends / lsa_kernels.maths).
 
     ``wq`` / ``bq``: view q's own head (module docstring). With ``opts.with_ce``, a view whose target is
     None gets no CE (zeros)."""
+    return tuple(_pair_forward(xp, xq, w, b, yp, yq, opts, wq, bq, False, False)[:4])
+
+
+@on_tensor_device
+def pair_forward_ext(xp, xq, w, b, yp, yq, opts: PairOptions, *, entropy: bool = False,
+                     argmax: bool = False) -> PairForwardExt:
+    """:func:`pair_forward` plus, in phase 1's pass over V, each view's entropy of softmax(z) and / or argmax of
+    z at temperature 1 (docs/maths.md §4 per-view outputs; one head). The entropy's gradient:
+    ``pair_backward(..., coef_entropy=, entropy=)``."""
+    return _pair_forward(xp, xq, w, b, yp, yq, opts, None, None, bool(entropy), bool(argmax))
+
+
+def _pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions, wq, bq, entropy: bool, argmax: bool) -> PairForwardExt:
     N = xp.shape[0]
     V = w.shape[0]
     dev = xp.device
@@ -119,15 +147,20 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions, *, wq=None, bq=None):
     ce_p_on = bool(opts.with_ce) and yp is not None
     ce_q_on = bool(opts.with_ce) and yq is not None
     with_ce = ce_p_on or ce_q_on
-    grid, n_split, qhead, dims, shared = _forward_plan(xp, xq, w, b, wq, bq, opts, "pair_fwd")
+    kind = "pair_fwd_ext" if (entropy or argmax) else "pair_fwd"  # the extras take their own block sizes
+    grid, n_split, qhead, dims, shared = _forward_plan(xp, xq, w, b, wq, bq, opts, kind)
     part = torch.empty((n_split, N, N_PAIR_PARTS), device=dev, dtype=torch.float32)
     stats = torch.zeros((N, N_PAIR_STATS), device=dev, dtype=torch.float32)
+    ent = torch.empty((n_split, N, 2), device=dev, dtype=torch.float32) if entropy else None
+    am = torch.empty((n_split, N, 2), device=dev, dtype=torch.int32) if argmax else None
     if N > 0:
         yp_ptr = yp if ce_p_on else (yq if with_ce else part)  # a view without CE: its z_y is discarded
         yq_ptr = yq if ce_q_on else (yp if with_ce else part)
         phase1.pair_phase1_kernel[grid](
-            xp, xq, w, b if b is not None else w, *qhead, yp_ptr, yq_ptr, part, *dims,
-            DIV=int(div), WITH_CE=with_ce, HAS_SMOOTHING=opts.ce.label_smoothing > 0, **shared,
+            xp, xq, w, b if b is not None else w, *qhead, yp_ptr, yq_ptr, part, ent if entropy else part,
+            am if argmax else part, *dims,
+            DIV=int(div), WITH_CE=with_ce, HAS_SMOOTHING=opts.ce.label_smoothing > 0, ENTROPY=entropy,
+            ARGMAX=argmax, **shared,
         )
     pair_stats(part, div, float(opts.temperature) == 1.0, stats)
     if div == Divergence.JS:  # second pass with the final lse of a and b
@@ -140,7 +173,14 @@ def pair_forward(xp, xq, w, b, yp, yq, opts: PairOptions, *, wq=None, bq=None):
                    c.ignore_index, c.label_smoothing, c.z_loss) if ce_p_on else zeros()
     ce_q = ce_rows(stats[:, Stat.LSE_Q], part[..., PairPart.ZY_Q], part[..., PairPart.SZ_Q], yq, V,
                    c.ignore_index, c.label_smoothing, c.z_loss) if ce_q_on else zeros()
-    return ce_p, ce_q, d, stats
+    h = idx = None
+    if entropy or argmax:  # per view: the CE columns (m_z, s_z, ...) of PairPart are laid out as CEPart's
+        views = [merge_extras(part[..., k:k + 4], stats[:, col], None if ent is None else ent[..., i],
+                              None if am is None else am[..., i])
+                 for i, (k, col) in enumerate(((PairPart.M_P, Stat.LSE_P), (PairPart.M_Q, Stat.LSE_Q)))]
+        h = torch.stack([v[0] for v in views], 1) if entropy else None
+        idx = torch.stack([v[1] for v in views], 1) if argmax else None
+    return PairForwardExt(ce_p, ce_q, d, stats, h, idx)
 
 
 # ----------------------------------------------------------------------------------------- backward
@@ -152,12 +192,25 @@ def pair_backward(
     dxp_out: Optional[torch.Tensor], dxq_out: Optional[torch.Tensor],
     dw_out: Optional[torch.Tensor], db_out: Optional[torch.Tensor],
     *, wq=None, bq=None, dwq_out: Optional[torch.Tensor] = None, dbq_out: Optional[torch.Tensor] = None,
+    coef_entropy: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
 ) -> None:
     """dx_p, dx_q ← (overwritten); dW, db += (see lsa_kernels.backends). With ``wq``: dw_out / db_out get view
     p's head's gradient and dwq_out / dbq_out view q's (accumulated). A view's CE term is on when
-    ``opts.with_ce`` and its coefficient and target are given."""
+    ``opts.with_ce`` and its coefficient and target are given. With ``coef_entropy [N, 2]`` (and ``entropy [N,
+    2]``, :func:`pair_forward_ext`'s) each view's dz also carries ``coef_entropy·∂H/∂z`` (one head only)."""
     N, H = xp.shape
     V = w.shape[0]
+    if (coef_entropy is None) != (entropy is None):
+        raise ValueError("coef_entropy and entropy go together: pass the forward's entropy with its coefficient")
+    has_ent = coef_entropy is not None
+    if has_ent:
+        if wq is not None:
+            raise ValueError("coef_entropy (per-view entropies) is not supported with a second head (wq)")
+        for name, t in (("coef_entropy", coef_entropy), ("entropy", entropy)):
+            if tuple(t.shape) != (N, 2):
+                raise ValueError(f"{name} must be [N, 2] = [{N}, 2] (columns: view p, view q), got {tuple(t.shape)}")
+        ent_buf = entropy.to(torch.float32).contiguous()
+        cent_buf = coef_entropy.to(torch.float32).contiguous()
     wq_, bq_, Hq, stride_wq, two, has_bq = _heads(xp, xq, w, b, wq, bq)
     if not two and (dwq_out is not None or dbq_out is not None):
         raise ValueError("dwq_out / dbq_out are the gradients of view q's own head: pass wq (and bq)")
@@ -177,7 +230,7 @@ def pair_backward(
     ce_q_on = bool(opts.with_ce) and coef_ce_q is not None and yq is not None
     with_ce = ce_p_on or ce_q_on
     grad_p, grad_q = opts.grad_p, opts.grad_q
-    use_gp, use_gq = ce_p_on or grad_p, ce_q_on or grad_q
+    use_gp, use_gq = ce_p_on or grad_p or has_ent, ce_q_on or grad_q or has_ent
     need_dxp = dxp_out is not None and use_gp
     need_dxq = dxq_out is not None and use_gq
     if two:
@@ -205,12 +258,13 @@ def pair_backward(
         DIV=int(Divergence.of(opts.divergence)), TEMP_ONE=temp == 1.0, GRAD_P=grad_p, GRAD_Q=grad_q,
         WITH_CE=with_ce, HAS_BIAS=b is not None, HAS_SOFTCAP=has_cap, HAS_SMOOTHING=eps > 0,
         HAS_ZLOSS=opts.ce.z_loss > 0, UPCAST=upcast, DOT_PREC=prec, USE_GP=use_gp, USE_GQ=use_gq,
-        CE_P=ce_p_on, CE_Q=ce_q_on, TWO_HEADS=two, HAS_BIAS_Q=has_bq,
+        CE_P=ce_p_on, CE_Q=ce_q_on, TWO_HEADS=two, HAS_BIAS_Q=has_bq, HAS_ENTROPY=has_ent,
     )
     bb = b if b is not None else w
     heads = (w, bb, wq_, bq_, H, Hq, stride_wq)
+    ents = (ent_buf, cent_buf) if has_ent else (cd, cd)
     if opts.ce.deterministic:
-        _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, opts, scal, flags,
+        _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, ents, opts, scal, flags,
                             dxp_out if need_dxp else None, dxq_out if need_dxq else None,
                             dw_out if need_dw else None, db_out if need_db else None,
                             dwq_out if need_dwq else None, dbq_out if need_dbq else None)
@@ -221,7 +275,7 @@ def pair_backward(
     cfg = pick_config("pair_bwd", N, V, max(H, Hq), xp.device, xp.dtype)
     grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(V, cfg.BLOCK_V),)
     bwd.pair_bwd_kernel[grid](
-        xp, xq, w, bb, wq_, bq_, ypp, yqp, stats, cp, cq, cd,
+        xp, xq, w, bb, wq_, bq_, ypp, yqp, stats, cp, cq, cd, *ents,
         buf(dxp_out), buf(dxq_out), buf(dw_out), buf(db_out), buf(dwq_out), buf(dbq_out),
         N, V, H, Hq, xp.stride(0), xq.stride(0), w.stride(0), stride_wq,
         stride(dxp_out), stride(dxq_out), stride(dw_out), stride(dwq_out), *scal, **flags,
@@ -232,7 +286,7 @@ def pair_backward(
     )
 
 
-def _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, opts: PairOptions, scal, flags,
+def _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, ents, opts: PairOptions, scal, flags,
                         dxp_out, dxq_out, dw_out, db_out, dwq_out, dbq_out) -> None:
     """deterministic=True: per row chunk, pair_dz_kernel writes dz_p / dz_q (input dtype) into one buffer
     ([dz_p; dz_q] rows), then torch GEMMs: dx_p = dz_p W, dx_q = dz_q W, dW += [dz_p; dz_q]ᵀ [x_p; x_q]
@@ -264,7 +318,8 @@ def _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, opts: PairOp
         grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(V, cfg.BLOCK_V))
         bwd.pair_dz_kernel[grid](
             xp[rows], xq[rows], w, bb, wq, bq, ypp[rows], yqp[rows], stats[rows], cp[rows], cq[rows], cd[rows],
-            dz_p if dz_p is not None else dz, dz_q if dz_q is not None else dz, dbpart, dbqpart,
+            *(e[rows] for e in ents), dz_p if dz_p is not None else dz, dz_q if dz_q is not None else dz,
+            dbpart, dbqpart,
             n, V, H, Hq, xp.stride(0), xq.stride(0), w.stride(0), stride_wq, dz.stride(0), *scal, **flags,
             NEED_DB=need_db, NEED_DBQ=need_dbq,
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,

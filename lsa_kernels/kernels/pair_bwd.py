@@ -12,6 +12,9 @@ statistics of the forward (lsa_kernels.maths, columns maths.Stat):
 
     dz_p = coef_ce_p·(softmax(z_p)(1 + 2λ·lse_p) − (1−ε)onehot(y_p) − ε/V) + (coef_div/τ)·dD/da   [GRAD_P]
     dz_q likewise;  both × softcap'(z_raw) = 1 − tanh²(z_raw/c)
+    HAS_ENTROPY (long-short's per-view entropies, docs/maths.md §4; e = the entropy's coefficient, H the
+    forward's entropy, s = softmax(z) at τ = 1):  dz_p += e_p·(−s_p⊙(log s_p + H_p)), likewise dz_q
+    (before the softcap derivative; every row, not masked by ignore_index)
     dx_p = dz_p W,  dx_q = dz_q W,  dW += dz_pᵀ x_p + dz_qᵀ x_q,  db += Σ(dz_p + dz_q)
 
 * :func:`pair_bwd_kernel` (default): atomics over a (row block × V tile) grid, as ce.py's backward; both
@@ -37,7 +40,7 @@ import triton.language as tl
 from ..maths import Stat
 from .atomics import grad_gemms
 from .tiles import (
-    KL, KL_REVERSE, SCE, SYM_KL, ce_grad, ce_row_coefs, dot_operand, grouped_pid, load_h_tile,
+    KL, KL_REVERSE, SCE, SYM_KL, ce_grad, ce_row_coefs, dot_operand, entropy_grad, grouped_pid, load_h_tile,
     log_ratio_to_mid, pair_softmax, pair_tile_logits, store_dz_tile, tile_index,
 )
 
@@ -65,10 +68,12 @@ def view_ce_row(y_ptr, c_ptr, rows64, row_mask, ignore_index, like, CE: tl.const
 
 @triton.jit
 def pair_row_loads(
-    yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
-    WITH_CE: tl.constexpr, CE_P: tl.constexpr, CE_Q: tl.constexpr,
+    yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, ent_ptr, cent_ptr, rows64, row_mask, stride_st,
+    ignore_index, inv_temp, WITH_CE: tl.constexpr, CE_P: tl.constexpr, CE_Q: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
 ):
-    """Per-row inputs of the backward: targets, statistics and coefficients (0 on masked / ignored rows);
+    """Per-row inputs of the backward: targets, statistics and coefficients (0 on masked / ignored rows), and
+    with HAS_ENTROPY each view's entropy and its coefficient ([N, 2] arrays; else the div coefficients, unused);
     ``live``: whether any row of the block has a non-zero coefficient."""
     st = stats_ptr + rows64 * stride_st
     lse_p = tl.load(st + _LSE_P, mask=row_mask, other=0.0)
@@ -84,19 +89,28 @@ def pair_row_loads(
     else:
         yp, cp = view_ce_row(yp_ptr, cp_ptr, rows64, row_mask, ignore_index, cd, False)
         yq, cq = yp, cp
-    live = tl.sum(((cp != 0.0) | (cq != 0.0) | (cd != 0.0)).to(tl.int32), 0) > 0
-    return yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live
+    nz = (cp != 0.0) | (cq != 0.0) | (cd != 0.0)
+    if HAS_ENTROPY:
+        ent_p = tl.load(ent_ptr + rows64 * 2, mask=row_mask, other=0.0).to(tl.float32)
+        ent_q = tl.load(ent_ptr + rows64 * 2 + 1, mask=row_mask, other=0.0).to(tl.float32)
+        ce_p = tl.load(cent_ptr + rows64 * 2, mask=row_mask, other=0.0).to(tl.float32)
+        ce_q = tl.load(cent_ptr + rows64 * 2 + 1, mask=row_mask, other=0.0).to(tl.float32)
+        nz = nz | (ce_p != 0.0) | (ce_q != 0.0)
+    else:
+        ent_p, ent_q, ce_p, ce_q = cd, cd, cd, cd
+    live = tl.sum(nz.to(tl.int32), 0) > 0
+    return yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, ent_p, ent_q, ce_p, ce_q, live
 
 
 @triton.jit
 def pair_dz_tiles(
     xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
-    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
+    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, ent_p, ent_q, ce_p, ce_q,
     H, Hq, stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, CE_P: tl.constexpr, CE_Q: tl.constexpr, TWO_HEADS: tl.constexpr,
-    HAS_BIAS_Q: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS_Q: tl.constexpr, HAS_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """(dz_p, dz_q) w.r.t. the raw logits of one row block × V tile (fp32; 0 on masked entries)."""
@@ -131,13 +145,17 @@ def pair_dz_tiles(
         gp = cd[:, None] * da
     if GRAD_Q:
         gq = cd[:, None] * db
-    if WITH_CE:
+    if WITH_CE or HAS_ENTROPY:
         if TEMP_ONE:
             sm_p = p
             sm_q = q
         else:
             sm_p = tl.where(cm, tl.exp(zp - lse_p[:, None]), 0.0)
             sm_q = tl.where(cm, tl.exp(zq - lse_q[:, None]), 0.0)
+    if HAS_ENTROPY:
+        gp += ce_p[:, None] * entropy_grad(sm_p, tl.where(cm, zp - lse_p[:, None], 0.0), ent_p)
+        gq += ce_q[:, None] * entropy_grad(sm_q, tl.where(cm, zq - lse_q[:, None], 0.0), ent_q)
+    if WITH_CE:
         if CE_P:
             gp += cp[:, None] * ce_grad(sm_p, cols64[None, :] == yp[:, None], col_mask, lse_p, one_minus_eps,
                                         eps_over_v, two_zloss, HAS_SMOOTHING, HAS_ZLOSS)
@@ -154,7 +172,7 @@ def pair_dz_tiles(
 @triton.jit
 def pair_bwd_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
-    dxp_ptr, dxq_ptr, dw_ptr, db_ptr, dwq_ptr, dbq_ptr,
+    ent_ptr, cent_ptr, dxp_ptr, dxq_ptr, dw_ptr, db_ptr, dwq_ptr, dbq_ptr,
     N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, stride_dxp, stride_dxq, stride_dw, stride_dwq,
     stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
@@ -162,7 +180,7 @@ def pair_bwd_kernel(
     HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr,
     NEED_DXP: tl.constexpr, NEED_DXQ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     CE_P: tl.constexpr, CE_Q: tl.constexpr, TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
-    NEED_DWQ: tl.constexpr, NEED_DBQ: tl.constexpr,
+    NEED_DWQ: tl.constexpr, NEED_DBQ: tl.constexpr, HAS_ENTROPY: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -170,17 +188,17 @@ def pair_bwd_kernel(
     take both views; TWO_HEADS: NEED_DW / NEED_DB are view p's head, NEED_DWQ / NEED_DBQ view q's."""
     pid_n, pid_v = grouped_pid(tl.program_id(0), N, V, BLOCK_N, BLOCK_V, GROUP)
     rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
-    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
-        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
-        WITH_CE, CE_P, CE_Q)
+    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, ent_p, ent_q, ce_p, ce_q, live = pair_row_loads(
+        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, ent_ptr, cent_ptr, rows64, row_mask, stride_st,
+        ignore_index, inv_temp, WITH_CE, CE_P, CE_Q, HAS_ENTROPY)
     if live:  # the loads + pair_dz_tiles calls repeat pair_dz_kernel's; only the skip of dead blocks differs
         cols64, col_mask = tile_index(pid_v * BLOCK_V, V, BLOCK_V)
         gp, gq = pair_dz_tiles(
             xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
-            yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
+            yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, ent_p, ent_q, ce_p, ce_q,
             H, Hq, stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v,
             two_zloss, DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
-            CE_P, CE_Q, TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+            CE_P, CE_Q, TWO_HEADS, HAS_BIAS_Q, HAS_ENTROPY, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
         if TWO_HEADS:
             if NEED_DB:
                 tl.atomic_add(db_ptr + cols64, tl.sum(gp, 0), mask=col_mask, sem="relaxed")
@@ -226,14 +244,14 @@ def pair_bwd_kernel(
 @triton.jit
 def pair_dz_kernel(
     xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr,
-    dzp_ptr, dzq_ptr, dbpart_ptr, dbqpart_ptr,
+    ent_ptr, cent_ptr, dzp_ptr, dzq_ptr, dbpart_ptr, dbqpart_ptr,
     N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, stride_dz,
     stride_st, ignore_index, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v, two_zloss,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr, GRAD_P: tl.constexpr, GRAD_Q: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_ZLOSS: tl.constexpr, USE_GP: tl.constexpr, USE_GQ: tl.constexpr, NEED_DB: tl.constexpr,
     CE_P: tl.constexpr, CE_Q: tl.constexpr, TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
-    NEED_DBQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    NEED_DBQ: tl.constexpr, HAS_ENTROPY: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Deterministic backward, first half: dz_p / dz_q tiles of (row block, V tile) of a row chunk (N rows,
@@ -242,18 +260,18 @@ def pair_dz_kernel(
     pid_n = tl.program_id(0)
     rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
     cols64, col_mask = tile_index(tl.program_id(1) * BLOCK_V, V, BLOCK_V)
-    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, live = pair_row_loads(
-        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, rows64, row_mask, stride_st, ignore_index, inv_temp,
-        WITH_CE, CE_P, CE_Q)
+    yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, ent_p, ent_q, ce_p, ce_q, live = pair_row_loads(
+        yp_ptr, yq_ptr, stats_ptr, cp_ptr, cq_ptr, cd_ptr, ent_ptr, cent_ptr, rows64, row_mask, stride_st,
+        ignore_index, inv_temp, WITH_CE, CE_P, CE_Q, HAS_ENTROPY)
     gp = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     gq = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
     if live:
         gp, gq = pair_dz_tiles(
             xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask,
-            yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd,
+            yp, yq, lse_p, lse_q, lset_p, lset_q, sx, sy, cp, cq, cd, ent_p, ent_q, ce_p, ce_q,
             H, Hq, stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, one_minus_eps, eps_over_v,
             two_zloss, DIV, TEMP_ONE, GRAD_P, GRAD_Q, WITH_CE, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, HAS_ZLOSS,
-            CE_P, CE_Q, TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
+            CE_P, CE_Q, TWO_HEADS, HAS_BIAS_Q, HAS_ENTROPY, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
     if USE_GP:
         store_dz_tile(dzp_ptr, gp, rows64, row_mask, cols64, col_mask, stride_dz, UPCAST)
     if USE_GQ:

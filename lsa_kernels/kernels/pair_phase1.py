@@ -19,6 +19,15 @@ Online over V tiles, every running sum rescaled by exp(m_old − m_new) when its
         js          nothing here: its sums need the final lse_a, lse_b (kernels/pair_js.py)
     (every expm1 argument is clamped at maths.EXPM1_CLAMP: no 0·inf where p ≈ 0)
 
+Per-view extras (long-short's per-token outputs, docs/maths.md §4; constexprs ENTROPY / ARGMAX, off by
+default), of each view's z at temperature 1 with its CE running max m_z and sum s_z, exactly as kernels/ce.py:
+
+    entropy  acc ← e^{m_old − m_new}·(acc + (m_old − m_new)·s_old) + Σ_v e^{z − m_new}·(z − m_new)
+             (acc = Σ_v e^{z − m}(z − m); H = log s − acc/s after the split merge, merge.merge_extras)
+    argmax   per tile tl.argmax, kept where the tile's max beats the running one strictly (ties → lowest)
+
+into ``ent [S, N, 2]`` (fp32) and ``am [S, N, 2]`` (int32), column 0 view p, column 1 view q.
+
 Each program writes its partials, columns merge.PairPart, to an ``[S, N, 16]`` fp32 scratch;
 :func:`merge.pair_stats` divides each sum by its softmax's s (E_p[f] = Σ e^{a−m_a} f / s_a, §5) and merges
 the splits. Gradients: kernels/pair_bwd.py.
@@ -57,16 +66,17 @@ _Y2: tl.constexpr = tl.constexpr(int(PairPart.Y2))
 
 @triton.jit
 def pair_phase1_kernel(
-    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, part_ptr,
+    xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, yp_ptr, yq_ptr, part_ptr, ent_ptr, am_ptr,
     N, V, H, Hq, stride_xp, stride_xq, stride_w, stride_wq, tiles_per_split,
     cap, inv_cap, inv_temp,
     DIV: tl.constexpr, TEMP_ONE: tl.constexpr,
     WITH_CE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr,
+    TWO_HEADS: tl.constexpr, HAS_BIAS_Q: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Phase-1 partials (merge.PairPart) of one row block over one V split."""
+    """Phase-1 partials (merge.PairPart) of one row block over one V split; with ENTROPY / ARGMAX each view's
+    entropy sum and first argmax into ent / am [split, row, view] (module docstring)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows64, row_mask = tile_index(pid_n * BLOCK_N, N, BLOCK_N)
@@ -79,6 +89,9 @@ def pair_phase1_kernel(
     m_q, s_q, zy_q, sz_q = ninf, zero, zero, zero
     m_a, s_a, m_b, s_b = ninf, zero, ninf, zero
     acc_x, acc_y, acc_x2, acc_y2 = zero, zero, zero, zero
+    h_p, h_q = zero, zero
+    am_p = tl.zeros([BLOCK_N], tl.int32)
+    am_q = tl.zeros([BLOCK_N], tl.int32)
 
     v_start, v_end = split_bounds(split, tiles_per_split, V, BLOCK_V)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -88,8 +101,21 @@ def pair_phase1_kernel(
             xp_ptr, xq_ptr, w_ptr, b_ptr, wq_ptr, bq_ptr, rows64, row_mask, cols64, col_mask, H, Hq,
             stride_xp, stride_xq, stride_w, stride_wq, cap, inv_cap, inv_temp, TEMP_ONE, HAS_BIAS, HAS_SOFTCAP,
             TWO_HEADS, HAS_BIAS_Q, UPCAST, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_H)
-        m_p, al_p, e_p, s_p = online_update(m_p, s_p, tl.where(cm, zp, float("-inf")))
-        m_q, al_q, e_q, s_q = online_update(m_q, s_q, tl.where(cm, zq, float("-inf")))
+        m_p_old, s_p_old, m_q_old, s_q_old = m_p, s_p, m_q, s_q
+        zpm = tl.where(cm, zp, float("-inf"))
+        zqm = tl.where(cm, zq, float("-inf"))
+        m_p, al_p, e_p, s_p = online_update(m_p, s_p, zpm)
+        m_q, al_q, e_q, s_q = online_update(m_q, s_q, zqm)
+        # extras: e is 0 on masked columns (z there is finite), and the tile's max beats the running one
+        # exactly when the running max moved (m_new > m_old)
+        if ENTROPY:  # 0 shift before the first tile (m_old = −inf, s_old = 0)
+            h_p = al_p * (h_p + (tl.where(s_p_old > 0.0, m_p_old, m_p) - m_p) * s_p_old) + tl.sum(
+                e_p * (zp - m_p[:, None]), 1)
+            h_q = al_q * (h_q + (tl.where(s_q_old > 0.0, m_q_old, m_q) - m_q) * s_q_old) + tl.sum(
+                e_q * (zq - m_q[:, None]), 1)
+        if ARGMAX:
+            am_p = tl.where(m_p > m_p_old, v0 + tl.argmax(zpm, 1).to(tl.int32), am_p)
+            am_q = tl.where(m_q > m_q_old, v0 + tl.argmax(zqm, 1).to(tl.int32), am_q)
         if WITH_CE:
             zy_p += tl.sum(tl.where(cols64[None, :] == yp[:, None], zp, 0.0), 1)
             zy_q += tl.sum(tl.where(cols64[None, :] == yq[:, None], zq, 0.0), 1)
@@ -136,3 +162,10 @@ def pair_phase1_kernel(
     tl.store(base + _Y, acc_y, mask=row_mask)
     tl.store(base + _X2, acc_x2, mask=row_mask)
     tl.store(base + _Y2, acc_y2, mask=row_mask)
+    ex = (split.to(tl.int64) * N + rows64) * 2
+    if ENTROPY:
+        tl.store(ent_ptr + ex, h_p, mask=row_mask)
+        tl.store(ent_ptr + ex + 1, h_q, mask=row_mask)
+    if ARGMAX:
+        tl.store(am_ptr + ex, am_p, mask=row_mask)
+        tl.store(am_ptr + ex + 1, am_q, mask=row_mask)
