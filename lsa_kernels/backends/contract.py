@@ -55,8 +55,8 @@ target (``rows.yp``/``rows.yq``) or CE coefficient (``coefs.ce_p``/``coefs.ce_q`
     over V, PairOut.entropy / .argmax [N, 2] (columns p, q) and .entropy_u / .argmax_u [M] for rows.xu;
     pair_backward with coefs.entropy [N, 2] / coefs.entropy_u [M] (and saved.entropy / saved.entropy_u, the
     forward's) adds coef_entropy ⊙ (−p ⊙ (log p + H)), p = softmax(z), to each view's dz (before softcap').
-    They are kept out of the stats columns: stats is what a vocab shard merges; these are not merged (a
-    vocab-parallel caller refuses them).
+    They are kept out of the stats columns (whose layout csrc/ and the vocab-parallel merge pin); the
+    vocab-parallel wrapper merges them in columns of its own (docs/maths.md §15).
 
     pair_js_partial(xp, xq, w, b, lset [N, 2], opts, *, wq=None, bq=None) -> [N, 2]   (capability js_partial)
         Σ_v p_v log(p_v/m_v), Σ_v q_v log(q_v/m_v) over the rows of ``w`` for GIVEN normalisers
