@@ -290,6 +290,10 @@ def _ls_body(rank, world, dtype, backend):
             _close(v, want[k], dtype, f"{kw} {k}")
 
 
-@pytest.mark.parametrize("world,dtype", [(2, torch.float64), (3, torch.float32)], ids=["2-fp64", "3-fp32"])
-def test_long_short_per_view_under_process_group(world, dtype, tmp_path):
-    run_gloo(_ls_body, world, tmp_path, dtype, "cpu")
+@pytest.mark.parametrize("world,dtype,backend", [(2, torch.float64, "cpu"), (3, torch.float32, "cpu"),
+                                                 (2, torch.float32, "triton")],
+                         ids=["2-fp64-cpu", "3-fp32-cpu", "2-fp32-triton"])
+def test_long_short_per_view_under_process_group(world, dtype, backend, tmp_path):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    run_gloo(_ls_body, world, tmp_path, dtype, backend)
