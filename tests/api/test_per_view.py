@@ -173,3 +173,43 @@ def test_module_and_reference_backend():
 
 # per-view entropy / accuracy under process_group= are merged over the shards (no longer refused):
 # tests/backends/test_vocab_parallel_issue16.py::test_long_short_per_view_under_process_group
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu-aten"])
+def test_cpu_within_chunk_budget(path):
+    """The per-view extras (forward temporaries, the entropy terms kept across the pair chunk function) stay
+    within the cpu backend's chunk budget on both of its paths (the tracker of tests/backends/test_memory.py)."""
+    from backends.test_memory import LiveLogitBytes
+
+    if path == "cpu" and not _ext.built():
+        pytest.skip("lsa_kernels._C not built")
+    Bm, Tm, Hm, Vm, budget = 2, 192, 24, 1501, 1 << 19
+    assert Bm * Tm * Vm * 4 >= 4 * budget
+    g = torch.Generator().manual_seed(0)
+    hl, hs = leaf(torch.randn(Bm, Tm, Hm, generator=g)), leaf(torch.randn(Bm, Tm, Hm, generator=g))
+    w = leaf(torch.randn(Vm, Hm, generator=g))
+    yl, ys = (torch.randint(0, Vm, (Bm, Tm), generator=g) for _ in range(2))
+    mode = LiveLogitBytes(Vm)
+    with _ext.disable(path == "cpu-aten"), mode:
+        out = L.long_short_loss(hl, hs, w, yl, ys, l_extra=Tm // 3, softcap=3.0, temperature=0.7, backend="cpu",
+                                chunk_bytes=budget, return_entropy=True, return_accuracy=True)
+        (out.loss + out.long.entropy.sum() - out.short.entropy.sum()).backward()
+    assert 0 < mode.peak <= budget, f"peak live logits {mode.peak} B > budget {budget} B"
+
+
+def test_cpu_backend_bad_input():
+    """The contract's per-view extras: not with a second head; an entropy coefficient needs the forward's."""
+    from lsa_kernels.backends import PairCoefs, PairGrads, PairOut, PairRows, cpu
+    from lsa_kernels.options import CEOptions, PairOptions
+
+    hl, hs, w, b, yl, ys = _data()
+    xp, xq = hl.reshape(-1, H), hs.reshape(-1, H)
+    n = xp.shape[0]
+    opts = PairOptions(with_ce=False, ce=CEOptions(entropy=True))
+    with pytest.raises(ValueError, match="second head"):
+        cpu.backend.pair_forward(PairRows(xp, xq), w, None, opts, wq=w.clone())
+    saved = cpu.backend.pair_forward(PairRows(xp, xq), w, None, PairOptions(with_ce=False))
+    coefs = PairCoefs(torch.ones(n), entropy=torch.ones(n, 2))
+    with pytest.raises(ValueError, match="saved.entropy"):
+        cpu.backend.pair_backward(PairRows(xp, xq), w, None, PairOut(None, None, None, saved.stats), coefs,
+                                  PairOptions(with_ce=False), PairGrads(dxp=torch.empty(n, H)))

@@ -208,7 +208,12 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
             if tu is not None:
                 z[2].add_(tu)
 
-    n_rows = chunk_rows(w.shape[0], fns.K_PAIR + (aten.K_PAIR_EXTRA if ent_grad else 0), opts.ce.chunk_bytes)
+    k = fns.K_PAIR
+    if want_ent or want_am:
+        k = max(k, aten.K_VIEW_EXTRAS_FWD)
+    if ent_grad:
+        k = max(k + aten.K_PAIR_EXTRA, aten.K_VIEW_EXTRAS_BWD)
+    n_rows = chunk_rows(w.shape[0], k, opts.ce.chunk_bytes)
     loop.run(parts, w, b, max(n_rows, 2 + unpaired), step, backward=coefs is not None, dw=grads.dw,
              db=grads.db, heads=heads)
     return PairOut(ce_p, ce_q, divergence_from_stats(stats, opts.divergence), stats, ce_u, lse_u, ent, am, ent_u,

@@ -37,7 +37,12 @@ Tensor = torch.Tensor
 K_CE = 3
 K_PAIR = 5
 K_CE_EXT = 4  # ce_chunk_ext: z, log p, p (+ the entropy's two temporaries in forward)
-K_PAIR_EXTRA = 1  # long-short's per-view extras: one entropy-gradient term per row kept across pair_chunk
+# long-short's per-view extras (view_extras / entropy_grad on one part's rows at a time, each part at most the
+# chunk's rows): the forward's 2 temporaries (K >= 3), the backward's entropy terms of both views kept across
+# pair_chunk (+1) and the 3 buffers of one part's entropy_grad while another's term is alive (K >= 4)
+K_PAIR_EXTRA = 1
+K_VIEW_EXTRAS_FWD = 3
+K_VIEW_EXTRAS_BWD = 4
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
