@@ -280,6 +280,33 @@ def _merge_views(grads: PairGrads, B: int, T: int, l_extra: int, scale=None):
     return dhl, dhs
 
 
+def _ls_rows(hl, hs, yl, ys, sel, wl, ws, l_extra: int, opts: PairOptions, dtype):
+    """(rows, (cp, cq, cu, dv)): the paired / unpaired rows of both views and each row's coefficient in ``ce`` /
+    ``misalign`` (docs/maths.md §4, §11)."""
+    xp, xq, xu = _split_views(hl, hs, l_extra)
+    yp, yq, yu = (y.view(-1) for y in _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra))
+    rows = PairRows(xp, xq, yp, yq, xu, yu)
+    return rows, _ls_coefs(rows, opts.ce.ignore_index, sel.reshape(-1), wl, ws, l_extra, dtype)
+
+
+def _longce(out: PairOut, rows: PairRows, cp: Tensor, ign: int, gamma: float) -> Tensor:
+    """§13: the long row's CE coefficient × min(exp(ce_short − ce_long), γ) on paired valid rows, detached."""
+    paired = (rows.yp != ign) & (rows.yq != ign)
+    lsd = torch.where(paired, out.ce_q - out.ce_p, torch.zeros_like(out.ce_p))
+    return cp * torch.where(paired, lsd.exp().clamp(max=gamma), torch.ones_like(lsd))
+
+
+def _ls_backward_coefs(dv, cp, cq, cu, alpha: float, g_loss, g_ce, g_mis, like: Tensor, **entropy) -> PairCoefs:
+    """The backend's coefficients for upstream gradients of (loss, ce, misalign) (None: no gradient);
+    ``entropy``: PairCoefs' entropy / entropy_u."""
+    acc = like.dtype
+    zero = torch.zeros((), dtype=acc, device=like.device)
+    gl = zero if g_loss is None else g_loss.to(acc)
+    g_ce_tot = gl + (zero if g_ce is None else g_ce.to(acc))
+    g_div_tot = alpha * gl + (zero if g_mis is None else g_mis.to(acc))
+    return PairCoefs(dv * g_div_tot, cp * g_ce_tot, cq * g_ce_tot, cu * g_ce_tot, **entropy)
+
+
 class _LongShort(torch.autograd.Function):
     @staticmethod
     @_autocast_off
@@ -289,11 +316,8 @@ class _LongShort(torch.autograd.Function):
         be = backends.get(backend)
         B, T, H = hl.shape
         w, b = _contig(w), _contig(b)
-        xp, xq, xu = _split_views(hl, hs, l_extra)
-        yp, yq, yu = (y.view(-1) for y in _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra))
-        rows = PairRows(xp, xq, yp, yq, xu, yu)
-        # per-row coefficients of the CE rows and the pairs in `ce` / `misalign` (docs/maths.md §4, §11, §13)
-        cp, cq, cu, dv = _ls_coefs(rows, opts.ce.ignore_index, sel.reshape(-1), wl, ws, l_extra, _acc(w))
+        rows, (cp, cq, cu, dv) = _ls_rows(hl, hs, yl, ys, sel, wl, ws, l_extra, opts, _acc(w))
+        xp, xq, xu, yp, yq, yu = rows.xp, rows.xq, rows.xu, rows.yp, rows.yq, rows.yu
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
         ctx.need = (need_l or need_s, need_w, need_b)
@@ -304,10 +328,8 @@ class _LongShort(torch.autograd.Function):
             out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), ctx.pre)
         else:
             out = be.pair_forward(rows, w, b, opts)
-            if longce_gamma is not None:  # §13: the long row's CE × min(exp(ce_short − ce_long), γ), detached
-                paired = (yp != opts.ce.ignore_index) & (yq != opts.ce.ignore_index)
-                lsd = torch.where(paired, out.ce_q - out.ce_p, torch.zeros_like(out.ce_p))
-                cp = cp * torch.where(paired, lsd.exp().clamp(max=longce_gamma), torch.ones_like(lsd))
+            if longce_gamma is not None:
+                cp = _longce(out, rows, cp, opts.ce.ignore_index, longce_gamma)
         ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, out.stats, out.lse_u)
         ce = (out.ce_p * cp).sum() + (out.ce_q * cq).sum() + (out.ce_u * cu).sum()
         mis = (out.div * dv).sum()
@@ -325,12 +347,8 @@ class _LongShort(torch.autograd.Function):
         if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
             grads, scale = ctx.pre, g_loss.to(_acc(w))
         else:  # the backend's backward with the combined coefficients of loss, ce and misalign
-            zero = torch.zeros((), dtype=_acc(w), device=xp.device)
-            gl = zero if g_loss is None else g_loss.to(_acc(w))
-            g_ce_tot = gl + (zero if g_ce is None else g_ce.to(_acc(w)))
-            g_div_tot = alpha * gl + (zero if g_mis is None else g_mis.to(_acc(w)))
             rows = PairRows(xp, xq, yp, yq, xu, yu)
-            coefs = PairCoefs(dv * g_div_tot, cp * g_ce_tot, cq * g_ce_tot, cu * g_ce_tot)
+            coefs = _ls_backward_coefs(dv, cp, cq, cu, alpha, g_loss, g_ce, g_mis, cp)
             grads, scale = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu), None
             saved = PairOut(None, None, None, stats, None, lse_u)
             backends.get(backend).pair_backward(rows, w, b, saved, coefs, opts, grads)
@@ -370,16 +388,11 @@ class _LongShortExt(torch.autograd.Function):
         be = backends.get(backend)
         B, T, H = hl.shape
         w, b = _contig(w), _contig(b)
-        xp, xq, xu = _split_views(hl, hs, l_extra)
-        yp, yq, yu = (y.view(-1) for y in _split_views(yl.unsqueeze(-1), ys.unsqueeze(-1), l_extra))
-        rows = PairRows(xp, xq, yp, yq, xu, yu)
-        cp, cq, cu, dv = _ls_coefs(rows, opts.ce.ignore_index, sel.reshape(-1), wl, ws, l_extra, _acc(w))
+        rows, (cp, cq, cu, dv) = _ls_rows(hl, hs, yl, ys, sel, wl, ws, l_extra, opts, _acc(w))
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
         out = be.pair_forward(rows, w, b, opts)
-        if longce_gamma is not None:  # §13, as in _LongShort
-            paired = (yp != opts.ce.ignore_index) & (yq != opts.ce.ignore_index)
-            lsd = torch.where(paired, out.ce_q - out.ce_p, torch.zeros_like(out.ce_p))
-            cp = cp * torch.where(paired, lsd.exp().clamp(max=longce_gamma), torch.ones_like(lsd))
+        if longce_gamma is not None:
+            cp = _longce(out, rows, cp, opts.ce.ignore_index, longce_gamma)
         dt = hl.dtype
         def empty(dtype=hl.dtype):  # distinct tensors: an output may not alias another
             return hl.new_empty(0, dtype=dtype)
@@ -389,7 +402,8 @@ class _LongShortExt(torch.autograd.Function):
             ent_l, ent_s = _join_views(ent[:, 0], ent[:, 1], ent_u, B, T, l_extra)
         else:
             ent, ent_u, ent_l, ent_s = empty(), empty(), empty(), empty()
-        ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, out.stats, out.lse_u, ent, ent_u)
+        ctx.save_for_backward(rows.xp, rows.xq, rows.xu, w, b, rows.yp, rows.yq, rows.yu, cp, cq, cu, dv, out.stats,
+                              out.lse_u, ent, ent_u)
         lse_l, lse_s = _join_views(out.stats[:, Stat.LSE_P], out.stats[:, Stat.LSE_Q], out.lse_u, B, T, l_extra)
         if opts.ce.argmax:
             am_l, am_s = _join_views(out.argmax[:, 0], out.argmax[:, 1], out.argmax_u, B, T, l_extra)
@@ -412,10 +426,6 @@ class _LongShortExt(torch.autograd.Function):
                                                                                        or need_b):
             return (None,) * 14
         acc = _acc(w)
-        zero = torch.zeros((), dtype=acc, device=xp.device)
-        gl = zero if g_loss is None else g_loss.to(acc)
-        g_ce_tot = gl + (zero if g_ce is None else g_ce.to(acc))
-        g_div_tot = alpha * gl + (zero if g_mis is None else g_mis.to(acc))
         c_ent = c_ent_u = None
         if g_ent_on:
             zl = torch.zeros(B, T, dtype=acc, device=xp.device)
@@ -424,7 +434,7 @@ class _LongShortExt(torch.autograd.Function):
             ep, eq, eu = (t.reshape(-1) for t in _split_views(el.unsqueeze(-1), es.unsqueeze(-1), l_extra))
             c_ent, c_ent_u = torch.stack([ep, eq], 1).contiguous(), eu.contiguous()
         rows = PairRows(xp, xq, yp, yq, xu, yu)
-        coefs = PairCoefs(dv * g_div_tot, cp * g_ce_tot, cq * g_ce_tot, cu * g_ce_tot, c_ent, c_ent_u)
+        coefs = _ls_backward_coefs(dv, cp, cq, cu, alpha, g_loss, g_ce, g_mis, cp, entropy=c_ent, entropy_u=c_ent_u)
         need_x = need_l or need_s
         grads = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu)
         saved = PairOut(None, None, None, stats, None, lse_u, ent if g_ent_on else None, None,
