@@ -377,8 +377,10 @@ class _LongShortExt(torch.autograd.Function):
     """The long-short loss with per-view per-token outputs (docs/maths.md §4 per-view outputs): (loss, ce,
     misalign, lse_long, lse_short, entropy_long, entropy_short, argmax_long, argmax_short), the last six
     ``[B, T]``. lse and argmax carry no gradient; the entropies do (their coefficients go to the backend's
-    ``coefs.entropy`` / ``coefs.entropy_u``). Forward then backward, like :class:`_LinearCrossEntropyExt`
-    (the entropies' coefficients are known only in backward). Outputs not asked for are empty tensors."""
+    ``coefs.entropy`` / ``coefs.entropy_u``). With the entropy: forward then backward, like
+    :class:`_LinearCrossEntropyExt` (the entropies' coefficients are known only in backward); without it (lse,
+    argmax) the gradient of ``loss`` is folded into the forward as in :class:`_LongShort` when the backend
+    can. Outputs not asked for are empty tensors."""
 
     @staticmethod
     @_autocast_off
@@ -390,10 +392,19 @@ class _LongShortExt(torch.autograd.Function):
         w, b = _contig(w), _contig(b)
         rows, (cp, cq, cu, dv) = _ls_rows(hl, hs, yl, ys, sel, wl, ws, l_extra, opts, _acc(w))
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
-        out = be.pair_forward(rows, w, b, opts)
-        if longce_gamma is not None:
-            cp = _longce(out, rows, cp, opts.ce.ignore_index, longce_gamma)
+        need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
+        ctx.need = (need_l or need_s, need_w, need_b)
+        ctx.pre = None
+        if (not opts.ce.entropy and longce_gamma is None and any(ctx.need)
+                and be.caps.fused_forward_backward):  # as _LongShort: loss's gradient folded into the forward
+            ctx.pre = _pair_grads(rows.xp, rows.xq, w, b, ctx.need[0], ctx.need[0], need_w, need_b, xu=rows.xu)
+            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), ctx.pre)
+        else:
+            out = be.pair_forward(rows, w, b, opts)
+            if longce_gamma is not None:
+                cp = _longce(out, rows, cp, opts.ce.ignore_index, longce_gamma)
         dt = hl.dtype
+
         def empty(dtype=hl.dtype):  # distinct tensors: an output may not alias another
             return hl.new_empty(0, dtype=dtype)
 
@@ -422,9 +433,13 @@ class _LongShortExt(torch.autograd.Function):
         xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u, ent, ent_u = ctx.saved_tensors
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         g_ent_on = opts.ce.entropy and (g_ent_l is not None or g_ent_s is not None)
-        if (g_loss is None and g_ce is None and g_mis is None and not g_ent_on) or not (need_l or need_s or need_w
-                                                                                       or need_b):
+        if (g_loss is None and g_ce is None and g_mis is None and not g_ent_on) or not any(ctx.need):
             return (None,) * 14
+        if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
+            scale = g_loss.to(_acc(w))
+            dhl, dhs = _merge_views(ctx.pre, B, T, l_extra, scale) if ctx.need[0] else (None, None)
+            return (_cast(dhl, xp) if need_l else None, _cast(dhs, xp) if need_s else None,
+                    _cast(ctx.pre.dw, w, scale), _cast(ctx.pre.db, b, scale), *(None,) * 10)
         acc = _acc(w)
         c_ent = c_ent_u = None
         if g_ent_on:

@@ -393,8 +393,8 @@ def long_short_loss(
     ignored rows, ties to the lowest index). With any of them the result is a
     ``LongShortOutput(loss, ce, misalign, long, short)`` whose ``long`` / ``short`` are ``PerToken(lse,
     entropy, accuracy)`` of shape ``[B, T]`` (rows as in ``hidden_long`` / ``hidden_short``; None where not
-    asked); it runs forward then backward (no fused forward+backward). Also under ``process_group``
-    (docs/maths.md §15).
+    asked). With ``return_entropy`` it runs forward then backward (no fused forward+backward; lse and accuracy
+    alone keep it). Also under ``process_group`` (docs/maths.md §15).
     """
     hidden_long, hidden_short, linear_weight, linear_bias = _autocast_cast(
         hidden_long, hidden_short, linear_weight, linear_bias)

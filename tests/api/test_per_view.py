@@ -213,3 +213,36 @@ def test_cpu_backend_bad_input():
     with pytest.raises(ValueError, match="saved.entropy"):
         cpu.backend.pair_backward(PairRows(xp, xq), w, None, PairOut(None, None, None, saved.stats), coefs,
                                   PairOptions(with_ce=False), PairGrads(dxp=torch.empty(n, H)))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("which", ["loss", "loss+ce"])
+def test_lse_accuracy_gradients(path, which):
+    """Without the entropy the cpu backend folds loss's gradient into the forward (as the plain call does);
+    gradients of loss alone (folded) and of loss + ce (recomputed) equal the reference's, twice over a retained
+    graph, and lse / accuracy equal the reference's."""
+    hl, hs, w, b, yl, ys = _data(4)
+    kw = dict(divergence="kl", softcap=4.0, temperature=1.3, label_smoothing=0.1)
+    res = []
+    for fn, dt, extra in ((L.long_short_loss, torch.float32, dict(backend=_backend(path))),
+                          (R.long_short_loss, torch.float64, {})):
+        lv = [leaf(t, dt) for t in (hl, hs, w, b)]
+        with _ext.disable(path == "cpu-aten"):
+            out = fn(lv[0], lv[1], lv[2], yl, ys, l_extra=LX, linear_bias=lv[3], return_lse=True,
+                     return_accuracy=True, **kw, **extra)
+            total = 0.7 * out.loss if which == "loss" else 0.7 * out.loss + 0.3 * out.ce
+            g1 = grads(total.double(), lv) if fn is R.long_short_loss else [
+                t.double() for t in torch.autograd.grad(total, lv, retain_graph=True)]
+            if fn is L.long_short_loss:
+                g2 = torch.autograd.grad(total, lv)
+                for a, c in zip(g1, g2):
+                    torch.testing.assert_close(a, c.double(), rtol=0, atol=0)
+        res.append((out, g1))
+    (ours, go), (truth, gt) = res
+    for view in ("long", "short"):
+        o, t = getattr(ours, view), getattr(truth, view)
+        assert o.entropy is None
+        torch.testing.assert_close(o.lse.double(), t.lse, rtol=1e-5, atol=2e-5)
+        assert torch.equal(o.accuracy, t.accuracy)
+    for a, t in zip(go, gt):
+        torch.testing.assert_close(a, t, rtol=1e-4, atol=2e-5)
