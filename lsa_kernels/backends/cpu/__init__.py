@@ -16,6 +16,11 @@ chunk loop runs one logits GEMM per head into the same chunk buffer and gives ea
 GEMMs; a frozen view p without CE (detach="p") gets no gradient GEMM at all. A view with CE off (no target)
 runs the per-chunk functions with ``ignore_index`` targets and zero CE coefficients.
 
+Long-short's per-view extras (contract; docs/maths.md §4): each view's entropy / argmax come from ATen helpers
+(:func:`.aten.view_extras`) run on the chunk's raw logits before the per-chunk function (compiled or ATen, unchanged)
+reads them, and the entropy's gradient term (:func:`.aten.entropy_grad`) is added to the dz that function wrote:
+the same chunks and GEMMs, the compiled path kept for the rest; the rows per chunk count the extras' buffers.
+
 Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 × bf16 → fp32
 GEMM), so logits are never rounded to bf16: W once per call (a ``[V, H]`` fp32 copy), x chunk by chunk.
 """
@@ -146,8 +151,9 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     ent_grad = coefs is not None and (coefs.entropy is not None or coefs.entropy_u is not None)
     if (want_ent or want_am or ent_grad) and two:
         raise ValueError("per-view entropy / argmax are not supported with a second head")
-    if ent_grad and (saved is None or saved.entropy is None):
-        raise ValueError("coefs.entropy needs the forward's entropy: pass it in saved.entropy")
+    for cname, sname in (("entropy", "entropy"), ("entropy_u", "entropy_u")):
+        if coefs is not None and getattr(coefs, cname) is not None and (saved is None or getattr(saved, sname) is None):
+            raise ValueError(f"coefs.{cname} needs the forward's entropy: pass it in saved.{sname}")
     ent = _empty(N, like, 2) if want_ent else None
     am = torch.empty(N, 2, dtype=torch.int64, device=like.device) if want_am else None
     ent_u = _empty(M, like) if (want_ent and unpaired) else None
