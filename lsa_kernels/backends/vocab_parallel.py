@@ -49,10 +49,12 @@ Per-token outputs of the CE (docs/maths.md §15), in the same exchange (+1 colum
 and the long-short per-view extras (PairOut.entropy / .argmax, columns p and q; the CE-only rows xu through
 :meth:`VocabParallel.ce_forward`) the same way in the pair forward's exchange, each view from its own lse(z).
 
-Probability targets and class-weighted label smoothing (lsa_kernels.weights, docs/maths.md §15) are linear in
-the logits: each rank forms its shard's share of the linear term (:func:`copy_to_shards` rows whose gradient is
-all-reduced in backward, :func:`sum_over_shards` for the forward sum, :func:`shard_columns` for a target given
-as the full ``[N, V]`` or as this rank's ``[N, V_r]``) and the lse comes from :meth:`VocabParallel.ce_forward`.
+Dense targets (probability targets, class-weighted label smoothing; contract ``ce_dense_*``, lsa_kernels.weights,
+docs/maths.md §11, §15): each rank runs the local dense op on its columns of t (the full ``[N, V]`` sliced, or
+this rank's ``[N, V_r]`` as given) and of c, with its local targets; the sums Σ t c z, Σ t c, Σ c z and z_y
+add over the shards and lse merges as above, in ONE all-gather of ``[N, 5]``. Backward: the local dense
+backward with the merged lse (and the caller's per-row coefficients), dx all-reduced; a full t's gradient is
+the shards' columns put in place and all-reduced (``[N, V]``, only when t requires grad).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ import torch.distributed as dist
 
 from ..maths import N_PAIR_STATS, UNDER_P, UNDER_Q, Divergence, Stat, acc_dtype, ce_row_loss, divergence_from_stats
 from ..options import CEOptions, PairOptions
-from .contract import Backend, Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
+from .contract import Backend, Capabilities, CEOut, DenseOut, DenseTarget, Grads, PairCoefs, PairGrads, PairOut, PairRows
 
 if TYPE_CHECKING:
     from ..distributed import Shard
@@ -306,6 +308,40 @@ class VocabParallel:
                                **kw)
         if reduce_dx:
             self._all_reduce(grads.dx)
+
+    # ----------------------------------------------------------------------------- dense targets
+    def _local_dense(self, T: DenseTarget) -> DenseTarget:
+        s, v = self.shard.vocab_start, self.shard.vocab_size
+        t = T.t
+        if t is not None and t.shape[-1] != v:
+            t = t[:, s : s + v]
+        c = None if T.c is None else T.c[s : s + v]
+        return dataclasses.replace(T, t=t, c=c)
+
+    def ce_dense_forward(self, x, w, b, y, T: DenseTarget, opts: CEOptions) -> DenseOut:
+        yl = None if y is None else self._local_targets(y, opts.ignore_index)
+        out = self.local.ce_dense_forward(x, w, b, yl, self._local_dense(T), self._opts(opts))
+        g = _gather_rows(torch.stack([out.lse, out.tz, out.tm, out.cz, out.zy], dim=1), self.shard)  # [R, N, 5]
+        s = g[:, :, 1:].sum(0)
+        return DenseOut(_merge_lse(g[:, :, 0]), s[:, 0], s[:, 1], s[:, 2], s[:, 3])
+
+    def ce_dense_backward(self, x, w, b, y, T: DenseTarget, lse, coef_p, coef, opts: CEOptions, grads: Grads, *,
+                          dt=None) -> None:
+        yl = None if y is None else self._local_targets(y, opts.ignore_index)
+        Tl = self._local_dense(T)
+        full = dt is not None and T.t is not None and T.t.shape[-1] != self.shard.vocab_size
+        dtl = None
+        if dt is not None:
+            dtl = torch.empty(Tl.t.shape, dtype=dt.dtype, device=dt.device) if full else dt
+        self.local.ce_dense_backward(x, w, b, yl, Tl, lse, coef_p, coef, self._opts(opts), grads, dt=dtl)
+        self._all_reduce(grads.dx)
+        if full:
+            dt.zero_()
+            dt[:, self.shard.vocab_start : self.shard.vocab_start + self.shard.vocab_size] = dtl
+            self._all_reduce(dt)
+
+    def ce_dense_forward_backward(self, x, w, b, y, T, opts, coef, grads, *, dt=None):
+        raise NotImplementedError("VocabParallel has no fused forward+backward (caps.fused_forward_backward)")
 
     # ----------------------------------------------------------------------------------- pairs
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:

@@ -202,7 +202,7 @@ def dense_chunk(z: Tensor, y: Optional[Tensor], T: DenseTarget, opts: CEOptions,
     p = (z - lse.unsqueeze(1)).exp_() if capped else z.sub_(lse.unsqueeze(1)).exp_()
     p.mul_(coef_p.unsqueeze(1))
     if tc is not None:
-        p.sub_(tc.mul_((coef * T.kappa).unsqueeze(1)))
+        p.addcmul_(tc, (coef * T.kappa).unsqueeze(1), value=-1.0)  # tc may be the user's t: not in place
     if T.beta != 0:
         cb = (coef * T.beta).unsqueeze(1)
         p.sub_(cb if c is None else cb * c)
