@@ -137,6 +137,11 @@ GPU_TABLE = {
     ("sm100", True): {**_FP32, "pair_js": _lc(32, 32, 32, 8, 2)},
     ("sm120", True): {**_FP32, "pair_js": _lc(16, 32, 32, 4, 2)},
 }
+# dense targets (kernels/dense.py, docs/maths.md §11): the CE kernels' tiles, one kind each so that a table can
+# give them their own (the t tile is one more [BLOCK_N, BLOCK_V] load per logits tile)
+for _t in GPU_TABLE.values():
+    for _dense, _ce in (("dense_fwd", "ce_fwd"), ("dense_bwd", "ce_bwd"), ("dense_dz", "ce_dz")):
+        _t.setdefault(_dense, _t[_ce])
 KERNEL_KINDS = tuple(_SM90)
 
 # Shared memory per block (opt-in maximum) of each compute capability, and the archs whose tables the

@@ -119,7 +119,7 @@ def dense_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y
     """Per-row lse, Σ t c z, Σ t c, Σ c z, z_y (fp32 [N]; module docstring, contract.DenseOut)."""
     N, H = x.shape
     V = w.shape[0]
-    cfg = pick_config("ce_fwd", N, V, H, x.device, x.dtype)
+    cfg = pick_config("dense_fwd", N, V, H, x.device, x.dtype)
     per, n_split = split_ranges(V, cfg.BLOCK_V, cfg.SPLIT_V)
     part = torch.zeros((n_split, N, N_DENSE_PARTS), device=x.device, dtype=torch.float32)
     t = _rows_of(T.t)
@@ -287,7 +287,7 @@ def dense_backward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], 
     if dt_out is not None and dt_out.shape != t.shape:
         raise ValueError(f"dt_out must have the probability target's shape {tuple(t.shape)}, got {tuple(dt_out.shape)}")
     if opts.deterministic:
-        cfg = pick_config("ce_dz", N, V, H, x.device, x.dtype)
+        cfg = pick_config("dense_dz", N, V, H, x.device, x.dtype)
         C = det.chunk_rows(N, V, 1, x.dtype, opts.chunk_bytes)
         dz = torch.empty((C, V), device=x.device, dtype=x.dtype)
         need_db = db_out is not None
@@ -311,7 +311,7 @@ def dense_backward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], 
             if need_db:
                 db_out += dbpart[: grid[0]].sum(0)
         return
-    cfg = pick_config("ce_bwd", N, V, H, x.device, x.dtype)
+    cfg = pick_config("dense_bwd", N, V, H, x.device, x.dtype)
     grid = (triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(V, cfg.BLOCK_V),)
     dense_bwd_kernel[grid](
         x, w, bb, yy, tp, cp, lse, gp, ct, cb, ca, dtp,

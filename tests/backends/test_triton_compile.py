@@ -37,6 +37,7 @@ import pytest
 
 from lsa_kernels.kernels._common import CLASS_ARCH, SHARED_LIMIT
 from lsa_kernels.kernels.configs import (
+    ATOMIC_KINDS,
     FAMILY_SMOKE,
     SMOKE,
     atomic_problems,
@@ -50,7 +51,7 @@ MAIN_ARCHS = (80, 90)
 FAMILY_ARCHS = tuple(a for a in sorted(CLASS_ARCH.values()) if a not in MAIN_ARCHS)  # 86, 100, 120
 TIMEOUT_S = int(os.environ.get("LSA_COMPILE_TIMEOUT", "420"))
 ALL_NAMES = [c.name for c in production_configs()]
-ATOMIC = {c.name for c in production_configs() if c.kernel in ("ce_bwd", "pair_bwd")}
+ATOMIC = {c.name for c in production_configs() if c.kernel in ATOMIC_KINDS}
 # the full list takes ~10 min per arch on 2 cores; by default one config per kernel × dtype class
 # (heaviest flags) on sm_80 / sm_90 and the heaviest few on the other families
 FULL = os.environ.get("LSA_SLOW") == "1"
@@ -135,7 +136,7 @@ def test_configs_cover_every_kernel():
     assert set(SMOKE) <= set(ALL_NAMES)
     assert {c.kernel for c in production_configs() if c.name in SMOKE} == set(KERNEL_KINDS)
     assert set(FAMILY_SMOKE) <= set(ALL_NAMES)
-    assert {c.kernel for c in production_configs() if c.name in ATOMIC} == {"ce_bwd", "pair_bwd"}
+    assert {c.kernel for c in production_configs() if c.name in ATOMIC} == {"ce_bwd", "pair_bwd", "dense_bwd"}
 
 
 def test_production_configs_are_dispatchable():

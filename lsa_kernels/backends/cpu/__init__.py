@@ -124,7 +124,7 @@ def _dense(x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: De
                 if v is not None:
                     o[s] = v
 
-    rows = chunk_rows(w.shape[0], aten.K_DENSE, opts.chunk_bytes)
+    rows = chunk_rows(w.shape[0], aten.k_dense(T, acc_dtype(x), opts), opts.chunk_bytes)
     loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
     if not fwd:
         return None

@@ -39,7 +39,19 @@ Tensor = torch.Tensor
 #: fp32 [rows, V] buffers alive at once per row of a chunk (module docstring; tests/backends/test_memory.py)
 K_CE = 3
 K_PAIR = 5
-K_DENSE = 4  # dense_chunk: z, p (softcap), t promoted to fp32, t ⊙ c
+K_DENSE = 4  # dense_chunk, at most: z, logsumexp's temporary / p (softcap), t promoted to fp32 or t ⊙ c, c-term
+
+
+def k_dense(T: DenseTarget, acc: torch.dtype, opts: CEOptions) -> int:
+    """fp32 ``[rows, V]`` buffers :func:`dense_chunk` keeps alive per chunk row for this target: z and
+    logsumexp's temporary (or p), + 1 with a softcap (p beside the capped z), + 1 for t promoted or t ⊙ c, + 1
+    for the smoothing term's ``coef·β·c`` with class weights (≤ K_DENSE)."""
+    k = 2 + bool(opts.has_softcap)
+    if T.t is not None and (T.t.dtype != acc or T.c is not None):
+        k += 1
+    if T.beta != 0 and T.c is not None:
+        k += 1
+    return min(k, K_DENSE)
 K_CE_EXT = 4  # ce_chunk_ext: z, log p, p (+ the entropy's two temporaries in forward)
 # long-short's per-view extras (view_extras / entropy_grad on one part's rows at a time, each part at most the
 # chunk's rows): the forward's 2 temporaries (K >= 3), the backward's entropy terms of both views kept across
