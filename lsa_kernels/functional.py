@@ -29,9 +29,12 @@ import torch
 from . import _checks, _env, reference
 from .maths import acc_dtype
 from .options import CEOptions, PairOptions
-from .pairing import LongShortLoss, LongShortOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
+from .pairing import LongShortLoss, LongShortLossOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
 
-__all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput"]
+__all__ = [
+    "linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput",
+    "LongShortLossOutput", "PerToken",
+]
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -391,7 +394,7 @@ def long_short_loss(
     gradient), ``return_entropy`` (entropy of softmax(z) per row, every row, ignored ones included;
     differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax of z == label, bool, False on
     ignored rows, ties to the lowest index). With any of them the result is a
-    ``LongShortOutput(loss, ce, misalign, long, short)`` whose ``long`` / ``short`` are ``PerToken(lse,
+    ``LongShortLossOutput(loss, ce, misalign, long, short)`` whose ``long`` / ``short`` are ``PerToken(lse,
     entropy, accuracy)`` of shape ``[B, T]`` (rows as in ``hidden_long`` / ``hidden_short``; None where not
     asked). With ``return_entropy`` it runs forward then backward (no fused forward+backward; lse and accuracy
     alone keep it). Also under ``process_group`` (docs/maths.md §15).
@@ -459,5 +462,5 @@ def _long_short_loss(
         acc = (am == y) & (y != ignore_index) if extras[2] else None
         return PerToken(lse if extras[0] else None, ent if extras[1] else None, acc)
 
-    return LongShortOutput(loss, ce, mis, view(lse_l, ent_l, am_l, labels_long), view(lse_s, ent_s, am_s,
+    return LongShortLossOutput(loss, ce, mis, view(lse_l, ent_l, am_l, labels_long), view(lse_s, ent_s, am_s,
                                                                                        labels_short))

@@ -9,6 +9,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "api"))
 
 from test_bad_input import CASES as BASE_CASES  # noqa: E402
 from test_weights import CASES as WEIGHT_CASES  # noqa: E402
