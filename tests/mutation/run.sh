@@ -3,7 +3,8 @@
 # runs the tests that should notice, per mutant. Never touches the working tree (other people edit it).
 #
 #   tests/mutation/run.sh maths          # one module: maths | reference | functional | autograd | pairing |
-#                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__
+#                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__ |
+#                                        #   backends/cpu/ext | distillation
 #   tests/mutation/run.sh all            # every module above, in that order (what `make mutate` runs)
 #
 # Needs cosmic-ray in its own venv (kept apart from the project's pinned stack):
@@ -15,10 +16,11 @@
 # Each module has a small, fast test selection (tests/api/test_mutants.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
-module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__ or all}"
+module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation or all}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 if [ "$module" = all ]; then
-  for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__; do
+  for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__ \
+           backends/cpu/ext distillation; do
     "$0" "$m"
   done
   exit 0
@@ -33,6 +35,7 @@ case "$module" in
   functional) tests="$M tests/api/test_bad_input.py tests/api/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
   autograd) tests="$M tests/api/test_edges.py -k 'autograd or single_rank or edges'" ;;
   backends/cpu/*) tests="$M tests/backends/test_backend_contract.py tests/api/test_per_token.py tests/backends/test_cpu_ext.py tests/backends/test_memory.py tests/api/test_distillation.py -k 'not triton'" ;;
+  distillation) tests="$M tests/api/test_distillation.py -k 'not triton and not gloo and not ranks and not liger'" ;;
   pairing) tests="$M tests/api/test_pairing_oracle.py tests/api/test_bad_input.py tests/api/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
 esac
