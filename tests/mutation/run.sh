@@ -9,7 +9,7 @@
 #
 # Needs cosmic-ray in its own venv (kept apart from the project's pinned stack):
 #   python3 -m venv /tmp/crvenv && /tmp/crvenv/bin/pip install cosmic-ray==8.7.0
-# The copy is lsa_kernels/, tests/, csrc/ and setup.py of CR_REV (default HEAD; `git archive`) plus the
+# The copy is lsa_kernels/, tests/, csrc/, setup.py and README.md (setup.py reads it) of CR_REV (default HEAD; `git archive`) plus the
 # extension built from it, or of the directory CR_SRC when set (e.g. a frozen `git worktree`, whose
 # lsa_kernels/_C*.so must be built). The tests run with the project's .venv python from inside the copy
 # (PYTHONPATH=copy), so the copy's package is the one imported, not the venv's editable install.
@@ -48,10 +48,10 @@ port0="${CR_PORT:-47310}"
 if [ -z "${CR_RESUME:-}" ]; then   # CR_RESUME=1: continue the pending mutants of an interrupted session
   rm -rf "$work" && mkdir -p "$work"
   if [ -n "${CR_SRC:-}" ]; then
-    cp -r "$CR_SRC/lsa_kernels" "$CR_SRC/tests" "$CR_SRC/csrc" "$work/"
+    cp -r "$CR_SRC/lsa_kernels" "$CR_SRC/tests" "$CR_SRC/csrc" "$CR_SRC/setup.py" "$CR_SRC/README.md" "$work/"
     find "$work" -name __pycache__ -prune -exec rm -rf {} +
   else
-    git -C "$repo" archive "${CR_REV:-HEAD}" lsa_kernels tests csrc setup.py | tar -x -C "$work"
+    git -C "$repo" archive "${CR_REV:-HEAD}" lsa_kernels tests csrc setup.py README.md | tar -x -C "$work"
     (cd "$work" && "$py" setup.py build_ext --inplace -q >/dev/null 2>&1) \
       || echo "extension did not build: the C++ path is not tested" >&2
   fi
