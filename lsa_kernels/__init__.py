@@ -16,7 +16,7 @@ from . import reference
 from .distillation import DistillationLoss, linear_distillation
 from .functional import linear_cross_entropy, linear_divergence, long_short_loss
 from .modules import LinearCrossEntropyLoss, LinearDistillationLoss, LinearDivergenceLoss, LongShortAlignmentLoss
-from .pairing import LongShortLoss, LongShortOutput, PerToken, sample_l_extra
+from .pairing import LongShortLoss, LongShortLossOutput, PerToken, sample_l_extra
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ __all__ = [
     "LongShortAlignmentLoss",
     "LinearDistillationLoss",
     "LongShortLoss",
-    "LongShortOutput",
+    "LongShortLossOutput",
     "PerToken",
     "sample_l_extra",
     "reference",

@@ -183,6 +183,9 @@ def check_class_weight(weight, V: Optional[int], device, check_values: bool) -> 
         raise ValueError(f"weight (class weights) must have shape {want}, one per class, got {tuple(weight.shape)}")
     if weight.device != device:
         raise ValueError(f"weight is on {weight.device} but the input is on {device}")
+    if weight.requires_grad and torch.is_grad_enabled():  # as torch's F.cross_entropy: no gradient to class weights
+        raise ValueError("weight (class weights) cannot be a tensor that requires grad: the loss is not differentiable with respect to "
+                         "it (as in torch's F.cross_entropy); pass weight.detach()")
     if check_values:
         _non_negative("weight", weight)
 

@@ -32,7 +32,6 @@ from . import backends
 from .backends import Grads, PairCoefs, PairGrads, PairOut, PairRows
 from .maths import Stat, acc_dtype, mean_scale
 from .options import CEOptions, PairOptions
-from .pairing import LongShortLoss
 
 Tensor = torch.Tensor
 
@@ -307,59 +306,6 @@ def _ls_backward_coefs(dv, cp, cq, cu, alpha: float, g_loss, g_ce, g_mis, like: 
     return PairCoefs(dv * g_div_tot, cp * g_ce_tot, cq * g_ce_tot, cu * g_ce_tot, **entropy)
 
 
-class _LongShort(torch.autograd.Function):
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, hl, hs, w, b, yl, ys, sel, wl, ws, l_extra: int, alpha: float, opts: PairOptions, backend,
-                longce_gamma: Optional[float]):
-        ctx.set_materialize_grads(False)
-        be = backends.get(backend)
-        B, T, H = hl.shape
-        w, b = _contig(w), _contig(b)
-        rows, (cp, cq, cu, dv) = _ls_rows(hl, hs, yl, ys, sel, wl, ws, l_extra, opts, _acc(w))
-        xp, xq, xu, yp, yq, yu = rows.xp, rows.xq, rows.xu, rows.yp, rows.yq, rows.yu
-        need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
-        ctx.meta = (B, T, l_extra, alpha, opts, backend)
-        ctx.need = (need_l or need_s, need_w, need_b)
-        ctx.pre = None
-        if longce_gamma is None and any(ctx.need) and be.caps.fused_forward_backward:
-            need_x = ctx.need[0]
-            ctx.pre = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu)
-            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), ctx.pre)
-        else:
-            out = be.pair_forward(rows, w, b, opts)
-            if longce_gamma is not None:
-                cp = _longce(out, rows, cp, opts.ce.ignore_index, longce_gamma)
-        ctx.save_for_backward(xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, out.stats, out.lse_u)
-        ce = (out.ce_p * cp).sum() + (out.ce_q * cq).sum() + (out.ce_u * cu).sum()
-        mis = (out.div * dv).sum()
-        dt = hl.dtype
-        return (ce + alpha * mis).to(dt), ce.to(dt), mis.to(dt)
-
-    @staticmethod
-    @_autocast_off
-    def backward(ctx, g_loss, g_ce, g_mis):
-        B, T, l_extra, alpha, opts, backend = ctx.meta
-        xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.need
-        if g_loss is None and g_ce is None and g_mis is None:
-            return (None,) * 14
-        if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
-            grads, scale = ctx.pre, g_loss.to(_acc(w))
-        else:  # the backend's backward with the combined coefficients of loss, ce and misalign
-            rows = PairRows(xp, xq, yp, yq, xu, yu)
-            coefs = _ls_backward_coefs(dv, cp, cq, cu, alpha, g_loss, g_ce, g_mis, cp)
-            grads, scale = _pair_grads(xp, xq, w, b, need_x, need_x, need_w, need_b, xu=xu), None
-            saved = PairOut(None, None, None, stats, None, lse_u)
-            backends.get(backend).pair_backward(rows, w, b, saved, coefs, opts, grads)
-        dhl = dhs = None
-        if need_x:
-            dhl, dhs = _merge_views(grads, B, T, l_extra, scale)
-            dhl = dhl.to(xp.dtype) if ctx.needs_input_grad[0] else None
-            dhs = dhs.to(xp.dtype) if ctx.needs_input_grad[1] else None
-        return dhl, dhs, _cast(grads.dw, w, scale), _cast(grads.db, b, scale), *(None,) * 10
-
-
 def _join_views(p: Tensor, q: Tensor, u: Tensor, B: int, T: int, l_extra: int):
     """(long [B, T], short [B, T]) from per-row values of the paired p, q rows and the unpaired rows (the
     inverse of :func:`_split_views` for one value per row)."""
@@ -373,14 +319,14 @@ def _join_views(p: Tensor, q: Tensor, u: Tensor, B: int, T: int, l_extra: int):
     return long, short
 
 
-class _LongShortExt(torch.autograd.Function):
-    """The long-short loss with per-view per-token outputs (docs/maths.md §4 per-view outputs): (loss, ce,
+class _LongShort(torch.autograd.Function):
+    """The long-short loss (docs/maths.md §4) and its per-view per-token outputs (§4 per-view outputs): (loss, ce,
     misalign, lse_long, lse_short, entropy_long, entropy_short, argmax_long, argmax_short), the last six
     ``[B, T]``. lse and argmax carry no gradient; the entropies do (their coefficients go to the backend's
-    ``coefs.entropy`` / ``coefs.entropy_u``). With the entropy: forward then backward, like
-    :class:`_LinearCrossEntropyExt` (the entropies' coefficients are known only in backward); without it (lse,
-    argmax) the gradient of ``loss`` is folded into the forward as in :class:`_LongShort` when the backend
-    can. Outputs not asked for are empty tensors."""
+    ``coefs.entropy`` / ``coefs.entropy_u``). With the entropy or LongCE: forward then backward, like
+    :class:`_LinearCrossEntropyExt` (their coefficients are known only in backward / after the forward); otherwise
+    the gradient of ``loss`` is folded into the forward when the backend can (module docstring). Outputs not asked
+    for are empty tensors."""
 
     @staticmethod
     @_autocast_off
@@ -396,7 +342,7 @@ class _LongShortExt(torch.autograd.Function):
         ctx.need = (need_l or need_s, need_w, need_b)
         ctx.pre = None
         if (not opts.ce.entropy and longce_gamma is None and any(ctx.need)
-                and be.caps.fused_forward_backward):  # as _LongShort: loss's gradient folded into the forward
+                and be.caps.fused_forward_backward):  # loss's gradient folded into the forward
             ctx.pre = _pair_grads(rows.xp, rows.xq, w, b, ctx.need[0], ctx.need[0], need_w, need_b, xu=rows.xu)
             out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), ctx.pre)
         else:
@@ -484,21 +430,13 @@ def _ls_coefs(rows: PairRows, ign: int, sel: Tensor, wl: Optional[Tensor], ws: O
 
 
 def long_short_fused(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend, *, token_weight_long=None,
-                     token_weight_short=None, longce_gamma: Optional[float] = None) -> LongShortLoss:
-    """The fused :func:`lsa_kernels.long_short_loss` (validated by the caller). ``token_weight_*`` ``[B, T]``
-    (docs/maths.md §11); ``longce_gamma``: LongCE weighting of the long view's paired CE rows (§13), forward
-    then backward (its coefficients depend on the forward's values)."""
+                     token_weight_short=None, longce_gamma: Optional[float] = None):
+    """The fused :func:`lsa_kernels.long_short_loss` (validated by the caller): (loss, ce, misalign, lse_l, lse_s,
+    ent_l, ent_s, argmax_l, argmax_s), the last six ``[B, T]`` per-view outputs (docs/maths.md §4);
+    ``opts.ce.entropy`` / ``opts.ce.argmax`` say which extras the backend computes (the others are empty tensors;
+    lse always comes, from the statistics). ``token_weight_*`` ``[B, T]`` (§11); ``longce_gamma``: LongCE
+    weighting of the long view's paired CE rows (§13), forward then backward (its coefficients depend on the
+    forward's values)."""
     wl = None if token_weight_long is None else token_weight_long.detach()
     ws = None if token_weight_short is None else token_weight_short.detach()
-    loss, ce, mis = _LongShort.apply(hl, hs, w, b, yl, ys, sel, wl, ws, l_extra, alpha, opts, backend, longce_gamma)
-    return LongShortLoss(loss, ce, mis)
-
-
-def long_short_ext(hl, hs, w, b, yl, ys, l_extra, alpha, sel, opts: PairOptions, backend, *, token_weight_long=None,
-                   token_weight_short=None, longce_gamma: Optional[float] = None):
-    """:func:`long_short_fused` with the per-view outputs (docs/maths.md §4): (loss, ce, misalign, lse_l, lse_s,
-    ent_l, ent_s, argmax_l, argmax_s); ``opts.ce.entropy`` / ``opts.ce.argmax`` say which extras the backend
-    computes (the others are empty tensors; lse always comes)."""
-    wl = None if token_weight_long is None else token_weight_long.detach()
-    ws = None if token_weight_short is None else token_weight_short.detach()
-    return _LongShortExt.apply(hl, hs, w, b, yl, ys, sel, wl, ws, l_extra, alpha, opts, backend, longce_gamma)
+    return _LongShort.apply(hl, hs, w, b, yl, ys, sel, wl, ws, l_extra, alpha, opts, backend, longce_gamma)

@@ -29,9 +29,12 @@ import torch
 from . import _checks, _env, reference
 from .maths import acc_dtype
 from .options import CEOptions, PairOptions
-from .pairing import LongShortLoss, LongShortOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
+from .pairing import LongShortLoss, LongShortLossOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
 
-__all__ = ["linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput"]
+__all__ = [
+    "linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput",
+    "LongShortLossOutput", "PerToken",
+]
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -131,7 +134,8 @@ def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore
     return VocabParallel(backends.get(backend), shard)
 
 
-def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic) -> CEOptions:
+def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic, *, entropy=False,
+                argmax=False) -> CEOptions:
     return CEOptions(
         ignore_index=int(ignore_index),
         label_smoothing=float(label_smoothing),
@@ -139,6 +143,8 @@ def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, det
         softcap=None if softcap is None else float(softcap),
         chunk_bytes=chunk_bytes,
         deterministic=bool(deterministic),
+        entropy=bool(entropy),
+        argmax=bool(argmax),
     )
 
 
@@ -392,7 +398,7 @@ def long_short_loss(
     gradient), ``return_entropy`` (entropy of softmax(z) per row, every row, ignored ones included;
     differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax of z == label, bool, False on
     ignored rows, ties to the lowest index). With any of them the result is a
-    ``LongShortOutput(loss, ce, misalign, long, short)`` whose ``long`` / ``short`` are ``PerToken(lse,
+    ``LongShortLossOutput(loss, ce, misalign, long, short)`` whose ``long`` / ``short`` are ``PerToken(lse,
     entropy, accuracy)`` of shape ``[B, T]`` (rows as in ``hidden_long`` / ``hidden_short``; None where not
     asked). With ``return_entropy`` it runs forward then backward (no fused forward+backward; lse and accuracy
     alone keep it). Also under ``process_group`` (docs/maths.md §15).
@@ -435,30 +441,27 @@ def _long_short_loss(
             longce_gamma=longce_gamma, return_lse=extras[0], return_entropy=extras[1], return_accuracy=extras[2],
             **weights_kw,
         )
-    from .autograd import long_short_ext, long_short_fused
+    from .autograd import long_short_fused
 
     opts = PairOptions(
         divergence=divergence, temperature=float(temperature),
         detach={None: None, "long": "p", "short": "q"}[detach], with_ce=True,
-        ce=_ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic),
+        ce=_ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic,
+                       entropy=extras[1], argmax=extras[2]),
     )
     sel = pair_mask(labels_long, labels_short, l_extra, positions, ignore_index)
     gamma = float(longce_gamma) if ce_weighting == "longce" else None
-    if not any(extras):
-        return long_short_fused(
-            hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
-            sel, opts, be, longce_gamma=gamma, **weights_kw,
-        )
     # per-view outputs (docs/maths.md §4): lse from the statistics, entropy / argmax from the same pass
-    opts = dataclasses.replace(opts, ce=dataclasses.replace(opts.ce, entropy=extras[1], argmax=extras[2]))
-    loss, ce, mis, lse_l, lse_s, ent_l, ent_s, am_l, am_s = long_short_ext(
+    loss, ce, mis, lse_l, lse_s, ent_l, ent_s, am_l, am_s = long_short_fused(
         hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
         sel, opts, be, longce_gamma=gamma, **weights_kw,
     )
+    if not any(extras):
+        return LongShortLoss(loss, ce, mis)
 
     def view(lse, ent, am, y) -> PerToken:
         acc = (am == y) & (y != ignore_index) if extras[2] else None
         return PerToken(lse if extras[0] else None, ent if extras[1] else None, acc)
 
-    return LongShortOutput(loss, ce, mis, view(lse_l, ent_l, am_l, labels_long), view(lse_s, ent_s, am_s,
+    return LongShortLossOutput(loss, ce, mis, view(lse_l, ent_l, am_l, labels_long), view(lse_s, ent_s, am_s,
                                                                                        labels_short))

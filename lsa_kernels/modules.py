@@ -56,7 +56,7 @@ class LongShortAlignmentLoss(nn.Module):
     """``loss(hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, linear_bias=None,
     token_weight_long=None, token_weight_short=None)`` -> :class:`LongShortLoss` — see
     :func:`lsa_kernels.long_short_loss` (``ce_weighting="longce"``, ``longce_gamma`` go to the constructor; so do
-    ``return_lse`` / ``return_entropy`` / ``return_accuracy``, which make it return a LongShortOutput)."""
+    ``return_lse`` / ``return_entropy`` / ``return_accuracy``, which make it return a LongShortLossOutput)."""
 
     def __init__(self, *, alpha: float = 0.1, divergence: str = "sce", temperature: float = 1.0,
                  detach: Optional[str] = None, positions: str = "overlap", ignore_index: int = -100,

@@ -36,7 +36,7 @@ class PerToken(NamedTuple):
     accuracy: Optional[torch.Tensor]
 
 
-class LongShortOutput(NamedTuple):
+class LongShortLossOutput(NamedTuple):
     """Result of :func:`lsa_kernels.long_short_loss` when a per-token output is asked (``return_lse``,
     ``return_entropy``, ``return_accuracy``): :class:`LongShortLoss`'s three values, then each view's
     :class:`PerToken` (rows aligned with ``hidden_long`` / ``hidden_short``)."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from .pairing import LongShortLoss, LongShortOutput, PerToken, pair_mask, sample_l_extra  # noqa: F401  (re-exported)
+from .pairing import LongShortLoss, LongShortLossOutput, PerToken, pair_mask, sample_l_extra  # noqa: F401  (re-exported)
 
 __all__ = [
     "logits",
@@ -263,7 +263,7 @@ def long_short_loss(
 ):
     """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence;
     token weights (§11) and LongCE (§13) from the materialised logits; the per-view outputs (§4: logsumexp,
-    −Σ p log p, argmax of each view's z at temperature 1) as a LongShortOutput when asked."""
+    −Σ p log p, argmax of each view's z at temperature 1) as a LongShortLossOutput when asked."""
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
@@ -312,4 +312,4 @@ def long_short_loss(
         acc = ((z.argmax(-1) == y) & (y != ignore_index)).reshape(B, T) if return_accuracy else None
         return PerToken(lse, ent, acc)
 
-    return LongShortOutput(*result, view(zl, yl), view(zs, ys))
+    return LongShortLossOutput(*result, view(zl, yl), view(zs, ys))

@@ -11,7 +11,7 @@ import torch
 import lsa_kernels as L
 from lsa_kernels import _ext
 from lsa_kernels import reference as R
-from lsa_kernels.pairing import LongShortLoss, LongShortOutput, PerToken
+from lsa_kernels.pairing import LongShortLoss, LongShortLossOutput, PerToken
 
 from _util import IGN, assert_close_rule, grads, leaf, triton_available
 
@@ -55,7 +55,7 @@ def _run(fn, data, dtype, **kw):
 
 
 def _check(ours, same, truth, go, gs, gt, dtype, path):
-    assert isinstance(ours, LongShortOutput)
+    assert isinstance(ours, LongShortLossOutput)
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-3}[dtype]
     for name in ("loss", "ce", "misalign"):
         assert_close_rule(getattr(ours, name), getattr(same, name), getattr(truth, name), atol=tol, rtol=tol,
@@ -163,7 +163,7 @@ def test_module_and_reference_backend():
     mod = L.LongShortAlignmentLoss(backend="cpu", return_lse=True)
     out = mod(hl, hs, w, yl, ys, LX)
     ref = L.long_short_loss(hl, hs, w, yl, ys, l_extra=LX, backend="reference", return_lse=True)
-    assert isinstance(out, LongShortOutput) and isinstance(ref, LongShortOutput)
+    assert isinstance(out, LongShortLossOutput) and isinstance(ref, LongShortLossOutput)
     torch.testing.assert_close(out.long.lse, ref.long.lse)
     torch.testing.assert_close(out.short.lse, ref.short.lse)
     # rows line up with the hidden states: the lse of hidden_long[b, t] is logsumexp of its own logits

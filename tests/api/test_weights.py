@@ -328,6 +328,8 @@ CASES = [
     ("ce weight shape", _ce_call(weight=torch.ones(12)), ValueError, ["weight", "[V=11]"]),
     ("ce weight int", _ce_call(weight=torch.ones(11, dtype=torch.int64)), TypeError, ["weight", "float"]),
     ("ce weight < 0", _ce_call(weight=-torch.ones(11)), ValueError, ["weight", ">= 0"]),
+    ("ce weight requires grad", _ce_call(weight=torch.ones(11, requires_grad=True)), ValueError,
+     ["weight", "requires grad", "detach()"]),
     ("ce probabilities + ignore_index", _ce_call(target=torch.rand(6, 11), ignore_index=-100), ValueError,
      ["ignore_index", "probability"]),
     ("ce probabilities shape", _ce_call(target=torch.rand(6, 12)), TypeError, ["target", "(6, 11)"]),

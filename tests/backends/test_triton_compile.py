@@ -14,7 +14,7 @@ under a timeout (oversized tiles can keep ptxas busy for minutes). Checks per co
 Compiles run a few at a time (a session fixture), each test then reads its report. By default one config
 per kernel × dtype class (configs.SMOKE) for sm_80 and sm_90, and the heaviest configs for the other
 families' tables (sm_86: 99 KB shared memory, sm_100, sm_120); LSA_SLOW=1 compiles the full production
-list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~66.9k
+list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~85.6k
 specialisations: `len(configs.dispatch_configs())`) is compiled by the documented sweep command, not in CI:
 
     python -m lsa_kernels.kernels.configs sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]

@@ -3,22 +3,24 @@
 # runs the tests that should notice, per mutant. Never touches the working tree (other people edit it).
 #
 #   tests/mutation/run.sh maths          # one module: maths | reference | functional | autograd | pairing |
-#                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__
+#                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__ |
+#                                        #   backends/cpu/ext | distillation
 #   tests/mutation/run.sh all            # every module above, in that order (what `make mutate` runs)
 #
 # Needs cosmic-ray in its own venv (kept apart from the project's pinned stack):
 #   python3 -m venv /tmp/crvenv && /tmp/crvenv/bin/pip install cosmic-ray==8.7.0
-# The copy is lsa_kernels/, tests/, csrc/ and setup.py of CR_REV (default HEAD; `git archive`) plus the
+# The copy is lsa_kernels/, tests/, csrc/, setup.py and README.md (setup.py reads it) of CR_REV (default HEAD; `git archive`) plus the
 # extension built from it, or of the directory CR_SRC when set (e.g. a frozen `git worktree`, whose
 # lsa_kernels/_C*.so must be built). The tests run with the project's .venv python from inside the copy
 # (PYTHONPATH=copy), so the copy's package is the one imported, not the venv's editable install.
 # Each module has a small, fast test selection (tests/api/test_mutants.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
-module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__ or all}"
+module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation or all}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 if [ "$module" = all ]; then
-  for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__; do
+  for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__ \
+           backends/cpu/ext distillation; do
     "$0" "$m"
   done
   exit 0
@@ -33,6 +35,7 @@ case "$module" in
   functional) tests="$M tests/api/test_bad_input.py tests/api/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
   autograd) tests="$M tests/api/test_edges.py -k 'autograd or single_rank or edges'" ;;
   backends/cpu/*) tests="$M tests/backends/test_backend_contract.py tests/api/test_per_token.py tests/backends/test_cpu_ext.py tests/backends/test_memory.py tests/api/test_distillation.py -k 'not triton'" ;;
+  distillation) tests="$M tests/api/test_distillation.py -k 'not triton and not gloo and not ranks and not liger'" ;;
   pairing) tests="$M tests/api/test_pairing_oracle.py tests/api/test_bad_input.py tests/api/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
 esac
@@ -45,10 +48,10 @@ port0="${CR_PORT:-47310}"
 if [ -z "${CR_RESUME:-}" ]; then   # CR_RESUME=1: continue the pending mutants of an interrupted session
   rm -rf "$work" && mkdir -p "$work"
   if [ -n "${CR_SRC:-}" ]; then
-    cp -r "$CR_SRC/lsa_kernels" "$CR_SRC/tests" "$CR_SRC/csrc" "$work/"
+    cp -r "$CR_SRC/lsa_kernels" "$CR_SRC/tests" "$CR_SRC/csrc" "$CR_SRC/setup.py" "$CR_SRC/README.md" "$work/"
     find "$work" -name __pycache__ -prune -exec rm -rf {} +
   else
-    git -C "$repo" archive "${CR_REV:-HEAD}" lsa_kernels tests csrc setup.py | tar -x -C "$work"
+    git -C "$repo" archive "${CR_REV:-HEAD}" lsa_kernels tests csrc setup.py README.md | tar -x -C "$work"
     (cd "$work" && "$py" setup.py build_ext --inplace -q >/dev/null 2>&1) \
       || echo "extension did not build: the C++ path is not tested" >&2
   fi
