@@ -264,6 +264,17 @@ class Backend(Protocol):
                     opts: CEOptions, grads: Grads, *, coef_entropy: Optional[Tensor] = None,
                     entropy: Optional[Tensor] = None) -> None: ...
 
+    def ce_dense_forward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: DenseTarget,
+                         opts: CEOptions) -> DenseOut: ...
+
+    def ce_dense_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: DenseTarget,
+                          lse: Tensor, coef_p: Tensor, coef: Tensor, opts: CEOptions, grads: Grads, *,
+                          dt: Optional[Tensor] = None) -> None: ...
+
+    def ce_dense_forward_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor],
+                                  T: DenseTarget, opts: CEOptions, coef: Tensor, grads: Grads, *,
+                                  dt: Optional[Tensor] = None) -> DenseOut: ...
+
     def pair_forward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *,
                      wq: Optional[Tensor] = None, bq: Optional[Tensor] = None) -> PairOut: ...
 
