@@ -1,7 +1,8 @@
 """Probability-target benchmark (issue 16 item 4; docs/maths.md §11): the dense-target CE pass against the GEMM
 path it replaced and against torch, side by side in one run.
 
-    python -m benchmarks.prob_targets               # N=4096, H=512, V=32768, fp32, CPU, forward + backward
+    python -m benchmarks --prob-targets             # N=4096, H=512, V=32768, fp32, CPU, forward + backward
+                                                    # (= python -m benchmarks.prob_targets)
     python -m benchmarks.prob_targets --rows 512 --vocab 4096 --repeats 2 --tag cpu_prob_small   # a quick look
 
 One fresh process per implementation (peak memory as benchmarks/distill.py: VmHWM reset before each measured

@@ -124,7 +124,8 @@ def _dense(x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: De
                 if v is not None:
                     o[s] = v
 
-    rows = chunk_rows(w.shape[0], aten.k_dense(T, acc_dtype(x), opts), opts.chunk_bytes)
+    inplace = coef is not None and not opts.has_softcap and dt is None  # aten.dense_chunk works in z itself
+    rows = chunk_rows(w.shape[0], aten.k_dense(T, acc_dtype(x), opts, inplace), opts.chunk_bytes)
     loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
     if not fwd:
         return None

@@ -42,11 +42,12 @@ K_PAIR = 5
 K_DENSE = 4  # dense_chunk, at most: z, logsumexp's temporary / p (softcap), t promoted to fp32 or t ⊙ c, c-term
 
 
-def k_dense(T: DenseTarget, acc: torch.dtype, opts: CEOptions) -> int:
+def k_dense(T: DenseTarget, acc: torch.dtype, opts: CEOptions, inplace: bool = False) -> int:
     """fp32 ``[rows, V]`` buffers :func:`dense_chunk` keeps alive per chunk row for this target: z and
-    logsumexp's temporary (or p), + 1 with a softcap (p beside the capped z), + 1 for t promoted or t ⊙ c, + 1
-    for the smoothing term's ``coef·β·c`` with class weights (≤ K_DENSE)."""
-    k = 2 + bool(opts.has_softcap)
+    logsumexp's temporary (or p; ``inplace``: z only — a gradient pass without softcap or dt), + 1 with a
+    softcap (p beside the capped z), + 1 for t promoted or t ⊙ c, + 1 for the smoothing term's ``coef·β·c``
+    with class weights (≤ K_DENSE)."""
+    k = (1 if inplace else 2) + bool(opts.has_softcap)
     if T.t is not None and (T.t.dtype != acc or T.c is not None):
         k += 1
     if T.beta != 0 and T.c is not None:
@@ -182,14 +183,23 @@ def dense_chunk(z: Tensor, y: Optional[Tensor], T: DenseTarget, opts: CEOptions,
             tc = tc * c
     ys = None if y is None else _safe_targets(y, V, opts.ignore_index)
     tz = tm = cz = zy = None
+    capped = opts.has_softcap
+    # in place (no [c, V] temporary) when z is not needed after the softmax: no softcap derivative, no dt
+    inplace = coef is not None and not capped and dt is None
+    scale = None  # the in-place forward leaves e = exp(z − m) in z: p = e·scale
     if lse is None:
-        lse = torch.logsumexp(z, dim=1)
         if tc is not None:
             tz, tm = _rowdot(tc, z), tc.sum(1)
         if T.beta != 0:
             cz = z.sum(1) if c is None else z @ c
         if ys is not None:
             zy = z.gather(1, ys.clamp(min=0).unsqueeze(1)).squeeze(1) * (ys >= 0).to(acc)
+        if inplace:
+            m = z.amax(1)
+            ssum = z.sub_(m.unsqueeze(1)).exp_().sum(1)
+            lse, scale = m + ssum.log(), 1.0 / ssum
+        else:
+            lse = torch.logsumexp(z, dim=1)
     if coef is None:
         return lse, tz, tm, cz, zy
     if fused:
@@ -210,9 +220,11 @@ def dense_chunk(z: Tensor, y: Optional[Tensor], T: DenseTarget, opts: CEOptions,
             d.mul_(c)
         if d is not dt:
             dt.copy_(d)
-    capped = opts.has_softcap
-    p = (z - lse.unsqueeze(1)).exp_() if capped else z.sub_(lse.unsqueeze(1)).exp_()
-    p.mul_(coef_p.unsqueeze(1))
+    if scale is not None:
+        p = z.mul_((coef_p * scale).unsqueeze(1))
+    else:
+        p = (z - lse.unsqueeze(1)).exp_() if capped else z.sub_(lse.unsqueeze(1)).exp_()
+        p.mul_(coef_p.unsqueeze(1))
     if tc is not None:
         p.addcmul_(tc, (coef * T.kappa).unsqueeze(1), value=-1.0)  # tc may be the user's t: not in place
     if T.beta != 0:
