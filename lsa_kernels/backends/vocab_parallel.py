@@ -29,6 +29,7 @@ Bytes on the wire per op and rank (N rows, H hidden, R ranks, fp32), against gat
     forward  all_gather  R·N·k·4   (k = 3 for CE, +1 entropy, +2 argmax; 8 (+ 4 with CE) for a pair)
                                                                                  vs  R·N·V_r·4
              js only: + all_reduce of N·2·4
+             dense targets (ce_dense_forward): R·N·5·4
     backward all_reduce  ≈ 2·N·H·4 per input (ring)                               (same for any TP head)
 
 A second head (``wq``/``bq``, distillation: docs/maths.md §12) is view q's own shard of ITS head, split
