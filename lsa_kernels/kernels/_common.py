@@ -147,6 +147,8 @@ for (_cls, _fp32), _t in GPU_TABLE.items():
     for _dense, _ce in (("dense_fwd", "ce_fwd"), ("dense_bwd", "ce_bwd"), ("dense_dz", "ce_dz")):
         _t.setdefault(_dense, (_lc(32, 64, 32, 8, 3) if _dense == "dense_fwd" else _t[_ce]) if _fp32
                       else _DENSE16[_dense])
+# sm_120: the bf16 forward (probability target, class weights, smoothing, softcap) spilled 32 B at 64×64×64
+GPU_TABLE[("sm120", False)]["dense_fwd"] = _lc(64, 64, 32, 8, 3)
 KERNEL_KINDS = tuple(_SM90)
 
 # Shared memory per block (opt-in maximum) of each compute capability, and the archs whose tables the

@@ -440,6 +440,7 @@ FAMILY_SMOKE = (
     "ce_fwd_bf16_all", "ce_bwd_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_bwd_bf16_sce_temp_all",
     "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
     "pair_fwd_ext_bf16_sym_kl_all",  # its own table kind: compiled spill-free on sm_86 / 100 / 120 as well
+    "dense_fwd_bf16_prob_all", "dense_bwd_bf16_prob_all",  # dense targets (sm_120's forward has its own tile)
 )
 
 
