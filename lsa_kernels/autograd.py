@@ -89,44 +89,11 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    @_autocast_off
-    def forward(ctx, x, w, b, y, rw, reduction: str, opts: CEOptions, backend):
-        be = backends.get(backend)
-        x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
-        need = ctx.needs_input_grad[:3]
-        weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
-        ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
-        if reduction != "none" and any(need) and be.caps.fused_forward_backward:
-            ctx.pre = _grad_buffers(x, w, b, *need)
-            out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
-            ctx.save_for_backward(x, w, b)
-        else:
-            out = be.ce_forward(x, w, b, y, opts)
-            ctx.save_for_backward(x, w, b, y, out.lse, weight)
-        if reduction == "none":
-            return (out.loss if rw is None else out.loss * weight).to(x.dtype)
-        return (out.loss * weight).sum().to(x.dtype)
-
-    @staticmethod
-    @_autocast_off
-    def backward(ctx, g):
-        nones = (None,) * 5
-        if ctx.pre is not None:
-            x, w, b = ctx.saved_tensors
-            g = g.to(_acc(w))
-            return _cast(ctx.pre.dx, x, g), _cast(ctx.pre.dw, w, g), _cast(ctx.pre.db, b, g), *nones
-        x, w, b, y, lse, weight = ctx.saved_tensors
-        coef = weight * g.to(_acc(w)).reshape(-1) if ctx.reduction == "none" else weight * g.to(_acc(w))
-        grads = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
-        backends.get(ctx.backend).ce_backward(x, w, b, y, lse, coef, ctx.opts, grads)
-        return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
-
-
-class _LinearCrossEntropyExt(torch.autograd.Function):
-    """The CE with per-token outputs (docs/maths.md §3): (loss, lse, entropy, argmax). lse and argmax carry no
-    gradient; the entropy does (its coefficient goes to the backend's ``coef_entropy``). Forward then backward
-    (the entropy's coefficient is only known in backward). Outputs not asked for are empty tensors."""
+    """The CE (docs/maths.md §3) and its per-token outputs: (loss, lse, entropy, argmax). lse and argmax carry no
+    gradient; the entropy does (its coefficient goes to the backend's ``coef_entropy``). For a scalar reduction
+    without the entropy or argmax the gradient is folded into the forward when the backend can (module
+    docstring); otherwise forward then backward (the entropy's coefficient is only known in backward). Outputs
+    not asked for (opts.entropy / opts.argmax) are empty tensors."""
 
     @staticmethod
     @_autocast_off
@@ -134,13 +101,20 @@ class _LinearCrossEntropyExt(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
         x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
+        need = ctx.needs_input_grad[:3]
         weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
-        ctx.opts, ctx.backend, ctx.reduction = opts, backend, reduction
-        out = be.ce_forward(x, w, b, y, opts)
+        ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
         empty = x.new_empty(0)
+        if (reduction != "none" and any(need) and be.caps.fused_forward_backward
+                and not (opts.entropy or opts.argmax)):
+            ctx.pre = _grad_buffers(x, w, b, *need)
+            out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
+            ctx.save_for_backward(x, w, b)
+        else:
+            out = be.ce_forward(x, w, b, y, opts)
+            ctx.save_for_backward(x, w, b, y, out.lse, weight, out.entropy if opts.entropy else empty)
         ent = out.entropy if opts.entropy else empty
         am = out.argmax if opts.argmax else empty.to(torch.int64)
-        ctx.save_for_backward(x, w, b, y, out.lse, weight, ent)
         loss = (out.loss if rw is None else out.loss * weight) if reduction == "none" else (out.loss * weight).sum()
         lse = out.lse.to(x.dtype)
         ctx.mark_non_differentiable(lse, am)
@@ -150,6 +124,13 @@ class _LinearCrossEntropyExt(torch.autograd.Function):
     @_autocast_off
     def backward(ctx, g, g_lse, g_ent, g_am):
         nones = (None,) * 5
+        g_ent = g_ent if ctx.opts.entropy else None
+        if g is None and g_ent is None:
+            return (None,) * 8
+        if ctx.pre is not None:
+            x, w, b = ctx.saved_tensors
+            g = g.to(_acc(w))
+            return _cast(ctx.pre.dx, x, g), _cast(ctx.pre.dw, w, g), _cast(ctx.pre.db, b, g), *nones
         x, w, b, y, lse, weight, ent = ctx.saved_tensors
         acc = _acc(w)
         if g is None:
@@ -157,17 +138,20 @@ class _LinearCrossEntropyExt(torch.autograd.Function):
         else:
             coef = weight * (g.to(acc).reshape(-1) if ctx.reduction == "none" else g.to(acc))
         kw = {}
-        if g_ent is not None and ctx.opts.entropy:
+        if g_ent is not None:
             kw = dict(coef_entropy=g_ent.to(acc).reshape(-1).contiguous(), entropy=ent)
         grads = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
         backends.get(ctx.backend).ce_backward(x, w, b, y, lse, coef, ctx.opts, grads, **kw)
         return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
 
 
-def linear_cross_entropy_ext(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None):
-    """(loss, lse, entropy, argmax) of rows ``x [N, H]`` (opts.entropy / opts.argmax say which extras)."""
+def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None):
+    """``x [N, H]``, ``y [N]``: the fused CE with ``reduction`` (validated by the caller) → (loss, lse, entropy,
+    argmax) (opts.entropy / opts.argmax say which extras the backend computes; lse always comes); ``rw [N]``
+    optional per-row weights (token weights times class weights of the targets, docs/maths.md §11; no
+    gradient)."""
     rw = None if rw is None else rw.detach()
-    return _LinearCrossEntropyExt.apply(x, w, b, y, rw, reduction, opts, backend)
+    return _LinearCrossEntropy.apply(x, w, b, y, rw, reduction, opts, backend)
 
 
 def row_coefficients(counted: Tensor, rw: Optional[Tensor], reduction: str, dtype: torch.dtype) -> Tensor:
@@ -179,13 +163,6 @@ def row_coefficients(counted: Tensor, rw: Optional[Tensor], reduction: str, dtyp
     if reduction != "mean":
         return m
     return m * mean_scale(m.sum())
-
-
-def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None) -> Tensor:
-    """``x [N, H]``, ``y [N]``: the fused CE with ``reduction`` (validated by the caller); ``rw [N]`` optional
-    per-row weights (token weights times class weights of the targets, docs/maths.md §11; no gradient)."""
-    rw = None if rw is None else rw.detach()
-    return _LinearCrossEntropy.apply(x, w, b, y, rw, reduction, opts, backend)
 
 
 # ------------------------------------------------------------------------------------ divergence
@@ -324,7 +301,7 @@ class _LongShort(torch.autograd.Function):
     misalign, lse_long, lse_short, entropy_long, entropy_short, argmax_long, argmax_short), the last six
     ``[B, T]``. lse and argmax carry no gradient; the entropies do (their coefficients go to the backend's
     ``coefs.entropy`` / ``coefs.entropy_u``). With the entropy or LongCE: forward then backward, like
-    :class:`_LinearCrossEntropyExt` (their coefficients are known only in backward / after the forward); otherwise
+    :class:`_LinearCrossEntropy` (their coefficients are known only in backward / after the forward); otherwise
     the gradient of ``loss`` is folded into the forward when the backend can (module docstring). Outputs not asked
     for are empty tensors."""
 

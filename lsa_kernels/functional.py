@@ -260,20 +260,18 @@ def _linear_cross_entropy(
     if weight is not None:  # class weights without smoothing: the row weight weight[y] (docs/maths.md §11)
         cw = weight[torch.where(y != ignore_index, y, torch.zeros_like(y))]
         rw = cw if rw is None else rw * cw
-    if any(extras):
-        from .autograd import linear_cross_entropy_ext
-
-        opts = dataclasses.replace(opts, entropy=extras[1], argmax=extras[2])
-        loss, lse, ent, am = linear_cross_entropy_ext(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
-        acc = (am == y) & (y != ignore_index) if extras[2] else None
-        return CrossEntropyOutput(
-            loss.reshape(rows_shape) if reduction == "none" else loss,
-            lse.reshape(rows_shape) if extras[0] else None,
-            ent.reshape(rows_shape) if extras[1] else None,
-            acc.reshape(rows_shape) if extras[2] else None,
-        )
-    out = linear_cross_entropy_fused(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
-    return out.reshape(rows_shape) if reduction == "none" else out
+    opts = dataclasses.replace(opts, entropy=extras[1], argmax=extras[2])
+    loss, lse, ent, am = linear_cross_entropy_fused(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
+    loss = loss.reshape(rows_shape) if reduction == "none" else loss
+    if not any(extras):
+        return loss
+    acc = (am == y) & (y != ignore_index) if extras[2] else None
+    return CrossEntropyOutput(
+        loss,
+        lse.reshape(rows_shape) if extras[0] else None,
+        ent.reshape(rows_shape) if extras[1] else None,
+        acc.reshape(rows_shape) if extras[2] else None,
+    )
 
 
 def linear_divergence(

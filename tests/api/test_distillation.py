@@ -413,7 +413,7 @@ def test_vocab_parallel_two_heads(tmp_path):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATHS + ["reference"])
 def test_token_weight(path, reduction):
     """token_weight (docs/maths.md §11): row i counts w_i times in the hard and the soft term; mean divides by
     the total weight of the counted rows; against the truth written from the logits, every gradient."""
@@ -454,3 +454,20 @@ def test_token_weight_mean_with_total_below_one(path):
         ours = _run(L.linear_distillation, inputs, torch.float32, kw, (1.0, 0.0, 0.0), backend=be, token_weight=tw)
     for o, t in zip(ours[0] + ours[1], truth[0] + truth[1]):
         assert_within(o, t, atol=2e-5, rtol=2e-5, name=f"{path} total weight 0.14")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_forward_backward_for_mean_and_sum(monkeypatch, reduction):
+    """With a scalar reduction the cpu backend folds the gradient into the forward (one pass over V per chunk):
+    pair_forward_backward runs, the separate backward does not (docs/maths.md §12; a speed property)."""
+    from lsa_kernels.backends.cpu import CpuBackend
+
+    calls = []
+    for name in ("pair_forward_backward", "pair_forward", "pair_backward"):
+        orig = getattr(CpuBackend, name)
+        monkeypatch.setattr(CpuBackend, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    xs, ws, bs, xt, wt, bt, y = _inputs(3)
+    xs = xs.clone().requires_grad_(True)
+    out = L.linear_distillation(xs, ws, xt, wt, y, hard_loss_weight=0.5, reduction=reduction, backend="cpu")
+    out.loss.backward()
+    assert calls == ["pair_forward_backward"], calls

@@ -89,3 +89,27 @@ def test_refusals():
         L.linear_cross_entropy(x, w, torch.softmax(x @ w.T, -1), return_entropy=True)
     with pytest.raises(ValueError, match="return_lse"):
         L.linear_cross_entropy(x, w, y, weight=torch.ones(V), label_smoothing=0.1, return_lse=True)
+
+
+@pytest.mark.parametrize("extras,expect", [
+    (dict(return_lse=True), ["ce_forward_backward"]),
+    (dict(return_accuracy=True), ["ce_forward", "ce_backward"]),
+    (dict(return_entropy=True), ["ce_forward", "ce_backward"]),
+])
+def test_lse_keeps_the_fused_forward_backward(monkeypatch, extras, expect):
+    """return_lse costs nothing: the cpu backend still folds the gradient into the forward (one pass over V per
+    chunk); the argmax and the entropy run forward then backward. lse equals the separate path's."""
+    from lsa_kernels.backends.cpu import CpuBackend
+
+    calls = []
+    for name in ("ce_forward_backward", "ce_forward", "ce_backward"):
+        orig = getattr(CpuBackend, name)
+        monkeypatch.setattr(CpuBackend, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    x, w, b, y = _data(4)
+    xs = x.clone().requires_grad_(True)
+    out = L.linear_cross_entropy(xs, w, y, linear_bias=b, backend="cpu", **extras)
+    out.loss.backward()
+    assert calls == expect, calls
+    want = torch.logsumexp(x.double() @ w.double().T + b.double(), -1)
+    if "return_lse" in extras:
+        torch.testing.assert_close(out.lse.double(), want, rtol=1e-5, atol=1e-5)
