@@ -8,13 +8,13 @@ under a timeout (oversized tiles can keep ptxas busy for minutes). Checks per co
 * ``metadata.shared`` ≤ 227 KB (sm_90) / 163 KB (sm_80);
 * ``ptxas -v`` (``/usr/local/bin/ptxas``; skipped if absent): assembles, 0 bytes spilled;
 * 64-bit offset arithmetic: i64 multiplies in the Triton IR and wide / s64 multiplies in the PTX;
-* atomic kernels (ce_bwd, pair_bwd): every atom/red is ``.relaxed``, no membar / non-proxy fence in the
+* atomic kernels (ce_bwd, pair_bwd, dense_bwd): every atom/red is ``.relaxed``, no membar / non-proxy fence in the
   PTX, and no GPU-scope MEMBAR, ERRBAR or CCTL in the SASS (nvdisasm shipped with Triton).
 
 Compiles run a few at a time (a session fixture), each test then reads its report. By default one config
 per kernel × dtype class (configs.SMOKE) for sm_80 and sm_90, and the heaviest configs for the other
 families' tables (sm_86: 99 KB shared memory, sm_100, sm_120); LSA_SLOW=1 compiles the full production
-list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~85.6k
+list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~86.4k
 specialisations: `len(configs.dispatch_configs())`) is compiled by the documented sweep command, not in CI:
 
     python -m lsa_kernels.kernels.configs sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]
