@@ -10,6 +10,7 @@
     python -m benchmarks --resume                     # keep finished rows, run the missing cases
     python -m benchmarks --train-step [opts]          # one training step's memory at long context (train_step.py)
     python -m benchmarks --distill [opts]             # fused distillation vs torch KD vs the GEMMs (distill.py)
+    python -m benchmarks --prob-targets [opts]        # probability targets: dense CE pass vs GEMM path vs torch
 
 Outputs in --out (default benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
 {tag}_errors.log, SUMMARY_{tag}.md, plots_{tag}/*.png; tag = device, + "_quick" / "_goal".
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
         from . import distill
 
         return distill.main([x for x in argv if x != "--distill"])
+    if "--prob-targets" in argv:  # issue 16 item 4: probability targets (python -m benchmarks.prob_targets -h)
+        from . import prob_targets
+
+        return prob_targets.main([x for x in argv if x != "--prob-targets"])
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes, sce only, fp32 unless --dtype (< 3 min)")

@@ -143,17 +143,10 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
         if explicit_ignore:
             raise ValueError("ignore_index cannot be given with probability targets (a float target of shape "
                              f"{prob_shape}: no row is ignored, as in torch); leave ignore_index unset")
-        if softcap is not None:
-            raise ValueError("probability targets cannot be combined with softcap: their term Σ_v t_v z_v is formed "
-                             "without the logits, which needs z linear in linear_weight; pass softcap=None")
     else:
         _targets("target", y, x.shape[:-1], w.shape[0], ignore_index, x.device, check_values)
     if weight is not None:
         check_class_weight(weight, None if parallel else w.shape[0], x.device, check_values)
-        if label_smoothing > 0 and softcap is not None:
-            raise ValueError("weight= (class weights) with label_smoothing > 0 cannot be combined with softcap: the "
-                             "smoothing term Σ_v weight_v z_v is formed without the logits, which needs z linear in "
-                             "linear_weight; pass softcap=None, or label_smoothing=0")
     check_token_weight("token_weight", token_weight, x.shape[:-1], x.device, check_values)
     return prob
 

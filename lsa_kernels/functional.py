@@ -176,10 +176,11 @@ def linear_cross_entropy(
     Args mirror :func:`torch.nn.functional.linear_cross_entropy`. ``input [..., H]``, ``linear_weight [V, H]``,
     ``linear_bias [V]``; ``target`` is either class indices ``[...]`` (int64, already aligned: no internal
     shift; ``ignore_index``, default -100, skips a row) or probabilities: a float tensor of the logits' shape
-    ``[..., V]`` (docs/maths.md §11; no row is ignored, ``ignore_index`` may not be given, no ``softcap``).
+    ``[..., V]`` (docs/maths.md §11; no row is ignored, ``ignore_index`` may not be given; read tile by tile in
+    the CE pass, any ``softcap``; a target that requires grad gets ∂loss/∂target).
     ``weight [V]``: torch's class weights — row i counts ``weight[target_i]`` times and ``mean`` divides by
-    their sum over counted rows; with ``label_smoothing`` the smoothing term is weighted per class as in torch
-    (then no ``softcap``). ``token_weight [...]`` (float, >= 0, no gradient): row i counts ``token_weight_i``
+    their sum over counted rows; with ``label_smoothing`` the smoothing term is weighted per class as in torch.
+    ``token_weight [...]`` (float, >= 0, no gradient): row i counts ``token_weight_i``
     times (``mean`` = Σ w ℓ / Σ w; a total weight of 0 gives 0 with zero gradients).
     ``z_loss`` adds ``z_loss * lse²`` per row (times the row's class weight); ``softcap`` applies
     ``c * tanh(z / c)`` to the logits. ``reduction="mean"`` averages over counted rows and returns 0 (zero

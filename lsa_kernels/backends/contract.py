@@ -69,6 +69,21 @@ target (``rows.yp``/``rows.yq``) or CE coefficient (``coefs.ce_p``/``coefs.ce_q`
         the forward AND the backward with coefficients known in advance, in ONE pass over the logits (the
         autograd layer uses them for mean/sum reductions: one GEMM per view fewer on the cpu backend).
 
+Dense targets (docs/maths.md §11: probability targets, class-weighted label smoothing): the row loss
+``ℓ_i = A_i·lse_i + λ·ω_i·lse_i² − Σ_v T_iv z_iv`` with the target mass ``T`` of a :class:`DenseTarget`
+``T_iv = κ·t_iv·c_v + β·c_v + α_i·[v = y_i]`` (t ``[N, V]`` the user's probabilities, c ``[V]`` class weights,
+1 where None; y the index targets, no one-hot where out of this weight's range) read tile by tile next to the
+logits, and ``A_i = Σ_v T_iv`` (over the whole vocabulary) formed by the caller from the sums below:
+
+    ce_dense_forward(x, w, b, y, T, opts) -> DenseOut(lse, tz = Σ_v t c z, tm = Σ_v t c, cz = Σ_v c z, zy = z_y)
+        (all [N], z softcapped; sums over this weight's columns: a vocab shard's shares sum over the shards)
+    ce_dense_backward(x, w, b, y, T, lse, coef_p [N], coef [N], opts, grads, *, dt=None) -> None
+        dz = (coef_p ⊙ softmax(z) − coef ⊙ T) ⊙ softcap'(z_raw),  then dx / dW / db as for CE;
+        with ``dt [N, V]`` (fp32, overwritten): dt = coef·κ·c ⊙ (lse − z)  (∂ℓ/∂t, docs/maths.md §11)
+    ce_dense_forward_backward(x, w, b, y, T, opts, coef, grads, *, dt=None) -> DenseOut
+        (capability fused_forward_backward; no shards) both in one pass with coef_p = coef·(A + 2λω·lse)
+        formed per row inside the pass, A = κ·tm + β·T.c_sum + α.
+
 Vocabulary shards (only through :class:`lsa_kernels.backends.vocab_parallel.VocabParallel`): a target
 ``y >= V`` that is not ignore_index means "a valid row whose class is in another shard" — the row gets its
 softmax gradient but no one-hot, and its forward CE value is unspecified (the wrapper merges the shards'
@@ -91,6 +106,8 @@ __all__ = [
     "Backend",
     "Capabilities",
     "CEOut",
+    "DenseOut",
+    "DenseTarget",
     "Grads",
     "PairCoefs",
     "PairGrads",
@@ -179,6 +196,41 @@ class CEOut:
 
 
 @dataclass(frozen=True)
+class DenseTarget:
+    """A row's target mass ``T = κ·t ⊙ c + β·c + α·onehot(y)`` (module docstring; docs/maths.md §11).
+
+    ``t [N, V]`` probabilities (any float dtype, read tile by tile; None: no such term), ``c [V]`` class
+    weights in the accumulation dtype (None: 1), ``alpha [N]`` the one-hot's weight per row (None: 0; the
+    target ids are the ops' ``y``), ``omega [N]`` the z-loss weight per row (None: 1), ``c_sum`` Σ_v c_v over
+    the WHOLE vocabulary (a float or a 0-d tensor) for A in the fused op."""
+
+    t: Optional[Tensor] = None
+    c: Optional[Tensor] = None
+    kappa: float = 1.0
+    beta: float = 0.0
+    alpha: Optional[Tensor] = None
+    omega: Optional[Tensor] = None
+    c_sum: object = 0.0
+
+    def rows(self, s) -> "DenseTarget":
+        """The same target for the rows ``s`` (a slice)."""
+        return DenseTarget(None if self.t is None else self.t[s], self.c, self.kappa, self.beta,
+                           None if self.alpha is None else self.alpha[s], None if self.omega is None else self.omega[s],
+                           self.c_sum)
+
+
+@dataclass(frozen=True)
+class DenseOut:
+    """Per-row sums of a dense-target forward (module docstring), all ``[N]`` in the accumulation dtype."""
+
+    lse: Tensor
+    tz: Tensor
+    tm: Tensor
+    cz: Tensor
+    zy: Tensor
+
+
+@dataclass(frozen=True)
 class PairOut:
     """Per-row outputs of a pair forward: ``ce_p``, ``ce_q``, ``div [N]``, ``stats [N, 8]``
     (:class:`lsa_kernels.maths.Stat`), and ``ce_u``, ``lse_u [M]`` for the CE-only rows (None without); the
@@ -211,6 +263,17 @@ class Backend(Protocol):
     def ce_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, lse: Tensor, coef: Tensor,
                     opts: CEOptions, grads: Grads, *, coef_entropy: Optional[Tensor] = None,
                     entropy: Optional[Tensor] = None) -> None: ...
+
+    def ce_dense_forward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: DenseTarget,
+                         opts: CEOptions) -> DenseOut: ...
+
+    def ce_dense_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: DenseTarget,
+                          lse: Tensor, coef_p: Tensor, coef: Tensor, opts: CEOptions, grads: Grads, *,
+                          dt: Optional[Tensor] = None) -> None: ...
+
+    def ce_dense_forward_backward(self, x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor],
+                                  T: DenseTarget, opts: CEOptions, coef: Tensor, grads: Grads, *,
+                                  dt: Optional[Tensor] = None) -> DenseOut: ...
 
     def pair_forward(self, rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *,
                      wq: Optional[Tensor] = None, bq: Optional[Tensor] = None) -> PairOut: ...

@@ -7,7 +7,8 @@ launch (with ``opts.ce.entropy`` / ``argmax`` its per-token extras, kernels.ce_f
 per-view extras come from the pair forward's own pass, kernels.pair.pair_forward_ext, docs/maths.md §4).
 A second head (``wq``/``bq``, docs/maths.md §12) goes to the kernels' two-head specialisation
 (``dwq``/``dbq`` of :class:`~.contract.PairGrads` to ``dwq_out``/``dbq_out``). The kernels recompute logits in backward from the saved statistics, so a fused forward+backward
-would save nothing here (``caps.fused_forward_backward`` is False).
+would save nothing here (``caps.fused_forward_backward`` is False). Dense targets (``ce_dense_*``: probability
+targets, class-weighted smoothing, docs/maths.md §11) go to kernels/dense.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .. import kernels
 from ..options import CEOptions, PairOptions
-from .contract import Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
+from .contract import Capabilities, CEOut, DenseOut, DenseTarget, Grads, PairCoefs, PairGrads, PairOut, PairRows
 
 Tensor = torch.Tensor
 
@@ -39,6 +40,16 @@ class TritonBackend:
                     entropy=None) -> None:
         kernels.ce_backward(x, w, b, y, lse, coef, opts, grads.dx, grads.dw, grads.db, coef_entropy=coef_entropy,
                             entropy=entropy)
+
+    def ce_dense_forward(self, x, w, b, y, T: DenseTarget, opts: CEOptions) -> DenseOut:
+        return kernels.dense_forward(x, w, b, y, T, opts)
+
+    def ce_dense_backward(self, x, w, b, y, T: DenseTarget, lse, coef_p, coef, opts: CEOptions, grads: Grads, *,
+                          dt=None) -> None:
+        kernels.dense_backward(x, w, b, y, T, lse, coef_p, coef, opts, grads.dx, grads.dw, grads.db, dt)
+
+    def ce_dense_forward_backward(self, x, w, b, y, T, opts, coef, grads, *, dt=None) -> DenseOut:
+        raise NotImplementedError("the triton backend has no fused forward+backward (caps.fused_forward_backward)")
 
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
         if wq is not None and rows.has_unpaired:

@@ -29,6 +29,7 @@ Bytes on the wire per op and rank (N rows, H hidden, R ranks, fp32), against gat
     forward  all_gather  R·N·k·4   (k = 3 for CE, +1 entropy, +2 argmax; 8 (+ 4 with CE) for a pair)
                                                                                  vs  R·N·V_r·4
              js only: + all_reduce of N·2·4
+             dense targets (ce_dense_forward): R·N·5·4
     backward all_reduce  ≈ 2·N·H·4 per input (ring)                               (same for any TP head)
 
 A second head (``wq``/``bq``, distillation: docs/maths.md §12) is view q's own shard of ITS head, split
@@ -49,10 +50,12 @@ Per-token outputs of the CE (docs/maths.md §15), in the same exchange (+1 colum
 and the long-short per-view extras (PairOut.entropy / .argmax, columns p and q; the CE-only rows xu through
 :meth:`VocabParallel.ce_forward`) the same way in the pair forward's exchange, each view from its own lse(z).
 
-Probability targets and class-weighted label smoothing (lsa_kernels.weights, docs/maths.md §15) are linear in
-the logits: each rank forms its shard's share of the linear term (:func:`copy_to_shards` rows whose gradient is
-all-reduced in backward, :func:`sum_over_shards` for the forward sum, :func:`shard_columns` for a target given
-as the full ``[N, V]`` or as this rank's ``[N, V_r]``) and the lse comes from :meth:`VocabParallel.ce_forward`.
+Dense targets (probability targets, class-weighted label smoothing; contract ``ce_dense_*``, lsa_kernels.weights,
+docs/maths.md §11, §15): each rank runs the local dense op on its columns of t (the full ``[N, V]`` sliced, or
+this rank's ``[N, V_r]`` as given) and of c, with its local targets; the sums Σ t c z, Σ t c, Σ c z and z_y
+add over the shards and lse merges as above, in ONE all-gather of ``[N, 5]``. Backward: the local dense
+backward with the merged lse (and the caller's per-row coefficients), dx all-reduced; a full t's gradient is
+the shards' columns put in place and all-reduced (``[N, V]``, only when t requires grad).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import torch.distributed as dist
 
 from ..maths import N_PAIR_STATS, UNDER_P, UNDER_Q, Divergence, Stat, acc_dtype, ce_row_loss, divergence_from_stats
 from ..options import CEOptions, PairOptions
-from .contract import Backend, Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
+from .contract import Backend, Capabilities, CEOut, DenseOut, DenseTarget, Grads, PairCoefs, PairGrads, PairOut, PairRows
 
 if TYPE_CHECKING:
     from ..distributed import Shard
@@ -106,74 +109,6 @@ def merge_argmax(val_r: Tensor, idx_r: Tensor) -> Tensor:
     best = val_r.amax(0, keepdim=True)
     cand = torch.where(val_r == best, idx_r, torch.full_like(idx_r, torch.iinfo(torch.int64).max))
     return cand.amin(0)
-
-
-# ------------------------------------------------------------------- autograd pieces for per-shard linear terms
-class _CopyToShards(torch.autograd.Function):
-    """Identity; backward all-reduces the gradient (each rank's is its shard's share of the full one)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-class _SumOverShards(torch.autograd.Function):
-    """All-reduce (sum) of per-shard partials; backward the identity (the result is replicated on every rank)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        out = t.contiguous().clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-class _ShardColumns(torch.autograd.Function):
-    """This rank's columns of a full ``[N, V]`` tensor (a view); backward puts every rank's slice of the gradient
-    in place (zeros + own slice, all-reduced), so that a replicated full tensor gets its full gradient."""
-
-    @staticmethod
-    def forward(ctx, t, start: int, size: int, group):
-        ctx.start, ctx.size, ctx.group, ctx.V = start, size, group, t.shape[-1]
-        return t.narrow(-1, start, size)
-
-    @staticmethod
-    def backward(ctx, g):
-        full = g.new_zeros(g.shape[:-1] + (ctx.V,))
-        full.narrow(-1, ctx.start, ctx.size).copy_(g)
-        dist.all_reduce(full, group=ctx.group)
-        return full, None, None, None
-
-
-def copy_to_shards(x: Tensor, shard: "Shard") -> Tensor:
-    """``x`` for per-shard terms: its gradient is all-reduced in backward (module docstring)."""
-    return _CopyToShards.apply(x, shard.group)
-
-
-def sum_over_shards(t: Tensor, shard: "Shard") -> Tensor:
-    """Σ over the ranks of per-shard partials (differentiable; module docstring)."""
-    return _SumOverShards.apply(t, shard.group)
-
-
-def shard_columns(t: Tensor, shard: "Shard") -> Tensor:
-    """A probability target's columns on this rank: ``t [N, V]`` (the full distribution) -> ``t[:, s : s+V_r]``;
-    ``t [N, V_r]`` (already this rank's columns) as it is (docs/maths.md §15; the last dim was checked). Every
-    rank passes the same form (a full ``t`` that takes a gradient all-reduces it in backward: a collective)."""
-    if t.shape[-1] == shard.vocab_size:
-        return t
-    if t.requires_grad:
-        return _ShardColumns.apply(t, shard.vocab_start, shard.vocab_size, shard.group)
-    return t.narrow(-1, shard.vocab_start, shard.vocab_size)
 
 
 class VocabParallel:
@@ -306,6 +241,40 @@ class VocabParallel:
                                **kw)
         if reduce_dx:
             self._all_reduce(grads.dx)
+
+    # ----------------------------------------------------------------------------- dense targets
+    def _local_dense(self, T: DenseTarget) -> DenseTarget:
+        s, v = self.shard.vocab_start, self.shard.vocab_size
+        t = T.t
+        if t is not None and t.shape[-1] != v:
+            t = t[:, s : s + v]
+        c = None if T.c is None else T.c[s : s + v]
+        return dataclasses.replace(T, t=t, c=c)
+
+    def ce_dense_forward(self, x, w, b, y, T: DenseTarget, opts: CEOptions) -> DenseOut:
+        yl = None if y is None else self._local_targets(y, opts.ignore_index)
+        out = self.local.ce_dense_forward(x, w, b, yl, self._local_dense(T), self._opts(opts))
+        g = _gather_rows(torch.stack([out.lse, out.tz, out.tm, out.cz, out.zy], dim=1), self.shard)  # [R, N, 5]
+        s = g[:, :, 1:].sum(0)
+        return DenseOut(_merge_lse(g[:, :, 0]), s[:, 0], s[:, 1], s[:, 2], s[:, 3])
+
+    def ce_dense_backward(self, x, w, b, y, T: DenseTarget, lse, coef_p, coef, opts: CEOptions, grads: Grads, *,
+                          dt=None) -> None:
+        yl = None if y is None else self._local_targets(y, opts.ignore_index)
+        Tl = self._local_dense(T)
+        full = dt is not None and T.t is not None and T.t.shape[-1] != self.shard.vocab_size
+        dtl = None
+        if dt is not None:
+            dtl = torch.empty(Tl.t.shape, dtype=dt.dtype, device=dt.device) if full else dt
+        self.local.ce_dense_backward(x, w, b, yl, Tl, lse, coef_p, coef, self._opts(opts), grads, dt=dtl)
+        self._all_reduce(grads.dx)
+        if full:
+            dt.zero_()
+            dt[:, self.shard.vocab_start : self.shard.vocab_start + self.shard.vocab_size] = dtl
+            self._all_reduce(dt)
+
+    def ce_dense_forward_backward(self, x, w, b, y, T, opts, coef, grads, *, dt=None):
+        raise NotImplementedError("VocabParallel has no fused forward+backward (caps.fused_forward_backward)")
 
     # ----------------------------------------------------------------------------------- pairs
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:

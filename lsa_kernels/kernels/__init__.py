@@ -5,12 +5,15 @@
     pair_forward, pair_backward    two views + divergence in one V pass            (pair.py: launchers;
                                    wq= / bq=: a second head, distillation, issue 16)
     pair_js_partial                js's X, Y for given normalisers                 (pair.py; vocab-parallel js)
+    dense_forward, dense_backward  probability targets / class-weighted smoothing:  (dense.py; issue 16)
+                                   the target tile read next to the logits tile
 
 Modules (the maths each implements opens the file and cites docs/maths.md):
 
     tiles.py          shared @triton.jit helpers: logits tiles, online softmax step, CE gradient, expm1 / log1p
     merge.py          torch: named columns of the forward partials and their merge over V splits
     ce.py             CE forward, atomic backward, deterministic dz kernel, and their launchers
+    dense.py          the same for dense targets T = κ·t⊙c + β·c + α·onehot(y) (docs/maths.md §11)
     pair_phase1.py    pair forward phase 1 (CE of both views, lse of a and b, sums of sce / kl / sym_kl)
     pair_js.py        js's second pass (needs the final lse of a and b)
     pair_bwd.py       pair backward: atomic kernel and deterministic dz kernel
@@ -29,7 +32,8 @@ Tests run them on CPU tensors under ``TRITON_INTERPRET=1``; production launches 
 """
 
 from .ce import CEForwardExt, ce_backward, ce_forward, ce_forward_ext
+from .dense import dense_backward, dense_forward
 from .pair import pair_backward, pair_forward, pair_js_partial
 
 __all__ = ["ce_forward", "ce_forward_ext", "CEForwardExt", "ce_backward", "pair_forward", "pair_backward",
-           "pair_js_partial"]
+           "pair_js_partial", "dense_forward", "dense_backward"]

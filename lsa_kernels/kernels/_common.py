@@ -137,6 +137,18 @@ GPU_TABLE = {
     ("sm100", True): {**_FP32, "pair_js": _lc(32, 32, 32, 8, 2)},
     ("sm120", True): {**_FP32, "pair_js": _lc(16, 32, 32, 4, 2)},
 }
+# dense targets (kernels/dense.py, docs/maths.md §11): the t tile is one more [BLOCK_N, BLOCK_V] fp32 operand per
+# logits tile. bf16/fp16: 64×64×64 on every family — the CE tiles spilled (all flags: sm_80 forward 312 B at
+# 64×128×64, sm_90 forward 3644 B at 128×128×64, sm_90 atomic backward 296 B at 64×128×64, dz 52 / 128 B at
+# 64×128×64); fp32: the CE tiles (0 B), except the forward: 32×64×32 (class-weighted smoothing of index targets
+# spilled 32 B on sm_80 at the CE's 64×64×32).
+_DENSE16 = {"dense_fwd": _lc(64, 64, 64, 8, 3), "dense_bwd": _lc(64, 64, 64, 8, 2), "dense_dz": _lc(64, 64, 64, 8, 3)}
+for (_cls, _fp32), _t in GPU_TABLE.items():
+    for _dense, _ce in (("dense_fwd", "ce_fwd"), ("dense_bwd", "ce_bwd"), ("dense_dz", "ce_dz")):
+        _t.setdefault(_dense, (_lc(32, 64, 32, 8, 3) if _dense == "dense_fwd" else _t[_ce]) if _fp32
+                      else _DENSE16[_dense])
+# sm_120: the bf16 forward (probability target, class weights, smoothing, softcap) spilled 32 B at 64×64×64
+GPU_TABLE[("sm120", False)]["dense_fwd"] = _lc(64, 64, 32, 8, 3)
 KERNEL_KINDS = tuple(_SM90)
 
 # Shared memory per block (opt-in maximum) of each compute capability, and the archs whose tables the

@@ -71,8 +71,11 @@ KERNELS = {
     "pair_js": ("pair_js", "pair_js_kernel"),
     "pair_bwd": ("pair_bwd", "pair_bwd_kernel"),
     "pair_dz": ("pair_bwd", "pair_dz_kernel"),
+    "dense_fwd": ("dense", "dense_fwd_kernel"),
+    "dense_bwd": ("dense", "dense_bwd_kernel"),
+    "dense_dz": ("dense", "dense_dz_kernel"),
 }
-ATOMIC_KINDS = ("ce_bwd", "pair_bwd")
+ATOMIC_KINDS = ("ce_bwd", "pair_bwd", "dense_bwd")
 
 
 def _module(name: str):
@@ -179,6 +182,27 @@ def production_configs() -> List[KernelConfig]:
                                             USE_GQ=True, NEED_DB=True)))
     out += _two_head_configs()
     out += _per_view_configs()
+    out += _dense_configs()
+    return out
+
+
+def _dense_configs() -> List[KernelConfig]:
+    """Dense targets (issue 16, docs/maths.md §11; kernels/dense.py): probability targets with class weights,
+    smoothing and softcap (heaviest flags), class-weighted smoothing of index targets, and the plain
+    probability target; backward with dt and every buffer."""
+    out: List[KernelConfig] = []
+    full = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_Y=False, HAS_T=True, HAS_C=True)
+    cw = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_Y=True, HAS_T=False, HAS_C=True)
+    for dt in ("bf16", "fp32"):
+        out.append(KernelConfig(f"dense_fwd_{dt}_prob_all", "dense_fwd", dt, dict(full, HAS_CZ=True)))
+        out.append(KernelConfig(f"dense_fwd_{dt}_cw_ls", "dense_fwd", dt, dict(cw, HAS_CZ=True)))
+        out.append(KernelConfig(f"dense_bwd_{dt}_prob_all", "dense_bwd", dt,
+                                dict(full, HAS_CB=True, NEED_DT=True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
+        out.append(KernelConfig(f"dense_bwd_{dt}_prob_plain", "dense_bwd", dt,
+                                dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_Y=False, HAS_T=True, HAS_C=False,
+                                     HAS_CB=False, NEED_DT=False, NEED_DX=True, NEED_DW=True, NEED_DB=False)))
+        out.append(KernelConfig(f"dense_dz_{dt}_prob_all", "dense_dz", dt,
+                                dict(full, HAS_CB=True, NEED_DT=True, NEED_DB=True)))
     return out
 
 
@@ -244,6 +268,9 @@ SMOKE = (
     "pair_dz_bf16_js_two_heads_all",
     # issue 16: long-short's per-view entropy / argmax and the entropy gradient
     "pair_fwd_ext_bf16_sym_kl_all", "pair_bwd_bf16_sce_entropy_all", "pair_dz_bf16_js_entropy_all",
+    # issue 16: dense targets (probability targets, class-weighted smoothing; kernels/dense.py)
+    "dense_fwd_bf16_prob_all", "dense_fwd_fp32_prob_all", "dense_bwd_bf16_prob_all", "dense_bwd_fp32_prob_all",
+    "dense_dz_bf16_prob_all",
 )
 
 
@@ -378,6 +405,29 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                        f32(N, H) if tp else None, f32(N, Hq) if nxq else None,
                                        f32(V, H) if tp else None, f32(V) if tp else None, wq=wq, bq=bq,
                                        dwq_out=f32(V, Hq) if ndwq else None, dbq_out=f32(V) if ndbq else None)
+            # issue 16: dense targets (kernels/dense.py): probability targets (with / without class weights and
+            # smoothing) and class-weighted smoothing of index targets
+            from ..backends.contract import DenseTarget
+            from . import dense
+
+            tt = torch.zeros(N, V)
+            cvec = torch.ones(V)
+            for b, cap, det, kind_t, c_on, beta in itertools.product((None, bias), (None, 30.0), (False, True),
+                                                                     ("prob", "index"), (False, True), (0.0, 0.1)):
+                if kind_t == "index" and not (c_on and beta):
+                    continue  # index targets take this path only with class weights and smoothing
+                T = DenseTarget(tt if kind_t == "prob" else None, cvec if c_on else None,
+                                1.0 if kind_t == "prob" else 0.0, beta, coef if kind_t == "index" else None)
+                yy = y if kind_t == "index" else None
+                o = CEOptions(softcap=cap, deterministic=det)
+                if not det:
+                    dense.dense_forward(x, w, b, yy, T, o)
+                for ndx, ndw, ndb, ndt in itertools.product((False, True), repeat=4):
+                    if ndt and kind_t != "prob":
+                        continue
+                    dense.dense_backward(x, w, b, yy, T, coef, coef, coef, o, f32(N, H) if ndx else None,
+                                         f32(V, H) if ndw else None, f32(V) if ndb else None,
+                                         torch.zeros(N, V) if ndt else None)
     finally:
         for kind, (mod, name) in KERNELS.items():
             setattr(_module(mod), name, saved[kind])
@@ -390,6 +440,7 @@ FAMILY_SMOKE = (
     "ce_fwd_bf16_all", "ce_bwd_bf16_all", "pair_fwd_bf16_kl_temp_all", "pair_bwd_bf16_sce_temp_all",
     "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
     "pair_fwd_ext_bf16_sym_kl_all",  # its own table kind: compiled spill-free on sm_86 / 100 / 120 as well
+    "dense_fwd_bf16_prob_all", "dense_bwd_bf16_prob_all",  # dense targets (sm_120's forward has its own tile)
 )
 
 

@@ -220,3 +220,65 @@ def test_detached_view_dx_is_overwritten_with_zeros(be, detach):
     frozen, live = (grads.dxp, grads.dxq) if detach == "p" else (grads.dxq, grads.dxp)
     assert (frozen == 0).all()
     assert torch.isfinite(live).all() and live.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- dense targets (ce_dense_*)
+
+
+@pytest.mark.parametrize("cap", [None, 7.0])
+@pytest.mark.parametrize("form", ["prob", "index"])
+def test_dense_ops(be, cap, form):
+    """contract ce_dense_*: the per-row sums (lse, Σtcz, Σtc, Σcz, z_y with no z_y for y >= V or ignored), and the
+    backward's dz = (coef_p·p − coef·T)·cap' (dx overwritten, dW/db accumulated) and dt = coef·κ·c(lse − z),
+    against autograd on materialised fp64 logits; the fused op equals forward then backward."""
+    from lsa_kernels.backends.contract import DenseTarget, Grads
+
+    x, _, w, b, y, _ = _data(3)
+    g = torch.Generator().manual_seed(9)
+    t = torch.softmax(torch.randn(N, V, generator=g), -1)
+    c = torch.rand(V, generator=g) + 0.2
+    coef = torch.rand(N, generator=g)
+    A_like = torch.rand(N, generator=g) + 0.5  # any lse coefficient: coef_p = coef·A_like
+    alpha = torch.rand(N, generator=g)
+    if form == "prob":
+        T, yy = DenseTarget(t, c, 0.7, 0.3 / V, None, None, c.sum()), None
+    else:
+        T, yy = DenseTarget(None, c, 0.0, 0.2 / V, alpha, None, c.sum()), y
+    o = CEOptions(softcap=cap)
+    out = be.ce_dense_forward(x, w, b, yy, T, o)
+    xx, ww, bb = (v.double().requires_grad_() for v in (x, w, b))
+    tt = t.double().requires_grad_()
+    z = R.logits(xx, ww, bb, cap)
+    lse = torch.logsumexp(z, 1)
+    cd = c.double()
+    tz, tm = (tt * cd * z).sum(1), (tt * cd).sum(1)
+    cz = (z * cd).sum(1)
+    here = (y != IGN) & (y < V)
+    zy = torch.where(here, z.gather(1, torch.where(here, y, 0)[:, None])[:, 0], torch.zeros_like(lse))
+    want = dict(lse=lse, tz=tz, tm=tm, cz=cz, zy=zy)
+    for k in ("lse", "tz", "tm", "cz") + (("zy",) if form == "index" else ()):
+        if form == "index" and k in ("tz", "tm"):
+            continue
+        assert_within(getattr(out, k), want[k].detach(), atol=2e-5, rtol=2e-5, name=k)
+    # gradient of Σ coef·((A_like + κ·Σtc)·lse − Σ T z) (T's one-hot weight alpha for index targets): dz =
+    # coef·((A_like + κ·Σtc)·p − T), dt = coef·κ·c·(lse − z) — the contract's, with coef_p = coef·(A_like + κ·Σtc)
+    L = T.kappa * tz + T.beta * cz + (alpha.double() * zy if form == "index" else 0.0)
+    total = (coef.double() * ((A_like.double() + T.kappa * tm) * lse - L)).sum()
+    gx, gw, gb, gt = torch.autograd.grad(total, [xx, ww, bb, tt], allow_unused=True)
+    grads = Grads(dx=torch.full((N, H), 7.0), dw=torch.ones(V, H), db=torch.ones(V))
+    dt = torch.full((N, V), 5.0) if form == "prob" else None
+    be.ce_dense_backward(x, w, b, yy, T, out.lse, coef * (A_like + T.kappa * out.tm), coef, o, grads, dt=dt)
+    assert_within(grads.dx, gx, atol=2e-5, rtol=1e-4, name="dx (overwritten)")
+    assert_within(grads.dw, gw + 1, atol=2e-5, rtol=1e-4, name="dw (accumulated)")
+    assert_within(grads.db, gb + 1, atol=2e-5, rtol=1e-4, name="db (accumulated)")
+    if form == "prob":
+        assert_within(dt, gt, atol=2e-5, rtol=1e-4, name="dt")
+    if be.caps.fused_forward_backward:  # coef_p formed inside: A = κ·tm + β·Σc + α (no z-loss here)
+        A = T.kappa * out.tm + T.beta * T.c_sum + (alpha if form == "index" else 0.0)
+        g1 = Grads(dx=torch.empty(N, H), dw=torch.zeros(V, H), db=torch.zeros(V))
+        be.ce_dense_backward(x, w, b, yy, T, out.lse, coef * A, coef, o, g1)
+        g2 = Grads(dx=torch.empty(N, H), dw=torch.zeros(V, H), db=torch.zeros(V))
+        fo = be.ce_dense_forward_backward(x, w, b, yy, T, o, coef, g2)
+        torch.testing.assert_close(fo.lse, out.lse)
+        for a_, b_ in zip((g1.dx, g1.dw, g1.db), (g2.dx, g2.dw, g2.db)):
+            torch.testing.assert_close(a_, b_, rtol=1e-5, atol=1e-6)

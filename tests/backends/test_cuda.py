@@ -119,6 +119,38 @@ def test_ce(case, dtype):
     _compare(_ce_fn(kw, _targets((N,), 4)), [x, w, b], dtype)
 
 
+DENSE_CASES = {  # docs/maths.md §11: the target read tile by tile (kernels/dense.py)
+    "prob_all": dict(label_smoothing=0.1, z_loss=1e-3, softcap=15.0),
+    "prob_none_det": dict(reduction="none", deterministic=True),
+    "cw_ls_cap": dict(label_smoothing=0.2, softcap=15.0, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_ce_dense_targets(case, dtype):
+    """Probability targets (their gradient too) and class-weighted smoothing, with and without softcap."""
+    kw = dict(DENSE_CASES[case])
+    x, w, b = _rand(N, H, seed=31), _rand(V, H, seed=32, scale=2.0 / H**0.5), _rand(V, seed=33, scale=0.5)
+    cw = torch.rand(V, generator=_gen(34)) + 0.2
+    if case.startswith("prob"):
+        t = torch.softmax(_rand(N, V, seed=35, scale=2.0), -1)
+
+        def fn(leaves, backend):
+            x_, w_, b_, t_ = leaves
+            return [L.linear_cross_entropy(x_, w_, t_, linear_bias=b_, weight=cw.to(DEV, x_.dtype), backend=backend,
+                                           **kw)]
+        _compare(fn, [x, w, b, t], dtype)
+    else:
+        y = _targets((N,), 36)
+
+        def fn(leaves, backend):
+            x_, w_, b_ = leaves
+            return [L.linear_cross_entropy(x_, w_, y.to(DEV), linear_bias=b_, weight=cw.to(DEV, x_.dtype),
+                                           backend=backend, **kw)]
+        _compare(fn, [x, w, b], dtype)
+
+
 def test_ce_fp16():
     x, w = _rand(N, H, seed=5), _rand(V, H, seed=6, scale=2.0 / H**0.5)
     _compare(_ce_fn({}, _targets((N,), 7)), [x, w, None], torch.float16)

@@ -136,3 +136,41 @@ def test_long_short_within_chunk_budget(path, divergence, temperature, softcap):
     peak = _measure(run)
     assert 0 < peak <= BUDGET, f"peak live logits {peak} B > budget {BUDGET} B"
     assert peak <= _claimed_bytes(pair=True), f"{path}: peak {peak} B > K chunks {_claimed_bytes(True)} B"
+
+
+@pytest.mark.parametrize(
+    "case", ["prob-mean", "prob-cw-ls-softcap-sum", "prob-bf16-none", "cw-ls-softcap-mean"],
+)
+def test_dense_targets_within_chunk_budget(case):
+    """Probability targets and class-weighted smoothing (docs/maths.md §11: cpu aten.dense_chunk on both paths):
+    besides the user's t, at most aten.k_dense(...) fp32 [R, V] buffers alive, within the budget."""
+    from lsa_kernels.backends.cpu import aten
+    from lsa_kernels.backends.contract import DenseTarget
+    from lsa_kernels.options import CEOptions
+
+    n = N_ATEN
+    g = torch.Generator().manual_seed(0)
+    x, w = leaf(torch.randn(n, H, generator=g)), leaf(torch.randn(V, H, generator=g))
+    cw = torch.rand(V, generator=g)
+    t = torch.softmax(torch.randn(n, V, generator=g), -1)
+    kw, red, target = {}, "mean", t
+    if case == "prob-cw-ls-softcap-sum":
+        kw, red = dict(weight=cw, label_smoothing=0.1, softcap=3.0), "sum"
+    elif case == "prob-bf16-none":
+        target, red = t.to(torch.bfloat16), "none"
+    elif case == "cw-ls-softcap-mean":
+        target, kw = targets((n,), V, gen=g), dict(weight=cw, label_smoothing=0.1, softcap=3.0, z_loss=1e-3)
+
+    mode = LiveLogitBytes(V)
+    with mode:
+        out = L.linear_cross_entropy(x, w, target, reduction=red, backend="cpu", chunk_bytes=BUDGET, **kw)
+        out.sum().backward()
+    # t's storage is seen through its row slices: the user's tensor, not a buffer of ours
+    peak = mode.peak - (0 if not target.is_floating_point() else target.untyped_storage().nbytes())
+    T = DenseTarget(target if target.is_floating_point() else None, cw if "weight" in kw else None,
+                    beta=0.1 if "label_smoothing" in kw else 0.0)
+    # the forward (none) or fused pass and the backward each choose their rows from their own k
+    ks = [aten.k_dense(T, torch.float32, CEOptions(softcap=kw.get("softcap")), inplace) for inplace in (False, True)]
+    claimed = max(k * cpu.chunk_rows(V, k, BUDGET) * V * 4 for k in ks)
+    assert 0 < peak <= BUDGET, f"{case}: peak live logits {peak} B > budget {BUDGET} B"
+    assert peak <= claimed, f"{case}: peak {peak} B > k_dense = {ks} chunks ({claimed} B)"

@@ -8,13 +8,13 @@ under a timeout (oversized tiles can keep ptxas busy for minutes). Checks per co
 * ``metadata.shared`` ≤ 227 KB (sm_90) / 163 KB (sm_80);
 * ``ptxas -v`` (``/usr/local/bin/ptxas``; skipped if absent): assembles, 0 bytes spilled;
 * 64-bit offset arithmetic: i64 multiplies in the Triton IR and wide / s64 multiplies in the PTX;
-* atomic kernels (ce_bwd, pair_bwd): every atom/red is ``.relaxed``, no membar / non-proxy fence in the
+* atomic kernels (ce_bwd, pair_bwd, dense_bwd): every atom/red is ``.relaxed``, no membar / non-proxy fence in the
   PTX, and no GPU-scope MEMBAR, ERRBAR or CCTL in the SASS (nvdisasm shipped with Triton).
 
 Compiles run a few at a time (a session fixture), each test then reads its report. By default one config
 per kernel × dtype class (configs.SMOKE) for sm_80 and sm_90, and the heaviest configs for the other
 families' tables (sm_86: 99 KB shared memory, sm_100, sm_120); LSA_SLOW=1 compiles the full production
-list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~85.6k
+list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~86.4k
 specialisations: `len(configs.dispatch_configs())`) is compiled by the documented sweep command, not in CI:
 
     python -m lsa_kernels.kernels.configs sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]
@@ -37,6 +37,7 @@ import pytest
 
 from lsa_kernels.kernels._common import CLASS_ARCH, SHARED_LIMIT
 from lsa_kernels.kernels.configs import (
+    ATOMIC_KINDS,
     FAMILY_SMOKE,
     SMOKE,
     atomic_problems,
@@ -50,7 +51,7 @@ MAIN_ARCHS = (80, 90)
 FAMILY_ARCHS = tuple(a for a in sorted(CLASS_ARCH.values()) if a not in MAIN_ARCHS)  # 86, 100, 120
 TIMEOUT_S = int(os.environ.get("LSA_COMPILE_TIMEOUT", "420"))
 ALL_NAMES = [c.name for c in production_configs()]
-ATOMIC = {c.name for c in production_configs() if c.kernel in ("ce_bwd", "pair_bwd")}
+ATOMIC = {c.name for c in production_configs() if c.kernel in ATOMIC_KINDS}
 # the full list takes ~10 min per arch on 2 cores; by default one config per kernel × dtype class
 # (heaviest flags) on sm_80 / sm_90 and the heaviest few on the other families
 FULL = os.environ.get("LSA_SLOW") == "1"
@@ -135,7 +136,7 @@ def test_configs_cover_every_kernel():
     assert set(SMOKE) <= set(ALL_NAMES)
     assert {c.kernel for c in production_configs() if c.name in SMOKE} == set(KERNEL_KINDS)
     assert set(FAMILY_SMOKE) <= set(ALL_NAMES)
-    assert {c.kernel for c in production_configs() if c.name in ATOMIC} == {"ce_bwd", "pair_bwd"}
+    assert {c.kernel for c in production_configs() if c.name in ATOMIC} == {"ce_bwd", "pair_bwd", "dense_bwd"}
 
 
 def test_production_configs_are_dispatchable():

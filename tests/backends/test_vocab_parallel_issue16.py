@@ -58,8 +58,12 @@ CASES = [
     ("cw_ls", dict(weight="cw", label_smoothing=0.15)),
     ("cw_ls_none", dict(weight="cw", label_smoothing=0.3, z_loss=1e-3, reduction="none", token_weight="tw")),
     ("cw_ls_sum", dict(weight="cw", label_smoothing=0.1, reduction="sum")),
+    # softcap with dense targets (docs/maths.md §11: T read next to the capped logits, every shard)
+    ("prob_cap", dict(target="t", softcap=2.5, weight="cw", label_smoothing=0.1, grad_t=True)),
+    ("prob_local_cap", dict(target="t_local", softcap=3.0, reduction="none", grad_t=True)),
+    ("cw_ls_cap", dict(weight="cw", label_smoothing=0.2, softcap=2.0, z_loss=1e-3, token_weight="tw")),
 ]
-TRITON = ("pt_cap", "prob_all", "cw_ls_none")
+TRITON = ("pt_cap", "prob_all", "cw_ls_none", "prob_cap", "cw_ls_cap")
 BF16 = ("pt", "pt_cap", "prob_all", "cw_ls_none")
 
 

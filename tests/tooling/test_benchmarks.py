@@ -117,3 +117,19 @@ def test_tp_comm_counts_the_bytes(tmp_path):
     paired = (js["stats_bytes"] - sce["stats_bytes"]) // 8  # js: one more [rows, 2] fp32 exchange
     assert 0 < paired <= N and js["all_gather_bytes"] == sce["all_gather_bytes"]
     assert ce["gather_logits_bytes"] == N * ce["V_rank"] * 4 + N * H * 4
+
+
+def test_prob_targets_benchmark_runs(tmp_path):
+    """python -m benchmarks --prob-targets on a tiny shape: every implementation gives a row (no error), the GEMM
+    path of --before loads from git, and the summary compares lsa_cpu with each."""
+    import json
+
+    from benchmarks import prob_targets
+
+    rc = prob_targets.main(["--rows", "64", "--hidden", "16", "--vocab", "256", "--warmup", "0", "--repeats", "1",
+                            "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert [r["impl"] for r in rep["rows"]] == list(prob_targets.IMPLS)
+    assert all("error" not in r for r in rep["rows"]), [r.get("error") for r in rep["rows"]]
+    assert len(rep["summary"]) == len(prob_targets.IMPLS) - 1

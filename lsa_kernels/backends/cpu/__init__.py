@@ -21,6 +21,11 @@ Long-short's per-view extras (contract; docs/maths.md §4): each view's entropy 
 reads them, and the entropy's gradient term (:func:`.aten.entropy_grad`) is added to the dz that function wrote:
 the same chunks and GEMMs, the compiled path kept for the rest; the rows per chunk count the extras' buffers.
 
+Dense targets (contract: ``ce_dense_*``; probability targets and class-weighted label smoothing, docs/maths.md
+§11): the same chunk loop with :func:`.aten.dense_chunk` on EVERY path — the compiled ops have no dense-target
+function, so these rows take the ATen chunk function (K = aten.K_DENSE) also when ``_C`` is built. The fused
+forward+backward forms A and the lse coefficient inside the chunk (the chunk holds whole rows).
+
 Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 × bf16 → fp32
 GEMM), so logits are never rounded to bf16: W once per call (a ``[V, H]`` fp32 copy), x chunk by chunk.
 """
@@ -36,7 +41,7 @@ import torch
 from ... import _ext
 from ...maths import Stat, divergence_from_stats
 from ...options import N_PAIR_STATS, CEOptions, PairOptions
-from ..contract import Capabilities, CEOut, Grads, PairCoefs, PairGrads, PairOut, PairRows
+from ..contract import Capabilities, CEOut, DenseOut, DenseTarget, Grads, PairCoefs, PairGrads, PairOut, PairRows
 from . import aten, ext, loop
 from .loop import acc_dtype, chunk_rows
 
@@ -96,6 +101,38 @@ def _ce(x: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, opts: CEOptions, *
     rows = chunk_rows(w.shape[0], aten.K_CE_EXT if extras else fns.K_CE, opts.chunk_bytes)
     loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
     return CEOut(loss_all, lse_all, ent_all, am_all)
+
+
+def _dense(x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: DenseTarget, opts: CEOptions, *,
+           lse: Optional[Tensor] = None, coef_p: Optional[Tensor] = None, coef: Optional[Tensor] = None,
+           grads: Grads = Grads(), dt: Optional[Tensor] = None, fused: bool = False) -> Optional[DenseOut]:
+    """Dense-target forward (``coef`` None), forward + gradient (``fused``), or gradient from the saved ``lse``
+    and ``coef_p`` (module docstring; contract)."""
+    N = x.shape[0]
+    fwd = lse is None
+    outs = [_empty(N, x) for _ in range(5)] if fwd else None
+    if dt is not None and dt.dtype != acc_dtype(x):
+        raise ValueError(f"dt must be {acc_dtype(x)} (the accumulation dtype), got {dt.dtype}")
+
+    def step(z, sl):
+        (s,) = sl
+        r = aten.dense_chunk(z[0], None if y is None else y[s], T.rows(s), opts, None if fwd else lse[s],
+                             None if coef_p is None else coef_p[s], None if coef is None else coef[s],
+                             None if dt is None else dt[s], fused)
+        if fwd:
+            for o, v in zip(outs, r):
+                if v is not None:
+                    o[s] = v
+
+    inplace = coef is not None and not opts.has_softcap and dt is None  # aten.dense_chunk works in z itself
+    rows = chunk_rows(w.shape[0], aten.k_dense(T, acc_dtype(x), opts, inplace), opts.chunk_bytes)
+    loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
+    if not fwd:
+        return None
+    lse_, tz, tm, cz, zy = outs
+    zero = torch.zeros_like(lse_)
+    return DenseOut(lse_, tz if T.t is not None else zero, tm if T.t is not None else zero,
+                    cz if T.beta != 0 else zero, zy if y is not None else zero)
 
 
 def _check_qhead(rows: PairRows, w: Tensor, wq: Optional[Tensor], bq: Optional[Tensor]) -> None:
@@ -241,6 +278,17 @@ class CpuBackend:
     def ce_backward(self, x, w, b, y, lse, coef, opts: CEOptions, grads: Grads, *, coef_entropy=None,
                     entropy=None) -> None:
         _ce(x, w, b, y, opts, lse=lse, coef=coef, grads=grads, coef_entropy=coef_entropy, entropy=entropy)
+
+    def ce_dense_forward(self, x, w, b, y, T: DenseTarget, opts: CEOptions) -> DenseOut:
+        return _dense(x, w, b, y, T, opts)
+
+    def ce_dense_backward(self, x, w, b, y, T: DenseTarget, lse, coef_p, coef, opts: CEOptions, grads: Grads, *,
+                          dt=None) -> None:
+        _dense(x, w, b, y, T, opts, lse=lse, coef_p=coef_p, coef=coef, grads=grads, dt=dt)
+
+    def ce_dense_forward_backward(self, x, w, b, y, T: DenseTarget, opts: CEOptions, coef, grads: Grads, *,
+                                  dt=None) -> DenseOut:
+        return _dense(x, w, b, y, T, opts, coef=coef, grads=grads, dt=dt, fused=True)
 
     def pair_forward(self, rows: PairRows, w, b, opts: PairOptions, *, wq=None, bq=None) -> PairOut:
         return _pair(rows, w, b, opts, wq=wq, bq=bq)

@@ -11,6 +11,9 @@ of :class:`lsa_kernels.maths.Stat`, each divergence's ∂D/∂a and ∂D/∂b, t
 
     CE      lse = logsumexp(z),  ℓ = maths.ce_row_loss(lse, z_y, mean z),
             dz = coef ⊙ (softmax(z)(1 + 2λ·lse) − (1−ε)·onehot(y) − ε/V_total) ⊙ (1 − (z/c)²)
+    dense   (probability targets, class-weighted smoothing; §11, contract.DenseTarget) T = κ·t⊙c + β·c + α·onehot(y):
+            sums Σ t c z, Σ t c, Σ c z, z_y;  dz = (coef_p ⊙ softmax(z) − coef ⊙ T) ⊙ (1 − (z/c)²),
+            coef_p = coef·(A + 2λω·lse) (given, or formed here in a fused pass), dt = coef·κ·c ⊙ (lse − z)
     pairs   a = z_p/τ, b = z_q/τ, p = softmax(a), q = softmax(b): stats (maths.py table), then
             dz_p = coef_ce_p·(CE gradient of z_p) + coef_div/τ·∂D/∂a,  dz_q likewise, ⊙ softcap'
 
@@ -29,13 +32,27 @@ import torch
 
 from ...maths import EXPM1_CLAMP, Stat, ce_row_loss
 from ...options import N_PAIR_STATS, CEOptions, PairOptions
-from ..contract import PairCoefs
+from ..contract import DenseTarget, PairCoefs
 
 Tensor = torch.Tensor
 
 #: fp32 [rows, V] buffers alive at once per row of a chunk (module docstring; tests/backends/test_memory.py)
 K_CE = 3
 K_PAIR = 5
+K_DENSE = 4  # dense_chunk, at most: z, logsumexp's temporary / p (softcap), t promoted to fp32 or t ⊙ c, c-term
+
+
+def k_dense(T: DenseTarget, acc: torch.dtype, opts: CEOptions, inplace: bool = False) -> int:
+    """fp32 ``[rows, V]`` buffers :func:`dense_chunk` keeps alive per chunk row for this target: z and
+    logsumexp's temporary (or p; ``inplace``: z only — a gradient pass without softcap or dt), + 1 with a
+    softcap (p beside the capped z), + 1 for t promoted or t ⊙ c, + 1 for the smoothing term's ``coef·β·c``
+    with class weights (≤ K_DENSE)."""
+    k = (1 if inplace else 2) + bool(opts.has_softcap)
+    if T.t is not None and (T.t.dtype != acc or T.c is not None):
+        k += 1
+    if T.beta != 0 and T.c is not None:
+        k += 1
+    return min(k, K_DENSE)
 K_CE_EXT = 4  # ce_chunk_ext: z, log p, p (+ the entropy's two temporaries in forward)
 # long-short's per-view extras (view_extras / entropy_grad on one part's rows at a time, each part at most the
 # chunk's rows): the forward's 2 temporaries (K >= 3), the backward's entropy terms of both views kept across
@@ -146,6 +163,80 @@ def ce_chunk_ext(z: Tensor, y: Tensor, opts: CEOptions, lse: Optional[Tensor] = 
         del lp
         z.copy_(_softcap_grad_(dz, z, opts.softcap))
     return loss, lse, ent, am
+
+
+def dense_chunk(z: Tensor, y: Optional[Tensor], T: DenseTarget, opts: CEOptions, lse: Optional[Tensor] = None,
+                coef_p: Optional[Tensor] = None, coef: Optional[Tensor] = None, dt: Optional[Tensor] = None,
+                fused: bool = False):
+    """Dense-target sums of a chunk -> (lse, tz, tm, cz, zy) (contract.DenseOut's columns; None where not formed:
+    tz, tm without ``T.t``, cz with ``T.beta == 0``, zy without ``y``). With ``coef`` also ``z ← dz`` (module
+    docstring): ``coef_p`` given, or with ``fused`` formed here from this chunk's sums (no shards). With ``lse``
+    given (backward) no sums are formed. ``dt`` ([c, V] out, overwritten): ∂(Σ coef·ℓ)/∂t. Memory: K_DENSE."""
+    _softcap_(z, opts.softcap)
+    acc = z.dtype
+    V = z.shape[1]
+    c = None if T.c is None else T.c.to(acc)
+    tc = None  # t ⊙ c of the chunk (fp32)
+    if T.t is not None and (lse is None or coef is not None):
+        tc = T.t.to(acc)
+        if c is not None:
+            tc = tc * c
+    ys = None if y is None else _safe_targets(y, V, opts.ignore_index)
+    tz = tm = cz = zy = None
+    capped = opts.has_softcap
+    # in place (no [c, V] temporary) when z is not needed after the softmax: no softcap derivative, no dt
+    inplace = coef is not None and not capped and dt is None
+    scale = None  # the in-place forward leaves e = exp(z − m) in z: p = e·scale
+    if lse is None:
+        if tc is not None:
+            tz, tm = _rowdot(tc, z), tc.sum(1)
+        if T.beta != 0:
+            cz = z.sum(1) if c is None else z @ c
+        if ys is not None:
+            zy = z.gather(1, ys.clamp(min=0).unsqueeze(1)).squeeze(1) * (ys >= 0).to(acc)
+        if inplace:
+            m = z.amax(1)
+            ssum = z.sub_(m.unsqueeze(1)).exp_().sum(1)
+            lse, scale = m + ssum.log(), 1.0 / ssum
+        else:
+            lse = torch.logsumexp(z, dim=1)
+    if coef is None:
+        return lse, tz, tm, cz, zy
+    if fused:
+        A = torch.zeros_like(lse)
+        if tm is not None:
+            A = A + T.kappa * tm
+        if T.beta != 0:
+            A = A + T.beta * T.c_sum
+        if T.alpha is not None:
+            A = A + T.alpha
+        if opts.z_loss > 0:
+            A = A + 2.0 * opts.z_loss * lse * (1.0 if T.omega is None else T.omega)
+        coef_p = coef * A
+    if dt is not None:  # ∂/∂t_v = coef·κ·c_v·(lse − z_v)   (before z is overwritten)
+        d = torch.sub(lse.unsqueeze(1), z, out=dt) if dt.dtype == acc else lse.unsqueeze(1) - z
+        d.mul_((coef * T.kappa).unsqueeze(1))
+        if c is not None:
+            d.mul_(c)
+        if d is not dt:
+            dt.copy_(d)
+    if scale is not None:
+        p = z.mul_((coef_p * scale).unsqueeze(1))
+    else:
+        p = (z - lse.unsqueeze(1)).exp_() if capped else z.sub_(lse.unsqueeze(1)).exp_()
+        p.mul_(coef_p.unsqueeze(1))
+    if tc is not None:
+        p.addcmul_(tc, (coef * T.kappa).unsqueeze(1), value=-1.0)  # tc may be the user's t: not in place
+    if T.beta != 0:
+        cb = (coef * T.beta).unsqueeze(1)
+        p.sub_(cb if c is None else cb * c)
+    if ys is not None and T.alpha is not None:
+        hot = (ys >= 0).to(acc) * T.alpha * coef
+        p.scatter_add_(1, ys.clamp(min=0).unsqueeze(1), (-hot).unsqueeze(1))
+    dz = _softcap_grad_(p, z, opts.softcap)
+    if capped:
+        z.copy_(dz)
+    return lse, tz, tm, cz, zy
 
 
 def view_extras(z: Tensor, opts: CEOptions, entropy: bool, argmax: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
