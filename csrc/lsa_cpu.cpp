@@ -26,6 +26,14 @@
 //     kl_rev  dD/da = p - q                     dD/db = q(Y - u)
 //     sym_kl  dD/da = p(u - X) + p - q          dD/db = q(Y - u) + q - p
 //     js      dD/da = ½ p(log p - log m - X)    dD/db = ½ q(log q - log m - Y)
+//
+// Dense targets (docs/maths.md §11; backends/cpu/aten.py dense_chunk is the spec), per row with
+// T = κ·t⊙c + β·c + α·onehot(y) (t any float dtype, read in place; c the class weights, 1 when absent):
+//   sweep 1: softcap, max, Σ t c z, Σ t c, Σ c z;  sweep 2: lse = m + log Σ e^{z-m};  z_y (0 off-shard)
+//   with coef (sweep 3, dz in place of z; dt first when asked, from the capped z):
+//     coef_p = coef·(κ Σ t c + β Σ_V c + α + 2λω·lse) when fused (whole rows), else given
+//     dz = (coef_p·e^{z-lse} - coef·κ·t c - coef·β·c) ⊙ (1 - (z/cap)²), dz_y -= coef·α·(1 - (z_y/cap)²)
+//     dt = coef·κ·c ⊙ (lse - z)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -35,6 +43,11 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 // Everything below may be if-converted and vectorised although fp compares could trap: the same
 // -fno-trapping-math -fno-math-errno that torch itself is built with (GCC refuses to vectorise the
@@ -509,6 +522,241 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
   return {ce_p, ce_q, st};
 }
 
+// --------------------------------------------------------------------------------------- dense targets
+
+struct NoT {};  // no probability target in this row
+
+struct DenseParams {
+  int64_t ignore_index;
+  float zl, cap, kappa, beta;
+  float beta_csum;  // β·Σ_v c_v over the whole vocabulary (the fused A)
+  bool fused;
+};
+
+struct DenseRow {
+  int64_t y;  // target id (ignore_index or an id outside [0, V): no one-hot); has_y false: none given
+  bool has_y;
+  float alpha, omega;  // 0 / 1 when absent
+  const float* lse_in;
+  const float* coef;
+  const float* coef_p;
+  float* dt;  // row of dt or nullptr
+  float *lse, *tz, *tm, *cz, *zy;
+};
+
+template <typename TT>
+LSA_INLINE float tload(const TT* __restrict t, int64_t v) {
+  return static_cast<float>(t[v]);
+}
+
+template <bool SC, bool HC, typename TT>
+static void dense_row(float* __restrict z, int64_t V, const float* __restrict c, const TT* __restrict t,
+                      const DenseParams& P, const DenseRow& R) {
+  constexpr bool HT = !std::is_same_v<TT, NoT>;
+  const float cap = P.cap;
+  const bool hot = R.has_y && R.y != P.ignore_index && in_shard(R.y, V);
+  float lse, tm = 0.0f;
+  if (R.lse_in == nullptr) {
+    float m = kNegInf, tz = 0.0f, tmv = 0.0f, cz = 0.0f;
+    const float ic = SC ? 1.0f / cap : 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : tz, tmv, cz)
+    for (int64_t v = 0; v < V; ++v) {
+      float zv = z[v];
+      if constexpr (SC) {
+        zv = cap * ftanh(zv * ic);
+        z[v] = zv;
+      }
+      m = zv > m ? zv : m;
+      float cv = 1.0f;
+      if constexpr (HC) cv = c[v];
+      if constexpr (HT) {
+        const float tc = tload(t, v) * cv;
+        tz += tc * zv;
+        tmv += tc;
+      }
+      cz += cv * zv;
+    }
+    lse = m + std::log(sum_exp(z, V, m));
+    tm = tmv;
+    *R.lse = lse;
+    *R.tz = tz;
+    *R.tm = tmv;
+    *R.cz = cz;
+    *R.zy = hot ? z[R.y] : 0.0f;
+  } else {
+    sweep_cap<SC>(z, V, cap);
+    lse = *R.lse_in;
+    *R.lse = lse;
+    *R.tz = *R.tm = *R.cz = *R.zy = 0.0f;
+  }
+  if (R.coef == nullptr) return;
+  const float coef = *R.coef;
+  float coef_p;
+  if (P.fused) {
+    float A = P.beta_csum + R.alpha + 2.0f * P.zl * lse * R.omega;
+    if constexpr (HT) A += P.kappa * tm;
+    coef_p = coef * A;
+  } else {
+    coef_p = *R.coef_p;
+  }
+  const float ck = coef * P.kappa, cb = coef * P.beta;
+  if (R.dt != nullptr) {  // ∂/∂t_v = coef·κ·c_v·(lse − z_v), before z is overwritten
+    float* __restrict dt = R.dt;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      float cv = 1.0f;
+      if constexpr (HC) cv = c[v];
+      dt[v] = ck * cv * (lse - z[v]);
+    }
+  }
+  const float zy = hot ? z[R.y] : 0.0f;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    const float zv = z[v];
+    float cv = 1.0f;
+    if constexpr (HC) cv = c[v];
+    float g = coef_p * fexp(zv - lse) - cb * cv;
+    if constexpr (HT) g -= ck * tload(t, v) * cv;
+    if constexpr (SC) g *= cap_grad(zv, cap);
+    z[v] = g;
+  }
+  if (hot) {
+    float g = coef * R.alpha;
+    if constexpr (SC) g *= cap_grad(zy, cap);
+    z[R.y] -= g;
+  }
+}
+
+template <bool SC, bool HC, typename TT>
+static void dense_rows(float* zp, int64_t C, int64_t V, const float* c, const TT* tp, int64_t t_stride,
+                       const DenseParams& P, const int64_t* yp, const float* ap, const float* op, const float* lp,
+                       const float* cfp, const float* cpp, float* dtp, int64_t dt_stride, float* const* outs) {
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      DenseRow R{yp ? yp[i] : P.ignore_index,
+                 yp != nullptr,
+                 ap ? ap[i] : 0.0f,
+                 op ? op[i] : 1.0f,
+                 lp ? lp + i : nullptr,
+                 cfp ? cfp + i : nullptr,
+                 cpp ? cpp + i : nullptr,
+                 dtp ? dtp + i * dt_stride : nullptr,
+                 outs[0] + i, outs[1] + i, outs[2] + i, outs[3] + i, outs[4] + i};
+      dense_row<SC, HC, TT>(zp + i * V, V, c, tp ? tp + i * t_stride : nullptr, P, R);
+    }
+  });
+}
+
+template <typename TT>
+static void dense_dispatch(bool sc, bool hc, float* zp, int64_t C, int64_t V, const float* c, const TT* tp,
+                           int64_t ts, const DenseParams& P, const int64_t* yp, const float* ap, const float* op,
+                           const float* lp, const float* cfp, const float* cpp, float* dtp, int64_t ds,
+                           float* const* outs) {
+  if (sc) {
+    if (hc) dense_rows<true, true, TT>(zp, C, V, c, tp, ts, P, yp, ap, op, lp, cfp, cpp, dtp, ds, outs);
+    else dense_rows<true, false, TT>(zp, C, V, c, tp, ts, P, yp, ap, op, lp, cfp, cpp, dtp, ds, outs);
+  } else {
+    if (hc) dense_rows<false, true, TT>(zp, C, V, c, tp, ts, P, yp, ap, op, lp, cfp, cpp, dtp, ds, outs);
+    else dense_rows<false, false, TT>(zp, C, V, c, tp, ts, P, yp, ap, op, lp, cfp, cpp, dtp, ds, outs);
+  }
+}
+
+static at::Tensor dense_rowvec(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  auto c = t->to(at::kFloat).contiguous();
+  TORCH_CHECK(c.numel() == n, "dense_chunk: ", name, " must have ", n, " elements, got ", c.numel());
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_chunk(
+    at::Tensor z, const std::optional<at::Tensor>& y, const std::optional<at::Tensor>& t,
+    const std::optional<at::Tensor>& c, const std::optional<at::Tensor>& alpha,
+    const std::optional<at::Tensor>& omega, const std::optional<at::Tensor>& lse,
+    const std::optional<at::Tensor>& coef_p, const std::optional<at::Tensor>& coef,
+    const std::optional<at::Tensor>& dt, const std::optional<at::Tensor>& c_sum, double c_sum_f, double kappa,
+    double beta, bool fused, int64_t ignore_index, double z_loss, double softcap) {
+  TORCH_CHECK(z.device().is_cpu() && z.scalar_type() == at::kFloat && z.dim() == 2 && z.is_contiguous(),
+              "dense_chunk: z must be a contiguous fp32 [C, V] CPU tensor");
+  const int64_t C = z.size(0), V = z.size(1);
+  at::Tensor yc, tc, cc;
+  if (y.has_value()) {
+    yc = y->contiguous();
+    TORCH_CHECK(yc.scalar_type() == at::kLong && yc.numel() == C, "dense_chunk: y must be int64 [C]");
+  }
+  if (t.has_value()) {
+    tc = *t;
+    TORCH_CHECK(tc.dim() == 2 && tc.size(0) == C && tc.size(1) == V, "dense_chunk: t must be [C, V] = [", C, ", ",
+                V, "], got ", tc.sizes());
+    if (tc.stride(1) != 1) tc = tc.contiguous();
+    const auto st = tc.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+                "dense_chunk: t must be fp32, fp64, bf16 or fp16, got ", st);
+  }
+  if (c.has_value()) {
+    cc = c->to(at::kFloat).contiguous();
+    TORCH_CHECK(cc.numel() == V, "dense_chunk: c must be [V] = [", V, "]");
+  }
+  auto al = dense_rowvec(alpha, C, "alpha");
+  auto om = dense_rowvec(omega, C, "omega");
+  auto ls = dense_rowvec(lse, C, "lse");
+  auto cf = dense_rowvec(coef, C, "coef");
+  auto cp = dense_rowvec(coef_p, C, "coef_p");
+  TORCH_CHECK(!cf.defined() || fused || cp.defined(), "dense_chunk: coef needs coef_p (or fused)");
+  TORCH_CHECK(!fused || !ls.defined(), "dense_chunk: fused forms A from the forward's sums: no lse");
+  float* dtp = nullptr;
+  int64_t ds = 0;
+  if (dt.has_value()) {
+    TORCH_CHECK(cf.defined(), "dense_chunk: dt needs coef");
+    TORCH_CHECK(dt->scalar_type() == at::kFloat && dt->dim() == 2 && dt->size(0) == C && dt->size(1) == V &&
+                    dt->stride(1) == 1,
+                "dense_chunk: dt must be an fp32 [C, V] tensor with unit stride along V");
+    dtp = dt->data_ptr<float>();
+    ds = dt->stride(0);
+  }
+  double csum = c_sum_f;
+  if (c_sum.has_value()) csum = c_sum->item<double>();
+  const DenseParams P{ignore_index, static_cast<float>(z_loss), static_cast<float>(softcap),
+                      static_cast<float>(kappa), static_cast<float>(beta), static_cast<float>(beta * csum), fused};
+  std::vector<at::Tensor> outs;
+  float* op[5];
+  for (int k = 0; k < 5; ++k) {
+    outs.push_back(at::empty({C}, z.options()));
+    op[k] = outs.back().data_ptr<float>();
+  }
+  const bool sc = softcap > 0.0, hc = cc.defined();
+  float* zp = z.data_ptr<float>();
+  const float* cpt = hc ? cc.data_ptr<float>() : nullptr;
+  const int64_t* yp = yc.defined() ? yc.data_ptr<int64_t>() : nullptr;
+  const float* ap = al.defined() ? al.data_ptr<float>() : nullptr;
+  const float* omp_ = om.defined() ? om.data_ptr<float>() : nullptr;
+  const float* lp = ls.defined() ? ls.data_ptr<float>() : nullptr;
+  const float* cfp = cf.defined() ? cf.data_ptr<float>() : nullptr;
+  const float* cpp = cp.defined() ? cp.data_ptr<float>() : nullptr;
+  if (!tc.defined()) {
+    dense_dispatch<NoT>(sc, hc, zp, C, V, cpt, nullptr, 0, P, yp, ap, omp_, lp, cfp, cpp, dtp, ds, op);
+  } else {
+    const int64_t ts = tc.stride(0);
+    switch (tc.scalar_type()) {
+      case at::kFloat:
+        dense_dispatch<float>(sc, hc, zp, C, V, cpt, tc.data_ptr<float>(), ts, P, yp, ap, omp_, lp, cfp, cpp, dtp,
+                              ds, op);
+        break;
+      case at::kDouble:
+        dense_dispatch<double>(sc, hc, zp, C, V, cpt, tc.data_ptr<double>(), ts, P, yp, ap, omp_, lp, cfp, cpp,
+                               dtp, ds, op);
+        break;
+      case at::kBFloat16:
+        dense_dispatch<c10::BFloat16>(sc, hc, zp, C, V, cpt, tc.data_ptr<c10::BFloat16>(), ts, P, yp, ap, omp_, lp,
+                                      cfp, cpp, dtp, ds, op);
+        break;
+      default:
+        dense_dispatch<c10::Half>(sc, hc, zp, C, V, cpt, tc.data_ptr<c10::Half>(), ts, P, yp, ap, omp_, lp, cfp,
+                                  cpp, dtp, ds, op);
+    }
+  }
+  return {outs[0], outs[1], outs[2], outs[3], outs[4]};
+}
+
 // elementwise fast-math functions, for accuracy tests only (which: 0 exp, 1 expm1, 2 tanh, 3 log1p on [0,1])
 at::Tensor fastmath(const at::Tensor& x, int64_t which) {
   auto xc = x.to(at::kFloat).contiguous();
@@ -551,12 +799,17 @@ TORCH_LIBRARY(lsa_kernels, m) {
       "Tensor? coef_ce_q, Tensor? coef_div, int divergence, float temperature, bool grad_p, bool grad_q, "
       "bool with_ce, int ignore_index, float label_smoothing, float z_loss, float softcap, int vocab_total=0) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dense_chunk(Tensor(a!) z, Tensor? y, Tensor? t, Tensor? c, Tensor? alpha, Tensor? omega, Tensor? lse, "
+      "Tensor? coef_p, Tensor? coef, Tensor(b!)? dt, Tensor? c_sum, float c_sum_f, float kappa, float beta, "
+      "bool fused, int ignore_index, float z_loss, float softcap) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("fastmath(Tensor x, int which) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lsa_kernels, CPU, m) {
   m.impl("ce_chunk", &lsa::ce_chunk);
   m.impl("pair_chunk", &lsa::pair_chunk);
+  m.impl("dense_chunk", &lsa::dense_chunk);
   m.impl("fastmath", &lsa::fastmath);
 }
 

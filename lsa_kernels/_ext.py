@@ -5,7 +5,7 @@ the package warns once ("lsa_kernels._C not built; using the chunked ATen path")
 runs its ATen code. Disable it (to compare or to test the ATen path) with ``LSA_DISABLE_EXT=1`` in the
 environment, or for a block of code with ``with lsa_kernels._ext.disable(): ...``.
 
-The kernels are torch custom ops (``torch.ops.lsa_kernels.ce_chunk`` / ``pair_chunk``, schemas in
+The kernels are torch custom ops (``torch.ops.lsa_kernels.ce_chunk`` / ``pair_chunk`` / ``dense_chunk``, schemas in
 csrc/lsa_cpu.cpp) with fake (meta) implementations registered here, so torch.compile treats them as
 opaque ops.
 """
@@ -42,6 +42,12 @@ def _register_fakes() -> None:
                          grad_p, grad_q, with_ce, ignore_index, label_smoothing, z_loss, softcap, vocab_total=0):
         C = za.shape[0]
         return za.new_empty(C), za.new_empty(C), za.new_empty(C, 8)
+
+    @torch.library.register_fake("lsa_kernels::dense_chunk")
+    def _dense_chunk_fake(z, y, t, c, alpha, omega, lse, coef_p, coef, dt, c_sum, c_sum_f, kappa, beta, fused,
+                          ignore_index, z_loss, softcap):
+        C = z.shape[0]
+        return tuple(z.new_empty(C) for _ in range(5))
 
     @torch.library.register_fake("lsa_kernels::fastmath")
     def _fastmath_fake(x, which):

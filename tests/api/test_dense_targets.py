@@ -2,7 +2,8 @@
 label smoothing, T = κ·t⊙c + β·c + α·onehot(y) read tile by tile next to the logits, softcap allowed.
 
 Against the fp64 reference on materialised logits (odd shapes), fp32 and bf16 by CCE's rule, on the cpu backend
-(compiled ext enabled and disabled: dense rows take the ATen chunk function on both, checked here anyway), its
+(compiled ext enabled: the compiled dense_chunk op, and disabled: the ATen chunk function; op-level checks against
+the ATen spec in tests/backends/test_cpu_ext.py), with one chunk and with several, its
 fused forward+backward (mean/sum) and separate passes (none), and the Triton kernels under the interpreter
 (atomic and deterministic backward); ∂/∂t where t requires grad; the user's t is never written; no [N, V]
 tensor besides t and its gradient. (Further cases: tests/api/test_weights.py; under process_group=:
@@ -98,6 +99,20 @@ def test_cpu_matches_reference(ext, case, reduction, dtype):
     else:
         with _ext.disable():
             _check("cpu", case, reduction, dtype, grad_t)
+
+
+@pytest.mark.parametrize("ext", [True, False], ids=["ext", "aten"])
+@pytest.mark.parametrize("case", ["prob_all_cap", "cw_ls_cap_zl", "prob_cw_nobias"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_several_chunks(ext, case, reduction, dtype):
+    """A small chunk budget (3 rows per chunk on the compiled path, 1-3 on ATen's): chunk boundaries, odd V and N,
+    fp16 as well; the compiled dense op (ext) and the ATen chunk function (aten) against the fp64 reference."""
+    if ext and not _ext.available():
+        pytest.skip("lsa_kernels._C not built")
+    grad_t = CASES[case].get("target") == "t"
+    with _ext.disable(not ext):
+        _check("cpu", case, reduction, dtype, grad_t, chunk_bytes=3 * V * 4)
 
 
 @pytest.mark.skipif("triton" not in backends(), reason="triton not available")

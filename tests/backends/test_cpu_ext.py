@@ -393,3 +393,127 @@ def test_large_logits_gradient_as_precise_as_torch(path, divergence):
     for name, o, s, t in zip(("dxp", "dxq"), ours, same, truth):
         err, err_torch = (o.double() - t).abs().max().item(), (s.double() - t).abs().max().item()
         assert err <= 3 * err_torch + 1e-4, (name, err, err_torch)
+
+
+# ---------------------------------------------------------------------------------- dense targets (§11)
+
+_DENSE_T = {"none": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _dense_case(g, C, Vd, tname, cw, beta, alpha, strided_t=False):
+    from lsa_kernels.backends.contract import DenseTarget
+
+    z0 = torch.randn(C, Vd, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, Vd, (C,), generator=g)
+    y[1], y[2] = IGN, Vd + 3  # ignored, and a class of another vocab shard (no one-hot, zy = 0)
+    tdt = _DENSE_T[tname]
+    t = None
+    if tdt is not None:
+        t = torch.softmax(torch.randn(C, Vd, generator=g, dtype=torch.float64), -1).to(tdt)
+        if strided_t:  # a view with stride 2 along V: the op's wrapper copies it
+            t = torch.stack([t, t], -1)[..., 0]
+    c = torch.rand(Vd, generator=g, dtype=torch.float64) + 0.1 if cw else None
+    al = torch.rand(C, generator=g, dtype=torch.float64) if alpha else None
+    om = torch.rand(C, generator=g, dtype=torch.float64) + 0.5 if alpha else None
+    cs = c.sum() if cw else float(Vd)
+    kappa = 0.8 if t is not None else 0.0
+
+    def T(dtype):
+        cv = None if c is None else c.to(dtype)
+        return DenseTarget(t, cv, kappa, beta, None if al is None else al.to(dtype),
+                           None if om is None else om.to(dtype), cs.to(dtype) if torch.is_tensor(cs) else cs)
+
+    return z0, y, T
+
+
+@needs_ext
+@pytest.mark.parametrize("tname", list(_DENSE_T))
+@pytest.mark.parametrize("cw,beta,alpha", [(False, 0.0, False), (True, 1e-3, False), (True, 2e-3, True),
+                                           (False, 1e-3, True)], ids=["plain", "cw-ls", "cw-ls-idx", "ls-idx"])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("mode", ["fwd", "fused", "fused-dt", "bwd", "bwd-dt"])
+def test_dense_chunk_op_matches_aten(tname, cw, beta, alpha, softcap, mode):
+    """ext.dense_chunk (the compiled op, fp32) against aten.dense_chunk (the spec) in fp64 on the same logits:
+    every output (lse, Σ t c z, Σ t c, Σ c z, z_y), dz written in place and dt, to 2e-5 of each output's scale.
+    Odd V, ignored and off-shard targets, t in each dtype read in place, class weights, z-loss ω, softcap."""
+    from lsa_kernels.backends.cpu import aten, ext
+    from lsa_kernels.options import CEOptions
+
+    g = torch.Generator().manual_seed(3)
+    C, Vd = 6, 331
+    z0, y, T = _dense_case(g, C, Vd, tname, cw, beta, alpha)
+    opts = CEOptions(softcap=softcap, z_loss=1e-2)
+    coef = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    coef_p = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    fused, bwd, want_dt = mode.startswith("fused"), mode.startswith("bwd"), mode.endswith("dt") and tname != "none"
+    lse_saved = torch.logsumexp(aten._softcap_(z0.clone(), softcap), 1)
+
+    def run(m, dtype):
+        z = z0.to(dtype).clone()
+        dt = torch.full((C, Vd), float("nan"), dtype=dtype) if want_dt else None
+        r = m.dense_chunk(z, y, T(dtype), opts, lse_saved.to(dtype) if bwd else None,
+                          None if (fused or mode == "fwd") else coef_p.to(dtype),
+                          None if mode == "fwd" else coef.to(dtype), dt, fused)
+        return list(r) + ([z] if mode != "fwd" else []) + ([dt] if want_dt else [])
+
+    want, got = run(aten, torch.float64), run(ext, torch.float32)
+    names = ["lse", "tz", "tm", "cz", "zy", "dz", "dt"]
+    assert len(want) == len(got)
+    for name, a, e in zip(names, want, got):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert e.dtype == torch.float32
+            _close(e, a, rtol=2e-5, atol_rel=2e-5, name=f"{mode} {name}")
+
+
+@needs_ext
+def test_dense_chunk_op_strided_t_and_k():
+    """A t strided along V is copied (ext.k_dense counts it: 2), a contiguous t of any float dtype is read in
+    place (1); the result matches the ATen spec either way."""
+    from lsa_kernels.backends.cpu import aten, ext
+    from lsa_kernels.options import CEOptions
+
+    g = torch.Generator().manual_seed(4)
+    z0, y, T = _dense_case(g, 5, 97, "bf16", True, 1e-3, False, strided_t=True)
+    opts = CEOptions()
+    assert ext.k_dense(T(torch.float32), torch.float32, opts) == 2
+    assert ext.k_dense(_contiguous_t(T(torch.float32)), torch.float32, opts) == 1
+    za, ze = z0.clone(), z0.float()
+    ra = aten.dense_chunk(za, y, T(torch.float64), opts)
+    re = ext.dense_chunk(ze, y, T(torch.float32), opts)
+    for a, e in zip(ra, re):
+        _close(e, a, rtol=2e-5, atol_rel=2e-5)
+
+
+def _contiguous_t(T):
+    import dataclasses
+
+    return dataclasses.replace(T, t=T.t.contiguous())
+
+
+@pytest.mark.parametrize("ext_on", [True, False], ids=["ext", "aten"])
+def test_dense_rows_take_the_compiled_op(ext_on, monkeypatch):
+    """The cpu backend's dense rows call ext.dense_chunk when the extension is used, aten.dense_chunk when
+    it is disabled (and for fp64 inputs)."""
+    from lsa_kernels.backends.cpu import aten, ext
+
+    if ext_on and not _ext.built():
+        pytest.skip("lsa_kernels._C not built")
+    calls = {"ext": 0, "aten": 0}
+    for name, mod in (("ext", ext), ("aten", aten)):
+        fn = mod.dense_chunk
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+
+        monkeypatch.setattr(mod, "dense_chunk", counted)
+    g = torch.Generator().manual_seed(0)
+    t = torch.softmax(torch.randn(9, 50, generator=g), -1)
+    with _ext.disable(not ext_on):
+        for dtype in (torch.float32, torch.float64):
+            x, w = leaf(torch.randn(9, 7, generator=g), dtype), leaf(torch.randn(50, 7, generator=g), dtype)
+            L.linear_cross_entropy(x, w, t.to(dtype), backend="cpu", label_smoothing=0.1).backward()
+            if dtype == torch.float32:
+                assert calls["ext" if ext_on else "aten"] > 0 and calls["aten" if ext_on else "ext"] == 0, calls
+    assert calls["aten"] > 0  # fp64 always takes ATen

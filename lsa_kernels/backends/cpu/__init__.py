@@ -22,9 +22,10 @@ reads them, and the entropy's gradient term (:func:`.aten.entropy_grad`) is adde
 the same chunks and GEMMs, the compiled path kept for the rest; the rows per chunk count the extras' buffers.
 
 Dense targets (contract: ``ce_dense_*``; probability targets and class-weighted label smoothing, docs/maths.md
-§11): the same chunk loop with :func:`.aten.dense_chunk` on EVERY path — the compiled ops have no dense-target
-function, so these rows take the ATen chunk function (K = aten.K_DENSE) also when ``_C`` is built. The fused
-forward+backward forms A and the lse coefficient inside the chunk (the chunk holds whole rows).
+§11): the same chunk loop with the compiled ``dense_chunk`` op (:func:`.ext.dense_chunk`: t read in its own dtype
+next to the logits, 2-3 sweeps per row, K = ext.k_dense, 1 or 2) when ``_C`` is used, else
+:func:`.aten.dense_chunk` (K = aten.k_dense, up to 4). The fused forward+backward forms A and the lse coefficient
+inside the chunk (the chunk holds whole rows).
 
 Half-precision inputs: x and W are promoted to fp32 before the GEMM (CPU ATen has no bf16 × bf16 → fp32
 GEMM), so logits are never rounded to bf16: W once per call (a ``[V, H]`` fp32 copy), x chunk by chunk.
@@ -108,6 +109,7 @@ def _dense(x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: De
            grads: Grads = Grads(), dt: Optional[Tensor] = None, fused: bool = False) -> Optional[DenseOut]:
     """Dense-target forward (``coef`` None), forward + gradient (``fused``), or gradient from the saved ``lse``
     and ``coef_p`` (module docstring; contract)."""
+    fns = impl(x)
     N = x.shape[0]
     fwd = lse is None
     outs = [_empty(N, x) for _ in range(5)] if fwd else None
@@ -116,7 +118,7 @@ def _dense(x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: De
 
     def step(z, sl):
         (s,) = sl
-        r = aten.dense_chunk(z[0], None if y is None else y[s], T.rows(s), opts, None if fwd else lse[s],
+        r = fns.dense_chunk(z[0], None if y is None else y[s], T.rows(s), opts, None if fwd else lse[s],
                              None if coef_p is None else coef_p[s], None if coef is None else coef[s],
                              None if dt is None else dt[s], fused)
         if fwd:
@@ -125,7 +127,7 @@ def _dense(x: Tensor, w: Tensor, b: Optional[Tensor], y: Optional[Tensor], T: De
                     o[s] = v
 
     inplace = coef is not None and not opts.has_softcap and dt is None  # aten.dense_chunk works in z itself
-    rows = chunk_rows(w.shape[0], aten.k_dense(T, acc_dtype(x), opts, inplace), opts.chunk_bytes)
+    rows = chunk_rows(w.shape[0], fns.k_dense(T, acc_dtype(x), opts, inplace), opts.chunk_bytes)
     loop.run([loop.Part(x, grads.dx)], w, b, rows, step, backward=coef is not None, dw=grads.dw, db=grads.db)
     if not fwd:
         return None

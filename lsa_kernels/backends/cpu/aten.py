@@ -46,7 +46,7 @@ def k_dense(T: DenseTarget, acc: torch.dtype, opts: CEOptions, inplace: bool = F
     """fp32 ``[rows, V]`` buffers :func:`dense_chunk` keeps alive per chunk row for this target: z and
     logsumexp's temporary (or p; ``inplace``: z only — a gradient pass without softcap or dt), + 1 with a
     softcap (p beside the capped z), + 1 for t promoted or t ⊙ c, + 1 for the smoothing term's ``coef·β·c``
-    with class weights (≤ K_DENSE)."""
+    with class weights (≤ K_DENSE). The compiled op needs fewer: :func:`.ext.k_dense` (1; 2 for a t it copies)."""
     k = (1 if inplace else 2) + bool(opts.has_softcap)
     if T.t is not None and (T.t.dtype != acc or T.c is not None):
         k += 1
