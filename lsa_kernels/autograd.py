@@ -116,9 +116,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ent = out.entropy if opts.entropy else empty
         am = out.argmax if opts.argmax else empty.to(torch.int64)
         loss = (out.loss if rw is None else out.loss * weight) if reduction == "none" else (out.loss * weight).sum()
-        lse = out.lse.to(x.dtype)
+        lse = out.lse
         ctx.mark_non_differentiable(lse, am)
-        return loss.to(x.dtype), lse, ent.to(x.dtype), am
+        return loss, lse, ent.to(lse.dtype), am
 
     @staticmethod
     @_autocast_off
@@ -194,8 +194,8 @@ class _LinearDivergence(torch.autograd.Function):
             out = be.pair_forward(rows, w, b, opts)
             ctx.save_for_backward(rows.xp, rows.xq, w, b, out.stats, weight)
         if mode == "none":
-            return (out.div * weight).to(xp.dtype)
-        return (out.div * div_w).sum().to(xp.dtype)
+            return out.div * weight
+        return (out.div * div_w).sum()
 
     @staticmethod
     @_autocast_off
@@ -326,7 +326,6 @@ class _LongShort(torch.autograd.Function):
             out = be.pair_forward(rows, w, b, opts)
             if longce_gamma is not None:
                 cp = _longce(out, rows, cp, opts.ce.ignore_index, longce_gamma)
-        dt = hl.dtype
 
         def empty(dtype=hl.dtype):  # distinct tensors: an output may not alias another
             return hl.new_empty(0, dtype=dtype)
@@ -345,9 +344,8 @@ class _LongShort(torch.autograd.Function):
             am_l, am_s = empty(torch.int64), empty(torch.int64)
         ce = (out.ce_p * cp).sum() + (out.ce_q * cq).sum() + (out.ce_u * cu).sum()
         mis = (out.div * dv).sum()
-        lse_l, lse_s = lse_l.to(dt), lse_s.to(dt)
         ctx.mark_non_differentiable(lse_l, lse_s, am_l, am_s)
-        return (ce + alpha * mis).to(dt), ce.to(dt), mis.to(dt), lse_l, lse_s, ent_l.to(dt), ent_s.to(dt), am_l, am_s
+        return ce + alpha * mis, ce, mis, lse_l, lse_s, ent_l.to(ce.dtype), ent_s.to(ce.dtype), am_l, am_s
 
     @staticmethod
     @_autocast_off

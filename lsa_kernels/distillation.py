@@ -36,7 +36,7 @@ import torch
 from . import _checks, backends, reference
 from .autograd import _autocast_off
 from .backends import PairCoefs, PairGrads, PairOut, PairRows
-from .functional import _autocast_cast, _device_of, _vocab_parallel, no_autocast, resolve_backend
+from .functional import _autocast_cast, _device_of, _finish, _result_dtype, _vocab_parallel, no_autocast, resolve_backend
 from .maths import DIVERGENCES, acc_dtype, mean_scale
 from .options import REDUCTIONS, CEOptions, PairOptions
 
@@ -153,13 +153,11 @@ class _Distill(torch.autograd.Function):
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, y, valid, c, out.stats)
         hard_rows = (out.ce_q if rw is None else out.ce_q * rw.to(acc)) if has_y else torch.zeros(N, dtype=acc, device=xs.device)
         soft_rows = out.div * valid * scale
-        dt = xs.dtype
         if reduction == "none":
             hard, soft = hard_rows, soft_rows
         else:
             hard, soft = hard_rows.sum() * c, soft_rows.sum() * c
-        loss = hard_w * hard + soft_w * soft
-        return loss.to(dt), hard.to(dt), soft.to(dt)
+        return hard_w * hard + soft_w * soft, hard, soft
 
     @staticmethod
     @_autocast_off
@@ -282,15 +280,17 @@ def linear_distillation(
     Returns :class:`DistillationLoss` ``(loss, hard, soft)`` with ``soft`` the τ²-scaled term (each
     differentiable; ``loss = hard_loss_weight·hard + soft_loss_weight·soft``).
     """
+    dt = _result_dtype(student_input)
     student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias = _autocast_cast(
         student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
     with no_autocast(_device_of(student_input)):
-        return _linear_distillation(
+        out = _linear_distillation(
             student_input, student_weight, teacher_input, teacher_weight, target, divergence, temperature,
             hard_loss_weight, soft_loss_weight, student_bias, teacher_bias, softcap, ignore_index, reduction,
             temperature_scaling, train_teacher, chunk_bytes, deterministic, backend, check_targets, process_group,
             vocab_start, token_weight,
         )
+    return _finish(out, dt)
 
 
 def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w, soft_w, bs, bt, softcap,

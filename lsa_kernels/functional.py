@@ -9,8 +9,11 @@ CUDA tensors and the chunked cpu path for CPU tensors; ``"reference"`` materiali
 
 Autocast: like ``F.linear``, under ``torch.autocast(device_type, dtype)`` each op casts its input(s),
 weight and bias (floating, not float64, on an autocast-enabled device type) to the autocast dtype first,
-then runs with autocast off (statistics and accumulation stay fp32 inside the backends; the loss comes
-back in the autocast dtype, gradients reach fp32 master weights through the cast).
+then runs with autocast off (statistics and accumulation stay fp32 inside the backends; gradients reach fp32
+master weights through the cast). The loss and the per-token values come back in float32 under autocast, as
+torch's loss functions return them (``F.cross_entropy`` is on autocast's fp32 list), and in the input's dtype
+otherwise; either way they are rounded once, from the backends' fp32 (fp64) accumulation
+(``backend="reference"`` rounds to the autocast dtype first, then casts to float32).
 
 float64 on CUDA: the Triton kernels take fp32/bf16/fp16 only (``tl.dot`` has no fp64 tensor-core path),
 so ``backend="auto"`` sends float64 CUDA tensors to ``"reference"`` (materialised logits: meant for
@@ -96,6 +99,28 @@ def _autocast_cast(*tensors):
                 and _autocast_on(t.device.type)):
             t = t.to(torch.get_autocast_dtype(t.device.type))
         out.append(t)
+    return out
+
+
+def _result_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of an op's loss / per-token values for the input ``t`` (before the autocast cast): float32 under
+    autocast (float64 stays float64), else ``t``'s dtype (module docstring)."""
+    if not isinstance(t, torch.Tensor):
+        return None  # the op's checks reject it
+    if t.dtype != torch.float64 and t.is_floating_point() and _autocast_on(t.device.type):
+        return torch.float32
+    return t.dtype
+
+
+def _finish(out, dtype: Optional[torch.dtype]):
+    """``out`` (a tensor, or a NamedTuple of tensors / None / NamedTuples) with its floating tensors in ``dtype``
+    (one rounding of the Functions' fp32 / fp64 results; bool and int outputs unchanged)."""
+    if dtype is None:
+        return out
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        return type(out)(*(None if o is None else _finish(o, dtype) for o in out))
     return out
 
 
@@ -198,16 +223,18 @@ def linear_cross_entropy(
     ``return_lse`` (log-normaliser per row, no gradient), ``return_entropy`` (entropy of softmax(z) per row,
     every row; differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax == target, bool, False
     on ignored rows). With any of them the result is a :class:`CrossEntropyOutput` ``(loss, lse, entropy,
-    accuracy)`` with None for what was not asked; they cost a separate backward pass on the cpu backend (no
-    forward+backward fusion) and run the ATen chunk function there.
+    accuracy)`` with None for what was not asked. ``return_lse`` keeps the cpu backend's fused forward+backward;
+    the entropy and the accuracy cost a separate backward pass there and run the ATen chunk function.
     """
+    dt = _result_dtype(input)
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     with no_autocast(_device_of(input)):
-        return _linear_cross_entropy(
+        out = _linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
             softcap, token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
             (bool(return_lse), bool(return_entropy), bool(return_accuracy)),
         )
+    return _finish(out, dt)
 
 
 def _linear_cross_entropy(
@@ -303,12 +330,14 @@ def linear_divergence(
     Σ w·D / Σ w over selected rows, 0 with zero gradients when that is 0; docs/maths.md §11).
     Honours autocast like ``F.linear`` (module docstring).
     """
+    dt = _result_dtype(input_p)
     input_p, input_q, linear_weight, linear_bias = _autocast_cast(input_p, input_q, linear_weight, linear_bias)
     with no_autocast(_device_of(input_p)):
-        return _linear_divergence(
+        out = _linear_divergence(
             input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
             token_weight, backend, chunk_bytes, deterministic, process_group, vocab_start,
         )
+    return _finish(out, dt)
 
 
 def _linear_divergence(
@@ -401,16 +430,18 @@ def long_short_loss(
     asked). With ``return_entropy`` it runs forward then backward (no fused forward+backward; lse and accuracy
     alone keep it). Also under ``process_group`` (docs/maths.md §15).
     """
+    dt = _result_dtype(hidden_long)
     hidden_long, hidden_short, linear_weight, linear_bias = _autocast_cast(
         hidden_long, hidden_short, linear_weight, linear_bias)
     with no_autocast(_device_of(hidden_long)):
-        return _long_short_loss(
+        out = _long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
             temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
             chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long,
             token_weight_short, ce_weighting, longce_gamma,
             (bool(return_lse), bool(return_entropy), bool(return_accuracy)),
         )
+    return _finish(out, dt)
 
 
 def _long_short_loss(

@@ -86,8 +86,8 @@ class _DenseCE(torch.autograd.Function):
         per_row, A = _row_loss(out, T, opts.z_loss, counted)
         ctx.A = A
         if reduction == "none":
-            return (per_row * coef).to(x.dtype)
-        return (per_row * coef).sum().to(x.dtype)
+            return per_row * coef
+        return (per_row * coef).sum()
 
     @staticmethod
     @_autocast_off

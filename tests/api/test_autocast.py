@@ -1,8 +1,10 @@
 """Autocast is honoured like ``F.linear`` by the three public ops, on every backend.
 
-Under ``torch.autocast("cpu", torch.bfloat16)`` an op given fp32 input / weight / bias must return exactly
-what it returns outside autocast for the same tensors cast to bf16 first (loss in bf16, statistics and
-accumulation fp32 inside), and the gradients reaching the fp32 leaves must be those of the bf16 copies.
+Under ``torch.autocast("cpu", torch.bfloat16)`` an op given fp32 input / weight / bias computes what it
+computes outside autocast for the same tensors cast to bf16 first (statistics and accumulation fp32 inside),
+but returns the loss in float32, as torch's loss functions do under autocast, rounded once from the fp32
+accumulation: rounded to bf16 it is exactly the bf16 call's loss, and (fused backends) it is not itself a bf16
+value. The gradients reaching the fp32 leaves must be those of the bf16 copies.
 Backends: cpu, triton (the interpreter, TRITON_INTERPRET=1 from conftest) and reference. float64 is not
 cast (autocast leaves fp64 alone), and a backward run inside the autocast region gives the same
 gradients as one run outside it (the autograd Functions switch autocast off; today's backends use only
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lsa_kernels as L
 
@@ -67,14 +70,35 @@ def test_autocast_equals_inputs_cast_first(kind, backend):
     g_got = _grads(got, leaves)
     want = _call(op, [t.to(torch.bfloat16) for t in leaves] + rest, backend, kind)
     g_want = _grads(want, leaves)
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, want), (got, want)
+    assert got.dtype == torch.float32 and want.dtype == torch.bfloat16
+    assert torch.equal(got.to(torch.bfloat16), want), (got, want)
+    if backend != "reference":  # not rounded to bf16 on the way (the reference rounds first, then casts)
+        rows = _rows(op, leaves + rest, backend, kind)
+        assert rows.dtype == torch.float32 and not torch.equal(rows.to(torch.bfloat16).float(), rows)
     for a, b in zip(g_got, g_want):
         assert a.dtype == torch.float32
         assert torch.equal(a, b)
     # and autocast made a difference: the fp32 loss is not the bf16 one
     fp32 = _call(op, leaves + rest, backend, kind)
     assert fp32.dtype == torch.float32 and not torch.equal(fp32.to(torch.bfloat16).float(), fp32)
+
+
+def _rows(op, tensors, backend, kind):
+    """Per-row values (reduction "none"; long-short: ce, misalign and the per-view lse / entropy) under bf16
+    autocast: many values, so "none of them was rounded to bf16" is a real check."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if kind == "ce":
+            x, w, b, y = tensors
+            return op(x, w, y, linear_bias=b, backend=backend, reduction="none").detach()
+        if kind == "div":
+            xp, xq, w, b = tensors
+            return op(xp, xq, w, linear_bias=b, backend=backend, reduction="none").detach()
+        hl, hs, w, b, yl, ys = tensors
+        out = op(hl, hs, w, yl, ys, l_extra=LX, linear_bias=b, backend=backend, return_lse=True,
+                 return_entropy=True)
+        assert all(t.dtype == torch.float32 for t in (out.loss, out.ce, out.misalign, out.long.lse,
+                                                         out.short.entropy))
+        return torch.cat([out.long.lse.flatten(), out.short.entropy.flatten(), out.ce.reshape(1)]).detach()
 
 
 def _ls_all_outputs(leaves, rest, backend):
@@ -123,7 +147,8 @@ def test_mixed_dtypes_accepted_under_autocast_only():
     y = torch.randint(0, V, (N,))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = L.linear_cross_entropy(x, w, y, backend="cpu")
-    assert out.dtype == torch.bfloat16
+        want = F.cross_entropy(F.linear(x, w), y)
+    assert out.dtype == want.dtype == torch.float32  # torch's loss under autocast: float32, whatever the input
     with pytest.raises(TypeError, match="linear_weight has dtype"):
         L.linear_cross_entropy(x, w, y, backend="cpu")
 

@@ -347,17 +347,18 @@ def test_functional_shapes_options_and_autocast(backend):
     none = "".join(["no", "ne"])  # equal to "none", not the same object
     assert L.linear_cross_entropy(hl, w, yl, reduction=none, backend=backend).shape == (B, T)
     assert L.linear_divergence(hl, hs, w, reduction=none, backend=backend).shape == (B, T)
-    # autocast: fp32 operands are cast to bf16 first (fp64 ones are not), the loss comes back in bf16
+    # autocast: fp32 operands are cast to bf16 first (fp64 ones are not), the loss comes back in fp32 (as torch's)
     h32, w32, b32 = hl.float(), w.float(), b.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = L.linear_cross_entropy(h32, w32, yl, linear_bias=b32, backend=backend)
         div = L.linear_divergence(h32, hs.float(), w32, linear_bias=b32, backend=backend)
         lsl = L.long_short_loss(h32, hs.float(), w32, yl, ys, l_extra=2, linear_bias=b32, backend=backend)
         out64 = L.linear_cross_entropy(hl, w, yl, backend=backend)
-    assert out.dtype == div.dtype == lsl.loss.dtype == torch.bfloat16 and out64.dtype == torch.float64
+    assert out.dtype == div.dtype == lsl.loss.dtype == torch.float32 and out64.dtype == torch.float64
     bf = [t.bfloat16() for t in (h32, w32, b32)]
-    torch.testing.assert_close(out, R.linear_cross_entropy(bf[0], bf[1], yl, linear_bias=bf[2]), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(div, R.linear_divergence(bf[0], hs.bfloat16(), bf[1], linear_bias=bf[2]),
+    torch.testing.assert_close(out, R.linear_cross_entropy(bf[0], bf[1], yl, linear_bias=bf[2]).float(), rtol=2e-2,
+                               atol=2e-2)
+    torch.testing.assert_close(div, R.linear_divergence(bf[0], hs.bfloat16(), bf[1], linear_bias=bf[2]).float(),
                                rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out64, R.linear_cross_entropy(hl, w, yl), **TIGHT)
     # outside autocast nothing is cast
