@@ -6,6 +6,8 @@
 // and swept 2-4 times while it sits in L2 (max, sums, [js: log-m sums], gradient write), so each
 // chunk's logits make at most two trips through DRAM (the GEMM's write plus this read/write).
 // The only [C, V] buffer is the chunk loop's own (za, zb are two blocks of it): K = 1 (backends/cpu/ext.py).
+// One file over ~500 lines on purpose: the three ops (CE, pairs, dense targets) share the row sweeps, the
+// softcap and fast-math helpers and one TORCH_LIBRARY block.
 //
 // Maths (docs/maths.md §3, §5; lsa_kernels/maths.py), per row, z = softcap(z_raw) = c·tanh(z_raw / c):
 //

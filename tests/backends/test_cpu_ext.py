@@ -170,6 +170,13 @@ def test_opcheck_custom_ops():
         (za, zb, y, y, None, coef, coef, coef, 0, 1.0, True, True, True, IGN, 0.0, 0.0, 0.0),
         test_utils=utils,
     )
+    t, c, dt = torch.softmax(torch.randn(5, 17), -1).to(torch.bfloat16), torch.rand(17) + 0.1, torch.empty(5, 17)
+    for lse, cp, fused in ((None, None, True), (torch.randn(5), coef, False)):
+        torch.library.opcheck(
+            torch.ops.lsa_kernels.dense_chunk.default,
+            (torch.randn(5, 17), y, t, c, coef, coef, lse, cp, coef, dt, None, 3.0, 0.8, 0.01, fused, IGN, 1e-2, 2.0),
+            test_utils=utils,
+        )
 
 
 @needs_ext
