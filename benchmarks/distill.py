@@ -22,14 +22,12 @@ Goal (issue 16): lsa_cpu ≤ 1.25× the GEMMs' time and ≥ 10× less peak extra
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .runner import STANDALONE_MARK, run_impls, write_standalone
 
 IMPLS = ("gemm", "lsa_cpu", "torch")
 TAU, HARD = 2.0, 0.5
@@ -137,20 +135,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     shape = (a.rows, a.hs, a.ht, a.vocab)
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, *shape, a.warmup, a.repeats)), flush=True)
+        print(STANDALONE_MARK + json.dumps(child(a.child, *shape, a.warmup, a.repeats)), flush=True)
         return 0
-    rows = []
-    for impl in a.impls.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.distill", "--child", impl, "--rows", str(a.rows), "--hs", str(a.hs),
-               "--ht", str(a.ht), "--vocab", str(a.vocab), "--warmup", str(a.warmup), "--repeats", str(a.repeats)]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            row = json.loads(line[-1][7:]) if line else {"impl": impl, "error": p.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            row = {"impl": impl, "error": f"timeout after {a.timeout} s"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = run_impls("benchmarks.distill", a.impls.split(","),
+                     ["--rows", str(a.rows), "--hs", str(a.hs), "--ht", str(a.ht), "--vocab", str(a.vocab),
+                      "--warmup", str(a.warmup), "--repeats", str(a.repeats)], a.timeout)
     by = {r["impl"]: r for r in rows if "error" not in r}
     goals = []
     if "lsa_cpu" in by and "gemm" in by:
@@ -162,20 +151,10 @@ def main(argv=None) -> int:
         goals.append(f"memory: torch {by['torch']['peak_mem_mb']:.0f} MiB / lsa_cpu {by['lsa_cpu']['peak_mem_mb']:.0f} "
                      f"MiB = {r:.1f}x less; goal >= 10x: {'MET' if r >= 10 else 'NOT MET'}")
         goals.append(f"time vs torch: {by['torch']['time_s'] / by['lsa_cpu']['time_s']:.2f}x faster")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     fields = ["impl", "N", "Hs", "Ht", "V", "dtype", "threads", "time_s", "time_median_s", "repeats", "peak_mem_mb",
               "error"]
-    with open(out / f"{a.tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-               "command": "python -m benchmarks.distill " + " ".join(argv if argv is not None else sys.argv[1:])}
-    (out / f"{a.tag}.json").write_text(json.dumps({"rows": rows, "goals": goals, "machine": machine}, indent=2))
-    print("\n".join(goals))
+    write_standalone(Path(a.out), a.tag, rows, fields, "goals", goals,
+                     "python -m benchmarks.distill " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 

@@ -25,15 +25,14 @@ Writes ``{out}/{tag}.csv`` and ``{out}/{tag}.json`` (rows, machine, summary line
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 import types
 from pathlib import Path
+
+from .runner import STANDALONE_MARK, run_impls, write_standalone
 
 IMPLS = ("gemm", "lsa_cpu", "lsa_gemm", "torch_lce", "torch")
 BEFORE = "6554212"  # main when the dense-target pass was started (lsa_kernels/weights.py: the GEMM path)
@@ -157,21 +156,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     shape = (a.rows, a.hidden, a.vocab)
     if a.child:
-        print("RESULT " + json.dumps(child(a.child, *shape, a.warmup, a.repeats, a.before)), flush=True)
+        print(STANDALONE_MARK + json.dumps(child(a.child, *shape, a.warmup, a.repeats, a.before)), flush=True)
         return 0
-    rows = []
-    for impl in a.impls.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.prob_targets", "--child", impl, "--rows", str(a.rows), "--hidden",
-               str(a.hidden), "--vocab", str(a.vocab), "--warmup", str(a.warmup), "--repeats", str(a.repeats),
-               "--before", a.before]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            row = json.loads(line[-1][7:]) if line else {"impl": impl, "error": p.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            row = {"impl": impl, "error": f"timeout after {a.timeout} s"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = run_impls("benchmarks.prob_targets", a.impls.split(","),
+                     ["--rows", str(a.rows), "--hidden", str(a.hidden), "--vocab", str(a.vocab), "--warmup",
+                      str(a.warmup), "--repeats", str(a.repeats), "--before", a.before], a.timeout)
     by = {r["impl"]: r for r in rows if "error" not in r}
     summary = []
     if "lsa_cpu" in by:
@@ -181,19 +170,9 @@ def main(argv=None) -> int:
                 summary.append(f"lsa_cpu vs {k}: time {me['time_s']:.2f} s / {by[k]['time_s']:.2f} s = "
                                f"{me['time_s'] / by[k]['time_s']:.2f}x; peak extra memory {me['peak_mem_mb']:.0f} MiB "
                                f"vs {by[k]['peak_mem_mb']:.0f} MiB")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     fields = ["impl", "N", "H", "V", "dtype", "threads", "time_s", "time_median_s", "repeats", "peak_mem_mb", "error"]
-    with open(out / f"{a.tag}.csv", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        wr.writeheader()
-        for r in rows:
-            wr.writerow(r)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-               "command": "python -m benchmarks.prob_targets " + " ".join(argv if argv is not None else sys.argv[1:])}
-    (out / f"{a.tag}.json").write_text(json.dumps({"rows": rows, "summary": summary, "machine": machine}, indent=2))
-    print("\n".join(summary))
+    write_standalone(Path(a.out), a.tag, rows, fields, "summary", summary,
+                     "python -m benchmarks.prob_targets " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 

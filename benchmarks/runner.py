@@ -439,3 +439,43 @@ if __name__ == "__main__":
         sys.exit(_child_main(sys.argv[2:]))
     print("usage: python -m benchmarks [--quick] ...  (this module's CLI is internal: --child CASE SETTINGS)")
     sys.exit(2)
+
+
+# ---------------------------------------------------------------- one-shape benchmarks (distill, prob_targets)
+
+STANDALONE_MARK = "RESULT "
+
+
+def run_impls(module: str, impls: Iterable[str], args: List[str], timeout: float) -> List[Dict]:
+    """Each implementation in its own ``python -m <module> --child IMPL <args>`` process (the module docstring's
+    reasons); its ``RESULT {json}`` line is the row (``{"impl", "error"}`` when it failed or timed out). Rows are
+    printed as they arrive."""
+    rows = []
+    for impl in impls:
+        cmd = [sys.executable, "-m", module, "--child", impl, *args]
+        try:
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            line = [x for x in p.stdout.splitlines() if x.startswith(STANDALONE_MARK)]
+            row = json.loads(line[-1][len(STANDALONE_MARK):]) if line else {"impl": impl, "error": p.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            row = {"impl": impl, "error": f"timeout after {timeout} s"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write_standalone(out: Path, tag: str, rows: List[Dict], fields: List[str], lines_key: str, lines: List[str],
+                     command: str) -> None:
+    """``<out>/<tag>.csv`` (``fields`` of every row) and ``<out>/<tag>.json`` (rows, ``lines_key``: the computed
+    summary / goal lines, the machine and the command); prints the lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
+               "command": command}
+    (out / f"{tag}.json").write_text(json.dumps({"rows": rows, lines_key: lines, "machine": machine}, indent=2))
+    print("\n".join(lines))

@@ -133,3 +133,21 @@ def test_prob_targets_benchmark_runs(tmp_path):
     assert [r["impl"] for r in rep["rows"]] == list(prob_targets.IMPLS)
     assert all("error" not in r for r in rep["rows"]), [r.get("error") for r in rep["rows"]]
     assert len(rep["summary"]) == len(prob_targets.IMPLS) - 1
+
+
+def test_distill_benchmark_runs(tmp_path, monkeypatch):
+    """python -m benchmarks --distill on a tiny shape, from another working directory (the children find the
+    package): a row per implementation (Liger may be absent: an error row then), both goal lines computed."""
+    import json
+
+    from benchmarks import distill
+
+    monkeypatch.chdir(tmp_path)
+    rc = distill.main(["--rows", "64", "--hs", "16", "--ht", "24", "--vocab", "257", "--warmup", "0", "--repeats", "1",
+                       "--impls", "lsa_cpu,gemm,torch", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert [r["impl"] for r in rep["rows"]] == ["lsa_cpu", "gemm", "torch"]
+    assert all("error" not in r for r in rep["rows"]), [r.get("error") for r in rep["rows"]]
+    assert [g.split(":")[0] for g in rep["goals"]] == ["time", "memory", "time vs torch"]
+    assert (tmp_path / "t.csv").read_text().startswith("impl,N,Hs,Ht,V")
