@@ -91,7 +91,7 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 class _LinearCrossEntropy(torch.autograd.Function):
     """The CE (docs/maths.md §3) and its per-token outputs: (loss, lse, entropy, argmax). lse and argmax carry no
     gradient; the entropy does (its coefficient goes to the backend's ``coef_entropy``). For a scalar reduction
-    without the entropy or argmax the gradient is folded into the forward when the backend can (module
+    without the entropy the gradient is folded into the forward when the backend can (module
     docstring); otherwise forward then backward (the entropy's coefficient is only known in backward). Outputs
     not asked for (opts.entropy / opts.argmax) are empty tensors."""
 
@@ -105,8 +105,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
         ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
         empty = x.new_empty(0)
-        if (reduction != "none" and any(need) and be.caps.fused_forward_backward
-                and not (opts.entropy or opts.argmax)):
+        if reduction != "none" and any(need) and be.caps.fused_forward_backward and not opts.entropy:
             ctx.pre = _grad_buffers(x, w, b, *need)
             out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
             ctx.save_for_backward(x, w, b)

@@ -223,8 +223,9 @@ def linear_cross_entropy(
     ``return_lse`` (log-normaliser per row, no gradient), ``return_entropy`` (entropy of softmax(z) per row,
     every row; differentiable, e.g. for an entropy bonus), ``return_accuracy`` (argmax == target, bool, False
     on ignored rows). With any of them the result is a :class:`CrossEntropyOutput` ``(loss, lse, entropy,
-    accuracy)`` with None for what was not asked. ``return_lse`` keeps the cpu backend's fused forward+backward;
-    the entropy and the accuracy cost a separate backward pass there and run the ATen chunk function.
+    accuracy)`` with None for what was not asked. ``return_lse`` and ``return_accuracy`` keep the cpu backend's
+    fused forward+backward; the entropy costs a separate backward pass there (its coefficient is known only in
+    backward); entropy and accuracy run the ATen chunk function.
     """
     dt = _result_dtype(input)
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)

@@ -93,12 +93,12 @@ def test_refusals():
 
 @pytest.mark.parametrize("extras,expect", [
     (dict(return_lse=True), ["ce_forward_backward"]),
-    (dict(return_accuracy=True), ["ce_forward", "ce_backward"]),
+    (dict(return_accuracy=True), ["ce_forward_backward"]),
     (dict(return_entropy=True), ["ce_forward", "ce_backward"]),
 ])
 def test_lse_keeps_the_fused_forward_backward(monkeypatch, extras, expect):
-    """return_lse costs nothing: the cpu backend still folds the gradient into the forward (one pass over V per
-    chunk); the argmax and the entropy run forward then backward. lse equals the separate path's."""
+    """return_lse and return_accuracy cost no pass: the cpu backend still folds the gradient into the forward (one
+    pass over V per chunk); the entropy runs forward then backward. lse, accuracy and dX equal the truth's."""
     from lsa_kernels.backends.cpu import CpuBackend
 
     calls = []
@@ -106,10 +106,17 @@ def test_lse_keeps_the_fused_forward_backward(monkeypatch, extras, expect):
         orig = getattr(CpuBackend, name)
         monkeypatch.setattr(CpuBackend, name, lambda self, *a, _o=orig, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
     x, w, b, y = _data(4)
+    z = x.double() @ w.double().T + b.double()
+    y[::3] = torch.where(y[::3] == IGN, y[::3], z.argmax(-1)[::3])  # some rows right: accuracy can fail
     xs = x.clone().requires_grad_(True)
     out = L.linear_cross_entropy(xs, w, y, linear_bias=b, backend="cpu", **extras)
     out.loss.backward()
     assert calls == expect, calls
-    want = torch.logsumexp(x.double() @ w.double().T + b.double(), -1)
     if "return_lse" in extras:
-        torch.testing.assert_close(out.lse.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.lse.double(), torch.logsumexp(z, -1), rtol=1e-5, atol=1e-5)
+    if "return_accuracy" in extras:
+        want = (z.argmax(-1) == y) & (y != IGN)
+        assert want.any() and not want.all() and torch.equal(out.accuracy, want)
+    xd = x.double().requires_grad_(True)
+    torch.nn.functional.cross_entropy(xd @ w.double().T + b.double(), y, ignore_index=IGN).backward()
+    torch.testing.assert_close(xs.grad.double(), xd.grad, rtol=1e-4, atol=1e-6)
