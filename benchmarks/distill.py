@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from .runner import STANDALONE_MARK, run_impls, write_standalone
@@ -92,30 +91,13 @@ def _step(impl, xs, ws, xt, wt, y):
 def child(impl, n, hs, ht, v, warmup, repeats) -> dict:
     import torch
 
-    from .runner import _malloc_trim, _reset_hwm, _status_kb
+    from .runner import measure_step
 
     torch.manual_seed(0)
     xs, ws, xt, wt, y = _inputs(n, hs, ht, v)
     step, params = _step(impl, xs, ws, xt, wt, y)
-    for _ in range(warmup):
-        step()
-        for p in params:
-            p.grad = None
-    times, mems = [], []
-    for _ in range(repeats):
-        for p in params:
-            p.grad = None
-        _malloc_trim()
-        ok = _reset_hwm()
-        base = (_status_kb("VmRSS") or 0) * 1024
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        peak = (_status_kb("VmHWM") or 0) * 1024
-        mems.append(max(0, peak - base) / 2**20 if ok else float("nan"))
-    return {"impl": impl, "N": n, "Hs": hs, "Ht": ht, "V": v, "dtype": "fp32", "threads": torch.get_num_threads(),
-            "time_s": min(times), "time_median_s": sorted(times)[len(times) // 2], "repeats": repeats,
-            "peak_mem_mb": max(mems)}
+    return {"impl": impl, "N": n, "Hs": hs, "Ht": ht, "V": v, "dtype": "fp32",
+            **measure_step(step, params, warmup, repeats)}
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -115,28 +114,12 @@ def _step(impl, x, w, t, before):
 def child(impl, n, h, v, warmup, repeats, before) -> dict:
     import torch
 
-    from .runner import _malloc_trim, _reset_hwm, _status_kb
+    from .runner import measure_step
 
     torch.manual_seed(0)
     x, w, t = _inputs(n, h, v)
     step, params = _step(impl, x, w, t, before)
-    for _ in range(warmup):
-        step()
-    times, mems = [], []
-    for _ in range(repeats):
-        for p in params:
-            p.grad = None
-        _malloc_trim()
-        ok = _reset_hwm()
-        base = (_status_kb("VmRSS") or 0) * 1024
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        peak = (_status_kb("VmHWM") or 0) * 1024
-        mems.append(max(0, peak - base) / 2**20 if ok else float("nan"))
-    return {"impl": impl, "N": n, "H": h, "V": v, "dtype": "fp32", "threads": torch.get_num_threads(),
-            "time_s": min(times), "time_median_s": sorted(times)[len(times) // 2], "repeats": repeats,
-            "peak_mem_mb": max(mems)}
+    return {"impl": impl, "N": n, "H": h, "V": v, "dtype": "fp32", **measure_step(step, params, warmup, repeats)}
 
 
 def main(argv=None) -> int:

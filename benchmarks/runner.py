@@ -479,3 +479,29 @@ def write_standalone(out: Path, tag: str, rows: List[Dict], fields: List[str], l
                "command": command}
     (out / f"{tag}.json").write_text(json.dumps({"rows": rows, lines_key: lines, "machine": machine}, indent=2))
     print("\n".join(lines))
+
+
+def measure_step(step, params, warmup: int, repeats: int) -> Dict:
+    """``warmup`` then ``repeats`` timed calls of ``step()`` (a forward+backward), grads of ``params`` dropped before
+    each; CPU peak extra memory from the high-water mark (module docstring). -> time_s (fastest), time_median_s,
+    repeats, peak_mem_mb (max over the calls), threads."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+        for p in params:
+            p.grad = None
+    times, mems = [], []
+    for _ in range(repeats):
+        for p in params:
+            p.grad = None
+        _malloc_trim()
+        ok = _reset_hwm()
+        base = (_status_kb("VmRSS") or 0) * 1024
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        peak = (_status_kb("VmHWM") or 0) * 1024
+        mems.append(max(0, peak - base) / 2**20 if ok else float("nan"))
+    return {"threads": torch.get_num_threads(), "time_s": min(times),
+            "time_median_s": sorted(times)[len(times) // 2], "repeats": repeats, "peak_mem_mb": max(mems)}
