@@ -138,6 +138,25 @@ def test_long_short_within_chunk_budget(path, divergence, temperature, softcap):
     assert peak <= _claimed_bytes(pair=True), f"{path}: peak {peak} B > K chunks {_claimed_bytes(True)} B"
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_long_short_per_view_extras_within_chunk_budget(path, softcap):
+    """return_entropy / return_accuracy (docs/maths.md §4): the extras' buffers and, in backward, the entropy
+    gradient's are counted in the rows per chunk (aten.K_VIEW_EXTRAS_FWD / _BWD, K_PAIR_EXTRA)."""
+    B, T = 2, (N if path == "ext" else N_ATEN) // 2
+    hl, hs = leaf(torch.randn(B, T, H)), leaf(torch.randn(B, T, H))
+    w = leaf(torch.randn(V, H))
+    yl, ys = targets((B, T), V), targets((B, T), V)
+    g = torch.randn(B, T)
+
+    def run():
+        out = L.long_short_loss(hl, hs, w, yl, ys, l_extra=T // 3, divergence="sym_kl", softcap=softcap,
+                                return_entropy=True, return_accuracy=True, backend="cpu", chunk_bytes=BUDGET)
+        (out.loss + (out.long.entropy * g).sum() + (out.short.entropy * g).sum()).backward()
+
+    peak = _measure(run)
+    assert 0 < peak <= BUDGET, f"peak live logits {peak} B > budget {BUDGET} B"
+
+
 @pytest.mark.parametrize(
     "case", ["prob-mean", "prob-cw-ls-softcap-sum", "prob-bf16-none", "cw-ls-softcap-mean"],
 )

@@ -34,7 +34,7 @@ case "$module" in
   reference) tests="$M tests/api/test_pairing_oracle.py -k 'reference or oracle or pair_mask or make_views'" ;;
   functional) tests="$M tests/api/test_bad_input.py tests/api/test_edges.py -k 'functional or autograd or bad_input or edges'" ;;
   autograd) tests="$M tests/api/test_edges.py -k 'autograd or single_rank or edges'" ;;
-  backends/cpu/*) tests="$M tests/backends/test_backend_contract.py tests/api/test_per_token.py tests/backends/test_cpu_ext.py tests/backends/test_memory.py tests/api/test_distillation.py -k 'not triton'" ;;
+  backends/cpu/*) tests="$M tests/backends/test_backend_contract.py tests/api/test_per_token.py tests/backends/test_cpu_ext.py tests/backends/test_memory.py tests/api/test_distillation.py tests/api/test_per_view.py tests/api/test_dense_targets.py -k 'not triton'" ;;
   distillation) tests="$M tests/api/test_distillation.py -k 'not triton and not gloo and not ranks and not liger'" ;;
   pairing) tests="$M tests/api/test_pairing_oracle.py tests/api/test_bad_input.py tests/api/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
