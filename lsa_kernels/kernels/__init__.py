@@ -1,11 +1,11 @@
 """Triton backend of lsa_kernels: the functions of the contract in :mod:`lsa_kernels.backends`.
 
     ce_forward, ce_backward        fused linear cross-entropy                      (ce.py)
-    ce_forward_ext                 + per-row entropy / argmax in the same pass     (ce.py; issue 16)
+    ce_forward_ext                 + per-row entropy / argmax in the same pass     (ce.py)
     pair_forward, pair_backward    two views + divergence in one V pass            (pair.py: launchers;
-                                   wq= / bq=: a second head, distillation, issue 16)
+                                   wq= / bq=: a second head, distillation)
     pair_js_partial                js's X, Y for given normalisers                 (pair.py; vocab-parallel js)
-    dense_forward, dense_backward  probability targets / class-weighted smoothing:  (dense.py; issue 16)
+    dense_forward, dense_backward  probability targets / class-weighted smoothing:  (dense.py)
                                    the target tile read next to the logits tile
 
 Modules (the maths each implements opens the file and cites docs/maths.md):

@@ -9,11 +9,11 @@ the wrong stream). Block sizes come from one table per GPU family (:data:`GPU_TA
 (the keys of a table):
 
     ce_fwd     kernels/ce.py            CE forward (online softmax over V tiles, V splits)
-    ce_fwd_ext kernels/ce.py            the same kernel with the per-token entropy / argmax (issue 16)
+    ce_fwd_ext kernels/ce.py            the same kernel with the per-token entropy / argmax
     ce_bwd     kernels/ce.py            CE backward, atomic (default)
     ce_dz      kernels/ce.py            CE backward, deterministic: dz of a row chunk (GEMMs: deterministic.py)
     pair_fwd   kernels/pair_phase1.py   pair forward, phase 1 (CE of both views, lse, X/Y of sce/kl/...)
-    pair_fwd_ext kernels/pair_phase1.py the same kernel with long-short's per-view entropy / argmax (issue 16)
+    pair_fwd_ext kernels/pair_phase1.py the same kernel with long-short's per-view entropy / argmax
     pair_js    kernels/pair_js.py       js's second pass (also pair_js_partial)
     pair_bwd   kernels/pair_bwd.py      pair backward, atomic (default)
     pair_dz    kernels/pair_bwd.py      pair backward, deterministic: dz of both views for a row chunk

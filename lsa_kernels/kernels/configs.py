@@ -99,7 +99,7 @@ _CE_NONE = dict(HAS_BIAS=False, HAS_SOFTCAP=False, HAS_SMOOTHING=False)
 
 
 def _ce_fwd_flags(all_on: bool, ext: bool = False) -> Dict[str, Any]:
-    """ce_fwd_kernel; ``ext``: the per-token entropy and argmax (issue 16)."""
+    """ce_fwd_kernel; ``ext``: the per-token entropy and argmax."""
     return dict(_CE_ALL if all_on else _CE_NONE, ENTROPY=ext, ARGMAX=ext)
 
 
@@ -147,7 +147,7 @@ def production_configs() -> List[KernelConfig]:
     out.append(KernelConfig("ce_fwd_fp16_plain", "ce_fwd", "fp16", _ce_fwd_flags(False)))
     out.append(KernelConfig("ce_bwd_bf16_all", "ce_bwd", "bf16",
                             _ce_bwd_flags(True, NEED_DX=True, NEED_DW=True, NEED_DB=True)))
-    # issue 16: per-token entropy + argmax in the forward, the entropy gradient in the backward (heaviest flags)
+    # per-token entropy + argmax in the forward, the entropy gradient in the backward (heaviest flags)
     for dt in ("bf16", "fp32"):
         out.append(KernelConfig(f"ce_fwd_{dt}_ext_all", "ce_fwd_ext", dt, _ce_fwd_flags(True, ext=True)))
         out.append(KernelConfig(f"ce_bwd_{dt}_entropy_all", "ce_bwd", dt,
@@ -187,7 +187,7 @@ def production_configs() -> List[KernelConfig]:
 
 
 def _dense_configs() -> List[KernelConfig]:
-    """Dense targets (issue 16, docs/maths.md §11; kernels/dense.py): probability targets with class weights,
+    """Dense targets (docs/maths.md §11; kernels/dense.py): probability targets with class weights,
     smoothing and softcap (heaviest flags), class-weighted smoothing of index targets, and the plain
     probability target; backward with dt and every buffer."""
     out: List[KernelConfig] = []
@@ -207,7 +207,7 @@ def _dense_configs() -> List[KernelConfig]:
 
 
 def _per_view_configs() -> List[KernelConfig]:
-    """Long-short's per-view outputs (issue 16, docs/maths.md §4), heaviest flags: phase 1 with both views'
+    """Long-short's per-view outputs (docs/maths.md §4), heaviest flags: phase 1 with both views'
     entropy and argmax (sym_kl: the most accumulators), the entropy gradient in the atomic and deterministic
     backward (all options, every buffer)."""
     out: List[KernelConfig] = []
@@ -225,7 +225,7 @@ def _per_view_configs() -> List[KernelConfig]:
 
 
 def _two_head_configs() -> List[KernelConfig]:
-    """Issue 16's specialisations: two heads (distillation, docs/maths.md §12), heaviest flags. Frozen
+    """Per-token-output and two-head specialisations: two heads (distillation, docs/maths.md §12), heaviest flags. Frozen
     teacher (detach="p", student CE only: USE_GP off) and both heads trained, atomic and deterministic."""
     out: List[KernelConfig] = []
     two = dict(two_heads=True)
@@ -263,12 +263,12 @@ SMOKE = (
     "ce_dz_fp32_all", "pair_fwd_bf16_kl_temp_all", "pair_js_bf16_all", "pair_fwd_fp32_sce",
     "pair_bwd_bf16_sce_temp_all", "pair_bwd_bf16_js", "pair_bwd_fp32_sce", "pair_dz_bf16_js_all",
     "pair_dz_fp32_js_all",
-    # issue 16: per-token extras of the CE forward, the entropy gradient, two heads
+    # per-token extras of the CE forward, the entropy gradient, two heads
     "ce_fwd_bf16_ext_all", "ce_bwd_bf16_entropy_all", "pair_bwd_bf16_sce_two_heads_all",
     "pair_dz_bf16_js_two_heads_all",
-    # issue 16: long-short's per-view entropy / argmax and the entropy gradient
+    # long-short's per-view entropy / argmax and the entropy gradient
     "pair_fwd_ext_bf16_sym_kl_all", "pair_bwd_bf16_sce_entropy_all", "pair_dz_bf16_js_entropy_all",
-    # issue 16: dense targets (probability targets, class-weighted smoothing; kernels/dense.py)
+    # dense targets (probability targets, class-weighted smoothing; kernels/dense.py)
     "dense_fwd_bf16_prob_all", "dense_fwd_fp32_prob_all", "dense_bwd_bf16_prob_all", "dense_bwd_fp32_prob_all",
     "dense_dz_bf16_prob_all",
 )
@@ -312,7 +312,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
     Found by running the launchers themselves over the whole option space (bias, softcap, label smoothing,
     z-loss, temperature, every divergence, detach, CE on/off, deterministic, every subset of requested
     gradients) on tiny CPU tensors with the kernels replaced by recorders, so the list follows the
-    dispatch code rather than a hand-written copy of it. Issue 16's options: CE on view q only (one head),
+    dispatch code rather than a hand-written copy of it. The newer options: CE on view q only (one head),
     and two heads with CE on neither / the student / both views; for two heads view p's gradient buffers
     are requested together (all or none) and label smoothing with z-loss together, which keeps the
     enumeration's size in bounds (every subset of view q's buffers is still enumerated)."""
@@ -343,7 +343,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                                           (False, True)):
                 o = CEOptions(label_smoothing=eps, z_loss=zl, softcap=cap, deterministic=det)
                 ce.ce_forward(x, w, b, y, o)
-                for ent, am in itertools.product((False, True), repeat=2):  # issue 16: per-token outputs
+                for ent, am in itertools.product((False, True), repeat=2):  # per-token outputs
                     ce.ce_forward_ext(x, w, b, y, o, entropy=ent, argmax=am)
                 for ndx, ndw, ndb, went in itertools.product((False, True), repeat=4):
                     ce.ce_backward(x, w, b, y, coef, coef, o, f32(N, H) if ndx else None,
@@ -361,7 +361,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                 yy = y if with_ce else None
                 if not det:  # the forward ignores `deterministic`
                     pair.pair_forward(x, x, w, b, yy, yy, o)
-                    if with_ce:  # issue 16: long-short's per-view entropy / argmax
+                    if with_ce:  # long-short's per-view entropy / argmax
                         for ent, am in itertools.product((False, True), repeat=2):
                             pair.pair_forward_ext(x, x, w, b, yy, yy, o, entropy=ent, argmax=am)
                 cc = coef if with_ce else None
@@ -371,7 +371,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                            f32(N, H) if nxp else None, f32(N, H) if nxq else None,
                                            f32(V, H) if ndw else None, f32(V) if ndb else None,
                                            coef_entropy=ents if went else None, entropy=ents if went else None)
-            # issue 16: CE on one view only (one head), and two heads (view q's own head wq [V, Hq])
+            # CE on one view only (one head), and two heads (view q's own head wq [V, Hq])
             xq2 = torch.zeros(N, Hq, dtype=dt)
             wq = torch.zeros(V, Hq, dtype=dt)
             bufs.update({(N, Hq): torch.zeros(N, Hq), (V, Hq): torch.zeros(V, Hq)})
@@ -405,7 +405,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                        f32(N, H) if tp else None, f32(N, Hq) if nxq else None,
                                        f32(V, H) if tp else None, f32(V) if tp else None, wq=wq, bq=bq,
                                        dwq_out=f32(V, Hq) if ndwq else None, dbq_out=f32(V) if ndbq else None)
-            # issue 16: dense targets (kernels/dense.py): probability targets (with / without class weights and
+            # dense targets (kernels/dense.py): probability targets (with / without class weights and
             # smoothing) and class-weighted smoothing of index targets
             from ..backends.contract import DenseTarget
             from . import dense

@@ -7,7 +7,7 @@ the ATen spec in tests/backends/test_cpu_ext.py), with one chunk and with severa
 fused forward+backward (mean/sum) and separate passes (none), and the Triton kernels under the interpreter
 (atomic and deterministic backward); ∂/∂t where t requires grad; the user's t is never written; no [N, V]
 tensor besides t and its gradient. (Further cases: tests/api/test_weights.py; under process_group=:
-tests/backends/test_vocab_parallel_issue16.py.)"""
+tests/backends/test_vocab_parallel_options.py.)"""
 
 import pytest
 import torch

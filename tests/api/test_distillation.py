@@ -140,7 +140,7 @@ def _check(path, dtype, div, cfg, seed=0):
     for i, (o, s, t) in enumerate(zip(ours[1], same[1], truth[1])):
         a = tol * 0.1
         if path == "triton" and dtype != torch.float32:  # the kernels round dz to bf16 for the gradient GEMMs
-            a += 2.0**-8 * t.abs().max().item()          # (as tests/backends/test_triton_issue16.py, test_triton_kernels)
+            a += 2.0**-8 * t.abs().max().item()          # (as tests/backends/test_triton_two_heads.py, test_triton_kernels)
         assert_close_rule(o, s, t, atol=a, rtol=rtol, name=f"{path} {div} grad {i}")
 
 

@@ -172,7 +172,7 @@ def test_module_and_reference_backend():
 
 
 # per-view entropy / accuracy under process_group= are merged over the shards (no longer refused):
-# tests/backends/test_vocab_parallel_issue16.py::test_long_short_per_view_under_process_group
+# tests/backends/test_vocab_parallel_options.py::test_long_short_per_view_under_process_group
 
 
 @pytest.mark.parametrize("path", ["cpu", "cpu-aten"])

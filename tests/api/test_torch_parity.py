@@ -3,7 +3,7 @@
 (value and every gradient; bf16 by CCE's rule against an fp64 truth) or is a DOCUMENTED refusal: a clear
 exception whose message says what to do. torch's error inputs must be refused by us too.
 
-Supported (issue 16 item 4, docs/maths.md §11): class weights (``weight=``, with and without label smoothing),
+Supported (docs/maths.md §11): class weights (``weight=``, with and without label smoothing),
 probability targets (a float target of the logits' shape), and both together. Refused: K-dimensional linear
 weights ``[C, d1, ..., H]`` (the message says how to loop over d)."""
 

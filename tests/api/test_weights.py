@@ -284,7 +284,7 @@ def _vp_body(rank, world):
         for a, e in zip(og, rg):
             torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
     # per-token lse over the shards (docs/maths.md §3); entropy / accuracy, probability targets and class-weighted
-    # smoothing under process_group=: tests/backends/test_vocab_parallel_issue16.py
+    # smoothing under process_group=: tests/backends/test_vocab_parallel_options.py
     got = L.linear_cross_entropy(x, w[s:s + n], y, linear_bias=b[s:s + n], return_lse=True, **grp)
     want = R.linear_cross_entropy(x, w, y, linear_bias=b, return_lse=True)
     torch.testing.assert_close(got.lse, want.lse, rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""Issue 16 under ``process_group=`` (vocab-parallel head, docs/maths.md §15): per-token entropy and accuracy,
+"""Per-token outputs, probability targets and class weights under ``process_group=`` (vocab-parallel head, docs/maths.md §15): per-token entropy and accuracy,
 probability targets (the full ``[..., V]`` distribution or this rank's ``[..., V_r]`` columns) and class weights
 with label smoothing, on 2 and 3 gloo ranks with uneven shards of an odd V, against the fp64 reference on the
 unsharded head: values and every gradient (dX, this rank's dW and db rows, a probability target's).
@@ -169,7 +169,7 @@ def _close(v, want, dtype, name, lowp=None):
                                                  (2, torch.float32, "triton"), (2, torch.bfloat16, "triton")],
                          ids=["2-fp64-cpu", "3-fp64-cpu", "3-fp32-cpu", "2-bf16-cpu", "2-fp32-triton",
                               "2-bf16-triton"])
-def test_issue16_under_process_group(world, dtype, backend, tmp_path):
+def test_per_token_and_dense_options_under_process_group(world, dtype, backend, tmp_path):
     if backend == "triton":
         pytest.importorskip("triton")
     run_gloo(_body, world, tmp_path, dtype, backend)

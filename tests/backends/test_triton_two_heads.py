@@ -1,4 +1,4 @@
-"""Issue 16 in the Triton kernels (TRITON_INTERPRET=1): two heads for the pair ops (docs/maths.md §12) and the
+"""Two heads and per-token outputs in the Triton kernels (TRITON_INTERPRET=1): two heads for the pair ops (docs/maths.md §12) and the
 per-token outputs of the CE forward (entropy, argmax; §3).
 
 Truth: plain torch on materialised logits in float64 (lsa_kernels.reference for logits / divergences,
