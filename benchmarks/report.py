@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import math
 from collections import OrderedDict, defaultdict
 from pathlib import Path
@@ -236,8 +237,15 @@ def summary_markdown(rows: List[Dict], machine: Optional[Dict] = None, title: st
 
 
 def make_plots(rows: List[Dict], out_dir: Path, tag: str) -> List[Path]:
-    """Time and peak memory against N (and against V where a V sweep exists), one line per impl."""
-    import matplotlib
+    """Time and peak memory against N (and against V where a V sweep exists), one line per impl.
+
+    Without matplotlib (a GPU image may lack it) no plot is drawn and the summary says so: tables always,
+    plots when possible."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("benchmarks: matplotlib is not installed; writing tables without plots", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -280,6 +288,14 @@ def make_plots(rows: List[Dict], out_dir: Path, tag: str) -> List[Path]:
     return written
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_report(out_dir: Path, tag: str, title: str = "") -> Tuple[Path, List[str]]:
     """Read ``{tag}_ce.csv`` / ``{tag}_long_short.csv`` in ``out_dir``; write ``SUMMARY_{tag}.md`` and the
     PNGs (in ``plots_{tag}/``); return the goal lines."""
@@ -296,6 +312,8 @@ def write_report(out_dir: Path, tag: str, title: str = "") -> Tuple[Path, List[s
     text = summary_markdown(rows, machine, title or f"lsa_kernels benchmarks ({tag})")
     if pngs:
         text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({plot_dir.name}/{p.name})" for p in pngs) + "\n"
+    elif not _have_matplotlib():
+        text += "\n(no plots: matplotlib is not installed)\n"
     md.write_text(text)
     return md, goal_lines(rows)
 

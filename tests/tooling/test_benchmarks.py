@@ -59,6 +59,25 @@ def test_report(tiny_run):
     assert len(goals) == 2 and all("N/A" in g for g in goals)  # tiny shapes are not the goal shapes
 
 
+def test_report_without_matplotlib(tiny_run, monkeypatch):
+    """A machine without matplotlib (a GPU image may lack it) still gets the summary tables, and says why no plot."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+
+    out, _ = tiny_run
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    md, goals = write_report(out, "t")
+    text = md.read_text()
+    assert "| lsa_cpu |" in text and "no plots: matplotlib is not installed" in text
+    assert "## Plots" not in text and len(goals) == 2
+
+
 def test_goal_lines_pass_miss():
     def row(op, impl, t, mem, div=""):
         g = C.GOAL_CE if op == "ce" else C.GOAL_LS
