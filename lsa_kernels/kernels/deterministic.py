@@ -53,7 +53,10 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         torch.mm(a, b, out=out)
     elif out.device.type == "cuda":
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
+        try:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        except (RuntimeError, TypeError):  # a torch build without mm(out_dtype=) for these dtypes: fp32 operands
+            torch.mm(a.float(), b.float(), out=out)
     else:
         torch.mm(a.float(), b.float(), out=out)
 
@@ -65,7 +68,7 @@ def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     elif out.device.type == "cuda":
         try:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        except RuntimeError:  # a torch build that refuses out= aliasing self here: one fp32 temporary
-            out.add_(torch.mm(a, b, out_dtype=torch.float32))
+        except (RuntimeError, TypeError):  # refuses out= aliasing self, or no out_dtype=: one fp32 temporary
+            out.add_(torch.mm(a.float(), b.float()))
     else:
         out.addmm_(a.float(), b.float())
