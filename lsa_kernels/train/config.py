@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from .. import _env
 from ..maths import DIVERGENCES
 from .checkpoint import ADAPTER_DIR, latest_checkpoint, model_dir
 
@@ -236,5 +237,7 @@ def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
 
 
 def config_from_args(argv=None, description: str = CLI_DOC) -> TrainConfig:
-    a = vars(parser(description).parse_args(argv))
+    ns = parser(description).parse_args(argv)
+    _env.smoke_caps(ns, "lsa train", steps=2, batch_size=2)
+    a = vars(ns)
     return TrainConfig(**{k: v for k, v in a.items()})

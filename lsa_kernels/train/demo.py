@@ -41,6 +41,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from .. import _env
+
 # the five arms of the protocol: TrainConfig fields that differ between them (the rest at TrainConfig's defaults)
 ARMS: Dict[str, dict] = {
     "ce1": {"alpha": 0.0, "ce_views": 1, "divergence": "sce"},
@@ -323,6 +325,8 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     from .loop import train
 
     a = _parser().parse_args(argv)
+    _env.smoke_caps(a, "lsa demo", seeds=2, base_steps=2, base_batch_size=2, steps=2, batch_size=2, n_windows=2,
+                    lsm_samples=4)
     if a.replot:
         return replot(a.out)
     t0 = time.perf_counter()

@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import _env
 from ..maths import DIVERGENCES
 from .config import ConfigError, TrainConfig
 from .eval_metrics import key_tokens, last_losses, length_losses, lsm_samples_for, lsm_values, truncated_losses
@@ -382,6 +383,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
+    _env.smoke_caps(a, "lsa eval", n_windows=2, lsm_samples=4, passkey_trials=1)
     try:
         res = evaluate(a.runs, a.out, labels=a.labels, l_train=a.l_train, multipliers=a.lengths, n_windows=a.n_windows,
                        score_tokens=a.score_tokens, lsm_samples=a.lsm_samples, lsm_divergences=a.lsm_divergence,
