@@ -66,6 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"lsa-kernels {__version__}")
+        return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "info":
         return _info()
