@@ -31,12 +31,15 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
 
 
-def _real(name: str, value, *, lo: Optional[float] = None, lo_open: bool = False, hi: Optional[float] = None) -> None:
+def _real(name: str, value, *, lo: Optional[float] = None, lo_open: bool = False, hi: Optional[float] = None,
+          finite: bool = True) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
     if v != v:
         raise ValueError(f"{name} must not be NaN")
+    if finite and v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
     if hi is not None and v > hi:
@@ -44,8 +47,30 @@ def _real(name: str, value, *, lo: Optional[float] = None, lo_open: bool = False
 
 
 def _softcap(softcap) -> None:
-    if softcap is not None:
+    if softcap is not None:  # softcap=inf would be tanh(z/inf)·inf = 0·inf = NaN: None turns it off
+        if isinstance(softcap, numbers.Real) and float(softcap) == float("inf"):
+            raise ValueError("softcap must be finite and > 0, got inf; pass softcap=None for no capping")
         _real("softcap", softcap, lo=0.0, lo_open=True)
+
+
+def check_chunk_bytes(chunk_bytes) -> None:
+    """``chunk_bytes``: None (the default budget) or a positive int."""
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes <= 0):
+        raise ValueError(f"chunk_bytes must be a positive int (bytes) or None, got {chunk_bytes!r}")
+
+
+def index_target(y):
+    """Class-index targets of any integer dtype as int64 (what every kernel reads); anything else unchanged,
+    for the checks to judge. torch's own losses take int64 and uint8; int32 (numpy's and many tokenizers'
+    default) and the other integer types are cast here, once, at the API boundary."""
+    if isinstance(y, torch.Tensor) and y.dtype != torch.int64 and _is_integer(y.dtype):
+        return y.long()
+    return y
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return dtype != torch.bool and not dtype.is_floating_point and not dtype.is_complex
 
 
 def _same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
@@ -70,6 +95,8 @@ def _weight_bias(input_name: str, x: torch.Tensor, w, b) -> None:
             f"{input_name} must have last dim H={w.shape[1]} to match linear_weight [V={w.shape[0]}, H={w.shape[1]}], "
             f"got shape {tuple(x.shape)}"
         )
+    if w.shape[1] < 1:
+        raise ValueError(f"{input_name} must have last dim (the hidden size H) >= 1, got shape {tuple(x.shape)}")
     if w.shape[0] < 1:
         raise ValueError("linear_weight must have at least one row (V >= 1)")
     _same("linear_weight", w, input_name, x)
@@ -83,7 +110,7 @@ def _weight_bias(input_name: str, x: torch.Tensor, w, b) -> None:
 def _targets(name: str, y, shape, V: int, ignore_index: int, device, check_values: bool) -> None:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 class indices, got {type(y).__name__}")
-    if y.dtype not in (torch.int64, torch.int32):
+    if not _is_integer(y.dtype):
         raise TypeError(f"{name} must hold integer class indices (int64), got {y.dtype}")
     if tuple(y.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (the input's leading dims), got {tuple(y.shape)}")
@@ -207,15 +234,17 @@ def check_token_weight(name: str, tw, shape, device, check_values: bool) -> None
 
 
 def _non_negative(name: str, t: torch.Tensor) -> None:
-    """Values >= 0 and not NaN: a ValueError on CPU, a device-side assert on CUDA; skipped under torch.compile."""
+    """Values finite and >= 0 (an infinite weight makes the loss inf·0 = NaN): a ValueError on CPU, a device-side
+    assert on CUDA; skipped under torch.compile. The same one reduction (and, on CPU, one host sync) as before
+    the finiteness was checked: it runs only when the value checks are on (``check_targets``)."""
     if t.numel() == 0 or torch.compiler.is_compiling():
         return
-    bad = ~(t >= 0)
+    bad = ~((t >= 0) & (t < float("inf")))
     if t.device.type == "cuda":
-        torch._assert_async(~bad.any(), f"{name} values must be >= 0")
+        torch._assert_async(~bad.any(), f"{name} values must be finite and >= 0")
         return
     if bool(bad.any()):
-        raise ValueError(f"{name} values must be >= 0 (and not NaN); found {t[bad][0].item()}")
+        raise ValueError(f"{name} values must be >= 0 and finite (not NaN or inf); found {t[bad][0].item()}")
 
 
 def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, mask, softcap, token_weight=None,
@@ -276,5 +305,5 @@ def check_long_short(
     check_token_weight("token_weight_long", token_weight_long, hl.shape[:2], hl.device, check_values)
     check_token_weight("token_weight_short", token_weight_short, hs.shape[:2], hl.device, check_values)
     _choice("ce_weighting", ce_weighting, CE_WEIGHTINGS)
-    _real("longce_gamma", longce_gamma, lo=0.0, lo_open=True)
+    _real("longce_gamma", longce_gamma, lo=0.0, lo_open=True, finite=False)  # inf: no cap on the weight
     # extras / parallel: every per-view output works under process_group= too (docs/maths.md §15)

@@ -69,6 +69,8 @@ def _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft
         if x.dim() < 1 or x.shape[-1] != w.shape[1]:
             raise ValueError(f"{xname} must have last dim H={w.shape[1]} to match {name} [V={w.shape[0]}, "
                              f"H={w.shape[1]}], got shape {tuple(x.shape)}")
+        if w.shape[1] < 1:
+            raise ValueError(f"{xname} must have last dim (the hidden size H) >= 1, got shape {tuple(x.shape)}")
         if x.device != xs.device or w.device != xs.device:
             raise ValueError(f"{name} / {xname} are on {w.device} / {x.device} but student_input is on {xs.device}")
     if ws.shape[0] < 1:
@@ -93,18 +95,12 @@ def _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft
     _checks._choice("divergence", divergence, DIVERGENCES)
     _checks._choice("reduction", reduction, REDUCTIONS)
     _checks._real("temperature", temperature, lo=0.0, lo_open=True)
-    if float(temperature) == float("inf"):
-        raise ValueError("temperature must be finite")
     for name, v in (("hard_loss_weight", hard_w), ("soft_loss_weight", soft_w)):
         _checks._real(name, v, lo=0.0)
-        if float(v) == float("inf"):
-            raise ValueError(f"{name} must be finite")
     _checks._softcap(softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
-                                    or chunk_bytes <= 0):
-        raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+    _checks.check_chunk_bytes(chunk_bytes)
     if target is None:
         if float(hard_w) > 0:
             raise ValueError(f"hard_loss_weight={hard_w} needs a target (the student's CE term)")
@@ -296,6 +292,7 @@ def linear_distillation(
 def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w, soft_w, bs, bt, softcap,
                          ignore_index, reduction, temperature_scaling, train_teacher, chunk_bytes, deterministic,
                          backend, check_targets, process_group, vocab_start, token_weight=None) -> DistillationLoss:
+    target = _checks.index_target(target)
     _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft_w, softcap, ignore_index,
            reduction, chunk_bytes, check_targets and process_group is None)
     _checks.check_token_weight("token_weight", token_weight, xs.shape[:-1], xs.device, check_targets)

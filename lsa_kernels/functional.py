@@ -199,8 +199,8 @@ def linear_cross_entropy(
     """Cross-entropy of ``softcap(input @ linear_weight.T + linear_bias)`` against ``target``, fused.
 
     Args mirror :func:`torch.nn.functional.linear_cross_entropy`. ``input [..., H]``, ``linear_weight [V, H]``,
-    ``linear_bias [V]``; ``target`` is either class indices ``[...]`` (int64, already aligned: no internal
-    shift; ``ignore_index``, default -100, skips a row) or probabilities: a float tensor of the logits' shape
+    ``linear_bias [V]``; ``target`` is either class indices ``[...]`` (any integer dtype, read as int64; already
+    aligned: no internal shift; ``ignore_index``, default -100, skips a row) or probabilities: a float tensor of the logits' shape
     ``[..., V]`` (docs/maths.md §11; no row is ignored, ``ignore_index`` may not be given; read tile by tile in
     the CE pass, any ``softcap``; a target that requires grad gets ∂loss/∂target).
     ``weight [V]``: torch's class weights — row i counts ``weight[target_i]`` times and ``mean`` divides by
@@ -210,8 +210,12 @@ def linear_cross_entropy(
     ``z_loss`` adds ``z_loss * lse²`` per row (times the row's class weight); ``softcap`` applies
     ``c * tanh(z / c)`` to the logits. ``reduction="mean"`` averages over counted rows and returns 0 (zero
     gradients) when there are none. ``chunk_bytes`` bounds the logits the cpu backend holds at once (default
-    64 MiB; the rows per chunk follow from V). ``check_targets=False`` skips the host syncs that check target and
-    weight values. ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
+    64 MiB; the rows per chunk follow from V; a positive int). ``check_targets=False`` skips the host syncs that
+    check target values (in [0, V) or ``ignore_index``) and weight values (finite, >= 0): the caller then
+    guarantees them, and with a target outside that set the result is undefined — the loss and gradients may be
+    any finite number (the cpu backend reads some other row's logit; target = V and target = -1 can give the
+    same loss), NaN, an index error (``backend="reference"``), or on CUDA an out-of-bounds read — as it is with an infinite or negative
+    weight. ``process_group``/``vocab_start``: ``linear_weight`` is this rank's shard ``W[vocab_start :
     vocab_start + V_r]`` of a vocab-parallel head (:mod:`lsa_kernels.backends.vocab_parallel`); targets are
     global ids, ``weight`` covers the whole vocabulary, a probability target is the full ``[..., V]`` or this
     rank's columns ``[..., V_r]`` (docs/maths.md §15).
@@ -245,6 +249,8 @@ def _linear_cross_entropy(
 ):
     explicit_ignore = ignore_index is not None
     ignore_index = -100 if ignore_index is None else ignore_index
+    target = _checks.index_target(target)
+    _checks.check_chunk_bytes(chunk_bytes)
     prob = _checks.check_ce(
         input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
         check_values=check_targets and process_group is None, weight=weight, token_weight=token_weight,
@@ -345,6 +351,7 @@ def _linear_divergence(
     input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
     token_weight, backend, chunk_bytes, deterministic, process_group, vocab_start,
 ):
+    _checks.check_chunk_bytes(chunk_bytes)
     _checks.check_divergence(
         input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
         token_weight,
@@ -419,6 +426,8 @@ def long_short_loss(
     (docs/maths.md §11). ``ce_weighting="longce"`` (LongCE, §13) weights each paired long row's CE by
     ``min(exp(ce_short − ce_long), longce_gamma)`` (detached; unpaired rows 1; still divided by the number —
     or token weight — of valid rows); it runs forward then backward (no fused forward+backward).
+    ``check_targets=False`` skips the host syncs of the label and token-weight value checks; labels outside [0, V)
+    other than ``ignore_index`` then give an undefined result (as in :func:`linear_cross_entropy`).
     Returns ``LongShortLoss(loss, ce, misalign)``; each is differentiable. Honours autocast like ``F.linear``
     (module docstring).
     Per-view per-token outputs, in the same pass over V as the loss (docs/maths.md §4 per-view outputs; of each
@@ -451,6 +460,8 @@ def _long_short_loss(
     chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long=None,
     token_weight_short=None, ce_weighting="none", longce_gamma=5.0, extras=(False, False, False),
 ):
+    labels_long, labels_short = _checks.index_target(labels_long), _checks.index_target(labels_short)
+    _checks.check_chunk_bytes(chunk_bytes)
     _checks.check_long_short(
         hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
         temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,

@@ -38,6 +38,21 @@ def ls(**kw):
     return lambda: L.long_short_loss(*pos, **args)
 
 
+def dist(**kw):
+    args = dict(student_input=x, student_weight=w, teacher_input=x.clone(), teacher_weight=w.clone())
+    args.update(kw)
+    return lambda: L.linear_distillation(**args)
+
+
+inf = float("inf")
+
+
+def with_value(t, i, v):
+    t = t.clone()
+    t.view(-1)[i] = v
+    return t
+
+
 CASES = [
     # (id, call, exception, words the message must contain)
     ("ce hidden size", ce(input=torch.randn(N, H + 1)), ValueError, ["input", "H=8"]),
@@ -78,6 +93,48 @@ CASES = [
     ("ls alpha < 0", ls(alpha=-0.1), ValueError, ["alpha", ">= 0"]),
     ("ls temperature", ls(temperature=-1.0), ValueError, ["temperature"]),
     ("sample_l_extra", lambda: L.sample_l_extra(1), ValueError, ["l_train", ">= 2"]),
+    # integer targets of any dtype are read as int64; a bool or out-of-range one is still refused naming target
+    ("ce bool target", ce(target=y > 3), TypeError, ["target", "integer"]),
+    ("ce int32 target range", ce(target=torch.tensor([0, 1, 2, 3, 4, V], dtype=torch.int32)), ValueError,
+     ["target", "[0, 11)", "11"]),
+    ("ls int32 labels range", ls(labels_short=torch.full((2, 5), -3, dtype=torch.int32)), ValueError,
+     ["labels_short", "-3"]),
+    ("dist uint8 target range", dist(target=torch.full((N,), V, dtype=torch.uint8)), ValueError, ["target", "11"]),
+    # chunk_bytes: None or a positive int
+    ("ce chunk_bytes 0", ce(chunk_bytes=0), ValueError, ["chunk_bytes", "positive"]),
+    ("ce chunk_bytes -1", ce(chunk_bytes=-1), ValueError, ["chunk_bytes", "positive", "-1"]),
+    ("ce chunk_bytes float", ce(chunk_bytes=1e6), ValueError, ["chunk_bytes", "int"]),
+    ("div chunk_bytes 0", div(chunk_bytes=0), ValueError, ["chunk_bytes", "positive"]),
+    ("ls chunk_bytes -1", ls(chunk_bytes=-1), ValueError, ["chunk_bytes", "positive"]),
+    ("dist chunk_bytes 0", dist(chunk_bytes=0), ValueError, ["chunk_bytes", "positive"]),
+    # non-finite numbers that would make the loss NaN / inf
+    ("ce softcap inf", ce(softcap=inf), ValueError, ["softcap", "finite", "None"]),
+    ("div softcap inf", div(softcap=inf), ValueError, ["softcap", "finite"]),
+    ("ls softcap inf", ls(softcap=inf), ValueError, ["softcap", "finite"]),
+    ("dist softcap inf", dist(softcap=inf), ValueError, ["softcap", "finite"]),
+    ("ce z_loss inf", ce(z_loss=inf), ValueError, ["z_loss", "finite"]),
+    ("div temperature inf", div(temperature=inf), ValueError, ["temperature", "finite"]),
+    ("ls alpha inf", ls(alpha=inf), ValueError, ["alpha", "finite"]),
+    ("ce token_weight inf", ce(token_weight=with_value(torch.ones(N), 2, inf)), ValueError,
+     ["token_weight", "finite", "inf"]),
+    ("ce class weight inf", ce(weight=with_value(torch.ones(V), 3, inf)), ValueError, ["weight", "finite", "inf"]),
+    ("div token_weight inf", div(token_weight=with_value(torch.ones(N), 1, inf)), ValueError,
+     ["token_weight", "finite"]),
+    ("ls token_weight_long inf", ls(token_weight_long=with_value(torch.ones(2, 5), 7, inf)), ValueError,
+     ["token_weight_long", "finite"]),
+    ("ls token_weight_short -inf", ls(token_weight_short=with_value(torch.ones(2, 5), 0, -inf)), ValueError,
+     ["token_weight_short", ">= 0"]),
+    ("dist token_weight inf", dist(token_weight=with_value(torch.ones(N), 5, inf)), ValueError,
+     ["token_weight", "finite"]),
+    # a hidden size of 0: refused naming the input's last dim (not a reshape error from inside)
+    ("ce H = 0", ce(input=torch.randn(N, 0), linear_weight=torch.randn(V, 0)), ValueError,
+     ["input", "last dim", ">= 1", "(6, 0)"]),
+    ("div H = 0", div(input_p=torch.randn(N, 0), input_q=torch.randn(N, 0), linear_weight=torch.randn(V, 0)),
+     ValueError, ["input_p", "last dim", ">= 1"]),
+    ("ls H = 0", ls(hidden_long=torch.randn(2, 5, 0), hidden_short=torch.randn(2, 5, 0), linear_weight=torch.randn(V, 0)),
+     ValueError, ["hidden_long", "last dim", ">= 1"]),
+    ("dist H = 0", dist(student_input=torch.randn(N, 0), student_weight=torch.randn(V, 0)), ValueError,
+     ["student_input", "last dim", ">= 1"]),
 ]
 
 
@@ -153,3 +210,38 @@ def test_target_check_can_be_skipped(backend):
     torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="target"):  # and the check, when on, is the one that catches bad ids
         L.linear_cross_entropy(x, w, torch.tensor([0, 1, 2, 3, 4, V]), backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_integer_targets_of_any_dtype_give_the_int64_result(dtype, backend):
+    """Class indices in int32 (numpy's and many tokenizers' default), int16 or uint8 (torch's other accepted
+    type) are read as int64 at the API boundary: the same loss, gradient and per-token accuracy, and no
+    internal op's error reaches the user."""
+    xs = x.clone().requires_grad_(True)
+    ref = L.linear_cross_entropy(xs, w, y, backend=backend, return_accuracy=True)
+    (gx,) = torch.autograd.grad(ref.loss, xs)
+    out = L.linear_cross_entropy(xs, w, y.to(dtype), backend=backend, return_accuracy=True)
+    (gx2,) = torch.autograd.grad(out.loss, xs)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(gx2, gx, rtol=0, atol=0)
+    assert torch.equal(out.accuracy, ref.accuracy)
+    hs_ = hl.roll(1, 1)
+    ys_ = yl.roll(1, 1)
+    a = L.long_short_loss(hl, hs_, w, yl, ys_, l_extra=2, backend=backend, return_accuracy=True)
+    b = L.long_short_loss(hl, hs_, w, yl.to(dtype), ys_.to(dtype), l_extra=2, backend=backend, return_accuracy=True)
+    torch.testing.assert_close(b.loss, a.loss, rtol=0, atol=0)
+    assert torch.equal(b.short.accuracy, a.short.accuracy)
+    d1 = L.linear_distillation(x, w, x.flip(0), w, y, hard_loss_weight=1.0, backend=backend)
+    d2 = L.linear_distillation(x, w, x.flip(0), w, y.to(dtype), hard_loss_weight=1.0, backend=backend)
+    torch.testing.assert_close(d2.loss, d1.loss, rtol=0, atol=0)
+
+
+def test_non_finite_weight_check_is_behind_check_targets():
+    """The finiteness of token / class weights is checked in the same reduction as their sign, so with
+    check_targets=False it adds no host sync (and is not checked: the docstring says the result is undefined)."""
+    tw = torch.ones(N)
+    assert _syncs(lambda: L.linear_cross_entropy(x, w, y, token_weight=tw, weight=torch.ones(V), backend="cpu",
+                                                 check_targets=False)) == []
+    syncs_on = _syncs(lambda: L.linear_cross_entropy(x, w, y, token_weight=tw, weight=torch.ones(V), backend="cpu"))
+    assert len(syncs_on) == 3, syncs_on  # targets, class weights, token weights: one each
