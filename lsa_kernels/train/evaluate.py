@@ -4,7 +4,8 @@
     python -m lsa_kernels.train.evaluate --runs runs/yarn4 runs/linear4 --lengths 1 2 4 8 --passkey --out runs/eval
 
 Each run is a training ``--out`` dir (its latest checkpoint is used), a checkpoint dir or any transformers
-model dir. A checkpoint's RoPE scaling (``rope_parameters`` in its config.json: linear / dynamic / yarn,
+model dir. Lengths are ``--lengths`` multiples of ``l_train``; without ``--lengths``, 1 2 4 8 less those past a
+model's positions (one stderr line names them). A checkpoint's RoPE scaling (``rope_parameters`` in its config.json: linear / dynamic / yarn,
 ``factor``, ...) is what ``from_pretrained`` rebuilds, and is recorded per run as ``"rope"`` (null when the
 model has plain RoPE or none). An evaluation length past a model's ``max_position_embeddings`` (``n0 * F``
 for a model extended by ``F``) is an error, never silently truncated.
@@ -56,6 +57,9 @@ from .eval_plots import plot, plot_passkey
 from .model import build_model, positions, quiet_transformers, rope_of
 from .passkey import PASSKEY_FILLER, PASSKEY_QUESTION, PASSKEY_SENTENCE, passkey_grid, passkey_prompts, passkey_scores
 
+DEFAULT_MULTIPLIERS = (1, 2, 4, 8)  # of l_train, when --lengths is not given
+
+
 # ------------------------------------------------------------------------------------------- inputs
 def _resolve(run: str):
     """(model dir, tokenizer path or None, l_train or None) for a run dir / ckpt dir / model dir."""
@@ -100,8 +104,8 @@ def _free(model) -> None:
 
 
 def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l_train: Optional[int] = None,
-             multipliers=(1, 2, 4, 8), n_windows: int = 16, score_tokens: Optional[int] = None, lsm_samples: int = 64,
-             lsm_divergences=("sce", "sym_kl"), longppl_reference: Optional[str] = None, longppl_gap: float = 2.0,
+             multipliers: Optional[Sequence[float]] = None, n_windows: int = 16, score_tokens: Optional[int] = None,
+             lsm_samples: int = 64, lsm_divergences=("sce", "sym_kl"), longppl_reference: Optional[str] = None, longppl_gap: float = 2.0,
              longppl_max_loss: float = 2.0, longppl_short: Optional[int] = None, passkey: bool = False,
              passkey_lengths: Optional[Sequence[int]] = None, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
              passkey_trials: int = 5, batch_size: int = 4, eval_files: Optional[List[str]] = None,
@@ -111,7 +115,9 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
     (+ ``ppl_vs_length.png``, and with ``passkey`` ``passkey.json`` + ``passkey.png``) to ``out``.
 
     Every input is checked (paths, options, lengths vs each model's positions, corpus length, pass-key
-    prompts) before ``out`` is created; a bad one raises :class:`ConfigError` with one line.
+    prompts) before ``out`` is created; a bad one raises :class:`ConfigError` with one line. ``multipliers``
+    (of ``l_train``) given: a length past a model's positions is an error; not given: ``DEFAULT_MULTIPLIERS``
+    less those past the positions of a run (or of the LongPPL reference), which one stderr line names.
     """
     from tqdm import tqdm
 
@@ -146,9 +152,22 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
     lt = l_train or next((r[2] for r in resolved if r[2]), None)
     if not lt or lt < 1:
         raise ConfigError("--l-train is needed (no run records its training length)")
+    explicit = multipliers is not None
+    multipliers = tuple(multipliers) if explicit else DEFAULT_MULTIPLIERS
     if any(not (isinstance(m, (int, float)) and m > 0) for m in multipliers) or not multipliers:
         raise ConfigError(f"--lengths must be positive multiples of l_train, got {list(multipliers)}")
     lengths = sorted({int(m * lt) for m in multipliers})
+    if not explicit:  # the default multiples: those within every model's positions (none fits: the error below)
+        models = [(run, r[0]) for run, r in zip(runs, resolved)]
+        if longppl_reference:
+            models.append((longppl_reference, _resolve(longppl_reference)[0]))
+        limits = [(positions(_model_config(ckpt, run))[0], run) for run, ckpt in models]
+        npos, who = min(((n, run) for n, run in limits if n is not None), default=(None, None))
+        keep = [L for L in lengths if npos is None or L <= npos]
+        if keep and len(keep) < len(lengths):
+            print(f"lsa eval: lengths {' '.join(str(L) for L in lengths if L not in keep)} left out (past the {npos} "
+                  f"positions of {who}); evaluating at {' '.join(map(str, keep))} (--lengths chooses)", file=sys.stderr)
+            lengths = keep
     if lengths[0] < 2:
         raise ConfigError(f"--lengths: {lengths[0]} tokens is too short to evaluate")
     Lmax, Lmin = lengths[-1], lengths[0]
@@ -204,7 +223,7 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
                 f"the {npos} positions it allows (max_position_embeddings={n_mpe})"
             raise ConfigError(
                 f"{run}: evaluation length {need_pos} exceeds {lim} ({what}); pass smaller "
-                "--lengths / --passkey-lengths, or a checkpoint with its RoPE extended"
+                "--lengths / --passkey-lengths" + ("" if rope else ", or a checkpoint with its RoPE extended")
             )
         V = getattr(cfg, "vocab_size", None)
         if isinstance(V, int) and V < tok.vocab_size:
@@ -360,7 +379,8 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--labels", nargs="*", default=None)
     ap.add_argument("--out", default="runs/eval")
     ap.add_argument("--l-train", type=int, default=None, help="default: read from the first run's config")
-    ap.add_argument("--lengths", type=float, nargs="+", default=[1, 2, 4, 8], help="multiples of l_train")
+    ap.add_argument("--lengths", type=float, nargs="+", default=None,
+                    help="multiples of l_train (default 1 2 4 8, less those past a model's positions)")
     ap.add_argument("--n-windows", type=int, default=16)
     ap.add_argument("--score-tokens", type=int, default=None,
                     help="targets scored at the end of each window, the same at every length (default: shortest length // 2)")

@@ -323,6 +323,25 @@ def test_extended_rope_checkpoint(setup, capsys):
     assert not bad.exists()
 
 
+def test_default_lengths_stay_within_the_positions(setup, capsys):
+    # l_train 32: the default multiples 1 2 4 8 give 32..256; linear4 allows 256, the base only 64 -> 32 64, said once
+    common = ["--l-train", "32", "--eval-files", *setup["test"], "--n-windows", "2", "--lsm-samples", "4", "--quiet"]
+    out = setup["dir"] / "default_lengths"
+    assert eval_main(["--runs", setup["linear4"], setup["base"], "--out", str(out), *common]) == 0
+    assert json.load(open(out / "results.json"))["lengths"] == [32, 64]
+    err = capsys.readouterr().err
+    assert "lengths 128 256 left out (past the 64 positions of " in err and setup["base"] in err
+    out = setup["dir"] / "default_lengths_ext"
+    assert eval_main(["--runs", setup["linear4"], "--out", str(out), *common]) == 0
+    assert json.load(open(out / "results.json"))["lengths"] == [32, 64, 128, 256]
+    assert "left out" not in capsys.readouterr().err
+    # given lengths are never dropped; an already extended model is not told to extend its RoPE
+    bad = setup["dir"] / "default_lengths_bad"
+    assert eval_main(["--runs", setup["linear4"], "--lengths", "16", "--out", str(bad), *common]) == 2
+    err = capsys.readouterr().err
+    assert "exceeds max_position_embeddings=256" in err and "RoPE extended" not in err and not bad.exists()
+
+
 # --------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("args, msg", [
     (["--lsm-divergence", "sce", "hellinger"], "--lsm-divergence: unknown 'hellinger'"),
