@@ -1,9 +1,11 @@
 """The compiled CPU kernels ``lsa_kernels._C`` (csrc/): loading, an off switch, and fake impls.
 
 ``available()`` is True when the extension is built, importable and not disabled. When it is not built
-the package warns once ("lsa_kernels._C not built; using the chunked ATen path") and the cpu backend
-runs its ATen code. Disable it (to compare or to test the ATen path) with ``LSA_DISABLE_EXT=1`` in the
-environment, or for a block of code with ``with lsa_kernels._ext.disable(): ...``.
+(a plain ``pip install``, whose isolated build has no torch to compile against) or does not load (built
+against another torch), the package warns once, naming the command that builds it
+(``pip install --no-build-isolation ...``, see docs/install.md), and the cpu backend runs its ATen code.
+Disable it (to compare or to test the ATen path) with ``LSA_DISABLE_EXT=1`` in the environment, or for a
+block of code with ``with lsa_kernels._ext.disable(): ...``.
 
 The kernels are torch custom ops (``torch.ops.lsa_kernels.ce_chunk`` / ``pair_chunk`` / ``dense_chunk``, schemas in
 csrc/lsa_cpu.cpp) with fake (meta) implementations registered here, so torch.compile treats them as
@@ -21,6 +23,12 @@ from . import _env
 from .maths import Divergence
 
 MISSING_MESSAGE = "lsa_kernels._C not built; using the chunked ATen path"
+BUILD_HINT = (
+    "To compile it against the installed torch (needs a C++ compiler with OpenMP): "
+    "`pip install --no-build-isolation -e .` in a clone, or "
+    "`pip install --no-build-isolation --no-deps --force-reinstall <source dir>`; "
+    "LSA_DISABLE_EXT=1 selects the ATen path without this warning"
+)
 
 DIVERGENCE_CODES = {d.label: int(d) for d in Divergence}  # the C++ enum Div (pinned by tests/backends/test_maths_defs.py)
 
@@ -83,8 +91,11 @@ def available() -> bool:
     if _load() is None:
         if not _warned:
             _warned = True
-            detail = f" ({_load_error})" if _load_error is not None and not isinstance(_load_error, ImportError) else ""
-            warnings.warn(MISSING_MESSAGE + detail, RuntimeWarning, stacklevel=3)
+            # a missing module is the plain "not built"; anything else (e.g. an undefined symbol: built against
+            # another torch) is shown
+            err = _load_error
+            detail = f" ({type(err).__name__}: {err})" if err is not None and not isinstance(err, ModuleNotFoundError) else ""
+            warnings.warn(f"{MISSING_MESSAGE}{detail}. {BUILD_HINT}", RuntimeWarning, stacklevel=3)
         return False
     return True
 
