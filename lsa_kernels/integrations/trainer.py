@@ -28,6 +28,9 @@ from .patch import patch
 __all__ = ["LongShortCollator", "LongShortTrainer", "window_dataset"]
 
 
+_OFFSET_SEED = 0x9E3779B97F4A7C15  # the offsets' generator: seeded apart from the l_extra one
+
+
 def _check_l_train(l_train) -> int:
     if isinstance(l_train, bool) or not isinstance(l_train, int) or l_train < 2:
         raise ValueError(f"l_train: expected an int >= 2, got {l_train!r}")
@@ -41,7 +44,9 @@ class LongShortCollator:
     ``steps_per_draw`` calls (the trainer sets it to ``gradient_accumulation_steps``, so that all micro-batches
     of an optimiser step share it, and every rank draws the same sequence). Each example (``{"input_ids": ids}``
     or ids, at least :attr:`max_length` tokens) gives one window at a random offset (``random_offset=False``:
-    its start). Returns ``{"input_ids": LongTensor, "l_extra": int}``. The draw counter is not checkpointed: a
+    its start), drawn from a second generator (:attr:`offset_generator`) so that the ``l_extra`` sequence does
+    not depend on the examples: ranks whose examples differ in length still draw the same ``l_extra`` at every
+    step. Returns ``{"input_ids": LongTensor, "l_extra": int}``. The draw counters are not checkpointed: a
     resumed run draws the sequence again from the start.
     """
 
@@ -50,7 +55,8 @@ class LongShortCollator:
         if isinstance(steps_per_draw, bool) or not isinstance(steps_per_draw, int) or steps_per_draw < 1:
             raise ValueError(f"steps_per_draw: expected an int >= 1, got {steps_per_draw!r}")
         self.seed, self.steps_per_draw, self.random_offset = int(seed), steps_per_draw, bool(random_offset)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(self.seed)  # l_extra only: the same on every rank
+        self.offset_generator = torch.Generator().manual_seed((self.seed + _OFFSET_SEED) % 2**64)  # this rank's
         self.calls = 0
         self._l_extra: Optional[int] = None
 
@@ -81,7 +87,7 @@ class LongShortCollator:
                 )
             start = 0
             if self.random_offset and ids.numel() > L:
-                start = int(torch.randint(0, ids.numel() - L + 1, (1,), generator=self.generator).item())
+                start = int(torch.randint(0, ids.numel() - L + 1, (1,), generator=self.offset_generator).item())
             rows.append(ids[start : start + L])
         return {"input_ids": torch.stack(rows), "l_extra": l_extra}
 
