@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "model_dir", "load_trainer_state", "atomic_write_text", "safe_load",
-           "UnsafeCheckpoint", "ADAPTER_DIR"]
+           "UnsafeCheckpoint", "ADAPTER_DIR", "umask_mode"]
 
 ADAPTER_DIR = "adapter"
 
@@ -70,10 +70,32 @@ def _save_merged(model, adapter, path: str) -> None:
     del merged
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, briefly, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: str, directory: bool = False) -> None:
+    """Give ``path`` (made by mkstemp / mkdtemp, which create it 0600 / 0700) the mode ``open`` / ``os.makedirs``
+    would have given it under the process umask, like its siblings."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (readers never see half a file); the
+    file gets the umask's mode, as ``open(path, "w")`` would give it."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
+        umask_mode(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -95,6 +117,7 @@ def save_checkpoint(out: str, step: int, model, optimizer, config: dict, tokeniz
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-ckpt-")
     try:
+        umask_mode(tmp, directory=True)
         if adapter is not None:
             _save_merged(model, adapter, tmp)
         else:

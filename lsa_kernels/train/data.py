@@ -41,22 +41,27 @@ class _Tok:
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.isfile(path):
-            from tokenizers import Tokenizer
-
-            self._t = Tokenizer.from_file(path)
-            self.vocab_size = self._t.get_vocab_size()
-            self.eos_id = self._t.token_to_id("<|endoftext|>")
-            self._hf = False
-        elif os.path.isdir(path):
-            from transformers import AutoTokenizer
-
-            self._t = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.vocab_size = len(self._t)
-            self.eos_id = self._t.eos_token_id
-            self._hf = True
-        else:
+        if not os.path.exists(path):
             raise DataError(f"tokenizer not found: {path!r} (a tokenizer.json file or a tokenizer directory)")
+        try:
+            if os.path.isfile(path):
+                from tokenizers import Tokenizer
+
+                self._t = Tokenizer.from_file(path)
+                self.vocab_size = self._t.get_vocab_size()
+                self.eos_id = self._t.token_to_id("<|endoftext|>")
+                self._hf = False
+            else:
+                from transformers import AutoTokenizer
+
+                self._t = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                self.vocab_size = len(self._t)
+                self.eos_id = self._t.eos_token_id
+                self._hf = True
+        except Exception as e:  # a text file, a truncated JSON, a directory without a tokenizer: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"cannot read the tokenizer {path!r} ({first}); expected a tokenizer.json file "
+                            "(tokenizers) or a transformers tokenizer directory") from None
 
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         if self._hf:

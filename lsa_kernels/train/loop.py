@@ -1,10 +1,11 @@
-"""Long-context fine-tuning with long-short alignment: one readable loop (nanoGPT style).
+r"""Long-context fine-tuning with long-short alignment: one readable loop (nanoGPT style).
 
-    python -m lsa_kernels.train.loop --alpha 0.1 --steps 300 --out runs/lsa
-    python -m lsa_kernels.train.loop --alpha 0   --steps 300 --out runs/ce       # the plain-CE baseline
-    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop ...                      # DDP (gloo on CPU, nccl on GPU)
-    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --fsdp ...               # FSDP2: everything sharded
-    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --tensor-parallel 2 ...  # LM head sharded over the vocab
+    lsa train --alpha 0.1 --steps 300 --out runs/lsa
+    lsa train --alpha 0   --steps 300 --out runs/ce                            # the plain-CE baseline
+    lsa train --out runs/lsa --resume                                          # continue runs/lsa as it was
+    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop ...                  # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --fsdp ...           # FSDP2: everything sharded
+    torchrun --nproc_per_node 2 -m lsa_kernels.train.loop --tensor-parallel 2  # LM head sharded over the vocab
 
 Each step draws ``l_extra ~ U{1..l_train/2}`` and a batch of windows of ``l_train + l_extra + 1``
 tokens; the model sees both views (long = first ``l_train`` tokens, short = last ``l_train``) in one
@@ -17,7 +18,7 @@ on disk (``--model PATH``: a model dir, a checkpoint dir or the ``--out`` dir of
 Long-context fine-tuning as the paper runs it (context extension of a pretrained model on little memory):
 
     lsa train --model runs/base --rope-scaling linear --rope-factor 4 --l-train 256 \
-              --lora 8 --grad-checkpointing --grad-accum 4 --dtype bf16 --alpha 0.1 --out runs/x4
+        --lora 8 --grad-checkpointing --grad-accum 4 --dtype bf16 --alpha 0.1 --out runs/x4
 
 ``--rope-scaling/--rope-factor`` write the scaling into the model's config the way the installed
 transformers expects (so ``from_pretrained`` on a checkpoint rebuilds the extended model); ``--lora``
@@ -49,7 +50,7 @@ import torch
 
 from ..integrations.hf import LongShortObjective, UnsupportedModel, output_head
 from .checkpoint import ADAPTER_DIR, UnsafeCheckpoint, atomic_write_text, latest_checkpoint
-from .config import ConfigError, TrainConfig, config_from_args, validate
+from .config import ConfigError, TrainConfig, config_from_args, resume_changes, saved_config, validate
 from .data import DataError, WindowSampler, load_corpus, load_tokenizer
 from .model import (apply_lora, autocast_for, build_model, enable_grad_checkpointing, max_positions,
                     quiet_transformers, tokenizer_path, untie_embeddings)
@@ -149,10 +150,17 @@ def train(cfg: TrainConfig) -> dict:
         start = 0
         torch.manual_seed(par.init_seed)
     cfg_dict = dataclasses.asdict(cfg)
+    # config.json describes the checkpoints: a fresh run writes it now; a resumed run keeps the run's own, and
+    # with --override-on-resume rewrites it only once a checkpoint holds the changed configuration
+    changes = resume_changes(cfg, saved_config(cfg.out)[0]) if ckpt else {}
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(cfg_dict, f, indent=1)
+        if not ckpt:
+            atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(cfg_dict, indent=1))
+        elif changes:
+            print(f"lsa train: resuming {cfg.out} at step {start} with "
+                  + ", ".join(f"--{k.replace('_', '-')} {json.dumps(v[0])} -> {json.dumps(v[1])}" for k, v in changes.items())
+                  + " (--override-on-resume; recorded in log.jsonl)", file=sys.stderr)
 
     model.train()
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
@@ -191,6 +199,8 @@ def train(cfg: TrainConfig) -> dict:
                 "l_extra": l_extra, "lr": lr_at(cfg, step), "tok_s": tok_count / max(dt, 1e-9),
                 "grad_norm": None if gnorm is None else float(gnorm),
             }
+            if changes and step == start:  # the first step after a resume with overrides records them
+                last["resume_overrides"] = changes
             bar.set_postfix(loss=f"{last['loss']:.3f}", ce=f"{last['ce']:.3f}", misalign=f"{last['misalign']:.3f}",
                             tok_s=f"{last['tok_s']:.0f}")
             log.write(json.dumps(last) + "\n")
@@ -198,6 +208,9 @@ def train(cfg: TrainConfig) -> dict:
         stop = cfg.stop_after > 0 and step + 1 - start >= cfg.stop_after
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps or stop:
             par.save(cfg.out, step + 1, model, opt, cfg_dict, tok_file, adapter=peft_model)
+            if changes and rank == 0:
+                atomic_write_text(os.path.join(cfg.out, "config.json"), json.dumps(cfg_dict, indent=1))
+                changes = {}
         if stop:
             break
     bar.close()
@@ -219,10 +232,13 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     """CLI entry: ``lsa train ...``. Returns 0 on success, 2 on a bad input (one line on stderr)."""
     ok = False
     try:
-        cfg = config_from_args(argv, description=__doc__)
+        try:
+            cfg = config_from_args(argv, description=__doc__)
+        except SystemExit as e:  # --help (0), or a flag argparse refused (2; its one line is on stderr already)
+            return int(e.code or 0)
         train(cfg)
         ok = True
-    except (ConfigError, UnsupportedModel, UnsafeCheckpoint, FileNotFoundError) as e:
+    except (ConfigError, UnsupportedModel, UnsafeCheckpoint, OSError) as e:
         print(f"lsa train: error: {e}", file=sys.stderr)
         return 2
     finally:

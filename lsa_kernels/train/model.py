@@ -111,10 +111,17 @@ def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device, path: O
 
     path = path or (model_dir(cfg.model) if cfg.model else None)
     if path:
-        mc = None
-        if rope and cfg.rope_scaling:
-            mc = extend_rope(AutoConfig.from_pretrained(path, local_files_only=True), cfg.rope_scaling, cfg.rope_factor)
-        model = load_causal_lm(path, device=device, dtype=torch.float32, config=mc)
+        try:
+            mc = None
+            if rope and cfg.rope_scaling:
+                mc = extend_rope(AutoConfig.from_pretrained(path, local_files_only=True), cfg.rope_scaling, cfg.rope_factor)
+            model = load_causal_lm(path, device=device, dtype=torch.float32, config=mc)
+        except ConfigError:
+            raise
+        except Exception as e:  # a corrupted model.safetensors, an invalid config.json, ...: one line, no traceback
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"cannot load the model in {path!r} ({type(e).__name__}: {first}); is its config.json "
+                              "valid JSON and its model.safetensors complete?") from None
     else:
         mc = LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn, num_hidden_layers=cfg.n_layer,
