@@ -18,6 +18,8 @@ import sys
 import time
 from typing import List, Optional
 
+from .. import _env
+
 
 def machine() -> dict:
     """The machine a demo ran on (results.json's "machine"): CPU, cores, torch threads and version, load."""
@@ -117,6 +119,7 @@ def measure_main(argv: Optional[List[str]] = None) -> int:
     if a.one:
         print(json.dumps(_measure_one(a.one, a.l_train, a.batch_size, a.repeats, a.backend, a.n_layer, a.n_embd)))
         return 0
+    _env.smoke_caps(a, "lsa demo --measure", repeats=2, batch_size=2)
     res = {}
     for mode in ("ce", "lsa"):
         cmd = [sys.executable, "-m", "lsa_kernels.train.demo_measure", "--one", mode] + [
