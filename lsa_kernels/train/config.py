@@ -378,7 +378,7 @@ def config_from_args(argv=None, description: str = CLI_DOC) -> TrainConfig:
     ``--override-on-resume``."""
     ap = parser(description)
     ns = ap.parse_args(argv)
-    _env.smoke_caps(ns, "lsa train", steps=2, batch_size=2)
+    _env.smoke_caps(ns, "lsa train", steps=2, batch_size=2, stop_after=1)
     cfg = TrainConfig(**vars(ns))
     if cfg.resume and latest_checkpoint(cfg.out) is not None and not os.path.isfile(cfg.out):
         for a in ap._actions:  # which flags the command line gave: parse it again with every default suppressed
