@@ -6,26 +6,57 @@
     python -m benchmarks --device cuda                # GPU suite (lsa_triton, liger, cce impl="cce")
     python -m benchmarks --ops ce --impls lsa_cpu,gemm --dtype fp32 --rows 1024,4096
     python -m benchmarks --list                       # print the cases and exit
-    python -m benchmarks --report-only --tag cpu      # redo plots/summary from the CSVs
+    python -m benchmarks --report-only --tag cpu --out benchmarks/results  # redo the committed summary/plots
     python -m benchmarks --resume                     # keep finished rows, run the missing cases
     python -m benchmarks --train-step [opts]          # one training step's memory at long context (train_step.py)
     python -m benchmarks --distill [opts]             # fused distillation vs torch KD vs the GEMMs (distill.py)
     python -m benchmarks --prob-targets [opts]        # probability targets: dense CE pass vs GEMM path vs torch
 
-Outputs in --out (default benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
+Outputs in --out (default runs/bench; the committed results: --out benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
 {tag}_errors.log, SUMMARY_{tag}.md, plots_{tag}/*.png; tag = device, + "_quick" / "_goal".
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
+from lsa_kernels import _cli_types as T
+
 from . import cases as C
 from .report import write_report
 from .runner import Settings, run_cases
+
+
+def build_parser():
+    """The flags of the main suite (``lsa bench`` / ``python -m benchmarks``)."""
+    ap = T.Parser(prog="lsa bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small shapes, sce only, fp32 unless --dtype (< 3 min)")
+    ap.add_argument("--goal", action="store_true", help="only the issue-4 goal shapes")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available else cpu")
+    ap.add_argument("--dtype", default=None, help="comma list of fp32,bf16 (default fp32,bf16; --quick: fp32)")
+    ap.add_argument("--ops", default="ce,long_short", help="comma list of ce,long_short")
+    ap.add_argument("--impls", default=None, help=f"comma list from {','.join(C.ALL_IMPLS)} (default: all for the device)")
+    ap.add_argument("--divergences", default=None, help="long_short divergences to keep (default: suite's)")
+    ap.add_argument("--rows", default=None, help="keep only these N (comma list)")
+    ap.add_argument("--modes", default=None, help="keep only these modes: fwd,fwd_bwd")
+    ap.add_argument("--out", default="runs/bench",
+                    help="output directory (the committed results are benchmarks/results: pass it to update them)")
+    ap.add_argument("--tag", default=None, help="output file prefix (default: device[_quick|_goal])")
+    ap.add_argument("--warmup", type=T.nonneg_int, default=None, help="unmeasured calls per case")
+    ap.add_argument("--min-repeats", type=T.positive_int, default=None, help="min measured calls per case")
+    ap.add_argument("--repeats", type=T.positive_int, default=None, help="max measured calls per case")
+    ap.add_argument("--budget", type=T.positive_float, default=None, help="seconds of measured calls per case (sets repeats)")
+    ap.add_argument("--case-timeout", type=T.positive_float, default=None, help="seconds per case process")
+    ap.add_argument("--deadline", type=T.positive_float, default=None, help="stop launching cases after this many seconds")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit")
+    ap.add_argument("--correctness", action="store_true",
+                    help="check ours (triton on cuda) against the reference at real sizes; writes {tag}_correctness.json")
+    ap.add_argument("--report-only", action="store_true", help="only redo SUMMARY/plots from the CSVs in --out")
+    ap.add_argument("--resume", action="store_true", help="keep the ok/skip rows of {tag}_*.csv, run the rest")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
 
 
 def main(argv=None) -> int:
@@ -42,31 +73,7 @@ def main(argv=None) -> int:
         from . import prob_targets
 
         return prob_targets.main([x for x in argv if x != "--prob-targets"])
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes, sce only, fp32 unless --dtype (< 3 min)")
-    ap.add_argument("--goal", action="store_true", help="only the issue-4 goal shapes")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available else cpu")
-    ap.add_argument("--dtype", default=None, help="comma list of fp32,bf16 (default fp32,bf16; --quick: fp32)")
-    ap.add_argument("--ops", default="ce,long_short", help="comma list of ce,long_short")
-    ap.add_argument("--impls", default=None, help=f"comma list from {','.join(C.ALL_IMPLS)} (default: all for the device)")
-    ap.add_argument("--divergences", default=None, help="long_short divergences to keep (default: suite's)")
-    ap.add_argument("--rows", default=None, help="keep only these N (comma list)")
-    ap.add_argument("--modes", default=None, help="keep only these modes: fwd,fwd_bwd")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--tag", default=None, help="output file prefix (default: device[_quick|_goal])")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--min-repeats", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None, help="max measured calls per case")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of measured calls per case (sets repeats)")
-    ap.add_argument("--case-timeout", type=float, default=None, help="seconds per case process")
-    ap.add_argument("--deadline", type=float, default=None, help="stop launching cases after this many seconds")
-    ap.add_argument("--list", action="store_true", help="print the cases and exit")
-    ap.add_argument("--correctness", action="store_true",
-                    help="check ours (triton on cuda) against the reference at real sizes; writes {tag}_correctness.json")
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--resume", action="store_true", help="keep the ok/skip rows of {tag}_*.csv, run the rest")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = build_parser()
     a = ap.parse_args(argv)
 
     if a.device is None:

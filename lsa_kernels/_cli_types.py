@@ -92,7 +92,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         extra = []
         d = action.default
         if ("%(default)" not in h and "default" not in h.lower() and d is not argparse.SUPPRESS
-                and d not in (None, False, "", []) and action.option_strings):
+                and not (d is None or d is False or d == "" or d == []) and action.option_strings):
             extra.append("default: %(default)s")
         rng = range_of(action)
         if rng:

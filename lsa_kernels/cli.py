@@ -31,7 +31,41 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _info() -> int:
+# each subcommand's argparse parser (module, function): its --help, and the test that walks every flag of every
+# subcommand (tests/tooling/test_cli_bad_input.py); bench's lives in the repository's benchmarks/ package
+PARSERS = {
+    "train": ("lsa_kernels.train.config", "parser"),
+    "eval": ("lsa_kernels.train.evaluate", "build_parser"),
+    "demo": ("lsa_kernels.train.demo", "_parser"),
+    "synthetic": ("lsa_kernels.studies.synthetic", "build_parser"),
+    "bench": ("benchmarks.__main__", "build_parser"),
+    "info": ("lsa_kernels.cli", "info_parser"),
+}
+
+
+def parser_of(cmd: str):
+    """The argparse parser of ``lsa <cmd>``."""
+    module, func = PARSERS[cmd]
+    return getattr(importlib.import_module(module), func)()
+
+
+def info_parser():
+    from ._cli_types import Parser
+
+    return Parser(prog="lsa info", description="versions, backends, whether the C++ extension is built and used")
+
+
+def _ext_state(_ext) -> str:
+    if _env.ext_disabled_by_env():
+        return f"disabled (LSA_DISABLE_EXT=1; {'built' if _ext.built() else 'not built either'}): chunked ATen path"
+    return "built" if _ext.available() else "not built (chunked ATen path)"
+
+
+def _info(argv: List[str]) -> int:
+    try:
+        info_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or an unknown flag (2, one line on stderr)
+        return int(e.code or 0)
     import torch
 
     import lsa_kernels
@@ -46,7 +80,7 @@ def _info() -> int:
     try:
         from lsa_kernels import _ext
 
-        print(f"C++ extension lsa_kernels._C: {'built' if _ext.available() else 'not built (chunked ATen path)'}")
+        print(f"C++ extension lsa_kernels._C: {_ext_state(_ext)}")
     except Exception as exc:  # pragma: no cover
         print(f"C++ extension: {exc}")
     print(f"CUDA: {torch.cuda.is_available()}  default backend: {'triton' if torch.cuda.is_available() else 'cpu'}")
@@ -73,15 +107,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "info":
-        return _info()
+        return _info(rest)
     if cmd == "bench":
         return _bench(rest)
     if cmd not in COMMANDS:
-        print(f"lsa: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"lsa: error: unknown command {cmd!r} (choose from {', '.join([*COMMANDS, 'bench', 'info'])}; see lsa --help)",
+              file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[cmd]
     fn = getattr(importlib.import_module(module), func)
-    rc = fn(rest)
+    try:
+        rc = fn(rest)
+    except SystemExit as e:  # a subcommand's argparse: --help (0) or a refused flag (2, its one line on stderr)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return int(rc or 0)
 
 

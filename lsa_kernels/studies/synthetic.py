@@ -406,23 +406,33 @@ def run_study(config: Optional[StudyConfig] = None, **overrides) -> dict:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lsa synthetic", description="Synthetic length-generalisation study "
-                                 "(mean vs length prediction, paper §3) on CPU.")
+    from .. import _cli_types as T
+
+    ap = T.Parser(prog="lsa synthetic", description="Synthetic length-generalisation study "
+                  "(mean vs length prediction, paper §3) on CPU.")
     ap.add_argument("--quick", action="store_true", help="2 seeds, 200 steps (about a minute on 2 idle cores)")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick 2)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per model (default 500; --quick 200)")
-    ap.add_argument("--out", default="benchmarks/results/synthetic", help="output directory")
+    ap.add_argument("--seeds", type=T.positive_int, default=None, help="number of seeds (default 3; --quick 2)")
+    ap.add_argument("--steps", type=T.positive_int, default=None,
+                    help="training steps per model (default 500; --quick 200)")
+    ap.add_argument("--out", default="runs/synthetic",
+                    help="output directory (the committed study is benchmarks/results/synthetic: pass it to redo it)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma list from {','.join(TASKS)}")
     ap.add_argument("--pe", default=",".join(PES), help=f"comma list from {','.join(PES)}")
-    ap.add_argument("--workers", type=int, default=0, help="processes (default min(2, cpus))")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--workers", type=T.nonneg_int, default=0, help="processes (0 = min(2, cpus))")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .synthetic_report import markdown_table, save_results
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2; its one line is on stderr already)
+        return int(e.code or 0)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"lsa synthetic: error: --out {args.out!r} is an existing file; it must name a directory", file=sys.stderr)
+        return 2
     cfg = StudyConfig.quick() if args.quick else StudyConfig()
     kw = dict(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
               pes=tuple(p.strip() for p in args.pe.split(",") if p.strip()),
@@ -439,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         res = run_study(dataclasses.replace(cfg, **kw))
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"lsa synthetic: error: {e}", file=sys.stderr)
         return 2
     paths = save_results(res, args.out)
     print(markdown_table(res))

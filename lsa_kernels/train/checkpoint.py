@@ -135,6 +135,11 @@ def save_checkpoint(out: str, step: int, model, optimizer, config: dict, tokeniz
         torch.save(rng, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, "config": config}, f, indent=1, default=str)
+        for root, dirs, files in os.walk(tmp):  # some writers (safetensors) create their files 0600: as siblings
+            for n in dirs:
+                umask_mode(os.path.join(root, n), directory=True)
+            for n in files:
+                umask_mode(os.path.join(root, n))
         final = os.path.join(out, f"ckpt-{step:06d}")
         if os.path.exists(final):  # re-saving the same step (e.g. the last one): replace it
             shutil.rmtree(final)

@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from .. import _cli_types as T
 from .. import _env
 
 # the five arms of the protocol: TrainConfig fields that differ between them (the rest at TrainConfig's defaults)
@@ -76,37 +77,37 @@ def parse_arm(spec: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lsa demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = T.Parser(prog="lsa demo", description=__doc__)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds 0..S-1 per arm (default %(default)s)")
+    ap.add_argument("--seeds", type=T.positive_int, default=DEFAULT_SEEDS, help="seeds 0..S-1 per arm (default %(default)s)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="the protocol's arms to run")
     ap.add_argument("--extra-arms", nargs="*", default=[], metavar="NAME@ALPHA", help="more arms, e.g. sce@0.5")
     g = ap.add_argument_group("stage 1: the base model (trained from scratch at a short context)")
-    g.add_argument("--base-l-train", type=int, default=64, help="its training length = its max_position_embeddings")
-    g.add_argument("--base-steps", type=int, default=800)
-    g.add_argument("--base-batch-size", type=int, default=16)
-    g.add_argument("--base-lr", type=float, default=2e-3)
-    g.add_argument("--n-layer", type=int, default=4)
-    g.add_argument("--n-embd", type=int, default=128)
-    g.add_argument("--n-head", type=int, default=4)
-    g.add_argument("--n-kv-head", type=int, default=2)
-    g.add_argument("--ffn", type=int, default=352)
+    g.add_argument("--base-l-train", type=T.int_at_least(4), default=64, help="its training length = its max_position_embeddings")
+    g.add_argument("--base-steps", type=T.positive_int, default=800)
+    g.add_argument("--base-batch-size", type=T.positive_int, default=16)
+    g.add_argument("--base-lr", type=T.positive_float, default=2e-3)
+    g.add_argument("--n-layer", type=T.positive_int, default=4)
+    g.add_argument("--n-embd", type=T.positive_int, default=128)
+    g.add_argument("--n-head", type=T.positive_int, default=4)
+    g.add_argument("--n-kv-head", type=T.positive_int, default=2)
+    g.add_argument("--ffn", type=T.positive_int, default=352)
     g = ap.add_argument_group("stage 2: context extension and fine-tuning (l_train = base-l-train x rope-factor)")
     g.add_argument("--rope-scaling", default="linear", choices=["linear", "dynamic", "yarn", "llama3"])
-    g.add_argument("--rope-factor", type=float, default=4.0)
-    g.add_argument("--steps", type=int, default=150)
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--warmup", type=int, default=10)
-    g.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    g.add_argument("--rope-factor", type=T.float_at_least(1), default=4.0)
+    g.add_argument("--steps", type=T.positive_int, default=150)
+    g.add_argument("--batch-size", type=T.positive_int, default=4)
+    g.add_argument("--lr", type=T.positive_float, default=1e-3)
+    g.add_argument("--warmup", type=T.nonneg_int, default=10)
+    g.add_argument("--lora", type=T.nonneg_int, default=0, help="LoRA rank (0 = full fine-tuning)")
     g = ap.add_argument_group("evaluation")
-    g.add_argument("--lengths", type=float, nargs="+", default=[1, 2, 4], help="multiples of the extended length")
-    g.add_argument("--n-windows", type=int, default=16)
-    g.add_argument("--lsm-samples", type=int, default=64)
+    g.add_argument("--lengths", type=T.positive_float, nargs="+", default=[1, 2, 4], help="multiples of the extended length")
+    g.add_argument("--n-windows", type=T.positive_int, default=16)
+    g.add_argument("--lsm-samples", type=T.positive_int, default=64)
     g.add_argument("--eval-files", nargs="*", default=None, help="held-out text files (default: shipped held-out works)")
     ap.add_argument("--train-files", nargs="*", default=[], help="training text files (default: the shipped corpus)")
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=T.nonneg_int, default=0,
                     help="torch CPU threads (0 = torch's default; 1 is much faster on a machine busy with other jobs)")
     ap.add_argument("--resume", action="store_true", help="also reuse finished fine-tuning runs with the same config")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

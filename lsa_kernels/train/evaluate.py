@@ -49,9 +49,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import _cli_types as T
 from .. import _env
 from ..maths import DIVERGENCES
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_device, check_out
 from .eval_metrics import key_tokens, last_losses, length_losses, lsm_samples_for, lsm_values, truncated_losses
 from .eval_plots import plot, plot_passkey
 from .model import build_model, positions, quiet_transformers, rope_of
@@ -93,6 +94,22 @@ def _model_config(ckpt: str, run: str):
         return AutoConfig.from_pretrained(ckpt, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{run}: cannot read the model config in {ckpt!r} ({e})") from None
+
+
+def _check_weights(ckpt: str, run: str) -> None:
+    """Every safetensors file of the model opens (its header parses and fits the file), so a corrupted
+    checkpoint is reported before any model is evaluated."""
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(ckpt)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(ckpt, name), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # SafetensorError, OSError: one line, no traceback
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"{run}: cannot read {os.path.join(ckpt, name)!r} ({first}); the file is corrupted "
+                                  "or incomplete") from None
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -143,6 +160,14 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
     for name, v in (("--longppl-gap", longppl_gap), ("--longppl-max-loss", longppl_max_loss)):
         if not math.isfinite(float(v)):
             raise ConfigError(f"{name} must be a finite number, got {v}")
+    if longppl_gap < 0:
+        raise ConfigError(f"--longppl-gap must be a finite number >= 0 (nats), got {longppl_gap}")
+    if longppl_max_loss <= 0:
+        raise ConfigError(f"--longppl-max-loss must be a finite number > 0 (nats), got {longppl_max_loss}")
+    if l_train is not None and l_train < 1:
+        raise ConfigError(f"--l-train must be an integer >= 1, got {l_train}")
+    check_out(out)
+    check_device(device, backend)
     names = list(labels) if labels else [os.path.basename(os.path.normpath(r)) for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -215,6 +240,7 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
         checks.append((f"--longppl-reference {ref_path}", ref_ckpt, Lmax))
     for k, (run, ckpt, need_pos) in enumerate(checks):
         cfg = _model_config(ckpt, run)
+        _check_weights(ckpt, run)
         npos, n_mpe = positions(cfg)
         rope = rope_of(cfg)
         if npos is not None and need_pos > npos:
@@ -370,39 +396,52 @@ def markdown_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``lsa eval``."""
+    ap = T.Parser(prog="lsa eval", description=__doc__)
+    ap.add_argument("--runs", nargs="+", required=True, help="training out dirs, checkpoint dirs or model dirs")
+    ap.add_argument("--labels", nargs="*", default=None, help="one name per run (default: the runs' directory names)")
+    ap.add_argument("--out", default="runs/eval", help="output directory (results.json, ppl_vs_length.png)")
+    ap.add_argument("--l-train", type=T.positive_int, default=None, help="default: read from the first run's config")
+    ap.add_argument("--lengths", type=T.positive_float, nargs="+", default=None,
+                    help="multiples of l_train (default 1 2 4 8, less those past a model's positions)")
+    ap.add_argument("--n-windows", type=T.positive_int, default=16, help="held-out windows scored at every length")
+    ap.add_argument("--score-tokens", type=T.positive_int, default=None,
+                    help="targets scored at the end of each window, the same at every length (default: shortest length // 2)")
+    ap.add_argument("--lsm-samples", type=T.positive_int, default=64, help="windows of the LSM metric")
+    ap.add_argument("--lsm-divergence", nargs="+", default=["sce", "sym_kl"], metavar="DIV",
+                    help=f"one or more of {', '.join(DIVERGENCES)}")
+    ap.add_argument("--longppl-reference", default=None, help="model choosing the LongPPL key tokens (default: first run)")
+    ap.add_argument("--longppl-gap", type=T.nonneg_float, default=2.0,
+                    help="min loss drop (nats) from long context for a key token")
+    ap.add_argument("--longppl-max-loss", type=T.positive_float, default=2.0, help="max full-context loss of a key token")
+    ap.add_argument("--longppl-short", type=T.positive_int, default=None,
+                    help="truncated context (default: shortest length // 2)")
+    ap.add_argument("--passkey", action="store_true", help="pass-key retrieval (passkey.json, passkey.png)")
+    ap.add_argument("--passkey-lengths", type=T.positive_int, nargs="+", default=None,
+                    help="tokens (default: the PPL lengths)")
+    ap.add_argument("--passkey-depths", type=T.fraction, nargs="+", default=[0, 0.25, 0.5, 0.75, 1],
+                    help="where the key sits in the filler, as fractions")
+    ap.add_argument("--passkey-trials", type=T.positive_int, default=5, help="prompts per (length, depth) cell")
+    ap.add_argument("--batch-size", type=T.positive_int, default=4, help="windows per forward at the longest length")
+    ap.add_argument("--eval-files", nargs="*", default=None, help="held-out text files (default: shipped held-out works)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or tokenizer dir (default: the first run's)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"],
+                    help="kernels of the fused losses (auto: triton on CUDA, cpu otherwise)")
+    ap.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--seed", type=T.nonneg_int, default=1234, help="seed of the held-out windows and samples")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
 def eval_main(argv: Optional[List[str]] = None) -> int:
     """CLI entry: ``lsa eval``. Returns 0 on success, 2 on a bad input."""
     from ..integrations.hf import UnsupportedModel
 
-    ap = argparse.ArgumentParser(prog="lsa eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", required=True, help="training out dirs, checkpoint dirs or model dirs")
-    ap.add_argument("--labels", nargs="*", default=None)
-    ap.add_argument("--out", default="runs/eval")
-    ap.add_argument("--l-train", type=int, default=None, help="default: read from the first run's config")
-    ap.add_argument("--lengths", type=float, nargs="+", default=None,
-                    help="multiples of l_train (default 1 2 4 8, less those past a model's positions)")
-    ap.add_argument("--n-windows", type=int, default=16)
-    ap.add_argument("--score-tokens", type=int, default=None,
-                    help="targets scored at the end of each window, the same at every length (default: shortest length // 2)")
-    ap.add_argument("--lsm-samples", type=int, default=64)
-    ap.add_argument("--lsm-divergence", nargs="+", default=["sce", "sym_kl"], metavar="DIV",
-                    help=f"one or more of {', '.join(DIVERGENCES)}")
-    ap.add_argument("--longppl-reference", default=None, help="model choosing the LongPPL key tokens (default: first run)")
-    ap.add_argument("--longppl-gap", type=float, default=2.0, help="min loss drop (nats) from long context for a key token")
-    ap.add_argument("--longppl-max-loss", type=float, default=2.0, help="max full-context loss of a key token")
-    ap.add_argument("--longppl-short", type=int, default=None, help="truncated context (default: shortest length // 2)")
-    ap.add_argument("--passkey", action="store_true", help="pass-key retrieval (passkey.json, passkey.png)")
-    ap.add_argument("--passkey-lengths", type=int, nargs="+", default=None, help="tokens (default: the PPL lengths)")
-    ap.add_argument("--passkey-depths", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
-    ap.add_argument("--passkey-trials", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=4, help="windows per forward at the longest length")
-    ap.add_argument("--eval-files", nargs="*", default=None, help="held-out text files (default: shipped held-out works)")
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
-    ap.add_argument("--device", default="")
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
+    try:
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2; its one line is on stderr already)
+        return int(e.code or 0)
     _env.smoke_caps(a, "lsa eval", n_windows=2, lsm_samples=4, passkey_trials=1)
     try:
         res = evaluate(a.runs, a.out, labels=a.labels, l_train=a.l_train, multipliers=a.lengths, n_windows=a.n_windows,
@@ -412,7 +451,7 @@ def eval_main(argv: Optional[List[str]] = None) -> int:
                        passkey_lengths=a.passkey_lengths, passkey_depths=a.passkey_depths,
                        passkey_trials=a.passkey_trials, batch_size=a.batch_size, eval_files=a.eval_files,
                        tokenizer=a.tokenizer, backend=a.backend, seed=a.seed, device=a.device, quiet=a.quiet)
-    except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
+    except (ConfigError, UnsupportedModel, OSError) as e:
         print(f"lsa eval: error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(res))
