@@ -5,8 +5,21 @@ from __future__ import annotations
 import math
 import os
 
-def plot(results: dict, path: str) -> None:
-    """PPL vs length, one line per run; a second panel with LongPPL when any run has it."""
+def plain_log_axis(axis) -> None:
+    """A log axis labelled with plain numbers: ticks at 1, 2, 5 x 10^k, and where the data span less than those
+    (runs with close perplexities) matplotlib's linear ticks, all written as plain decimals (no offset, no
+    scientific notation, no minor-tick labels: never a stack of "3.84288x10^3")."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    fmt = ScalarFormatter(useOffset=False, useMathText=False)
+    fmt.set_scientific(False)
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(fmt)
+    axis.set_minor_formatter(NullFormatter())
+
+
+def ppl_figure(results: dict):
+    """The figure of :func:`plot` (not saved): PPL vs length, one line per run; a second panel with LongPPL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,6 +49,7 @@ def plot(results: dict, path: str) -> None:
             ax.axvline(lt, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
         ax.set_xlabel("context length (tokens); dotted: training length")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, which="both")
@@ -45,6 +59,14 @@ def plot(results: dict, path: str) -> None:
     n = len(runs)
     axes[0].legend(fontsize=7 if n <= 8 else 5, ncol=1 if n <= 12 else 2)
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict, path: str) -> None:
+    """PPL vs length, one line per run; a second panel with LongPPL when any run has it (saved to ``path``)."""
+    import matplotlib.pyplot as plt
+
+    fig = ppl_figure(results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

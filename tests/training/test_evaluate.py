@@ -350,7 +350,7 @@ def test_default_lengths_stay_within_the_positions(setup, capsys):
     (["--longppl-short", "64"], "--longppl-short must be in"),
     (["--lengths", "1", "8"], "exceeds max_position_embeddings=64"),
     (["--passkey", "--passkey-lengths", "12"], "--passkey-lengths: 12 tokens cannot hold"),
-    (["--passkey", "--passkey-depths", "1.5"], "--passkey-depths must be fractions"),
+    (["--passkey", "--passkey-depths", "1.5"], "argument --passkey-depths: must be a finite number in [0, 1]"),
     (["--passkey"], "--passkey: every length (16, 32) is too short"),
     (["--labels", "x", "x"], "share the name 'x'"),
 ])
@@ -362,3 +362,37 @@ def test_bad_inputs(setup, capsys, args, msg):
     err = capsys.readouterr().err
     assert err.startswith("lsa eval: error: ") and msg in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- figure
+@pytest.mark.parametrize("ppl", [
+    [[3842.88, 3842.90, 3842.95, 3842.91], [3842.89, 3842.92, 3842.97, 3842.93]],  # runs a few 0.01 apart
+    [[38.4288, 38.4290, 38.4300, 38.4295]],
+    [[12.0, 30.0, 300.0, 3000.0], [11.0, 25.0, 200.0, 2500.0]],  # three decades
+])
+def test_ppl_plot_axis_labels_are_plain_and_distinct(ppl):
+    """The perplexity axis stays readable whatever the spread: its visible labels are plain decimals (no
+    offset, no "x10^3", no mathtext), at least two, all different."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from lsa_kernels.train.eval_plots import ppl_figure
+
+    lengths = [16, 32, 64, 128]
+    res = {"l_train": 16, "score_tokens": 8, "runs": {
+        f"r{i}": {"ppl": {str(L): {"ppl": p, "longppl": None} for L, p in zip(lengths, row)}, "lsm": {}}
+        for i, row in enumerate(ppl)}}
+    fig = ppl_figure(res)
+    try:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_ylim()
+        major = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi and t.get_text()]
+        minor = [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_text()]
+        assert ax.yaxis.get_offset_text().get_text() == ""
+    finally:
+        plt.close(fig)
+    assert len(major) >= 2 and len(set(major)) == len(major), major
+    assert not minor, minor
+    for text in major:
+        float(text)  # a plain number: "3842.90", not "$\\mathdefault{3.84290\\times10^{3}}$"
