@@ -14,10 +14,13 @@ After ``patch(model)`` the model's ``forward`` (of this instance only: no class 
   accumulation normalisation). ``logits_to_keep`` selects the hidden rows exactly as the model does before
   its head.
 * eval mode, or no labels: the model's own forward (generation, evaluation with logits: unchanged).
-* ``fused_lm_head=True`` in training mode (what TRL's ``SFTTrainer.compute_loss`` passes; patch *after*
-  building the trainer, see :func:`patch`): TRL's ``FusedCausalLMOutput`` with ``log_probs`` from the fused
-  CE (``reduction="none"``) and the metrics fields (``entropy``, ``is_top1``, ...) from one extra no-grad
-  pass over the valid rows in chunks of rows.
+* ``fused_lm_head=True`` in training mode (what TRL's ``SFTTrainer.compute_loss`` passes, see :func:`patch`):
+  TRL's ``FusedCausalLMOutput`` with ``log_probs`` from the fused CE (``reduction="none"``) and the metrics
+  fields TRL's head was built for (``entropy``, ``is_top1``, ...) from one extra no-grad pass over the valid
+  rows in chunks of rows. When TRL's head (``add_fused_lm_head``, installed by ``SFTTrainer(...)``) wraps the
+  patched forward — the model was patched before the trainer was built — a forward pre-hook sends those
+  calls through the patched forward too. A TRL head with a temperature other than 1 keeps TRL's own pass
+  (the fused CE has no temperature), with a warning, once.
 * ``lsa_long_short={...}`` (what :class:`lsa_kernels.integrations.trainer.LongShortTrainer` passes): the
   long-short loss of the token windows in ``input_ids`` (:func:`lsa_kernels.integrations.hf.long_short_step`),
   returned as :class:`LongShortOutput` (``loss``, ``ce``, ``misalign``). Going through ``model(...)`` keeps
@@ -31,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -167,10 +171,11 @@ def patch(model, *, backend: str = "auto", chunk_bytes: Optional[int] = None):
     ``backend`` and ``chunk_bytes`` go to the fused ops (``"auto"``: Triton on CUDA, the cpu backend
     elsewhere; ``chunk_bytes`` bounds the logits the cpu backend holds at once).
 
-    TRL's ``SFTTrainer`` installs its own chunked LM head on the model when it is built and calls it with
-    ``fused_lm_head=True``; patch after building it (``hf.patch(trainer)``) so that these calls run the
-    kernels here (patched before, the model still trains, on TRL's head). Patching a patched model whose
-    ``forward`` is still ours only updates the options.
+    TRL's ``SFTTrainer`` installs its own chunked LM head on the model when it is built (on top of whatever
+    ``forward`` the model has) and calls it with ``fused_lm_head=True``; either order works: patched before
+    ``SFTTrainer(...)``, a forward pre-hook that the patch registers routes TRL's calls into the patched
+    forward; patched after (``hf.patch(trainer)``), the patch sits on top of TRL's head. Patching a patched
+    model whose ``forward`` is still ours only updates the options.
     """
     _check_options(backend, chunk_bytes)
     if _is_trainer(model):
@@ -188,6 +193,8 @@ def patch(model, *, backend: str = "auto", chunk_bytes: Optional[int] = None):
     record.installed = types.MethodType(_make_forward(type(lm).forward), lm)
     lm.forward = record.installed
     lm.__dict__[_STACK] = stack + [record]
+    if _HOOK not in lm.__dict__:
+        lm.__dict__[_HOOK] = lm.register_forward_pre_hook(_route_trl_head, with_kwargs=True).id
     return model
 
 
@@ -220,6 +227,9 @@ def unpatch(model):
         lm.__dict__[_STACK] = stack[:-1]
     else:
         del lm.__dict__[_STACK]
+        hook_id = lm.__dict__.pop(_HOOK, None)  # by id, not handle: a deepcopy of the model holds its own hooks
+        lm._forward_pre_hooks.pop(hook_id, None)
+        lm._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     return model
 
 
@@ -278,9 +288,12 @@ def _make_forward(class_forward):
             return _long_short_forward(self, _as_kwargs(sig, self, args, kwargs), ls, record.options)
         if not self.training:
             return inner(*args, **kwargs)
+        routed = kwargs.pop(_ROUTED, None)  # TRL's head above us, routed here by _route_trl_head
+        if routed is not None:
+            return _trl_forward(self, _as_kwargs(sig, self, args, kwargs), routed, record.options)
         if kwargs.get("fused_lm_head", False):
             trl = _trl_head_options(inner)
-            if trl is not None and float(trl.get("temperature", 1.0)) != 1.0:
+            if trl is not None and _trl_temperature(self, trl) != 1.0:
                 return inner(*args, **kwargs)  # TRL's head applies a temperature the fused CE has no argument for
             fields = tuple(trl.get("outputs", ())) if trl is not None else ("log_probs",) + _TRL_FIELDS
             return _trl_forward(self, _as_kwargs(sig, self, args, kwargs), fields, record.options)
@@ -292,21 +305,70 @@ def _make_forward(class_forward):
     return forward
 
 
-def _trl_head_options(inner) -> Optional[Dict[str, Any]]:
-    """The closure of TRL's ``add_fused_lm_head`` wrapper under us (temperature, outputs), or None."""
-    fn = getattr(inner, "__func__", inner)
-    if getattr(fn, "__name__", "") != "_fused_forward" or not str(getattr(fn, "__module__", "")).startswith("trl"):
+def _trl_head_options(fwd) -> Optional[Dict[str, Any]]:
+    """The closure of TRL's ``add_fused_lm_head`` wrapper (temperature, outputs, original_forward), found in
+    ``fwd`` or under the wrappers around it (accelerate's autocast / fp32 ones, through ``__wrapped__``), or
+    None. Recognised by its code object: TRL ``functools.wraps`` it, so its ``__name__`` and ``__module__``
+    are the model's ``forward``'s."""
+    fn = getattr(fwd, "__func__", fwd)
+    for _ in range(8):
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_name == "_fused_forward" and "/trl/" in code.co_filename.replace("\\", "/"):
+            out = {}
+            for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or ()):
+                try:
+                    out[name] = cell.cell_contents
+                except ValueError:
+                    pass
+            return out
+        nxt = getattr(fn, "__wrapped__", None)
+        if nxt is None:
+            return None
+        fn = getattr(nxt, "__func__", nxt)
+    return None
+
+
+def _trl_temperature(lm: nn.Module, trl: Dict[str, Any]) -> float:
+    """TRL's head temperature; warns once per model when it is not 1 (that head then runs, not the kernels)."""
+    t = float(trl.get("temperature", 1.0))
+    if t != 1.0 and not lm.__dict__.get(_WARNED_TEMPERATURE):
+        lm.__dict__[_WARNED_TEMPERATURE] = True
+        warnings.warn(
+            f"lsa_kernels patch: TRL's fused LM head on {type(lm).__name__} divides the logits by temperature={t}, "
+            "which the fused cross-entropy has no argument for; its calls (fused_lm_head=True) run TRL's own "
+            "head, not lsa_kernels (calls without fused_lm_head still do)", stacklevel=3)
+    return t
+
+
+# the forward pre-hook that routes TRL's head calls into the patched forward (its id lives on the model), and the
+# keyword argument it adds for that (TRL's head passes unknown keyword arguments on to the forward it wraps)
+_HOOK = "_lsa_trl_hook"
+_ROUTED = "_lsa_trl_fields"
+_WARNED_TEMPERATURE = "_lsa_warned_trl_temperature"
+
+
+def _route_trl_head(lm: nn.Module, args, kwargs):
+    """Forward pre-hook of a patched model: when TRL's fused LM head was added on top of the patched forward
+    (the model was patched before ``SFTTrainer(...)``) and is called with ``fused_lm_head=True`` in training
+    mode, the call is turned into TRL's plain path (``fused_lm_head=False``: TRL then calls the forward it wraps,
+    ours, with ``labels`` / ``shift_labels`` / ``num_items_in_batch``) plus the fields TRL's head computes, so
+    that the patched forward returns TRL's ``FusedCausalLMOutput`` from the fused kernels."""
+    if not kwargs.get("fused_lm_head", False) or not lm.training:
         return None
-    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-    if code is None:
+    stack = _stack(lm)
+    current = lm.__dict__.get("forward", _MISSING)
+    if not stack or current is stack[-1].installed:
+        return None  # not patched, or ours on top (handled in the patched forward)
+    trl = _trl_head_options(current)
+    if trl is None:
         return None
-    out = {}
-    for name, cell in zip(code.co_freevars, cells):
-        try:
-            out[name] = cell.cell_contents
-        except ValueError:
-            pass
-    return out
+    below = trl.get("original_forward")
+    if getattr(below, "__func__", None) is not stack[-1].installed.__func__ or _trl_temperature(lm, trl) != 1.0:
+        return None
+    kwargs = dict(kwargs)
+    kwargs["fused_lm_head"] = False
+    kwargs[_ROUTED] = tuple(trl.get("outputs", ("log_probs",)))
+    return args, kwargs
 
 
 def _router_logits_requested(lm, kw) -> bool:

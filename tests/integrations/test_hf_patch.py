@@ -317,6 +317,97 @@ def test_trl_fused_lm_head_served_by_the_fused_ce():
         torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
 
 
+class _CountCE:
+    def __enter__(self):
+        self.calls, self.orig = 0, P.linear_cross_entropy
+
+        def counting(*a, **k):
+            self.calls += 1
+            return self.orig(*a, **k)
+
+        P.linear_cross_entropy = counting
+        return self
+
+    def __exit__(self, *exc):
+        P.linear_cross_entropy = self.orig
+
+
+@pytest.mark.parametrize("order", ["patch_then_trl", "trl_then_patch"])
+def test_trl_head_fields_and_either_patch_order(order):
+    """Patched before TRL's head is added (what hf.patch(model) then SFTTrainer(model) does) or after: the
+    fused_lm_head call runs the fused CE once, returns TRL's values, and fills exactly the fields TRL's head
+    was built for (is_top1 / log_sum_sq_probs stay None when not asked)."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    x, lab = batch()
+    outputs = ("log_probs", "entropy")
+    ref_m, m = tiny(), tiny()
+    trl_utils.add_fused_lm_head(ref_m, outputs=outputs)
+    ref = ref_m(input_ids=x, labels=lab, fused_lm_head=True)
+    ref.loss.backward()
+    if order == "patch_then_trl":
+        hf.patch(m)
+        trl_utils.add_fused_lm_head(m, outputs=outputs)
+    else:
+        trl_utils.add_fused_lm_head(m, outputs=outputs)
+        hf.patch(m)
+    with _CountCE() as ce:
+        got = m(input_ids=x, labels=lab, fused_lm_head=True)
+    assert ce.calls == 1
+    got.loss.backward()
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.log_probs, ref.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.entropy, ref.entropy, rtol=1e-5, atol=1e-5)
+    assert got.is_top1 is None and got.log_sum_sq_probs is None and got.mean_logits is None
+    for (n, p0), (_, p1) in zip(ref_m.named_parameters(), m.named_parameters()):
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
+    m.eval()  # eval mode: TRL's own head, as unpatched
+    with _CountCE() as ce, torch.no_grad():
+        ev = m(input_ids=x, labels=lab, fused_lm_head=True)
+    assert ce.calls == 0 and ev.log_probs is not None
+    with _CountCE() as ce, torch.no_grad():  # and without fused_lm_head, in training mode, the patched loss
+        m.train()
+        plain = m(input_ids=x, labels=lab)
+    assert ce.calls == 1 and plain.logits is None
+
+
+@pytest.mark.parametrize("order", ["patch_then_trl", "trl_then_patch"])
+def test_trl_head_with_a_temperature_keeps_trls_pass_and_warns_once(order):
+    """TRL's head divides the logits by its temperature, which the fused CE cannot: its values (not the
+    temperature-1 ones) come back, from TRL's pass, with one warning per model."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    x, lab = batch()
+    ref_m, m = tiny(), tiny()
+    trl_utils.add_fused_lm_head(ref_m, temperature=0.5)
+    with torch.no_grad():
+        ref = ref_m(input_ids=x, labels=lab, fused_lm_head=True)
+    if order == "patch_then_trl":
+        hf.patch(m)
+        trl_utils.add_fused_lm_head(m, temperature=0.5)
+    else:
+        trl_utils.add_fused_lm_head(m, temperature=0.5)
+        hf.patch(m)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen, _CountCE() as ce, torch.no_grad():
+        warnings.simplefilter("always")
+        got = [m(input_ids=x, labels=lab, fused_lm_head=True) for _ in range(2)]
+    assert ce.calls == 0
+    for g in got:
+        torch.testing.assert_close(g.log_probs, ref.log_probs, rtol=1e-6, atol=1e-6)
+    mine = [w for w in seen if "temperature=0.5" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in seen]
+
+
+def test_unpatch_removes_the_trl_routing_hook():
+    m = tiny()
+    hf.patch(m)
+    hf.patch(m, chunk_bytes=1 << 20)
+    assert len(m._forward_pre_hooks) == 1
+    hf.unpatch(m)
+    assert len(m._forward_pre_hooks) == 0 and len(m._forward_pre_hooks_with_kwargs) == 0
+    assert P._HOOK not in m.__dict__
+
+
 def test_bf16_autocast_matches_within_bf16_precision():
     """Trainer's bf16 (accelerate autocast; also SFTConfig's default): the head runs in bf16 as F.linear would."""
     x, lab = batch()

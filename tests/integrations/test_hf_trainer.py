@@ -139,8 +139,11 @@ def test_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora):
         assert max((ref[1][n] - w_init[n]).abs().max().item() for n in ref[1]) > 1e-3
 
 
+@pytest.mark.parametrize("order", ["after", "before"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sft_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora):
+def test_sft_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora, order):
+    """Patched after SFTTrainer(...) (on top of the LM head TRL installs) or before it (TRL's head then wraps
+    the patched forward, and its calls are routed into it): the fused kernels do every step's loss."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -149,12 +152,15 @@ def test_sft_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora):
 
     def run(patched):
         args = SFTConfig(output_dir=str(tmp_path / f"p{int(patched)}"), max_length=64, **COMMON)
+        m = tiny(tok)
+        if patched and order == "before":
+            hf.patch(m)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tr = SFTTrainer(model=tiny(tok), args=args, train_dataset=data, processing_class=tok,
+            tr = SFTTrainer(model=m, args=args, train_dataset=data, processing_class=tok,
                             peft_config=lora_config() if lora else None)
-        if patched:
-            assert hf.patch(tr) is tr  # after SFTTrainer(): on top of the LM head TRL installs
+        if patched and order == "after":
+            assert hf.patch(tr) is tr
         with Spy() as spy:
             out = trained(tr)
         return out, spy.calls
