@@ -1,0 +1,203 @@
+"""Pretrain a small Llama from scratch with a recipe meant to make content-based copying (induction) form, and
+track the copy-probe gap while it trains (the recall pilot, docs/recall_testbed.md).
+
+    python -m lsa_kernels.train.pretrain_recall --recipe synth --steps 1200 --out run.json [--save DIR]
+
+Recipes (fixed in benchmarks/results/recall_pilot/PROTOCOL.md before any run):
+
+- ``text``: the demo's base recipe on Shakespeare windows of 256 tokens with recall structure written in
+  (2 repeated rare spans and 2 facts per window); lr 2e-3, warmup 50, weight decay 0.1 on every matrix.
+- ``synth``: dense copy windows of random rare tokens (:func:`~lsa_kernels.train.recall_data.copy_windows`),
+  curriculum 64 -> 128 -> 256 tokens over equal thirds of the steps; lr 1e-3, warmup 100, weight decay 0.1
+  on the block matrices only (none on embeddings and norms).
+- ``synth-mha``: ``synth`` with 8 heads and 8 KV heads.
+- ``mixed``: each step one ``synth`` batch (curriculum lengths) and one ``text`` batch, from scratch, with the
+  ``synth`` optimiser settings and ``--heads``/``--kv-heads`` (default: the demo's 4 / 2).
+
+The JSON written to ``--out`` holds the configuration, the loss curve, the copy-probe curve (gap at d in
+{32, 96, 200} on held-out text filler and on random filler) and wall time / steps per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, TrainConfig
+from .data import DataError, load_corpus, load_tokenizer
+from .recall_data import RecallWindows, copy_windows, fact_tokens, rare_pool
+from .recall_eval import copy_probe, copy_probe_windows, lm_logits_fn
+
+__all__ = ["RECIPES", "build", "pretrain", "main"]
+
+RECIPES = {
+    "text": dict(lr=2e-3, warmup=50, decay_embeddings=True, synth=False, text=True, heads=4, kv_heads=2),
+    "synth": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=False, heads=4, kv_heads=2),
+    "synth-mha": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=False, heads=8, kv_heads=8),
+    "mixed": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=True, heads=4, kv_heads=2),
+}
+CURRICULUM = (64, 128, 256)
+PROBE_DISTANCES = (32, 96, 200)
+
+
+def build(heads: int, kv_heads: int, vocab_size: int, layers: int = 4, d_model: int = 128, ffn: int = 352,
+          max_positions: int = 4096):
+    """The demo-sized Llama (tied embeddings), with ``heads`` / ``kv_heads``."""
+    from .model import build_model
+
+    cfg = TrainConfig(n_layer=layers, n_embd=d_model, n_head=heads, n_kv_head=kv_heads, ffn=ffn,
+                      max_positions=max_positions)
+    return build_model(cfg, vocab_size, torch.device("cpu"))
+
+
+def _optimizer(model, lr: float, decay_embeddings: bool, wd: float = 0.1):
+    decay, no_decay = [], []
+    emb = model.get_input_embeddings().weight
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or (p is emb and not decay_embeddings):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _ce(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_every: int = 100, probe_n: int = 64,
+             heads: Optional[int] = None, kv_heads: Optional[int] = None, log=print, save: Optional[str] = None) -> dict:
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if steps < 1 or batch < 1 or probe_every < 1:
+        raise ConfigError(f"--steps, --batch and --probe-every must be >= 1, got {steps}, {batch}, {probe_every}")
+    r = dict(RECIPES[recipe])
+    r["heads"] = heads or r["heads"]
+    r["kv_heads"] = kv_heads or r["kv_heads"]
+    torch.manual_seed(seed)
+    tok = load_tokenizer()
+    train, test = load_corpus(tok, "train"), load_corpus(tok, "test")
+    pool = rare_pool(train, tok.vocab_size, exclude=[tok.eos_id] + fact_tokens(tok)[1])
+    model = build(r["heads"], r["kv_heads"], tok.vocab_size)
+    opt = _optimizer(model, r["lr"], r["decay_embeddings"])
+    text_windows = RecallWindows(256, pool, seed=seed, corpus=train, tok=tok, n_spans=2, n_facts=2) if r["text"] else None
+    probes = {"text": copy_probe_windows(pool, PROBE_DISTANCES, n=probe_n, corpus=test),
+              "random": copy_probe_windows(pool, PROBE_DISTANCES, n=probe_n, corpus=None)}
+    g = torch.Generator().manual_seed(seed * 7 + 3)
+    curve, losses = [], []
+    train_s = 0.0
+
+    def probe(step):
+        model.eval()
+        fn = lm_logits_fn(model)
+        row = {"step": step, "train_s": round(train_s, 1)}
+        for name, p in probes.items():
+            for d, v in copy_probe(fn, p).items():
+                row[f"{name}_gap_d{d}"] = round(v["gap"], 4)
+                row[f"{name}_with_d{d}"] = round(v["loss_with"], 4)
+        model.train()
+        curve.append(row)
+        log(f"step {step:5d}  {train_s:7.1f}s  gap text d32/96/200: {row['text_gap_d32']:.2f} "
+            f"{row['text_gap_d96']:.2f} {row['text_gap_d200']:.2f}  random: {row['random_gap_d32']:.2f} "
+            f"{row['random_gap_d96']:.2f} {row['random_gap_d200']:.2f}")
+
+    model.train()
+    probe(0)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        for grp in opt.param_groups:
+            grp["lr"] = _lr_at(step, steps, r["lr"], r["warmup"])
+        loss_row = {"step": step + 1}
+        total = 0.0
+        if r["synth"]:
+            L = CURRICULUM[min(len(CURRICULUM) - 1, step * len(CURRICULUM) // steps)]
+            ls = _ce(model, copy_windows(g, batch, L, pool))
+            total = total + ls
+            loss_row["synth"], loss_row["L"] = round(ls.item(), 4), L
+        if r["text"]:
+            lt = _ce(model, text_windows.batch(step, batch).ids)
+            total = total + lt
+            loss_row["text"] = round(lt.item(), 4)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        train_s += time.perf_counter() - t0
+        losses.append(loss_row)
+        if (step + 1) % probe_every == 0 or step + 1 == steps:
+            probe(step + 1)
+    final = curve[-1]
+    result = {
+        "recipe": recipe, "config": dict(r, layers=4, d_model=128, ffn=352, batch=batch, curriculum=list(CURRICULUM)
+                                         if r["synth"] else None, betas=[0.9, 0.95], grad_clip=1.0,
+                                         schedule="linear warmup, cosine to 0.1"),
+        "seed": seed, "steps": steps, "train_wall_s": round(train_s, 1), "steps_per_s": round(steps / train_s, 3),
+        "pool_size": int(pool.numel()), "probe_n": probe_n, "probe_distances": list(PROBE_DISTANCES),
+        "pass_criterion": "text_gap_d96 >= 1.0 nat", "passed": final["text_gap_d96"] >= 1.0,
+        "final": final, "probe_curve": curve, "loss_curve": losses,
+        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+    }
+    if save:
+        model.save_pretrained(save)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lsa_kernels.train.pretrain_recall", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--probe-every", type=int, default=100)
+    ap.add_argument("--probe-n", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", required=True, help="the run's JSON")
+    ap.add_argument("--save", default=None, help="directory to save the trained model in (transformers format)")
+    a = ap.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            print(f"pretrain_recall: --threads must be >= 1, got {a.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(a.threads)
+    from .model import quiet_transformers
+
+    quiet_transformers()
+    try:
+        res = pretrain(a.recipe, a.steps, a.seed, a.batch, a.probe_every, a.probe_n, a.heads, a.kv_heads,
+                       log=lambda s: print(s, flush=True), save=a.save)
+    except (ConfigError, DataError) as e:
+        print(f"pretrain_recall: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{a.recipe}: {a.steps} steps in {res['train_wall_s']} s ({res['steps_per_s']} steps/s); final gap at d=96 "
+          f"(text filler) {res['final']['text_gap_d96']:.3f} nats -> {'PASS' if res['passed'] else 'FAIL'} (>= 1 nat)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
