@@ -442,10 +442,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.steps is not None:
         kw["steps"] = args.steps
     if _env.docs_smoke():  # the documented commands under the docs test: 2 seeds, a few steps, small evaluation
-        kw.update(seeds=kw.get("seeds", cfg.seeds)[:2], steps=min(kw.get("steps", cfg.steps), 3))
+        kw.update(seeds=kw.get("seeds", cfg.seeds)[:2], steps=min(kw.get("steps", cfg.steps), 3), workers=1)
         cfg = dataclasses.replace(cfg, n_eval=min(cfg.n_eval, 16), n_misalign=min(cfg.n_misalign, 32))
-        print("lsa synthetic: LSA_DOCS_SMOKE is set: at most 2 seeds, 3 steps, 16 test sequences per length",
-              file=sys.stderr)
+        print("lsa synthetic: LSA_DOCS_SMOKE is set: at most 2 seeds, 3 steps, 16 test sequences per length, "
+              "1 worker", file=sys.stderr)
     try:
         res = run_study(dataclasses.replace(cfg, **kw))
     except ValueError as e:
