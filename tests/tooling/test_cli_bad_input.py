@@ -86,17 +86,20 @@ def semantic_cases() -> List[Case]:
     """Bad inputs the parser cannot see: files, devices, combinations (run in the directory of make_fixtures)."""
     return [
         Case("train", ("--model", "corrupt"), "cannot load the model in 'corrupt'"),
-        Case("eval", ("--runs", "corrupt"), "corrupt: cannot read 'corrupt/model.safetensors'"),
+        Case("eval", ("--runs", "corrupt", "--l-train", "8"),
+             "corrupt: cannot read 'corrupt/model.safetensors'"),
         Case("train", ("--model", "badconfig"), "cannot load the model in 'badconfig'"),
-        Case("eval", ("--runs", "badconfig"), "badconfig: cannot read the model config"),
+        Case("eval", ("--runs", "badconfig", "--l-train", "8"), "badconfig: cannot read the model config"),
         Case("train", ("--tokenizer", "notes.txt"), "cannot read the tokenizer 'notes.txt'"),
-        Case("eval", ("--runs", "model", "--tokenizer", "notes.txt"), "cannot read the tokenizer 'notes.txt'"),
+        Case("eval", ("--runs", "model", "--tokenizer", "notes.txt", "--l-train", "8"),
+             "cannot read the tokenizer 'notes.txt'"),
         Case("train", ("--device", "cuda"), "--device cuda: no CUDA GPU is visible", no_gpu=True),
-        Case("eval", ("--runs", "model", "--device", "cuda"), "--device cuda: no CUDA GPU is visible", no_gpu=True),
+        Case("eval", ("--runs", "model", "--device", "cuda", "--l-train", "8"), "--device cuda: no CUDA GPU is visible",
+             no_gpu=True),
         Case("train", ("--device", "tpu7"), "--device 'tpu7' is not a torch device"),
         Case("train", ("--backend", "triton"), "--backend triton needs a CUDA GPU", no_gpu=True),
         Case("train", ("--out", "a_file"), "--out 'a_file' is an existing file"),
-        Case("eval", ("--runs", "model", "--out", "a_file"), "--out 'a_file' is an existing file"),
+        Case("eval", ("--runs", "model", "--out", "a_file", "--l-train", "8"), "--out 'a_file' is an existing file"),
         Case("synthetic", ("--out", "a_file"), "--out 'a_file' is an existing file"),
         Case("train", ("--n-head", "3"), "--n-head 3 must divide --n-embd 128"),
         Case("train", ("--n-kv-head", "3"), "--n-kv-head 3 must divide --n-head 4"),
@@ -120,7 +123,7 @@ def _parser(cmd: str):
 def argv_of(case: Case, out: str) -> List[str]:
     """The full argument list a case runs with: its own args, what the command requires, and --out ``out``
     (unless the case names its own --out) so that the test can see nothing was written."""
-    extra = ["--l-train", "8"] if "--runs" in case.args else list(REQUIRED.get(case.cmd, []))
+    extra = [] if "--runs" in case.args else list(REQUIRED.get(case.cmd, []))
     if _has_out(case.cmd) and "--out" not in case.args:
         extra += ["--out", out]
     return [*case.args, *extra]
@@ -147,7 +150,8 @@ def run_case(case: Case, out: str) -> Tuple[int, str, str]:
 
     o, e = io.StringIO(), io.StringIO()
     argv = argv_of(case, out)
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e), (no_gpu() if case.no_gpu else contextlib.nullcontext()):
+    gpu = no_gpu() if case.no_gpu else contextlib.nullcontext()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e), gpu:
         if case.cmd == "bench":  # `lsa bench` runs `python -m benchmarks` in a child: call its main here
             from benchmarks.__main__ import main as bench_main
 
