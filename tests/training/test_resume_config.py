@@ -96,3 +96,22 @@ def test_override_names_must_be_training_flags(stopped, capsys):
     out, _ = stopped
     assert train_main(["--out", str(out), "--resume", "--steps", "6", "--override-on-resume", "stepz"]) == 2
     assert "--override-on-resume: --stepz is not a setting" in capsys.readouterr().err
+
+
+def test_files_follow_the_umask(tmp_path, texts):
+    """latest, metrics.json, config.json, ckpt-*/ and the checkpoint's files get the mode the umask gives (they were
+    0600 / 0700 beside 0644 siblings when written through mkstemp / mkdtemp)."""
+    from lsa_kernels.train.checkpoint import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "run"
+        assert train_main(TINY + RUN + ["--train-files", *texts["train"], "--out", str(out), "--steps", "1"]) == 0
+        atomic_write_text(str(tmp_path / "results.json"), "{}")
+    finally:
+        os.umask(old)
+    ckpt = out / open(out / "latest").read().strip()
+    for p in [out / "latest", out / "metrics.json", out / "config.json", out / "log.jsonl", tmp_path / "results.json",
+              *ckpt.iterdir()]:
+        assert p.stat().st_mode & 0o777 == 0o640, (p, oct(p.stat().st_mode))
+    assert ckpt.stat().st_mode & 0o777 == 0o750

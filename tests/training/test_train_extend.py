@@ -282,10 +282,10 @@ def test_malicious_checkpoint_refused(tmp_path, texts, base, capsys, monkeypatch
         good = open(os.path.join(ck, name), "rb").read()
         with open(os.path.join(ck, name), "wb") as f:
             pickle.dump({"step": 1, "payload": _Evil()}, f)
-        assert _run(out, texts, base, "--l-train", "16", "--steps", "2", "--resume") == 2
+        assert _run(out, texts, base, "--l-train", "16", "--steps", "2", "--resume", "--override-on-resume", "steps") == 2
         err = capsys.readouterr().err
         assert "refusing to load" in err and name in err, err
         assert not marker.exists()  # the payload never ran
         with open(os.path.join(ck, name), "wb") as f:
             f.write(good)
-    assert _run(out, texts, base, "--l-train", "16", "--steps", "2", "--resume") == 0
+    assert _run(out, texts, base, "--l-train", "16", "--steps", "2", "--resume", "--override-on-resume", "steps") == 0
