@@ -22,7 +22,8 @@
 //     sym_kl  X = E_p[u]            Y = E_q[u]        X2 = E_p[expm1(-u)]   Y2 = E_q[expm1(u)]
 //     js      X = KL(p||m)          Y = KL(q||m)      log m = logaddexp(log p, log q) - log 2
 //   computed from e^{a - max a} sums in the same sweep as the lse (js needs the lse first: one more
-//   sweep). Gradients (times coef_div/τ, plus the CE gradient of each view, then the softcap factor):
+//   sweep). The op also returns each row's divergence D: kl, kl_rev, sym_kl from one more sweep per KL
+//   centred on the row's mean difference (centred_kl; docs/maths.md §5), the others from the stats. Gradients (times coef_div/τ, plus the CE gradient of each view, then the softcap factor):
 //     sce     dD/da = p - q - p(b - X)          dD/db = q - p - q(a - Y)
 //     kl      dD/da = p(u - X)                  dD/db = q - p
 //     kl_rev  dD/da = p - q                     dD/db = q(Y - u)
@@ -224,11 +225,14 @@ std::tuple<at::Tensor, at::Tensor> ce_chunk(at::Tensor z, const at::Tensor& y, c
 // ----------------------------------------------------------------------------------------- pairs
 
 constexpr int64_t kStats = N_STATS;  // lsa_kernels.maths.N_PAIR_STATS
+constexpr double kExpm1Agree = 1e-6;  // lsa_kernels.maths.EXPM1_AGREE
+constexpr double kPsiMax = 1.0;       // backends/cpu/aten.py PSI_MAX
 
 struct PairRow {
   int64_t yp, yq;       // targets (ignore_index when no CE)
   const float* st_in;   // saved statistics [8] or nullptr
   float* st;            // statistics out [8]
+  float* div;           // the row's divergence out (forward)
   float* ce_p;
   float* ce_q;
   bool has_coef;
@@ -264,6 +268,54 @@ LSA_INLINE void div_grad(float a, float b, float p, float q, float lta, float lt
     gp = 0.5f * p * (lp - lm - X);
     gq = 0.5f * q * (lq - lm - Y);
   }
+}
+
+// expm1(v) - v: its Taylor series v²/2! + ... + v⁹/9! for |v| <= 0.5 (truncation < 2e-9 relative),
+// e - v (e = expm1(v)) beyond, where it cancels by less than 5x (backends/cpu/aten.py _centred_kl)
+LSA_INLINE float phi_expm1(float v, float e) {
+  float s = 2.7557319224e-6f;
+  s = s * v + 2.4801587302e-5f;
+  s = s * v + 1.9841269841e-4f;
+  s = s * v + 1.3888888889e-3f;
+  s = s * v + 8.3333333333e-3f;
+  s = s * v + 4.1666666667e-2f;
+  s = s * v + 1.6666666667e-1f;
+  s = s * v + 0.5f;
+  const float series = s * v * v;
+  const float av = v < 0.0f ? -v : v;
+  return av <= 0.5f ? series : e - v;
+}
+
+// One KL of a row from differences centred on the row's mean c = E_w[u] (backends/cpu/aten.py _centred_kl
+// is the spec): v = sign·(u - c), s = E_w[expm1 v], KL = E_w[φ(v)] - ψ(s), ψ(s) = s - log1p(s), for |s| <= 1
+// (log1p(s) - E_w[v] beyond); where the expm1 clamp bit, the plain sign·(lse_a - lse_b - c).
+// SIGN +1: w = q, KL(q||p); -1: w = p, KL(p||q).
+template <int SIGN>
+static double centred_kl(const float* __restrict za, const float* __restrict zb, int64_t V, float it, float lta,
+                         float ltb, float c) {
+  const float lw = SIGN > 0 ? ltb : lta;
+  float sw = 0.f, sx = 0.f, sphi = 0.f, sy = 0.f;
+#pragma omp simd reduction(+ : sw, sx, sphi, sy)
+  for (int64_t v = 0; v < V; ++v) {
+    const float a = za[v] * it, b = zb[v] * it;
+    const float w = fexp((SIGN > 0 ? b : a) - lw);
+    const float d = SIGN > 0 ? (a - b) - c : c - (a - b);
+    const float e = fexpm1(d);
+    sw += w;
+    sx += w * e;
+    sphi += w * phi_expm1(d, e);
+    sy += w * d;
+  }
+  const double xc = static_cast<double>(sx) / sw, phi = static_cast<double>(sphi) / sw;
+  const double yc = static_cast<double>(sy) / sw;
+  const double la = lta, lb = ltb;
+  const double direct = SIGN * ((la - lb) - static_cast<double>(c));
+  if (std::isfinite(xc) && xc > -1.0) {
+    const double via = std::log1p(xc);
+    if (std::abs(via - direct) <= kExpm1Agree * (1.0 + std::abs(la) + std::abs(lb)))
+      return std::abs(xc) <= kPsiMax ? phi - (xc - via) : via - yc;
+  }
+  return direct;
 }
 
 // CE2: CE with τ != 1 (the CE softmax needs its own exponentials)
@@ -345,6 +397,18 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
       }
       X = kx;
       Y = ky;
+    }
+    // the row's divergence (stats above stay the mergeable sums of lsa_kernels/maths.py)
+    if constexpr (DIV == SCE) {
+      *R.div = lta + ltb - X - Y;
+    } else if constexpr (DIV == KL) {
+      *R.div = static_cast<float>(centred_kl<-1>(za, zb, V, it, lta, ltb, X));
+    } else if constexpr (DIV == KL_REVERSE) {
+      *R.div = static_cast<float>(centred_kl<1>(za, zb, V, it, lta, ltb, Y));
+    } else if constexpr (DIV == SYM_KL) {
+      *R.div = static_cast<float>(centred_kl<-1>(za, zb, V, it, lta, ltb, X) + centred_kl<1>(za, zb, V, it, lta, ltb, Y));
+    } else {
+      *R.div = 0.5f * (X + Y);
     }
     if (with_ce) {
       if constexpr (CE2) {
@@ -455,7 +519,7 @@ static at::Tensor opt_f32(const std::optional<at::Tensor>& t, int64_t n, const c
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_chunk(
     at::Tensor za, at::Tensor zb, const std::optional<at::Tensor>& yp, const std::optional<at::Tensor>& yq,
     const std::optional<at::Tensor>& stats, const std::optional<at::Tensor>& coef_ce_p,
     const std::optional<at::Tensor>& coef_ce_q, const std::optional<at::Tensor>& coef_div, int64_t divergence,
@@ -490,6 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
   auto ce_p = at::empty({C}, za.options());
   auto ce_q = at::empty({C}, za.options());
   auto st = at::empty({C, kStats}, za.options());
+  auto dv = st_in.defined() ? at::empty({0}, za.options()) : at::empty({C}, za.options());
   const PairParams P{{ignore_index, static_cast<float>(label_smoothing), static_cast<float>(z_loss),
                       static_cast<float>(softcap), vocab_total},
                      with_ce, grad_p, grad_q, static_cast<float>(temperature)};
@@ -504,6 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
   const float* cpp = ccp.defined() ? ccp.data_ptr<float>() : nullptr;
   const float* cqp = ccq.defined() ? ccq.data_ptr<float>() : nullptr;
   float* stp = st.data_ptr<float>();
+  float* dvp = dv.data_ptr<float>();
   float* cep = ce_p.data_ptr<float>();
   float* ceq = ce_q.data_ptr<float>();
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
@@ -512,6 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
                 yqp ? yqp[i] : ignore_index,
                 sip ? sip + kStats * i : nullptr,
                 stp + kStats * i,
+                sip ? nullptr : dvp + i,
                 cep + i,
                 ceq + i,
                 has_coef,
@@ -521,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_chunk(
       fn(a + i * V, b + i * V, V, P, R);
     }
   });
-  return {ce_p, ce_q, st};
+  return {ce_p, ce_q, st, dv};
 }
 
 // --------------------------------------------------------------------------------------- dense targets
@@ -800,7 +867,7 @@ TORCH_LIBRARY(lsa_kernels, m) {
       "pair_chunk(Tensor(a!) za, Tensor(b!) zb, Tensor? yp, Tensor? yq, Tensor? stats, Tensor? coef_ce_p, "
       "Tensor? coef_ce_q, Tensor? coef_div, int divergence, float temperature, bool grad_p, bool grad_q, "
       "bool with_ce, int ignore_index, float label_smoothing, float z_loss, float softcap, int vocab_total=0) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "dense_chunk(Tensor(a!) z, Tensor? y, Tensor? t, Tensor? c, Tensor? alpha, Tensor? omega, Tensor? lse, "
       "Tensor? coef_p, Tensor? coef, Tensor(b!)? dt, Tensor? c_sum, float c_sum_f, float kappa, float beta, "

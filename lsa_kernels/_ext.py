@@ -49,7 +49,7 @@ def _register_fakes() -> None:
     def _pair_chunk_fake(za, zb, yp, yq, stats, coef_ce_p, coef_ce_q, coef_div, divergence, temperature,
                          grad_p, grad_q, with_ce, ignore_index, label_smoothing, z_loss, softcap, vocab_total=0):
         C = za.shape[0]
-        return za.new_empty(C), za.new_empty(C), za.new_empty(C, 8)
+        return za.new_empty(C), za.new_empty(C), za.new_empty(C, 8), za.new_empty(0 if stats is not None else C)
 
     @torch.library.register_fake("lsa_kernels::dense_chunk")
     def _dense_chunk_fake(z, y, t, c, alpha, omega, lse, coef_p, coef, dt, c_sum, c_sum_f, kappa, beta, fused,

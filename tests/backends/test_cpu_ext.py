@@ -134,15 +134,16 @@ def test_pair_chunk_op(div, tau, detach, with_ce, cap):
     args = (code, tau, detach != "p", detach != "q", with_ce, IGN, eps, zl, cap)
     a, b = za.clone(), zb.clone()
     y_args = (yp, yq) if with_ce else (None, None)
-    ce_p, ce_q, st = op(a, b, *y_args, None, None, None, None, *args)
-    _close(L.maths.divergence_from_stats(st, div), dv_t, rtol=2e-5, name="div")
+    ce_p, ce_q, st, dv = op(a, b, *y_args, None, None, None, None, *args)
+    _close(L.maths.divergence_from_stats(st, div), dv_t, rtol=2e-5, name="div(stats)")
+    _close(dv, dv_t, rtol=2e-5, name="div")
     if with_ce:
         _close(ce_p, cep_t, name="ce_p")
         _close(ce_q, ceq_t, name="ce_q")
     c_args = (cp, cq, cd) if with_ce else (None, None, cd)
     a, b = za.clone(), zb.clone()
-    _, _, st2 = op(a, b, *y_args, None, *c_args, *args)  # folded
-    assert torch.equal(st, st2)
+    _, _, st2, dv2 = op(a, b, *y_args, None, *c_args, *args)  # folded
+    assert torch.equal(st, st2) and torch.equal(dv, dv2)
     if with_ce or detach != "p":
         _close(a, ga_t, atol_rel=2e-6, name="dz_p")
     if with_ce or detach != "q":

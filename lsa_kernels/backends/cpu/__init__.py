@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from ... import _ext
-from ...maths import Stat, divergence_from_stats
+from ...maths import Stat
 from ...options import N_PAIR_STATS, CEOptions, PairOptions
 from ..contract import Capabilities, CEOut, DenseOut, DenseTarget, Grads, PairCoefs, PairGrads, PairOut, PairRows
 from . import aten, ext, loop
@@ -179,6 +179,7 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     ce_p = _empty(N, like) if (fwd and ce_p_on) else zeros
     ce_q = _empty(N, like) if (fwd and ce_q_on) else zeros
     stats = _empty(N, like, N_PAIR_STATS) if fwd else saved.stats
+    div_all = _empty(N, like) if fwd else saved.div
     unpaired = rows.has_unpaired
     M = rows.xu.shape[0] if unpaired else 0
     ce_u = _empty(M, like) if unpaired else None
@@ -227,13 +228,14 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
         c = None if coefs is None else PairCoefs(coefs.div[s], sl_(coefs.ce_p, s), sl_(coefs.ce_q, s))
         tp = extras(z[0], ent, am, 0, s, stats[:, Stat.LSE_P], ent_saved, ce_ent)
         tq = extras(z[1], ent, am, 1, s, stats[:, Stat.LSE_Q], ent_saved, ce_ent)
-        cp, cq, st = fns.pair_chunk(z[0], z[1], sl_(yp, s), sl_(yq, s), opts, None if fwd else stats[s], c)
+        cp, cq, st, dv = fns.pair_chunk(z[0], z[1], sl_(yp, s), sl_(yq, s), opts, None if fwd else stats[s], c)
         for zk, t in ((z[0], tp), (z[1], tq)):
             if t is not None:
                 zk.add_(t)
         del tp, tq
         if fwd:
             stats[s] = st
+            div_all[s] = dv
             if ce_p_on:
                 ce_p[s] = cp
             if ce_q_on:
@@ -261,7 +263,7 @@ def _pair(rows: PairRows, w: Tensor, b: Optional[Tensor], opts: PairOptions, *, 
     n_rows = chunk_rows(w.shape[0], k, opts.ce.chunk_bytes)
     loop.run(parts, w, b, max(n_rows, 2 + unpaired), step, backward=coefs is not None, dw=grads.dw,
              db=grads.db, heads=heads)
-    return PairOut(ce_p, ce_q, divergence_from_stats(stats, opts.divergence), stats, ce_u, lse_u, ent, am, ent_u,
+    return PairOut(ce_p, ce_q, div_all, stats, ce_u, lse_u, ent, am, ent_u,
                    am_u)
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...maths import EXPM1_CLAMP, Stat, ce_row_loss
+from ...maths import EXPM1_AGREE, EXPM1_CLAMP, Stat, ce_row_loss, divergence_from_stats
 from ...options import N_PAIR_STATS, CEOptions, PairOptions
 from ..contract import DenseTarget, PairCoefs
 
@@ -279,15 +279,65 @@ def _expm1c(t: Tensor) -> Tensor:
     return torch.expm1(t.clamp(max=EXPM1_CLAMP))
 
 
+#: φ(v) = expm1(v) − v by its Taylor series (v²/2! + v³/3! + ... + v⁹/9!) where |v| <= PHI_SERIES_MAX
+#: (truncation < 2e-9 relative there; beyond it expm1(v) − v cancels by less than 5x)
+PHI_SERIES_MAX = 0.5
+#: ``KL = E[φ(v)] − ψ(s)`` for ``|s| <= PSI_MAX`` (s = E[expm1 v]); beyond, ``log1p(s) − E[v]`` (no cancellation
+#: there, while E[φ(v)] − s would lose ``|s|/KL`` ulps)
+PSI_MAX = 1.0
+_PHI_COEFS = tuple(1.0 / math.factorial(k) for k in range(9, 1, -1))  # 1/9!, ..., 1/2!
+
+
+def _centred_kl(w: Tensor, u: Tensor, c: Tensor, sign: float, lta: Tensor, ltb: Tensor) -> Tensor:
+    """One KL of a chunk from the per-element differences centred on the row's own mean (docs/maths.md §5):
+    ``KL = log1p(s) − E_w[v] = E_w[φ(v)] − ψ(s)``, ``s = E_w[expm1(v)]``, ``v = sign·(u − c)``,
+    ``φ(v) = expm1(v) − v``, ``ψ(s) = s − log1p(s)`` (the φ form for ``|s| <= PSI_MAX``, the log1p one beyond);
+    ``w = q, sign = +1`` gives KL(q‖p) (kl_reverse), ``w = p, sign = −1`` KL(p‖q) (kl); ``c [C]`` is E_w[u].
+
+    Exact for any constant ``c`` (both views' softmax is shift-invariant); with ``c = E_w[u]`` the sums are
+    of O(KL) and O(Var u) terms, so a common shift of the two views' logits costs no precision (the plain
+    stats form ``log1p(E[expm1(u)]) − E[u]`` loses ``E[u]²/Var(u)`` ulps). Rows where the expm1 clamp bit
+    (``log1p(E_w[expm1 v])`` disagrees with ``sign·(lse_a − lse_b − c)`` as in maths.divergence_from_stats)
+    take that plain difference, which does not cancel there. The row-level combination runs in fp64.
+    Memory: 3 fp32 [C, V] temporaries (+ a bool mask)."""
+    v = u - c.unsqueeze(1)
+    if sign < 0:
+        v.neg_()
+    small = v.abs() <= PHI_SERIES_MAX
+    e = v.clamp(max=EXPM1_CLAMP).expm1_()
+    xc = _rowdot(w, e)
+    yc = _rowdot(w, v).double()
+    s = torch.full_like(v, _PHI_COEFS[0])
+    for k in _PHI_COEFS[1:]:
+        s.mul_(v).add_(k)
+    s.mul_(v).mul_(v)
+    e.sub_(v)
+    torch.where(small, s, e, out=e)
+    del s, small, v
+    phi = _rowdot(w, e).double()
+    del e
+    xc = xc.double()
+    la, lb = lta.double().view(-1), ltb.double().view(-1)
+    direct = sign * ((la - lb) - c.double())
+    ok = torch.isfinite(xc) & (xc > -1.0)
+    via = torch.log1p(torch.where(ok, xc, torch.zeros_like(xc)))
+    agree = ok & ((via - direct).abs() <= EXPM1_AGREE * (1.0 + la.abs() + lb.abs()))
+    return torch.where(agree, torch.where(xc.abs() <= PSI_MAX, phi - (xc - via), via - yc), direct)
+
+
 def pair_chunk(za: Tensor, zb: Tensor, yp: Optional[Tensor], yq: Optional[Tensor], opts: PairOptions,
-               stats: Optional[Tensor] = None, coefs: Optional[PairCoefs] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(ce_p [c], ce_q [c], stats [c, 8]) of a chunk of paired rows; with ``coefs`` also ``za ← dz_p``,
-    ``zb ← dz_q``. With ``stats`` given (backward) they are not recomputed and ce_p, ce_q are zeros."""
+               stats: Optional[Tensor] = None,
+               coefs: Optional[PairCoefs] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(ce_p [c], ce_q [c], stats [c, 8], div [c]) of a chunk of paired rows; with ``coefs`` also ``za ← dz_p``,
+    ``zb ← dz_q``. With ``stats`` given (backward) they are not recomputed, ce_p, ce_q are zeros and div is
+    None. ``div``: the divergence per row, for kl / kl_reverse / sym_kl from :func:`_centred_kl` (more precise
+    than maths.divergence_from_stats of ``stats``, which stays what a vocab split merges), else from stats."""
     ce, tau, div = opts.ce, opts.temperature, opts.divergence
     _softcap_(za, ce.softcap)
     _softcap_(zb, ce.softcap)
     C = za.shape[0]
     forward = stats is None
+    dv = None
     ce_p = ce_q = torch.zeros(C, dtype=za.dtype, device=za.device)
     if forward:
         stats = torch.zeros(C, N_PAIR_STATS, dtype=za.dtype, device=za.device)
@@ -332,8 +382,9 @@ def pair_chunk(za: Tensor, zb: Tensor, yp: Optional[Tensor], yq: Optional[Tensor
         else:  # js
             X, Y = _rowdot(p, lp), _rowdot(q, lq)
         stats[:, Stat.X], stats[:, Stat.Y] = X, Y
+        dv = _pair_div(p, q, u, stats, div)
     if coefs is None:
-        return ce_p, ce_q, stats
+        return ce_p, ce_q, stats, dv
 
     X, Y = stats[:, Stat.X].unsqueeze(1), stats[:, Stat.Y].unsqueeze(1)
     cd = (coefs.div / tau).unsqueeze(1)
@@ -382,7 +433,20 @@ def pair_chunk(za: Tensor, zb: Tensor, yp: Optional[Tensor], yq: Optional[Tensor
     view_grad(gp, a, p, stats[:, Stat.LSE_P], yp, coefs.ce_p)
     del gp
     view_grad(gq, b, q, stats[:, Stat.LSE_Q], yq, coefs.ce_q)
-    return ce_p, ce_q, stats
+    return ce_p, ce_q, stats, dv
+
+
+def _pair_div(p: Tensor, q: Tensor, u: Optional[Tensor], stats: Tensor, div: str) -> Tensor:
+    """Per-row divergence of a forward chunk (:func:`pair_chunk`'s ``div``)."""
+    if div not in ("kl", "kl_reverse", "sym_kl"):
+        return divergence_from_stats(stats, div)
+    lta, ltb = stats[:, Stat.LSET_P], stats[:, Stat.LSET_Q]
+    d = 0.0
+    if div in ("kl", "sym_kl"):  # X = E_p[u]
+        d = d + _centred_kl(p, u, stats[:, Stat.X], -1.0, lta, ltb)
+    if div in ("kl_reverse", "sym_kl"):  # Y = E_q[u]
+        d = d + _centred_kl(q, u, stats[:, Stat.Y], 1.0, lta, ltb)
+    return d.to(stats.dtype)
 
 
 def js_partial_chunk(za: Tensor, zb: Tensor, lset: Tensor, opts: PairOptions) -> Tensor:

@@ -53,11 +53,12 @@ def ce_chunk(z: Tensor, y: Tensor, opts: CEOptions, lse: Optional[Tensor] = None
 
 
 def pair_chunk(za: Tensor, zb: Tensor, yp: Optional[Tensor], yq: Optional[Tensor], opts: PairOptions,
-               stats: Optional[Tensor] = None, coefs: Optional[PairCoefs] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """As :func:`.aten.pair_chunk`."""
+               stats: Optional[Tensor] = None,
+               coefs: Optional[PairCoefs] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """As :func:`.aten.pair_chunk` (the divergence per row from the op's centred sweep)."""
     ce = opts.ce
     with_ce = opts.with_ce
-    return _ext.ops().pair_chunk(
+    ce_p, ce_q, st, div = _ext.ops().pair_chunk(
         za, zb, yp if with_ce else None, yq if with_ce else None, stats,
         coefs.ce_p if coefs is not None and with_ce else None,
         coefs.ce_q if coefs is not None and with_ce else None,
@@ -65,6 +66,7 @@ def pair_chunk(za: Tensor, zb: Tensor, yp: Optional[Tensor], yq: Optional[Tensor
         _ext.DIVERGENCE_CODES[opts.divergence], float(opts.temperature), opts.grad_p, opts.grad_q, with_ce,
         ce.ignore_index, ce.label_smoothing, ce.z_loss, _softcap_arg(ce), ce.vocab_total or 0,
     )
+    return ce_p, ce_q, st, (div if stats is None else None)
 
 
 def dense_chunk(z: Tensor, y: Optional[Tensor], T: DenseTarget, opts: CEOptions, lse: Optional[Tensor] = None,
