@@ -4,7 +4,8 @@
 #
 #   tests/mutation/run.sh maths          # one module: maths | reference | functional | autograd | pairing |
 #                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__ |
-#                                        #   backends/cpu/ext | distillation
+#                                        #   backends/cpu/ext | distillation | _checks | integrations/trainer |
+#                                        #   integrations/patch | train/demo_stats (the last four: not in `all`)
 #   tests/mutation/run.sh all            # every module above, in that order (what `make mutate` runs)
 #
 # Needs cosmic-ray in its own venv (kept apart from the project's pinned stack):
@@ -16,7 +17,7 @@
 # Each module has a small, fast test selection (tests/api/test_mutants.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
-module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation or all}"
+module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation, _checks, integrations/trainer, integrations/patch, train/demo_stats or all}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 if [ "$module" = all ]; then
   for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__ \
@@ -37,6 +38,10 @@ case "$module" in
   backends/cpu/*) tests="$M tests/backends/test_backend_contract.py tests/api/test_per_token.py tests/backends/test_cpu_ext.py tests/backends/test_memory.py tests/api/test_distillation.py tests/api/test_per_view.py tests/api/test_dense_targets.py -k 'not triton'" ;;
   distillation) tests="$M tests/api/test_distillation.py -k 'not triton and not gloo and not ranks and not liger'" ;;
   pairing) tests="$M tests/api/test_pairing_oracle.py tests/api/test_bad_input.py tests/api/test_long_short.py::test_sample_l_extra_range_and_module" ;;
+  _checks) tests="$M tests/api/test_bad_input.py tests/api/test_accuracy.py -k 'functional or bad_input or target or integer or finite or triton_backend or accuracy'" ;;
+  integrations/trainer) tests="tests/integrations/test_collator.py tests/integrations/test_hf_trainer.py::test_long_short_collator_and_window_dataset" ;;
+  integrations/patch) tests="tests/integrations/test_hf_patch.py -k 'trl or unpatch or patched_loss or positional or eval_mode or peft'" ;;
+  train/demo_stats) tests="tests/training/test_demo_verdicts.py tests/training/test_demo.py -k 'verdict or tie or student or paired or correlations or build_stats'" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
 esac
 if [ ! -f "${CR_SRC:-$repo}/lsa_kernels/$module.py" ]; then
