@@ -1,17 +1,18 @@
 # Two commands: `make demo` (the main job) and `make test` (what CI runs). Both create .venv if
-# missing and install the pinned stack (torch 2.13.0 CPU build, triton 3.8.0) and the package.
+# missing and install the pinned stack (torch 2.13.0 CPU build, triton 3.8.0: the newest end of the torch
+# range in pyproject.toml) and the package. `make test-oldest` tests the oldest end (torch 2.11, triton 3.6).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lsa-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-quick synthetic install clean-ext mutate
+.PHONY: demo test test-fast test-oldest test-cpu-paths bench bench-quick synthetic install clean-ext mutate
 
-$(STAMP): setup.py Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned in the same command as everything that depends on it: no CUDA wheel is pulled
-	$(PY) -m pip install -q torch==2.13.0 triton==3.8.0 numpy setuptools wheel ninja
+	$(PY) -m pip install -q torch==2.13.0 triton==3.8.0 numpy "setuptools>=77" wheel ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,train]" torch==2.13.0 triton==3.8.0
 	touch $(STAMP)
 
@@ -28,6 +29,45 @@ test: $(STAMP)
 	else \
 	  echo "no CUDA device: tests/backends/test_cuda.py (compiled kernels on a GPU) not run"; \
 	fi
+
+# The oldest end of the supported torch range, as a user with an existing environment would install:
+# a second venv gets torch 2.11.0 + triton 3.6.0 + numpy<2.4 (the GPU image's stack; on PyPI that torch is
+# the CUDA build, which runs on CPU: ~1.2 GB downloaded, about a minute here, cached by pip afterwards),
+# then the package from a copy of this tree WITHOUT a torch pin and without build isolation, so the check
+# is that pip keeps torch 2.11 and compiles lsa_kernels._C against it; then the API and backend tests
+# (all kernels under the Triton 3.6 interpreter) run against that installed copy (pytest's console script
+# does not put the repo root on sys.path).
+OLD_VENV   ?= build/venv-oldest
+OLD_PINS   := torch==2.11.0 triton==3.6.0 "numpy<2.4"
+OLD_STAMP  := $(OLD_VENV)/.lsa-oldest-stack
+OLD_SRC    := build/src-oldest
+OLD_MARKS  ?= (api or backends) and not large
+
+$(OLD_STAMP):
+	rm -rf $(OLD_VENV)
+	python3 -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLD_VENV)/bin/python -m pip install -q $(OLD_PINS) "setuptools>=77" wheel ninja
+	touch $(OLD_STAMP)
+
+test-oldest: $(OLD_STAMP)
+	rm -rf $(OLD_SRC) && mkdir -p $(OLD_SRC)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(OLD_SRC)
+	# a local directory is always rebuilt and reinstalled; no torch pin here: pip must keep torch 2.11
+	$(OLD_VENV)/bin/python -m pip install -q --no-build-isolation "$(OLD_SRC)[test,triton36]"
+	cd / && $(abspath $(OLD_VENV))/bin/python -c "import torch, triton, numpy, lsa_kernels; \
+	  from lsa_kernels import _ext; \
+	  print('oldest stack: torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, \
+	        '| lsa_kernels', lsa_kernels.__version__, 'from', lsa_kernels.__file__, '| _C built:', _ext.built()); \
+	  assert torch.__version__.split('+')[0] == '2.11.0', 'pip replaced the installed torch'; \
+	  assert '$(abspath $(OLD_VENV))' in lsa_kernels.__file__, 'not the installed copy'; \
+	  assert _ext.built(), 'lsa_kernels._C was not compiled against torch 2.11'"
+	$(OLD_VENV)/bin/pytest -q -ra -p no:cacheprovider -m "$(OLD_MARKS)" $(PYTEST_ARGS) tests/api tests/backends
+
+# Precision and memory tests under two CPU code paths (ATen's default and the machine's best, MKL at AVX2).
+test-cpu-paths: $(STAMP)
+	@test -f scripts/test_cpu_paths.sh || { echo "make test-cpu-paths: scripts/test_cpu_paths.sh does not exist (yet)" >&2; exit 1; }
+	PY=$(PY) bash scripts/test_cpu_paths.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/lsa demo
