@@ -86,7 +86,10 @@ def _ce(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_every: int = 100, probe_n: int = 64,
-             heads: Optional[int] = None, kv_heads: Optional[int] = None, log=print, save: Optional[str] = None) -> dict:
+             heads: Optional[int] = None, kv_heads: Optional[int] = None, log=print, save: Optional[str] = None,
+             out: Optional[str] = None) -> dict:
+    """Train ``recipe`` for ``steps`` steps; returns the run's record (and writes it to ``out`` after every probe,
+    so a run stopped early leaves its curve so far, marked ``"complete": false``)."""
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if steps < 1 or batch < 1 or probe_every < 1:
@@ -117,12 +120,36 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
                 row[f"{name}_with_d{d}"] = round(v["loss_with"], 4)
         model.train()
         curve.append(row)
-        log(f"step {step:5d}  {train_s:7.1f}s  gap text d32/96/200: {row['text_gap_d32']:.2f} "
+        log(f"step {step:5d}  {train_s:7.1f}s  {time.strftime('%H:%M:%S')}  gap text d32/96/200: {row['text_gap_d32']:.2f} "
             f"{row['text_gap_d96']:.2f} {row['text_gap_d200']:.2f}  random: {row['random_gap_d32']:.2f} "
             f"{row['random_gap_d96']:.2f} {row['random_gap_d200']:.2f}")
 
+    def record(complete: bool) -> dict:
+        final = curve[-1]
+        done = final["step"]
+        res = {
+            "recipe": recipe, "complete": complete, "config": dict(
+                r, layers=4, d_model=128, ffn=352, batch=batch, curriculum=list(CURRICULUM) if r["synth"] else None,
+                betas=[0.9, 0.95], grad_clip=1.0, schedule="linear warmup, cosine to 0.1"),
+            "seed": seed, "steps": steps, "steps_done": done, "train_wall_s": round(train_s, 1),
+            "steps_per_s": round(done / train_s, 3) if train_s > 0 else None, "wall_s": round(time.time() - t_start, 1),
+            "pool_size": int(pool.numel()), "probe_n": probe_n, "probe_distances": list(PROBE_DISTANCES),
+            "pass_criterion": "text_gap_d96 >= 1.0 nat", "passed": final["text_gap_d96"] >= 1.0,
+            "final": final, "probe_curve": curve, "loss_curve": losses,
+            "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "python": platform.python_version(), "nice": os.nice(0)},
+        }
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out + ".tmp", "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(out + ".tmp", out)
+        return res
+
+    t_start = time.time()
     model.train()
     probe(0)
+    record(False)
     for step in range(steps):
         t0 = time.perf_counter()
         for grp in opt.param_groups:
@@ -146,18 +173,8 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
         losses.append(loss_row)
         if (step + 1) % probe_every == 0 or step + 1 == steps:
             probe(step + 1)
-    final = curve[-1]
-    result = {
-        "recipe": recipe, "config": dict(r, layers=4, d_model=128, ffn=352, batch=batch, curriculum=list(CURRICULUM)
-                                         if r["synth"] else None, betas=[0.9, 0.95], grad_clip=1.0,
-                                         schedule="linear warmup, cosine to 0.1"),
-        "seed": seed, "steps": steps, "train_wall_s": round(train_s, 1), "steps_per_s": round(steps / train_s, 3),
-        "pool_size": int(pool.numel()), "probe_n": probe_n, "probe_distances": list(PROBE_DISTANCES),
-        "pass_criterion": "text_gap_d96 >= 1.0 nat", "passed": final["text_gap_d96"] >= 1.0,
-        "final": final, "probe_curve": curve, "loss_curve": losses,
-        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
-    }
+            record(step + 1 == steps)
+    result = record(True)
     if save:
         model.save_pretrained(save)
     return result
@@ -187,13 +204,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_transformers()
     try:
         res = pretrain(a.recipe, a.steps, a.seed, a.batch, a.probe_every, a.probe_n, a.heads, a.kv_heads,
-                       log=lambda s: print(s, flush=True), save=a.save)
+                       log=lambda s: print(s, flush=True), save=a.save, out=a.out)
     except (ConfigError, DataError) as e:
         print(f"pretrain_recall: {e}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
     print(f"{a.recipe}: {a.steps} steps in {res['train_wall_s']} s ({res['steps_per_s']} steps/s); final gap at d=96 "
           f"(text filler) {res['final']['text_gap_d96']:.3f} nats -> {'PASS' if res['passed'] else 'FAIL'} (>= 1 nat)")
     return 0

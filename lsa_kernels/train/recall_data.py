@@ -99,7 +99,7 @@ class RecallBatch:
 
 class RecallWindows:
     """Windows of ``length`` tokens with ``n_spans`` repeated rare spans and ``n_facts`` stated-and-queried facts
-    each, at distances drawn from ``buckets`` (cycled, so a batch covers them evenly).
+    each, at distances drawn from ``buckets`` (cycled over windows and items, so a batch covers every (kind, bucket)).
 
     ``corpus``: the filler text (None: random pool tokens). ``pool``: the rare-token pool (:func:`rare_pool`).
     ``tok``: the tokenizer (needed for facts). Pure function of ``(seed, step)``."""
@@ -156,7 +156,7 @@ class RecallWindows:
             used = torch.zeros(self.length, dtype=torch.bool)
             names = torch.randperm(len(self.pre), generator=g)[: self.n_facts].tolist() if self.n_facts else []
             for k in range(n_items):
-                name, lo, hi = self.buckets[(w * n_items + k + int(step)) % len(self.buckets)]
+                name, lo, hi = self.buckets[(w + k + int(step)) % len(self.buckets)]
                 if k < self.n_spans:
                     seg = self.pool[torch.randint(0, self.pool.numel(), (self.span_len,), generator=g)].tolist()
                     off = 1  # answer tokens: the copy's tokens after its first
