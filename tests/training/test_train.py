@@ -101,7 +101,7 @@ def test_bad_inputs(tmp_path, texts, capsys):
     assert "exceeds the model's 16 positions" in capsys.readouterr().err
     assert not out.exists()  # nothing half-written
     # evaluation past max_position_embeddings is refused, not truncated
-    assert eval_main(["--runs", str(tmp_path / "m16"), "--l-train", "8", "--out", str(tmp_path / "ev"),
+    assert eval_main(["--runs", str(tmp_path / "m16"), "--l-train", "8", "--lengths", "1", "4", "--out", str(tmp_path / "ev"),
                       "--eval-files", *texts["test"]]) == 2
     assert "exceeds max_position_embeddings=16" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
