@@ -153,6 +153,48 @@ def assert_within(ours, truth, *, atol, rtol=1e-4, lowp=None, name=""):
                            f"max excess {(err - bound).max().item():.3e}")
 
 
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def fp32_logits_error(x: torch.Tensor, w: torch.Tensor, b=None) -> torch.Tensor:
+    """``δz [N, V]`` (fp64): this machine's fp32 logits ``x Wᵀ + b`` (one fp32 GEMM, as the cpu backend forms
+    them) minus the exact logits of the same fp32-rounded inputs: the GEMM's own rounding, whatever BLAS kernel
+    and CPU code path run it. Precision bounds scale from it instead of constants tuned on one CPU."""
+    x32, w32 = x.detach().float(), w.detach().float()
+    b32 = None if b is None else b.detach().float()
+    got = torch.mm(x32, w32.t()) if b32 is None else torch.addmm(b32, x32, w32.t())
+    exact = x32.double() @ w32.double().t()
+    if b32 is not None:
+        exact = exact + b32.double()
+    return got.double() - exact
+
+
+def fp32_gemm_rho(x: torch.Tensor, w: torch.Tensor) -> float:
+    """The machine's normalised fp32 GEMM error for ``x Wᵀ``: ``max |δz| / (|x| |W|ᵀ)`` (a few ``EPS32``: the
+    accumulation order of the BLAS kernel decides how many), at least ``EPS32 / 2``. A tolerance written as
+    ``k · fp32_gemm_rho(x, w) · |x| |W|ᵀ`` is ``k`` GEMM roundings on any CPU."""
+    d = fp32_logits_error(x, w)
+    scale = x.detach().float().double().abs() @ w.detach().float().double().abs().t()
+    return max(float((d.abs() / scale.clamp_min(1e-300)).max()), EPS32 / 2)
+
+
+def fp32_gemm_atol(a: torch.Tensor, b: torch.Tensor, k: float) -> float:
+    """``k`` fp32 GEMM roundings of the product ``a bᵀ`` at its largest (``k · rho · max |a| |b|ᵀ``, rho of
+    :func:`fp32_gemm_rho` measured on ``a``, ``b`` themselves): an absolute tolerance for an fp32 result whose
+    error the GEMM bounds (an lse or a CE loss moves by at most the largest logit error; ``dx = dz W``, ``dW = dzᵀ x``
+    with ``a``, ``b`` = the truth's ``dz`` and W or x)."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    return k * fp32_gemm_rho(a64, b64) * float((a64.abs() @ b64.abs().t()).max())
+
+
+def first_order_effect(f, zs, deltas) -> torch.Tensor:
+    """Per row ``Σ_v Σ_k |∂f/∂z_k,v|·|δz_k,v|``: a first-order bound of how far the rounding ``deltas`` of the
+    logits ``zs`` (fp64 ``[N, V]`` each) can move the per-row values ``f(*zs) [N]`` (rows independent)."""
+    zz = [z.detach().double().clone().requires_grad_(True) for z in zs]
+    gs = torch.autograd.grad(f(*zz).sum(), zz)
+    return sum((g.abs() * d.abs()).sum(-1) for g, d in zip(gs, deltas))
+
+
 def assert_close(a, b, *, rtol=1e-5, atol=1e-6, name=""):
     torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 

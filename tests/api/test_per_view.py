@@ -175,6 +175,7 @@ def test_module_and_reference_backend():
 # tests/backends/test_vocab_parallel_options.py::test_long_short_per_view_under_process_group
 
 
+@pytest.mark.memory
 @pytest.mark.parametrize("path", ["cpu", "cpu-aten"])
 def test_cpu_within_chunk_budget(path):
     """The per-view extras (forward temporaries, the entropy terms kept across the pair chunk function) stay

@@ -24,6 +24,8 @@ from lsa_kernels import reference as R
 
 from _util import leaf, targets
 
+pytestmark = pytest.mark.memory
+
 
 class LiveLogitBytes(TorchDispatchMode):
     def __init__(self, V: int):
