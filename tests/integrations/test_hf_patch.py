@@ -370,6 +370,25 @@ def test_trl_head_fields_and_either_patch_order(order):
     assert ce.calls == 1 and plain.logits is None
 
 
+def test_trl_head_wrapped_by_accelerates_mixed_precision_is_still_routed():
+    """Trainer's accelerate wraps the model's forward again for bf16 (autocast, then outputs to fp32) on top of
+    TRL's head on top of the patch: the fused_lm_head call still reaches the fused CE."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    from accelerate.utils import convert_outputs_to_fp32
+
+    import types
+
+    x, lab = batch()
+    m = tiny()
+    hf.patch(m)
+    trl_utils.add_fused_lm_head(m, outputs=("log_probs",))
+    m.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(m.forward.__func__), m)
+    m.forward = types.MethodType(convert_outputs_to_fp32(m.forward.__func__), m)
+    with _CountCE() as ce:
+        got = m(input_ids=x, labels=lab, fused_lm_head=True)
+    assert ce.calls == 1 and got.log_probs.dtype == torch.float32 and torch.isfinite(got.loss)
+
+
 @pytest.mark.parametrize("order", ["patch_then_trl", "trl_then_patch"])
 def test_trl_head_with_a_temperature_keeps_trls_pass_and_warns_once(order):
     """TRL's head divides the logits by its temperature, which the fused CE cannot: its values (not the
