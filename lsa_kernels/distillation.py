@@ -250,7 +250,7 @@ def linear_distillation(
     independent of τ); False leaves D unscaled. The CE term is at temperature 1.
 
     Rows that count: without ``target`` every row is in the soft term and there is no hard term
-    (``hard_loss_weight > 0`` then raises); with ``target`` (the rows' shape, int64, already aligned: no
+    (``hard_loss_weight > 0`` then raises); with ``target`` (the rows' shape, integer, already aligned: no
     shift) only rows whose target is not ``ignore_index`` count, in BOTH terms. ``reduction="mean"`` divides
     each term by the number of rows that count (0 with zero gradients when none), ``"sum"`` adds them,
     ``"none"`` returns per-row values of the rows' shape (0 on rows that do not count). ``token_weight``
