@@ -160,8 +160,6 @@ def evaluate(runs: List[str], out: str, *, labels: Optional[List[str]] = None, l
     for name, v in (("--longppl-gap", longppl_gap), ("--longppl-max-loss", longppl_max_loss)):
         if not math.isfinite(float(v)):
             raise ConfigError(f"{name} must be a finite number, got {v}")
-    if longppl_gap < 0:
-        raise ConfigError(f"--longppl-gap must be a finite number >= 0 (nats), got {longppl_gap}")
     if longppl_max_loss <= 0:
         raise ConfigError(f"--longppl-max-loss must be a finite number > 0 (nats), got {longppl_max_loss}")
     if l_train is not None and l_train < 1:
