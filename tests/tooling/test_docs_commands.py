@@ -33,9 +33,12 @@ SHELL = ("bash", "sh", "shell")
 RUN = SHELL + ("python",)
 NOT_RUN = ("text", "console", "json", "markdown", "md", "bibtex", "yaml", "toml", "cff", "ini", "diff", "cpp", "c")
 MARKER = "# not run by tests:"
-# folders a documented command may write into: copied per document; everything else is linked
+# folders a documented command may write into: copied per document; the other sources are linked. Not there:
+# the install files (a stray `make` / `pip install -e .` finds nothing to build) and outputs
 COPIED = ("benchmarks", "examples")
-NOT_LINKED = (".git", "runs", "build", "dist", "out", ".pytest_cache", ".hypothesis", "__pycache__")
+NOT_LINKED = ("runs", "build", "dist", "out", "__pycache__", "Makefile", "setup.py", "setup.cfg", "pyproject.toml")
+# commands that install or run the whole suite: never run here, whatever the block says
+INSTALLS = re.compile(r"(^|[;&|(]\s*|\s)(make|pip3?|uv|conda)(\s|$)|-m\s+pip\b|\bpytest\b")
 BLOCK_TIMEOUT = 300
 
 
@@ -116,7 +119,7 @@ def test_every_fence_says_what_it_is(block):
 
 def _workdir(tmp: str) -> str:
     for name in os.listdir(ROOT):
-        if name in NOT_LINKED or name.startswith(".") and name != ".venv":
+        if name in NOT_LINKED or name.startswith("."):
             continue
         src, dst = os.path.join(ROOT, name), os.path.join(tmp, name)
         if name in COPIED:
@@ -135,7 +138,16 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def _installs(block: Block) -> List[str]:
+    code = [s.split(" #", 1)[0] for s in block.body.splitlines() if not s.lstrip().startswith("#")]
+    return [s.strip() for s in code if INSTALLS.search(s)]
+
+
 def _run(block: Block, cwd: str) -> Tuple[int, str]:
+    found = _installs(block)
+    if found:
+        pytest.fail(f"{block.id}: {found[0]!r} installs or runs the test suite: the docs test never runs it; put "
+                    f"'{MARKER} <reason>' as the block's first line", pytrace=False)
     if block.lang in SHELL:
         cmd = ["bash", "-c", "set -eo pipefail\n" + block.body]
     else:
@@ -207,6 +219,14 @@ def test_relative_links_and_images_exist(doc):
         elif frag and dest.endswith(".md") and frag.lower() not in _anchors(dest):
             bad.append(f"{target} (no heading #{frag} in {os.path.relpath(dest, ROOT)})")
     assert not bad, f"{os.path.relpath(doc, ROOT)}: broken links: " + "; ".join(bad)
+
+
+def test_install_and_test_commands_are_never_run():
+    b = Block("x.md", 1, "bash", "make demo    # the demo\nlsa info\n")
+    assert _installs(b) == ["make demo"]
+    assert _installs(Block("x.md", 1, "bash", "python -m pip install -e .\ncd x && pip install y\n")) == [
+        "python -m pip install -e .", "cd x && pip install y"]
+    assert _installs(Block("x.md", 1, "bash", "lsa train --steps 2   # not make, no pip\nlsa eval --runs r\n")) == []
 
 
 def test_the_link_check_sees_a_missing_file(tmp_path):
