@@ -233,3 +233,18 @@ def test_the_link_check_sees_a_missing_file(tmp_path):
     doc = tmp_path / "x.md"
     doc.write_text("see ![plot](missing.png) and [ok](x.md) and `[not a link](nowhere)`\n")
     assert list(_links(str(doc))) == ["missing.png", "x.md"]
+
+
+def test_smoke_caps_lower_only_under_the_switch(monkeypatch, capsys):
+    import argparse
+
+    from lsa_kernels import _env
+
+    ns = argparse.Namespace(steps=800, batch_size=1, stop_after=0)
+    monkeypatch.delenv("LSA_DOCS_SMOKE", raising=False)
+    _env.smoke_caps(ns, "lsa train", steps=2, batch_size=2, stop_after=1)
+    assert (ns.steps, ns.batch_size, ns.stop_after) == (800, 1, 0) and capsys.readouterr().err == ""
+    monkeypatch.setenv("LSA_DOCS_SMOKE", "1")
+    _env.smoke_caps(ns, "lsa train", steps=2, batch_size=2, stop_after=1)
+    assert (ns.steps, ns.batch_size, ns.stop_after) == (2, 1, 0)  # only values above a cap change
+    assert capsys.readouterr().err == "lsa train: LSA_DOCS_SMOKE is set: --steps 800 -> 2\n"
