@@ -25,7 +25,7 @@ def env():
     return tok, test, pool, digits
 
 
-def lookup_oracle(vocab: int, k_max: int = 6, p_hit: float = 0.9, fallback: int = 0):
+def lookup_oracle(vocab: int, k_max: int = 8, p_hit: float = 0.9, fallback: int = 0):
     """Predict the token that followed the latest earlier occurrence of the longest matching suffix (up to k_max
     tokens) — an in-context copier with no knowledge outside the sequence. Log-probabilities: p_hit on the
     prediction, the rest uniform; no match -> ``fallback`` token."""
@@ -107,8 +107,8 @@ def test_lookup_recovers_answers_only_from_context(env):
     for b in ("near", "mid", "far"):
         assert full[f"fact/{b}"]["exact"] == 1.0
     cut = recall_scores(oracle, batch, truncated=True)
-    # without its source, the best in-context guess (another fact's digit, or nothing) is right at chance
-    assert abs(cut["fact/all"]["token_acc"] - chance("fact", pool.numel())["token_acc"]) < 0.06
+    # without its source, no in-context lookup beats chance (another fact's digit is right 1 time in 10)
+    assert cut["fact/all"]["token_acc"] < chance("fact", pool.numel())["token_acc"] + 0.06
     assert cut["fact/all"]["exact"] < 0.03
     assert cut["span/all"]["token_acc"] < 0.02 and cut["span/all"]["exact"] == 0.0
 
