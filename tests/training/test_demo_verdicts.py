@@ -32,3 +32,25 @@ def test_a_tied_seed_is_neither_lower_nor_higher():
     assert "lower on 3 of 5 seeds" in S.verdict("a", "b", "m", two) and S.call(two) == "no significant difference"
     rise = S.paired({0: 103.0, 1: 100.0, 2: 104.0}, {0: 100.0, 1: 100.0, 2: 100.0})  # a tie among rises
     assert (rise["k_lower"], rise["k_higher"]) == (0, 2) and rise["p_sign"] == pytest.approx(0.5)
+
+
+def test_student_t_p_in_both_branches_of_the_incomplete_beta():
+    """p-values near 1 (small |t|) come from the symmetric branch I_x(a, b) = 1 - I_{1-x}(b, a); the largest
+    df need it (the direct continued fraction does not converge there). Truths: mpmath.betainc at 40 digits."""
+    assert S.student_t_p(0.3, 4) == pytest.approx(0.7791214282774597, rel=1e-10)
+    assert S.student_t_p(2.0, 3) == pytest.approx(0.1393259685588432, rel=1e-10)
+    assert S.student_t_p(0.01, 1000) == pytest.approx(0.9920232819321873, rel=1e-9)
+    assert S.student_t_p(1e-3, 5000) == pytest.approx(0.9992021554654282, rel=1e-9)
+
+
+def test_pearson_degenerate_and_rounded_past_one():
+    """A constant y (like a constant x) has no correlation: r nan, not a division by zero; an exactly linear
+    relation whose r rounds to 1.0000000000000002 is clamped to 1 (p 0)."""
+    import math
+
+    assert math.isnan(S.pearson([1, 2, 3, 4], [5, 5, 5, 5])["r"])
+    x = [-2.839012506100234, 7.833213196413649, -5.6311454616953664, -7.214525896036948, -7.205084300666423,
+         -8.103384730462881]
+    y = [4.017072612997003 * v + 1.3 for v in x]
+    pe = S.pearson(x, y)
+    assert pe["r"] == 1.0 and pe["p"] == 0.0
