@@ -12,7 +12,8 @@
     python -m benchmarks --distill [opts]             # fused distillation vs torch KD vs the GEMMs (distill.py)
     python -m benchmarks --prob-targets [opts]        # probability targets: dense CE pass vs GEMM path vs torch
 
-Outputs in --out (default runs/bench; the committed results: --out benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
+Outputs in --out (default runs/bench, also for --train-step / --distill / --prob-targets run this way; the
+committed results: --out benchmarks/results): {tag}_ce.csv, {tag}_long_short.csv, {tag}_machine.json,
 {tag}_errors.log, SUMMARY_{tag}.md, plots_{tag}/*.png; tag = device, + "_quick" / "_goal".
 """
 
@@ -59,20 +60,30 @@ def build_parser():
     return ap
 
 
+def _sub_argv(argv, flag: str, out: str):
+    """``argv`` for a separate benchmark: without ``flag``, with ``--out out`` unless it names its own (so that
+    ``lsa bench --distill`` too leaves the committed results alone by default)."""
+    rest = [x for x in argv if x != flag]
+    if not any(x == "--out" or x.startswith("--out=") for x in rest) and not {"-h", "--help"} & set(rest):
+        rest += ["--out", out]
+    return rest
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--train-step" in argv:  # a separate benchmark with its own options (python -m benchmarks.train_step -h)
         from . import train_step
 
-        return train_step.main([x for x in argv if x != "--train-step"])
+        out = "runs/bench/train_step/quick" if "--quick" in argv else "runs/bench/train_step"
+        return train_step.main(_sub_argv(argv, "--train-step", out))
     if "--distill" in argv:  # issue 16's distillation benchmark (python -m benchmarks.distill -h)
         from . import distill
 
-        return distill.main([x for x in argv if x != "--distill"])
+        return distill.main(_sub_argv(argv, "--distill", "runs/bench"))
     if "--prob-targets" in argv:  # issue 16 item 4: probability targets (python -m benchmarks.prob_targets -h)
         from . import prob_targets
 
-        return prob_targets.main([x for x in argv if x != "--prob-targets"])
+        return prob_targets.main(_sub_argv(argv, "--prob-targets", "runs/bench"))
     ap = build_parser()
     a = ap.parse_args(argv)
 
