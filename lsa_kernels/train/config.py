@@ -147,8 +147,6 @@ def check_device(device: str, backend: str = "auto") -> None:
     """``--device`` names a device this machine has, and ``--backend triton`` has a GPU (or Triton's interpreter)."""
     import torch
 
-    from .. import _env
-
     try:
         dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     except (RuntimeError, ValueError):
