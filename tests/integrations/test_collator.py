@@ -67,3 +67,14 @@ def test_random_offset_false_takes_each_examples_start():
     out = c([torch.arange(10, 30), torch.arange(50, 60)])
     L = out["input_ids"].shape[1]
     assert torch.equal(out["input_ids"], torch.stack([torch.arange(10, 10 + L), torch.arange(50, 50 + L)]))
+
+
+def test_smallest_l_train_is_two():
+    """l_train = 2 (the smallest with a short view: l_extra is always 1, windows of 4 tokens); 1 is refused."""
+    c = LongShortCollator(2, seed=1)
+    assert c.max_length == 4
+    for _ in range(3):
+        out = c([torch.arange(4), torch.arange(10, 20)])
+        assert out["l_extra"] == 1 and out["input_ids"].shape == (2, 4)
+    with pytest.raises(ValueError, match="l_train: expected an int >= 2, got 1"):
+        LongShortCollator(1)
