@@ -164,6 +164,43 @@ def test_pair_chunk_op(div, tau, detach, with_ce, cap):
         _close(b, gb_t, atol_rel=2e-6, name="dz_q(stats)")
 
 
+@pytest.mark.precision
+@pytest.mark.parametrize("path", ["ext", "aten"])
+@pytest.mark.parametrize("div", ["kl", "kl_reverse", "sym_kl"])
+@pytest.mark.parametrize("shift,spread", [(0.0, 1e-5), (3e-3, 3e-5), (5.0, 1e-4), (0.0, 3.0)])
+def test_pair_chunk_kl_of_its_own_logits(path, div, shift, spread):
+    """The per-row divergence of a chunk is the exact KL of the fp32 logits it was given, to a few ulps of the
+    KL itself, whatever common shift the views differ by (docs/maths.md §5: the centred form): KLs from 1e-12
+    (spread 1e-5) to O(1) (spread 3, far-apart rows), shifts 0 .. 5."""
+    from lsa_kernels.backends.cpu import aten
+    from lsa_kernels.options import PairOptions
+
+    if path == "ext" and not _ext.built():
+        pytest.skip("lsa_kernels._C not built")
+    g = torch.Generator().manual_seed(3)
+    za = torch.randn(6, 2000, generator=g) * 4
+    zb = za + shift + spread * torch.randn(6, 2000, generator=g)
+    truth = R.divergence_from_logits(za.double(), zb.double(), div)
+    opts = PairOptions(divergence=div, with_ce=False)
+    fn = cpu.ext.pair_chunk if path == "ext" else aten.pair_chunk
+    _, _, _, dv = fn(za.clone(), zb.clone(), None, None, opts)
+    rel = ((dv.double() - truth).abs() / truth).max().item()
+    assert rel < 1e-4, (div, shift, spread, rel, truth.tolist())
+
+
+def test_centred_kl_constants_match():
+    """csrc/lsa_cpu.cpp repeats the centred form's constants of backends/cpu/aten.py and maths.py."""
+    import pathlib
+    import re
+
+    from lsa_kernels.backends.cpu import aten
+
+    src = (pathlib.Path(__file__).resolve().parents[2] / "csrc" / "lsa_cpu.cpp").read_text()
+    assert float(re.search(r"kExpm1Agree = ([0-9.e-]+);", src).group(1)) == L.maths.EXPM1_AGREE
+    assert float(re.search(r"kPsiMax = ([0-9.e-]+);", src).group(1)) == aten.PSI_MAX
+    assert float(re.search(r"return av <= ([0-9.]+)f \? series", src).group(1)) == aten.PHI_SERIES_MAX
+
+
 @needs_ext
 def test_opcheck_custom_ops():
     """Schemas, fake impls and mutation annotations agree (what torch.compile relies on)."""
