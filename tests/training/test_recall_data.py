@@ -160,3 +160,20 @@ def test_bad_input_is_refused(env):
     with pytest.raises(DataError, match="p_copy"):
         copy_windows(torch.Generator(), 1, 64, pool, p_copy=1.0)
     assert len(DIGITS) == 10
+
+
+def test_pilot_pretraining_is_reproducible_and_refuses_bad_input(tmp_path):
+    from lsa_kernels.train.config import ConfigError
+    from lsa_kernels.train.pretrain_recall import pretrain
+
+    kw = dict(steps=2, batch=2, probe_every=1, probe_n=2, log=lambda s: None)
+    a = pretrain("mixed", out=str(tmp_path / "a.json"), **kw)
+    b = pretrain("mixed", **kw)
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "train_s"} for r in rows]  # noqa: E731
+    assert a["loss_curve"] == b["loss_curve"] and untimed(a["probe_curve"]) == untimed(b["probe_curve"])
+    assert [r["L"] for r in a["loss_curve"]] == [64, 128] and a["complete"] and a["steps_done"] == 2
+    assert (tmp_path / "a.json").exists()
+    with pytest.raises(ConfigError, match="--recipe"):
+        pretrain("nope", steps=1)
+    with pytest.raises(ConfigError, match="--steps"):
+        pretrain("synth", steps=0)
