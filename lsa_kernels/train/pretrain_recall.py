@@ -15,7 +15,8 @@ Recipes (fixed in benchmarks/results/recall_pilot/PROTOCOL.md before any run):
   ``synth`` optimiser settings and ``--heads``/``--kv-heads`` (default: the demo's 4 / 2).
 
 The JSON written to ``--out`` holds the configuration, the loss curve, the copy-probe curve (gap at d in
-{32, 96, 200} on held-out text filler and on random filler) and wall time / steps per second.
+{32, 96, 200} on held-out text filler and on random filler), training wall time / steps per second, and the
+process's CPU seconds (probes included; a measure of cost that does not depend on the machine's load).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     def probe(step):
         model.eval()
         fn = lm_logits_fn(model)
-        row = {"step": step, "train_s": round(train_s, 1)}
+        row = {"step": step, "train_s": round(train_s, 1), "cpu_s": round(time.process_time() - cpu0, 1)}
         for name, p in probes.items():
             for d, v in copy_probe(fn, p).items():
                 row[f"{name}_gap_d{d}"] = round(v["gap"], 4)
@@ -133,6 +134,7 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
                 betas=[0.9, 0.95], grad_clip=1.0, schedule="linear warmup, cosine to 0.1"),
             "seed": seed, "steps": steps, "steps_done": done, "train_wall_s": round(train_s, 1),
             "steps_per_s": round(done / train_s, 3) if train_s > 0 else None, "wall_s": round(time.time() - t_start, 1),
+            "cpu_s": round(time.process_time() - cpu0, 1),
             "pool_size": int(pool.numel()), "probe_n": probe_n, "probe_distances": list(PROBE_DISTANCES),
             "pass_criterion": "text_gap_d96 >= 1.0 nat", "passed": final["text_gap_d96"] >= 1.0,
             "final": final, "probe_curve": curve, "loss_curve": losses,
@@ -146,7 +148,7 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
             os.replace(out + ".tmp", out)
         return res
 
-    t_start = time.time()
+    t_start, cpu0 = time.time(), time.process_time()
     model.train()
     probe(0)
     record(False)
