@@ -7,7 +7,7 @@ built; the constructors here only check invariants that would make a kernel sile
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .maths import DIVERGENCES, N_PAIR_STATS, Stat  # noqa: F401  (re-exported: the one definition is in maths.py)
@@ -57,7 +57,7 @@ class PairOptions:
     detach: Optional[str] = None
     #: compute CE of both views in the same pass (long_short_loss) or the divergence alone (linear_divergence)
     with_ce: bool = True
-    ce: CEOptions = CEOptions()
+    ce: CEOptions = field(default_factory=CEOptions)  # not a shared instance: torch 2.11's dynamo cannot wrap one
 
     @property
     def softcap(self) -> Optional[float]:
