@@ -61,6 +61,7 @@ CASES = [
     ("ce target range", ce(target=torch.tensor([0, 1, 2, 3, 4, V])), ValueError, ["target", "[0, 11)", "11"]),
     ("ce negative target", ce(target=torch.tensor([0, 1, -5, 3, 4, 5])), ValueError, ["target", "-5"]),
     ("ce float target", ce(target=y.float()), TypeError, ["target", "int64"]),
+    ("ce probabilities of V + 1 classes", ce(target=torch.rand(N, V + 1)), TypeError, ["target", "(6, 11)", "(6, 12)"]),
     ("ce dtype mismatch", ce(linear_weight=w.bfloat16()), TypeError, ["linear_weight", "bfloat16", "float32"]),
     ("ce device mismatch", ce(linear_weight=w.to("meta")), ValueError, ["linear_weight", "meta", "device"]),
     ("ce int input", ce(input=x.long()), TypeError, ["input", "float32"]),
@@ -76,7 +77,8 @@ CASES = [
     ("div name", div(divergence="kld"), ValueError, ["divergence", "'sce'", "'kld'"]),
     ("div detach", div(detach="long"), ValueError, ["detach", "'p'"]),
     ("div temperature", div(temperature=0.0), ValueError, ["temperature", "> 0"]),
-    ("div mask dtype", div(mask=torch.ones(N)), TypeError, ["mask", "bool"]),
+    ("div mask dtype", div(mask=torch.ones(N)), TypeError, ["mask", "bool", "(6,)"]),
+    ("div mask device", div(mask=torch.ones(N, dtype=torch.bool, device="meta")), ValueError, ["mask", "meta"]),
     ("div mask shape", div(mask=torch.ones(N + 1, dtype=torch.bool)), ValueError, ["mask", "shape"]),
     ("ls 2-D hidden", ls(hidden_long=torch.randn(5, H)), ValueError, ["hidden_long", "[B, T, H]"]),
     ("ls view shapes", ls(hidden_short=torch.randn(2, 6, H)), ValueError, ["hidden_short", "(2, 5, 8)"]),
@@ -115,6 +117,8 @@ CASES = [
     ("ce z_loss inf", ce(z_loss=inf), ValueError, ["z_loss", "finite"]),
     ("div temperature inf", div(temperature=inf), ValueError, ["temperature", "finite"]),
     ("ls alpha inf", ls(alpha=inf), ValueError, ["alpha", "finite"]),
+    ("ce token_weight -0.5", ce(token_weight=with_value(torch.ones(N), 4, -0.5)), ValueError,
+     ["token_weight", ">= 0", "-0.5"]),
     ("ce token_weight inf", ce(token_weight=with_value(torch.ones(N), 2, inf)), ValueError,
      ["token_weight", "finite", "inf"]),
     ("ce class weight inf", ce(weight=with_value(torch.ones(V), 3, inf)), ValueError, ["weight", "finite", "inf"]),
@@ -245,3 +249,17 @@ def test_non_finite_weight_check_is_behind_check_targets():
                                                  check_targets=False)) == []
     syncs_on = _syncs(lambda: L.linear_cross_entropy(x, w, y, token_weight=tw, weight=torch.ones(V), backend="cpu"))
     assert len(syncs_on) == 3, syncs_on  # targets, class weights, token weights: one each
+
+
+def test_vocab_parallel_target_shapes():
+    """Under process_group= a probability target may have this rank's columns or the whole vocabulary as its last
+    dim (the rows must still be the input's); any other last dim is refused naming the shard's columns."""
+    from lsa_kernels import _checks
+
+    w_shard = w[:5]
+    for t in (torch.rand(N, 5), torch.rand(N, V)):
+        assert _checks.check_ce(x, w_shard, t, None, "mean", -100, 0.0, 0.0, None, parallel=True)
+    with pytest.raises(TypeError, match="target must hold"):
+        _checks.check_ce(x, w_shard, torch.rand(N + 1, V), None, "mean", -100, 0.0, 0.0, None, parallel=True)
+    with pytest.raises(ValueError, match=r"last dim V=11 .* or V_r=5 \(this rank's columns 5:10\); got shape \(6, 7\)"):
+        _checks.check_prob_target_shard(torch.rand(N, 7), V, 5, 5)
