@@ -67,7 +67,7 @@ test-oldest: $(OLD_STAMP)
 # Precision and memory tests under two CPU code paths (ATen's default and the machine's best, MKL at AVX2).
 test-cpu-paths: $(STAMP)
 	@test -f scripts/test_cpu_paths.sh || { echo "make test-cpu-paths: scripts/test_cpu_paths.sh does not exist (yet)" >&2; exit 1; }
-	PY=$(PY) bash scripts/test_cpu_paths.sh
+	PYTHON=$(PY) bash scripts/test_cpu_paths.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/lsa demo
