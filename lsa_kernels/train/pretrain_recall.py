@@ -11,6 +11,8 @@ Recipes (fixed in benchmarks/results/recall_pilot/PROTOCOL.md before any run):
   curriculum 64 -> 128 -> 256 tokens over equal thirds of the steps; lr 1e-3, warmup 100, weight decay 0.1
   on the block matrices only (none on embeddings and norms).
 - ``synth-mha``: ``synth`` with 8 heads and 8 KV heads.
+- ``synth64``: ``synth`` at 64 tokens throughout (the cheapest steps; added after ``synth`` and ``synth-mha``
+  stayed on the loss plateau for 600 steps, to see whether more steps break it).
 - ``mixed``: each step one ``synth`` batch (curriculum lengths) and one ``text`` batch, from scratch, with the
   ``synth`` optimiser settings and ``--heads``/``--kv-heads`` (default: the demo's 4 / 2).
 
@@ -45,6 +47,8 @@ RECIPES = {
     "synth": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=False, heads=4, kv_heads=2),
     "synth-mha": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=False, heads=8, kv_heads=8),
     "mixed": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=True, heads=4, kv_heads=2),
+    "synth64": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=False, heads=4, kv_heads=2,
+                    curriculum=(64,)),
 }
 CURRICULUM = (64, 128, 256)
 PROBE_DISTANCES = (32, 96, 200)
@@ -130,7 +134,7 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
         done = final["step"]
         res = {
             "recipe": recipe, "complete": complete, "config": dict(
-                r, layers=4, d_model=128, ffn=352, batch=batch, curriculum=list(CURRICULUM) if r["synth"] else None,
+                r, layers=4, d_model=128, ffn=352, batch=batch, curriculum=list(r.get("curriculum", CURRICULUM)) if r["synth"] else None,
                 betas=[0.9, 0.95], grad_clip=1.0, schedule="linear warmup, cosine to 0.1"),
             "seed": seed, "steps": steps, "steps_done": done, "train_wall_s": round(train_s, 1),
             "steps_per_s": round(done / train_s, 3) if train_s > 0 else None, "wall_s": round(time.time() - t_start, 1),
@@ -159,7 +163,8 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
         loss_row = {"step": step + 1}
         total = 0.0
         if r["synth"]:
-            L = CURRICULUM[min(len(CURRICULUM) - 1, step * len(CURRICULUM) // steps)]
+            cur = r.get("curriculum", CURRICULUM)
+            L = cur[min(len(cur) - 1, step * len(cur) // steps)]
             ls = _ce(model, copy_windows(g, batch, L, pool))
             total = total + ls
             loss_row["synth"], loss_row["L"] = round(ls.item(), 4), L
