@@ -286,36 +286,52 @@ LSA_INLINE float phi_expm1(float v, float e) {
   return av <= 0.5f ? series : e - v;
 }
 
-// One KL of a row from differences centred on the row's mean c = E_w[u] (backends/cpu/aten.py _centred_kl
+// A KL of a row from differences centred on the row's mean c = E_w[u] (backends/cpu/aten.py _centred_kl
 // is the spec): v = sign·(u - c), s = E_w[expm1 v], KL = E_w[φ(v)] - ψ(s), ψ(s) = s - log1p(s), for |s| <= 1
 // (log1p(s) - E_w[v] beyond); where the expm1 clamp bit, the plain sign·(lse_a - lse_b - c).
-// SIGN +1: w = q, KL(q||p); -1: w = p, KL(p||q).
-template <int SIGN>
-static double centred_kl(const float* __restrict za, const float* __restrict zb, int64_t V, float it, float lta,
-                         float ltb, float c) {
-  const float lw = SIGN > 0 ? ltb : lta;
-  float sw = 0.f, sx = 0.f, sphi = 0.f, sy = 0.f;
-#pragma omp simd reduction(+ : sw, sx, sphi, sy)
-  for (int64_t v = 0; v < V; ++v) {
-    const float a = za[v] * it, b = zb[v] * it;
-    const float w = fexp((SIGN > 0 ? b : a) - lw);
-    const float d = SIGN > 0 ? (a - b) - c : c - (a - b);
-    const float e = fexpm1(d);
-    sw += w;
-    sx += w * e;
-    sphi += w * phi_expm1(d, e);
-    sy += w * d;
-  }
+// sign +1: w = q, KL(q||p); -1: w = p, KL(p||q).
+// the KL from the sums of one view's centred sweep: Σw, Σw·expm1(v), Σw·φ(v), Σw·v
+static double centred_kl_value(float sw, float sx, float sphi, float sy, int sign, float lta, float ltb, float c) {
   const double xc = static_cast<double>(sx) / sw, phi = static_cast<double>(sphi) / sw;
   const double yc = static_cast<double>(sy) / sw;
   const double la = lta, lb = ltb;
-  const double direct = SIGN * ((la - lb) - static_cast<double>(c));
+  const double direct = sign * ((la - lb) - static_cast<double>(c));
   if (std::isfinite(xc) && xc > -1.0) {
     const double via = std::log1p(xc);
     if (std::abs(via - direct) <= kExpm1Agree * (1.0 + std::abs(la) + std::abs(lb)))
       return std::abs(xc) <= kPsiMax ? phi - (xc - via) : via - yc;
   }
   return direct;
+}
+
+// KL(p||q) (PQ, centred on cp = E_p[u]) and/or KL(q||p) (QP, centred on cq = E_q[u]) of a row, one sweep for both
+template <bool PQ, bool QP>
+static double centred_kl(const float* __restrict za, const float* __restrict zb, int64_t V, float it, float lta,
+                         float ltb, float cp, float cq) {
+  float swp = 0.f, sxp = 0.f, sphp = 0.f, syp = 0.f, swq = 0.f, sxq = 0.f, sphq = 0.f, syq = 0.f;
+#pragma omp simd reduction(+ : swp, sxp, sphp, syp, swq, sxq, sphq, syq)
+  for (int64_t v = 0; v < V; ++v) {
+    const float a = za[v] * it, b = zb[v] * it;
+    const float u = a - b;
+    if constexpr (PQ) {
+      const float w = fexp(a - lta), d = cp - u, e = fexpm1(d);
+      swp += w;
+      sxp += w * e;
+      sphp += w * phi_expm1(d, e);
+      syp += w * d;
+    }
+    if constexpr (QP) {
+      const float w = fexp(b - ltb), d = u - cq, e = fexpm1(d);
+      swq += w;
+      sxq += w * e;
+      sphq += w * phi_expm1(d, e);
+      syq += w * d;
+    }
+  }
+  double out = 0.0;
+  if constexpr (PQ) out += centred_kl_value(swp, sxp, sphp, syp, -1, lta, ltb, cp);
+  if constexpr (QP) out += centred_kl_value(swq, sxq, sphq, syq, 1, lta, ltb, cq);
+  return out;
 }
 
 // CE2: CE with τ != 1 (the CE softmax needs its own exponentials)
@@ -402,11 +418,11 @@ static void pair_row(float* __restrict za, float* __restrict zb, int64_t V, cons
     if constexpr (DIV == SCE) {
       *R.div = lta + ltb - X - Y;
     } else if constexpr (DIV == KL) {
-      *R.div = static_cast<float>(centred_kl<-1>(za, zb, V, it, lta, ltb, X));
+      *R.div = static_cast<float>(centred_kl<true, false>(za, zb, V, it, lta, ltb, X, 0.0f));
     } else if constexpr (DIV == KL_REVERSE) {
-      *R.div = static_cast<float>(centred_kl<1>(za, zb, V, it, lta, ltb, Y));
+      *R.div = static_cast<float>(centred_kl<false, true>(za, zb, V, it, lta, ltb, 0.0f, Y));
     } else if constexpr (DIV == SYM_KL) {
-      *R.div = static_cast<float>(centred_kl<-1>(za, zb, V, it, lta, ltb, X) + centred_kl<1>(za, zb, V, it, lta, ltb, Y));
+      *R.div = static_cast<float>(centred_kl<true, true>(za, zb, V, it, lta, ltb, X, Y));
     } else {
       *R.div = 0.5f * (X + Y);
     }
