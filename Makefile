@@ -69,10 +69,11 @@ test-oldest: $(OLD_STAMP)
 	  assert _ext.built(), 'lsa_kernels._C was not compiled against torch 2.11'"
 	$(OLD_VENV)/bin/pytest -q -ra -p no:cacheprovider -m "$(OLD_MARKS)" $(OLD_IGNORE) $(PYTEST_ARGS) tests/api tests/backends
 
-# Precision and memory tests under two CPU code paths (ATen's default and the machine's best, MKL at AVX2).
+# Precision and memory tests under other CPU code paths than `make test`'s (which is the machine's best):
+# ATen's non-vectorised kernels, MKL at AVX2 (honoured on Intel AVX-512 CPUs), MKL's reproducibility branch.
+CPU_PATHS ?= default avx2 cbwr
 test-cpu-paths: $(STAMP)
-	@test -f scripts/test_cpu_paths.sh || { echo "make test-cpu-paths: scripts/test_cpu_paths.sh does not exist (yet)" >&2; exit 1; }
-	PYTHON=$(PY) bash scripts/test_cpu_paths.sh
+	PYTHON=$(PY) bash scripts/test_cpu_paths.sh $(CPU_PATHS)
 
 demo: $(STAMP)
 	$(VENV)/bin/lsa demo
