@@ -92,7 +92,7 @@ def _ce(model, ids: torch.Tensor) -> torch.Tensor:
 
 def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_every: int = 100, probe_n: int = 64,
              heads: Optional[int] = None, kv_heads: Optional[int] = None, log=print, save: Optional[str] = None,
-             out: Optional[str] = None) -> dict:
+             out: Optional[str] = None, lr: Optional[float] = None) -> dict:
     """Train ``recipe`` for ``steps`` steps; returns the run's record (and writes it to ``out`` after every probe,
     so a run stopped early leaves its curve so far, marked ``"complete": false``)."""
     if recipe not in RECIPES:
@@ -102,6 +102,10 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     r = dict(RECIPES[recipe])
     r["heads"] = heads or r["heads"]
     r["kv_heads"] = kv_heads or r["kv_heads"]
+    if lr is not None:
+        if not lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {lr}")
+        r["lr"] = lr
     torch.manual_seed(seed)
     tok = load_tokenizer()
     train, test = load_corpus(tok, "train"), load_corpus(tok, "test")
@@ -134,7 +138,8 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
         done = final["step"]
         res = {
             "recipe": recipe, "complete": complete, "config": dict(
-                r, layers=4, d_model=128, ffn=352, batch=batch, curriculum=list(r.get("curriculum", CURRICULUM)) if r["synth"] else None,
+                r, layers=4, d_model=128, ffn=352, batch=batch,
+                curriculum=list(r.get("curriculum", CURRICULUM)) if r["synth"] else None,
                 betas=[0.9, 0.95], grad_clip=1.0, schedule="linear warmup, cosine to 0.1"),
             "seed": seed, "steps": steps, "steps_done": done, "train_wall_s": round(train_s, 1),
             "steps_per_s": round(done / train_s, 3) if train_s > 0 else None, "wall_s": round(time.time() - t_start, 1),
@@ -195,6 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--probe-every", type=int, default=100)
     ap.add_argument("--probe-n", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--kv-heads", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -211,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_transformers()
     try:
         res = pretrain(a.recipe, a.steps, a.seed, a.batch, a.probe_every, a.probe_n, a.heads, a.kv_heads,
-                       log=lambda s: print(s, flush=True), save=a.save, out=a.out)
+                       log=lambda s: print(s, flush=True), save=a.save, out=a.out, lr=a.lr)
     except (ConfigError, DataError) as e:
         print(f"pretrain_recall: {e}", file=sys.stderr)
         return 2
