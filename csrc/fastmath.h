@@ -54,14 +54,9 @@ LSA_INLINE float fexp(float x) {
   return x < -87.0f ? 0.0f : y * scale;
 }
 
-// e^x - 1 for x in [-80, 80], clamped outside (e^-80 - 1 == -1 in fp32; the upper clamp is
-// lsa_kernels.stats.EXPM1_CLAMP, so that p·expm1(-u) never becomes 0·inf).
-LSA_INLINE float fexpm1(float x) {
-  const float xc = x < -80.0f ? -80.0f : (x > 80.0f ? 80.0f : x);
-  const float fn = (xc * kLog2e + kRound) - kRound;
-  float r = xc - fn * kLn2Hi;
-  r = r - fn * kLn2Lo;  // |r| <= 0.347
-  // expm1(r) = r + r^2 (1/2 + r/6 + r^2/24 + ...), Taylor to r^9 (truncation < 1e-9 relative)
+// expm1(r) - r = r^2 (1/2 + r/6 + r^2/24 + ...), Taylor to r^9 (truncation < 1e-9 relative for |r| <= 0.5):
+// shared by fexpm1 (the reduced argument) and lsa_cpu.cpp's phi_expm1 (the centred KL).
+LSA_INLINE float expm1_minus_x(float r) {
   float p = 2.7557319224e-6f;
   p = p * r + 2.4801587302e-5f;
   p = p * r + 1.9841269841e-4f;
@@ -70,7 +65,17 @@ LSA_INLINE float fexpm1(float x) {
   p = p * r + 4.1666666667e-2f;
   p = p * r + 1.6666666667e-1f;
   p = p * r + 0.5f;
-  const float em = p * r * r + r;
+  return p * r * r;
+}
+
+// e^x - 1 for x in [-80, 80], clamped outside (e^-80 - 1 == -1 in fp32; the upper clamp is
+// lsa_kernels.stats.EXPM1_CLAMP, so that p·expm1(-u) never becomes 0·inf).
+LSA_INLINE float fexpm1(float x) {
+  const float xc = x < -80.0f ? -80.0f : (x > 80.0f ? 80.0f : x);
+  const float fn = (xc * kLog2e + kRound) - kRound;
+  float r = xc - fn * kLn2Hi;
+  r = r - fn * kLn2Lo;  // |r| <= 0.347
+  const float em = expm1_minus_x(r) + r;  // expm1(r), exact for the reduced argument
   const float scale = bits_to_float((static_cast<int32_t>(fn) + 127) << 23);
   return scale * em + (scale - 1.0f);  // exactly em when fn == 0
 }

@@ -273,15 +273,7 @@ LSA_INLINE void div_grad(float a, float b, float p, float q, float lta, float lt
 // expm1(v) - v: its Taylor series v²/2! + ... + v⁹/9! for |v| <= 0.5 (truncation < 2e-9 relative),
 // e - v (e = expm1(v)) beyond, where it cancels by less than 5x (backends/cpu/aten.py _centred_kl)
 LSA_INLINE float phi_expm1(float v, float e) {
-  float s = 2.7557319224e-6f;
-  s = s * v + 2.4801587302e-5f;
-  s = s * v + 1.9841269841e-4f;
-  s = s * v + 1.3888888889e-3f;
-  s = s * v + 8.3333333333e-3f;
-  s = s * v + 4.1666666667e-2f;
-  s = s * v + 1.6666666667e-1f;
-  s = s * v + 0.5f;
-  const float series = s * v * v;
+  const float series = expm1_minus_x(v);
   const float av = v < 0.0f ? -v : v;
   return av <= 0.5f ? series : e - v;
 }

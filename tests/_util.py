@@ -244,3 +244,23 @@ def confident_ce_inputs(N: int, H: int, V: int, p_lo: float = 0.99, p_hi: float 
     x = (lo[:, None] * d).bfloat16().double()
     p_y = torch.softmax(x @ w.T, -1).gather(1, y[:, None]).squeeze(1)
     return x.float(), w.float(), y, p_y
+
+
+class CountFusedCE:
+    """Counts the fused CE calls ``hf.patch`` makes (``integrations.patch.linear_cross_entropy``), so an equal
+    result cannot come from the unpatched path: ``with CountFusedCE() as ce: ...; ce.calls``."""
+
+    def __enter__(self):
+        from lsa_kernels.integrations import patch
+
+        self.calls, self._module, self._orig = 0, patch, patch.linear_cross_entropy
+
+        def counting(*a, **k):
+            self.calls += 1
+            return self._orig(*a, **k)
+
+        patch.linear_cross_entropy = counting
+        return self
+
+    def __exit__(self, *exc):
+        self._module.linear_cross_entropy = self._orig

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lsa_kernels.integrations import hf  # noqa: E402
 from lsa_kernels.integrations import patch as P  # noqa: E402
+from _util import CountFusedCE  # noqa: E402
 
 V = 1024
 
@@ -317,21 +318,6 @@ def test_trl_fused_lm_head_served_by_the_fused_ce():
         torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
 
 
-class _CountCE:
-    def __enter__(self):
-        self.calls, self.orig = 0, P.linear_cross_entropy
-
-        def counting(*a, **k):
-            self.calls += 1
-            return self.orig(*a, **k)
-
-        P.linear_cross_entropy = counting
-        return self
-
-    def __exit__(self, *exc):
-        P.linear_cross_entropy = self.orig
-
-
 @pytest.mark.parametrize("order", ["patch_then_trl", "trl_then_patch"])
 def test_trl_head_fields_and_either_patch_order(order):
     """Patched before TRL's head is added (what hf.patch(model) then SFTTrainer(model) does) or after: the
@@ -350,7 +336,7 @@ def test_trl_head_fields_and_either_patch_order(order):
     else:
         trl_utils.add_fused_lm_head(m, outputs=outputs)
         hf.patch(m)
-    with _CountCE() as ce:
+    with CountFusedCE() as ce:
         got = m(input_ids=x, labels=lab, fused_lm_head=True)
     assert ce.calls == 1
     got.loss.backward()
@@ -361,10 +347,10 @@ def test_trl_head_fields_and_either_patch_order(order):
     for (n, p0), (_, p1) in zip(ref_m.named_parameters(), m.named_parameters()):
         torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-5, atol=1e-6, msg=lambda s: f"{n}: {s}")
     m.eval()  # eval mode: TRL's own head, as unpatched
-    with _CountCE() as ce, torch.no_grad():
+    with CountFusedCE() as ce, torch.no_grad():
         ev = m(input_ids=x, labels=lab, fused_lm_head=True)
     assert ce.calls == 0 and ev.log_probs is not None
-    with _CountCE() as ce, torch.no_grad():  # and without fused_lm_head, in training mode, the patched loss
+    with CountFusedCE() as ce, torch.no_grad():  # and without fused_lm_head, in training mode, the patched loss
         m.train()
         plain = m(input_ids=x, labels=lab)
     assert ce.calls == 1 and plain.logits is None
@@ -384,7 +370,7 @@ def test_trl_head_wrapped_by_accelerates_mixed_precision_is_still_routed():
     trl_utils.add_fused_lm_head(m, outputs=("log_probs",))
     m.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(m.forward.__func__), m)
     m.forward = types.MethodType(convert_outputs_to_fp32(m.forward.__func__), m)
-    with _CountCE() as ce:
+    with CountFusedCE() as ce:
         got = m(input_ids=x, labels=lab, fused_lm_head=True)
     assert ce.calls == 1 and got.log_probs.dtype == torch.float32 and torch.isfinite(got.loss)
 
@@ -407,7 +393,7 @@ def test_trl_head_with_a_temperature_keeps_trls_pass_and_warns_once(order):
         hf.patch(m)
     import warnings
 
-    with warnings.catch_warnings(record=True) as seen, _CountCE() as ce, torch.no_grad():
+    with warnings.catch_warnings(record=True) as seen, CountFusedCE() as ce, torch.no_grad():
         warnings.simplefilter("always")
         got = [m(input_ids=x, labels=lab, fused_lm_head=True) for _ in range(2)]
     assert ce.calls == 0

@@ -25,6 +25,7 @@ from transformers import (  # noqa: E402
 
 from lsa_kernels.integrations import hf  # noqa: E402
 from lsa_kernels.integrations import patch as P  # noqa: E402
+from _util import CountFusedCE  # noqa: E402
 from lsa_kernels.integrations.trainer import LongShortCollator, LongShortTrainer, window_dataset  # noqa: E402
 from lsa_kernels.train import data as D  # noqa: E402
 
@@ -68,26 +69,6 @@ COMMON = dict(max_steps=3, per_device_train_batch_size=4, gradient_accumulation_
               disable_tqdm=True, bf16=False, fp16=False)
 
 
-class Spy:
-    """Counts the fused CE calls the patch makes (so an equal result cannot come from the unpatched path)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __enter__(self):
-        self.orig = P.linear_cross_entropy
-
-        def counting(*a, **k):
-            self.calls += 1
-            return self.orig(*a, **k)
-
-        P.linear_cross_entropy = counting
-        return self
-
-    def __exit__(self, *exc):
-        P.linear_cross_entropy = self.orig
-
-
 def trained(trainer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -128,7 +109,7 @@ def test_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora):
         args = TrainingArguments(output_dir=str(tmp_path / f"p{int(patched)}"), **COMMON)
         tr = Trainer(model=m, args=args, train_dataset=feats,
                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
-        with Spy() as spy:
+        with CountFusedCE() as spy:
             out = trained(tr)
         return out, spy.calls, w_init
 
@@ -161,7 +142,7 @@ def test_sft_trainer_patched_equals_unpatched(tok, lines, tmp_path, lora, order)
                             peft_config=lora_config() if lora else None)
         if patched and order == "after":
             assert hf.patch(tr) is tr
-        with Spy() as spy:
+        with CountFusedCE() as spy:
             out = trained(tr)
         return out, spy.calls
 
