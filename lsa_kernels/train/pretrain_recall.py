@@ -23,7 +23,6 @@ process's CPU seconds (probes included; a measure of cost that does not depend o
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -193,24 +192,29 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lsa_kernels.train.pretrain_recall", description=__doc__.split("\n\n")[0])
+    from .. import _cli_types as T
+    from .. import _env
+
+    ap = T.Parser(prog="python -m lsa_kernels.train.pretrain_recall", description=__doc__.split("\n\n")[0],
+                  formatter_class=T.HelpFormatter)
     ap.add_argument("--recipe", required=True, choices=sorted(RECIPES))
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--probe-every", type=int, default=100)
-    ap.add_argument("--probe-n", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
-    ap.add_argument("--heads", type=int, default=None)
-    ap.add_argument("--kv-heads", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--steps", type=T.positive_int, required=True)
+    ap.add_argument("--seed", type=T.nonneg_int, default=0)
+    ap.add_argument("--batch", type=T.positive_int, default=16)
+    ap.add_argument("--probe-every", type=T.positive_int, default=100)
+    ap.add_argument("--probe-n", type=T.positive_int, default=64)
+    ap.add_argument("--lr", type=T.positive_float, default=None, help="override the recipe's peak learning rate")
+    ap.add_argument("--heads", type=T.positive_int, default=None)
+    ap.add_argument("--kv-heads", type=T.positive_int, default=None)
+    ap.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", required=True, help="the run's JSON")
     ap.add_argument("--save", default=None, help="directory to save the trained model in (transformers format)")
-    a = ap.parse_args(argv)
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2; its one line is on stderr already)
+        return int(e.code or 0)
+    _env.smoke_caps(a, "pretrain_recall", steps=2, batch=2, probe_every=1, probe_n=2)
     if a.threads is not None:
-        if a.threads < 1:
-            print(f"pretrain_recall: --threads must be >= 1, got {a.threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(a.threads)
     from .model import quiet_transformers
 
