@@ -4,7 +4,7 @@
 
 WORK_DIR is a session's copy (holds session.sqlite and the unmutated lsa_kernels/, or set CR_SRC to the
 tree the session was copied from); TESTS_DIR the tests to
-use (e.g. the repo's tests/ with the new tests/api/test_mutants.py). For each SURVIVED job the mutation diff is
+use (e.g. the repo's tests/ with the new tests/api/test_module_formulas.py). For each SURVIVED job the mutation diff is
 applied with `patch` to a scratch copy and the selection run there (PYTHONPATH = the copy). Prints one line
 per mutant: KILLED / SURVIVED, the job id and the mutated line, and a summary; writes recheck.txt.
 """

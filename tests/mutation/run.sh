@@ -14,7 +14,7 @@
 # extension built from it, or of the directory CR_SRC when set (e.g. a frozen `git worktree`, whose
 # lsa_kernels/_C*.so must be built). The tests run with the project's .venv python from inside the copy
 # (PYTHONPATH=copy), so the copy's package is the one imported, not the venv's editable install.
-# Each module has a small, fast test selection (tests/api/test_mutants.py first, so most mutants die in
+# Each module has a small, fast test selection (tests/api/test_module_formulas.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
 module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation, _checks, integrations/trainer, integrations/patch, train/demo_stats or all}"
@@ -29,7 +29,7 @@ fi
 work="${CR_WORK:-/tmp/lsa-mutation}/${module//\//_}"
 cr="${CR_VENV:-/tmp/crvenv}/bin"
 py="$repo/.venv/bin/python"
-M="tests/api/test_mutants.py"
+M="tests/api/test_module_formulas.py"
 case "$module" in
   maths) tests="$M tests/backends/test_maths_defs.py tests/backends/test_cpu_ext.py::test_fastmath_accuracy -k 'maths or fastmath'" ;;
   reference) tests="$M tests/api/test_pairing_oracle.py -k 'reference or oracle or pair_mask or make_views'" ;;

@@ -1,4 +1,5 @@
-"""Tests written to kill the mutants that survived mutation testing (tests/mutation/REPORT.md, issue 12).
+"""Each core module's formulas against fp64 truth computed here (the tests that decide mutation testing's
+scores: tests/mutation/REPORT.md).
 
 Each test names the module it guards and is written against the public API only (lsa_kernels.maths,
 .reference, .functional, .pairing, .modules and torch autograd), never against a backend's private
