@@ -37,7 +37,7 @@ from . import _checks, backends, reference
 from .autograd import _autocast_off
 from .backends import PairCoefs, PairGrads, PairOut, PairRows
 from .functional import _autocast_cast, _device_of, _finish, _result_dtype, _vocab_parallel, no_autocast, resolve_backend
-from .maths import DIVERGENCES, acc_dtype, mean_scale
+from .maths import DIVERGENCES, IGNORE_INDEX, acc_dtype, mean_scale
 from .options import REDUCTIONS, CEOptions, PairOptions
 
 Tensor = torch.Tensor
@@ -222,7 +222,7 @@ def linear_distillation(
     student_bias: Optional[Tensor] = None,
     teacher_bias: Optional[Tensor] = None,
     softcap: Optional[float] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     temperature_scaling: bool = True,
     train_teacher: bool = False,

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _checks, _env, reference
-from .maths import acc_dtype
+from .maths import IGNORE_INDEX, acc_dtype
 from .options import CEOptions, PairOptions
 from .pairing import LongShortLoss, LongShortLossOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
 
@@ -248,7 +248,7 @@ def _linear_cross_entropy(
     extras=(False, False, False),
 ):
     explicit_ignore = ignore_index is not None
-    ignore_index = -100 if ignore_index is None else ignore_index
+    ignore_index = IGNORE_INDEX if ignore_index is None else ignore_index
     target = _checks.index_target(target)
     _checks.check_chunk_bytes(chunk_bytes)
     prob = _checks.check_ce(
@@ -357,7 +357,7 @@ def _linear_divergence(
         token_weight,
     )
     be = resolve_backend(backend, input_p.device, input_p.dtype)
-    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], -100, False)
+    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], IGNORE_INDEX, False)
     if be == "reference":
         return reference.linear_divergence(
             input_p, input_q, linear_weight, linear_bias=linear_bias, divergence=divergence,
@@ -368,7 +368,7 @@ def _linear_divergence(
 
     opts = PairOptions(
         divergence=divergence, temperature=float(temperature), detach=detach, with_ce=False,
-        ce=_ce_options(-100, 0.0, 0.0, softcap, chunk_bytes, deterministic),
+        ce=_ce_options(IGNORE_INDEX, 0.0, 0.0, softcap, chunk_bytes, deterministic),
     )
     H = input_p.shape[-1]
     xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
@@ -394,7 +394,7 @@ def long_short_loss(
     temperature: float = 1.0,
     detach: Optional[str] = None,
     positions: str = "overlap",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     linear_bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
     label_smoothing: float = 0.0,

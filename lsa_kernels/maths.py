@@ -28,7 +28,7 @@ X2, Y2 are used by sym_kl only and are 0 otherwise):
     sym_kl       E_p[u]         E_q[u]         E_p[expm1(−u)]   E_q[expm1(u)]   (X + log1p(X2)) + (log1p(Y2) − Y)
     js           KL(p ‖ m)      KL(q ‖ m)                                       (X + Y) / 2,   m = (p + q) / 2
 
-Why ``expm1`` (docs/maths.md §5.2): ``KL(p‖q) = E_p[u] − (lse_a − lse_b)`` is a small difference of
+Why ``expm1`` (docs/maths.md §5): ``KL(p‖q) = E_p[u] − (lse_a − lse_b)`` is a small difference of
 large numbers when p ≈ q. ``lse_b − lse_a = log E_p[e^{−u}] = log1p(E_p[expm1(−u)])`` is formed from
 per-element differences instead, so the KL of two close distributions keeps its relative precision.
 sym_kl is the sum of the two KLs formed that way, never ``E_p[u] − E_q[u]`` (which cancels when p ≈ q).
@@ -44,6 +44,10 @@ from __future__ import annotations
 import enum
 
 import torch
+
+# torch's and transformers' default ignore_index: a target row with this value is skipped (docs/maths.md §3).
+# reference.py keeps its own literal on purpose (the ground truth imports nothing it checks).
+IGNORE_INDEX = -100
 
 __all__ = [
     "Divergence",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
+from .maths import IGNORE_INDEX
 from .pairing import LongShortLoss
 
 
@@ -59,7 +60,7 @@ class LongShortAlignmentLoss(nn.Module):
     ``return_lse`` / ``return_entropy`` / ``return_accuracy``, which make it return a LongShortLossOutput)."""
 
     def __init__(self, *, alpha: float = 0.1, divergence: str = "sce", temperature: float = 1.0,
-                 detach: Optional[str] = None, positions: str = "overlap", ignore_index: int = -100,
+                 detach: Optional[str] = None, positions: str = "overlap", ignore_index: int = IGNORE_INDEX,
                  softcap: Optional[float] = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  backend: str = "auto", **kw):
         super().__init__()
@@ -83,7 +84,7 @@ class LinearDistillationLoss(nn.Module):
     :func:`lsa_kernels.linear_distillation` (options go to the constructor)."""
 
     def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, hard_loss_weight: float = 0.0,
-                 soft_loss_weight: float = 1.0, softcap: Optional[float] = None, ignore_index: int = -100,
+                 soft_loss_weight: float = 1.0, softcap: Optional[float] = None, ignore_index: int = IGNORE_INDEX,
                  reduction: str = "mean", temperature_scaling: bool = True, train_teacher: bool = False,
                  backend: str = "auto", **kw):
         super().__init__()

@@ -1,7 +1,7 @@
 """Option dataclasses: every non-tensor argument of an op family travels in one frozen object.
 
 Backends and autograd Functions receive one of these instead of long positional argument lists.
-Validation of user-facing values happens in :mod:`lsa_kernels.functional` before an options object is
+Validation of user-facing values happens in :mod:`lsa_kernels._checks` (called by the public ops) before an options object is
 built; the constructors here only check invariants that would make a kernel silently wrong.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .maths import DIVERGENCES, N_PAIR_STATS, Stat  # noqa: F401  (re-exported: the one definition is in maths.py)
+from .maths import DIVERGENCES, IGNORE_INDEX, N_PAIR_STATS, Stat  # noqa: F401  (re-exported: the one definition is in maths.py)
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -26,7 +26,7 @@ STAT_LSE_P, STAT_LSE_Q, STAT_LSET_P, STAT_LSET_Q, STAT_X, STAT_Y, STAT_X2, STAT_
 class CEOptions:
     """Options of the linear cross-entropy (docs/maths.md §3)."""
 
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None

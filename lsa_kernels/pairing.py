@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .maths import IGNORE_INDEX
+
 
 class LongShortLoss(NamedTuple):
     """Result of :func:`lsa_kernels.long_short_loss`: ``loss = ce + alpha * misalign``."""
@@ -74,7 +76,7 @@ def pair_mask(
     labels_short: torch.Tensor,
     l_extra: int,
     positions: str = "overlap",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Bool ``[B, T - l_extra]``: which pairs enter the misalignment term.
 

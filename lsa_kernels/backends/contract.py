@@ -1,8 +1,8 @@
 """The contract between the autograd layer (:mod:`lsa_kernels.autograd`) and a compute backend.
 
 A backend is an object with the methods of :class:`Backend` and a :class:`Capabilities` record. The
-maths it implements is docs/maths.md §3 (cross-entropy, its options and gradient) and §5 (the two views,
-their divergences, per-row statistics and gradients); the shared definitions (divergence ids, statistic
+maths it implements is docs/maths.md §3 (cross-entropy, its options and gradient), §4 (the two views and
+which rows pair) and §5 (their divergences, per-row statistics and gradients); the shared definitions (divergence ids, statistic
 columns, the CE row loss, a divergence from its statistics) are in :mod:`lsa_kernels.maths`.
 
 Tensors. All are 2-D (or 1-D per-row) and contiguous: rows ``x [N, H]`` (fp32, bf16, fp16; fp64 on the

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import linear_cross_entropy, long_short_loss
+from ..maths import IGNORE_INDEX
 from ..pairing import LongShortLoss, make_views
 
 __all__ = [
@@ -223,7 +224,7 @@ def head_operands(head: OutputHead, h: torch.Tensor):
     return h, head.weight, b
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """transformers' shift: row t predicts ``labels[t + 1]``; the last row is ignored."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
@@ -235,7 +236,7 @@ def causal_lm_loss(
     attention_mask: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     **loss_kw,
 ) -> torch.Tensor:
     """``model(input_ids, labels=labels).loss`` with the fused CE (labels shifted here, as transformers does).
@@ -260,7 +261,7 @@ def long_short_step(
     alpha: float = 0.1,
     divergence: str = "sce",
     backend: str = "auto",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     labels: Optional[torch.Tensor] = None,
     **loss_kw,
 ) -> LongShortLoss:
@@ -358,7 +359,7 @@ def distillation_step(
     attention_mask: Optional[torch.Tensor] = None,
     *,
     backend: str = "auto",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     train_teacher: bool = False,
     **loss_kw,
 ):

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import linear_cross_entropy
+from ..maths import IGNORE_INDEX
 from ..options import BACKENDS
 from .hf import (
     UnsupportedModel,
@@ -411,7 +412,7 @@ def _causal_lm_forward(lm: nn.Module, kw: Dict[str, Any], options: Dict[str, Any
 
     labels, shifted = kw.get("labels"), kw.get("shift_labels")
     nib = kw.get("num_items_in_batch")
-    ignore_index = -100 if kw.get("ignore_index") is None else int(kw["ignore_index"])
+    ignore_index = IGNORE_INDEX if kw.get("ignore_index") is None else int(kw["ignore_index"])
     keep = kw.get("logits_to_keep", 0)
     return_dict = kw.get("return_dict")
     h, out = _run_decoder(lm, kw)
@@ -483,7 +484,7 @@ def _trl_forward(lm: nn.Module, kw: Dict[str, Any], fields, options: Dict[str, A
     else:
         y = shifted
     y = y.to(h.device)
-    mask = y != -100
+    mask = y != IGNORE_INDEX
     head = output_head(lm)
     H = h.shape[-1]
     hh, w, b = head_operands(head, h.reshape(-1, H))
