@@ -21,10 +21,8 @@ as view p (``w``/``b``) and the student as view q (the second head ``wq``/``bq``
 :mod:`lsa_kernels.backends.contract`): one pass over V per row tile, each tile of both heads' logits formed
 once; the teacher frozen is ``detach="p"`` with no CE on p, so no teacher gradient is formed at all.
 
-Why a module of its own (and not in :mod:`lsa_kernels.functional` / :mod:`lsa_kernels.autograd`): the op has
-its own argument set (two inputs, two heads, two dtypes), its own named-tuple result and its own autograd
-Function over the second-head backend calls; it shares only the backend layer with the other ops, and keeping
-it here leaves those modules (edited by other work on token and class weights) untouched.
+The op has its own argument set (two inputs, two heads, two dtypes), its own named-tuple result and its own
+autograd Function over the second-head backend calls; it shares only the backend layer with the other ops.
 """
 
 from __future__ import annotations
