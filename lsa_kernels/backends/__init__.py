@@ -26,7 +26,37 @@ def get(name) -> Backend:
 
         return backend
     if name == "triton":
+        problem = interpreter_version_problem()
+        if problem:
+            raise RuntimeError(problem)
         from .triton import backend
 
         return backend
     raise ValueError(f"no compute backend named {name!r}")
+
+
+def _major_minor(version: str) -> tuple:
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def interpreter_version_problem() -> "str | None":
+    """Why the Triton interpreter cannot run here, or None: triton < 3.7's interpreter (``TRITON_INTERPRET=1``)
+    fails inside every kernel with numpy >= 2.4 (it converts 1-element arrays with ``int()``). Compiled kernels
+    on a GPU are not affected, so this is checked only when interpreting."""
+    from .. import _env
+
+    if not _env.interpreting():
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) does not work with numpy "
+                f"{numpy.__version__}: it needs numpy < 2.4 (pip install \"numpy<2.4\", or the extra "
+                f"lsa-kernels[triton36]) or triton >= 3.8")
+    return None

@@ -185,3 +185,27 @@ def test_supported_gpu_accepted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert functional.resolve_backend("auto", torch.device("cuda", 1), torch.bfloat16) == "triton"
+
+
+def test_triton_interpreter_refuses_numpy_it_cannot_run_with(monkeypatch):
+    """triton 3.6's interpreter crashes inside every kernel with numpy >= 2.4: the backend says so in one line,
+    naming the pair and the fix, before any kernel runs; triton 3.8 with numpy 2.4 and a GPU (no interpreter)
+    are not refused."""
+    import numpy
+    import triton
+
+    from lsa_kernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    with pytest.raises(RuntimeError, match=r"triton 3\.6\.0's interpreter .* numpy 2\.4\.1: it needs numpy < 2\.4"):
+        backends.get("triton")
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert backends.interpreter_version_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.8.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert backends.interpreter_version_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backends.interpreter_version_problem() is None
