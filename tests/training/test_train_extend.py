@@ -103,14 +103,14 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, texts, base, capsy
     out = tmp_path / "out"
     cases = [
         (["--rope-scaling", "bogus", "--rope-factor", "2"], "--rope-scaling 'bogus' is not supported"),
-        (["--rope-scaling", "linear", "--rope-factor", "0.5"], "--rope-factor must be a number >= 1"),
+        (["--rope-scaling", "linear", "--rope-factor", "0.5"], "argument --rope-factor: must be a finite number >= 1"),
         (["--rope-factor", "2"], "--rope-factor needs --rope-scaling"),
         (["--rope-scaling", "linear", "--rope-factor", "2", "--l-train", "48"], "exceeds the model's 32 positions"),
         (["--l-train", "32"], "exceeds the model's 16 positions (extend them with --rope-scaling"),
         (["--lora", "2", "--lora-targets", "nothing_here", "--l-train", "16"], "no matching module"),
         (["--lora", "2", "--lora-trainable", "embed", "--l-train", "16"], "ties its input embeddings"),
         (["--lora-trainable", "norm", "--l-train", "16"], "--lora-trainable needs --lora"),
-        (["--grad-accum", "0", "--l-train", "16"], "--grad-accum must be >= 1"),
+        (["--grad-accum", "0", "--l-train", "16"], "argument --grad-accum: must be an integer >= 1"),
         (["--ce-views", "1", "--alpha", "0.1", "--l-train", "16"], "--ce-views 1 needs --alpha 0"),
     ]
     for extra, msg in cases:
