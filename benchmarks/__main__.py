@@ -1,7 +1,7 @@
 """python -m benchmarks: run the suite (one fresh process per case), write CSV + plots + SUMMARY, print goals.
 
     python -m benchmarks --quick                      # < 3 min on 2 cores: small fp32 shapes, sce only
-    python -m benchmarks                              # full CPU suite (includes the issue-4 goal shapes)
+    python -m benchmarks                              # full CPU suite (includes the two goal shapes)
     python -m benchmarks --goal                       # only the two goal shapes
     python -m benchmarks --device cuda                # GPU suite (lsa_triton, liger, cce impl="cce")
     python -m benchmarks --ops ce --impls lsa_cpu,gemm --dtype fp32 --rows 1024,4096
@@ -34,7 +34,7 @@ def build_parser():
     """The flags of the main suite (``lsa bench`` / ``python -m benchmarks``)."""
     ap = T.Parser(prog="lsa bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small shapes, sce only, fp32 unless --dtype (< 3 min)")
-    ap.add_argument("--goal", action="store_true", help="only the issue-4 goal shapes")
+    ap.add_argument("--goal", action="store_true", help="only the two goal shapes (CE and long-short sce, fp32, N=4096, H=512, V=32768)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available else cpu")
     ap.add_argument("--dtype", default=None, help="comma list of fp32,bf16 (default fp32,bf16; --quick: fp32)")
     ap.add_argument("--ops", default="ce,long_short", help="comma list of ce,long_short")
@@ -76,11 +76,11 @@ def main(argv=None) -> int:
 
         out = "runs/bench/train_step/quick" if "--quick" in argv else "runs/bench/train_step"
         return train_step.main(_sub_argv(argv, "--train-step", out))
-    if "--distill" in argv:  # issue 16's distillation benchmark (python -m benchmarks.distill -h)
+    if "--distill" in argv:  # the distillation benchmark (python -m benchmarks.distill -h)
         from . import distill
 
         return distill.main(_sub_argv(argv, "--distill", "runs/bench"))
-    if "--prob-targets" in argv:  # issue 16 item 4: probability targets (python -m benchmarks.prob_targets -h)
+    if "--prob-targets" in argv:  # probability targets (python -m benchmarks.prob_targets -h)
         from . import prob_targets
 
         return prob_targets.main(_sub_argv(argv, "--prob-targets", "runs/bench"))

@@ -38,7 +38,7 @@ MODES = ("fwd", "fwd_bwd")
 DIVERGENCES = ("sce", "kl", "sym_kl", "js")
 ALL_IMPLS = ("lsa_cpu", "lsa_triton", "naive", "torch_chunked", "cce", "liger", "gemm")
 
-# the goal shapes of issue 4 (printed as PASS/MISS lines by the runner)
+# the two goal shapes (printed as PASS/MISS lines by the runner)
 GOAL_CE = dict(op="ce", mode="fwd_bwd", dtype="fp32", N=4096, H=512, V=32768, divergence="")
 GOAL_LS = dict(op="long_short", mode="fwd_bwd", dtype="fp32", N=4096, H=512, V=32768, divergence="sce")
 
@@ -360,7 +360,7 @@ def build_cases(
 
 
 def goal_cases(device: str = "cpu", impls: Optional[List[str]] = None) -> List[Case]:
-    """Only the two goal shapes of issue 4 (``--goal``)."""
+    """Only the two goal shapes (``--goal``)."""
     out = []
     for g in (GOAL_CE, GOAL_LS):
         imp = impls or default_impls(device, g["op"])

@@ -7,7 +7,7 @@
 Times forward+backward of ``linear_cross_entropy`` (mean) and of ``long_short_loss`` (sce, two views of
 N/2 rows each, l_extra = T/4) with the extension on and off (``lsa_kernels._ext.disable()``), and the
 floor: the bare GEMMs into preallocated buffers — logits ``x Wᵀ``, ``dH = dz W``, ``dW = dzᵀ x`` (3 for
-CE, 6 for long-short: one set per view). Goals: CE ≤ 1.2x its 3 GEMMs, long-short ≤ 1.15x its 6 (issue 13).
+CE, 6 for long-short: one set per view). Goals: CE ≤ 1.2x its 3 GEMMs, long-short ≤ 1.15x its 6.
 """
 
 from __future__ import annotations

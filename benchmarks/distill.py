@@ -1,4 +1,4 @@
-"""Distillation benchmark (issue 16 item 7): fused linear_distillation against torch KD on materialised logits.
+"""Distillation benchmark: fused linear_distillation against torch KD on materialised logits.
 
     python -m benchmarks.distill                     # the goal shape, fp32, CPU: N=4096, Hs=512, Ht=1024, V=32768
     python -m benchmarks.distill --rows 512 --vocab 4096 --repeats 2 --tag cpu_distill_small   # a quick look
@@ -15,7 +15,7 @@ frozen teacher; gradients to the student's hidden states and head):
     liger     Liger's fused linear JSD is Triton only; on a CPU it runs only under the Triton interpreter, which
               is no speed measurement: not run here (its values are checked in tests/api/test_distillation.py)
 
-Goal (issue 16): lsa_cpu ≤ 1.25× the GEMMs' time and ≥ 10× less peak extra memory than torch. Writes
+Goal: lsa_cpu ≤ 1.25× the GEMMs' time and ≥ 10× less peak extra memory than torch. Writes
 ``{out}/{tag}.csv`` and ``{out}/{tag}.json`` (rows + machine + goal lines) and prints the goal lines.
 """
 

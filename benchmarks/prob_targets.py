@@ -1,4 +1,4 @@
-"""Probability-target benchmark (issue 16 item 4; docs/maths.md §11): the dense-target CE pass against the GEMM
+"""Probability-target benchmark (docs/maths.md §11): the dense-target CE pass against the GEMM
 path it replaced and against torch, side by side in one run.
 
     python -m benchmarks --prob-targets             # N=4096, H=512, V=32768, fp32, CPU, forward + backward

@@ -82,7 +82,7 @@ def _f(v: float, spec: str = ".2f", suffix: str = "") -> str:
 
 
 def goal_lines(rows: List[Dict]) -> List[str]:
-    """The issue-4 targets, evaluated on the rows of this run. One line each, PASS / MISS / N/A."""
+    """The two goal targets, evaluated on the rows of this run. One line each, PASS / MISS / N/A."""
     shapes = by_shape(rows)
     lines = []
     for goal, t_target, what in ((GOAL_CE, 1.20, "3 bare GEMMs"), (GOAL_LS, 1.25, "6 bare GEMMs")):
