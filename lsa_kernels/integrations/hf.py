@@ -44,6 +44,7 @@ __all__ = [
     "shift_labels",
     "causal_lm_loss",
     "long_short_step",
+    "view_states",
     "LongShortObjective",
     "head_operands",
     "load_causal_lm",
@@ -263,6 +264,8 @@ def long_short_step(
     backend: str = "auto",
     ignore_index: int = IGNORE_INDEX,
     labels: Optional[torch.Tensor] = None,
+    views: str = "joint",
+    offload: bool = False,
     **loss_kw,
 ) -> LongShortLoss:
     """The long-short loss of docs/maths.md §4 for token windows ``[B, l_train + l_extra + 1]``.
@@ -272,8 +275,12 @@ def long_short_step(
     ``view[:, 1:]``. ``labels`` (optional, the window's shape): the targets to use instead of the window's
     tokens, ``ignore_index`` where a position must not count (padding, a prompt): the views take
     ``labels`` exactly as they take ``window``, so a row counts in CE when its own target is valid and a
-    pair counts in the divergence when both targets are (docs/maths.md §4). Both views run through the decoder in ONE batched call (so DDP sees one forward),
-    then :func:`lsa_kernels.functional.long_short_loss` pairs ``h_long[:, l_extra + i] <-> h_short[:, i]``.
+    pair counts in the divergence when both targets are (docs/maths.md §4). ``views="joint"``: both views run
+    through the decoder in ONE batched call (so DDP sees one forward); ``views="sequential"``: each view's
+    forward runs without saving activations and is recomputed in the backward, one view at a time (the memory
+    of one view, one extra forward per view; :mod:`lsa_kernels.integrations.memory`). ``offload``: the
+    activations autograd saves go to host memory (``save_on_cpu``). Then
+    :func:`lsa_kernels.functional.long_short_loss` pairs ``h_long[:, l_extra + i] <-> h_short[:, i]``.
     ``loss_kw``: ``temperature``, ``detach``, ``positions``, ``label_smoothing``, ``z_loss``, and
     ``process_group``, ``vocab_start`` for a vocab-sharded output embedding (as in :func:`causal_lm_loss`).
     """
@@ -285,13 +292,28 @@ def long_short_step(
         if labels.shape != window.shape:
             raise ValueError(f"labels must have the window's shape {tuple(window.shape)}, got {tuple(labels.shape)}")
         lab_long, lab_short = make_views(labels.to(window.device), l_extra)
-    B = window.shape[0]
-    x = torch.cat([long[:, :-1], short[:, :-1]], dim=0)
-    h, w, b = head_operands(head, hidden_states(model, x))
+    h_long, h_short = view_states(model, [long[:, :-1], short[:, :-1]], views, offload)
+    h_long, w, b = head_operands(head, h_long)
+    h_short = head.prepare(h_short)[0]
     return long_short_loss(
-        h[:B], h[B:], w, lab_long[:, 1:], lab_short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
+        h_long, h_short, w, lab_long[:, 1:], lab_short[:, 1:], l_extra=l_extra, alpha=alpha, divergence=divergence,
         linear_bias=b, softcap=head.softcap, ignore_index=ignore_index, backend=backend, **loss_kw,
     )
+
+
+def view_states(model: nn.Module, xs, views: str = "joint", offload: bool = False) -> list:
+    """The final hidden states of each input in ``xs`` (same shapes): ``"joint"`` = one batched forward,
+    ``"sequential"`` = one recomputed forward per input (:func:`lsa_kernels.integrations.memory.view_hidden_states`)."""
+    from .memory import VIEWS, check_sequential, offload_activations, view_hidden_states
+
+    if views not in VIEWS:
+        raise ValueError(f"views: expected one of {VIEWS}, got {views!r}")
+    if views == "sequential":
+        check_sequential(model)
+        return [view_hidden_states(model, x, offload=offload) for x in xs]
+    with offload_activations(offload, xs[0].device):
+        h = hidden_states(model, torch.cat(list(xs), dim=0))
+    return list(h.split([x.shape[0] for x in xs], dim=0))
 
 
 class LongShortObjective(nn.Module):
@@ -302,12 +324,15 @@ class LongShortObjective(nn.Module):
     ``[B, l_train + 1]`` and ``l_extra`` is ignored (the baseline).
     Returns :class:`LongShortLoss` (``misalign`` is 0 on the CE path). ``loss_kw`` go to
     :func:`long_short_step`; ``label_smoothing``, ``z_loss``, ``process_group`` and ``vocab_start`` also to
-    the CE path.
+    the CE path. ``views`` (``"joint"`` or ``"sequential"``) and ``offload``: how the two views run
+    (:func:`long_short_step`), also on the two-view CE path.
     """
 
-    def __init__(self, model: nn.Module, *, divergence: str = "sce", backend: str = "auto", **loss_kw):
+    def __init__(self, model: nn.Module, *, divergence: str = "sce", backend: str = "auto", views: str = "joint",
+                 offload: bool = False, **loss_kw):
         super().__init__()
         self.model = model
+        self.views, self.offload = views, offload
         self.divergence = divergence
         self.backend = backend
         self.loss_kw = loss_kw
@@ -320,17 +345,19 @@ class LongShortObjective(nn.Module):
             head = output_head(self.model)
             if views == 2:
                 long, short = make_views(window, l_extra)
-                x = torch.cat([long[:, :-1], short[:, :-1]], dim=0)
+                h = torch.cat(view_states(self.model, [long[:, :-1], short[:, :-1]], self.views, self.offload), dim=0)
                 y = torch.cat([long[:, 1:], short[:, 1:]], dim=0)
             else:
-                x, y = window[:, :-1], window[:, 1:]
-            h, w, b = head_operands(head, hidden_states(self.model, x))
+                h = view_states(self.model, [window[:, :-1]], "joint", self.offload)[0]
+                y = window[:, 1:]
+            h, w, b = head_operands(head, h)
             ce_kw = {k: v for k, v in self.loss_kw.items()
                      if k in ("label_smoothing", "z_loss", "process_group", "vocab_start")}
             ce = linear_cross_entropy(h, w, y, linear_bias=b, softcap=head.softcap, backend=self.backend, **ce_kw)
             return LongShortLoss(ce, ce, torch.zeros((), device=ce.device, dtype=ce.dtype))
         return long_short_step(
-            self.model, window, l_extra, alpha=alpha, divergence=self.divergence, backend=self.backend, **self.loss_kw
+            self.model, window, l_extra, alpha=alpha, divergence=self.divergence, backend=self.backend,
+            views=self.views, offload=self.offload, **self.loss_kw
         )
 
 

@@ -116,7 +116,10 @@ class LongShortTrainer(Trainer):
     :class:`LongShortCollator` is built with ``seed=args.seed`` and ``steps_per_draw=gradient_accumulation_steps``),
     ``alpha`` (weight of the misalignment, 0 = CE baseline), ``divergence`` (``sce``, ``sym_kl``, ``kl``,
     ``kl_reverse``, ``js``), ``temperature``, ``detach`` (None, ``"long"``, ``"short"``), ``positions``
-    (``"overlap"`` or ``"last"``), ``backend`` / ``chunk_bytes`` (of the fused ops). The model is patched
+    (``"overlap"`` or ``"last"``), ``backend`` / ``chunk_bytes`` (of the fused ops), ``views`` (``"joint"``: both
+    views in one batched forward; ``"sequential"``: each view's forward recomputed in the backward, one at a
+    time, :mod:`lsa_kernels.integrations.memory`; under DDP set ``TrainingArguments(ddp_static_graph=True)``,
+    since every parameter then gets its gradient once per view). The model is patched
     (:func:`lsa_kernels.integrations.patch.patch`) when the trainer is built. Every other argument is
     ``Trainer``'s. Gradient accumulation averages the micro-batch losses (Trainer divides by the steps).
     """
@@ -134,6 +137,7 @@ class LongShortTrainer(Trainer):
         positions: str = "overlap",
         backend: str = "auto",
         chunk_bytes: Optional[int] = None,
+        views: str = "joint",
         **kwargs,
     ):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
@@ -146,6 +150,8 @@ class LongShortTrainer(Trainer):
             raise ValueError(f"detach: expected None, 'long' or 'short', got {detach!r}")
         if positions not in POSITIONS:
             raise ValueError(f"positions: expected one of {POSITIONS}, got {positions!r}")
+        if views not in ("joint", "sequential"):
+            raise ValueError(f"views: expected 'joint' or 'sequential', got {views!r}")
         if kwargs.get("data_collator") is None:
             if l_train is None:
                 raise ValueError("l_train: required when no data_collator is given (LongShortCollator(l_train))")
@@ -154,8 +160,12 @@ class LongShortTrainer(Trainer):
             kwargs["data_collator"] = LongShortCollator(l_train, seed=seed, steps_per_draw=ga)
         super().__init__(model=model, args=args, **kwargs)
         self.long_short = {"alpha": float(alpha), "divergence": divergence, "temperature": float(temperature),
-                           "detach": detach, "positions": positions}
+                           "detach": detach, "positions": positions, "views": views}
         patch(self.model, backend=backend, chunk_bytes=chunk_bytes)
+        if views == "sequential":
+            from .memory import check_sequential
+
+            check_sequential(self.model)
         self.loss_is_scaled_for_ga = False  # per-micro-batch means: Trainer divides by the accumulation steps
         self._ls_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 

@@ -62,6 +62,9 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     lora_trainable: str = ""  # also train (fully) these, LongLoRA-style: comma list of "embed", "norm"
     grad_accum: int = 1
+    views: str = "joint"  # "sequential": each view's forward recomputed in the backward, one at a time
+    tiled_mlp: int = 0  # 0 = off; N >= 1 sequence tiles per MLP; -1 = one tile per hidden-size tokens
+    offload_activations: bool = False  # save_on_cpu around the model's forward (CUDA)
     dtype: str = "auto"  # "fp32", "bf16" (autocast), "auto" = bf16 on CUDA, fp32 on CPU
     # parallelism (parallel.py): N > 1 shards the LM head over the vocabulary across N processes (torchrun,
     # world = N); it unties the embeddings (as --untie-embeddings does); see tensor_parallel.py
@@ -251,6 +254,23 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--lora-trainable needs --lora R (without LoRA every weight is trained already)")
     if cfg.grad_accum < 1:
         raise ConfigError(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.views not in ("joint", "sequential"):
+        raise ConfigError(f"--views must be joint or sequential, got {cfg.views!r}")
+    if cfg.views == "sequential" and (cfg.ce_views or (1 if cfg.alpha == 0 else 2)) != 2:
+        raise ConfigError("--views sequential runs the two views one after the other: it needs --alpha > 0 or "
+                          "--ce-views 2 (a one-view run has nothing to split)")
+    if cfg.views == "sequential" and (cfg.fsdp or cfg.tensor_parallel > 1):
+        raise ConfigError("--views sequential is supported on one process or DDP, not with --fsdp / --tensor-parallel")
+    if cfg.tiled_mlp < -1:
+        raise ConfigError(f"--tiled-mlp must be a tile count >= 1 (or given alone: one tile per hidden-size "
+                          f"tokens), got {cfg.tiled_mlp}")
+    if cfg.offload_activations:
+        import torch
+
+        dev = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not dev.startswith("cuda") or not torch.cuda.is_available():
+            raise ConfigError(f"--offload-activations moves saved activations to pinned host memory while they "
+                              f"wait for the backward: it needs a CUDA device, this run is on {dev}")
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
@@ -324,6 +344,15 @@ def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
                    help="also train these in full, LongLoRA-style: comma list of embed, norm")
     g.add_argument("--grad-accum", type=T.positive_int, default=d.grad_accum, metavar="K",
                    help="K micro-batches of --batch-size per step, normalised over all their targets")
+    g.add_argument("--views", default=d.views, choices=["joint", "sequential"],
+                   help="joint: both views in one batched forward; sequential: each view's forward recomputed in "
+                        "the backward, one at a time (the activations of one view, one extra forward per view)")
+    g.add_argument("--tiled-mlp", type=T.positive_int, nargs="?", const=-1, default=d.tiled_mlp, metavar="TILES",
+                   help="run each layer's MLP over TILES sequence tiles, recomputed in the backward (alone: one "
+                        "tile per hidden-size tokens; default: off)")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="CUDA: keep the activations saved for the backward in pinned host memory (save_on_cpu), "
+                        "with --grad-checkpointing only the layers' inputs")
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                    help="bf16 = autocast (auto: bf16 on CUDA, fp32 on CPU)")
     g = ap.add_argument_group("optimisation")

@@ -49,6 +49,8 @@ from typing import List, Optional
 import torch
 
 from ..integrations.hf import LongShortObjective, UnsupportedModel, output_head
+from ..integrations.memory import check_sequential
+from ..integrations.tiled_mlp import CannotTile, tile_mlp
 from .checkpoint import ADAPTER_DIR, UnsafeCheckpoint, atomic_write_text, latest_checkpoint
 from .config import ConfigError, TrainConfig, config_from_args, resume_changes, saved_config, validate
 from .data import DataError, WindowSampler, load_corpus, load_tokenizer
@@ -131,11 +133,23 @@ def train(cfg: TrainConfig) -> dict:
         model = peft_model.get_base_model()  # the same modules, LoRA layers inside; what the objective runs
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
+    if cfg.tiled_mlp:
+        try:
+            tile_mlp(model, None if cfg.tiled_mlp < 0 else cfg.tiled_mlp)
+        except CannotTile as e:
+            raise ConfigError(f"--tiled-mlp: {e}") from None
     amp = autocast_for(cfg, device)
     objective = LongShortObjective(
         model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,
-        positions=cfg.positions, ce_weighting=cfg.ce_weighting, longce_gamma=cfg.longce_gamma, **par.loss_kwargs(),
+        positions=cfg.positions, ce_weighting=cfg.ce_weighting, longce_gamma=cfg.longce_gamma,
+        views=cfg.views, offload=cfg.offload_activations, **par.loss_kwargs(),
     )
+    if cfg.views == "sequential":
+        try:
+            check_sequential(model)
+        except UnsupportedModel as e:
+            msg = str(e).replace("views='sequential': ", "", 1).replace("views='joint'", "--views joint")
+            raise ConfigError(f"--views sequential: {msg}") from None
     objective = par.wrap(objective, model)
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

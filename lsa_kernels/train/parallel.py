@@ -126,8 +126,11 @@ class DataParallel(Single):
     step (after the last micro-batch)."""
 
     def wrap(self, objective, model):
+        # --views sequential recomputes each view in the backward: every parameter's gradient arrives once per
+        # view, which DDP allows with a static graph
         return torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            static_graph=getattr(self.cfg, "views", "joint") == "sequential")
 
     def accumulating(self, objective, last: bool):
         return contextlib.nullcontext() if last else objective.no_sync()

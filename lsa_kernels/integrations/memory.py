@@ -1,0 +1,112 @@
+"""Memory levers of a long-context step that need no change to the model: the views run one at a time, and
+activation offload to host memory. (The sequence-tiled MLP is :mod:`lsa_kernels.integrations.tiled_mlp`.)
+
+**View-sequential long-short step** (``hf.long_short_step(..., views="sequential")``). The joint step runs
+both views of a window through the model as one batch of ``2B`` sequences, so the activations of two full
+forward passes coexist until the backward. The sequential step runs each view's forward under
+``no_grad`` (nothing saved but its final hidden states ``[B, T, H]``), computes the fused loss on the two
+hidden-state tensors, and in the backward recomputes each view's forward *with* grad and backpropagates its
+``dL/dH`` through it, one view after the other: the peak holds one view's activations plus the two
+hidden-state tensors, for one extra forward per view. Each view is a reentrant
+``torch.utils.checkpoint.checkpoint`` of :func:`lsa_kernels.integrations.hf.hidden_states` (torch's own
+recompute: it restores the CPU and CUDA RNG state of the no-grad forward, so dropout draws the same masks
+and the gradient is that of the loss reported, and the autocast state). Because the recompute runs inside
+the backward, the step is driven by ``loss.backward()`` as usual (gradient accumulation, ``Trainer``, LoRA,
+gradient checkpointing inside the model compose); ``torch.autograd.grad`` is not supported (reentrant
+checkpointing), and under DDP the wrapper needs ``static_graph=True`` (every parameter gets its gradient
+once per view).
+
+**Activation offload** (:func:`offload_activations`): ``torch.autograd.graph.save_on_cpu`` around the
+model's forward: every tensor autograd saves goes to host memory (pinned on CUDA) and comes back in the
+backward. With activation checkpointing only the checkpointed layers' inputs are saved, so only those move
+(what Unsloth calls offloaded gradient checkpointing); with the sequential views the hooks are entered
+inside each view's recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["VIEWS", "view_hidden_states", "check_sequential", "offload_activations"]
+
+VIEWS = ("joint", "sequential")
+
+
+def offload_activations(enabled: bool, device: "torch.device | str | None" = None):
+    """``save_on_cpu`` (pinned host buffers when ``device`` is CUDA) if ``enabled``, else a null context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
+
+
+def view_hidden_states(model: nn.Module, x: torch.Tensor, *, offload: bool = False,
+                       replay_rng: bool = True) -> torch.Tensor:
+    """``hidden_states(model, x)`` whose activations are not kept: computed under ``no_grad`` now, recomputed
+    with grad (RNG and autocast state restored; offloaded if ``offload``) when the backward reaches it."""
+    from .hf import hidden_states
+
+    def run(ids, _anchor):
+        with offload_activations(offload, ids.device):
+            return hidden_states(model, ids)
+
+    if not torch.is_grad_enabled():
+        return hidden_states(model, x)
+    # an input that requires grad, so the checkpoint's output is part of the graph (the token ids cannot be)
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    return torch.utils.checkpoint.checkpoint(run, x, anchor, use_reentrant=True, preserve_rng_state=replay_rng)
+
+
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def check_sequential(model: nn.Module) -> None:
+    """Raise :class:`~lsa_kernels.integrations.hf.UnsupportedModel` (one line) unless the views of ``model`` can be
+    recomputed: once per model, on an 8-token probe, the final hidden states must be a ``[B, T, H]`` tensor
+    that depends on the trainable parameters, and two forwards from the same RNG state must agree exactly
+    (a forward whose result depends on anything but its input, its weights and torch's RNG cannot be replayed)."""
+    from .hf import UnsupportedModel, _unwrap, hidden_states
+
+    inner = _unwrap(model)
+    if inner in _CHECKED:
+        return
+    name = type(inner).__name__
+    params = [p for p in inner.parameters()]
+    if not params:
+        raise UnsupportedModel(f"views='sequential': {name} has no parameters")
+    dev = params[0].device
+    V = getattr(getattr(inner, "config", None), "vocab_size", None) or 2
+    ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(4321)).to(dev)
+    trains = any(p.requires_grad for p in params)
+    with torch.enable_grad():
+        h = hidden_states(inner, ids)
+    if not isinstance(h, torch.Tensor) or h.dim() != 3 or tuple(h.shape[:2]) != (1, 8):
+        raise UnsupportedModel(
+            f"views='sequential': {name}'s final hidden states are not a [B, T, H] tensor "
+            f"(got {type(h).__name__}{list(h.shape) if isinstance(h, torch.Tensor) else ''}); use views='joint'")
+    if trains and not h.requires_grad:
+        raise UnsupportedModel(
+            f"views='sequential': {name}'s final hidden states do not depend on its trainable parameters "
+            "(its forward returns a detached tensor); use views='joint'")
+    cuda = [dev] if dev.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        state = torch.random.get_rng_state()
+        cstate = torch.cuda.get_rng_state(dev) if cuda else None
+        out = []
+        for _ in range(2):
+            torch.random.set_rng_state(state)
+            if cuda:
+                torch.cuda.set_rng_state(cstate, dev)
+            out.append(hidden_states(inner, ids))
+    a, b = out
+    if not torch.equal(a, b):
+        raise UnsupportedModel(
+            f"views='sequential': two forwards of {name} from the same RNG state differ (max abs "
+            f"{(a.float() - b.float()).abs().max().item():.3g}), so its recompute cannot replay the loss it "
+            "reported; use views='joint'")
+    _CHECKED[inner] = True

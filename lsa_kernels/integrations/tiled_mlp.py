@@ -1,0 +1,142 @@
+"""Sequence-tiled MLP: each decoder layer's MLP runs over tiles of the sequence, recomputed in the backward.
+
+A decoder layer's MLP maps ``[.., T, H] -> [.., T, H]`` token by token, through ``[.., T, I]`` intermediates
+(``I`` ~ 3.5 H: gate, up, their product) that dominate a layer's activations at long context. Tiled, the
+layer input ``x`` is cut into ``n`` tiles along the sequence; each tile goes through the MLP under
+``torch.utils.checkpoint.checkpoint`` (non-reentrant), which keeps only the tile's input (a view of ``x``,
+which the residual connection keeps anyway) and recomputes the tile with grad when the backward reaches it,
+so at most one tile's ``[T/n, I]`` intermediates exist at a time, in the forward and in the backward; under
+``no_grad`` the tiles simply run one after the other. Each output row is the MLP of its own input row, so the
+result and every gradient equal the untiled module's (up to the summation order of the weight gradient).
+
+:func:`tile_mlp` patches the ``forward`` of the module found at ``layer.mlp`` of every decoder layer (the
+module object itself, so the state dict, hooks, LoRA layers inside it and checkpoints are unchanged):
+transformers' Llama, Qwen2, Mistral, Gemma, GPT-2 MLPs and any module of that form, with no per-model code.
+A module it cannot tile is refused before anything is changed: one whose output is not a tensor of the
+input's shape, one whose rows depend on other tokens, or a mixture of experts (routing statistics and
+capacity are per batch).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["tile_mlp", "untile_mlp", "CannotTile"]
+
+
+class CannotTile(ValueError):
+    """The model has no MLP this helper can tile (see the message)."""
+
+
+def _mlps(model: nn.Module) -> List[nn.Module]:
+    from .hf import decoder_of
+
+    root = decoder_of(model) or model
+    layers = [m for m in root.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]
+    if not layers:
+        raise CannotTile(f"{type(model).__name__}: no decoder layer with an .mlp module (a mixture-of-experts "
+                         "block or another feed-forward layout); the tiled MLP wraps layer.mlp")
+    return [layer.mlp for layer in layers]
+
+
+def _hidden_size(model: nn.Module, mlp: nn.Module) -> int:
+    for m in mlp.modules():
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    cfg = getattr(model, "config", None)
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not h:
+        raise CannotTile(f"{type(mlp).__name__}: cannot tell its hidden size (no nn.Linear, no config.hidden_size)")
+    return int(h)
+
+
+@torch.no_grad()
+def _probe(mlp: nn.Module, H: int, where: str) -> None:
+    name = type(mlp).__name__
+    if any(hasattr(mlp, a) for a in ("experts", "num_experts", "router")):
+        raise CannotTile(f"{where} ({name}) is a mixture of experts: its routing (capacity, auxiliary loss) is "
+                         "computed over the whole batch, so it is not tiled")
+    p = next(mlp.parameters(), None)
+    if p is None:
+        raise CannotTile(f"{where} ({name}) has no parameters")
+    dtype = p.dtype if p.is_floating_point() else torch.float32
+    x = torch.randn(1, 6, H, generator=torch.Generator().manual_seed(7), dtype=torch.float32).to(p.device, dtype)
+    was = mlp.training
+    mlp.eval()
+    try:
+        y = mlp(x)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            got = list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise CannotTile(f"{where} ({name}) does not map [.., T, H] -> [.., T, H] (input {list(x.shape)}, "
+                             f"output {got}); it cannot be tiled over the sequence")
+        part = mlp(x[:, :3])
+        tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+        if not torch.allclose(part.float(), y[:, :3].float(), rtol=tol, atol=tol * (1 + y.abs().max().item())):
+            raise CannotTile(f"{where} ({name}): an output row depends on other tokens than its own; it cannot "
+                             "be tiled over the sequence")
+    except CannotTile:
+        raise
+    except Exception as e:  # noqa: BLE001 - a module that fails on a plain [1, T, H] input is not an MLP we know
+        raise CannotTile(f"{where} ({name}) fails on a [1, T, H] input ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); it cannot be tiled") from None
+    finally:
+        mlp.train(was)
+
+
+def _tiled_forward(self, x, *args, **kwargs):
+    inner = self._lsa_untiled_forward
+    if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
+        return inner(x, *args, **kwargs)
+    T = x.shape[-2]
+    n = self._lsa_tiles or math.ceil(T / self._lsa_tile_len)
+    n = max(1, min(n, T))
+    if n == 1:
+        return inner(x)
+    parts = x.tensor_split(n, dim=-2)
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        ys = [checkpoint(inner, t, use_reentrant=False) for t in parts]
+    else:
+        ys = [inner(t) for t in parts]
+    return torch.cat(ys, dim=-2)
+
+
+def tile_mlp(model: nn.Module, tiles: Optional[int] = None) -> int:
+    """Run every decoder layer's MLP of ``model`` over ``tiles`` sequence tiles, recomputed in the backward.
+
+    ``tiles``: an int >= 1 (the same count at every length), or None = one tile per ``H`` tokens
+    (``ceil(T / H)``, H the hidden size: each tile's ``[T/n, I]`` intermediate is then about ``I/H`` times a
+    ``[H, H]`` matrix). Returns the number of MLPs wrapped. Raises :class:`CannotTile` (nothing changed) when
+    an MLP cannot be tiled. Calling it again changes the tile count; :func:`untile_mlp` undoes it."""
+    if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+        raise ValueError(f"tiles: expected an int >= 1 or None (one tile per hidden-size tokens), got {tiles!r}")
+    mlps = _mlps(model)
+    sizes = []
+    for i, mlp in enumerate(mlps):
+        H = _hidden_size(model, mlp)
+        if "_lsa_untiled_forward" not in mlp.__dict__:
+            _probe(mlp, H, f"layer {i}'s mlp")
+        sizes.append(H)
+    for mlp, H in zip(mlps, sizes):
+        if "_lsa_untiled_forward" not in mlp.__dict__:
+            mlp._lsa_untiled_forward = mlp.forward
+            mlp.forward = types.MethodType(_tiled_forward, mlp)
+        mlp._lsa_tiles, mlp._lsa_tile_len = tiles, H
+    return len(mlps)
+
+
+def untile_mlp(model: nn.Module) -> int:
+    """Undo :func:`tile_mlp`; returns the number of MLPs restored."""
+    n = 0
+    for mlp in _mlps(model):
+        if "_lsa_untiled_forward" in mlp.__dict__:
+            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len"):
+                mlp.__dict__.pop(a, None)
+            n += 1
+    return n
