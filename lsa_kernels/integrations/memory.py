@@ -83,7 +83,8 @@ def check_sequential(model: nn.Module) -> None:
     V = getattr(getattr(inner, "config", None), "vocab_size", None) or 2
     ids = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(4321)).to(dev)
     trains = any(p.requires_grad for p in params)
-    with torch.enable_grad():
+    cuda = [dev] if dev.type == "cuda" else []
+    with torch.enable_grad(), torch.random.fork_rng(devices=cuda):  # the probe leaves the RNG as it found it
         h = hidden_states(inner, ids)
     if not isinstance(h, torch.Tensor) or h.dim() != 3 or tuple(h.shape[:2]) != (1, 8):
         raise UnsupportedModel(
@@ -93,7 +94,6 @@ def check_sequential(model: nn.Module) -> None:
         raise UnsupportedModel(
             f"views='sequential': {name}'s final hidden states do not depend on its trainable parameters "
             "(its forward returns a detached tensor); use views='joint'")
-    cuda = [dev] if dev.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=cuda):
         state = torch.random.get_rng_state()
         cstate = torch.cuda.get_rng_state(dev) if cuda else None
