@@ -1,0 +1,161 @@
+"""tile_mlp: each decoder layer's MLP over sequence tiles, recomputed in the backward. Exact gradients on
+tiny Llama / Qwen2 / Mistral / Gemma models, never a whole [T, intermediate] tensor, clear refusals."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+transformers = pytest.importorskip("transformers")
+
+from lsa_kernels.integrations import hf  # noqa: E402
+from lsa_kernels.integrations.tiled_mlp import CannotTile, tile_mlp, untile_mlp  # noqa: E402
+
+V, H, I = 211, 32, 72  # I differs from every other dimension, so its tensors can be recognised
+COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _model(family, dtype=torch.float64):
+    T = transformers
+    cfg = {"llama": lambda: T.LlamaConfig(**COMMON), "qwen2": lambda: T.Qwen2Config(**COMMON),
+           "mistral": lambda: T.MistralConfig(**COMMON), "gemma": lambda: T.GemmaConfig(**COMMON, head_dim=8)}[family]()
+    torch.manual_seed(0)
+    m = hf.load_causal_lm(cfg, dtype=dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.train()
+
+
+def _grads(m, x):
+    m.zero_grad(set_to_none=True)
+    loss = hf.causal_lm_loss(m, x, x, backend="reference")
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    assert a.keys() == b.keys() and b
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+
+class _Widest(TorchDispatchMode):
+    """The most rows of any tensor whose last dimension is the MLP's intermediate size, in forward and
+    backward (not counting down_proj's weight gradient, [H, I])."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == I and tuple(t.shape) != (H, I):
+                self.rows = max(self.rows, t.numel() // I)
+        return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_exact_gradients_and_tiles_run(family):
+    m = _model(family)
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
+    keys = list(m.state_dict())
+    l0, g0 = _grads(m, x)
+    assert tile_mlp(m, 3) == 2
+    assert list(m.state_dict()) == keys  # the modules themselves are kept: checkpoints do not change
+    seen = []
+    for layer in m.model.layers:  # count the calls of the module's own forward (what each tile runs)
+        inner = layer.mlp._lsa_untiled_forward
+        layer.mlp._lsa_untiled_forward = lambda t, inner=inner: seen.append(t.shape[-2]) or inner(t)
+    with _Widest() as w:
+        l1, g1 = _grads(m, x)
+    # forward: 3 tiles per layer; backward: each tile recomputed once
+    assert sorted(seen) == sorted([14, 13, 13] * 2 * 2)
+    assert w.rows <= 2 * 14  # never more than one tile's [B, T/3, I] at once (untiled: 2 * 40)
+    assert abs(l1 - l0) <= 1e-12 * abs(l0)
+    assert _rel(g1, g0) <= 1e-10
+    assert untile_mlp(m) == 2
+    with _Widest() as w:
+        _grads(m, x)
+    assert w.rows == 2 * 40  # untiled again: the whole [B, T, I] exists (the check above can fail)
+
+
+def test_auto_tiles_fp32_no_grad_lora_and_checkpointing():
+    peft = pytest.importorskip("peft")
+    m = _model("llama", torch.float32)
+    x = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(2))
+    _, g0 = _grads(m, x)
+    tile_mlp(m)  # one tile per H = 32 tokens: 3 tiles at T = 70
+    _, g1 = _grads(m, x)
+    assert _rel(g1, g0) <= 1e-5
+    with torch.no_grad(), _Widest() as w:  # without grad the tiles run one after the other too
+        hf.hidden_states(m, x)
+    assert w.rows <= 2 * 24
+
+    untile_mlp(m)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj", "q_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    base = pm.get_base_model()
+    _, g0 = _grads(base, x)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tile_mlp(pm, 4)  # through the peft wrapper
+    _, g1 = _grads(base, x)
+    assert all("lora_" in n for n in g0)
+    assert _rel(g1, g0) <= 1e-5
+
+
+def test_refusals_change_nothing():
+    with pytest.raises(ValueError, match="tiles: expected an int >= 1"):
+        tile_mlp(_model("llama"), 0)
+
+    class Pair(nn.Module):  # returns a tuple, as some MoE blocks do
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(H, H, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.lin(x), None
+
+    class Mixer(nn.Module):  # a row depends on the rows before it
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(H, H, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.lin(x).cumsum(-2)
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(H, H, dtype=torch.float64)])
+
+        def forward(self, x):
+            return self.experts[0](x)
+
+    for bad, msg in ((Pair(), r"does not map \[.., T, H\] -> \[.., T, H\]"),
+                     (Mixer(), "depends on other tokens"), (Experts(), "mixture of experts")):
+        m = _model("llama")
+        m.model.layers[1].mlp = bad
+        with pytest.raises(CannotTile, match=msg):
+            tile_mlp(m, 2)
+        assert "_lsa_untiled_forward" not in m.model.layers[0].mlp.__dict__  # nothing was wrapped
+
+    class NoMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(H, H)])
+
+    with pytest.raises(CannotTile, match="no decoder layer with an .mlp module"):
+        tile_mlp(NoMLP(), 2)
+
+
+def test_moe_model_refused():
+    cfg = transformers.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=16)
+    m = hf.load_causal_lm(cfg, dtype=torch.float32)
+    with pytest.raises(CannotTile, match="mixture of experts"):
+        tile_mlp(m, 2)
