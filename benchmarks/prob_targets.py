@@ -86,10 +86,10 @@ def _step(impl, x, w, t, before):
             lsa_kernels.linear_cross_entropy(x, w, t, backend="cpu", check_targets=False).backward()
 
     elif impl == "lsa_gemm":
-        from lsa_kernels.functional import _ce_options
+        from lsa_kernels.options import CEOptions
 
         old = _old_weights(before)
-        opts = _ce_options(-100, 0.0, 0.0, None, None, False)
+        opts = CEOptions()  # ignore_index -100, no smoothing, z-loss or softcap, default chunk, not deterministic
 
         def step():
             old.linear_target_loss(x, w, None, t, prob=True, class_weight=None, token_weight=None, reduction="mean",

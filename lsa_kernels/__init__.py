@@ -13,10 +13,11 @@ Public API:
 """
 
 from . import reference
-from .distillation import DistillationLoss, linear_distillation
+from .distillation import linear_distillation
 from .functional import linear_cross_entropy, linear_divergence, long_short_loss
 from .modules import LinearCrossEntropyLoss, LinearDistillationLoss, LinearDivergenceLoss, LongShortAlignmentLoss
-from .pairing import LongShortLoss, LongShortLossOutput, PerToken, sample_l_extra
+from .outputs import DistillationLoss, LongShortLoss, LongShortLossOutput, PerToken
+from .pairing import sample_l_extra
 
 __version__ = "0.1.0"
 

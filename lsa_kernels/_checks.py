@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .options import BACKENDS, CE_WEIGHTINGS, DIVERGENCES, POSITIONS, REDUCTIONS
+from .options import (BACKENDS, CE_WEIGHTINGS, DIVERGENCES, POSITIONS, REDUCTIONS, CrossEntropyArgs, DistillationArgs,
+                      DivergenceArgs, LongShortArgs)
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -140,19 +141,21 @@ def check_backend(backend) -> None:
     _choice("backend", backend, BACKENDS)
 
 
-def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softcap, check_values=True, *,
-             weight=None, token_weight=None, explicit_ignore: bool = False, parallel: bool = False) -> bool:
+def check_ce(x, w, y, opts: CrossEntropyArgs, *, bias=None, weight=None, token_weight=None) -> bool:
     """Checks of :func:`lsa_kernels.linear_cross_entropy`; returns whether ``y`` holds probability targets (a
-    float tensor of the logits' shape ``[..., V]``, docs/maths.md §11). ``explicit_ignore``: the caller passed
-    ``ignore_index`` (refused with probabilities, as torch does)."""
+    float tensor of the logits' shape ``[..., V]``, docs/maths.md §11). A given ``ignore_index`` is refused with
+    probabilities, as torch does."""
+    check_chunk_bytes(opts.chunk_bytes)
     _tensor("input", x)
-    _weight_bias("input", x, w, b)
-    _choice("reduction", reduction, REDUCTIONS)
+    _weight_bias("input", x, w, bias)
+    _choice("reduction", opts.reduction, REDUCTIONS)
+    ignore_index = opts.ignore
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-    _real("z_loss", z_loss, lo=0.0)
-    _softcap(softcap)
+    _real("label_smoothing", opts.label_smoothing, lo=0.0, hi=1.0)
+    _real("z_loss", opts.z_loss, lo=0.0)
+    _softcap(opts.softcap)
+    check_values, parallel = opts.check_values, opts.parallel
     prob_shape = tuple(x.shape[:-1]) + (w.shape[0],)
     prob = isinstance(y, torch.Tensor) and y.is_floating_point()
     if prob:
@@ -167,7 +170,7 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
             raise TypeError(f"target probabilities must be float32, bfloat16, float16 or float64, got {y.dtype}")
         if y.device != x.device:
             raise ValueError(f"target is on {y.device} but the input is on {x.device}")
-        if explicit_ignore:
+        if opts.ignore_index is not None:
             raise ValueError("ignore_index cannot be given with probability targets (a float target of shape "
                              f"{prob_shape}: no row is ignored, as in torch); leave ignore_index unset")
     else:
@@ -178,10 +181,10 @@ def check_ce(x, w, y, b, reduction, ignore_index, label_smoothing, z_loss, softc
     return prob
 
 
-def check_per_token(extras, linear_path: bool, parallel: bool = False) -> None:
-    """``(return_lse, return_entropy, return_accuracy)``: what linear_cross_entropy can return per token (all
-    three also under process_group=: docs/maths.md §15)."""
-    names = [n for n, on in zip(("return_lse", "return_entropy", "return_accuracy"), extras) if on]
+def check_per_token(opts: CrossEntropyArgs, linear_path: bool) -> None:
+    """``return_lse`` / ``return_entropy`` / ``return_accuracy``: what linear_cross_entropy can return per token
+    (all three also under process_group=: docs/maths.md §15)."""
+    names = [n for n, on in zip(("return_lse", "return_entropy", "return_accuracy"), opts.extras) if on]
     if names and linear_path:
         raise ValueError(f"{', '.join(names)} cannot be combined with probability targets or with weight= and "
                          "label_smoothing > 0 (that loss is not a per-row CE of one pass); compute them separately")
@@ -247,19 +250,20 @@ def _non_negative(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} values must be >= 0 and finite (not NaN or inf); found {t[bad][0].item()}")
 
 
-def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, mask, softcap, token_weight=None,
-                     check_values=True) -> None:
+def check_divergence(xp, xq, w, opts: DivergenceArgs, *, bias=None, mask=None, token_weight=None) -> None:
+    """Checks of :func:`lsa_kernels.linear_divergence`."""
+    check_chunk_bytes(opts.chunk_bytes)
     _tensor("input_p", xp)
     _tensor("input_q", xq)
-    _weight_bias("input_p", xp, w, b)
+    _weight_bias("input_p", xp, w, bias)
     if xq.shape != xp.shape:
         raise ValueError(f"input_q must have the shape of input_p {tuple(xp.shape)}, got {tuple(xq.shape)}")
     _same("input_q", xq, "input_p", xp)
-    _choice("divergence", divergence, DIVERGENCES)
-    _real("temperature", temperature, lo=0.0, lo_open=True)
-    _choice("detach", detach, (None, "p", "q"))
-    _choice("reduction", reduction, REDUCTIONS)
-    _softcap(softcap)
+    _choice("divergence", opts.divergence, DIVERGENCES)
+    _real("temperature", opts.temperature, lo=0.0, lo_open=True)
+    _choice("detach", opts.detach, (None, "p", "q"))
+    _choice("reduction", opts.reduction, REDUCTIONS)
+    _softcap(opts.softcap)
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor of shape {tuple(xp.shape[:-1])}")
@@ -267,14 +271,14 @@ def check_divergence(xp, xq, w, b, divergence, temperature, detach, reduction, m
             raise ValueError(f"mask must have shape {tuple(xp.shape[:-1])} (input_p's leading dims), got {tuple(mask.shape)}")
         if mask.device != xp.device:
             raise ValueError(f"mask is on {mask.device} but input_p is on {xp.device}")
-    check_token_weight("token_weight", token_weight, xp.shape[:-1], xp.device, check_values)
+    check_token_weight("token_weight", token_weight, xp.shape[:-1], xp.device, opts.check_targets)
 
 
-def check_long_short(
-    hl, hs, w, yl, ys, l_extra, alpha, divergence, temperature, detach, positions, ignore_index, b, softcap,
-    label_smoothing, z_loss, check_values=True, token_weight_long=None, token_weight_short=None, ce_weighting="none",
-    longce_gamma=5.0, extras=(False, False, False), parallel=False,
-) -> None:
+def check_long_short(hl, hs, w, yl, ys, opts: LongShortArgs, *, bias=None, token_weight_long=None,
+                     token_weight_short=None) -> None:
+    """Checks of :func:`lsa_kernels.long_short_loss` (every per-view output works under process_group= too:
+    docs/maths.md §15)."""
+    check_chunk_bytes(opts.chunk_bytes)
     _tensor("hidden_long", hl)
     _tensor("hidden_short", hs)
     if hl.dim() != 3:
@@ -284,26 +288,81 @@ def check_long_short(
             f"hidden_short must have the shape of hidden_long [B, T, H]={tuple(hl.shape)}, got {tuple(hs.shape)}"
         )
     _same("hidden_short", hs, "hidden_long", hl)
-    _weight_bias("hidden_long", hl, w, b)
+    _weight_bias("hidden_long", hl, w, bias)
     T = hl.shape[1]
+    l_extra = opts.l_extra
     if isinstance(l_extra, bool) or not isinstance(l_extra, int):
         raise TypeError(f"l_extra must be a Python int, got {type(l_extra).__name__}")
     if not 1 <= l_extra <= T - 1:
         raise ValueError(f"l_extra must be in [1, T-1] = [1, {T - 1}] for views of T={T} rows, got {l_extra}")
-    _real("alpha", alpha, lo=0.0)
-    _choice("divergence", divergence, DIVERGENCES)
-    _real("temperature", temperature, lo=0.0, lo_open=True)
-    _choice("detach", detach, (None, "long", "short"))
-    _choice("positions", positions, POSITIONS)
+    _real("alpha", opts.alpha, lo=0.0)
+    _choice("divergence", opts.divergence, DIVERGENCES)
+    _real("temperature", opts.temperature, lo=0.0, lo_open=True)
+    _choice("detach", opts.detach, (None, "long", "short"))
+    _choice("positions", opts.positions, POSITIONS)
+    ignore_index = opts.ignore_index
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _softcap(softcap)
-    _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-    _real("z_loss", z_loss, lo=0.0)
+    _softcap(opts.softcap)
+    _real("label_smoothing", opts.label_smoothing, lo=0.0, hi=1.0)
+    _real("z_loss", opts.z_loss, lo=0.0)
+    check_values = opts.check_values
     _targets("labels_long", yl, hl.shape[:2], w.shape[0], ignore_index, hl.device, check_values)
     _targets("labels_short", ys, hs.shape[:2], w.shape[0], ignore_index, hl.device, check_values)
     check_token_weight("token_weight_long", token_weight_long, hl.shape[:2], hl.device, check_values)
     check_token_weight("token_weight_short", token_weight_short, hs.shape[:2], hl.device, check_values)
-    _choice("ce_weighting", ce_weighting, CE_WEIGHTINGS)
-    _real("longce_gamma", longce_gamma, lo=0.0, lo_open=True, finite=False)  # inf: no cap on the weight
-    # extras / parallel: every per-view output works under process_group= too (docs/maths.md §15)
+    _choice("ce_weighting", opts.ce_weighting, CE_WEIGHTINGS)
+    _real("longce_gamma", opts.longce_gamma, lo=0.0, lo_open=True, finite=False)  # inf: no cap on the weight
+
+
+def check_distillation(xs, ws, xt, wt, target, opts: DistillationArgs, *, student_bias=None, teacher_bias=None,
+                       token_weight=None) -> None:
+    """Checks of :func:`lsa_kernels.linear_distillation`."""
+    bs, bt = student_bias, teacher_bias
+    for name, t in (("student_input", xs), ("student_weight", ws), ("teacher_input", xt), ("teacher_weight", wt)):
+        _tensor(name, t)
+    for name, w, x, xname in (("student_weight", ws, xs, "student_input"), ("teacher_weight", wt, xt, "teacher_input")):
+        if w.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [V, H], got shape {tuple(w.shape)}")
+        if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"{xname} must have last dim H={w.shape[1]} to match {name} [V={w.shape[0]}, "
+                             f"H={w.shape[1]}], got shape {tuple(x.shape)}")
+        if w.shape[1] < 1:
+            raise ValueError(f"{xname} must have last dim (the hidden size H) >= 1, got shape {tuple(x.shape)}")
+        if x.device != xs.device or w.device != xs.device:
+            raise ValueError(f"{name} / {xname} are on {w.device} / {x.device} but student_input is on {xs.device}")
+    if ws.shape[0] < 1:
+        raise ValueError("student_weight must have at least one row (V >= 1)")
+    if wt.shape[0] != ws.shape[0]:
+        raise ValueError(f"teacher_weight has V={wt.shape[0]} rows but student_weight has V={ws.shape[0]}: the "
+                         "teacher and the student must share one vocabulary")
+    if ws.dtype != xs.dtype:
+        raise TypeError(f"student_weight has dtype {ws.dtype} but student_input has {xs.dtype}; they must match")
+    if xt.shape[:-1] != xs.shape[:-1]:
+        raise ValueError(f"teacher_input must have the rows of student_input {tuple(xs.shape[:-1])} (leading "
+                         f"dims), got {tuple(xt.shape[:-1])}")
+    for name, b, w in (("student_bias", bs, ws), ("teacher_bias", bt, wt)):
+        if b is not None:
+            _tensor(name, b)
+            if tuple(b.shape) != (w.shape[0],):
+                raise ValueError(f"{name} must have shape [V={w.shape[0]}], got {tuple(b.shape)}")
+            if b.device != xs.device:
+                raise ValueError(f"{name} is on {b.device} but student_input is on {xs.device}")
+    if bs is not None and bs.dtype != xs.dtype:
+        raise TypeError(f"student_bias has dtype {bs.dtype} but student_input has {xs.dtype}; they must match")
+    _choice("divergence", opts.divergence, DIVERGENCES)
+    _choice("reduction", opts.reduction, REDUCTIONS)
+    _real("temperature", opts.temperature, lo=0.0, lo_open=True)
+    for name, v in (("hard_loss_weight", opts.hard_loss_weight), ("soft_loss_weight", opts.soft_loss_weight)):
+        _real(name, v, lo=0.0)
+    _softcap(opts.softcap)
+    ignore_index = opts.ignore_index
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_chunk_bytes(opts.chunk_bytes)
+    if target is None:
+        if float(opts.hard_loss_weight) > 0:
+            raise ValueError(f"hard_loss_weight={opts.hard_loss_weight} needs a target (the student's CE term)")
+    else:
+        _targets("target", target, xs.shape[:-1], ws.shape[0], ignore_index, xs.device, opts.check_values)
+    check_token_weight("token_weight", token_weight, xs.shape[:-1], xs.device, opts.check_targets)

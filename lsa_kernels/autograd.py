@@ -15,45 +15,29 @@ an auxiliary output (``ce``/``misalign`` of the long-short loss) that also recei
 backward runs the backend's backward from the statistics the forward saved (always saved: a few floats
 per row). Nothing here syncs with the host: counts stay tensors.
 
-Autocast: the public ops cast their operands to the autocast dtype themselves (:mod:`.functional`); the
-Functions' forward and backward run with autocast OFF (:func:`_autocast_off`), so a backward called
-inside an autocast region cannot turn the backends' fp32 accumulations (dW, db, statistics) into bf16 GEMMs.
+Autocast: the public ops cast their operands to the autocast dtype themselves (:mod:`.dispatch`); the
+Functions' forward and backward run with autocast OFF (:func:`lsa_kernels.dispatch.autocast_off`), so a
+backward called inside an autocast region cannot turn the backends' fp32 accumulations (dW, db, statistics)
+into bf16 GEMMs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
 
 from . import backends
 from .backends import Grads, PairCoefs, PairGrads, PairOut, PairRows
+from .dispatch import autocast_off
 from .maths import Stat, acc_dtype, mean_scale
 from .options import CEOptions, PairOptions
 
 Tensor = torch.Tensor
 
 
-@contextlib.contextmanager
-def _autocast_off_ctx():
-    with contextlib.ExitStack() as stack:
-        for dev in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(dev):
-                stack.enter_context(torch.autocast(dev, enabled=False))
-        yield
-
-
-def _autocast_off(fn):
-    """Run an autograd Function's forward / backward with autocast disabled (module docstring)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _autocast_off_ctx():
-            return fn(*args, **kwargs)
-
-    return wrapper
+# the name an older lsa_kernels/weights.py imports: benchmarks/prob_targets.py runs the one of its --before commit
+_autocast_off = autocast_off
 
 
 _acc = acc_dtype  # lsa_kernels.maths
@@ -63,7 +47,7 @@ def _empty_acc(x: Tensor, want: bool = True) -> Optional[Tensor]:
     return torch.empty(x.shape, dtype=_acc(x), device=x.device) if want else None
 
 
-def _grad_buffers(x: Tensor, w: Tensor, b: Optional[Tensor], need_x: bool, need_w: bool, need_b: bool) -> Grads:
+def grad_buffers(x: Tensor, w: Tensor, b: Optional[Tensor], need_x: bool, need_w: bool, need_b: bool) -> Grads:
     f32 = dict(dtype=_acc(x), device=x.device)
     return Grads(
         dx=_empty_acc(x, need_x),
@@ -72,7 +56,7 @@ def _grad_buffers(x: Tensor, w: Tensor, b: Optional[Tensor], need_x: bool, need_
     )
 
 
-def _cast(g: Optional[Tensor], like: Optional[Tensor], scale=None) -> Optional[Tensor]:
+def cast_grad(g: Optional[Tensor], like: Optional[Tensor], scale=None) -> Optional[Tensor]:
     """``g`` (times ``scale``; not in place: a retained graph may run backward again) in ``like``'s dtype."""
     if g is None or like is None:
         return None
@@ -81,7 +65,7 @@ def _cast(g: Optional[Tensor], like: Optional[Tensor], scale=None) -> Optional[T
     return g.to(like.dtype)
 
 
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+def contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
@@ -96,17 +80,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     not asked for (opts.entropy / opts.argmax) are empty tensors."""
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def forward(ctx, x, w, b, y, rw, reduction: str, opts: CEOptions, backend):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
-        x, w, b, y = _contig(x), _contig(w), _contig(b), _contig(y)
+        x, w, b, y = contig(x), contig(w), contig(b), contig(y)
         need = ctx.needs_input_grad[:3]
         weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
         ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
         empty = x.new_empty(0)
         if reduction != "none" and any(need) and be.caps.fused_forward_backward and not opts.entropy:
-            ctx.pre = _grad_buffers(x, w, b, *need)
+            ctx.pre = grad_buffers(x, w, b, *need)
             out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
             ctx.save_for_backward(x, w, b)
         else:
@@ -120,7 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, lse, ent.to(lse.dtype), am
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def backward(ctx, g, g_lse, g_ent, g_am):
         nones = (None,) * 5
         g_ent = g_ent if ctx.opts.entropy else None
@@ -129,7 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.pre is not None:
             x, w, b = ctx.saved_tensors
             g = g.to(_acc(w))
-            return _cast(ctx.pre.dx, x, g), _cast(ctx.pre.dw, w, g), _cast(ctx.pre.db, b, g), *nones
+            return cast_grad(ctx.pre.dx, x, g), cast_grad(ctx.pre.dw, w, g), cast_grad(ctx.pre.db, b, g), *nones
         x, w, b, y, lse, weight, ent = ctx.saved_tensors
         acc = _acc(w)
         if g is None:
@@ -139,9 +123,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         kw = {}
         if g_ent is not None:
             kw = dict(coef_entropy=g_ent.to(acc).reshape(-1).contiguous(), entropy=ent)
-        grads = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
+        grads = grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
         backends.get(ctx.backend).ce_backward(x, w, b, y, lse, coef, ctx.opts, grads, **kw)
-        return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), *nones
+        return cast_grad(grads.dx, x), cast_grad(grads.dw, w), cast_grad(grads.db, b), *nones
 
 
 def linear_cross_entropy_fused(x, w, b, y, reduction: str, opts: CEOptions, backend, rw=None):
@@ -169,18 +153,18 @@ def row_coefficients(counted: Tensor, rw: Optional[Tensor], reduction: str, dtyp
 
 def _pair_grads(xp, xq, w, b, need_p: bool, need_q: bool, need_w: bool, need_b: bool, xu=None) -> PairGrads:
     """Out buffers of a pair gradient; ``xu`` (long-short's CE-only rows) gets a dx with the views' (need_p)."""
-    g = _grad_buffers(xp, w, b, need_p, need_w, need_b)
+    g = grad_buffers(xp, w, b, need_p, need_w, need_b)
     dxu = None if xu is None else _empty_acc(xu, need_p)
     return PairGrads(dxp=g.dx, dxq=_empty_acc(xq, need_q), dxu=dxu, dw=g.dw, db=g.db)
 
 
 class _LinearDivergence(torch.autograd.Function):
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def forward(ctx, xp, xq, w, b, sel, div_w, opts: PairOptions, backend, mode: str):
         be = backends.get(backend)
-        rows = PairRows(_contig(xp), _contig(xq))
-        w, b = _contig(w), _contig(b)
+        rows = PairRows(contig(xp), contig(xq))
+        w, b = contig(w), contig(b)
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.need = (need_p and opts.grad_p, need_q and opts.grad_q, need_w, need_b)
         ctx.opts, ctx.backend, ctx.mode, ctx.pre = opts, backend, mode, None
@@ -197,7 +181,7 @@ class _LinearDivergence(torch.autograd.Function):
         return (out.div * div_w).sum()
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def backward(ctx, g):
         nones = (None,) * 5
         if not any(ctx.need):
@@ -205,13 +189,13 @@ class _LinearDivergence(torch.autograd.Function):
         if ctx.pre is not None:
             xp, xq, w, b = ctx.saved_tensors
             pre, g = ctx.pre, g.to(_acc(w))
-            return _cast(pre.dxp, xp, g), _cast(pre.dxq, xq, g), _cast(pre.dw, w, g), _cast(pre.db, b, g), *nones
+            return cast_grad(pre.dxp, xp, g), cast_grad(pre.dxq, xq, g), cast_grad(pre.dw, w, g), cast_grad(pre.db, b, g), *nones
         xp, xq, w, b, stats, weight = ctx.saved_tensors
         coef = weight * (g.to(_acc(w)).reshape(-1) if ctx.mode == "none" else g.to(_acc(w)))
         grads = _pair_grads(xp, xq, w, b, *ctx.need)
         saved = PairOut(None, None, None, stats)
         backends.get(ctx.backend).pair_backward(PairRows(xp, xq), w, b, saved, PairCoefs(div=coef), ctx.opts, grads)
-        return _cast(grads.dxp, xp), _cast(grads.dxq, xq), _cast(grads.dw, w), _cast(grads.db, b), *nones
+        return cast_grad(grads.dxp, xp), cast_grad(grads.dxq, xq), cast_grad(grads.dw, w), cast_grad(grads.db, b), *nones
 
 
 def pair_loss_fused(xp, xq, w, b, yp, yq, sel, div_w, opts: PairOptions, backend, mode: str) -> Tensor:
@@ -305,13 +289,13 @@ class _LongShort(torch.autograd.Function):
     for are empty tensors."""
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def forward(ctx, hl, hs, w, b, yl, ys, sel, wl, ws, l_extra: int, alpha: float, opts: PairOptions, backend,
                 longce_gamma: Optional[float]):
         ctx.set_materialize_grads(False)
         be = backends.get(backend)
         B, T, H = hl.shape
-        w, b = _contig(w), _contig(b)
+        w, b = contig(w), contig(b)
         rows, (cp, cq, cu, dv) = _ls_rows(hl, hs, yl, ys, sel, wl, ws, l_extra, opts, _acc(w))
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
@@ -347,7 +331,7 @@ class _LongShort(torch.autograd.Function):
         return ce + alpha * mis, ce, mis, lse_l, lse_s, ent_l.to(ce.dtype), ent_s.to(ce.dtype), am_l, am_s
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def backward(ctx, g_loss, g_ce, g_mis, g_lse_l, g_lse_s, g_ent_l, g_ent_s, g_am_l, g_am_s):
         B, T, l_extra, alpha, opts, backend = ctx.meta
         xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u, ent, ent_u = ctx.saved_tensors
@@ -358,8 +342,8 @@ class _LongShort(torch.autograd.Function):
         if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
             scale = g_loss.to(_acc(w))
             dhl, dhs = _merge_views(ctx.pre, B, T, l_extra, scale) if ctx.need[0] else (None, None)
-            return (_cast(dhl, xp) if need_l else None, _cast(dhs, xp) if need_s else None,
-                    _cast(ctx.pre.dw, w, scale), _cast(ctx.pre.db, b, scale), *(None,) * 10)
+            return (cast_grad(dhl, xp) if need_l else None, cast_grad(dhs, xp) if need_s else None,
+                    cast_grad(ctx.pre.dw, w, scale), cast_grad(ctx.pre.db, b, scale), *(None,) * 10)
         acc = _acc(w)
         c_ent = c_ent_u = None
         if g_ent_on:
@@ -380,7 +364,7 @@ class _LongShort(torch.autograd.Function):
             dhl, dhs = _merge_views(grads, B, T, l_extra)
             dhl = dhl.to(xp.dtype) if need_l else None
             dhs = dhs.to(xp.dtype) if need_s else None
-        return dhl, dhs, _cast(grads.dw, w), _cast(grads.db, b), *(None,) * 10
+        return dhl, dhs, cast_grad(grads.dw, w), cast_grad(grads.db, b), *(None,) * 10
 
 
 def _ls_coefs(rows: PairRows, ign: int, sel: Tensor, wl: Optional[Tensor], ws: Optional[Tensor], l_extra: int,

@@ -21,89 +21,29 @@ as view p (``w``/``b``) and the student as view q (the second head ``wq``/``bq``
 :mod:`lsa_kernels.backends.contract`): one pass over V per row tile, each tile of both heads' logits formed
 once; the teacher frozen is ``detach="p"`` with no CE on p, so no teacher gradient is formed at all.
 
-The op has its own argument set (two inputs, two heads, two dtypes), its own named-tuple result and its own
-autograd Function over the second-head backend calls; it shares only the backend layer with the other ops.
+Its non-tensor arguments travel as one :class:`~lsa_kernels.options.DistillationArgs`; autocast, the backend
+choice and the vocab-parallel wrap are :mod:`lsa_kernels.dispatch`'s, as for every op; the autograd Function
+over the backends' second-head calls is its own.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from . import _checks, backends, reference
-from .autograd import _autocast_off
+from . import _checks, backends, dispatch, reference
 from .backends import PairCoefs, PairGrads, PairOut, PairRows
-from .functional import _autocast_cast, _device_of, _finish, _result_dtype, _vocab_parallel, no_autocast, resolve_backend
-from .maths import DIVERGENCES, IGNORE_INDEX, acc_dtype, mean_scale
-from .options import REDUCTIONS, CEOptions, PairOptions
+from .dispatch import autocast_off
+from .maths import IGNORE_INDEX, acc_dtype, mean_scale
+from .options import DistillationArgs, PairOptions
+from .outputs import DistillationLoss
 
 Tensor = torch.Tensor
 
 __all__ = ["DistillationLoss", "linear_distillation"]
 
-
-class DistillationLoss(NamedTuple):
-    """``loss = hard_loss_weight · hard + soft_loss_weight · soft``; ``hard`` the student's CE against the
-    target (0 without one), ``soft`` the (τ²-scaled) divergence term; each reduced like ``loss`` and each
-    differentiable."""
-
-    loss: Tensor
-    hard: Tensor
-    soft: Tensor
-
-
 _acc = acc_dtype  # lsa_kernels.maths
-
-
-def _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft_w, softcap, ignore_index,
-           reduction, chunk_bytes, check_values: bool) -> None:
-    """Bad input raises before any kernel, naming the argument (README's bad-input table)."""
-    for name, t in (("student_input", xs), ("student_weight", ws), ("teacher_input", xt), ("teacher_weight", wt)):
-        _checks._tensor(name, t)
-    for name, w, x, xname in (("student_weight", ws, xs, "student_input"), ("teacher_weight", wt, xt, "teacher_input")):
-        if w.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [V, H], got shape {tuple(w.shape)}")
-        if x.dim() < 1 or x.shape[-1] != w.shape[1]:
-            raise ValueError(f"{xname} must have last dim H={w.shape[1]} to match {name} [V={w.shape[0]}, "
-                             f"H={w.shape[1]}], got shape {tuple(x.shape)}")
-        if w.shape[1] < 1:
-            raise ValueError(f"{xname} must have last dim (the hidden size H) >= 1, got shape {tuple(x.shape)}")
-        if x.device != xs.device or w.device != xs.device:
-            raise ValueError(f"{name} / {xname} are on {w.device} / {x.device} but student_input is on {xs.device}")
-    if ws.shape[0] < 1:
-        raise ValueError("student_weight must have at least one row (V >= 1)")
-    if wt.shape[0] != ws.shape[0]:
-        raise ValueError(f"teacher_weight has V={wt.shape[0]} rows but student_weight has V={ws.shape[0]}: the "
-                         "teacher and the student must share one vocabulary")
-    if ws.dtype != xs.dtype:
-        raise TypeError(f"student_weight has dtype {ws.dtype} but student_input has {xs.dtype}; they must match")
-    if xt.shape[:-1] != xs.shape[:-1]:
-        raise ValueError(f"teacher_input must have the rows of student_input {tuple(xs.shape[:-1])} (leading "
-                         f"dims), got {tuple(xt.shape[:-1])}")
-    for name, b, w in (("student_bias", bs, ws), ("teacher_bias", bt, wt)):
-        if b is not None:
-            _checks._tensor(name, b)
-            if tuple(b.shape) != (w.shape[0],):
-                raise ValueError(f"{name} must have shape [V={w.shape[0]}], got {tuple(b.shape)}")
-            if b.device != xs.device:
-                raise ValueError(f"{name} is on {b.device} but student_input is on {xs.device}")
-    if bs is not None and bs.dtype != xs.dtype:
-        raise TypeError(f"student_bias has dtype {bs.dtype} but student_input has {xs.dtype}; they must match")
-    _checks._choice("divergence", divergence, DIVERGENCES)
-    _checks._choice("reduction", reduction, REDUCTIONS)
-    _checks._real("temperature", temperature, lo=0.0, lo_open=True)
-    for name, v in (("hard_loss_weight", hard_w), ("soft_loss_weight", soft_w)):
-        _checks._real(name, v, lo=0.0)
-    _checks._softcap(softcap)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _checks.check_chunk_bytes(chunk_bytes)
-    if target is None:
-        if float(hard_w) > 0:
-            raise ValueError(f"hard_loss_weight={hard_w} needs a target (the student's CE term)")
-        return
-    _checks._targets("target", target, xs.shape[:-1], ws.shape[0], ignore_index, xs.device, check_values)
 
 
 # ------------------------------------------------------------------------------------------ autograd
@@ -117,7 +57,7 @@ class _Distill(torch.autograd.Function):
     ``loss`` gets a gradient)."""
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def forward(ctx, xs, ws, bs, xt, wt, bt, y, rw, hard_w: float, soft_w: float, scale: float, reduction: str,
                 opts: PairOptions, backend):
         ctx.set_materialize_grads(False)
@@ -154,7 +94,7 @@ class _Distill(torch.autograd.Function):
         return hard_w * hard + soft_w * soft, hard, soft
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def backward(ctx, g_loss, g_hard, g_soft):
         hard_w, soft_w, scale, reduction, opts, backend = ctx.meta
         xs, ws, bs, xt, wt, bt, y, valid, c, stats = ctx.saved_tensors
@@ -206,6 +146,7 @@ def _coefs(valid: Tensor, has_y: bool, c_hard: Tensor, c_soft: Tensor) -> PairCo
 # ------------------------------------------------------------------------------------------ public op
 
 
+@dispatch.op("student_input", "student_weight", "student_bias", "teacher_input", "teacher_weight", "teacher_bias")
 def linear_distillation(
     student_input: Tensor,
     student_weight: Tensor,
@@ -274,26 +215,17 @@ def linear_distillation(
     Returns :class:`DistillationLoss` ``(loss, hard, soft)`` with ``soft`` the τ²-scaled term (each
     differentiable; ``loss = hard_loss_weight·hard + soft_loss_weight·soft``).
     """
-    dt = _result_dtype(student_input)
-    student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias = _autocast_cast(
-        student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias)
-    with no_autocast(_device_of(student_input)):
-        out = _linear_distillation(
-            student_input, student_weight, teacher_input, teacher_weight, target, divergence, temperature,
-            hard_loss_weight, soft_loss_weight, student_bias, teacher_bias, softcap, ignore_index, reduction,
-            temperature_scaling, train_teacher, chunk_bytes, deterministic, backend, check_targets, process_group,
-            vocab_start, token_weight,
-        )
-    return _finish(out, dt)
-
-
-def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w, soft_w, bs, bt, softcap,
-                         ignore_index, reduction, temperature_scaling, train_teacher, chunk_bytes, deterministic,
-                         backend, check_targets, process_group, vocab_start, token_weight=None) -> DistillationLoss:
+    opts = DistillationArgs(
+        divergence=divergence, temperature=temperature, hard_loss_weight=hard_loss_weight,
+        soft_loss_weight=soft_loss_weight, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+        temperature_scaling=temperature_scaling, train_teacher=train_teacher, chunk_bytes=chunk_bytes,
+        deterministic=deterministic, backend=backend, check_targets=check_targets, process_group=process_group,
+        vocab_start=vocab_start,
+    )
+    xs, ws, bs, xt, wt, bt = student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias
     target = _checks.index_target(target)
-    _check(xs, ws, bs, xt, wt, bt, target, divergence, temperature, hard_w, soft_w, softcap, ignore_index,
-           reduction, chunk_bytes, check_targets and process_group is None)
-    _checks.check_token_weight("token_weight", token_weight, xs.shape[:-1], xs.device, check_targets)
+    _checks.check_distillation(xs, ws, xt, wt, target, opts, student_bias=bs, teacher_bias=bt,
+                               token_weight=token_weight)
     rw = None if token_weight is None else token_weight.detach().reshape(-1)
     if not train_teacher:
         xt, wt = xt.detach(), wt.detach()
@@ -301,37 +233,29 @@ def _linear_distillation(xs, ws, xt, wt, target, divergence, temperature, hard_w
     dt = xs.dtype
     xt, wt = xt.to(dt), wt.to(dt)
     bt = None if bt is None else bt.to(dt)
-    be = resolve_backend(backend, xs.device, dt)
-    be = _vocab_parallel(process_group, vocab_start, ws, be, [("target", target)], ignore_index, check_targets)
+    be = dispatch.select_backend(opts, ws, xs.device, dt, [("target", target)], ignore_index)
     scale = float(temperature) ** 2 if temperature_scaling else 1.0
     lead = xs.shape[:-1]
     Hs, Ht = xs.shape[-1], xt.shape[-1]
     y = None if target is None else target.reshape(-1).long()
     if be == "reference":
-        out = _materialised(xs.reshape(-1, Hs), ws, bs, xt.reshape(-1, Ht), wt, bt, y, rw, divergence,
-                            float(temperature), float(hard_w), float(soft_w), scale, softcap, ignore_index,
-                            reduction)
+        out = _materialised(xs.reshape(-1, Hs), ws, bs, xt.reshape(-1, Ht), wt, bt, y, rw, scale, opts)
     else:
-        opts = PairOptions(
-            divergence=divergence, temperature=float(temperature), detach=None if train_teacher else "p",
-            with_ce=y is not None,
-            ce=CEOptions(ignore_index=int(ignore_index), softcap=None if softcap is None else float(softcap),
-                         chunk_bytes=chunk_bytes, deterministic=bool(deterministic)),
-        )
         out = _Distill.apply(xs.reshape(-1, Hs).contiguous(), ws.contiguous(),
                              None if bs is None else bs.contiguous(), xt.reshape(-1, Ht).contiguous(),
                              wt.contiguous(), None if bt is None else bt.contiguous(),
                              None if y is None else y.contiguous(), None if rw is None else rw.contiguous(),
-                             float(hard_w), float(soft_w), scale, reduction,
-                             opts, be)
+                             float(hard_loss_weight), float(soft_loss_weight), scale, reduction,
+                             opts.pair_options(with_ce=y is not None), be)
     if reduction == "none":
         out = tuple(t.reshape(lead) for t in out)
     return DistillationLoss(*out)
 
 
-def _materialised(xs, ws, bs, xt, wt, bt, y, rw, divergence, tau, hard_w, soft_w, scale, softcap, ignore_index,
-                  reduction):
+def _materialised(xs, ws, bs, xt, wt, bt, y, rw, scale: float, opts: DistillationArgs):
     """``backend="reference"``: the same loss from materialised logits (plain torch autograd; small problems)."""
+    softcap, ignore_index, reduction = opts.softcap, opts.ignore_index, opts.reduction
+    hard_w, soft_w = float(opts.hard_loss_weight), float(opts.soft_loss_weight)
     zs = reference.logits(xs, ws, bs, softcap)
     zt = reference.logits(xt, wt, bt, softcap)
     acc = zs.dtype
@@ -344,7 +268,7 @@ def _materialised(xs, ws, bs, xt, wt, bt, y, rw, divergence, tau, hard_w, soft_w
         hard_rows = reference.cross_entropy_from_logits(zs, y, ignore_index=ignore_index)
     if rw is not None:
         valid, hard_rows = valid * rw.to(acc), hard_rows * rw.to(acc)
-    soft_rows = reference.divergence_from_logits(zt, zs, divergence, tau) * valid * scale
+    soft_rows = reference.divergence_from_logits(zt, zs, opts.divergence, float(opts.temperature)) * valid * scale
     if reduction == "none":
         hard, soft = hard_rows, soft_rows
     else:

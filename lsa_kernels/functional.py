@@ -23,16 +23,16 @@ compute capability 8.0 are refused by the Triton backend (``UnsupportedDevice``,
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from . import _checks, _env, reference
+from . import _checks, dispatch, reference
+from .dispatch import resolve_backend  # noqa: F401  (re-exported)
 from .maths import IGNORE_INDEX, acc_dtype
-from .options import CEOptions, PairOptions
-from .pairing import LongShortLoss, LongShortLossOutput, PerToken, pair_mask  # noqa: F401  (re-exported)
+from .options import CrossEntropyArgs, DivergenceArgs, LongShortArgs
+from .outputs import CrossEntropyOutput, LongShortLoss, LongShortLossOutput, PerToken  # noqa: F401  (re-exported)
+from .pairing import pair_mask
 
 __all__ = [
     "linear_cross_entropy", "linear_divergence", "long_short_loss", "resolve_backend", "CrossEntropyOutput",
@@ -40,139 +40,7 @@ __all__ = [
 ]
 
 
-class CrossEntropyOutput(NamedTuple):
-    """:func:`linear_cross_entropy`'s return when a per-token output is asked (docs/maths.md §3): the loss, and
-    per row (the input's leading shape) ``lse`` (no gradient), ``entropy`` of softmax(z) (differentiable) and
-    ``accuracy`` (argmax of z == target; False on ignored rows; no gradient); None where not asked."""
-
-    loss: torch.Tensor
-    lse: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
-    accuracy: Optional[torch.Tensor]
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """Map ``"auto"`` to a concrete backend and check that the choice can run on ``device`` / ``dtype``.
-
-    ``auto``: Triton for CUDA tensors (``reference`` for float64 ones), cpu for CPU tensors."""
-    _checks.check_backend(backend)
-    if backend == "auto":
-        if device.type != "cuda":
-            return "cpu"
-        if dtype == torch.float64:
-            return "reference"
-        backend = "triton"
-    if backend == "triton":
-        if device.type != "cuda" and not _env.interpreting():
-            raise ValueError(
-                "backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import); "
-                f"got tensors on {device}. Use backend='cpu' or 'auto'."
-            )
-        if dtype == torch.float64:
-            raise ValueError(
-                "backend='triton' takes float32, bfloat16 or float16 inputs, got float64 (the kernels have no fp64 "
-                "path); use backend='auto' or 'reference' for float64 on CUDA, 'cpu' for CPU tensors"
-            )
-        if device.type == "cuda":
-            from .kernels._common import check_device
-
-            check_device(device)
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    return backend
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (False for types autocast does not know, e.g. meta)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-
-
-def _autocast_cast(*tensors):
-    """The tensors as ``F.linear`` sees them under autocast: floating (not float64) tensors on a device type
-    with autocast enabled cast to that autocast dtype; everything else unchanged."""
-    out = []
-    for t in tensors:
-        if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                and _autocast_on(t.device.type)):
-            t = t.to(torch.get_autocast_dtype(t.device.type))
-        out.append(t)
-    return out
-
-
-def _result_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype of an op's loss / per-token values for the input ``t`` (before the autocast cast): float32 under
-    autocast (float64 stays float64), else ``t``'s dtype (module docstring)."""
-    if not isinstance(t, torch.Tensor):
-        return None  # the op's checks reject it
-    if t.dtype != torch.float64 and t.is_floating_point() and _autocast_on(t.device.type):
-        return torch.float32
-    return t.dtype
-
-
-def _finish(out, dtype: Optional[torch.dtype]):
-    """``out`` (a tensor, or a NamedTuple of tensors / None / NamedTuples) with its floating tensors in ``dtype``
-    (one rounding of the Functions' fp32 / fp64 results; bool and int outputs unchanged)."""
-    if dtype is None:
-        return out
-    if isinstance(out, torch.Tensor):
-        return out.to(dtype) if out.is_floating_point() else out
-    if isinstance(out, tuple):
-        return type(out)(*(None if o is None else _finish(o, dtype) for o in out))
-    return out
-
-
-def no_autocast(device: torch.device):
-    """Autocast off for ``device``'s type inside the block (no-op when it is not on)."""
-    if _autocast_on(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _device_of(t) -> torch.device:
-    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
-
-
-def _vocab_parallel(process_group, vocab_start, w, backend: str, targets, ignore_index, check_targets):
-    """None without a process group; else the backend wrapped for a vocab-sharded head (after checks)."""
-    if process_group is None:
-        if vocab_start not in (0, None):
-            raise ValueError("vocab_start is only meaningful together with process_group=")
-        return backend
-    from . import backends, distributed
-    from .backends.vocab_parallel import VocabParallel
-
-    if backend == "reference":
-        if w.dtype == torch.float64 and w.device.type == "cuda":
-            raise ValueError("a vocab-parallel head cannot take float64 CUDA tensors (the Triton kernels take "
-                             "float32, bfloat16 or float16; float64 on CUDA runs only on the non-parallel reference)")
-        raise ValueError("backend='reference' cannot run a vocab-parallel head; use 'auto', 'cpu' or 'triton'")
-    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-        raise ValueError(f"vocab_start must be a non-negative int (this rank's first vocab id), got {vocab_start!r}")
-    shard = distributed.shard_info(process_group, vocab_start, w.shape[0], w.device)
-    if check_targets:
-        for name, y in targets:
-            if y is not None:
-                _checks.check_target_values(name, y, shard.vocab_total, ignore_index)
-    return VocabParallel(backends.get(backend), shard)
-
-
-def _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic, *, entropy=False,
-                argmax=False) -> CEOptions:
-    return CEOptions(
-        ignore_index=int(ignore_index),
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        chunk_bytes=chunk_bytes,
-        deterministic=bool(deterministic),
-        entropy=bool(entropy),
-        argmax=bool(argmax),
-    )
-
-
+@dispatch.op("input", "linear_weight", "linear_bias")
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -231,48 +99,31 @@ def linear_cross_entropy(
     fused forward+backward; the entropy costs a separate backward pass there (its coefficient is known only in
     backward); entropy and accuracy run the ATen chunk function.
     """
-    dt = _result_dtype(input)
-    input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
-    with no_autocast(_device_of(input)):
-        out = _linear_cross_entropy(
-            input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
-            softcap, token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
-            (bool(return_lse), bool(return_entropy), bool(return_accuracy)),
-        )
-    return _finish(out, dt)
-
-
-def _linear_cross_entropy(
-    input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss, softcap,
-    token_weight, backend, chunk_bytes, deterministic, check_targets, process_group, vocab_start,
-    extras=(False, False, False),
-):
-    explicit_ignore = ignore_index is not None
-    ignore_index = IGNORE_INDEX if ignore_index is None else ignore_index
-    target = _checks.index_target(target)
-    _checks.check_chunk_bytes(chunk_bytes)
-    prob = _checks.check_ce(
-        input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-        check_values=check_targets and process_group is None, weight=weight, token_weight=token_weight,
-        explicit_ignore=explicit_ignore, parallel=process_group is not None,
+    opts = CrossEntropyArgs(
+        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, backend=backend, chunk_bytes=chunk_bytes, deterministic=deterministic,
+        check_targets=check_targets, process_group=process_group, vocab_start=vocab_start, return_lse=return_lse,
+        return_entropy=return_entropy, return_accuracy=return_accuracy,
     )
-    be = resolve_backend(backend, input.device, input.dtype)
-    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [] if prob else [("target", target)],
-                         ignore_index, check_targets)
-    if process_group is not None and weight is not None:
+    target = _checks.index_target(target)
+    prob = _checks.check_ce(input, linear_weight, target, opts, bias=linear_bias, weight=weight,
+                            token_weight=token_weight)
+    ignore, extras = opts.ignore, opts.extras
+    be = dispatch.select_backend(opts, linear_weight, input.device, input.dtype,
+                                 [] if prob else [("target", target)], ignore)
+    if opts.parallel and weight is not None:
         _checks.check_class_weight(weight, be.shard.vocab_total, input.device, check_targets)
-    if process_group is not None and prob:  # [..., V] (full) or [..., V_r] (this rank's columns): docs/maths.md §15
+    if opts.parallel and prob:  # [..., V] (full) or [..., V_r] (this rank's columns): docs/maths.md §15
         _checks.check_prob_target_shard(target, be.shard.vocab_total, be.shard.vocab_size, be.shard.vocab_start)
     linear_path = prob or (weight is not None and label_smoothing > 0)
-    _checks.check_per_token(extras, linear_path, process_group is not None)
+    _checks.check_per_token(opts, linear_path)
     if be == "reference":
         return reference.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
-            ignore_index=ignore_index if explicit_ignore else None, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, token_weight=token_weight, check_targets=check_targets, return_lse=extras[0],
-            return_entropy=extras[1], return_accuracy=extras[2],
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            token_weight=token_weight, check_targets=check_targets, return_lse=extras[0], return_entropy=extras[1],
+            return_accuracy=extras[2],
         )
-    opts = _ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic)
     H = input.shape[-1]
     rows_shape = input.shape[:-1]
     x = input.reshape(-1, H)
@@ -283,8 +134,8 @@ def _linear_cross_entropy(
         y = target.reshape(-1, target.shape[-1]) if prob else target.reshape(-1)
         out = linear_target_loss(
             x, linear_weight, linear_bias, y, prob=prob, class_weight=weight, token_weight=tw, reduction=reduction,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, opts=opts, backend=be,
-            shard=None if process_group is None else be.shard,
+            ignore_index=ignore, label_smoothing=label_smoothing, z_loss=z_loss, opts=opts.ce_options(),
+            backend=be, shard=be.shard if opts.parallel else None,
         )
         return out.reshape(rows_shape) if reduction == "none" else out
     from .autograd import linear_cross_entropy_fused
@@ -292,14 +143,14 @@ def _linear_cross_entropy(
     y = target.reshape(-1)
     rw = tw
     if weight is not None:  # class weights without smoothing: the row weight weight[y] (docs/maths.md §11)
-        cw = weight[torch.where(y != ignore_index, y, torch.zeros_like(y))]
+        cw = weight[torch.where(y != ignore, y, torch.zeros_like(y))]
         rw = cw if rw is None else rw * cw
-    opts = dataclasses.replace(opts, entropy=extras[1], argmax=extras[2])
-    loss, lse, ent, am = linear_cross_entropy_fused(x, linear_weight, linear_bias, y, reduction, opts, be, rw=rw)
+    ce_opts = opts.ce_options(entropy=extras[1], argmax=extras[2])
+    loss, lse, ent, am = linear_cross_entropy_fused(x, linear_weight, linear_bias, y, reduction, ce_opts, be, rw=rw)
     loss = loss.reshape(rows_shape) if reduction == "none" else loss
     if not any(extras):
         return loss
-    acc = (am == y) & (y != ignore_index) if extras[2] else None
+    acc = (am == y) & (y != ignore) if extras[2] else None
     return CrossEntropyOutput(
         loss,
         lse.reshape(rows_shape) if extras[0] else None,
@@ -308,6 +159,7 @@ def _linear_cross_entropy(
     )
 
 
+@dispatch.op("input_p", "input_q", "linear_weight", "linear_bias")
 def linear_divergence(
     input_p: torch.Tensor,
     input_q: torch.Tensor,
@@ -337,27 +189,14 @@ def linear_divergence(
     Σ w·D / Σ w over selected rows, 0 with zero gradients when that is 0; docs/maths.md §11).
     Honours autocast like ``F.linear`` (module docstring).
     """
-    dt = _result_dtype(input_p)
-    input_p, input_q, linear_weight, linear_bias = _autocast_cast(input_p, input_q, linear_weight, linear_bias)
-    with no_autocast(_device_of(input_p)):
-        out = _linear_divergence(
-            input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
-            token_weight, backend, chunk_bytes, deterministic, process_group, vocab_start,
-        )
-    return _finish(out, dt)
-
-
-def _linear_divergence(
-    input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
-    token_weight, backend, chunk_bytes, deterministic, process_group, vocab_start,
-):
-    _checks.check_chunk_bytes(chunk_bytes)
-    _checks.check_divergence(
-        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
-        token_weight,
+    opts = DivergenceArgs(
+        divergence=divergence, temperature=temperature, detach=detach, reduction=reduction, softcap=softcap,
+        backend=backend, chunk_bytes=chunk_bytes, deterministic=deterministic, process_group=process_group,
+        vocab_start=vocab_start,
     )
-    be = resolve_backend(backend, input_p.device, input_p.dtype)
-    be = _vocab_parallel(process_group, vocab_start, linear_weight, be, [], IGNORE_INDEX, False)
+    _checks.check_divergence(input_p, input_q, linear_weight, opts, bias=linear_bias, mask=mask,
+                             token_weight=token_weight)
+    be = dispatch.select_backend(opts, linear_weight, input_p.device, input_p.dtype)
     if be == "reference":
         return reference.linear_divergence(
             input_p, input_q, linear_weight, linear_bias=linear_bias, divergence=divergence,
@@ -366,21 +205,17 @@ def _linear_divergence(
         )
     from .autograd import pair_loss_fused, row_coefficients
 
-    opts = PairOptions(
-        divergence=divergence, temperature=float(temperature), detach=detach, with_ce=False,
-        ce=_ce_options(IGNORE_INDEX, 0.0, 0.0, softcap, chunk_bytes, deterministic),
-    )
     H = input_p.shape[-1]
     xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
     sel = torch.ones(xp.shape[0], dtype=torch.bool, device=xp.device) if mask is None else mask.reshape(-1)
     tw = None if token_weight is None else token_weight.reshape(-1)
     div_w = row_coefficients(sel, tw, reduction, acc_dtype(xp))
-    if reduction == "none":
-        per_row = pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts, be, "none")
-        return per_row.reshape(input_p.shape[:-1])
-    return pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts, be, "weighted")
+    mode = "none" if reduction == "none" else "weighted"
+    out = pair_loss_fused(xp, xq, linear_weight, linear_bias, None, None, sel, div_w, opts.pair_options(), be, mode)
+    return out.reshape(input_p.shape[:-1]) if reduction == "none" else out
 
 
+@dispatch.op("hidden_long", "hidden_short", "linear_weight", "linear_bias")
 def long_short_loss(
     hidden_long: torch.Tensor,
     hidden_short: torch.Tensor,
@@ -440,39 +275,21 @@ def long_short_loss(
     asked). With ``return_entropy`` it runs forward then backward (no fused forward+backward; lse and accuracy
     alone keep it). Also under ``process_group`` (docs/maths.md §15).
     """
-    dt = _result_dtype(hidden_long)
-    hidden_long, hidden_short, linear_weight, linear_bias = _autocast_cast(
-        hidden_long, hidden_short, linear_weight, linear_bias)
-    with no_autocast(_device_of(hidden_long)):
-        out = _long_short_loss(
-            hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
-            temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
-            chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long,
-            token_weight_short, ce_weighting, longce_gamma,
-            (bool(return_lse), bool(return_entropy), bool(return_accuracy)),
-        )
-    return _finish(out, dt)
-
-
-def _long_short_loss(
-    hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
-    temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss, backend,
-    chunk_bytes, deterministic, check_targets, process_group, vocab_start, token_weight_long=None,
-    token_weight_short=None, ce_weighting="none", longce_gamma=5.0, extras=(False, False, False),
-):
-    labels_long, labels_short = _checks.index_target(labels_long), _checks.index_target(labels_short)
-    _checks.check_chunk_bytes(chunk_bytes)
-    _checks.check_long_short(
-        hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
-        temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
-        check_values=check_targets and process_group is None, token_weight_long=token_weight_long,
-        token_weight_short=token_weight_short, ce_weighting=ce_weighting, longce_gamma=longce_gamma,
-        extras=extras, parallel=process_group is not None,
+    opts = LongShortArgs(
+        l_extra=l_extra, alpha=alpha, divergence=divergence, temperature=temperature, detach=detach,
+        positions=positions, ignore_index=ignore_index, softcap=softcap, label_smoothing=label_smoothing,
+        z_loss=z_loss, ce_weighting=ce_weighting, longce_gamma=longce_gamma, return_lse=return_lse,
+        return_entropy=return_entropy, return_accuracy=return_accuracy, backend=backend, chunk_bytes=chunk_bytes,
+        deterministic=deterministic, check_targets=check_targets, process_group=process_group,
+        vocab_start=vocab_start,
     )
+    labels_long, labels_short = _checks.index_target(labels_long), _checks.index_target(labels_short)
     weights_kw = dict(token_weight_long=token_weight_long, token_weight_short=token_weight_short)
-    be = resolve_backend(backend, hidden_long.device, hidden_long.dtype)
-    be = _vocab_parallel(process_group, vocab_start, linear_weight, be,
-                         [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index, check_targets)
+    _checks.check_long_short(hidden_long, hidden_short, linear_weight, labels_long, labels_short, opts,
+                             bias=linear_bias, **weights_kw)
+    extras = opts.extras
+    be = dispatch.select_backend(opts, linear_weight, hidden_long.device, hidden_long.dtype,
+                                 [("labels_long", labels_long), ("labels_short", labels_short)], ignore_index)
     if be == "reference":
         return reference.long_short_loss(
             hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra=l_extra, alpha=alpha,
@@ -484,18 +301,12 @@ def _long_short_loss(
         )
     from .autograd import long_short_fused
 
-    opts = PairOptions(
-        divergence=divergence, temperature=float(temperature),
-        detach={None: None, "long": "p", "short": "q"}[detach], with_ce=True,
-        ce=_ce_options(ignore_index, label_smoothing, z_loss, softcap, chunk_bytes, deterministic,
-                       entropy=extras[1], argmax=extras[2]),
-    )
     sel = pair_mask(labels_long, labels_short, l_extra, positions, ignore_index)
     gamma = float(longce_gamma) if ce_weighting == "longce" else None
     # per-view outputs (docs/maths.md §4): lse from the statistics, entropy / argmax from the same pass
     loss, ce, mis, lse_l, lse_s, ent_l, ent_s, am_l, am_s = long_short_fused(
         hidden_long, hidden_short, linear_weight, linear_bias, labels_long, labels_short, l_extra, float(alpha),
-        sel, opts, be, longce_gamma=gamma, **weights_kw,
+        sel, opts.pair_options(), be, longce_gamma=gamma, **weights_kw,
     )
     if not any(extras):
         return LongShortLoss(loss, ce, mis)

@@ -12,42 +12,12 @@ that all three pair rows the same way.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .maths import IGNORE_INDEX
-
-
-class LongShortLoss(NamedTuple):
-    """Result of :func:`lsa_kernels.long_short_loss`: ``loss = ce + alpha * misalign``."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    misalign: torch.Tensor
-
-
-class PerToken(NamedTuple):
-    """Per-token outputs of one view ``[B, T]`` (docs/maths.md §4 per-view outputs), None where not asked:
-    ``lse`` (log-normaliser of the view's logits z at temperature 1; no gradient), ``entropy`` (of softmax(z),
-    every row, ignored ones included; differentiable) and ``accuracy`` (argmax of z == target, ties to the
-    lowest index; False on ignored rows; bool, no gradient)."""
-
-    lse: Optional[torch.Tensor]
-    entropy: Optional[torch.Tensor]
-    accuracy: Optional[torch.Tensor]
-
-
-class LongShortLossOutput(NamedTuple):
-    """Result of :func:`lsa_kernels.long_short_loss` when a per-token output is asked (``return_lse``,
-    ``return_entropy``, ``return_accuracy``): :class:`LongShortLoss`'s three values, then each view's
-    :class:`PerToken` (rows aligned with ``hidden_long`` / ``hidden_short``)."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    misalign: torch.Tensor
-    long: PerToken
-    short: PerToken
+from .outputs import LongShortLoss, LongShortLossOutput, PerToken  # noqa: F401  (re-exported)
 
 
 def sample_l_extra(l_train: int, generator: Optional[torch.Generator] = None) -> int:

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from .pairing import LongShortLoss, LongShortLossOutput, PerToken, pair_mask, sample_l_extra  # noqa: F401  (re-exported)
+from .options import CrossEntropyArgs, DivergenceArgs, LongShortArgs
+from .outputs import CrossEntropyOutput, LongShortLoss, LongShortLossOutput, PerToken  # noqa: F401  (re-exported)
+from .pairing import pair_mask, sample_l_extra  # noqa: F401  (re-exported)
 
 __all__ = [
     "logits",
@@ -151,11 +153,11 @@ def linear_cross_entropy(
 ):
     """Reference for :func:`lsa_kernels.linear_cross_entropy` (docs/maths.md §3, §11), per-token outputs included
     (from the materialised logits: logsumexp, −Σ p log p, argmax)."""
-    explicit = ignore_index is not None
-    ignore_index = -100 if ignore_index is None else ignore_index
-    prob = _checks.check_ce(input, linear_weight, target, linear_bias, reduction, ignore_index, label_smoothing,
-                            z_loss, softcap, check_values=check_targets, weight=weight, token_weight=token_weight,
-                            explicit_ignore=explicit)
+    opts = CrossEntropyArgs(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            z_loss=z_loss, softcap=softcap, check_targets=check_targets)
+    prob = _checks.check_ce(input, linear_weight, target, opts, bias=linear_bias, weight=weight,
+                            token_weight=token_weight)
+    ignore_index = opts.ignore
     V = linear_weight.shape[0]
     x = input.reshape(-1, input.shape[-1])
     z = logits(x, linear_weight, linear_bias, softcap)
@@ -184,8 +186,6 @@ def linear_cross_entropy(
     out = out.to(input.dtype)
     if not (return_lse or return_entropy or return_accuracy):
         return out
-    from .functional import CrossEntropyOutput
-
     rows = input.shape[:-1]
     lse = torch.logsumexp(z, -1).detach().to(input.dtype).reshape(rows) if return_lse else None
     lp = torch.log_softmax(z, -1)
@@ -213,10 +213,10 @@ def linear_divergence(
     backend: str = "reference",
 ) -> torch.Tensor:
     """Reference for :func:`lsa_kernels.linear_divergence` (docs/maths.md §5, §11)."""
-    _checks.check_divergence(
-        input_p, input_q, linear_weight, linear_bias, divergence, temperature, detach, reduction, mask, softcap,
-        token_weight,
-    )
+    opts = DivergenceArgs(divergence=divergence, temperature=temperature, detach=detach, reduction=reduction,
+                          softcap=softcap)
+    _checks.check_divergence(input_p, input_q, linear_weight, opts, bias=linear_bias, mask=mask,
+                             token_weight=token_weight)
     H = input_p.shape[-1]
     xp, xq = input_p.reshape(-1, H), input_q.reshape(-1, H)
     a = logits(xp, linear_weight, linear_bias, softcap)
@@ -264,12 +264,13 @@ def long_short_loss(
     """Reference for :func:`lsa_kernels.long_short_loss` (docs/maths.md §4): CE of both views + α·divergence;
     token weights (§11) and LongCE (§13) from the materialised logits; the per-view outputs (§4: logsumexp,
     −Σ p log p, argmax of each view's z at temperature 1) as a LongShortLossOutput when asked."""
-    _checks.check_long_short(
-        hidden_long, hidden_short, linear_weight, labels_long, labels_short, l_extra, alpha, divergence,
-        temperature, detach, positions, ignore_index, linear_bias, softcap, label_smoothing, z_loss,
-        check_values=check_targets, token_weight_long=token_weight_long, token_weight_short=token_weight_short,
-        ce_weighting=ce_weighting, longce_gamma=longce_gamma,
-    )
+    opts = LongShortArgs(l_extra=l_extra, alpha=alpha, divergence=divergence, temperature=temperature,
+                         detach=detach, positions=positions, ignore_index=ignore_index, softcap=softcap,
+                         label_smoothing=label_smoothing, z_loss=z_loss, ce_weighting=ce_weighting,
+                         longce_gamma=longce_gamma, check_targets=check_targets)
+    _checks.check_long_short(hidden_long, hidden_short, linear_weight, labels_long, labels_short, opts,
+                             bias=linear_bias, token_weight_long=token_weight_long,
+                             token_weight_short=token_weight_short)
     B, T, H = hidden_long.shape
     zl = logits(hidden_long.reshape(-1, H), linear_weight, linear_bias, softcap)
     zs = logits(hidden_short.reshape(-1, H), linear_weight, linear_bias, softcap)

@@ -36,8 +36,9 @@ from typing import Optional
 import torch
 
 from . import backends
-from .autograd import _autocast_off, _cast, _contig, _grad_buffers
+from .autograd import cast_grad, contig, grad_buffers
 from .backends.contract import DenseTarget
+from .dispatch import autocast_off
 from .maths import acc_dtype, mean_scale
 from .options import CEOptions
 
@@ -66,17 +67,17 @@ class _DenseCE(torch.autograd.Function):
     """Σ coef·ℓ (``mean``/``sum``) or ``coef ⊙ ℓ`` (``none``) of the dense-target rows (module docstring)."""
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def forward(ctx, x, w, b, t, y, T: DenseTarget, coef, counted, reduction: str, opts: CEOptions, backend):
         be = backends.get(backend)
-        x, w, b = _contig(x), _contig(w), _contig(b)
-        T = DenseTarget(_contig(t), T.c, T.kappa, T.beta, T.alpha, T.omega, T.c_sum)
+        x, w, b = contig(x), contig(w), contig(b)
+        T = DenseTarget(contig(t), T.c, T.kappa, T.beta, T.alpha, T.omega, T.c_sum)
         need = ctx.needs_input_grad[:3]
         need_t = t is not None and ctx.needs_input_grad[3]
         acc = _acc(x)
         ctx.T, ctx.opts, ctx.backend, ctx.reduction, ctx.pre, ctx.need_t = T, opts, backend, reduction, None, need_t
         if reduction != "none" and (any(need) or need_t) and be.caps.fused_forward_backward:
-            ctx.pre = _grad_buffers(x, w, b, *need)
+            ctx.pre = grad_buffers(x, w, b, *need)
             ctx.dt = torch.empty(t.shape, dtype=acc, device=x.device) if need_t else None
             out = be.ce_dense_forward_backward(x, w, b, y, T, opts, coef, ctx.pre, dt=ctx.dt)
             ctx.save_for_backward(x, w, b, t)
@@ -90,14 +91,14 @@ class _DenseCE(torch.autograd.Function):
         return (per_row * coef).sum()
 
     @staticmethod
-    @_autocast_off
+    @autocast_off
     def backward(ctx, g):
         nones = (None,) * 7
         if ctx.pre is not None:
             x, w, b, t = ctx.saved_tensors
             g = g.to(_acc(w))
-            return (_cast(ctx.pre.dx, x, g), _cast(ctx.pre.dw, w, g), _cast(ctx.pre.db, b, g),
-                    _cast(ctx.dt, t, g) if ctx.need_t else None, *nones)
+            return (cast_grad(ctx.pre.dx, x, g), cast_grad(ctx.pre.dw, w, g), cast_grad(ctx.pre.db, b, g),
+                    cast_grad(ctx.dt, t, g) if ctx.need_t else None, *nones)
         x, w, b, t, y, lse, coef = ctx.saved_tensors
         acc = _acc(w)
         T, opts = ctx.T, ctx.opts
@@ -106,11 +107,11 @@ class _DenseCE(torch.autograd.Function):
         A = ctx.A
         if opts.z_loss > 0:
             A = A + 2.0 * opts.z_loss * lse * (1.0 if T.omega is None else T.omega)
-        grads = _grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
+        grads = grad_buffers(x, w, b, *ctx.needs_input_grad[:3])
         dt = torch.empty(t.shape, dtype=acc, device=x.device) if ctx.need_t else None
         backends.get(ctx.backend).ce_dense_backward(x, w, b, y, T, lse, (c * A).contiguous(), c.contiguous(), opts,
                                                     grads, dt=dt)
-        return _cast(grads.dx, x), _cast(grads.dw, w), _cast(grads.db, b), _cast(dt, t), *nones
+        return cast_grad(grads.dx, x), cast_grad(grads.dw, w), cast_grad(grads.db, b), cast_grad(dt, t), *nones
 
 
 def linear_target_loss(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, *, prob: bool,

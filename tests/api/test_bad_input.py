@@ -255,11 +255,15 @@ def test_vocab_parallel_target_shapes():
     """Under process_group= a probability target may have this rank's columns or the whole vocabulary as its last
     dim (the rows must still be the input's); any other last dim is refused naming the shard's columns."""
     from lsa_kernels import _checks
+    from lsa_kernels.options import CrossEntropyArgs
 
     w_shard = w[:5]
+    parallel = CrossEntropyArgs(process_group=object())  # any group: the check reads only that there is one
     for t in (torch.rand(N, 5), torch.rand(N, V)):
-        assert _checks.check_ce(x, w_shard, t, None, "mean", -100, 0.0, 0.0, None, parallel=True)
+        assert _checks.check_ce(x, w_shard, t, parallel)
     with pytest.raises(TypeError, match="target must hold"):
-        _checks.check_ce(x, w_shard, torch.rand(N + 1, V), None, "mean", -100, 0.0, 0.0, None, parallel=True)
+        _checks.check_ce(x, w_shard, torch.rand(N + 1, V), parallel)
+    with pytest.raises(TypeError, match="target must hold"):  # without a group the last dim must be this V
+        _checks.check_ce(x, w_shard, torch.rand(N, V), CrossEntropyArgs())
     with pytest.raises(ValueError, match=r"last dim V=11 .* or V_r=5 \(this rank's columns 5:10\); got shape \(6, 7\)"):
         _checks.check_prob_target_shard(torch.rand(N, 7), V, 5, 5)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lsa_kernels as L
-from lsa_kernels import functional
+from lsa_kernels import dispatch, functional
 from lsa_kernels.kernels import _common, ce, pair_bwd, pair_js, pair_phase1
 
 KERNELS = {
@@ -145,9 +145,9 @@ def test_float64_auto_on_cuda_runs_the_reference(monkeypatch):
         calls.append(a[0].dtype)
         return real(*a, **k)
 
-    real_resolve = functional.resolve_backend
+    real_resolve = dispatch.resolve_backend
     monkeypatch.setattr(functional.reference, "linear_cross_entropy", spy)
-    monkeypatch.setattr(functional, "resolve_backend",
+    monkeypatch.setattr(dispatch, "resolve_backend",
                         lambda be, dev, dt=None: real_resolve(be, torch.device("cuda", 0), dt))
     x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
     y = torch.randint(0, 11, (4,))
