@@ -98,6 +98,9 @@ def semantic_cases() -> List[Case]:
              no_gpu=True),
         Case("train", ("--device", "tpu7"), "--device 'tpu7' is not a torch device"),
         Case("train", ("--backend", "triton"), "--backend triton needs a CUDA GPU", no_gpu=True),
+        Case("train", ("--offload-activations",), "--offload-activations moves saved activations to pinned host "
+             "memory while they wait for the backward: it needs a CUDA device", no_gpu=True),
+        Case("train", ("--views", "sequential", "--alpha", "0"), "--views sequential runs the two views one after the other"),
         Case("train", ("--out", "a_file"), "--out 'a_file' is an existing file"),
         Case("eval", ("--runs", "model", "--out", "a_file", "--l-train", "8"), "--out 'a_file' is an existing file"),
         Case("synthetic", ("--out", "a_file"), "--out 'a_file' is an existing file"),
