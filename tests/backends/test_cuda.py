@@ -13,6 +13,15 @@ Truth: the reference on float64 copies of the (already rounded) inputs. Rule, pe
 (CCE's, taken over the whole tensor because two independent roundings of dz to bf16 — ours and torch's
 — land on different elements): ‖ours − truth‖ ≤ 2·‖torch same-dtype − truth‖ + rtol·‖truth‖, and the
 same with max-abs norms. Shapes are odd (no block multiple).
+
+Accuracy (argmax == target): the kernels' logits are fp32-accumulated, the truth's fp64, so a row may flip
+only at a near tie: |max_j z_j − z_target| ≤ 1e-4·max_j |z_j| in the fp64 truth, for at most 1 % of the rows
+(at least one); ignored rows are False.
+
+NaN rows: a row whose input holds a NaN has a NaN loss, lse and entropy and a non-finite dx row; every other
+row's outputs and dx are those of the same call without the NaN; dW / db and the NaN row's accuracy are
+unspecified (on a GPU ``max.f32`` drops NaN operands, the interpreter's numpy reductions do not, and its
+argmax over an all-NaN tile raises — so accuracy is asked for with a NaN row only on a GPU).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ N, H, V = (515, 255, 10007) if DEV.type == "cuda" else (37, 61, 503)
 B, T, LX = (3, 211, 37) if DEV.type == "cuda" else (2, 19, 5)
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 IGN = -100
+TIE_RTOL = 1e-4  # near-tie allowance of the accuracy, relative to the row's largest |logit|
 
 
 def _gen(seed):
@@ -178,6 +188,93 @@ def test_ce_deterministic_bit_identical(dtype, chunked):
         assert torch.equal(a, c)
 
 
+def _truth_logits(x, w, b=None, softcap=None):
+    """fp64 logits of the (already rounded) inputs, on the CPU: the accuracy's truth."""
+    z = x.detach().double().cpu() @ w.detach().double().cpu().T
+    if b is not None:
+        z = z + b.detach().double().cpu()
+    return softcap * torch.tanh(z / softcap) if softcap else z
+
+
+def _check_accuracy(name, acc, z64, y):
+    """``acc`` (argmax == target) against the fp64 truth with the near-tie allowance of the module docstring."""
+    acc, y = acc.detach().cpu().reshape(-1), y.cpu().reshape(-1)
+    z64 = z64.reshape(-1, z64.shape[-1])
+    assert acc.dtype == torch.bool, f"{name}: dtype {acc.dtype}"
+    valid = y != IGN
+    assert not acc[~valid].any(), f"{name}: an ignored row counts as correct"
+    yc = y.clamp(min=0)
+    truth = (z64.argmax(-1) == yc) & valid
+    diff = acc != truth
+    gap = z64.max(-1).values - z64.gather(-1, yc[:, None])[:, 0]
+    far = diff & (gap > TIE_RTOL * z64.abs().amax(-1))
+    assert not far.any(), f"{name}: rows {far.nonzero()[:5, 0].tolist()} differ from the truth away from a near tie"
+    assert int(diff.sum()) <= max(1, int(valid.sum()) // 100), f"{name}: {int(diff.sum())} rows flip at near ties"
+
+
+PER_TOKEN_CASES = {  # (dtype, options); the deterministic one with a dz budget of 100 rows (several chunks)
+    "plain_bf16": (torch.bfloat16, dict()),
+    "all_fp32": (torch.float32, dict(bias=True, softcap=15.0, label_smoothing=0.1, z_loss=1e-3, reduction="none")),
+    "det_bf16": (torch.bfloat16, dict(deterministic=True, softcap=20.0, chunk_bytes=100 * V * 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_TOKEN_CASES))
+def test_ce_per_token_outputs(case):
+    """return_lse / return_entropy / return_accuracy: the forward's per-token outputs (the extended forward
+    kernel) and the entropy's gradient in the backward (atomic kernel, or the deterministic dz kernel)."""
+    dtype, kw = PER_TOKEN_CASES[case]
+    kw = dict(kw)
+    bias = kw.pop("bias", False)
+    x, w = _rand(N, H, seed=80), _rand(V, H, seed=81, scale=2.0 / H**0.5)
+    x[7] *= 8  # a confident row: small entropy
+    b = _rand(V, seed=82, scale=0.5) if bias else None
+    y = _targets((N,), 83)
+
+    def fn(leaves, backend):
+        x_, w_, b_ = leaves
+        out = L.linear_cross_entropy(x_, w_, y.to(DEV), linear_bias=b_, backend=backend, return_lse=True,
+                                     return_entropy=True, **kw)
+        assert out.accuracy is None
+        return [out.loss, out.entropy, out.lse]
+
+    _compare(fn, [x, w, b], dtype)
+    xr, wr, br = (None if t is None else t.to(DEV, dtype) for t in (x, w, b))
+    with torch.no_grad():
+        out = L.linear_cross_entropy(xr, wr, y.to(DEV), linear_bias=br, backend="triton", return_accuracy=True, **kw)
+    assert out.lse is None and out.entropy is None
+    _check_accuracy("accuracy", out.accuracy, _truth_logits(xr, wr, br, kw.get("softcap")), y)
+
+
+def test_nan_row_rule():
+    """The NaN-row rule of the module docstring, CE with every per-token output."""
+    x, w = _rand(N, H, seed=90), _rand(V, H, seed=91, scale=2.0 / H**0.5)
+    y = _targets((N,), 92)
+    bad = 3
+    y[bad] = 5
+    x_nan = x.clone()
+    x_nan[bad, H // 2] = float("nan")
+    want_acc = DEV.type == "cuda"
+
+    def run(xin):
+        xl = xin.to(DEV, torch.bfloat16).requires_grad_()
+        out = L.linear_cross_entropy(xl, w.to(DEV, torch.bfloat16), y.to(DEV), reduction="none", backend="triton",
+                                     return_lse=True, return_entropy=True, return_accuracy=want_acc)
+        (gx,) = torch.autograd.grad(out.loss.float().sum() + out.entropy.float().sum(), [xl])
+        return out, gx.float().cpu()
+
+    (clean, g_clean), (dirty, g_dirty) = run(x), run(x_nan)
+    keep = torch.arange(N) != bad
+    for name in ("loss", "lse", "entropy"):
+        d, c = getattr(dirty, name).float().cpu(), getattr(clean, name).float().cpu()
+        assert not torch.isfinite(d[bad]), f"{name}: the NaN row gives {d[bad].item()}"
+        assert torch.equal(d[keep], c[keep]), f"{name}: a NaN in one row changed other rows (forward rows are independent)"
+    assert not torch.isfinite(g_dirty[bad]).all(), "dx of the NaN row is finite"
+    torch.testing.assert_close(g_dirty[keep], g_clean[keep], rtol=2e-2, atol=1e-3)  # bf16 dx, atomic order
+    if want_acc:
+        assert torch.equal(dirty.accuracy.cpu()[keep], clean.accuracy.cpu()[keep])
+
+
 # ----------------------------------------------------------------------------------- divergence
 
 
@@ -259,6 +356,84 @@ def test_long_short(case):
     _compare(_ls_fn(opts, yl, ys), tensors, dtype)
 
 
+LS_PER_VIEW_CASES = {
+    "sce_bf16": (torch.bfloat16, dict(divergence="sce")),
+    # deterministic with a dz budget of 100 rows per view: several row chunks
+    "js_det_fp32": (torch.float32, dict(divergence="js", softcap=20.0, deterministic=True, chunk_bytes=2 * 100 * V * 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(LS_PER_VIEW_CASES))
+def test_long_short_per_view_outputs(case):
+    """Per-view lse / entropy / accuracy of long_short_loss (the extended pair forward kernel) and the entropy's
+    gradient in the pair backward (atomic, or the deterministic dz kernel)."""
+    dtype, opts = LS_PER_VIEW_CASES[case]
+    tensors, yl, ys = _ls_inputs(100)
+
+    def fn(leaves, backend):
+        hl, hs, w, b = leaves
+        out = L.long_short_loss(hl, hs, w, yl.to(DEV), ys.to(DEV), l_extra=LX, linear_bias=b, backend=backend,
+                                return_lse=True, return_entropy=True, **opts)
+        return [out.loss, out.ce, out.misalign, out.long.entropy, out.short.entropy, out.long.lse, out.short.lse]
+
+    _compare(fn, tensors, dtype)
+    hl, hs, w = (t.to(DEV, dtype) for t in tensors[:3])
+    with torch.no_grad():
+        out = L.long_short_loss(hl, hs, w, yl.to(DEV), ys.to(DEV), l_extra=LX, backend="triton",
+                                return_accuracy=True, **opts)
+    for view, h, y in (("long", hl, yl), ("short", hs, ys)):
+        acc = getattr(out, view).accuracy
+        assert acc.shape == y.shape, f"{view}: shape {tuple(acc.shape)}"
+        _check_accuracy(f"{view} accuracy", acc, _truth_logits(h.reshape(-1, H), w, None, opts.get("softcap")), y)
+
+
+# ---------------------------------------------------------------------------------- distillation
+
+H_T = H + 34 if DEV.type == "cuda" else H - 16  # the teacher's hidden size differs from the student's
+
+DISTILL_CASES = {  # (dtype, options); "det": deterministic with a dz budget of 100 rows (several chunks)
+    "frozen_kl_bf16": (torch.bfloat16, dict(divergence="kl", temperature=2.0, hard_loss_weight=0.5, softcap=20.0,
+                                            bias=True)),
+    "trained_js_bf16": (torch.bfloat16, dict(divergence="js", train_teacher=True, hard_loss_weight=0.3)),
+    "frozen_sym_kl_det_fp32": (torch.float32, dict(divergence="sym_kl", deterministic=True,
+                                                   chunk_bytes=2 * 100 * V * 4)),
+    "trained_kl_det_bf16": (torch.bfloat16, dict(divergence="kl", train_teacher=True, deterministic=True,
+                                                 temperature=1.5, chunk_bytes=2 * 100 * V * 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(DISTILL_CASES))
+def test_linear_distillation_two_heads(case):
+    """linear_distillation: student and teacher heads of different hidden sizes (the two-head kernels), the
+    teacher frozen (no teacher gradient) or trained; the deterministic cases bit-identical when run again."""
+    dtype, opts = DISTILL_CASES[case]
+    opts = dict(opts)
+    bias = opts.pop("bias", False)
+    xs, ws = _rand(N, H, seed=110), _rand(V, H, seed=111, scale=2.0 / H**0.5)
+    xt = _rand(N, H_T, seed=112)
+    wt = _rand(V, H_T, seed=113, scale=2.0 / H_T**0.5)
+    bs, bt = (_rand(V, seed=114, scale=0.3), _rand(V, seed=115, scale=0.3)) if bias else (None, None)
+    y = _targets((N,), 116)
+
+    def fn(leaves, backend):
+        xs_, ws_, xt_, wt_, bs_, bt_ = leaves
+        out = L.linear_distillation(xs_, ws_, xt_, wt_, y.to(DEV), student_bias=bs_, teacher_bias=bt_,
+                                    backend=backend, **opts)
+        return [out.loss, out.hard, out.soft]
+
+    tensors = [xs, ws, xt, wt, bs, bt]
+    first = _compare(fn, tensors, dtype)
+    teacher_grads = first[1][2:4]
+    if not opts.get("train_teacher"):
+        assert all(not g.any() for g in teacher_grads), "a frozen teacher received a gradient"
+    else:
+        assert all(g.abs().sum() > 0 for g in teacher_grads), "a trained teacher received no gradient"
+    if opts.get("deterministic"):
+        again = _run(fn, [None if t is None else t.to(dtype) for t in tensors], dtype, "triton")
+        for a, c in zip(first[0] + first[1], again[0] + again[1]):
+            assert torch.equal(a, c)
+
+
 # ------------------------------------------------------------------------------ GPU-only behaviour
 
 
@@ -326,6 +501,32 @@ def test_int64_offsets_rows_past_2_31_elements():
     tail = slice(Nb - 64, Nb)
     xt = x.detach()[tail].double().requires_grad_()
     ref = L.linear_cross_entropy(xt, w.detach().double(), y[tail], reduction="none", backend="reference")
+    (gt,) = torch.autograd.grad(ref.sum(), [xt])
+    torch.testing.assert_close(rows[tail].double(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx[tail].double(), gt, rtol=5e-2, atol=2e-3)
+
+
+@needs_gpu
+def test_dense_targets_rows_past_2_31_elements():
+    """Probability targets with N·V > 2^31 (the target is read tile by tile at 64-bit offsets): the last rows'
+    loss and dx match the reference on those rows."""
+    free, _ = torch.cuda.mem_get_info()
+    Hb, Vb = 256, 32768
+    Nb = (2**31) // Vb + 77
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GB of free GPU memory")
+    g = torch.Generator(device=DEV).manual_seed(72)
+    x = torch.randn(Nb, Hb, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = (torch.randn(Vb, Hb, device=DEV, generator=g) / Hb**0.5).to(torch.bfloat16).requires_grad_()
+    t = torch.rand(Nb, Vb, device=DEV, dtype=torch.bfloat16, generator=g)
+    for r0 in range(0, Nb, 4096):  # rows normalised in slices: no fp32 copy of the whole target
+        blk = t[r0:r0 + 4096]
+        blk.div_(blk.float().sum(-1, keepdim=True).to(torch.bfloat16))
+    rows = L.linear_cross_entropy(x, w, t, reduction="none")
+    (gx,) = torch.autograd.grad(rows.float().sum(), [x])
+    tail = slice(Nb - 64, Nb)
+    xt = x.detach()[tail].double().requires_grad_()
+    ref = L.linear_cross_entropy(xt, w.detach().double(), t[tail].double(), reduction="none", backend="reference")
     (gt,) = torch.autograd.grad(ref.sum(), [xt])
     torch.testing.assert_close(rows[tail].double(), ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(gx[tail].double(), gt, rtol=5e-2, atol=2e-3)
