@@ -1,6 +1,6 @@
 """Vocabulary-parallel heads: which slice of the vocabulary each rank of a process group holds.
 
-A head sharded over the vocabulary (``process_group=``, ``vocab_start=`` in :mod:`lsa_kernels.functional`)
+A head sharded over the vocabulary (``process_group=``, ``vocab_start=`` of every public op; :mod:`lsa_kernels.dispatch`)
 runs through :class:`VocabParallel` (:mod:`lsa_kernels.backends.vocab_parallel`: the exact merge of the
 per-row statistics across ranks, its maths and its bytes on the wire). This module finds the shards:
 :func:`shard_info` exchanges every rank's ``(vocab_start, V_r)`` once and checks that they tile ``[0, V)``.
@@ -16,9 +16,7 @@ from typing import Dict, Tuple
 import torch
 import torch.distributed as dist
 
-from .backends.vocab_parallel import VocabParallel
-
-__all__ = ["Shard", "shard_info", "VocabParallel"]
+__all__ = ["Shard", "shard_info"]
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,9 @@ import torch.nn.functional as F
 
 from .. import _env
 from .synthetic_model import BOS, PES, Regressors, init_params
+from .synthetic_report import LONG_RANGE, markdown_table, save_results, summarise
 
 TASKS = ("mean", "length", "length_sqrt", "length_log", "length_invsqrt")
-LONG_RANGE = (30, 50)  # lengths over which "long-length error" is averaged
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -398,8 +398,6 @@ def run_study(config: Optional[StudyConfig] = None, **overrides) -> dict:
         wall_seconds=time.time() - t0,
         workers=workers,
     )
-    from .synthetic_report import summarise
-
     out.update(summarise(runs, cfg))
     return out
 
@@ -424,8 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .synthetic_report import markdown_table, save_results
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a flag argparse refused (2; its one line is on stderr already)

@@ -238,7 +238,7 @@ def test_functional_vocab_parallel_arguments_are_checked_before_any_group_use():
 
 
 def test_functional_vocab_parallel_single_rank_group(tmp_path):
-    """functional._vocab_parallel with a real (1-rank gloo) group: same values as no group; the global target
+    """dispatch.select_backend with a real (1-rank gloo) group: same values as no group; the global target
     check runs unless check_targets=False."""
     import torch.distributed as dist
 
