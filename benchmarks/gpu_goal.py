@@ -90,7 +90,7 @@ def summarise(rows: List[Dict], peak: Optional[float]) -> List[str]:
             continue
         t = _num(r, "time_ms")
         tflops = gemm_flops(r) / (t * 1e-3) / 1e12
-        parts = [f"{t:.1f} ms", f"{tflops:.0f} TFLOP/s of GEMM work"]
+        parts = [f"{t:.1f} ms", f"{tflops:.3g} TFLOP/s of GEMM work"]
         if peak:
             parts.append(f"{100 * tflops / peak:.0f}% of bf16 peak {peak:g}")
         g = _num(by.get((r["op"], "gemm")), "time_ms")

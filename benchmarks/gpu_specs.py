@@ -7,13 +7,17 @@ with every kernel of ``lsa_kernels.kernels`` wrapped by a recorder, and prints `
 ``TESTS passed=… failed=… skipped=…``: n is the number of distinct (kernel, pointer dtypes, constexpr
 flags, integer-argument classes) the tests launch — what Triton compiles once each on a GPU (the block
 sizes come from the per-arch tables, so they add nothing). Tests that need a real GPU are skipped here and
-their kernels not counted. benchmarks/gpu_run.sh's header multiplies this count by a measured compile time;
-``gpu_run.sh`` with ``DRY_RUN=1`` runs its CUDA-test step through this module. Exit status: pytest's.
+their kernels not counted. benchmarks/gpu_run.sh's header multiplies this count by a measured compile time.
+
+As a pytest plugin (``-p benchmarks.gpu_specs`` with ``LSA_SPECS_OUT=file.json``) it records in any pytest
+process and writes the keys it saw to that file at the end: ``python -m benchmarks.gpu_tests --cpu`` (the
+CUDA-test step of ``DRY_RUN=1 benchmarks/gpu_run.sh``) merges them over its processes. Exit status: pytest's.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pkgutil
 import sys
@@ -100,6 +104,22 @@ class _Tally:
         if report.when == "call" or (report.when == "setup" and not report.passed):
             key = "passed" if report.passed else ("skipped" if report.skipped else "failed")
             self.n[key] += 1
+
+
+_SEEN: Set[Tuple] = set()
+
+
+def pytest_configure(config):
+    """Plugin hook: record when LSA_SPECS_OUT names a file (else do nothing)."""
+    if os.environ.get("LSA_SPECS_OUT"):
+        install(_SEEN)
+
+
+def pytest_unconfigure(config):
+    path = os.environ.get("LSA_SPECS_OUT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(sorted(json.dumps(k) for k in _SEEN), f)
 
 
 def main(argv=None) -> int:
