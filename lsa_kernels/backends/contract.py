@@ -99,6 +99,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 from ..options import CEOptions, PairOptions
+from ..targets import DenseOut, DenseTarget  # re-exported: the dense-target records live below the kernels
 
 Tensor = torch.Tensor
 
@@ -193,41 +194,6 @@ class CEOut:
     lse: Tensor
     entropy: Optional[Tensor] = None
     argmax: Optional[Tensor] = None
-
-
-@dataclass(frozen=True)
-class DenseTarget:
-    """A row's target mass ``T = κ·t ⊙ c + β·c + α·onehot(y)`` (module docstring; docs/maths.md §11).
-
-    ``t [N, V]`` probabilities (any float dtype, read tile by tile; None: no such term), ``c [V]`` class
-    weights in the accumulation dtype (None: 1), ``alpha [N]`` the one-hot's weight per row (None: 0; the
-    target ids are the ops' ``y``), ``omega [N]`` the z-loss weight per row (None: 1), ``c_sum`` Σ_v c_v over
-    the WHOLE vocabulary (a float or a 0-d tensor) for A in the fused op."""
-
-    t: Optional[Tensor] = None
-    c: Optional[Tensor] = None
-    kappa: float = 1.0
-    beta: float = 0.0
-    alpha: Optional[Tensor] = None
-    omega: Optional[Tensor] = None
-    c_sum: object = 0.0
-
-    def rows(self, s) -> "DenseTarget":
-        """The same target for the rows ``s`` (a slice)."""
-        return DenseTarget(None if self.t is None else self.t[s], self.c, self.kappa, self.beta,
-                           None if self.alpha is None else self.alpha[s], None if self.omega is None else self.omega[s],
-                           self.c_sum)
-
-
-@dataclass(frozen=True)
-class DenseOut:
-    """Per-row sums of a dense-target forward (module docstring), all ``[N]`` in the accumulation dtype."""
-
-    lse: Tensor
-    tz: Tensor
-    tm: Tensor
-    cz: Tensor
-    zy: Tensor
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ Modules (the maths each implements opens the file and cites docs/maths.md):
     pair.py           the pair launchers (forward: phase 1 → merge → js phase 2; backward)
     deterministic.py  the deterministic backward's chunking and torch GEMMs (dx = dz W, dW += dzᵀ x)
     _common.py        launch configuration: block-size tables per GPU family, device guard, dot precision
-    configs.py        the production / dispatchable kernel specialisations and how to compile them
+    configs.py        the production / dispatchable kernel specialisations (compiled by benchmarks/compile_check.py)
 
 Naming in this package: a launched kernel ends in ``_kernel``; every other @triton.jit function is a helper
 with a plain name (no trailing underscore), shared ones in tiles.py. A trailing underscore means "in place",

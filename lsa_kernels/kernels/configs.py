@@ -1,56 +1,31 @@
-"""The production kernel configurations (dtype × feature flags × block sizes) and how to compile them.
+"""The production kernel configurations: dtype × feature flags × block sizes, one record per specialisation.
 
-Every entry is one specialisation the launchers in ce.py / pair.py can emit on a GPU, with the block
-sizes of ``_common.gpu_config`` (the tables ``_common.GPU_TABLE``) for that arch. ``tests/backends/test_triton_compile.py`` compiles them with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` — no GPU needed — and checks
-shared memory against the arch's limit, register spills (ptxas -v), 64-bit offset arithmetic and, for
-the atomic kernels, that every atomic is a relaxed reduction with no fence (PTX, and SASS via nvdisasm).
-The hand-written list covers every kernel, every divergence, both dot precisions (bf16 tensor cores,
-fp32 via tf32x3) and the heaviest flag combination of each kernel.
+Every entry is one specialisation the launchers in ce.py / pair.py / dense.py can emit on a GPU, with the
+block sizes of ``_common.gpu_config`` (the tables ``_common.GPU_TABLE``) for that arch. The hand-written
+list (:func:`production_configs`) covers every kernel, every divergence, both dot precisions (bf16 tensor
+cores, fp32 via tf32x3) and the heaviest flag combination of each kernel; :data:`SMOKE` and
+:data:`FAMILY_SMOKE` pick the ones compiled by default. :func:`dispatch_configs` finds EVERY flag set the
+launchers can emit (it runs them with recording kernels over the whole option space): a few thousand
+specialisations per dtype and arch, most of them pair-backward variants.
 
-:func:`dispatch_configs` finds EVERY flag set the launchers can emit (it runs them with recording
-kernels over the whole option space): a few thousand specialisations per dtype and arch, most of them
-pair-backward variants (the count: ``len(dispatch_configs())``). Compiling them all is the sweep command (hours of CPU; shard it):
-
-    python -m lsa_kernels.kernels.configs sweep --arch 80 86 90 100 120 --jobs 16 --out sweep.jsonl \
-        [--dtypes bf16,fp32] [--kinds ce_fwd,pair_bwd] [--shard K/N] [--limit M]
-
-(``--out`` is appended to and skipped on a rerun, so a stopped sweep resumes; exit 1 if any problem.)
-One config: ``python -m lsa_kernels.kernels.configs NAME ARCH [ARCH ...]`` prints one JSON report per arch.
-Both need TRITON_INTERPRET unset.
-
-(Over 500 lines: the configuration lists, the dispatch enumeration and the compile / report / sweep tooling
-are one tool whose parts share the KernelConfig record and are used together by tests/backends/test_triton_compile.py.)
+Compiling them for real GPU targets (shared memory, register spills, 64-bit offsets, relaxed atomics) is
+the compile check, ``python -m benchmarks.compile_check`` (benchmarks/compile_check.py), which
+tests/backends/test_triton_compile.py runs.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-from .. import _env
 from ..maths import DIVERGENCES, N_PAIR_STATS, Divergence
 from ._common import LaunchConfig, gpu_config
-
-_FLOAT_SCALARS = {"cap", "inv_cap", "inv_temp", "one_minus_eps", "eps_over_v", "two_zloss"}
-_INPUT_PTRS = {"x_ptr", "w_ptr", "b_ptr", "xp_ptr", "xq_ptr", "wq_ptr", "bq_ptr", "dz_ptr", "dzp_ptr",
-               "dzq_ptr"}  # the input dtype
-_TARGET_PTRS = {"y_ptr", "yp_ptr", "yq_ptr"}
-_INT32_PTRS = {"am_ptr"}  # the CE forward's argmax partials
-_DIVISIBLE_INTS = {"H", "Hq", "stride_x", "stride_w", "stride_wq", "stride_xp", "stride_xq", "stride_dx",
-                   "stride_dxp", "stride_dxq", "stride_dw", "stride_dwq", "stride_dz"}
-_TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """One specialisation: kernel kind, input dtype and the constexpr flags the launcher passes."""
+
     name: str
     kernel: str  # kernel kind: key of the _common.GPU_TABLE tables and of KERNELS
     dtype: str  # bf16 | fp16 | fp32
@@ -58,6 +33,17 @@ class KernelConfig:
 
     def launch(self, arch: int) -> LaunchConfig:
         return gpu_config(self.kernel, arch, self.dtype == "fp32")
+
+    @property
+    def atomic(self) -> bool:
+        """A kernel of the atomic backward (one program per row block × V tile adds into dx, dW, db)."""
+        return self.kernel in ATOMIC_KINDS
+
+    @property
+    def writes_atomically(self) -> bool:
+        """An atomic kernel's flag set that asks for an accumulated output (dx, dW or db of any view); the
+        dense backward asked for dt only stores it plainly and holds no atomic."""
+        return self.atomic and any(self.flags.get(f, False) for f in ATOMIC_OUTPUTS)
 
 
 # kernel kind → (module under lsa_kernels.kernels, kernel name)
@@ -76,6 +62,8 @@ KERNELS = {
     "dense_dz": ("dense", "dense_dz_kernel"),
 }
 ATOMIC_KINDS = ("ce_bwd", "pair_bwd", "dense_bwd")
+# the flags of those kernels' outputs added into with atomics (NEED_DT, the dense target's gradient, is stored)
+ATOMIC_OUTPUTS = ("NEED_DX", "NEED_DW", "NEED_DB", "NEED_DXP", "NEED_DXQ", "NEED_DWQ", "NEED_DBQ")
 
 
 def _module(name: str):
@@ -87,11 +75,6 @@ def _module(name: str):
 def kernel_fn(kind: str):
     mod, name = KERNELS[kind]
     return getattr(_module(mod), name)
-
-
-def _dot_constexprs(dtype: str) -> Dict[str, Any]:
-    # production (GPU) values of upcast_and_prec()
-    return {"UPCAST": dtype == "fp32", "DOT_PREC": "tf32x3" if dtype == "fp32" else "tf32"}
 
 
 _CE_ALL = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True)
@@ -407,7 +390,7 @@ def dispatch_configs(dtypes=("bf16", "fp16", "fp32")) -> List[KernelConfig]:
                                        dwq_out=f32(V, Hq) if ndwq else None, dbq_out=f32(V) if ndbq else None)
             # dense targets (kernels/dense.py): probability targets (with / without class weights and
             # smoothing) and class-weighted smoothing of index targets
-            from ..backends.contract import DenseTarget
+            from ..targets import DenseTarget
             from . import dense
 
             tt = torch.zeros(N, V)
@@ -449,279 +432,3 @@ def by_name(name: str) -> KernelConfig:
         if c.name == name:
             return c
     raise KeyError(name)
-
-
-def ast_source_args(cfg: KernelConfig, arch: int):
-    """(fn, signature, constexprs, attrs) for triton.compiler.ASTSource."""
-    fn = kernel_fn(cfg.kernel)
-    L = cfg.launch(arch)
-    constexprs: Dict[str, Any] = dict(cfg.flags)
-    constexprs.update(_dot_constexprs(cfg.dtype))
-    constexprs.update(BLOCK_N=L.BLOCK_N, BLOCK_V=L.BLOCK_V, BLOCK_H=L.BLOCK_H)
-    if "GROUP" in fn.arg_names:
-        constexprs["GROUP"] = L.GROUP
-    signature: Dict[str, str] = {}
-    attrs = {}
-    for i, a in enumerate(fn.arg_names):
-        if a in constexprs:
-            signature[a] = "constexpr"
-        elif a.endswith("_ptr"):
-            if a in _INPUT_PTRS:
-                signature[a] = "*" + cfg.dtype
-            elif a in _TARGET_PTRS:
-                signature[a] = "*i64"
-            elif a in _INT32_PTRS:
-                signature[a] = "*i32"
-            else:
-                signature[a] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a in _FLOAT_SCALARS:
-            signature[a] = "fp32"
-        else:
-            signature[a] = "i32"
-            if a in _DIVISIBLE_INTS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    missing = set(constexprs) - set(fn.arg_names)
-    if missing:
-        raise ValueError(f"{cfg.name}: unknown constexprs {sorted(missing)}")
-    return fn, signature, constexprs, attrs
-
-
-def nvdisasm_path() -> str | None:
-    """nvdisasm shipped with Triton's NVIDIA backend (SASS of a cubin), else one on PATH."""
-    try:
-        import triton
-
-        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-        if os.path.exists(p):
-            return p
-    except ImportError:
-        pass
-    return shutil.which("nvdisasm")
-
-
-_PTX_SYNC = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:atom|red|fence|membar)\b(?:\.[\w:]+)*)", re.M)
-# (not the SYNCS.CCTL.* of the mbarrier unit that sm_100's tcgen05 pipelines use: hence the lookbehind)
-_SASS_SYNC = re.compile(r"(?<![\w.])((?:MEMBAR|ERRBAR|CCTL|ATOMG?|REDG?|FENCE)(?:\.[\w]+)*)\b")
-
-
-def memory_ops(ptx: str, cubin: bytes | None) -> Dict[str, Any]:
-    """Atomics, fences and barriers of a compiled kernel: PTX instructions and (when nvdisasm is there)
-    the SASS opcodes, each as a sorted list of distinct names."""
-    found = sorted(set(_PTX_SYNC.findall(ptx)))
-    rep: Dict[str, Any] = {
-        "ptx_atomics": [i for i in found if i.startswith(("atom", "red"))],
-        "ptx_fences": [i for i in found if i.startswith(("fence", "membar"))],
-    }
-    nvd = nvdisasm_path()
-    if nvd is not None and cubin:
-        with tempfile.TemporaryDirectory() as d:
-            cf = os.path.join(d, "k.cubin")
-            with open(cf, "wb") as f:
-                f.write(cubin)
-            r = subprocess.run([nvd, "-c", cf], capture_output=True, text=True, timeout=120)
-        if r.returncode == 0:
-            rep["sass_sync"] = sorted(set(_SASS_SYNC.findall(r.stdout)) - {"REDUX"})
-    return rep
-
-
-def atomic_problems(rep: Dict[str, Any]) -> List[str]:
-    """Why a report's accumulating atomics are not fence-free relaxed reductions ([] when they are).
-
-    PTX: every atom/red carries ``.relaxed`` (the default acq_rel makes ptxas put a GPU-wide MEMBAR before
-    and an L1 invalidation after each one); no membar; the only fences are the async-proxy fences wgmma
-    needs (``fence.proxy.async``). SASS: no GPU/system-scope MEMBAR, no ERRBAR, no CCTL."""
-    out = []
-    if not rep["ptx_atomics"]:
-        out.append("no atomics in the PTX of an atomic kernel")
-    out += [f"PTX atomic without .relaxed: {a}" for a in rep["ptx_atomics"] if ".relaxed" not in a]
-    out += [f"PTX fence/barrier: {f}" for f in rep["ptx_fences"] if not f.startswith("fence.proxy.async")]
-    for op in rep.get("sass_sync", []):
-        if op.startswith(("ERRBAR", "CCTL")) or (op.startswith("MEMBAR") and not op.endswith(".CTA")):
-            out.append(f"SASS {op}")
-    return out
-
-
-def ptxas_path(arch: int = 90) -> str | None:
-    """The ptxas Triton itself uses for ``arch`` (its bundled ptxas, ptxas-blackwell from sm_100: the
-    PTX Triton emits for Blackwell has an ISA version older CUDA toolkits reject), else a system one."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        p = get_ptxas(arch).path
-        if p and os.path.exists(p):
-            return p
-    except Exception:  # noqa: BLE001 - older / newer Triton layouts: fall back to the system's
-        pass
-    for p in ("/usr/local/bin/ptxas", shutil.which("ptxas")):
-        if p and os.path.exists(p):
-            return p
-    return None
-
-
-def compile_report(cfg: KernelConfig, arch: int) -> Dict[str, Any]:
-    """Compile one config for sm_<arch> and return shared memory, ptxas registers / spills, offsets check."""
-    if _env.interpreting():
-        raise RuntimeError("compile with TRITON_INTERPRET unset")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn, signature, constexprs, attrs = ast_source_args(cfg, arch)
-    src = ASTSource(fn, signature, constexprs, attrs)
-    L = cfg.launch(arch)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": L.num_warps, "num_stages": L.num_stages})
-    ptx = k.asm["ptx"]
-    rep: Dict[str, Any] = {
-        "name": cfg.name, "arch": arch, "shared": int(k.metadata.shared),
-        "num_warps": L.num_warps, "num_stages": L.num_stages,
-        "blocks": [L.BLOCK_N, L.BLOCK_V, L.BLOCK_H],
-        # 64-bit offsets: i64 multiplies in the Triton IR (row/col index × stride) and 64-bit
-        # multiplies in the PTX (mul.wide.s32 = i32 × i32 → i64, or s64 multiplies)
-        "ttir_i64_mul": bool(re.search(r"arith\.muli [^\n]*: tensor<[\dx]+xi64>", k.asm["ttir"])),
-        "wide_mul": bool(re.search(r"mul\.wide\.[su]32|mad\.wide\.[su]32|mul\.lo\.s64|mad\.lo\.s64", ptx)),
-        **memory_ops(ptx, k.asm.get("cubin")),
-    }
-    ptxas = ptxas_path(arch)
-    if ptxas is not None:
-        m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)
-        gpu = m.group(1) if m else f"sm_{arch}"
-        with tempfile.TemporaryDirectory() as d:
-            pf = os.path.join(d, "k.ptx")
-            with open(pf, "w") as f:
-                f.write(ptx)
-            r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", pf, "-o", os.path.join(d, "k.cubin")],
-                               capture_output=True, text=True, timeout=300)
-        info = r.stdout + r.stderr
-        rep["ptxas_rc"] = r.returncode
-        rep["ptxas_gpu"] = gpu
-        mr = re.search(r"Used (\d+) registers", info)
-        rep["registers"] = int(mr.group(1)) if mr else None
-        spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
-        rep["spill_bytes"] = sum(spills) if spills else None
-        ms = re.search(r"(\d+) bytes smem", info)
-        rep["ptxas_smem"] = int(ms.group(1)) if ms else None
-        rep["ptxas_log"] = info[-2000:]
-    return rep
-
-
-def _sweep_worker(args):
-    cfg, arch, timeout = args
-    import signal
-
-    def _alarm(*_):
-        raise TimeoutError(f"compile took more than {timeout} s")
-
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(timeout)
-    try:
-        rep = compile_report(cfg, arch)
-        rep.pop("ptxas_log", None)
-    except Exception as e:  # noqa: BLE001 - reported, not raised: the sweep goes on
-        rep = {"name": cfg.name, "arch": arch, "error": f"{type(e).__name__}: {str(e)[:500]}"}
-    finally:
-        signal.alarm(0)
-    rep["kernel"], rep["dtype"], rep["flags"] = cfg.kernel, cfg.dtype, cfg.flags
-    rep["problems"] = report_problems(rep, cfg)
-    return rep
-
-
-def report_problems(rep: Dict[str, Any], cfg: KernelConfig) -> List[str]:
-    """Everything wrong with one compile report ([] = fine): errors, shared memory over the arch's limit,
-    spills, failed ptxas, atomics that are not fence-free relaxed reductions."""
-    from ._common import SHARED_LIMIT
-
-    if "error" in rep:
-        return [rep["error"]]
-    out = []
-    limit = SHARED_LIMIT.get(rep["arch"])
-    if limit is not None and rep["shared"] > limit:
-        out.append(f"shared memory {rep['shared']} B > {limit} B")
-    if rep.get("ptxas_rc") not in (None, 0):
-        out.append(f"ptxas rc={rep['ptxas_rc']}")
-    if rep.get("spill_bytes"):
-        out.append(f"{rep['spill_bytes']} bytes spilled")
-    if cfg.kernel in ATOMIC_KINDS:
-        out += atomic_problems(rep)
-    return out
-
-
-def sweep(archs: List[int], *, dtypes=("bf16", "fp16", "fp32"), shard=(0, 1), jobs: int = 2,
-          out: str | None = None, timeout: int = 600, limit: int | None = None, kinds=None) -> int:
-    """Compile every dispatchable flag set (:func:`dispatch_configs`) for each arch; one JSON line per
-    (config, arch) to ``out`` (appended; already present lines are skipped, so a run can be resumed).
-    Returns the number of (config, arch) pairs with problems."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
-    cfgs = dispatch_configs(tuple(dtypes))
-    if kinds:
-        cfgs = [c for c in cfgs if c.kernel in kinds]
-    k, n = shard
-    todo = [(c, a) for i, c in enumerate(cfgs) if i % n == k for a in archs]
-    done = set()
-    if out and os.path.exists(out):
-        with open(out) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    done.add((r["name"], r["arch"]))
-                except (ValueError, KeyError):
-                    pass
-    todo = [(c, a) for c, a in todo if (c.name, a) not in done]
-    if limit is not None:
-        todo = todo[:limit]
-    bad = 0
-    fh = open(out, "a") if out else None
-    try:
-        with ProcessPoolExecutor(max_workers=jobs) as ex:
-            it = ex.map(_sweep_worker, [(c, a, timeout) for c, a in todo], chunksize=1)
-            for rep in tqdm(it, total=len(todo), desc=f"compile sweep (shard {k}/{n})", unit="kernel"):
-                bad += bool(rep["problems"])
-                if rep["problems"]:
-                    print(f"PROBLEM {rep['name']} sm_{rep['arch']}: {rep['problems']}", file=sys.stderr, flush=True)
-                if fh:
-                    fh.write(json.dumps(rep) + "\n")
-                    fh.flush()
-    finally:
-        if fh:
-            fh.close()
-    print(f"sweep: {len(todo)} compiled, {bad} with problems, {len(done)} already in {out}", flush=True)
-    return bad
-
-
-def main(argv: List[str] | None = None) -> None:
-    """``NAME ARCH [ARCH ...]``: compile one production config, one REPORT line per arch.
-    ``sweep [--arch 80 90 ...] [--dtypes bf16,fp16,fp32] [--shard K/N] [--jobs J] [--out F.jsonl]``:
-    compile every dispatchable flag set (exit 1 when any has a problem)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(main.__doc__)
-        print("production configs: " + " ".join(c.name for c in production_configs()))
-        return
-    if argv and argv[0] == "sweep":
-        import argparse
-
-        ap = argparse.ArgumentParser(prog="python -m lsa_kernels.kernels.configs sweep")
-        ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-        ap.add_argument("--dtypes", default="bf16,fp16,fp32")
-        ap.add_argument("--kinds", default="", help="comma-separated kernel kinds (default: all)")
-        ap.add_argument("--shard", default="0/1", help="K/N: every N-th config starting at K")
-        ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
-        ap.add_argument("--out", default=None, help="JSON lines, appended; present (name, arch) pairs skipped")
-        ap.add_argument("--timeout", type=int, default=600, help="seconds per compile")
-        ap.add_argument("--limit", type=int, default=None, help="compile at most this many this run")
-        a = ap.parse_args(argv[1:])
-        k, n = (int(v) for v in a.shard.split("/"))
-        bad = sweep(a.arch, dtypes=a.dtypes.split(","), shard=(k, n), jobs=a.jobs, out=a.out, timeout=a.timeout,
-                    limit=a.limit, kinds=[s for s in a.kinds.split(",") if s] or None)
-        sys.exit(1 if bad else 0)
-    cfg = by_name(argv[0])
-    for arch in argv[1:]:
-        print("REPORT " + json.dumps(compile_report(cfg, int(arch))), flush=True)
-
-
-if __name__ == "__main__":
-    main()

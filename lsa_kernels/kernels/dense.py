@@ -1,47 +1,75 @@
-"""Dense-target linear cross-entropy: probability targets and class-weighted label smoothing read tile by tile
-next to the logits tile (docs/maths.md §11, §14; contract ``ce_dense_*`` in lsa_kernels.backends.contract).
+"""Dense-target linear cross-entropy: probability targets and class-weighted label smoothing, the target tile
+read next to the logits tile (docs/maths.md §11; contract ``ce_dense_*`` in lsa_kernels.backends.contract).
 
-Row loss (per row i, z = softcap(x_i Wᵀ + b), T_iv = κ·t_iv·c_v + β·c_v + α_i·[v = y_i], §11):
+Row loss (§11; per row i, z = softcap(x_i Wᵀ + b) with c the softcap as in §3):
 
-    ℓ_i = A_i·lse_i + λ·ω_i·lse_i² − Σ_v T_iv z_iv,        A_i = Σ_v T_iv
+    T_iv = κ·t_iv·c_v + β·c_v + α_i·[v = y_i]            (lsa_kernels.targets.DenseTarget; c_v = 1 without
+                                                           class weights, β = ε/V)
+    ℓ_i  = A_i·lse_i + λ·ω_i·lse_i² − Σ_v T_iv z_iv,      A_i = Σ_v T_iv
 
-Forward (:func:`dense_forward`): grid (row blocks, V splits); each program walks its share of V, forms the
+Forward (:func:`dense_forward`; grid (row blocks, V splits)): each program walks its share of V, forms the
 logits tile, loads the t tile ``[BLOCK_N, BLOCK_V]`` (any float dtype, to fp32) and the c tile ``[BLOCK_V]``
-and accumulates, per row,
+and accumulates, per row (online lse: §14.1),
 
-    m, s  (online lse, §14.1)      tz = Σ_v t c z      tm = Σ_v t c      cz = Σ_v c z      zy = z_y
+    m ← max(m, max_v z),  s ← s·e^{m_old − m} + Σ_v e^{z − m}        (lse = m + log s)
+    tz = Σ_v t c z      tm = Σ_v t c      cz = Σ_v c z      zy = z_y   (plain sums)
 
-into an ``[S, N, 6]`` fp32 scratch merged with torch (lse as merge.merge_lse, the sums add). The caller
-(lsa_kernels.weights) forms A = κ·tm + β·Σc + α and ℓ from them.
+into an ``[S, N, 6]`` fp32 scratch (columns :class:`DensePart`) merged with torch: lse as
+:func:`merge.merge_lse`, the sums add (§14.1). The caller (lsa_kernels.weights) forms, §11,
 
-Backward (:func:`dense_backward`; per row the lse coefficient ``g_p = coef·(A + 2λω·lse)`` and ``coef`` given):
+    A = κ·tm + β·Σ_v c_v + α,      Σ_v T z = κ·tz + β·cz + α·zy.
 
-    dz_iv = (g_p,i·p_iv − coef_i·T_iv)·(1 − tanh²(z_raw,iv / c))       p = softmax(z)
-    dx = dz W,   dW += dzᵀ x,   db += Σ_i dz_i
-    dt_iv = coef_i·κ·c_v·(lse_i − z_iv)                                   (∂ℓ/∂t, only when asked: NEED_DT)
+Backward (:func:`dense_backward`; §11 with p = softmax(z), per row the lse coefficient
+``g_p = coef·(A + 2λω·lse)`` and ``coef`` given):
+
+    dz_iv = (g_p,i·p_iv − coef_i·T_iv)·(1 − tanh²(z_raw,iv / c))      (∂ℓ/∂z_raw, softcap's chain rule: §3)
+    dx = dz W,   dW += dzᵀ x,   db += Σ_i dz_i                           (§14.3)
+    dt_iv = coef_i·κ·c_v·(lse_i − z_iv)                                  (∂ℓ/∂t, only when asked: NEED_DT)
 
 with the atomic one-kernel path (as kernels/ce.py ``ce_bwd_kernel``) or, ``deterministic=True``, a dz kernel
-plus torch GEMMs per row chunk (kernels/deterministic.py). Row blocks whose coefficients are all zero skip
-their logits GEMM (their dt tile is left at the zeros the launcher wrote). Offsets are int64.
+plus torch GEMMs per row chunk (kernels/deterministic.py, §14.3); dz is rounded to the input dtype before the
+gradient GEMMs (§14.4). Row blocks whose coefficients are all zero skip their logits GEMM (their dt tile is
+left at the zeros the launcher wrote). Offsets are int64.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends.contract import DenseOut, DenseTarget
 from ..options import CEOptions
+from ..targets import DenseOut, DenseTarget
 from . import deterministic as det
 from ._common import on_tensor_device, pick_config, softcap_args, split_ranges, upcast_and_prec
 from .atomics import grad_gemms
 from .merge import merge_lse
 from .tiles import dot_operand, finish_logits, grouped_pid, logits_tile, online_update, split_bounds, store_dz_tile, tile_index
 
-N_DENSE_PARTS = 6  # m, s, tz, tm, cz, zy
+
+class DensePart(enum.IntEnum):
+    """Columns of the dense forward's ``[S, N, 6]`` partials (module docstring)."""
+
+    M = 0  # running max of z
+    S = 1  # Σ e^{z − M}
+    TZ = 2  # Σ_v t c z
+    TM = 3  # Σ_v t c
+    CZ = 4  # Σ_v c z
+    ZY = 5  # z at the target column (0 when the target is not in the split)
+
+
+N_DENSE_PARTS = len(DensePart)
+# the columns as constexprs for the kernel
+_M: tl.constexpr = tl.constexpr(int(DensePart.M))
+_S: tl.constexpr = tl.constexpr(int(DensePart.S))
+_TZ: tl.constexpr = tl.constexpr(int(DensePart.TZ))
+_TM: tl.constexpr = tl.constexpr(int(DensePart.TM))
+_CZ: tl.constexpr = tl.constexpr(int(DensePart.CZ))
+_ZY: tl.constexpr = tl.constexpr(int(DensePart.ZY))
+_NPART: tl.constexpr = tl.constexpr(N_DENSE_PARTS)
 
 
 @triton.jit
@@ -89,13 +117,13 @@ def dense_fwd_kernel(
                 cz += tl.sum(z0, 1)
         if HAS_Y:
             zy += tl.sum(tl.where(cols64[None, :] == y[:, None], z0, 0.0), 1)
-    base = part_ptr + (split.to(tl.int64) * N + rows64) * 6
-    tl.store(base + 0, m, mask=row_mask)
-    tl.store(base + 1, s, mask=row_mask)
-    tl.store(base + 2, tz, mask=row_mask)
-    tl.store(base + 3, tm, mask=row_mask)
-    tl.store(base + 4, cz, mask=row_mask)
-    tl.store(base + 5, zy, mask=row_mask)
+    base = part_ptr + (split.to(tl.int64) * N + rows64) * _NPART
+    tl.store(base + _M, m, mask=row_mask)
+    tl.store(base + _S, s, mask=row_mask)
+    tl.store(base + _TZ, tz, mask=row_mask)
+    tl.store(base + _TM, tm, mask=row_mask)
+    tl.store(base + _CZ, cz, mask=row_mask)
+    tl.store(base + _ZY, zy, mask=row_mask)
 
 
 def _rows_of(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -134,9 +162,9 @@ def dense_forward(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], y
             BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    lse = merge_lse(part[:, :, 0], part[:, :, 1])
-    sums = part[:, :, 2:].sum(0)
-    return DenseOut(lse, sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3])
+    lse = merge_lse(part[..., DensePart.M], part[..., DensePart.S])
+    tz, tm, cz, zy = (part[..., col].sum(0) for col in (DensePart.TZ, DensePart.TM, DensePart.CZ, DensePart.ZY))
+    return DenseOut(lse, tz, tm, cz, zy)
 
 
 @triton.jit

@@ -1,15 +1,16 @@
 """Compile the production Triton configs for real GPU targets — no GPU needed.
 
 The interpreter accepts code a GPU rejects, so each config of lsa_kernels.kernels.configs is compiled
-for real with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` in a subprocess
-with TRITON_INTERPRET unset (the flag breaks real compilation; conftest sets it for this process) and
+for real by the compile check (benchmarks/compile_check.py: ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", cc, 32))``) in a subprocess with TRITON_INTERPRET unset (the flag breaks real compilation; conftest sets it for this process) and
 under a timeout (oversized tiles can keep ptxas busy for minutes). Checks per config and arch:
 
 * ``metadata.shared`` ≤ 227 KB (sm_90) / 163 KB (sm_80);
 * ``ptxas -v`` (``/usr/local/bin/ptxas``; skipped if absent): assembles, 0 bytes spilled;
 * 64-bit offset arithmetic: i64 multiplies in the Triton IR and wide / s64 multiplies in the PTX;
 * atomic kernels (ce_bwd, pair_bwd, dense_bwd): every atom/red is ``.relaxed``, no membar / non-proxy fence in the
-  PTX, and no GPU-scope MEMBAR, ERRBAR or CCTL in the SASS (nvdisasm shipped with Triton).
+  PTX, and no GPU-scope MEMBAR, ERRBAR or CCTL in the SASS (nvdisasm shipped with Triton); a flag set with an
+  accumulated output holds atomics, one without (the dense backward's dt only) holds none.
 
 Compiles run a few at a time (a session fixture), each test then reads its report. By default one config
 per kernel × dtype class (configs.SMOKE) for sm_80 and sm_90, and the heaviest configs for the other
@@ -17,7 +18,7 @@ families' tables (sm_86: 99 KB shared memory, sm_100, sm_120); LSA_SLOW=1 compil
 list for all five. Every flag combination the dispatch can emit (configs.dispatch_configs, ~86.4k
 specialisations: `len(configs.dispatch_configs())`) is compiled by the documented sweep command, not in CI:
 
-    python -m lsa_kernels.kernels.configs sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]
+    python -m benchmarks.compile_check sweep --arch 80 90 --jobs 16 --out sweep.jsonl [--shard K/N]
 
 or, as a slow-marked test taking the same arguments from LSA_SWEEP (skipped when it is unset):
 
@@ -35,23 +36,19 @@ from pathlib import Path
 
 import pytest
 
-from lsa_kernels.kernels._common import CLASS_ARCH, SHARED_LIMIT
-from lsa_kernels.kernels.configs import (
-    ATOMIC_KINDS,
-    FAMILY_SMOKE,
-    SMOKE,
-    atomic_problems,
-    nvdisasm_path,
-    production_configs,
-    ptxas_path,
-)
-
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # the tool is the repo's benchmarks/compile_check.py; lsa_kernels stays the one found
+    sys.path.append(str(ROOT))  # first (an installed copy under `make test-oldest`)
+
+from benchmarks.compile_check import atomic_problems, nvdisasm_path, ptxas_path, report_problems  # noqa: E402
+from lsa_kernels.kernels._common import CLASS_ARCH, SHARED_LIMIT  # noqa: E402
+from lsa_kernels.kernels.configs import ATOMIC_KINDS, FAMILY_SMOKE, SMOKE, KernelConfig, production_configs  # noqa: E402
+
 MAIN_ARCHS = (80, 90)
 FAMILY_ARCHS = tuple(a for a in sorted(CLASS_ARCH.values()) if a not in MAIN_ARCHS)  # 86, 100, 120
 TIMEOUT_S = int(os.environ.get("LSA_COMPILE_TIMEOUT", "420"))
 ALL_NAMES = [c.name for c in production_configs()]
-ATOMIC = {c.name for c in production_configs() if c.kernel in ATOMIC_KINDS}
+ATOMIC = {c.name for c in production_configs() if c.atomic}
 # the full list takes ~10 min per arch on 2 cores; by default one config per kernel × dtype class
 # (heaviest flags) on sm_80 / sm_90 and the heaviest few on the other families
 FULL = os.environ.get("LSA_SLOW") == "1"
@@ -66,7 +63,7 @@ def _compile(job) -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     try:
         r = subprocess.run(
-            [sys.executable, "-m", "lsa_kernels.kernels.configs", name, *map(str, archs)],
+            [sys.executable, "-m", "benchmarks.compile_check", name, *map(str, archs)],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
@@ -127,6 +124,30 @@ def test_atomic_check_catches_acq_rel():
     assert atomic_problems(new) == []
 
 
+def test_atomic_check_follows_the_flag_set():
+    """A flag set that accumulates must hold atomics; one that only stores (the dense backward's dt) must hold
+    none, and is not reported for having none."""
+    dense = {"HAS_BIAS": False, "HAS_SOFTCAP": False, "HAS_Y": False, "HAS_T": True, "HAS_C": False, "HAS_CB": False}
+    dt_only = KernelConfig("dt_only", "dense_bwd", "fp32", dict(dense, NEED_DT=True, NEED_DX=False, NEED_DW=False,
+                                                                NEED_DB=False))
+    db_only = KernelConfig("db_only", "dense_bwd", "fp32", dict(dense, NEED_DT=False, NEED_DX=False, NEED_DW=False,
+                                                                NEED_DB=True))
+    assert not dt_only.writes_atomically and db_only.writes_atomically and dt_only.atomic
+    assert not KernelConfig("fwd", "dense_fwd", "fp32", {"NEED_DX": True}).writes_atomically
+    none = {"name": "x", "arch": 90, "shared": 0, "spill_bytes": 0, "ptxas_rc": 0,
+            "ptx_atomics": [], "ptx_fences": [], "sass_sync": []}
+    relaxed = dict(none, ptx_atomics=["red.global.gpu.relaxed.add.f32"], sass_sync=["REDG.E.ADD.F32.FTZ.RN.STRONG.GPU"])
+    assert report_problems(none, dt_only) == []
+    assert report_problems(relaxed, db_only) == []
+    assert report_problems(none, db_only) == ["no atomics in the PTX of a flag set that accumulates with atomics"]
+    assert report_problems(relaxed, dt_only) == [
+        "atomics in a flag set with no accumulated output: ['red.global.gpu.relaxed.add.f32']"]
+    acq_rel = dict(relaxed, ptx_atomics=["red.global.gpu.acq_rel.add.f32"], sass_sync=["MEMBAR.SC.GPU"])
+    assert report_problems(acq_rel, db_only) == ["PTX atomic without .relaxed: red.global.gpu.acq_rel.add.f32",
+                                                 "SASS MEMBAR.SC.GPU"]
+    assert report_problems(dict(none, spill_bytes=8), dt_only) == ["8 bytes spilled"]
+
+
 def test_configs_cover_every_kernel():
     from lsa_kernels.kernels._common import KERNEL_KINDS
 
@@ -136,7 +157,8 @@ def test_configs_cover_every_kernel():
     assert set(SMOKE) <= set(ALL_NAMES)
     assert {c.kernel for c in production_configs() if c.name in SMOKE} == set(KERNEL_KINDS)
     assert set(FAMILY_SMOKE) <= set(ALL_NAMES)
-    assert {c.kernel for c in production_configs() if c.name in ATOMIC} == {"ce_bwd", "pair_bwd", "dense_bwd"}
+    assert {c.kernel for c in production_configs() if c.name in ATOMIC} == set(ATOMIC_KINDS)
+    assert all(c.writes_atomically for c in production_configs() if c.name in ATOMIC)
 
 
 def test_production_configs_are_dispatchable():
@@ -157,7 +179,7 @@ def test_dispatch_sweep(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = os.environ.get("LSA_SWEEP_OUT", str(tmp_path / "sweep.jsonl"))
-    r = subprocess.run([sys.executable, "-m", "lsa_kernels.kernels.configs", "sweep",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "sweep",
                         *os.environ["LSA_SWEEP"].split(), "--out", out],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     problems = [ln for ln in r.stderr.splitlines() if ln.startswith("PROBLEM")]
