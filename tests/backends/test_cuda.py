@@ -1,13 +1,16 @@
 """The Triton kernels COMPILED on a CUDA GPU against the reference: every op and option, bf16 and fp32.
 
 Runs in its own pytest process with the interpreter off (``make test`` does this when CUDA exists;
-``benchmarks/gpu_run.sh`` starts with it):
+``benchmarks/gpu_run.sh`` runs it right after its preflight, split over parallel processes by
+``python -m benchmarks.gpu_tests``):
 
     TRITON_INTERPRET=0 python -m pytest -q tests/backends/test_cuda.py
 
 Without CUDA (or with TRITON_INTERPRET=1, as in the main test process) every test is skipped.
 ``LSA_CUDA_TEST_ON_CPU=1`` together with TRITON_INTERPRET=1 runs the same tests on CPU tensors under the
-interpreter with small shapes: it checks the test code, not the GPU.
+interpreter with small shapes: it checks the test code, not the GPU (``python -m benchmarks.gpu_tests --cpu``
+does this and counts the kernel specialisations the tests launch; tests/tooling/test_gpu_run_script.py runs
+it in CI through ``DRY_RUN=1 benchmarks/gpu_run.sh``).
 
 Truth: the reference on float64 copies of the (already rounded) inputs. Rule, per output and gradient
 (CCE's, taken over the whole tensor because two independent roundings of dz to bf16 — ours and torch's
