@@ -304,13 +304,13 @@ def long_short_step(
 def view_states(model: nn.Module, xs, views: str = "joint", offload: bool = False) -> list:
     """The final hidden states of each input in ``xs`` (same shapes): ``"joint"`` = one batched forward,
     ``"sequential"`` = one recomputed forward per input (:func:`lsa_kernels.integrations.memory.view_hidden_states`)."""
-    from .memory import VIEWS, check_sequential, offload_activations, view_hidden_states
+    from .memory import VIEWS, check_sequential, offload_activations, sequential_states
 
     if views not in VIEWS:
         raise ValueError(f"views: expected one of {VIEWS}, got {views!r}")
     if views == "sequential":
         check_sequential(model)
-        return [view_hidden_states(model, x, offload=offload) for x in xs]
+        return sequential_states(model, xs, offload=offload)
     with offload_activations(offload, xs[0].device):
         h = hidden_states(model, torch.cat(list(xs), dim=0))
     return list(h.split([x.shape[0] for x in xs], dim=0))

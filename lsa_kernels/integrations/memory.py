@@ -7,10 +7,12 @@ forward passes coexist until the backward. The sequential step runs each view's 
 ``no_grad`` (nothing saved but its final hidden states ``[B, T, H]``), computes the fused loss on the two
 hidden-state tensors, and in the backward recomputes each view's forward *with* grad and backpropagates its
 ``dL/dH`` through it, one view after the other: the peak holds one view's activations plus the two
-hidden-state tensors, for one extra forward per view. Each view is a reentrant
-``torch.utils.checkpoint.checkpoint`` of :func:`lsa_kernels.integrations.hf.hidden_states` (torch's own
-recompute: it restores the CPU and CUDA RNG state of the no-grad forward, so dropout draws the same masks
-and the gradient is that of the loss reported, and the autocast state). Because the recompute runs inside
+hidden-state tensors, for one extra forward per view. When the input embedding trains, it runs once on
+both views, with grad, outside the recompute (its ``[V, H]`` weight gradient is made once, as in the joint
+step, not once per view: a transient of V·H·4 bytes saved). Each view's decoder forward is a reentrant
+``torch.utils.checkpoint.checkpoint`` (torch's own recompute: it restores the CPU and CUDA RNG state of the
+no-grad forward, so dropout draws the same masks and the gradient is that of the loss reported, and the
+autocast state). Because the recompute runs inside
 the backward, the step is driven by ``loss.backward()`` as usual (gradient accumulation, ``Trainer``, LoRA,
 gradient checkpointing inside the model compose); ``torch.autograd.grad`` is not supported (reentrant
 checkpointing), and under DDP the wrapper needs ``static_graph=True`` (every parameter gets its gradient
@@ -32,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["VIEWS", "view_hidden_states", "check_sequential", "offload_activations"]
+__all__ = ["VIEWS", "sequential_states", "view_hidden_states", "check_sequential", "offload_activations"]
 
 VIEWS = ("joint", "sequential")
 
@@ -60,6 +62,64 @@ def view_hidden_states(model: nn.Module, x: torch.Tensor, *, offload: bool = Fal
     # an input that requires grad, so the checkpoint's output is part of the graph (the token ids cannot be)
     anchor = torch.empty(0, device=x.device, requires_grad=True)
     return torch.utils.checkpoint.checkpoint(run, x, anchor, use_reentrant=True, preserve_rng_state=replay_rng)
+
+
+_EMBEDS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _decoder_output(dec: nn.Module, e: torch.Tensor) -> torch.Tensor:
+    out = dec(inputs_embeds=e, use_cache=False)
+    h = getattr(out, "last_hidden_state", None)
+    return out[0] if h is None else h
+
+
+def _embedding_split(model: nn.Module):
+    """``(decoder, input embedding)`` when the embedding trains and ``decoder(inputs_embeds=embed(ids))``
+    reproduces ``hidden_states(model, ids)`` exactly (checked once per model), else None."""
+    from .hf import _unwrap, decoder_of, hidden_states
+
+    inner = _unwrap(model)
+    dec = decoder_of(inner)
+    emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if dec is None or not isinstance(w, torch.Tensor) or not w.requires_grad:
+        return None
+    if inner not in _EMBEDS:
+        V = getattr(getattr(inner, "config", None), "vocab_size", None) or w.shape[0]
+        ids = torch.randint(0, min(V, w.shape[0]), (1, 8), generator=torch.Generator().manual_seed(99)).to(w.device)
+        was = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad():
+                ok = torch.equal(_decoder_output(dec, emb(ids)), hidden_states(inner, ids))
+        except (TypeError, ValueError, RuntimeError):  # a decoder that takes no inputs_embeds
+            ok = False
+        finally:
+            inner.train(was)
+        _EMBEDS[inner] = ok
+    return (dec, emb) if _EMBEDS[inner] else None
+
+
+def sequential_states(model: nn.Module, xs, *, offload: bool = False, replay_rng: bool = True) -> list:
+    """The final hidden states of each token tensor in ``xs``, each view's decoder forward under ``no_grad``
+    and recomputed with grad in the backward (:func:`view_hidden_states`). When the input embedding trains
+    (and the decoder takes ``inputs_embeds``), the embedding runs once, with grad, on all the views together,
+    outside the recompute: its ``[V, H]`` weight gradient is then made once, not once per view."""
+    if not torch.is_grad_enabled():
+        from .hf import hidden_states
+
+        return [hidden_states(model, x) for x in xs]
+    split = _embedding_split(model)
+    if split is None or len({tuple(x.shape[1:]) for x in xs}) != 1:
+        return [view_hidden_states(model, x, offload=offload, replay_rng=replay_rng) for x in xs]
+    dec, emb = split
+
+    def run(e):
+        with offload_activations(offload, e.device):
+            return _decoder_output(dec, e)
+
+    es = emb(torch.cat(list(xs), dim=0)).split([x.shape[0] for x in xs], dim=0)
+    return [torch.utils.checkpoint.checkpoint(run, e, use_reentrant=True, preserve_rng_state=replay_rng) for e in es]
 
 
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

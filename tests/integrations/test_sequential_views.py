@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,12 +56,36 @@ def _rel(a, b):
     return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
 
 
+class _VxH(TorchDispatchMode):
+    """Counts the [V, H] tensors made (weight gradients of the embedding and of the head)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.n = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.n += sum(1 for t in (out if isinstance(out, (tuple, list)) else [out])
+                      if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape)
+        return out
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_fp64_equals_joint(tied):
     m = _model(tied=tied)
     w = _window()
-    lj, gj = _grads(m, _step(m, w, "joint"))
-    ls, gs = _grads(m, _step(m, w, "sequential"))
+    shape = m.get_input_embeddings().weight.shape
+    with _VxH(shape) as cj:
+        lj, gj = _grads(m, _step(m, w, "joint"))
+    memory.check_sequential(m)  # the one-time probes, before counting
+    memory._embedding_split(m)
+    calls = []
+    m.get_input_embeddings().register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
+    with _VxH(shape) as cs:
+        ls, gs = _grads(m, _step(m, w, "sequential"))
+    # the input embedding runs once on both views (outside the recompute), so its [V, H] weight gradient is
+    # made once, as in the joint step, not once per view
+    assert calls == [2 * w.shape[0]] and cs.n == cj.n
     assert gs.keys() == gj.keys() and len(gj) == len(list(m.parameters()))  # the head's gradient too
     assert abs(ls - lj) <= 1e-12 * abs(lj)
     assert _rel(gs, gj) <= 1e-10
@@ -88,6 +113,7 @@ def test_lora():
     _, gj = _grads(base, _step(base, w, "joint"))
     _, gs = _grads(base, _step(base, w, "sequential"))
     assert gj and all("lora_" in n for n in gj)  # only the adapter trains (head frozen: no dW)
+    assert memory._embedding_split(base) is None  # a frozen embedding: each view recomputed from its token ids
     assert gs.keys() == gj.keys()
     assert _rel(gs, gj) <= 1e-10
 
@@ -160,7 +186,7 @@ def test_dropout_recompute_replays_the_rng(monkeypatch):
     assert _rel(gj, gr) > 1e-3
 
     # without the replay the recompute draws fresh masks: the gradient is not the reported loss's
-    monkeypatch.setattr(memory, "view_hidden_states", functools.partial(memory.view_hidden_states, replay_rng=False))
+    monkeypatch.setattr(memory, "sequential_states", functools.partial(memory.sequential_states, replay_rng=False))
     torch.manual_seed(5)
     ln, gn = _grads(m, _step(m, w, "sequential"))
     assert abs(ln - ls) <= 1e-12 * abs(ls)  # the same loss (the forward is the same) ...
