@@ -490,6 +490,7 @@ def test_other_device_and_stream():
 @needs_gpu
 def test_int64_offsets_rows_past_2_31_elements():
     """N·H > 2^31: the last rows' loss and dx match the reference on those rows."""
+    torch.cuda.empty_cache()  # what earlier tests left in torch's cache is not free to mem_get_info
     free, _ = torch.cuda.mem_get_info()
     Hb, Vb = 4096, 512
     Nb = (2**31) // Hb + 77
@@ -513,6 +514,7 @@ def test_int64_offsets_rows_past_2_31_elements():
 def test_dense_targets_rows_past_2_31_elements():
     """Probability targets with N·V > 2^31 (the target is read tile by tile at 64-bit offsets): the last rows'
     loss and dx match the reference on those rows."""
+    torch.cuda.empty_cache()  # what earlier tests left in torch's cache is not free to mem_get_info
     free, _ = torch.cuda.mem_get_info()
     Hb, Vb = 256, 32768
     Nb = (2**31) // Vb + 77
