@@ -138,6 +138,16 @@ def test_preflight_without_cuda_says_so_in_one_line(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["exit"] == 2
 
 
+def test_script_without_a_compiler_stops_after_the_preflight(tmp_path):
+    """No C compiler: no kernel could launch, so the verdict says so and nothing else runs (exit 3)."""
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), CC=str(tmp_path / "no-such-cc"), PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3, p.stdout[-2000:]
+    verdict = [ln for ln in p.stdout.splitlines() if ln.startswith("VERDICT:")]
+    assert len(verdict) == 1 and verdict[0].startswith("VERDICT: FAIL toolchain") and "no-such-cc" in verdict[0]
+    assert "== 2." not in p.stdout and "FINAL: exit 3" in p.stdout
+
+
 # ---------------------------------------------------------------------------------- tests / goal
 
 
