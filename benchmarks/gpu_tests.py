@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     try:
         ids = collect(a.python, a.timeout, a.cpu)
     except subprocess.TimeoutExpired:
-        ids = []
+        print(f"cuda tests: TIMEOUT at {a.timeout:.0f} s: collecting {TEST_FILE} did not finish")
+        return 124
     if not ids:
         print(f"cuda tests: FAIL nothing collected from {TEST_FILE} (is CUDA visible? see pytest --collect-only)")
         return 2
@@ -110,6 +111,15 @@ def main(argv=None) -> int:
         offsets.append(0)
     results: Dict[str, str] = {}
 
+    def stop_children(signum=None, frame=None):
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        if signum is not None:  # stopped from outside (gpu_run.sh's timeout): no orphan keeps the GPU
+            sys.exit(124)
+
+    signal.signal(signal.SIGTERM, stop_children)
+
     def read_new():
         for k, log in enumerate(logs):
             with open(log, "rb") as f:
@@ -129,9 +139,7 @@ def main(argv=None) -> int:
         read_new()
         if time.time() - t0 > a.timeout:
             timed_out = True
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
+            stop_children()
             break
         if time.time() - last_note > 30:
             last_note = time.time()
@@ -165,7 +173,7 @@ def main(argv=None) -> int:
         for log in logs:
             f.write(f"===== {log.name}\n{log.read_text(errors='replace')}\n")
     print(line, flush=True)
-    if a.cpu:
+    if a.cpu and not timed_out:
         keys = set()
         for k in range(len(groups)):
             f = out / f"specs_{k}.json"
