@@ -133,7 +133,12 @@ class DataParallel(Single):
             static_graph=getattr(self.cfg, "views", "joint") == "sequential")
 
     def accumulating(self, objective, last: bool):
-        return contextlib.nullcontext() if last else objective.no_sync()
+        # with a static graph (--views sequential) every micro-batch syncs: DDP's no_sync() under static_graph
+        # fails an internal assert in the reducer (pytorch/pytorch#143580); the sum of per-micro-batch averages
+        # is the same gradient
+        if last or getattr(objective, "static_graph", False):
+            return contextlib.nullcontext()
+        return objective.no_sync()
 
     @torch.no_grad()
     def replicas_agree(self, model) -> Optional[bool]:
