@@ -16,7 +16,8 @@ autocast state). Because the recompute runs inside
 the backward, the step is driven by ``loss.backward()`` as usual (gradient accumulation, ``Trainer``, LoRA,
 gradient checkpointing inside the model compose); ``torch.autograd.grad`` is not supported (reentrant
 checkpointing), and under DDP the wrapper needs ``static_graph=True`` (every parameter gets its gradient
-once per view).
+once per view) and every micro-batch must sync (``no_sync()`` under a static graph fails an internal assert
+of DDP's reducer, pytorch/pytorch#143580).
 
 **Activation offload** (:func:`offload_activations`): ``torch.autograd.graph.save_on_cpu`` around the
 model's forward: every tensor autograd saves goes to host memory (pinned on CUDA) and comes back in the

@@ -119,7 +119,8 @@ class LongShortTrainer(Trainer):
     (``"overlap"`` or ``"last"``), ``backend`` / ``chunk_bytes`` (of the fused ops), ``views`` (``"joint"``: both
     views in one batched forward; ``"sequential"``: each view's forward recomputed in the backward, one at a
     time, :mod:`lsa_kernels.integrations.memory`; under DDP set ``TrainingArguments(ddp_static_graph=True)``,
-    since every parameter then gets its gradient once per view). The model is patched
+    since every parameter then gets its gradient once per view, and no gradient accumulation: DDP's
+    ``no_sync()`` under a static graph fails an internal assert, pytorch/pytorch#143580). The model is patched
     (:func:`lsa_kernels.integrations.patch.patch`) when the trainer is built. Every other argument is
     ``Trainer``'s. Gradient accumulation averages the micro-batch losses (Trainer divides by the steps).
     """
