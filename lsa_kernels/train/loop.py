@@ -25,7 +25,10 @@ transformers expects (so ``from_pretrained`` on a checkpoint rebuilds the extend
 trains a peft LoRA adapter with the base weights and the LM head frozen (the fused losses then compute no
 dW), checkpoints hold the adapter and the merged model; ``--grad-checkpointing`` recomputes activations in
 the backward (non-reentrant); ``--grad-accum K`` sums K micro-batches, each weighted by its share of the
-step's valid targets, so a step equals one batch K times larger; ``--dtype bf16`` runs under autocast.
+step's valid targets, so a step equals one batch K times larger; ``--dtype bf16`` runs under autocast. For the longest contexts:
+``--views sequential`` runs the two views one at a time (each recomputed in the backward: one view's
+activations), ``--tiled-mlp`` runs each MLP over sequence tiles, ``--offload-activations`` (CUDA) keeps the
+saved activations in host memory (lsa_kernels/integrations/memory.py, tiled_mlp.py).
 
 Where things live: the options and their checks in config.py, the model (build, RoPE extension, LoRA,
 checkpointing, dtype) in model.py, single process / DDP / FSDP / tensor parallelism in parallel.py (one
@@ -112,7 +115,12 @@ def train(cfg: TrainConfig) -> dict:
     try:
         tok = load_tokenizer(tok_path)
         corpus = load_corpus(tok, "train", cfg.train_files or None)
-        sampler = WindowSampler(corpus, seed=cfg.seed, rank=par.data_rank)
+        if cfg.data == "recall":
+            from .recall_data import RecallSampler
+
+            sampler = RecallSampler(corpus, tok, seed=cfg.seed, rank=par.data_rank)
+        else:
+            sampler = WindowSampler(corpus, seed=cfg.seed, rank=par.data_rank)
         sampler.check(cfg.l_train + cfg.l_train // 2 + 1)
     except DataError as e:
         raise ConfigError(str(e)) from None
