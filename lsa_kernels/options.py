@@ -1,8 +1,10 @@
-"""Option dataclasses: every non-tensor argument of an op family travels in one frozen object.
+"""Option dataclasses: every non-tensor argument of an op travels in one frozen object.
 
-Backends and autograd Functions receive one of these instead of long positional argument lists.
-Validation of user-facing values happens in :mod:`lsa_kernels._checks` (called by the public ops) before an options object is
-built; the constructors here only check invariants that would make a kernel silently wrong.
+Two kinds. A public op's record (:class:`CrossEntropyArgs`, :class:`DivergenceArgs`, :class:`LongShortArgs`,
+:class:`DistillationArgs`, each a :class:`RunOptions`) holds its arguments as the caller gave them, built once
+by keyword at the boundary; :mod:`lsa_kernels._checks` validates it with the tensors, and only then does it
+build the backends' record (:class:`CEOptions`, :class:`PairOptions`) that the autograd Functions, backends and
+kernels receive instead of long positional argument lists. Nothing here validates user input.
 """
 
 from __future__ import annotations
