@@ -177,7 +177,7 @@ def compile_report(cfg: KernelConfig, arch: int, launch: LaunchConfig | None = N
                        options={"num_warps": L.num_warps, "num_stages": L.num_stages})
     ptx = k.asm["ptx"]
     rep: Dict[str, Any] = {
-        "name": cfg.name, "arch": arch, "shared": int(k.metadata.shared),
+        "name": cfg.name, "arch": arch, "triton": triton.__version__, "shared": int(k.metadata.shared),
         "num_warps": L.num_warps, "num_stages": L.num_stages,
         "blocks": [L.BLOCK_N, L.BLOCK_V, L.BLOCK_H],
         # 64-bit offsets: i64 multiplies in the Triton IR (row/col index × stride) and 64-bit
