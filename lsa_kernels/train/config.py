@@ -38,6 +38,9 @@ class TrainConfig:
     # data: "" = the shipped Shakespeare corpus / tokenizer
     tokenizer: str = ""
     train_files: List[str] = field(default_factory=list)
+    # "text": plain corpus windows; "recall": the same with repeated rare spans and facts written in
+    # (lsa_kernels/train/recall_data.py), so that distant context carries information the model can use
+    data: str = "text"
     # objective (docs/maths.md §4)
     l_train: int = 128
     alpha: float = 0.1
@@ -275,6 +278,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     if cfg.tokenizer and not os.path.exists(cfg.tokenizer):
         raise ConfigError(f"--tokenizer {cfg.tokenizer!r} does not exist")
+    if cfg.data not in ("text", "recall"):
+        raise ConfigError(f"--data must be text or recall, got {cfg.data!r}")
+    if cfg.data == "recall" and cfg.l_train + 1 < 160:
+        raise ConfigError(f"--data recall needs --l-train >= 159 (windows of >= 160 tokens), got {cfg.l_train}")
     for p in cfg.train_files:
         if not os.path.isfile(p):
             raise ConfigError(f"--train-files: {p!r} does not exist")
@@ -312,6 +319,8 @@ def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
     ap.add_argument("--model", default=d.model, help="transformers model dir (default: a small Llama from config)")
     ap.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer.json or tokenizer dir (default: shipped BPE)")
     ap.add_argument("--train-files", nargs="*", default=[], help="text files, one document each (default: shipped corpus)")
+    ap.add_argument("--data", choices=("text", "recall"), default=d.data,
+                    help="recall: write repeated rare spans and NAME's-number facts into every window (docs/recall_testbed.md)")
     ap.add_argument("--l-train", type=T.int_at_least(4), default=d.l_train,
                     help="training context length in tokens (the long and the short view each have this many)")
     ap.add_argument("--alpha", type=T.nonneg_float, default=d.alpha, help="weight of the misalignment term; 0 = plain CE")

@@ -43,46 +43,25 @@ from typing import Dict, List, Optional
 
 from .. import _cli_types as T
 from .. import _env
-
-# the five arms of the protocol: TrainConfig fields that differ between them (the rest at TrainConfig's defaults)
-ARMS: Dict[str, dict] = {
-    "ce1": {"alpha": 0.0, "ce_views": 1, "divergence": "sce"},
-    "ce2": {"alpha": 0.0, "ce_views": 2, "divergence": "sce"},
-    "sce": {"alpha": 0.1, "ce_views": 0, "divergence": "sce"},
-    "symkl": {"alpha": 0.1, "ce_views": 0, "divergence": "sym_kl"},
-    "longce": {"alpha": 0.0, "ce_views": 2, "divergence": "sce", "ce_weighting": "longce", "longce_gamma": 5.0},
-}
-_DIVERGENCES = {"sce": "sce", "symkl": "sym_kl", "sym_kl": "sym_kl", "kl": "kl", "kl_reverse": "kl_reverse", "js": "js"}
-DEFAULT_SEEDS = 5
-LSM_DIVERGENCES = ("sce", "sym_kl")
-# config fields that do not change what a run computes (a finished run with the rest equal is reused)
-_NOT_RESULTS = ("out", "quiet", "resume", "ckpt_every", "stop_after", "device")
-
-
-def parse_arm(spec: str):
-    """``NAME@ALPHA`` (``sce@0.5``, ``symkl@1``) -> (label, TrainConfig fields); ConfigError if malformed."""
-    from .config import ConfigError
-
-    name, sep, alpha = spec.partition("@")
-    try:
-        a = float(alpha)
-    except ValueError:
-        a = math.nan
-    if name in ARMS and name not in _DIVERGENCES:
-        raise ConfigError(f"--extra-arms: {spec!r}: {name} is an arm of the protocol (--arms ... {name}), not NAME@ALPHA")
-    if not sep or name not in _DIVERGENCES or not (math.isfinite(a) and a > 0):
-        raise ConfigError(f"--extra-arms: {spec!r} is not NAME@ALPHA with NAME one of {', '.join(_DIVERGENCES)} "
-                          "and ALPHA > 0 (e.g. sce@0.5)")
-    return f"{name}@{a:g}", {"alpha": a, "ce_views": 0, "divergence": _DIVERGENCES[name]}
-
+from .demo_models import check_view, eval_view, extended_base
+from .demo_protocol import ARMS, LSM_DIVERGENCES, MODE_DEFAULTS, NOT_RESULTS, fill_defaults, parse_arm
 
 def _parser() -> argparse.ArgumentParser:
     ap = T.Parser(prog="lsa demo", description=__doc__)
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--seeds", type=T.positive_int, default=DEFAULT_SEEDS, help="seeds 0..S-1 per arm (default %(default)s)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="the protocol's arms to run")
+    ap.add_argument("--seeds", type=T.positive_int, default=None, help="seeds 0..S-1 per arm (default: 4 recall, 5 text)")
+    ap.add_argument("--data", default="text", choices=list(MODE_DEFAULTS),
+                    help="recall: the testbed where distant context matters, from the shipped pretrained base; text: "
+                         "the Shakespeare-only control (no long-range signal), base trained in stage 1")
+    ap.add_argument("--quick", action="store_true", help="the same pipeline, 1 seed, fewer steps (a few minutes)")
+    ap.add_argument("--arms", nargs="+", default=None, choices=list(ARMS),
+                    help="the protocol's arms to run (default: those of --data)")
     ap.add_argument("--extra-arms", nargs="*", default=[], metavar="NAME@ALPHA", help="more arms, e.g. sce@0.5")
-    g = ap.add_argument_group("stage 1: the base model (trained from scratch at a short context)")
+    g = ap.add_argument_group("stage 1: the base model (--data recall: a pretrained one; text: trained from scratch)")
+    g.add_argument("--base-model", default=None,
+                   help="a pretrained base (transformers directory; --data recall default: the shipped one)")
+    g.add_argument("--gate-exact", type=T.fraction, default=None,
+                   help="--data recall: the recall the base must reach before any arm runs (default 0.5, docs/demo.md)")
     g.add_argument("--base-l-train", type=T.int_at_least(4), default=64, help="its training length = its max_position_embeddings")
     g.add_argument("--base-steps", type=T.positive_int, default=800)
     g.add_argument("--base-batch-size", type=T.positive_int, default=16)
@@ -92,18 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=T.positive_int, default=4)
     g.add_argument("--n-kv-head", type=T.positive_int, default=2)
     g.add_argument("--ffn", type=T.positive_int, default=352)
-    g = ap.add_argument_group("stage 2: context extension and fine-tuning (l_train = base-l-train x rope-factor)")
-    g.add_argument("--rope-scaling", default="linear", choices=["linear", "dynamic", "yarn", "llama3"])
-    g.add_argument("--rope-factor", type=T.float_at_least(1), default=4.0)
-    g.add_argument("--steps", type=T.positive_int, default=150)
-    g.add_argument("--batch-size", type=T.positive_int, default=4)
+    g = ap.add_argument_group("stage 2: context extension and fine-tuning (defaults per --data: docs/demo.md)")
+    g.add_argument("--rope-scaling", default=None, choices=["linear", "dynamic", "yarn", "llama3"])
+    g.add_argument("--rope-factor", type=T.float_at_least(1), default=None, help="positions: base x factor")
+    g.add_argument("--l-train", type=T.int_at_least(4), default=None,
+                   help="fine-tuning length (text default: base-l-train x rope-factor)")
+    g.add_argument("--steps", type=T.positive_int, default=None)
+    g.add_argument("--batch-size", type=T.positive_int, default=None)
     g.add_argument("--lr", type=T.positive_float, default=1e-3)
     g.add_argument("--warmup", type=T.nonneg_int, default=10)
     g.add_argument("--lora", type=T.nonneg_int, default=0, help="LoRA rank (0 = full fine-tuning)")
     g = ap.add_argument_group("evaluation")
-    g.add_argument("--lengths", type=T.positive_float, nargs="+", default=[1, 2, 4], help="multiples of the extended length")
-    g.add_argument("--n-windows", type=T.positive_int, default=16)
-    g.add_argument("--lsm-samples", type=T.positive_int, default=64)
+    g.add_argument("--lengths", type=T.positive_float, nargs="+", default=None, help="multiples of l_train")
+    g.add_argument("--n-windows", type=T.positive_int, default=None)
+    g.add_argument("--lsm-samples", type=T.positive_int, default=None)
     g.add_argument("--eval-files", nargs="*", default=None, help="held-out text files (default: shipped held-out works)")
     ap.add_argument("--train-files", nargs="*", default=[], help="training text files (default: the shipped corpus)")
     ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
@@ -120,6 +101,16 @@ def plan(a) -> dict:
     "l_train": int, "lengths": [...]}``; raises ConfigError for a bad option."""
     from .config import ConfigError, TrainConfig, validate
 
+    fill_defaults(a)
+    if a.data == "recall" and a.base_model is None:
+        from .recall_base import SHIPPED_BASE
+
+        if not os.path.isdir(SHIPPED_BASE):
+            raise ConfigError("--data recall needs --base-model DIR: no pretrained recall base ships with this version "
+                              "(docs/recall_testbed.md says how to pretrain one)")
+        a.base_model = SHIPPED_BASE
+    if a.base_model is not None and not os.path.isfile(os.path.join(a.base_model, "config.json")):
+        raise ConfigError(f"--base-model {a.base_model!r} is not a transformers model directory (no config.json)")
     if a.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {a.seeds}")
     for name in ("base_l_train", "base_steps", "base_batch_size", "steps", "batch_size", "n_windows", "lsm_samples"):
@@ -131,14 +122,20 @@ def plan(a) -> dict:
         raise ConfigError(f"--lora must be >= 0, got {a.lora}")
     if not (math.isfinite(a.rope_factor) and a.rope_factor >= 1):
         raise ConfigError(f"--rope-factor must be >= 1, got {a.rope_factor}")
-    l_train = a.base_l_train * a.rope_factor
-    if l_train != int(l_train):
+    if a.base_model is not None:
+        with open(os.path.join(a.base_model, "config.json")) as f:
+            a.base_l_train = int(json.load(f).get("max_position_embeddings") or a.base_l_train)
+    n_pos = a.base_l_train * a.rope_factor
+    if n_pos != int(n_pos):
         raise ConfigError(f"--base-l-train {a.base_l_train} x --rope-factor {a.rope_factor:g} is not a whole length")
-    l_train = int(l_train)
+    n_pos = int(n_pos)
+    l_train = int(a.l_train or n_pos)
+    if l_train > n_pos:
+        raise ConfigError(f"--l-train {l_train} exceeds the extended positions ({a.base_l_train} x {a.rope_factor:g})")
     lengths = [int(m * l_train) for m in a.lengths]
     if not lengths or any(m <= 0 or m * l_train != int(m * l_train) for m in a.lengths):
         raise ConfigError(f"--lengths must be positive multiples giving whole lengths, got {a.lengths}")
-    if max(lengths) > l_train and a.rope_scaling != "linear":
+    if max(lengths) > n_pos and a.rope_scaling != "linear":
         raise ConfigError(f"--lengths: evaluating past the extended length {l_train} (at {max(lengths)}) is done for "
                           f"--rope-scaling linear only ({a.rope_scaling} uses max_position_embeddings in its RoPE); "
                           "pass --lengths 1")
@@ -152,7 +149,7 @@ def plan(a) -> dict:
             raise ConfigError(f"--extra-arms: {label} given twice")
         arms[label] = fields
     common = dict(backend=a.backend, train_files=list(a.train_files), quiet=a.quiet)
-    base = TrainConfig(alpha=0.0, l_train=a.base_l_train, max_positions=a.base_l_train, batch_size=a.base_batch_size,
+    base = TrainConfig(model=a.base_model or "", alpha=0.0, l_train=a.base_l_train, max_positions=a.base_l_train, batch_size=a.base_batch_size,
                        steps=a.base_steps, lr=a.base_lr, seed=0, n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head,
                        n_kv_head=a.n_kv_head, ffn=a.ffn, out=os.path.join(a.out, "base"), ckpt_every=a.base_steps,
                        **common)
@@ -160,19 +157,19 @@ def plan(a) -> dict:
     for s in range(a.seeds):
         for arm, fields in arms.items():
             runs.append((arm, s, TrainConfig(
-                model=base.out, rope_scaling=a.rope_scaling, rope_factor=a.rope_factor, l_train=l_train,
+                model=a.base_model or base.out, data=a.data, rope_scaling=a.rope_scaling, rope_factor=a.rope_factor, l_train=l_train,
                 batch_size=a.batch_size, steps=a.steps, lr=a.lr, warmup=a.warmup, min_lr_frac=0.1, grad_clip=1.0,
                 seed=s, lora=a.lora, out=os.path.join(a.out, "runs", arm, f"seed{s}"), ckpt_every=a.steps,
                 **fields, **common)))
     validate(dataclasses.replace(base, out=os.path.join(a.out, ".never-written")))
     for _, _, c in runs:  # the base does not exist yet: check everything else
         validate(dataclasses.replace(c, model="", out=os.path.join(a.out, ".never-written")))
-    return {"base": base, "runs": runs, "arms": arms, "l_train": l_train, "lengths": lengths}
+    return {"base": base, "runs": runs, "arms": arms, "l_train": l_train, "lengths": lengths, "n_pos": n_pos}
 
 
 def _result_fields(cfg) -> dict:
     d = json.loads(json.dumps(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg))
-    return {k: v for k, v in d.items() if k not in _NOT_RESULTS}
+    return {k: v for k, v in d.items() if k not in NOT_RESULTS}
 
 
 def finished(cfg) -> bool:
@@ -223,72 +220,6 @@ def read_log(out: str) -> List[dict]:
     return rows
 
 
-def extended_base(base_out: str, rope_scaling: str, factor: float, dest: str) -> str:
-    """Write the base with its RoPE extended (no training) to ``dest``: the "base x4" row and LongPPL reference."""
-    import torch
-
-    from .checkpoint import latest_checkpoint
-    from .config import TrainConfig
-    from .model import build_model
-
-    ckpt = latest_checkpoint(base_out)
-    model = build_model(TrainConfig(model=ckpt, rope_scaling=rope_scaling, rope_factor=factor), 0, torch.device("cpu"))
-    shutil.rmtree(dest, ignore_errors=True)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok = os.path.join(ckpt, "tokenizer.json")
-    if os.path.isfile(tok):
-        shutil.copy(tok, os.path.join(dest, "tokenizer.json"))
-    return dest
-
-
-def eval_view(model_dir: str, dest: str, n_positions: int) -> str:
-    """``model_dir`` as seen by the evaluation past its extended length: ``dest`` holds a copy of its config.json
-    with ``max_position_embeddings`` raised to ``n_positions`` and links to its other files (weights, tokenizer).
-
-    ``lsa eval`` refuses lengths past ``max_position_embeddings`` (n0 x F after a x F extension); the demo
-    evaluates at up to 4x the extended length, as the paper evaluates beyond its training length. For
-    position interpolation (linear) and plain RoPE the rotary angles do not depend on that field (it is a
-    bound only), which :func:`check_view` verifies on the model's outputs; other RoPE types do use it and are
-    refused by :func:`plan`."""
-    os.makedirs(dest, exist_ok=True)
-    for name in os.listdir(model_dir):
-        src = os.path.abspath(os.path.join(model_dir, name))
-        if name == "config.json" or name.endswith(".pt") or not os.path.isfile(src):
-            continue
-        link = os.path.join(dest, name)
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(src, link)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["max_position_embeddings"] = max(int(cfg.get("max_position_embeddings") or 0), int(n_positions))
-    with open(os.path.join(dest, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
-    return dest
-
-
-def check_view(model_dir: str, view: str, length: int) -> float:
-    """Max |logit difference| between ``model_dir`` and its :func:`eval_view` on a ``length``-token input; a
-    ConfigError unless they agree (then the view changes nothing but the allowed length)."""
-    import torch
-
-    from .config import ConfigError, TrainConfig
-    from .model import build_model
-
-    torch.manual_seed(0)
-    outs = []
-    for d in (model_dir, view):
-        m = build_model(TrainConfig(), 0, torch.device("cpu"), path=d).eval()
-        ids = torch.randint(0, m.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            outs.append(m(ids).logits.float())
-    diff = (outs[0] - outs[1]).abs().max().item()
-    if not diff <= 1e-5:
-        raise ConfigError(f"raising max_position_embeddings changes {model_dir}'s outputs (max |diff| {diff:.3g}): "
-                          "its RoPE type cannot be evaluated past its extended length")
-    return diff
-
-
 def _clean(x):
     """NaN/inf -> None so results.json is strict JSON."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -326,8 +257,10 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     from .loop import train
 
     a = _parser().parse_args(argv)
+    fill_defaults(a)
     _env.smoke_caps(a, "lsa demo", seeds=2, base_steps=2, base_batch_size=2, steps=2, batch_size=2, n_windows=2,
                     lsm_samples=4)
+    gate = None
     if a.replot:
         return replot(a.out)
     t0 = time.perf_counter()
@@ -347,7 +280,20 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     try:
         # ---- stage 1
         t = time.perf_counter()
-        if finished(base):
+        ref_label = f"base x{a.rope_factor:g}"
+        ref_path = os.path.join(a.out, f"base_x{a.rope_factor:g}")
+        if a.data == "recall":
+            from . import demo_recall as DR
+
+            say(f"stage 1: the pretrained base {a.base_model}; RoPE {a.rope_scaling} x{a.rope_factor:g}; the gate")
+            wall["base_reused"] = True
+            gate = DR.run_gate(a.base_model, extended_base(a.base_model, a.rope_scaling, a.rope_factor, ref_path), a.out,
+                               a.gate_exact)
+            say(gate["line"])
+            if not gate["passed"]:
+                print(f"lsa demo: stopped before any arm: the base does not retrieve. {gate['line']}", file=sys.stderr)
+                return 3
+        elif finished(base):
             say(f"stage 1: reusing the base model in {base.out}")
             wall["base_reused"] = True
         else:
@@ -378,11 +324,10 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
         wall["finetune_s"] = sum(r["train_s"] or 0.0 for r in run_info)
         # ---- evaluation
         t = time.perf_counter()
-        ref_label = f"base x{a.rope_factor:g}"
-        ref_dir = extended_base(base.out, a.rope_scaling, a.rope_factor, os.path.join(a.out, f"base_x{a.rope_factor:g}"))
+        ref_dir = ref_path if a.data == "recall" else extended_base(base.out, a.rope_scaling, a.rope_factor, ref_path)
         labels = [ref_label] + [f"{r['arm']}/seed{r['seed']}" for r in run_info]
         models = [ref_dir] + [model_dir(r["out"]) for r in run_info]
-        if max(lengths) > l_train:  # past the extended positions: evaluate views allowing max(lengths) (linear RoPE)
+        if max(lengths) > p["n_pos"]:  # past the extended positions: evaluate views allowing max(lengths) (linear RoPE)
             views = os.path.join(a.out, "eval_models")
             shutil.rmtree(views, ignore_errors=True)
             models = [eval_view(m, os.path.join(views, lab.replace("/", "_")), max(lengths)) for m, lab in zip(models, labels)]
@@ -393,6 +338,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
                       l_train=l_train, multipliers=tuple(a.lengths), n_windows=a.n_windows, lsm_samples=a.lsm_samples,
                       lsm_divergences=LSM_DIVERGENCES, longppl_reference=models[0], eval_files=a.eval_files,
                       backend=a.backend, quiet=a.quiet)
+        recall_ev = DR.evaluate_models(models, labels, lengths, a.n_windows, quiet=a.quiet) if a.data == "recall" else {}
         wall["eval_s"] = time.perf_counter() - t
     except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
         print(f"lsa demo: error: {e}", file=sys.stderr)
@@ -402,28 +348,42 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     lengths = [int(L) for L in ev.get("lengths", lengths)]
     Lmax = lengths[-1]
     for r, label in zip(run_info, labels[1:]):
-        r["metrics"] = dict(run_metrics(ev, label, lengths), **{"train CE": r["train_ce"], "train loss": r["train_loss"]})
-    reference = {ref_label: run_metrics(ev, ref_label, lengths)}
+        r["metrics"] = dict(run_metrics(ev, label, lengths), **recall_ev.get(label, {}),
+                            **{"train CE": r["train_ce"], "train loss": r["train_loss"]})
+    reference = {ref_label: dict(run_metrics(ev, ref_label, lengths), **recall_ev.get(ref_label, {}))}
     metrics = ([f"PPL@{L}" for L in lengths] + [f"LongPPL@{L}" for L in lengths]
                + [f"LSM({d})" for d in LSM_DIVERGENCES] + ["train CE"])
     verdict_metrics = list(dict.fromkeys([f"PPL@{lengths[0]}", f"PPL@{Lmax}", f"LongPPL@{Lmax}"]))
+    corr_target = f"PPL@{Lmax}"
+    if a.data == "recall":  # pre-registered in docs/demo.md: the recall testbed's columns and verdict metrics
+        metrics = DR.metric_names(lengths) + metrics
+        verdict_metrics = DR.verdict_metrics(lengths)
+        corr_target = f"keyPPL@{Lmax}"
     stats = S.build_stats(run_info, metrics, refs=("ce1", "ce2"), verdict_metrics=verdict_metrics,
-                          corr_target=f"PPL@{Lmax}", corr_predictors=[f"LSM({d})" for d in LSM_DIVERGENCES]
+                          corr_target=corr_target, corr_predictors=[f"LSM({d})" for d in LSM_DIVERGENCES]
                           + ["train CE", "train loss"])
     _plot(stats, lengths, os.path.join(a.out, "demo.png"), run_info, reference, l_train)
+    if a.data == "recall":
+        DR.plot_recall(stats, lengths, os.path.join(a.out, "recall.png"), reference)
     wall["total_s"] = time.perf_counter() - t0
     header = [
         f"# lsa demo: RoPE {a.rope_scaling} x{a.rope_factor:g} context extension, {len(p['arms'])} arms x {a.seeds} seeds",
         "",
-        f"Base: Llama {base.n_layer} layers, d={base.n_embd}, trained from scratch at l_train {base.l_train} "
-        f"(max positions {base.max_positions}), batch {base.batch_size}, {base.steps} steps, lr {base.lr:g}, seed 0"
-        f"{' (reused)' if wall['base_reused'] else ''}. Fine-tuning: {a.rope_scaling} x{a.rope_factor:g} -> l_train "
+        (f"Base: the pretrained recall base {a.base_model} (64 positions; docs/recall_testbed.md); {gate['line']}. "
+         if a.data == "recall" else
+         f"Base: Llama {base.n_layer} layers, d={base.n_embd}, trained from scratch at l_train {base.l_train} "
+         f"(max positions {base.max_positions}), batch {base.batch_size}, {base.steps} steps, lr {base.lr:g}, seed 0"
+         f"{' (reused)' if wall['base_reused'] else ''}. ") + f"Fine-tuning on {a.data} windows: {a.rope_scaling} x{a.rope_factor:g} -> l_train "
         f"{l_train}, {'LoRA rank ' + str(a.lora) if a.lora else 'full fine-tuning'}, batch {a.batch_size}, "
         f"{a.steps} steps, lr {a.lr:g} (warmup {a.warmup}, cosine to 0.1), grad clip 1.0, seeds 0..{a.seeds - 1}. "
         f"Arms: " + "; ".join(f"{k} ({_describe(v)})" for k, v in p["arms"].items()) + ".",
         f"Evaluation: held-out text, {a.n_windows} windows per length (the same target tokens at every length), "
         f"LongPPL key tokens chosen by {ref_label}, LSM over {a.lsm_samples} samples. Lower is better everywhere. "
-        f"train CE = mean training CE over the last 10 % of steps.",
+        f"train CE = mean training CE over the last 10 % of steps."
+        + (f" Recall testbed: {a.n_windows} held-out windows per length with 2 repeated rare spans and 2 facts each; "
+           "natPPL over the filler-text targets, keyPPL over the answers, recall = teacher-forced exact match of "
+           "an answer (higher is better), copy gap d96 = what a first copy 96 tokens back is worth (nats, higher "
+           "is better)." if a.data == "recall" else ""),
         "",
     ]
     footer = ["", f"Wall time: total {wall['total_s']:.0f} s ({wall['total_s'] / 60:.1f} min): base "
@@ -437,7 +397,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
                      "base_config": dataclasses.asdict(base), "run_config": dataclasses.asdict(runs[0][2]),
                      "verdict_rule": f"two-sided paired t-test on per-seed relative differences, p < {S.P_CALL}",
                      "lsm_divergences": list(LSM_DIVERGENCES), "longppl_reference": ref_label},
-        "machine": mach, "wall_s": wall, "runs": run_info, "reference": reference, "stats": stats,
+        "gate": gate if a.data == "recall" else None, "machine": mach, "wall_s": wall, "runs": run_info, "reference": reference, "stats": stats,
         "eval": {k: v for k, v in ev.items() if k != "runs"}, "eval_runs": ev["runs"],
     }
     atomic_write_text(os.path.join(a.out, "results.json"), json.dumps(_clean(results), indent=1))

@@ -25,7 +25,7 @@ import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 __all__ = [
-    "P_CALL", "mean_std", "student_t_p", "sign_test_p", "paired", "verdict", "pearson", "spearman", "ranks",
+    "P_CALL", "holm", "is_absolute", "mean_std", "student_t_p", "sign_test_p", "paired", "verdict", "pearson", "spearman", "ranks",
     "final_train_ce", "summarize", "build_stats", "markdown", "fmt_pm", "plot",
 ]
 
@@ -107,15 +107,21 @@ def sign_test_p(k_lower: int, k_higher: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ paired
-def paired(values: Mapping, ref: Mapping) -> dict:
+def is_absolute(metric: str) -> bool:
+    """Metrics compared as differences in points (recall, a fraction: x 100; the copy gap, in nats) rather than
+    relative %: they can be 0, where a relative difference is undefined."""
+    return metric.startswith(("recall", "copy gap"))
+
+
+def paired(values: Mapping, ref: Mapping, absolute: bool = False) -> dict:
     """Paired comparison of ``values`` (seed -> metric of an arm) against ``ref`` (seed -> metric of the
     reference arm), over the seeds present and finite in both.
 
     Returns ``{"seeds", "rel_pct" (per seed, 100 (v - r) / r), "abs" (per seed, v - r), "n", "mean", "std",
     "k_lower", "k_higher", "t", "p_t" (two-sided paired t-test on rel_pct), "p_sign" (exact sign test)}``.
     """
-    seeds = sorted(s for s in values if s in ref and _ok(values[s]) and _ok(ref[s]) and ref[s] != 0)
-    rel = [100.0 * (values[s] - ref[s]) / ref[s] for s in seeds]
+    seeds = sorted(s for s in values if s in ref and _ok(values[s]) and _ok(ref[s]) and (absolute or ref[s] != 0))
+    rel = [100.0 * (values[s] - ref[s]) / (1.0 if absolute else ref[s]) for s in seeds]
     ab = [values[s] - ref[s] for s in seeds]
     m, sd, n = mean_std(rel)
     k_lower = sum(1 for v in rel if v < 0)
@@ -127,7 +133,7 @@ def paired(values: Mapping, ref: Mapping) -> dict:
         t, p_t = math.copysign(math.inf, m), 0.0
     else:
         t, p_t = math.nan, math.nan
-    return {"seeds": seeds, "rel_pct": rel, "abs": ab, "n": n, "mean": m, "std": sd, "k_lower": k_lower,
+    return {"seeds": seeds, "rel_pct": rel, "abs": ab, "absolute": absolute, "n": n, "mean": m, "std": sd, "k_lower": k_lower,
             "k_higher": k_higher, "t": t, "p_t": p_t, "p_sign": sign_test_p(k_lower, k_higher)}
 
 
@@ -149,9 +155,23 @@ def _p_eq(p: float) -> str:
     return f"p {s}" if s.startswith("<") else f"p = {s}"
 
 
+def holm(ps: Sequence[float]) -> List[float]:
+    """Holm's step-down adjustment of the p-values ``ps`` (family-wise error across them; NaN stays NaN): the
+    i-th smallest p becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))`` with ``m`` the number of finite p."""
+    idx = sorted((i for i, p in enumerate(ps) if _ok(p)), key=lambda i: ps[i])
+    out = [math.nan] * len(ps)
+    run, m = 0.0, len(idx)
+    for j, i in enumerate(idx):
+        run = max(run, min(1.0, (m - j) * ps[i]))
+        out[i] = run
+    return out
+
+
 def call(d: dict, level: float = P_CALL) -> str:
-    """The rule: "lower" / "higher" when the paired t-test gives p < level, else "no significant difference"."""
-    if _ok(d["p_t"]) and d["p_t"] < level:
+    """The rule: "lower" / "higher" when the paired t-test gives p < level (Holm-adjusted across the verdict lines
+    when ``d`` has ``p_holm``), else "no significant difference"."""
+    p = d.get("p_holm", d["p_t"])
+    if _ok(p) and p < level:
         return "lower" if d["mean"] < 0 else "higher"
     return "no significant difference"
 
@@ -163,8 +183,10 @@ def verdict(arm: str, ref: str, metric: str, d: dict, level: float = P_CALL) -> 
     if d["n"] == 0:
         return f"{arm} vs {ref}: {metric}: no seeds to compare"
     sd = f"{d['std']:.1f}" if _ok(d["std"]) else "n/a"
-    return (f"{arm} vs {ref}: {metric} lower on {d['k_lower']} of {d['n']} seeds, mean {d['mean']:+.1f} % ± {sd} "
-            f"(paired t-test {_p_eq(d['p_t'])}, sign test {_p_eq(d['p_sign'])}) -> {call(d, level)}")
+    unit = "points (x 100)" if d.get("absolute") else "%"
+    holm_s = f", Holm-adjusted {_p_eq(d['p_holm'])}" if "p_holm" in d else ""
+    return (f"{arm} vs {ref}: {metric} lower on {d['k_lower']} of {d['n']} seeds, mean {d['mean']:+.1f} {unit} ± {sd} "
+            f"(paired t-test {_p_eq(d['p_t'])}{holm_s}, sign test {_p_eq(d['p_sign'])}) -> {call(d, level)}")
 
 
 # ------------------------------------------------------------------------------------- correlation
@@ -254,13 +276,16 @@ def build_stats(runs: Sequence[Mapping], metrics: Sequence[str], refs: Sequence[
             continue
         res["paired"][ref] = {}
         for arm in arms:
-            if arm == ref:
+            if arm == ref or arm in res["paired"]:  # each pair once: no "ce1 vs ce2" after "ce2 vs ce1"
                 continue
-            res["paired"][ref][arm] = {m: paired(_by_seed(runs, arm, m), _by_seed(runs, ref, m)) for m in metrics}
-    for m in verdict_metrics:
-        for ref in res["paired"]:
-            for arm, d in res["paired"][ref].items():
-                res["verdicts"].append(verdict(arm, ref, m, d[m], level))
+            res["paired"][ref][arm] = {m: paired(_by_seed(runs, arm, m), _by_seed(runs, ref, m), is_absolute(m))
+                                       for m in metrics}
+    lines = [(arm, ref, m, res["paired"][ref][arm][m]) for m in verdict_metrics for ref in res["paired"]
+             for arm in res["paired"][ref]]
+    for (arm, ref, m, d), ph in zip(lines, holm([d["p_t"] for _, _, _, d in lines])):
+        d = dict(d, p_holm=ph)
+        res["paired"][ref][arm][m] = d
+        res["verdicts"].append(verdict(arm, ref, m, d, level))
     if corr_target:
         y = [r["metrics"].get(corr_target) for r in runs]
         for p in corr_predictors:
@@ -293,7 +318,8 @@ def markdown(stats: dict, reference_rows: Optional[Mapping[str, Mapping[str, flo
         n = max(v["n"] for v in s.values()) if s else 0
         lines.append(f"| {arm} | {n} | " + " | ".join(fmt_pm(s[m]["mean"], s[m]["std"], _digits(m)) for m in ms) + " |")
     for ref, arms in stats["paired"].items():
-        lines += ["", f"Paired by seed against {ref}: relative difference in %, mean ± std over seeds "
+        lines += ["", f"Paired by seed against {ref}: relative difference in % (recall and copy gap: difference "
+                      "x 100, in points), mean ± std over seeds "
                       f"(k/S = seeds lower than {ref}):", "",
                   "| arm | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
         for arm, d in arms.items():
@@ -306,7 +332,7 @@ def markdown(stats: dict, reference_rows: Optional[Mapping[str, Mapping[str, flo
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if stats["verdicts"]:
         lines += ["", f"Verdicts (a difference is called when the two-sided paired t-test on the per-seed relative "
-                      f"differences gives p < {stats['level']:g}):", ""]
+                      f"differences gives p < {stats['level']:g} after Holm's adjustment across these lines):", ""]
         lines += [f"- {v}" for v in stats["verdicts"]]
     if stats["correlation"]:
         target = next(iter(stats["correlation"].values()))["target"]

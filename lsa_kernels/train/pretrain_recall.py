@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_corpus, load_tokenizer
-from .recall_data import RecallWindows, copy_windows, fact_tokens, rare_pool
+from .recall_data import RecallWindows, copy_windows, fact_tokens, rare_pool, repeat_windows
 from .recall_eval import copy_probe, copy_probe_windows, lm_logits_fn
 
 __all__ = ["RECIPES", "build", "pretrain", "main"]
@@ -48,9 +48,16 @@ RECIPES = {
     "mixed": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=True, heads=4, kv_heads=2),
     "synth64": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=True, text=False, heads=4, kv_heads=2,
                     curriculum=(64,)),
+    # two phases: one repeated span per window of random pool tokens at 32 tokens, batch 64 (short windows:
+    # attention at initialisation is spread over few positions, so the copy signal is strong), then the same
+    # at 64 tokens mixed with text windows holding a repeated span and a fact, at the base's 64 positions
+    # (phase 1 draws its tokens from a fixed 512-token subset of the pool: fewer, more frequent tokens)
+    "induction": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4, kv_heads=2,
+                      repeat=(32, 64), phase1=0.6, phase1_pool=512),
 }
 CURRICULUM = (64, 128, 256)
 PROBE_DISTANCES = (32, 96, 200)
+SHORT_PROBE_DISTANCES = (16, 40)  # inside a 64-token window
 
 
 def build(heads: int, kv_heads: int, vocab_size: int, layers: int = 4, d_model: int = 128, ffn: int = 352,
@@ -91,7 +98,8 @@ def _ce(model, ids: torch.Tensor) -> torch.Tensor:
 
 def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_every: int = 100, probe_n: int = 64,
              heads: Optional[int] = None, kv_heads: Optional[int] = None, log=print, save: Optional[str] = None,
-             out: Optional[str] = None, lr: Optional[float] = None) -> dict:
+             out: Optional[str] = None, lr: Optional[float] = None, layers: int = 4,
+             max_positions: int = 4096) -> dict:
     """Train ``recipe`` for ``steps`` steps; returns the run's record (and writes it to ``out`` after every probe,
     so a run stopped early leaves its curve so far, marked ``"complete": false``)."""
     if recipe not in RECIPES:
@@ -109,11 +117,20 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     tok = load_tokenizer()
     train, test = load_corpus(tok, "train"), load_corpus(tok, "test")
     pool = rare_pool(train, tok.vocab_size, exclude=[tok.eos_id] + fact_tokens(tok)[1])
-    model = build(r["heads"], r["kv_heads"], tok.vocab_size)
+    model = build(r["heads"], r["kv_heads"], tok.vocab_size, layers=layers, max_positions=max_positions)
     opt = _optimizer(model, r["lr"], r["decay_embeddings"])
     text_windows = RecallWindows(256, pool, seed=seed, corpus=train, tok=tok, n_spans=2, n_facts=2) if r["text"] else None
+    if r.get("repeat"):
+        pool1 = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[: r["phase1_pool"]]]
+        L2 = r["repeat"][1]
+        # one item per window (a span and a fact together do not always fit in 64 tokens): half the text windows
+        # hold a repeated span, half a fact
+        bk = (("near", 12, L2 // 4), ("mid", L2 // 4 + 1, L2 - 20))
+        text_windows = [RecallWindows(L2, pool, seed=seed, corpus=train, tok=tok, n_spans=1, n_facts=0, buckets=bk),
+                        RecallWindows(L2, pool, seed=seed + 1, corpus=train, tok=tok, n_spans=0, n_facts=1, buckets=bk)]
     probes = {"text": copy_probe_windows(pool, PROBE_DISTANCES, n=probe_n, corpus=test),
-              "random": copy_probe_windows(pool, PROBE_DISTANCES, n=probe_n, corpus=None)}
+              "random": copy_probe_windows(pool, PROBE_DISTANCES, n=probe_n, corpus=None),
+              "text64": copy_probe_windows(pool, SHORT_PROBE_DISTANCES, n=probe_n, length=64, corpus=test)}
     g = torch.Generator().manual_seed(seed * 7 + 3)
     curve, losses = [], []
     train_s = 0.0
@@ -128,7 +145,8 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
                 row[f"{name}_with_d{d}"] = round(v["loss_with"], 4)
         model.train()
         curve.append(row)
-        log(f"step {step:5d}  {train_s:7.1f}s  {time.strftime('%H:%M:%S')}  gap text d32/96/200: {row['text_gap_d32']:.2f} "
+        log(f"step {step:5d}  {train_s:7.1f}s  {time.strftime('%H:%M:%S')}  gap text64 d16/40: {row['text64_gap_d16']:.2f} "
+            f"{row['text64_gap_d40']:.2f}  text d32/96/200: {row['text_gap_d32']:.2f} "
             f"{row['text_gap_d96']:.2f} {row['text_gap_d200']:.2f}  random: {row['random_gap_d32']:.2f} "
             f"{row['random_gap_d96']:.2f} {row['random_gap_d200']:.2f}")
 
@@ -166,6 +184,19 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
             grp["lr"] = _lr_at(step, steps, r["lr"], r["warmup"])
         loss_row = {"step": step + 1}
         total = 0.0
+        if r.get("repeat"):
+            L1, L2 = r["repeat"]
+            if step < r["phase1"] * steps:
+                ls = _ce(model, repeat_windows(g, batch, L1, pool1)[0])
+                total = total + ls
+                loss_row["synth"], loss_row["L"] = round(ls.item(), 4), L1
+            else:
+                ls = _ce(model, repeat_windows(g, batch // 2, L2, pool)[0])
+                nt = batch - batch // 2
+                lt = _ce(model, torch.cat([text_windows[0].batch(step, nt // 2).ids,
+                                           text_windows[1].batch(step, nt - nt // 2).ids]))
+                total = total + ls + lt
+                loss_row["synth"], loss_row["text"], loss_row["L"] = round(ls.item(), 4), round(lt.item(), 4), L2
         if r["synth"]:
             cur = r.get("curriculum", CURRICULUM)
             L = cur[min(len(cur) - 1, step * len(cur) // steps)]
@@ -206,6 +237,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--lr", type=T.positive_float, default=None, help="override the recipe's peak learning rate")
     ap.add_argument("--heads", type=T.positive_int, default=None)
     ap.add_argument("--kv-heads", type=T.positive_int, default=None)
+    ap.add_argument("--layers", type=T.positive_int, default=4)
+    ap.add_argument("--max-positions", type=T.positive_int, default=4096,
+                    help="the model's max_position_embeddings (64 for a base that is then extended)")
     ap.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", required=True, help="the run's JSON")
     ap.add_argument("--save", default=None, help="directory to save the trained model in (transformers format)")
@@ -221,7 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_transformers()
     try:
         res = pretrain(a.recipe, a.steps, a.seed, a.batch, a.probe_every, a.probe_n, a.heads, a.kv_heads,
-                       log=lambda s: print(s, flush=True), save=a.save, out=a.out, lr=a.lr)
+                       log=lambda s: print(s, flush=True), save=a.save, out=a.out, lr=a.lr, layers=a.layers,
+                       max_positions=a.max_positions)
     except (ConfigError, DataError) as e:
         print(f"pretrain_recall: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import torch
 from .data import Corpus, DataError
 
 __all__ = ["NAMES", "DIGITS", "Answer", "RecallBatch", "RecallWindows", "rare_pool", "default_buckets",
-           "copy_windows", "fact_tokens"]
+           "copy_windows", "fact_tokens", "repeat_windows", "RecallSampler"]
 
 NAMES = (
     "Anna", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas", "Karla", "Lukas",
@@ -95,6 +95,8 @@ class Answer:
 class RecallBatch:
     ids: torch.Tensor  # [batch, length] int64
     answers: List[Answer]
+    # [batch, length] bool: True where a token was written in (spans, facts, both copies); False on filler
+    inserted: Optional[torch.Tensor] = None
 
 
 class RecallWindows:
@@ -151,6 +153,7 @@ class RecallWindows:
         g = self.generator(step)
         ids = self._filler(g, batch_size)
         answers: List[Answer] = []
+        inserted = torch.zeros(batch_size, self.length, dtype=torch.bool)
         n_items = self.n_spans + self.n_facts
         for w in range(batch_size):
             used = torch.zeros(self.length, dtype=torch.bool)
@@ -182,12 +185,14 @@ class RecallWindows:
                                     "use fewer items or a longer window")
                 used[s : s + m] = True
                 used[s + d : s + d + m] = True
+                inserted[w, s : s + m] = True
+                inserted[w, s + d : s + d + m] = True
                 t = torch.tensor(seg, dtype=torch.long)
                 ids[w, s : s + m] = t
                 ids[w, s + d : s + d + m] = t
                 src = torch.arange(s + off, s + off + n_ans)
                 answers.append(Answer(w, "span" if k < self.n_spans else "fact", src + d, src, d, name, s + m))
-        return RecallBatch(ids, answers)
+        return RecallBatch(ids, answers, inserted)
 
 
 def copy_windows(g: torch.Generator, batch: int, length: int, pool: torch.Tensor, p_copy: float = 0.5,
@@ -214,3 +219,55 @@ def copy_windows(g: torch.Generator, batch: int, length: int, pool: torch.Tensor
                 seq.extend(pool[torch.randint(0, pool.numel(), (m,), generator=g)].tolist())
         out[w] = torch.tensor(seq[:length], dtype=torch.long)
     return out
+
+
+def repeat_windows(g: torch.Generator, batch: int, length: int, pool: torch.Tensor,
+                   span: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Windows of uniform ``pool`` tokens, each holding ONE span of ``k`` tokens (``span`` inclusive range,
+    default ``length // 8 .. length // 2 - 1``) repeated later at a random distance: where the span starts, how
+    long it is and how far back its first copy lies all vary per window, so a fixed positional offset cannot
+    predict the copy, only matching content can (an induction mechanism). Returns ``(ids, copy_mask)``:
+    ``copy_mask[w, t]`` is True where token ``t`` is predictable from the context (the second copy's tokens
+    after its first, whose predecessor identifies the source)."""
+    lo, hi = span or (max(1, length // 8), max(1, length // 2 - 1))
+    if not 1 <= lo <= hi or 2 * hi > length:
+        raise DataError(f"span must be 1 <= lo <= hi <= length/2, got {(lo, hi)} for length {length}")
+    ids = pool[torch.randint(0, pool.numel(), (batch, length), generator=g)]
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for w in range(batch):
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        s = int(torch.randint(0, length - 2 * k + 1, (1,), generator=g))
+        gap = int(torch.randint(0, length - 2 * k - s + 1, (1,), generator=g))
+        t = s + k + gap
+        ids[w, t : t + k] = ids[w, s : s + k]
+        mask[w, t + 1 : t + k] = True
+    return ids, mask
+
+
+class RecallSampler:
+    """The training loop's window sampler for ``--data recall``: windows of any ``length`` (>= 160) of the
+    corpus with ``n_spans`` repeated rare spans and ``n_facts`` facts written in (:class:`RecallWindows`, default
+    distance buckets), a pure function of ``(seed, rank, step)`` like :class:`~lsa_kernels.train.data.WindowSampler`."""
+
+    def __init__(self, corpus: Corpus, tok, seed: int = 0, rank: int = 0, n_spans: int = 2, n_facts: int = 2,
+                 pool: Optional[torch.Tensor] = None):
+        self.corpus, self.tok, self.seed, self.rank = corpus, tok, int(seed), int(rank)
+        self.n_spans, self.n_facts = int(n_spans), int(n_facts)
+        self.pool = pool if pool is not None else rare_pool(corpus, tok.vocab_size, exclude=[tok.eos_id] + fact_tokens(tok)[1])
+        self._by_length = {}
+
+    def check(self, length: int) -> None:
+        if length < 160:
+            raise DataError(f"--data recall needs windows of >= 160 tokens (l_train + l_extra + 1), got {length}")
+        if self.corpus.longest < length:
+            raise DataError(f"corpus too short: its longest document has {self.corpus.longest} tokens, a window "
+                            f"needs {length} (l_train + l_extra + 1)")
+
+    def windows(self, step: int, batch: int, length: int) -> torch.Tensor:
+        self.check(length)
+        w = self._by_length.get(length)
+        if w is None:
+            w = self._by_length[length] = RecallWindows(length, self.pool, seed=self.seed * 1009 + self.rank,
+                                                        corpus=self.corpus, tok=self.tok, n_spans=self.n_spans,
+                                                        n_facts=self.n_facts)
+        return w.batch(step, batch).ids

@@ -96,8 +96,9 @@ def test_build_stats_markdown_and_plot(tmp_path):
     assert set(st["paired"]) == {"ce1", "ce2"} and set(st["paired"]["ce1"]) == {"ce2", "sce"}
     assert st["paired"]["ce1"]["sce"]["PPL@64"]["rel_pct"] == pytest.approx([3.0, 3.0, 3.0])
     assert st["verdicts"][0] == ("ce2 vs ce1: PPL@64 lower on 3 of 3 seeds, mean -1.0 % ± 0.0 (paired t-test "
-                                 "p < 0.0001, sign test p = 0.25) -> lower")
-    assert len(st["verdicts"]) == 4  # ce2, sce vs ce1; ce1, sce vs ce2
+                                 "p < 0.0001, Holm-adjusted p < 0.0001, sign test p = 0.25) -> lower")
+    assert len(st["verdicts"]) == 3  # ce2, sce vs ce1; sce vs ce2 (no mirrored "ce1 vs ce2")
+    assert not any(v.startswith("ce1 vs ") for v in st["verdicts"])
     assert st["correlation"]["train CE"]["pearson"]["n"] == 9
     text = S.markdown(st, {"base x4": {"PPL@64": 120.0, "LSM(sce)": 1.5}})
     assert "| base x4 | 1 | 120.00 | n/a | 1.5 | n/a |" in text
@@ -251,11 +252,13 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert res["eval_runs"]["symkl@0.5/seed1"]["rope"]["rope_type"] == "linear"
     st = res["stats"]
     assert set(st["paired"]) == {"ce1", "ce2"} and set(st["paired"]["ce1"]) == {"ce2", "longce", "symkl@0.5"}
-    assert set(st["paired"]["ce2"]) == {"ce1", "longce", "symkl@0.5"}
-    assert len(st["verdicts"]) == 3 * 6 and st["verdicts"][0].startswith("ce2 vs ce1: PPL@64 lower on ")
+    assert set(st["paired"]["ce2"]) == {"longce", "symkl@0.5"}
+    assert len(st["verdicts"]) == 3 * 5 and st["verdicts"][0].startswith("ce2 vs ce1: PPL@64 lower on ")
     for ref in ("ce1", "ce2"):
         for m in ("PPL@64", "PPL@256", "LongPPL@256"):
             assert sum(v.startswith(f"longce vs {ref}: {m}") for v in st["verdicts"]) == 1, (ref, m)
+    assert all("Holm-adjusted" in v or v.endswith("no seeds to compare") for v in st["verdicts"])
+    assert any("Holm-adjusted" in v for v in st["verdicts"])
     assert set(st["correlation"]) == {"LSM(sce)", "LSM(sym_kl)", "train CE", "train loss"}
     assert st["correlation"]["LSM(sce)"]["pearson"]["n"] == 8
     table = (out / "table.md").read_text()
@@ -271,3 +274,28 @@ def test_demo_end_to_end_tiny(tmp_path):
     (out / "demo.png").unlink()
     assert demo_main(["--out", str(out), "--replot"]) == 0 and (out / "demo.png").stat().st_size > 10_000
     assert demo_main(["--out", str(tmp_path / "nothing"), "--replot"]) == 2
+
+
+def test_holm_adjustment():
+    # the textbook example: p = 0.01, 0.04, 0.03, 0.005 -> 0.03, 0.06, 0.06, 0.02 (m = 4)
+    assert S.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # capped at 1, NaN left out of the family and kept NaN, monotone in the raw order
+    out = S.holm([0.5, float("nan"), 0.4])
+    assert out[0] == pytest.approx(0.8) and out[2] == pytest.approx(0.8) and out[1] != out[1]
+    assert S.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    # a call made on the raw p but not after adjustment
+    d = {"n": 3, "mean": -1.0, "std": 0.1, "k_lower": 3, "p_t": 0.03, "p_sign": 0.25, "p_holm": 0.09}
+    assert S.call(d) == "no significant difference" and S.call({**d, "p_holm": 0.03}) == "lower"
+
+
+def test_recall_metrics_are_compared_in_points():
+    # recall can be 0 for the reference: compared as a difference (x 100), not relative to it
+    d = S.paired({0: 0.3, 1: 0.5, 2: 0.4}, {0: 0.0, 1: 0.2, 2: 0.1}, absolute=True)
+    assert d["n"] == 3 and d["rel_pct"] == pytest.approx([30.0, 30.0, 30.0])
+    assert S.paired({0: 0.3}, {0: 0.0})["n"] == 0  # relative: the zero reference is dropped
+    runs = [{"arm": a, "seed": s, "metrics": {"recall@256": v + s * 0.01, "copy gap d96": 2 * v}}
+            for a, v in (("ce1", 0.0), ("ce2", 0.25)) for s in range(3)]
+    st = S.build_stats(runs, ["recall@256", "copy gap d96"], verdict_metrics=["recall@256"])
+    assert st["paired"]["ce1"]["ce2"]["recall@256"]["mean"] == pytest.approx(25.0)
+    assert st["verdicts"] == [st["verdicts"][0]] and "+25.0 points (x 100)" in st["verdicts"][0]
+    assert st["verdicts"][0].endswith("-> higher")

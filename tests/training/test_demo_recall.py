@@ -1,0 +1,87 @@
+"""The recall testbed's demo pieces: the gate, the per-length metrics, the training sampler and the
+induction pretraining data, checked with hand-built predictors (an in-context copier and a unigram model)."""
+
+import math
+
+import pytest
+import torch
+
+from lsa_kernels.train import demo_recall as DR
+from lsa_kernels.train.recall_data import RecallSampler, repeat_windows
+
+from test_recall_data import env, lookup_oracle, unigram_predictor  # noqa: F401  (env: a fixture)
+
+
+class FakeLM(torch.nn.Module):
+    """A transformers-like causal LM whose logits come from ``fn`` (ids -> logits)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.fn(input_ids)})()
+
+
+def test_gate_passes_an_in_context_copier_and_refuses_a_unigram_model(env):  # noqa: F811
+    tok, test, pool, _ = env
+    res = DR.gate(FakeLM(lookup_oracle(tok.vocab_size)), pool, test, tok, length=64, n=12)
+    assert res["passed"], res["line"]
+    assert res["full"]["fact/all"]["exact"] == 1.0 and res["full"]["span/all"]["exact"] >= 0.9
+    # without the source only chance is left: the copier's truncated accuracy is at chance, below the bound
+    assert res["truncated"]["span/all"]["token_acc"] <= 2 * res["chance"]["span"]["token_acc"] + 0.02
+    assert "-> PASS" in res["line"]
+    bad = DR.gate(FakeLM(unigram_predictor(tok.vocab_size)), pool, test, tok, length=64, n=12)
+    assert not bad["passed"] and "-> FAIL" in bad["line"] and "span exact 0.00" in bad["line"]
+    # the threshold is the caller's: at 0 the unigram model passes the in-window half, and the chance half
+    assert DR.gate(FakeLM(unigram_predictor(tok.vocab_size)), pool, test, tok, length=64, n=4, exact=0.0)["passed"]
+
+
+def test_length_metrics_separate_key_and_natural_tokens(env):  # noqa: F811
+    tok, test, pool, _ = env
+    batches = {L: DR.recall_batch(L, 4, pool, test, tok) for L in (256, 512)}
+    for L, b in batches.items():
+        assert b.inserted.any() and not b.inserted.all()
+        assert {a.bucket for a in b.answers} <= {name for name, _, _ in DR.buckets_for(L)}
+    assert [n for n, _, _ in DR.buckets_for(256)] == ["near", "mid", "far"]
+    assert [n for n, _, _ in DR.buckets_for(1024)] == ["near", "mid", "far", "beyond", "farthest"]
+    copier = DR.length_metrics(FakeLM(lookup_oracle(tok.vocab_size)), batches)
+    uni = DR.length_metrics(FakeLM(unigram_predictor(tok.vocab_size)), batches)
+    for L in (256, 512):
+        assert copier[f"recall@{L}"] >= 0.9 and uni[f"recall@{L}"] == 0.0
+        assert copier[f"keyPPL@{L}"] < 1.5 < uni[f"keyPPL@{L}"]  # p_hit 0.9 -> PPL 1/0.9 on copied answers
+        assert math.isfinite(copier[f"natPPL@{L}"]) and copier[f"natPPL@{L}"] > copier[f"keyPPL@{L}"]
+        assert f"recall@{L}/far" in copier
+    assert "recall@512/beyond" in copier and "recall@256/beyond" not in copier
+    assert set(DR.verdict_metrics([256, 512, 1024])) == {"natPPL@1024", "keyPPL@1024", "recall@256", "recall@1024"}
+
+
+def test_recall_sampler_is_a_function_of_seed_rank_and_step(env):  # noqa: F811
+    tok, test, pool, _ = env
+    s = RecallSampler(test, tok, seed=3, pool=pool)
+    a, b = s.windows(5, 2, 300), RecallSampler(test, tok, seed=3, pool=pool).windows(5, 2, 300)
+    assert a.shape == (2, 300) and torch.equal(a, b)
+    assert not torch.equal(a, s.windows(6, 2, 300))
+    assert not torch.equal(a, RecallSampler(test, tok, seed=3, rank=1, pool=pool).windows(5, 2, 300))
+    with pytest.raises(ValueError, match="160 tokens"):
+        s.windows(0, 2, 100)
+
+
+def test_repeat_windows_copy_mask_marks_exactly_the_predictable_tokens():
+    g = torch.Generator().manual_seed(0)
+    pool = torch.arange(100, 612)
+    ids, mask = repeat_windows(g, 64, 32, pool)
+    assert ids.shape == mask.shape == (64, 32) and bool(((ids >= 100) & (ids < 612)).all())
+    dists = set()
+    for w in range(64):
+        t = mask[w].nonzero().flatten()
+        assert t.numel() >= 3  # a span of >= 4 tokens: its 2nd.. tokens are marked
+        first = int(t[0]) - 1  # the second copy starts one before its first marked token
+        k = t.numel() + 1
+        found = [s for s in range(0, first - k + 1) if torch.equal(ids[w, s : s + k], ids[w, first : first + k])]
+        assert found, w
+        dists.add(first - found[-1])
+    assert len(dists) > 10  # the copy distance varies: no fixed offset predicts it
+    with pytest.raises(ValueError, match="span"):
+        repeat_windows(g, 2, 32, pool, span=(4, 20))
