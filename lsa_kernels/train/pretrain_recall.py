@@ -54,6 +54,11 @@ RECIPES = {
     # (phase 1 draws its tokens from a fixed 512-token subset of the pool: fewer, more frequent tokens)
     "induction": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4, kv_heads=2,
                       repeat=(32, 64), phase1=0.6, phase1_pool=512),
+    # the toy setting in which induction formed (benchmarks/results/recall_pilot/PROTOCOL.md): untied head,
+    # constant learning rate after warmup, no weight decay
+    "induction-untied": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
+                             kv_heads=2, repeat=(32, 64), phase1=0.6, phase1_pool=512, untied=True, constant_lr=True,
+                             wd=0.0),
 }
 CURRICULUM = (64, 128, 256)
 PROBE_DISTANCES = (32, 96, 200)
@@ -118,7 +123,10 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     train, test = load_corpus(tok, "train"), load_corpus(tok, "test")
     pool = rare_pool(train, tok.vocab_size, exclude=[tok.eos_id] + fact_tokens(tok)[1])
     model = build(r["heads"], r["kv_heads"], tok.vocab_size, layers=layers, max_positions=max_positions)
-    opt = _optimizer(model, r["lr"], r["decay_embeddings"])
+    if r.get("untied"):
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    opt = _optimizer(model, r["lr"], r["decay_embeddings"], wd=r.get("wd", 0.1))
     text_windows = RecallWindows(256, pool, seed=seed, corpus=train, tok=tok, n_spans=2, n_facts=2) if r["text"] else None
     if r.get("repeat"):
         pool1 = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[: r["phase1_pool"]]]
@@ -181,7 +189,8 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     for step in range(steps):
         t0 = time.perf_counter()
         for grp in opt.param_groups:
-            grp["lr"] = _lr_at(step, steps, r["lr"], r["warmup"])
+            grp["lr"] = _lr_at(step, steps, r["lr"], r["warmup"]) if not r.get("constant_lr") else \
+                r["lr"] * min(1.0, (step + 1) / r["warmup"])
         loss_row = {"step": step + 1}
         total = 0.0
         if r.get("repeat"):
