@@ -151,7 +151,7 @@ GPU_TABLE = {
 # spilled 32 B on sm_80 at the CE's 64×64×32; at 32×64×32, 12 B on sm_90 / 28 B on sm_80 under Triton 3.6).
 _DENSE16 = {"dense_fwd": _lc(64, 64, 64, 8, 3), "dense_bwd": _lc(64, 64, 64, 8, 2), "dense_dz": _lc(64, 64, 64, 8, 3)}
 # fp32 atomic dense backward on sm_90: 4 warps (the CE's) spilled 8-24 B in 21 of 196 dispatchable flag sets
-# (all with dW, most with dt); 8 warps as on sm_80
+# (all with dW, most with dt); 8 warps as on sm_80: 0 B in those 21
 GPU_TABLE[("sm90", True)] = {**_FP32, "dense_bwd": _lc(32, 64, 32, 8, 2)}
 for (_cls, _fp32), _t in GPU_TABLE.items():
     for _dense, _ce in (("dense_fwd", "ce_fwd"), ("dense_bwd", "ce_bwd"), ("dense_dz", "ce_dz")):
