@@ -264,3 +264,12 @@ class CountFusedCE:
 
     def __exit__(self, *exc):
         self._module.linear_cross_entropy = self._orig
+
+
+def read_train_log(out) -> list:
+    """The rows of a training run's ``<out>/log.jsonl``."""
+    import json
+    import os
+
+    with open(os.path.join(str(out), "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -11,25 +11,15 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _util import write_corpus_texts  # noqa: E402
+from _util import read_train_log  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--max-positions", "256",
         "--l-train", "32", "--batch-size", "2", "--quiet", "--steps", "3", "--warmup", "1", "--lr", "1e-2"]
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    return write_corpus_texts(tmp_path_factory.mktemp("texts"))
-
-
 def _train(out, texts, *extra):
     return train_main(TINY + ["--train-files", *texts["train"], "--out", str(out), *extra])
-
-
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.parametrize("levers", [["--views", "sequential"],
@@ -39,7 +29,7 @@ def test_levers_follow_the_plain_run(tmp_path, texts, levers):
     extra = ["--grad-accum", "2"] if "--grad-accum" in levers else []
     assert _train(tmp_path / "plain", texts, *extra) == 0
     assert _train(tmp_path / "levers", texts, *levers) == 0
-    a, b = _log(tmp_path / "plain"), _log(tmp_path / "levers")
+    a, b = read_train_log(tmp_path / "plain"), read_train_log(tmp_path / "levers")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
         for k in ("loss", "ce", "misalign"):
@@ -89,7 +79,7 @@ def test_ddp_sequential_with_accumulation_follows_joint(tmp_path, texts):
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         assert json.load(open(out / "metrics.json"))["replicas_agree"] is True
-        logs[views] = _log(out)
+        logs[views] = read_train_log(out)
     for ra, rb in zip(logs["joint"], logs["sequential"]):
         for k in ("loss", "ce", "misalign"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-5), (k, ra, rb)

@@ -10,17 +10,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _util import write_corpus_texts  # noqa: E402
+from _util import read_train_log  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--max-positions", "64",
         "--batch-size", "2", "--quiet", "--warmup", "1"]
 RUN = ["--l-train", "8", "--alpha", "0", "--steps", "4", "--lr", "5e-3", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    return write_corpus_texts(tmp_path_factory.mktemp("texts"))
 
 
 @pytest.fixture()
@@ -29,10 +24,6 @@ def stopped(tmp_path, texts):
     out = tmp_path / "run"
     assert train_main(TINY + RUN + ["--train-files", *texts["train"], "--out", str(out), "--stop-after", "2"]) == 0
     return out, (out / "config.json").read_bytes()
-
-
-def _log(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def _files(out):
@@ -44,7 +35,7 @@ def test_resume_without_flags_continues_the_runs_configuration(stopped, tmp_path
     # no model, objective or data flag: every one comes from the run (l_train 8, not the default 128, which
     # would exceed the model's 64 positions; the run's own training files, not the shipped corpus)
     assert train_main(["--out", str(out), "--resume", "--quiet"]) == 0
-    log = _log(out)
+    log = read_train_log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["misalign"] == 0 and r["l_extra"] <= 4 for r in log)  # alpha 0, l_train 8
     assert (out / "config.json").read_bytes() == cfg_bytes
@@ -53,7 +44,7 @@ def test_resume_without_flags_continues_the_runs_configuration(stopped, tmp_path
     # the same steps as the uninterrupted run
     full = tmp_path / "full"
     assert train_main(TINY + RUN + ["--train-files", *texts["train"], "--out", str(full)]) == 0
-    for a, b in zip(_log(full), log):
+    for a, b in zip(read_train_log(full), log):
         assert a["l_extra"] == b["l_extra"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
 
 
@@ -67,13 +58,13 @@ def test_changed_flag_refused_in_one_line(stopped, capsys, flag):
     assert len(err) == 1 and err[0].startswith("lsa train: error: --resume: " + flag[0]), err
     assert "--override-on-resume" in err[0] and "Traceback" not in err[0]
     assert _files(out) == before and (out / "config.json").read_bytes() == cfg_bytes
-    assert len(_log(out)) == 2
+    assert len(read_train_log(out)) == 2
 
 
 def test_same_value_given_again_is_accepted(stopped):
     out, cfg_bytes = stopped
     assert train_main(["--out", str(out), "--resume", "--quiet", "--alpha", "0", "--l-train", "8"]) == 0
-    assert len(_log(out)) == 4 and (out / "config.json").read_bytes() == cfg_bytes
+    assert len(read_train_log(out)) == 4 and (out / "config.json").read_bytes() == cfg_bytes
 
 
 def test_override_is_recorded_and_config_follows_the_checkpoint(stopped, capsys):
@@ -81,7 +72,7 @@ def test_override_is_recorded_and_config_follows_the_checkpoint(stopped, capsys)
     assert train_main(["--out", str(out), "--resume", "--quiet", "--steps", "6", "--lr", "1e-3",
                        "--override-on-resume", "steps", "lr"]) == 0
     assert "--steps 4 -> 6" in capsys.readouterr().err
-    log = _log(out)
+    log = read_train_log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert "resume_overrides" not in log[1]
     assert log[2]["resume_overrides"] == {"steps": [4, 6], "lr": [5e-3, 1e-3]}

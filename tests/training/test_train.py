@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 
-from _util import write_corpus_texts  # noqa: E402
+from _util import read_train_log  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
@@ -21,19 +21,8 @@ TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1",
         "--l-train", "16", "--batch-size", "4", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    """Two small train documents and one held-out document cut from the shipped corpus."""
-    return write_corpus_texts(tmp_path_factory.mktemp("texts"))
-
-
 def _train(out, texts, *extra):
     return train_main(TINY + ["--train-files", *texts["train"], "--out", str(out), *extra])
-
-
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def trained(tmp_path_factory, texts):
 
 
 def test_loss_decreases_and_checkpoint_written(trained):
-    log = _log(trained)
+    log = read_train_log(trained)
     assert len(log) == 30
     first = sum(r["ce"] for r in log[:5]) / 5
     last = sum(r["ce"] for r in log[-5:]) / 5
@@ -59,16 +48,16 @@ def test_loss_decreases_and_checkpoint_written(trained):
 def test_alpha_zero_is_plain_ce(tmp_path, texts):
     assert _train(tmp_path / "ce", texts, "--steps", "3", "--alpha", "0") == 0
     # l_extra is still drawn (the one-view run trains on the long view of the windows an alpha > 0 run sees)
-    assert all(r["misalign"] == 0 and r["loss"] == r["ce"] and 1 <= r["l_extra"] <= 8 for r in _log(tmp_path / "ce"))
+    assert all(r["misalign"] == 0 and r["loss"] == r["ce"] and 1 <= r["l_extra"] <= 8 for r in read_train_log(tmp_path / "ce"))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, texts):
     common = ["--steps", "8", "--alpha", "0.2", "--lr", "5e-3", "--warmup", "2", "--ckpt-every", "100"]
     assert _train(tmp_path / "full", texts, *common) == 0
     assert _train(tmp_path / "part", texts, *common, "--stop-after", "3") == 0
-    assert len(_log(tmp_path / "part")) == 3
+    assert len(read_train_log(tmp_path / "part")) == 3
     assert _train(tmp_path / "part", texts, *common, "--resume") == 0
-    a, b = _log(tmp_path / "full"), _log(tmp_path / "part")
+    a, b = read_train_log(tmp_path / "full"), read_train_log(tmp_path / "part")
     assert [r["step"] for r in b] == list(range(1, 9))
     for ra, rb in zip(a, b):
         assert ra["l_extra"] == rb["l_extra"]
@@ -140,12 +129,12 @@ def test_ddp_and_fsdp_two_processes_gloo(tmp_path, texts):
     ddp, fs = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun([*common, "--out", str(ddp)])
     assert json.load(open(ddp / "metrics.json"))["replicas_agree"] is True  # the two replicas stayed bit-identical
-    assert len(_log(ddp)) == 4
+    assert len(read_train_log(ddp)) == 4
 
     _torchrun([*common, "--fsdp", "--out", str(fs), "--stop-after", "2"])
-    assert len(_log(fs)) == 2
+    assert len(read_train_log(fs)) == 2
     _torchrun([*common, "--fsdp", "--out", str(fs), "--resume"])
-    a, b = _log(ddp), _log(fs)
+    a, b = read_train_log(ddp), read_train_log(fs)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert ra["l_extra"] == rb["l_extra"]

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from _util import write_corpus_texts  # noqa: E402
+from _util import read_train_log, write_corpus_texts  # noqa: E402
 from lsa_kernels.train.config import ROPE_TYPES, ConfigError, TrainConfig  # noqa: E402
 from lsa_kernels.train.loop import micro_batch_weights, train_main  # noqa: E402
 from lsa_kernels.train.model import build_model, extend_rope, max_positions  # noqa: E402
@@ -36,11 +36,6 @@ def base(tmp_path_factory, texts):
 
 def _run(out, texts, base, *extra):
     return train_main(TINY + ["--train-files", *texts["train"], "--model", str(base), "--out", str(out), *extra])
-
-
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _ckpt(out):
@@ -169,7 +164,7 @@ def test_grad_accum_equals_a_larger_batch(tmp_path, texts, base, alpha):
               "--lr", "5e-3", "--divergence", "sym_kl"]
     assert _run(tmp_path / "big", texts, base, *common, "--batch-size", "4") == 0
     assert _run(tmp_path / "acc", texts, base, *common, "--batch-size", "2", "--grad-accum", "2") == 0
-    a, b = _log(tmp_path / "big"), _log(tmp_path / "acc")
+    a, b = read_train_log(tmp_path / "big"), read_train_log(tmp_path / "acc")
     for ra, rb in zip(a, b):
         assert ra["l_extra"] == rb["l_extra"]
         for k in ("loss", "ce", "misalign", "grad_norm"):
@@ -185,7 +180,7 @@ def test_same_windows_for_every_arm(tmp_path, texts, base):
     assert _run(tmp_path / "ce1", texts, base, *common, "--alpha", "0") == 0
     assert _run(tmp_path / "ce2", texts, base, *common, "--alpha", "0", "--ce-views", "2") == 0
     assert _run(tmp_path / "lsa", texts, base, *common, "--alpha", "0.1") == 0
-    l1, l2, l3 = _log(tmp_path / "ce1"), _log(tmp_path / "ce2"), _log(tmp_path / "lsa")
+    l1, l2, l3 = read_train_log(tmp_path / "ce1"), read_train_log(tmp_path / "ce2"), read_train_log(tmp_path / "lsa")
     assert [r["l_extra"] for r in l1] == [r["l_extra"] for r in l2] == [r["l_extra"] for r in l3]
     for r1, r2, r3 in zip(l1, l2, l3):
         assert r1["misalign"] == 0 == r2["misalign"] and r3["misalign"] > 0
@@ -198,7 +193,7 @@ def test_bf16_autocast_runs_close_to_fp32(tmp_path, texts, base):
     common = ["--l-train", "16", "--steps", "2", "--lr", "1e-9", "--alpha", "0.1"]
     assert _run(tmp_path / "f32", texts, base, *common, "--dtype", "fp32") == 0
     assert _run(tmp_path / "b16", texts, base, *common, "--dtype", "bf16") == 0
-    for ra, rb in zip(_log(tmp_path / "f32"), _log(tmp_path / "b16")):
+    for ra, rb in zip(read_train_log(tmp_path / "f32"), read_train_log(tmp_path / "b16")):
         assert rb["ce"] != ra["ce"]  # it did run in bf16
         assert rb["ce"] == pytest.approx(ra["ce"], rel=2e-2)
         assert rb["misalign"] == pytest.approx(ra["misalign"], rel=5e-2, abs=5e-3)
@@ -235,7 +230,7 @@ def test_lora_frozen_base_adapter_merged_checkpoint_and_resume(tmp_path, texts, 
     # stop after 2 steps and resume: the same run
     assert _run(tmp_path / "part", texts, base, *common, "--stop-after", "2") == 0
     assert _run(tmp_path / "part", texts, base, *common, "--resume") == 0
-    a, b = _log(tmp_path / "full"), _log(tmp_path / "part")
+    a, b = read_train_log(tmp_path / "full"), read_train_log(tmp_path / "part")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6)

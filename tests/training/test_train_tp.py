@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _util import write_corpus_texts  # noqa: E402
+from _util import read_train_log, write_corpus_texts  # noqa: E402
 from lsa_kernels.train.evaluate import eval_main  # noqa: E402
 from lsa_kernels.train.loop import train_main  # noqa: E402
 
@@ -41,11 +41,6 @@ def setup(tmp_path_factory):
     return paths
 
 
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _torchrun(nproc, args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
@@ -70,11 +65,11 @@ def test_tensor_parallel_matches_single_process(setup):
     p = _torchrun(2, [*base, "--tensor-parallel", "2", "--out", str(out), "--stop-after", "2"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "untying the input and output embeddings" in p.stderr
-    assert len(_log(out)) == 2
+    assert len(read_train_log(out)) == 2
     p = _torchrun(2, [*base, "--tensor-parallel", "2", "--out", str(out), "--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
 
-    a, b = _log(d / "single"), _log(out)
+    a, b = read_train_log(d / "single"), read_train_log(out)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert ra["l_extra"] == rb["l_extra"]
