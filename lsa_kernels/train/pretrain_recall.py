@@ -59,6 +59,10 @@ RECIPES = {
     "induction-untied": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
                              kv_heads=2, repeat=(32, 64), phase1=0.6, phase1_pool=512, untied=True, constant_lr=True,
                              wd=0.0),
+    # phase 1 only, over the whole pool (does induction form over the 2,038-token alphabet in this setting?)
+    "induction-fullpool": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
+                               kv_heads=2, repeat=(32, 64), phase1=1.0, phase1_pool=0, untied=True, constant_lr=True,
+                               wd=0.0),
 }
 CURRICULUM = (64, 128, 256)
 PROBE_DISTANCES = (32, 96, 200)
@@ -129,7 +133,8 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     opt = _optimizer(model, r["lr"], r["decay_embeddings"], wd=r.get("wd", 0.1))
     text_windows = RecallWindows(256, pool, seed=seed, corpus=train, tok=tok, n_spans=2, n_facts=2) if r["text"] else None
     if r.get("repeat"):
-        pool1 = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[: r["phase1_pool"]]]
+        pool1 = pool if not r["phase1_pool"] else \
+            pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[: r["phase1_pool"]]]
         L2 = r["repeat"][1]
         # one item per window (a span and a fact together do not always fit in 64 tokens): half the text windows
         # hold a repeated span, half a fact
