@@ -15,6 +15,11 @@ Recipes (fixed in benchmarks/results/recall_pilot/PROTOCOL.md before any run):
   stayed on the loss plateau for 600 steps, to see whether more steps break it).
 - ``mixed``: each step one ``synth`` batch (curriculum lengths) and one ``text`` batch, from scratch, with the
   ``synth`` optimiser settings and ``--heads``/``--kv-heads`` (default: the demo's 4 / 2).
+- ``induction``: two phases: 60 % of the steps on :func:`~lsa_kernels.train.recall_data.repeat_windows` of 32
+  tokens (batch ``--batch``, tokens from a fixed 512-token subset of the pool), then 64-token windows, half
+  repeat windows over the whole pool, half text windows holding a repeated span or a fact.
+- ``induction-untied``: ``induction`` with an untied head, a constant lr after warmup and no weight decay.
+- ``induction-fullpool``: ``induction-untied``'s phase 1 only, over the whole pool.
 
 The JSON written to ``--out`` holds the configuration, the loss curve, the copy-probe curve (gap at d in
 {32, 96, 200} on held-out text filler and on random filler), training wall time / steps per second, and the
