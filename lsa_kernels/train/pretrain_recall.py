@@ -68,6 +68,10 @@ RECIPES = {
     "induction-fullpool": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
                                kv_heads=2, repeat=(32, 64), phase1=1.0, phase1_pool=0, untied=True, constant_lr=True,
                                wd=0.0),
+    # phase 2 only (use with --init: a model saved by induction-fullpool)
+    "induction-phase2": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
+                             kv_heads=2, repeat=(32, 64), phase1=0.0, phase1_pool=0, untied=True, constant_lr=True,
+                             wd=0.0),
 }
 CURRICULUM = (64, 128, 256)
 PROBE_DISTANCES = (32, 96, 200)
@@ -113,7 +117,7 @@ def _ce(model, ids: torch.Tensor) -> torch.Tensor:
 def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_every: int = 100, probe_n: int = 64,
              heads: Optional[int] = None, kv_heads: Optional[int] = None, log=print, save: Optional[str] = None,
              out: Optional[str] = None, lr: Optional[float] = None, layers: int = 4,
-             max_positions: int = 4096) -> dict:
+             max_positions: int = 4096, init: Optional[str] = None) -> dict:
     """Train ``recipe`` for ``steps`` steps; returns the run's record (and writes it to ``out`` after every probe,
     so a run stopped early leaves its curve so far, marked ``"complete": false``)."""
     if recipe not in RECIPES:
@@ -135,6 +139,10 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     if r.get("untied"):
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    if init:  # continue from a saved model of the same shape (its weights; a fresh optimizer)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(os.path.join(init, "model.safetensors")), strict=True)
     opt = _optimizer(model, r["lr"], r["decay_embeddings"], wd=r.get("wd", 0.1))
     text_windows = RecallWindows(256, pool, seed=seed, corpus=train, tok=tok, n_spans=2, n_facts=2) if r["text"] else None
     if r.get("repeat"):
@@ -257,6 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--heads", type=T.positive_int, default=None)
     ap.add_argument("--kv-heads", type=T.positive_int, default=None)
     ap.add_argument("--layers", type=T.positive_int, default=4)
+    ap.add_argument("--init", default=None, help="start from the weights of a model saved with --save (same shape)")
     ap.add_argument("--max-positions", type=T.positive_int, default=4096,
                     help="the model's max_position_embeddings (64 for a base that is then extended)")
     ap.add_argument("--threads", type=T.positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -275,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         res = pretrain(a.recipe, a.steps, a.seed, a.batch, a.probe_every, a.probe_n, a.heads, a.kv_heads,
                        log=lambda s: print(s, flush=True), save=a.save, out=a.out, lr=a.lr, layers=a.layers,
-                       max_positions=a.max_positions)
+                       max_positions=a.max_positions, init=a.init)
     except (ConfigError, DataError) as e:
         print(f"pretrain_recall: {e}", file=sys.stderr)
         return 2
