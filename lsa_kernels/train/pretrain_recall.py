@@ -20,6 +20,7 @@ Recipes (fixed in benchmarks/results/recall_pilot/PROTOCOL.md before any run):
   repeat windows over the whole pool, half text windows holding a repeated span or a fact.
 - ``induction-untied``: ``induction`` with an untied head, a constant lr after warmup and no weight decay.
 - ``induction-fullpool``: ``induction-untied``'s phase 1 only, over the whole pool.
+- ``induction-phase2``: ``induction-untied``'s phase 2 only, from ``--init DIR`` (a model saved with ``--save``).
 
 The JSON written to ``--out`` holds the configuration, the loss curve, the copy-probe curve (gap at d in
 {32, 96, 200} on held-out text filler and on random filler), training wall time / steps per second, and the
