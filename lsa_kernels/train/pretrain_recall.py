@@ -143,7 +143,11 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
     if init:  # continue from a saved model of the same shape (its weights; a fresh optimizer)
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(os.path.join(init, "model.safetensors")), strict=True)
+        try:
+            model.load_state_dict(load_file(os.path.join(init, "model.safetensors")), strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"--init {init!r} does not fit this recipe's model (--layers, untied head): {first}") from None
     opt = _optimizer(model, r["lr"], r["decay_embeddings"], wd=r.get("wd", 0.1))
     text_windows = RecallWindows(256, pool, seed=seed, corpus=train, tok=tok, n_spans=2, n_facts=2) if r["text"] else None
     if r.get("repeat"):
@@ -277,6 +281,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:  # --help (0), or a flag argparse refused (2; its one line is on stderr already)
         return int(e.code or 0)
     _env.smoke_caps(a, "pretrain_recall", steps=2, batch=2, probe_every=1, probe_n=2)
+    if a.init is not None and not os.path.isfile(os.path.join(a.init, "model.safetensors")):
+        print(f"pretrain_recall: --init {a.init!r} holds no model.safetensors (a directory written by --save)",
+              file=sys.stderr)
+        return 2
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     from .model import quiet_transformers

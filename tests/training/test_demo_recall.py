@@ -85,3 +85,13 @@ def test_repeat_windows_copy_mask_marks_exactly_the_predictable_tokens():
     assert len(dists) > 10  # the copy distance varies: no fixed offset predicts it
     with pytest.raises(ValueError, match="span"):
         repeat_windows(g, 2, 32, pool, span=(4, 20))
+
+
+def test_pretraining_refuses_an_init_that_is_not_a_saved_model(tmp_path, capsys):
+    from lsa_kernels.train.pretrain_recall import main
+
+    assert main(["--recipe", "induction-phase2", "--init", str(tmp_path), "--steps", "2",
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0] and "model.safetensors" in err[0]
+    assert not (tmp_path / "r.json").exists()
