@@ -21,6 +21,10 @@ Recipes (fixed in benchmarks/results/recall_pilot/PROTOCOL.md before any run):
 - ``induction-untied``: ``induction`` with an untied head, a constant lr after warmup and no weight decay.
 - ``induction-fullpool``: ``induction-untied``'s phase 1 only, over the whole pool.
 - ``induction-phase2``: ``induction-untied``'s phase 2 only, from ``--init DIR`` (a model saved with ``--save``).
+- ``induction-phase3``: phase 2 continued from ``--init DIR``, a quarter of the batch repeat windows over the
+  rare pool, a quarter over the whole vocabulary, half text windows with a span or a fact; linear decay of the
+  learning rate to 0.1 x over the last 20 % of the steps; the demo's gate (unextended, 64 windows per kind) at
+  every probe (``gate_*`` columns of the probe curve).
 
 The JSON written to ``--out`` holds the configuration, the loss curve, the copy-probe curve (gap at d in
 {32, 96, 200} on held-out text filler and on random filler), training wall time / steps per second, and the
@@ -73,6 +77,13 @@ RECIPES = {
     "induction-phase2": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
                              kv_heads=2, repeat=(32, 64), phase1=0.0, phase1_pool=0, untied=True, constant_lr=True,
                              wd=0.0),
+    # phase 2 continued (use with --init: a model saved by induction-phase2): a quarter of the batch repeat
+    # windows over the rare pool, a quarter over the whole vocabulary (so copying also works on digits and common
+    # tokens, which facts need), half text windows with a span or a fact; the learning rate decays linearly to
+    # 0.1 x over the last 20 % of the steps; the gate (unextended) is measured at every probe
+    "induction-phase3": dict(lr=1e-3, warmup=100, decay_embeddings=False, synth=False, text=False, heads=4,
+                             kv_heads=2, repeat=(32, 64), phase1=0.0, phase1_pool=0, untied=True, constant_lr=True,
+                             wd=0.0, vocab_repeat=True, decay_tail=0.2, gate_probe=True),
 }
 CURRICULUM = (64, 128, 256)
 PROBE_DISTANCES = (32, 96, 200)
@@ -108,6 +119,14 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _tail(step: int, steps: int, frac: float) -> float:
+    """1 until the last ``frac`` of the steps, then linear down to 0.1 at the last step."""
+    start = steps * (1.0 - frac)
+    if frac <= 0 or step < start:
+        return 1.0
+    return 1.0 - 0.9 * (step - start) / max(1.0, steps - 1 - start)
 
 
 def _ce(model, ids: torch.Tensor) -> torch.Tensor:
@@ -163,6 +182,7 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
               "random": copy_probe_windows(pool, PROBE_DISTANCES, n=probe_n, corpus=None),
               "text64": copy_probe_windows(pool, SHORT_PROBE_DISTANCES, n=probe_n, length=64, corpus=test)}
     g = torch.Generator().manual_seed(seed * 7 + 3)
+    vocab = torch.tensor([i for i in range(tok.vocab_size) if i != tok.eos_id], dtype=torch.long)
     curve, losses = [], []
     train_s = 0.0
 
@@ -174,19 +194,29 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
             for d, v in copy_probe(fn, p).items():
                 row[f"{name}_gap_d{d}"] = round(v["gap"], 4)
                 row[f"{name}_with_d{d}"] = round(v["loss_with"], 4)
+        if r.get("gate_probe"):
+            from .demo_recall import gate
+
+            gt = gate(model, pool, test, tok, min(max_positions, 256), n=probe_n)
+            for k in ("span", "fact"):
+                row[f"gate_{k}_exact"] = round(gt["full"][f"{k}/all"]["exact"], 4)
+                row[f"gate_{k}_token_acc"] = round(gt["full"][f"{k}/all"]["token_acc"], 4)
+                row[f"gate_{k}_truncated_acc"] = round(gt["truncated"][f"{k}/all"]["token_acc"], 4)
         model.train()
         curve.append(row)
         log(f"step {step:5d}  {train_s:7.1f}s  {time.strftime('%H:%M:%S')}  gap text64 d16/40: {row['text64_gap_d16']:.2f} "
             f"{row['text64_gap_d40']:.2f}  text d32/96/200: {row['text_gap_d32']:.2f} "
             f"{row['text_gap_d96']:.2f} {row['text_gap_d200']:.2f}  random: {row['random_gap_d32']:.2f} "
-            f"{row['random_gap_d96']:.2f} {row['random_gap_d200']:.2f}")
+            f"{row['random_gap_d96']:.2f} {row['random_gap_d200']:.2f}" + (
+                f"  gate span/fact exact {row['gate_span_exact']:.2f}/{row['gate_fact_exact']:.2f} token acc "
+                f"{row['gate_span_token_acc']:.2f}/{row['gate_fact_token_acc']:.2f}" if "gate_span_exact" in row else ""))
 
     def record(complete: bool) -> dict:
         final = curve[-1]
         done = final["step"]
         res = {
             "recipe": recipe, "complete": complete, "config": dict(
-                r, layers=4, d_model=128, ffn=352, batch=batch,
+                r, layers=layers, d_model=128, ffn=352, batch=batch, max_positions=max_positions, init=init,
                 curriculum=list(r.get("curriculum", CURRICULUM)) if r["synth"] else None,
                 betas=[0.9, 0.95], grad_clip=1.0, schedule="linear warmup, cosine to 0.1"),
             "seed": seed, "steps": steps, "steps_done": done, "train_wall_s": round(train_s, 1),
@@ -213,7 +243,7 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
         t0 = time.perf_counter()
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, steps, r["lr"], r["warmup"]) if not r.get("constant_lr") else \
-                r["lr"] * min(1.0, (step + 1) / r["warmup"])
+                r["lr"] * min(1.0, (step + 1) / r["warmup"]) * _tail(step, steps, r.get("decay_tail", 0.0))
         loss_row = {"step": step + 1}
         total = 0.0
         if r.get("repeat"):
@@ -222,6 +252,14 @@ def pretrain(recipe: str, steps: int, seed: int = 0, batch: int = 16, probe_ever
                 ls = _ce(model, repeat_windows(g, batch, L1, pool1)[0])
                 total = total + ls
                 loss_row["synth"], loss_row["L"] = round(ls.item(), 4), L1
+            elif r.get("vocab_repeat"):
+                nq = batch // 4
+                ls = _ce(model, torch.cat([repeat_windows(g, nq, L2, pool)[0], repeat_windows(g, nq, L2, vocab)[0]]))
+                nt = batch - 2 * nq
+                lt = _ce(model, torch.cat([text_windows[0].batch(step, nt // 2).ids,
+                                           text_windows[1].batch(step, nt - nt // 2).ids]))
+                total = total + ls + lt
+                loss_row["synth"], loss_row["text"], loss_row["L"] = round(ls.item(), 4), round(lt.item(), 4), L2
             else:
                 ls = _ce(model, repeat_windows(g, batch // 2, L2, pool)[0])
                 nt = batch - batch // 2
