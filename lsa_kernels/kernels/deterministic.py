@@ -60,27 +60,40 @@ def gemm_operand(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cuda" else t.float()
 
 
+def native_out_dtype(device: torch.device) -> bool:
+    """Whether the GEMMs on ``device`` first try ``mm`` / ``addmm(out_dtype=torch.float32)`` on the operands as
+    they are (CUDA; CPU builds have no such kernel, so CPU operands are upcast at once)."""
+    return device.type == "cuda"
+
+
+# What a torch without mm / addmm(out_dtype=) for the operands raises: NotImplementedError (a RuntimeError) where
+# the overload exists but has no kernel for the device or dtypes, TypeError where the keyword does not exist.
+_NO_OUT_DTYPE = (RuntimeError, TypeError)
+
+
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out ← a·b`` with fp32 ``out`` (a, b from :func:`gemm_operand` or a dz buffer)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         torch.mm(a, b, out=out)
-    elif out.device.type == "cuda":
+        return
+    if native_out_dtype(out.device):
         try:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
-        except (RuntimeError, TypeError):  # a torch build without mm(out_dtype=) for these dtypes: fp32 operands
-            torch.mm(a.float(), b.float(), out=out)
-    else:
-        torch.mm(a.float(), b.float(), out=out)
+            return
+        except _NO_OUT_DTYPE:  # fp32 operands instead: the same products
+            pass
+    torch.mm(a.float(), b.float(), out=out)
 
 
 def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out += a·b`` with fp32 ``out``."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         out.addmm_(a, b)
-    elif out.device.type == "cuda":
+        return
+    if native_out_dtype(out.device):
         try:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        except (RuntimeError, TypeError):  # refuses out= aliasing self, or no out_dtype=: one fp32 temporary
-            out.add_(torch.mm(a.float(), b.float()))
-    else:
-        out.addmm_(a.float(), b.float())
+            return
+        except _NO_OUT_DTYPE:  # also: a build refusing out= aliasing self; fp32 operands instead
+            pass
+    out.addmm_(a.float(), b.float())
