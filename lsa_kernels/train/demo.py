@@ -338,7 +338,9 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
                       l_train=l_train, multipliers=tuple(a.lengths), n_windows=a.n_windows, lsm_samples=a.lsm_samples,
                       lsm_divergences=LSM_DIVERGENCES, longppl_reference=models[0], eval_files=a.eval_files,
                       backend=a.backend, quiet=a.quiet)
-        recall_ev = DR.evaluate_models(models, labels, lengths, a.n_windows, quiet=a.quiet) if a.data == "recall" else {}
+        recall_parts: dict = {}
+        recall_ev = DR.evaluate_models(models, labels, lengths, a.n_windows, quiet=a.quiet,
+                                       parts=recall_parts) if a.data == "recall" else {}
         wall["eval_s"] = time.perf_counter() - t
     except (ConfigError, UnsupportedModel, FileNotFoundError) as e:
         print(f"lsa demo: error: {e}", file=sys.stderr)
@@ -359,6 +361,8 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
         metrics = DR.metric_names(lengths) + metrics
         verdict_metrics = DR.verdict_metrics(lengths)
         corr_target = f"keyPPL@{Lmax}"
+        for r, label in zip(run_info, labels[1:]):  # per-window pieces of the verdict metrics: bootstrap intervals
+            r["parts"] = {m: v for m, v in recall_parts.get(label, {}).items() if m in verdict_metrics}
     stats = S.build_stats(run_info, metrics, refs=("ce1", "ce2"), verdict_metrics=verdict_metrics,
                           corr_target=corr_target, corr_predictors=[f"LSM({d})" for d in LSM_DIVERGENCES]
                           + ["train CE", "train loss"])
@@ -395,7 +399,9 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     results = {
         "protocol": {"args": vars(a), "l_train": l_train, "lengths": lengths, "arms": p["arms"],
                      "base_config": dataclasses.asdict(base), "run_config": dataclasses.asdict(runs[0][2]),
-                     "verdict_rule": f"two-sided paired t-test on per-seed relative differences, p < {S.P_CALL}",
+                     "verdict_rule": f"two-sided paired t-test on per-seed relative differences (recall, copy gap: points), "
+                                     f"Holm-adjusted across the verdict lines, p < {S.P_CALL}; recall testbed: {S.N_BOOT}-resample "
+                                     "bootstrap intervals over the evaluation windows beside it",
                      "lsm_divergences": list(LSM_DIVERGENCES), "longppl_reference": ref_label},
         "gate": gate if a.data == "recall" else None, "machine": mach, "wall_s": wall, "runs": run_info, "reference": reference, "stats": stats,
         "eval": {k: v for k, v in ev.items() if k != "runs"}, "eval_runs": ev["runs"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +74,15 @@ def gate(model, pool, corpus, tok, length: int, n: int = 64, exact: float = GATE
 
 
 @torch.no_grad()
-def length_metrics(model, batches: Dict[int, RecallBatch]) -> Dict[str, float]:
+def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict] = None) -> Dict[str, float]:
     """``{"natPPL@L", "keyPPL@L", "recall@L", "recall(span)@L", "recall(fact)@L", "recall@L/BUCKET"}`` for every
-    length L of ``batches`` (recall = teacher-forced exact match, over spans and facts)."""
+    length L of ``batches`` (recall = teacher-forced exact match, over spans and facts).
+
+    ``parts`` (a dict, filled in): per window, the additive pieces of the pooled metrics, ``{"natPPL@L": {"kind":
+    "ppl", "num": [NLL sum per window], "den": [token count per window]}, "keyPPL@L": ..., "recall@L": {"kind":
+    "frac", "num": [exact answers], "den": [answers]}}``: a metric is ``exp(sum num / sum den)`` (ppl) or ``sum num
+    / sum den`` (frac) over any set of windows, which is what a bootstrap over windows resamples
+    (:func:`~lsa_kernels.train.demo_stats.bootstrap_ci`)."""
     fn = lm_logits_fn(model)
     out: Dict[str, float] = {}
     for L, b in batches.items():
@@ -90,6 +96,15 @@ def length_metrics(model, batches: Dict[int, RecallBatch]) -> Dict[str, float]:
         out[f"natPPL@{L}"] = math.exp(float(nll[natural].mean()))
         out[f"keyPPL@{L}"] = math.exp(float(nll[key].mean()))
         sc = recall_scores(lambda ids, _lg=logits: _lg, b)
+        if parts is not None:
+            for name, mask in (("natPPL", natural), ("keyPPL", key)):
+                parts[f"{name}@{L}"] = {"kind": "ppl", "num": (nll * mask).sum(1).tolist(),
+                                        "den": mask.sum(1).tolist()}
+            hits, n_ans = [0.0] * b.ids.shape[0], [0.0] * b.ids.shape[0]
+            for a in b.answers:
+                n_ans[a.window] += 1.0
+                hits[a.window] += float((logits[a.window, a.pos - 1].argmax(-1) == b.ids[a.window, a.pos]).all())
+            parts[f"recall@{L}"] = {"kind": "frac", "num": hits, "den": n_ans}
         out[f"recall@{L}"] = _pooled(sc, ("span/all", "fact/all"))
         for kind in ("span", "fact"):
             out[f"recall({kind})@{L}"] = sc[f"{kind}/all"]["exact"]
@@ -149,9 +164,10 @@ def run_gate(base_model: str, extended: str, out: str, exact=None) -> dict:
 
 
 def evaluate_models(models: Sequence[str], labels: Sequence[str], lengths: Sequence[int], n_windows: int,
-                    quiet: bool = False, probe_distance: int = 96) -> Dict[str, Dict[str, float]]:
+                    quiet: bool = False, probe_distance: int = 96, parts: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
     """:func:`length_metrics` and the copy-probe gap at ``probe_distance`` (held-out text filler, 256-token
-    windows) of every model, on the same windows for all: ``{label: {metric: value}}``."""
+    windows) of every model, on the same windows for all: ``{label: {metric: value}}``; ``parts`` (a dict, filled
+    in): ``{label: per-window pieces}`` (:func:`length_metrics`)."""
     from tqdm import tqdm
 
     from .recall_eval import copy_probe, copy_probe_windows
@@ -162,7 +178,7 @@ def evaluate_models(models: Sequence[str], labels: Sequence[str], lengths: Seque
     out = {}
     for path, label in tqdm(list(zip(models, labels)), desc="recall evaluation", disable=quiet, dynamic_ncols=True):
         m = _load(path)
-        res = length_metrics(m, batches)
+        res = length_metrics(m, batches, parts=parts.setdefault(label, {}) if parts is not None else None)
         res[f"copy gap d{probe_distance}"] = copy_probe(lm_logits_fn(m), probe)[probe_distance]["gap"]
         out[label] = res
     return out

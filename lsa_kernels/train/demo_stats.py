@@ -12,6 +12,10 @@ arms is *paired by seed*. For each metric (lower is better for all of them: PPL,
   the difference is *called* when the paired t-test gives p < 0.05 ("lower" / "higher"), otherwise
   "no significant difference". With 5 seeds the sign test cannot go below p = 2/32 = 0.0625, so it is
   reported but does not decide;
+* :func:`bootstrap_ci`: where the runs carry per-window pieces of a metric (the recall testbed), a percentile
+  bootstrap over the evaluation windows (the same resampled windows for every seed and both arms) of the
+  seed-mean paired difference: a 95 % interval for the evaluation's sampling error, beside the t-test's
+  seed-to-seed error;
 * :func:`pearson`, :func:`spearman`: the paper's Table-1 check (LSM vs perplexity across runs), with
   the usual t-approximation p-value (exact enough for a report; no scipy needed);
 * :func:`final_train_ce`: the mean of ``ce`` over the last 10 % of a run's ``log.jsonl``.
@@ -22,14 +26,16 @@ Everything here is plain Python on floats (NaN/None = missing: dropped pairwise,
 from __future__ import annotations
 
 import math
+import random
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 __all__ = [
-    "P_CALL", "holm", "is_absolute", "mean_std", "student_t_p", "sign_test_p", "paired", "verdict", "pearson", "spearman", "ranks",
+    "P_CALL", "N_BOOT", "bootstrap_ci", "holm", "is_absolute", "mean_std", "student_t_p", "sign_test_p", "paired", "verdict", "pearson", "spearman", "ranks",
     "final_train_ce", "summarize", "build_stats", "markdown", "fmt_pm", "plot",
 ]
 
 P_CALL = 0.05  # the paired t-test level at which a difference is called (see the module docstring)
+N_BOOT = 2000  # bootstrap resamples of the evaluation windows
 
 
 def _ok(v) -> bool:
@@ -137,6 +143,49 @@ def paired(values: Mapping, ref: Mapping, absolute: bool = False) -> dict:
             "k_higher": k_higher, "t": t, "p_t": p_t, "p_sign": sign_test_p(k_lower, k_higher)}
 
 
+def _pooled_value(part: Mapping, idx: Sequence[int]) -> float:
+    num = sum(part["num"][i] for i in idx)
+    den = sum(part["den"][i] for i in idx)
+    if den <= 0:
+        return math.nan
+    return math.exp(num / den) if part["kind"] == "ppl" else num / den
+
+
+def bootstrap_ci(arm_parts: Mapping, ref_parts: Mapping, absolute: bool = False, n_boot: int = N_BOOT,
+                 seed: int = 0, level: float = 0.95) -> Optional[dict]:
+    """Percentile bootstrap over evaluation windows of the mean over seeds of the paired difference (relative %,
+    or x 100 points when ``absolute``), the quantity :func:`paired` tests.
+
+    ``arm_parts`` / ``ref_parts``: seed -> ``{"kind": "ppl" | "frac", "num": [per window], "den": [per window]}``
+    (a metric over a set of windows is ``exp(sum num / sum den)`` or ``sum num / sum den``). Every resample draws
+    the windows once, with replacement, and uses them for every seed and both arms (the windows are the same
+    held-out windows for every model). Returns ``{"lo", "hi", "level", "n_boot", "windows"}``, or None when no
+    seed has pieces in both."""
+    seeds = sorted(s for s in arm_parts if s in ref_parts and arm_parts[s] and ref_parts[s])
+    if not seeds:
+        return None
+    n = len(arm_parts[seeds[0]]["num"])
+    if n == 0 or any(len(p[s]["num"]) != n or len(p[s]["den"]) != n for s in seeds for p in (arm_parts, ref_parts)):
+        raise ValueError("bootstrap_ci: every seed's pieces must cover the same windows")
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ds = []
+        for s in seeds:
+            v, r = _pooled_value(arm_parts[s], idx), _pooled_value(ref_parts[s], idx)
+            if _ok(v) and _ok(r) and (absolute or r != 0):
+                ds.append(100.0 * (v - r) / (1.0 if absolute else r))
+        if ds:
+            stats.append(sum(ds) / len(ds))
+    if not stats:
+        return None
+    stats.sort()
+    a = (1.0 - level) / 2.0
+    pick = lambda q: stats[min(len(stats) - 1, max(0, int(round(q * (len(stats) - 1)))))]  # noqa: E731
+    return {"lo": pick(a), "hi": pick(1.0 - a), "level": level, "n_boot": len(stats), "windows": n}
+
+
 def _fmt_p(p: float) -> str:
     if not _ok(p):
         return "n/a"
@@ -185,8 +234,11 @@ def verdict(arm: str, ref: str, metric: str, d: dict, level: float = P_CALL) -> 
     sd = f"{d['std']:.1f}" if _ok(d["std"]) else "n/a"
     unit = "points (x 100)" if d.get("absolute") else "%"
     holm_s = f", Holm-adjusted {_p_eq(d['p_holm'])}" if "p_holm" in d else ""
+    ci = d.get("ci")
+    ci_s = (f", {100 * ci['level']:.0f} % bootstrap interval over {ci['windows']} windows [{ci['lo']:+.1f}, "
+            f"{ci['hi']:+.1f}]" if ci else "")
     return (f"{arm} vs {ref}: {metric} lower on {d['k_lower']} of {d['n']} seeds, mean {d['mean']:+.1f} {unit} ± {sd} "
-            f"(paired t-test {_p_eq(d['p_t'])}{holm_s}, sign test {_p_eq(d['p_sign'])}) -> {call(d, level)}")
+            f"(paired t-test {_p_eq(d['p_t'])}{holm_s}, sign test {_p_eq(d['p_sign'])}{ci_s}) -> {call(d, level)}")
 
 
 # ------------------------------------------------------------------------------------- correlation
@@ -259,6 +311,10 @@ def _by_seed(runs, arm, metric):
     return {r["seed"]: r["metrics"].get(metric) for r in runs if r["arm"] == arm}
 
 
+def _parts_by_seed(runs, arm, metric):
+    return {r["seed"]: r["parts"][metric] for r in runs if r["arm"] == arm and metric in (r.get("parts") or {})}
+
+
 def build_stats(runs: Sequence[Mapping], metrics: Sequence[str], refs: Sequence[str] = ("ce1", "ce2"),
                 verdict_metrics: Sequence[str] = (), corr_target: Optional[str] = None,
                 corr_predictors: Sequence[str] = (), level: float = P_CALL) -> dict:
@@ -266,7 +322,8 @@ def build_stats(runs: Sequence[Mapping], metrics: Sequence[str], refs: Sequence[
 
     ``summary`` (:func:`summarize`), ``paired[ref][arm][metric]`` (:func:`paired`, every arm other than
     ``ref`` against each reference arm present), ``verdicts`` (:func:`verdict` lines for
-    ``verdict_metrics``), ``correlation[predictor]`` = Pearson and Spearman of each predictor with
+    ``verdict_metrics``; with :func:`bootstrap_ci`'s interval where the runs carry ``"parts"``: metric -> per-window
+    pieces), ``correlation[predictor]`` = Pearson and Spearman of each predictor with
     ``corr_target`` across all runs."""
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     res: dict = {"arms": arms, "metrics": list(metrics), "level": level, "summary": summarize(runs, metrics),
@@ -284,6 +341,9 @@ def build_stats(runs: Sequence[Mapping], metrics: Sequence[str], refs: Sequence[
              for arm in res["paired"][ref]]
     for (arm, ref, m, d), ph in zip(lines, holm([d["p_t"] for _, _, _, d in lines])):
         d = dict(d, p_holm=ph)
+        ci = bootstrap_ci(_parts_by_seed(runs, arm, m), _parts_by_seed(runs, ref, m), is_absolute(m))
+        if ci is not None:
+            d["ci"] = ci
         res["paired"][ref][arm][m] = d
         res["verdicts"].append(verdict(arm, ref, m, d, level))
     if corr_target:

@@ -299,3 +299,46 @@ def test_recall_metrics_are_compared_in_points():
     assert st["paired"]["ce1"]["ce2"]["recall@256"]["mean"] == pytest.approx(25.0)
     assert st["verdicts"] == [st["verdicts"][0]] and "+25.0 points (x 100)" in st["verdicts"][0]
     assert st["verdicts"][0].endswith("-> higher")
+
+
+def _parts(kind, num, den):
+    return {"kind": kind, "num": list(num), "den": list(den)}
+
+
+def test_bootstrap_interval_over_windows():
+    w = 40
+    ref = {s: _parts("ppl", [2.0 + 0.1 * ((i * 7 + s) % 5) for i in range(w)], [1.0] * w) for s in range(3)}
+    # the same model: every resample gives a difference of exactly 0
+    same = S.bootstrap_ci(ref, ref)
+    assert same["lo"] == same["hi"] == 0.0 and same["windows"] == w and same["n_boot"] == S.N_BOOT
+    # lower NLL on every window: the whole interval lies below 0, and brackets the full-sample difference
+    lower = {s: _parts("ppl", [x - 0.05 for x in p["num"]], p["den"]) for s, p in ref.items()}
+    ci = S.bootstrap_ci(lower, ref)
+    full = 100 * (math.exp(-0.05) - 1)
+    assert ci["lo"] <= full + 1e-9 and ci["hi"] >= full - 1e-9 and ci["hi"] < 0
+    # noisy differences centred on 0: the interval contains 0
+    noisy = {s: _parts("ppl", [x + (0.3 if (i + s) % 2 else -0.3) for i, x in enumerate(p["num"])], p["den"])
+             for s, p in ref.items()}
+    ci = S.bootstrap_ci(noisy, ref)
+    assert ci["lo"] < 0 < ci["hi"]
+    # recall in points: 1 of 2 answers right per window vs 0 -> +50 points, every resample
+    hit = {0: _parts("frac", [1.0] * w, [2.0] * w)}
+    miss = {0: _parts("frac", [0.0] * w, [2.0] * w)}
+    assert S.bootstrap_ci(hit, miss, absolute=True)["lo"] == pytest.approx(50.0)
+    assert S.bootstrap_ci(hit, {}) is None
+    with pytest.raises(ValueError, match="same windows"):
+        S.bootstrap_ci({0: _parts("frac", [1.0] * 3, [1.0] * 3)}, {0: _parts("frac", [1.0] * 4, [1.0] * 4)})
+
+
+def test_verdict_lines_carry_the_bootstrap_interval_when_runs_have_window_pieces():
+    runs = []
+    for seed in range(3):
+        for arm, shift in (("ce1", 0.0), ("ce2", 0.0), ("symkl", -0.1)):
+            num = [2.0 + shift + 0.01 * ((i + seed) % 3) for i in range(20)]
+            runs.append({"arm": arm, "seed": seed, "metrics": {"keyPPL@256": math.exp(sum(num) / 20)},
+                         "parts": {"keyPPL@256": _parts("ppl", num, [1.0] * 20)}})
+    st = S.build_stats(runs, ["keyPPL@256"], verdict_metrics=["keyPPL@256"])
+    line = next(v for v in st["verdicts"] if v.startswith("symkl vs ce1"))
+    assert "bootstrap interval over 20 windows" in line and st["paired"]["ce1"]["symkl"]["keyPPL@256"]["ci"]["hi"] < 0
+    no_parts = [dict(r, parts=None) for r in runs]
+    assert "bootstrap" not in S.build_stats(no_parts, ["keyPPL@256"], verdict_metrics=["keyPPL@256"])["verdicts"][0]

@@ -46,8 +46,15 @@ def test_length_metrics_separate_key_and_natural_tokens(env):  # noqa: F811
         assert {a.bucket for a in b.answers} <= {name for name, _, _ in DR.buckets_for(L)}
     assert [n for n, _, _ in DR.buckets_for(256)] == ["near", "mid", "far"]
     assert [n for n, _, _ in DR.buckets_for(1024)] == ["near", "mid", "far", "beyond", "farthest"]
-    copier = DR.length_metrics(FakeLM(lookup_oracle(tok.vocab_size)), batches)
+    parts = {}
+    copier = DR.length_metrics(FakeLM(lookup_oracle(tok.vocab_size)), batches, parts=parts)
     uni = DR.length_metrics(FakeLM(unigram_predictor(tok.vocab_size)), batches)
+    # the per-window pieces pool back to the metrics (what the bootstrap over windows resamples)
+    from lsa_kernels.train.demo_stats import _pooled_value
+
+    for m in ("natPPL@256", "keyPPL@512", "recall@256", "recall@512"):
+        assert len(parts[m]["num"]) == 4
+        assert _pooled_value(parts[m], range(4)) == pytest.approx(copier[m], rel=1e-5)
     for L in (256, 512):
         assert copier[f"recall@{L}"] >= 0.9 and uni[f"recall@{L}"] == 0.0
         assert copier[f"keyPPL@{L}"] < 1.5 < uni[f"keyPPL@{L}"]  # p_hit 0.9 -> PPL 1/0.9 on copied answers
