@@ -13,6 +13,11 @@ distant context are known by construction — the *key tokens* are the answers; 
   model): natural-token perplexity (every target that is filler text), key-token perplexity (the answers),
   recall exact match and per-token accuracy by kind and by distance bucket, the bucket boundaries being absolute
   distances (:data:`BUCKETS`) so that a bucket means the same at every length.
+- LongPPL as a secondary check (:func:`evaluate_models`): the first model evaluated (the extended base, whose
+  configured positions cover every evaluated length: an in-window evaluator) picks key tokens blind, with a
+  relative threshold (:func:`longppl_keys`: full-context loss <= 0.5 x the loss with 128-256 tokens of context,
+  :func:`short_context_nll`); every model's perplexity on them is ``LongPPL(rel)@L``, and the evaluator's picks are
+  checked against the known answers (``LongPPL key precision`` / ``coverage``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from .recall_data import RecallBatch, RecallWindows
 from .recall_eval import chance, lm_logits_fn, recall_scores
 
-__all__ = ["BUCKETS", "GATE_EXACT", "buckets_for", "recall_batch", "gate", "length_metrics", "metric_names",
+__all__ = ["BUCKETS", "GATE_EXACT", "LONGPPL_RATIO", "LONGPPL_SHORT", "short_context_nll", "longppl_keys", "buckets_for", "recall_batch", "gate", "length_metrics", "metric_names",
            "verdict_metrics", "run_gate", "evaluate_models", "plot_recall"]
 
 # absolute distance buckets (inclusive): near / mid fit the 256-token training window's short half, far the rest
@@ -74,7 +79,8 @@ def gate(model, pool, corpus, tok, length: int, n: int = 64, exact: float = GATE
 
 
 @torch.no_grad()
-def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict] = None) -> Dict[str, float]:
+def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict] = None,
+                   nll_out: Optional[dict] = None) -> Dict[str, float]:
     """``{"natPPL@L", "keyPPL@L", "recall@L", "recall(span)@L", "recall(fact)@L", "recall@L/BUCKET"}`` for every
     length L of ``batches`` (recall = teacher-forced exact match, over spans and facts).
 
@@ -82,7 +88,8 @@ def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict]
     "ppl", "num": [NLL sum per window], "den": [token count per window]}, "keyPPL@L": ..., "recall@L": {"kind":
     "frac", "num": [exact answers], "den": [answers]}}``: a metric is ``exp(sum num / sum den)`` (ppl) or ``sum num
     / sum den`` (frac) over any set of windows, which is what a bootstrap over windows resamples
-    (:func:`~lsa_kernels.train.demo_stats.bootstrap_ci`)."""
+    (:func:`~lsa_kernels.train.demo_stats.bootstrap_ci`). ``nll_out`` (a dict, filled in): ``{L: [n, L - 1]}`` the
+    loss of every target with the full context."""
     fn = lm_logits_fn(model)
     out: Dict[str, float] = {}
     for L, b in batches.items():
@@ -93,6 +100,8 @@ def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict]
         key = torch.zeros_like(natural)
         for a in b.answers:
             key[a.window, a.pos - 1] = True
+        if nll_out is not None:
+            nll_out[L] = nll
         out[f"natPPL@{L}"] = math.exp(float(nll[natural].mean()))
         out[f"keyPPL@{L}"] = math.exp(float(nll[key].mean()))
         sc = recall_scores(lambda ids, _lg=logits: _lg, b)
@@ -120,8 +129,9 @@ def _pooled(sc: dict, keys: Sequence[str]) -> float:
 
 
 def metric_names(lengths: Sequence[int]) -> List[str]:
-    """The table's columns for the recall testbed, in order."""
-    return ([f"natPPL@{L}" for L in lengths] + [f"keyPPL@{L}" for L in lengths] + [f"recall@{L}" for L in lengths])
+    """The table's columns for the recall testbed, in order (LongPPL(rel): the secondary check, at the longest length)."""
+    return ([f"natPPL@{L}" for L in lengths] + [f"keyPPL@{L}" for L in lengths] + [f"recall@{L}" for L in lengths]
+            + ["copy gap d96", f"LongPPL(rel)@{lengths[-1]}"])
 
 
 def verdict_metrics(lengths: Sequence[int]) -> List[str]:
@@ -163,6 +173,35 @@ def run_gate(base_model: str, extended: str, out: str, exact=None) -> dict:
     return res
 
 
+LONGPPL_RATIO = 0.5  # a LongPPL key token: the full-context loss is at most this fraction of the short-context loss
+LONGPPL_SHORT = 128  # the short context (tokens) the reference sees in the key-token test
+
+
+@torch.no_grad()
+def short_context_nll(model, ids: torch.Tensor, short: int = LONGPPL_SHORT) -> torch.Tensor:
+    """``[n, L - 1]``: the loss of each target ``ids[:, t]`` (t >= 1) with a context cut to between ``short`` and
+    ``2 short`` tokens (blocks of ``short`` logit positions, each fed its own block and the one before it: one
+    forward of <= ``2 short`` tokens per block instead of one per target); NaN where the full context is no longer
+    than that (positions < ``short``)."""
+    fn = lm_logits_fn(model)
+    n, L = ids.shape
+    out = torch.full((n, L - 1), math.nan)
+    for c in range(1, (L - 1 + short - 1) // short):
+        lo, hi = c * short, min((c + 1) * short, L - 1)  # logit positions lo..hi-1 predict targets lo+1..hi
+        start = (c - 1) * short
+        lg = fn(ids[:, start:hi])[:, lo - start :]
+        tgt = ids[:, lo + 1 : hi + 1]
+        out[:, lo:hi] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none").view(tgt.shape)
+    return out
+
+
+def longppl_keys(full_nll: torch.Tensor, short_nll: torch.Tensor, ratio: float = LONGPPL_RATIO) -> torch.Tensor:
+    """LongPPL's key tokens with a relative threshold: the evaluator's full-context loss is at most ``ratio`` x
+    its short-context loss (long context removes at least ``1 - ratio`` of the token's loss), whatever the
+    model's loss scale (the published thresholds, 2 nats, are tuned for 7B models)."""
+    return (full_nll <= ratio * short_nll) & torch.isfinite(short_nll)
+
+
 def evaluate_models(models: Sequence[str], labels: Sequence[str], lengths: Sequence[int], n_windows: int,
                     quiet: bool = False, probe_distance: int = 96, parts: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
     """:func:`length_metrics` and the copy-probe gap at ``probe_distance`` (held-out text filler, 256-token
@@ -175,11 +214,26 @@ def evaluate_models(models: Sequence[str], labels: Sequence[str], lengths: Seque
     tok, test, pool = _data()
     batches = {L: recall_batch(L, n_windows, pool, test, tok) for L in lengths}
     probe = copy_probe_windows(pool, (probe_distance,), n=n_windows, length=256, corpus=test)
-    out = {}
-    for path, label in tqdm(list(zip(models, labels)), desc="recall evaluation", disable=quiet, dynamic_ncols=True):
+    out, keys = {}, {}
+    for i, (path, label) in enumerate(tqdm(list(zip(models, labels)), desc="recall evaluation", disable=quiet,
+                                           dynamic_ncols=True)):
         m = _load(path)
-        res = length_metrics(m, batches, parts=parts.setdefault(label, {}) if parts is not None else None)
+        full = {}
+        res = length_metrics(m, batches, parts=parts.setdefault(label, {}) if parts is not None else None,
+                             nll_out=full)
         res[f"copy gap d{probe_distance}"] = copy_probe(lm_logits_fn(m), probe)[probe_distance]["gap"]
+        for L, b in batches.items():
+            nll = full[L]
+            if i == 0:  # the first model is the evaluator (the extended base: every length inside its positions)
+                keys[L] = longppl_keys(nll, short_context_nll(m, b.ids))
+                answer = torch.zeros_like(keys[L])
+                for a in b.answers:
+                    answer[a.window, a.pos - 1] = True
+                nk = int(keys[L].sum())
+                res[f"LongPPL keys@{L}"] = float(nk)
+                res[f"LongPPL key precision@{L}"] = float((keys[L] & answer).sum()) / nk if nk else math.nan
+                res[f"LongPPL key coverage@{L}"] = float((keys[L] & answer).sum()) / max(1, int(answer.sum()))
+            res[f"LongPPL(rel)@{L}"] = math.exp(float(nll[keys[L]].mean())) if keys[L].any() else math.nan
         out[label] = res
     return out
 

@@ -126,3 +126,31 @@ def test_the_base_recipe_reproduces_its_recorded_first_steps():
     other = pretrain("induction-fullpool", steps=1, seed=1, batch=64, probe_every=1, probe_n=2, layers=2,
                      max_positions=64, log=lambda s: None)
     assert abs(other["loss_curve"][0]["synth"] - want[0]) > 2e-3
+
+
+def test_longppl_keys_with_an_in_window_evaluator_find_the_answers(env):  # noqa: F811
+    """Blind LongPPL key tokens (relative threshold, short context 128-256 tokens) from an in-context copier cover
+    the answers whose source lies beyond the short context and are mostly answers (the copier also copies text
+    that recurs far back, which LongPPL rightly counts), and a unigram model picks none."""
+    tok, test, pool, _ = env
+    b = DR.recall_batch(512, 4, pool, test, tok)
+    copier = FakeLM(lookup_oracle(tok.vocab_size))
+    nll = {}
+    DR.length_metrics(copier, {512: b}, nll_out=nll)
+    short = DR.short_context_nll(copier, b.ids, short=128)
+    assert short.shape == nll[512].shape and torch.isnan(short[:, :128]).all() and torch.isfinite(short[:, 128:]).all()
+    keys = DR.longppl_keys(nll[512], short)
+    answer = torch.zeros_like(keys)
+    far = torch.zeros_like(keys)
+    for a in b.answers:
+        answer[a.window, a.pos - 1] = True
+        if a.distance > 256:  # the source is outside even the longest short context
+            far[a.window, a.pos - 1] = True
+    assert far.any() and keys.any()
+    base_rate = answer.float().mean()
+    assert bool((keys & answer).sum() >= 5 * base_rate * keys.sum())  # precision far above the answers' share
+    assert bool(keys[far].float().mean() >= 0.8)  # coverage of the answers the short context cannot see
+    uni = FakeLM(unigram_predictor(tok.vocab_size))
+    nu = {}
+    DR.length_metrics(uni, {512: b}, nll_out=nu)
+    assert not DR.longppl_keys(nu[512], DR.short_context_nll(uni, b.ids, short=128)).any()
