@@ -3,7 +3,7 @@
     python -m benchmarks.distill                     # the goal shape, fp32, CPU: N=4096, Hs=512, Ht=1024, V=32768
     python -m benchmarks.distill --rows 512 --vocab 4096 --repeats 2 --tag cpu_distill_small   # a quick look
 
-One fresh process per implementation (peak memory, as benchmarks/runner.py: VmHWM reset through
+One fresh process per implementation (benchmarks/harness.py; peak memory as in the op suite: VmHWM reset through
 /proc/self/clear_refs before each measured call; peak extra memory = VmHWM after − RSS before). The step is
 forward + backward of ``loss = 0.5·CE(student, y) + τ²·KL(teacher ‖ student)`` (τ = 2, mean over rows,
 frozen teacher; gradients to the student's hidden states and head):
@@ -22,11 +22,10 @@ Goal: lsa_cpu ≤ 1.25× the GEMMs' time and ≥ 10× less peak extra memory tha
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .runner import STANDALONE_MARK, run_impls, write_standalone
+from .harness import child_main, measure_step, run_impls, write_standalone
 
 IMPLS = ("gemm", "lsa_cpu", "torch")
 TAU, HARD = 2.0, 0.5
@@ -91,8 +90,6 @@ def _step(impl, xs, ws, xt, wt, y):
 def child(impl, n, hs, ht, v, warmup, repeats) -> dict:
     import torch
 
-    from .runner import measure_step
-
     torch.manual_seed(0)
     xs, ws, xt, wt, y = _inputs(n, hs, ht, v)
     step, params = _step(impl, xs, ws, xt, wt, y)
@@ -117,8 +114,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     shape = (a.rows, a.hs, a.ht, a.vocab)
     if a.child:
-        print(STANDALONE_MARK + json.dumps(child(a.child, *shape, a.warmup, a.repeats)), flush=True)
-        return 0
+        return child_main(lambda: child(a.child, *shape, a.warmup, a.repeats))
     rows = run_impls("benchmarks.distill", a.impls.split(","),
                      ["--rows", str(a.rows), "--hs", str(a.hs), "--ht", str(a.ht), "--vocab", str(a.vocab),
                       "--warmup", str(a.warmup), "--repeats", str(a.repeats)], a.timeout)

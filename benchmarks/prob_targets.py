@@ -25,13 +25,12 @@ Writes ``{out}/{tag}.csv`` and ``{out}/{tag}.json`` (rows, machine, summary line
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import types
 from pathlib import Path
 
-from .runner import STANDALONE_MARK, run_impls, write_standalone
+from .harness import child_main, measure_step, run_impls, write_standalone
 
 IMPLS = ("gemm", "lsa_cpu", "lsa_gemm", "torch_lce", "torch")
 BEFORE = "6554212"  # main when the dense-target pass was started (lsa_kernels/weights.py: the GEMM path)
@@ -114,8 +113,6 @@ def _step(impl, x, w, t, before):
 def child(impl, n, h, v, warmup, repeats, before) -> dict:
     import torch
 
-    from .runner import measure_step
-
     torch.manual_seed(0)
     x, w, t = _inputs(n, h, v)
     step, params = _step(impl, x, w, t, before)
@@ -139,8 +136,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     shape = (a.rows, a.hidden, a.vocab)
     if a.child:
-        print(STANDALONE_MARK + json.dumps(child(a.child, *shape, a.warmup, a.repeats, a.before)), flush=True)
-        return 0
+        return child_main(lambda: child(a.child, *shape, a.warmup, a.repeats, a.before))
     rows = run_impls("benchmarks.prob_targets", a.impls.split(","),
                      ["--rows", str(a.rows), "--hidden", str(a.hidden), "--vocab", str(a.vocab), "--warmup",
                       str(a.warmup), "--repeats", str(a.repeats), "--before", a.before], a.timeout)

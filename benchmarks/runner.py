@@ -17,28 +17,25 @@ between cases, and torch.compile / Triton caches inflate the next case. In the c
    Time: ``time.perf_counter`` around the call on CPU; CUDA events (after a synchronize) on GPU.
    ``time_ms`` is the median of the measured calls.
 
-The child prints one JSON line prefixed by ``@@RESULT@@``; the parent appends it to the CSV as soon
-as it arrives (a killed run keeps what it finished).
+The process, the memory probes, the marked result line and the CSV writer are ``benchmarks/harness.py``'s
+(shared with the other benchmarks): the child prints one JSON line prefixed by ``@@RESULT@@``; the parent
+appends it to the CSV as soon as it arrives (a killed run keeps what it finished).
 """
 
 from __future__ import annotations
 
-import csv
-import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
-MARK = "@@RESULT@@"
-REPO = Path(__file__).resolve().parents[1]
+from .harness import (CsvRows, child_main, machine_info, malloc_trim, maxrss_kb, read_csv, reset_hwm,
+                      run_child_process, status_kb)
 
 COLUMNS = [
     "device", "op", "divergence", "impl", "mode", "dtype", "N", "H", "V",
@@ -58,126 +55,6 @@ class Settings:
     budget_s: float = 20.0  # measured calls per case: as many as fit in this (within min..max)
     case_timeout_s: float = 600.0
     deadline_s: Optional[float] = None  # stop launching new cases after this many seconds
-
-
-# ------------------------------------------------------------------------------------ machine info
-
-_MACHINE: Optional[Dict] = None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _nvidia_smi() -> str:
-    try:
-        r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
-        )
-        return r.stdout.strip()
-    except Exception:
-        return ""
-
-
-def machine_info(device: str) -> Dict:
-    """CPU model, cores, library versions, GPU (name + nvidia-smi line). Cached per process."""
-    global _MACHINE
-    if _MACHINE is not None and _MACHINE.get("device") == device:
-        return _MACHINE
-    import torch
-
-    info = {
-        "device": device,
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "gpu_name": "",
-        "nvidia_smi": "",
-    }
-    for mod in ("triton", "liger_kernel", "cut_cross_entropy"):
-        try:
-            from importlib.metadata import version
-
-            info[mod] = version(mod.replace("_", "-"))
-        except Exception:
-            info[mod] = ""
-    try:
-        import lsa_kernels
-
-        info["lsa_kernels"] = getattr(lsa_kernels, "__version__", "")
-        info["lsa_kernels_C"] = _has_c_ext()
-    except Exception:
-        pass
-    try:
-        info["git"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except Exception:
-        info["git"] = ""
-    if device == "cuda" and torch.cuda.is_available():
-        info["gpu_name"] = torch.cuda.get_device_name(0)
-        info["nvidia_smi"] = _nvidia_smi()
-        info["cuda"] = torch.version.cuda
-    _MACHINE = info
-    return info
-
-
-def _has_c_ext() -> bool:
-    try:
-        import importlib
-
-        importlib.import_module("lsa_kernels._C")
-        return True
-    except Exception:
-        return False
-
-
-# ------------------------------------------------------------------------------------ memory probes
-
-
-def _status_kb(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS; True when the kernel accepted it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    hwm, rss = _status_kb("VmHWM"), _status_kb("VmRSS")
-    return hwm is not None and rss is not None and hwm <= rss + 1024
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
-
-
-def _maxrss_kb() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # -------------------------------------------------------------------------------------------- child
@@ -219,11 +96,11 @@ def run_child(case_dict: Dict, settings: Dict) -> Dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated(), True
-        _malloc_trim()
-        return (_status_kb("VmRSS") or 0) * 1024, _reset_hwm()
+        malloc_trim()
+        return (status_kb("VmRSS") or 0) * 1024, reset_hwm()
 
     def mem_end():
-        return torch.cuda.max_memory_allocated() if cuda else (_status_kb("VmHWM") or 0) * 1024
+        return torch.cuda.max_memory_allocated() if cuda else (status_kb("VmHWM") or 0) * 1024
 
     # first call: its peak counts caches/workspaces an implementation keeps between calls (and one-time
     # init such as compilation), which the steady-state measurement below cannot see
@@ -252,19 +129,19 @@ def run_child(case_dict: Dict, settings: Dict) -> Dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            _malloc_trim()
-            base = (_status_kb("VmRSS") or 0) * 1024
-            if method == "vmhwm_reset" and not _reset_hwm():
+            malloc_trim()
+            base = (status_kb("VmRSS") or 0) * 1024
+            if method == "vmhwm_reset" and not reset_hwm():
                 method = "ru_maxrss"
             if method == "ru_maxrss":
-                base = max(base, _maxrss_kb() * 1024) if r == 0 else None
+                base = max(base, maxrss_kb() * 1024) if r == 0 else None
         dt = timed()
         if cuda:
             peak = torch.cuda.max_memory_allocated()
         elif method == "vmhwm_reset":
-            peak = (_status_kb("VmHWM") or 0) * 1024
+            peak = (status_kb("VmHWM") or 0) * 1024
         else:
-            peak = _maxrss_kb() * 1024
+            peak = maxrss_kb() * 1024
         times.append(dt)
         if base is not None:
             mems.append(max(0, peak - base))
@@ -290,30 +167,8 @@ def run_child(case_dict: Dict, settings: Dict) -> Dict:
     }
 
 
-def _child_main(argv: List[str]) -> int:
-    case_dict, settings = json.loads(argv[0]), json.loads(argv[1])
-    try:
-        res = run_child(case_dict, settings)
-        res["status"] = "ok"
-    except Exception as e:  # reported, not raised: the parent records the row
-        import traceback
-
-        traceback.print_exc()
-        msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
-        res = {"status": "oom" if "out of memory" in msg.lower() else "error", "reason": msg}
-    print(MARK + json.dumps(res), flush=True)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------- parent
-
-
-def _child_env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # benchmark compiled kernels, never the interpreter
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    return env
+def _row_key(r: Dict) -> tuple:
+    return tuple(str(r.get(k, "")) for k in ("device", "op", "divergence", "impl", "mode", "dtype", "N", "H", "V"))
 
 
 def run_one(case, settings: Settings, log=None) -> Dict:
@@ -325,64 +180,32 @@ def run_one(case, settings: Settings, log=None) -> Dict:
     if reason:
         row.update(status="skip", reason=reason)
         return row
-    cmd = [
-        sys.executable, "-m", "benchmarks.runner", "--child",
+    argv = [
+        "-m", "benchmarks.runner", "--child",
         json.dumps(case.to_dict()),
         json.dumps({k: getattr(settings, k) for k in ("warmup", "min_repeats", "max_repeats", "budget_s")}),
     ]
     t0 = time.time()
-    try:
-        p = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True,
-                           timeout=settings.case_timeout_s)
-        res = None
-        for line in p.stdout.splitlines():
-            if line.startswith(MARK):
-                res = json.loads(line[len(MARK):])
-        if res is None:
-            tail = (p.stderr or p.stdout or "").strip().splitlines()[-3:]
-            status = "oom" if p.returncode in (-9, 137) else "error"
-            res = {"status": status, "reason": f"child exit {p.returncode}: " + " | ".join(tail)[:300]}
-        if res.get("status") != "ok" and log is not None:
-            log.write(f"--- {case.label()}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}\n")
-    except subprocess.TimeoutExpired:
-        res = {"status": "timeout", "reason": f"over {settings.case_timeout_s:.0f} s"}
+    run = run_child_process(argv, settings.case_timeout_s)
+    res = run.result_or_failure()
+    if res.get("status") not in ("ok", "timeout") and log is not None:
+        log.write(f"--- {case.label()}\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}\n")
     row.update(res)
     row["wall_s"] = round(time.time() - t0, 2)
     return row
 
 
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return v
-
-
-def _row_key(r: Dict) -> tuple:
-    return tuple(str(r.get(k, "")) for k in ("device", "op", "divergence", "impl", "mode", "dtype", "N", "H", "V"))
-
-
 class CsvSink:
-    """One CSV per op, rewritten at the start of a run and appended row by row."""
+    """One CSV per op (:class:`harness.CsvRows`), rewritten at the start of a run and appended row by row."""
 
-    def __init__(self, out_dir: Path, tag: str, ops: Iterable[str], resume: bool = False):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.paths = {op: out_dir / f"{tag}_{op}.csv" for op in ops}
-        self.done: Dict[tuple, Dict] = {}  # resume: finished rows (ok / skip) kept from an earlier run
-        for p in self.paths.values():
-            kept = []
-            if resume and p.exists():
-                with open(p, newline="") as f:
-                    kept = [r for r in csv.DictReader(f) if r.get("status") in ("ok", "skip")]
-            with open(p, "w", newline="") as f:
-                w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-                w.writeheader()
-                for r in kept:
-                    w.writerow({k: r.get(k, "") for k in COLUMNS})
-                    self.done[_row_key(r)] = r
+    def __init__(self, out_dir: Path, tag: str, ops, resume: bool = False):
+        self.tables = {op: CsvRows(Path(out_dir) / f"{tag}_{op}.csv", COLUMNS, _row_key, resume=resume,
+                                   keep=("ok", "skip"), read=read_csv) for op in ops}
+        # resume: finished rows (ok / skip) kept from an earlier run
+        self.done: Dict[tuple, Dict] = {_row_key(r): r for t in self.tables.values() for r in t.rows}
 
     def add(self, row: Dict) -> None:
-        with open(self.paths[row["op"]], "a", newline="") as f:
-            csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
+        self.tables[row["op"]].add(row)
 
 
 def run_cases(cases, out_dir: Path, tag: str, settings: Settings, progress: bool = True,
@@ -434,74 +257,13 @@ def run_cases(cases, out_dir: Path, tag: str, settings: Settings, progress: bool
     return rows
 
 
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--child":
-        sys.exit(_child_main(sys.argv[2:]))
+def main(argv: List[str]) -> int:
+    if len(argv) == 3 and argv[0] == "--child":
+        case_dict, settings = json.loads(argv[1]), json.loads(argv[2])
+        return child_main(lambda: dict(run_child(case_dict, settings), status="ok"))
     print("usage: python -m benchmarks [--quick] ...  (this module's CLI is internal: --child CASE SETTINGS)")
-    sys.exit(2)
+    return 2
 
 
-# ---------------------------------------------------------------- one-shape benchmarks (distill, prob_targets)
-
-STANDALONE_MARK = "RESULT "
-
-
-def run_impls(module: str, impls: Iterable[str], args: List[str], timeout: float) -> List[Dict]:
-    """Each implementation in its own ``python -m <module> --child IMPL <args>`` process (the module docstring's
-    reasons); its ``RESULT {json}`` line is the row (``{"impl", "error"}`` when it failed or timed out). Rows are
-    printed as they arrive."""
-    rows = []
-    for impl in impls:
-        cmd = [sys.executable, "-m", module, "--child", impl, *args]
-        try:
-            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-            line = [x for x in p.stdout.splitlines() if x.startswith(STANDALONE_MARK)]
-            row = json.loads(line[-1][len(STANDALONE_MARK):]) if line else {"impl": impl, "error": p.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            row = {"impl": impl, "error": f"timeout after {timeout} s"}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
-def write_standalone(out: Path, tag: str, rows: List[Dict], fields: List[str], lines_key: str, lines: List[str],
-                     command: str) -> None:
-    """``<out>/<tag>.csv`` (``fields`` of every row) and ``<out>/<tag>.json`` (rows, ``lines_key``: the computed
-    summary / goal lines, the machine and the command); prints the lines."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "python": platform.python_version(),
-               "command": command}
-    (out / f"{tag}.json").write_text(json.dumps({"rows": rows, lines_key: lines, "machine": machine}, indent=2))
-    print("\n".join(lines))
-
-
-def measure_step(step, params, warmup: int, repeats: int) -> Dict:
-    """``warmup`` then ``repeats`` timed calls of ``step()`` (a forward+backward), grads of ``params`` dropped before
-    each; CPU peak extra memory from the high-water mark (module docstring). -> time_s (fastest), time_median_s,
-    repeats, peak_mem_mb (max over the calls), threads."""
-    import torch
-
-    for _ in range(warmup):
-        step()
-        for p in params:
-            p.grad = None
-    times, mems = [], []
-    for _ in range(repeats):
-        for p in params:
-            p.grad = None
-        _malloc_trim()
-        ok = _reset_hwm()
-        base = (_status_kb("VmRSS") or 0) * 1024
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        peak = (_status_kb("VmHWM") or 0) * 1024
-        mems.append(max(0, peak - base) / 2**20 if ok else float("nan"))
-    return {"threads": torch.get_num_threads(), "time_s": min(times),
-            "time_median_s": sorted(times)[len(times) // 2], "repeats": repeats, "peak_mem_mb": max(mems)}
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -68,18 +68,18 @@ def _setup(name: str, T: int):
 
 
 def child(name: str, T: int) -> dict:
-    from benchmarks.runner import _malloc_trim, _reset_hwm, _status_kb
+    from benchmarks.harness import malloc_trim, reset_hwm, status_kb
 
     step = _setup(name, T)
     step(64)
     gc.collect()
-    _malloc_trim()
-    rss0 = _status_kb("VmRSS")
-    ok = _reset_hwm()
+    malloc_trim()
+    rss0 = status_kb("VmRSS")
+    ok = reset_hwm()
     t0 = time.perf_counter()
     step(T)
     dt = time.perf_counter() - t0
-    hwm = _status_kb("VmHWM")
+    hwm = status_kb("VmHWM")
     return {"case": name, "T": T, "base_mib": rss0 / 1024, "peak_mib": hwm / 1024, "extra_mib": (hwm - rss0) / 1024,
             "step_s": dt, "hwm_reset": ok}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import train_step as ts
+from benchmarks import train_step_report as report
 
 REPO = Path(__file__).resolve().parents[2]
 V = ts.QUICK_MODEL["vocab_size"]
@@ -101,16 +102,16 @@ def test_longest_fit_and_goal_logic():
             _row("hf", False, 5120, total=8100, kind="refine"),
             _row("long_short", False, 1024, total=1500), _row("long_short", False, 16384, total=3000),
             _row("fused_ce", True, 1024, "oom", cap=4000)]  # oom under a small cap: unknown for 8 GiB
-    lf = ts.longest_fit(rows, "hf", False, 8192)
+    lf = report.longest_fit(rows, "hf", False, 8192)
     assert (lf["grid_fit"], lf["grid_next"]) == (4096, 8192)
     assert (lf["fit"], lf["next"], lf["refined"]) == (5120, 6144, True)
-    lf = ts.longest_fit(rows, "long_short", False, 8192)
+    lf = report.longest_fit(rows, "long_short", False, 8192)
     assert lf["fit"] == 16384 and lf["next"] is None
-    assert ts.longest_fit(rows, "fused_ce", True, 8192)["fit"] is None
-    allyes, det = ts.compare_long_short(rows)
+    assert report.longest_fit(rows, "fused_ce", True, 8192)["fit"] is None
+    allyes, det = report.compare_long_short(rows)
     assert allyes is True and [(d["T"], d["yes"]) for d in det] == [(1024, True), (16384, True)]
     rows.append(_row("long_short", False, 2048, total=4500))  # above transformers' 4000 at T=2048
-    allyes, det = ts.compare_long_short(rows)
+    allyes, det = report.compare_long_short(rows)
     assert allyes is False and [d["yes"] for d in det] == [True, False, True]
-    text, lines = ts.summary_markdown(rows, {}, 8192, {})
+    text, lines = report.summary_markdown(rows, {}, 8192, {})
     assert "every length: no" in lines[0] and "T=2048: no" in lines[0]
