@@ -44,6 +44,7 @@ __all__ = [
     "shift_labels",
     "causal_lm_loss",
     "long_short_step",
+    "plain_ce_step",
     "view_states",
     "LongShortObjective",
     "head_operands",
@@ -301,6 +302,47 @@ def long_short_step(
     )
 
 
+def plain_ce_step(
+    model: nn.Module,
+    window: torch.Tensor,
+    l_extra: int,
+    *,
+    both_views: bool = False,
+    backend: str = "auto",
+    views: str = "joint",
+    offload: bool = False,
+    **ce_kw,
+) -> LongShortLoss:
+    """The alpha = 0 baseline of :func:`long_short_step`: plain CE, no divergence, on the same window convention.
+
+    ``window`` is ``[B, l_train + l_extra + 1]`` as for :func:`long_short_step` (``l_extra = 0``: the whole window
+    is the long view, ``[B, l_train + 1]``). ``both_views=False``: CE on the long view ``window[:, :l_train + 1]``
+    only (inputs ``[:, :-1]``, targets ``[:, 1:]``: ``l_train`` rows per window, the last ``l_extra`` tokens are
+    not read), one forward. ``both_views=True`` (``l_extra >= 1``): CE over the long and the short view together
+    (the rows the long-short loss scores, without the divergence), run as ``views`` / ``offload`` say (see
+    :func:`long_short_step`). ``ce_kw`` go to :func:`lsa_kernels.functional.linear_cross_entropy`
+    (``label_smoothing``, ``z_loss``, ``chunk_bytes``, ``process_group``, ``vocab_start``, ...). Returns
+    :class:`LongShortLoss` ``(ce, ce, 0)``: the same fields as the long-short step.
+    """
+    if window.dim() != 2:
+        raise ValueError(f"window: expected token ids [B, l_train + l_extra + 1], got shape {tuple(window.shape)}")
+    width = window.shape[1]
+    if isinstance(l_extra, bool) or not isinstance(l_extra, int) or not 0 <= l_extra <= width - 2:
+        raise ValueError(f"l_extra: expected an int in [0, {width - 2}] for a window of {width} tokens, got {l_extra!r}")
+    head = output_head(model)
+    if both_views:
+        long, short = make_views(window, l_extra)
+        h = torch.cat(view_states(model, [long[:, :-1], short[:, :-1]], views, offload), dim=0)
+        y = torch.cat([long[:, 1:], short[:, 1:]], dim=0)
+    else:
+        long = window[:, : width - l_extra]
+        h = view_states(model, [long[:, :-1]], "joint", offload)[0]
+        y = long[:, 1:]
+    h, w, b = head_operands(head, h)
+    ce = linear_cross_entropy(h, w, y, linear_bias=b, softcap=head.softcap, backend=backend, **ce_kw)
+    return LongShortLoss(ce, ce, torch.zeros((), device=ce.device, dtype=ce.dtype))
+
+
 def view_states(model: nn.Module, xs, views: str = "joint", offload: bool = False) -> list:
     """The final hidden states of each input in ``xs`` (same shapes): ``"joint"`` = one batched forward,
     ``"sequential"`` = one recomputed forward per input (:func:`lsa_kernels.integrations.memory.view_hidden_states`)."""
@@ -319,9 +361,10 @@ def view_states(model: nn.Module, xs, views: str = "joint", offload: bool = Fals
 class LongShortObjective(nn.Module):
     """``model`` + objective as one module, so DDP/FSDP wrap a forward that returns the loss.
 
-    ``forward(window, l_extra, alpha)``: with ``alpha > 0`` the long-short loss on both views of a window
-    ``[B, l_train + l_extra + 1]``; with ``alpha == 0`` plain CE on one view: ``window`` is then
-    ``[B, l_train + 1]`` and ``l_extra`` is ignored (the baseline).
+    ``forward(window, l_extra, alpha)``: ``window`` is ``[B, l_train + l_extra + 1]`` at every ``alpha``; with
+    ``alpha > 0`` the long-short loss on both views (:func:`long_short_step`); with ``alpha == 0`` plain CE on
+    the long view ``window[:, :l_train + 1]`` (:func:`plain_ce_step`: the baseline; ``l_extra = 0`` with a
+    ``[B, l_train + 1]`` window reads the same tokens).
     Returns :class:`LongShortLoss` (``misalign`` is 0 on the CE path). ``loss_kw`` go to
     :func:`long_short_step`; ``label_smoothing``, ``z_loss``, ``process_group`` and ``vocab_start`` also to
     the CE path. ``views`` (``"joint"`` or ``"sequential"``) and ``offload``: how the two views run
@@ -342,19 +385,10 @@ class LongShortObjective(nn.Module):
         ``[B, l_train + l_extra + 1]`` (the same tokens as the long-short loss, without the divergence); with a
         ``ce_weighting`` (LongCE, which needs the pairing) that is the long-short loss at ``alpha = 0``."""
         if alpha == 0 and not (views == 2 and self.loss_kw.get("ce_weighting", "none") != "none"):
-            head = output_head(self.model)
-            if views == 2:
-                long, short = make_views(window, l_extra)
-                h = torch.cat(view_states(self.model, [long[:, :-1], short[:, :-1]], self.views, self.offload), dim=0)
-                y = torch.cat([long[:, 1:], short[:, 1:]], dim=0)
-            else:
-                h = view_states(self.model, [window[:, :-1]], "joint", self.offload)[0]
-                y = window[:, 1:]
-            h, w, b = head_operands(head, h)
             ce_kw = {k: v for k, v in self.loss_kw.items()
                      if k in ("label_smoothing", "z_loss", "process_group", "vocab_start")}
-            ce = linear_cross_entropy(h, w, y, linear_bias=b, softcap=head.softcap, backend=self.backend, **ce_kw)
-            return LongShortLoss(ce, ce, torch.zeros((), device=ce.device, dtype=ce.dtype))
+            return plain_ce_step(self.model, window, l_extra, both_views=views == 2, backend=self.backend,
+                                 views=self.views, offload=self.offload, **ce_kw)
         return long_short_step(
             self.model, window, l_extra, alpha=alpha, divergence=self.divergence, backend=self.backend,
             views=self.views, offload=self.offload, **self.loss_kw

@@ -53,6 +53,7 @@ from .hf import (
     hidden_states,
     long_short_step,
     output_head,
+    plain_ce_step,
     shift_labels,
 )
 
@@ -527,13 +528,9 @@ def _long_short_forward(lm: nn.Module, kw: Dict[str, Any], spec: Dict[str, Any],
     spec = dict(spec)
     l_extra, alpha = int(spec.pop("l_extra")), float(spec.pop("alpha", 0.1))
     divergence = spec.pop("divergence", "sce")
-    if alpha == 0:
-        head = output_head(lm)
-        long = window[:, : window.shape[1] - l_extra]
-        h, w, b = head_operands(head, hidden_states(lm, long[:, :-1]))
-        ce = linear_cross_entropy(h, w, long[:, 1:], linear_bias=b, softcap=head.softcap,
-                                  backend=options["backend"], chunk_bytes=options["chunk_bytes"])
-        return LongShortOutput(loss=ce, ce=ce, misalign=torch.zeros((), device=ce.device, dtype=ce.dtype))
+    if alpha == 0:  # the baseline: CE on the long view window[:, :l_train + 1] (hf.plain_ce_step)
+        res = plain_ce_step(lm, window, l_extra, backend=options["backend"], chunk_bytes=options["chunk_bytes"])
+        return LongShortOutput(loss=res.loss, ce=res.ce, misalign=res.misalign)
     res = long_short_step(lm, window, l_extra, alpha=alpha, divergence=divergence, backend=options["backend"],
                           chunk_bytes=options["chunk_bytes"], **spec)
     return LongShortOutput(loss=res.loss, ce=res.ce, misalign=res.misalign)

@@ -127,6 +127,58 @@ def test_alpha_zero_objective_is_plain_ce():
     assert not torch.allclose(out.loss, want)
 
 
+def _ce_on(m, ids):
+    """Plain CE of the model's own logits, inputs ``ids[:, :-1]``, targets ``ids[:, 1:]``."""
+    return torch.nn.functional.cross_entropy(m(input_ids=ids[:, :-1]).logits.reshape(-1, V), ids[:, 1:].reshape(-1))
+
+
+def test_alpha_zero_reads_the_long_view_of_a_long_short_window_at_both_entry_points():
+    """One window convention at alpha = 0: ``[B, l_train + l_extra + 1]``, CE on ``window[:, :l_train + 1]``,
+    whether through LongShortObjective or a patched model's ``lsa_long_short`` (what LongShortTrainer calls)."""
+    m = _model("llama")
+    l_train, l_extra = 12, 4
+    window = torch.randint(0, V, (2, l_train + l_extra + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = _ce_on(m, window[:, : l_train + 1])
+        whole = _ce_on(m, window)
+    assert not torch.allclose(want, whole)  # the last l_extra tokens would change the loss
+    got = hf.plain_ce_step(m, window, l_extra)
+    obj = hf.LongShortObjective(m)(window, l_extra, 0.0)
+    # the pre-sliced long view with l_extra = 0 is the same call (how the training loop passes its baseline)
+    sliced = hf.LongShortObjective(m)(window[:, : l_train + 1], 0, 0.0)
+    hf.patch(m)
+    try:
+        patched = m(input_ids=window, lsa_long_short={"l_extra": l_extra, "alpha": 0.0})
+    finally:
+        hf.unpatch(m)
+    for out in (got, obj, sliced, patched):
+        assert torch.allclose(out.loss, want, atol=1e-5), (out.loss, want)
+        assert torch.equal(out.ce, out.loss) and out.misalign.item() == 0.0
+
+
+def test_alpha_zero_both_views_is_ce_over_the_long_short_rows():
+    m = _model("llama")
+    l_extra = 4
+    window = torch.randint(0, V, (2, 17), generator=torch.Generator().manual_seed(4))
+    long, short = window[:, :-l_extra], window[:, l_extra:]
+    with torch.no_grad():
+        logits = torch.cat([m(input_ids=long[:, :-1]).logits, m(input_ids=short[:, :-1]).logits], 0)
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, V), torch.cat([long[:, 1:], short[:, 1:]]).reshape(-1))
+    out = hf.LongShortObjective(m)(window, l_extra, 0.0, views=2)
+    assert torch.allclose(out.loss, want, atol=1e-5) and out.misalign.item() == 0.0
+    assert torch.allclose(hf.plain_ce_step(m, window, l_extra, both_views=True).loss, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("l_extra", [-1, 16, 2.0, True])
+def test_alpha_zero_refuses_an_l_extra_the_window_cannot_hold(l_extra):
+    m = _model("llama")
+    window = torch.randint(0, V, (2, 17))
+    with pytest.raises(ValueError, match=r"l_extra: expected an int in \[0, 15\]"):
+        hf.plain_ce_step(m, window, l_extra)
+    with pytest.raises(ValueError, match="l_extra"):
+        hf.LongShortObjective(m)(window, l_extra, 0.0)
+
+
 def test_unknown_logit_transform_is_refused():
     torch.manual_seed(0)
     m = hf.load_causal_lm(_config("llama"), dtype=torch.float32).eval()
