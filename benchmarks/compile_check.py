@@ -8,13 +8,14 @@ atomic is a relaxed reduction with no fence (PTX, and SASS via nvdisasm). tests/
 runs it on the production list; every dispatchable flag set (``dispatch_configs``, a few thousand per
 dtype and arch) is the sweep (hours of CPU; shard it). Both need TRITON_INTERPRET unset:
 
-    python -m benchmarks.compile_check NAME ARCH [ARCH ...] [--tile BN,BV,BH,WARPS,STAGES]
+    python -m benchmarks.compile_check NAME ARCH [ARCH ...] [--tile BN,BV,BH,WARPS,STAGES[,MAXNREG]]
     python -m benchmarks.compile_check sweep --arch 80 86 90 100 120 --jobs 16 --out sweep.jsonl \
-        [--dtypes bf16,fp32] [--kinds ce_fwd,pair_bwd] [--shard K/N] [--limit M]
+        [--dtypes bf16,fp32] [--kinds ce_fwd,pair_bwd] [--shard K/N] [--limit M] [--from old_sweep.jsonl]
 
 The first prints one ``REPORT {json}`` line per arch (``--tile``: other block sizes than the table's, to
 try a tile); the sweep appends one JSON line per (config, arch) to ``--out``, skips those already there (a
-stopped sweep resumes) and exits 1 if any has a problem.
+stopped sweep resumes) and exits 1 if any has a problem; ``--from`` compiles the flag sets of an earlier
+sweep's output (in its order) instead of enumerating them, to re-check them after a table change.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import tempfile
 from typing import Any, Dict, List
 
 from lsa_kernels import _env
-from lsa_kernels.kernels._common import MIN_ARCH, SHARED_LIMIT, LaunchConfig
+from lsa_kernels.kernels._common import MIN_ARCH, SHARED_LIMIT, LaunchConfig, launch_options
 from lsa_kernels.kernels.configs import KernelConfig, by_name, dispatch_configs, kernel_fn, production_configs
 
 _FLOAT_SCALARS = {"cap", "inv_cap", "inv_temp", "one_minus_eps", "eps_over_v", "two_zloss"}
@@ -173,17 +174,18 @@ def compile_report(cfg: KernelConfig, arch: int, launch: LaunchConfig | None = N
     fn, signature, constexprs, attrs = ast_source_args(cfg, arch, launch)
     src = ASTSource(fn, signature, constexprs, attrs)
     L = launch or cfg.launch(arch)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": L.num_warps, "num_stages": L.num_stages})
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch_options(L))
     ptx = k.asm["ptx"]
     rep: Dict[str, Any] = {
         "name": cfg.name, "arch": arch, "triton": triton.__version__, "shared": int(k.metadata.shared),
-        "num_warps": L.num_warps, "num_stages": L.num_stages,
+        "num_warps": L.num_warps, "num_stages": L.num_stages, "maxnreg": L.maxnreg,
         "blocks": [L.BLOCK_N, L.BLOCK_V, L.BLOCK_H],
         # 64-bit offsets: i64 multiplies in the Triton IR (row/col index × stride) and 64-bit
         # multiplies in the PTX (mul.wide.s32 = i32 × i32 → i64, or s64 multiplies)
         "ttir_i64_mul": bool(re.search(r"arith\.muli [^\n]*: tensor<[\dx]+xi64>", k.asm["ttir"])),
         "wide_mul": bool(re.search(r"mul\.wide\.[su]32|mad\.wide\.[su]32|mul\.lo\.s64|mad\.lo\.s64", ptx)),
+        # the register cap as the PTX carries it (None: ptxas chooses)
+        "ptx_maxnreg": int(m.group(1)) if (m := re.search(r"^\s*\.maxnreg\s+(\d+)", ptx, re.M)) else None,
         **memory_ops(ptx, k.asm.get("cubin")),
     }
     ptxas = ptxas_path(arch)
@@ -248,16 +250,33 @@ def report_problems(rep: Dict[str, Any], cfg: KernelConfig) -> List[str]:
     return out
 
 
+def configs_from(path: str) -> List[KernelConfig]:
+    """The flag sets of an earlier sweep's JSON lines (name, kernel, dtype, flags), each once, in file order."""
+    out: Dict[str, KernelConfig] = {}
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                cfg = KernelConfig(r["name"], r["kernel"], r["dtype"], dict(r["flags"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: not a sweep line with name, kernel, dtype and flags ({e})") from None
+            out.setdefault(cfg.name, cfg)
+    return list(out.values())
+
+
 def sweep(archs: List[int], *, dtypes=("bf16", "fp16", "fp32"), shard=(0, 1), jobs: int = 2,
-          out: str | None = None, timeout: int = 600, limit: int | None = None, kinds=None) -> int:
-    """Compile every dispatchable flag set (:func:`dispatch_configs`) for each arch; one JSON line per
-    (config, arch) to ``out`` (appended; already present lines are skipped, so a run can be resumed).
-    Returns the number of (config, arch) pairs with problems."""
+          out: str | None = None, timeout: int = 600, limit: int | None = None, kinds=None,
+          source: str | None = None) -> int:
+    """Compile every dispatchable flag set (:func:`dispatch_configs`; ``source``: instead, the flag sets of an
+    earlier sweep's output, in its order) for each arch; one JSON line per (config, arch) to ``out`` (appended;
+    already present lines are skipped, so a run can be resumed). Returns the number of (config, arch) pairs
+    with problems."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
-    cfgs = dispatch_configs(tuple(dtypes))
+    cfgs = configs_from(source) if source else dispatch_configs(tuple(dtypes))
+    cfgs = [c for c in cfgs if c.dtype in dtypes]
     if kinds:
         cfgs = [c for c in cfgs if c.kernel in kinds]
     k, n = shard
@@ -295,15 +314,22 @@ def sweep(archs: List[int], *, dtypes=("bf16", "fp16", "fp32"), shard=(0, 1), jo
 
 def _tile(text: str) -> LaunchConfig:
     try:
-        bn, bv, bh, warps, stages = (int(v) for v in text.split(","))
+        vals = [int(v) for v in text.split(",")]
+        if len(vals) not in (5, 6):
+            raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"five integers BN,BV,BH,WARPS,STAGES expected, got {text!r}")
+        raise argparse.ArgumentTypeError(f"five integers BN,BV,BH,WARPS,STAGES (and optionally MAXNREG) expected, "
+                                         f"got {text!r}")
+    bn, bv, bh, warps, stages = vals[:5]
+    maxnreg = vals[5] if len(vals) == 6 else None
+    if maxnreg is not None and not 24 <= maxnreg <= 255:
+        raise argparse.ArgumentTypeError(f"MAXNREG (registers per thread) must be in 24..255, got {text!r}")
     for v in (bn, bv, bh):
         if v < 16 or v & (v - 1):
             raise argparse.ArgumentTypeError(f"block sizes must be powers of two >= 16, got {text!r}")
     if warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 8:
         raise argparse.ArgumentTypeError(f"WARPS in 1, 2, 4, 8, 16 and STAGES in 1..8 expected, got {text!r}")
-    return LaunchConfig(bn, bv, bh, num_warps=warps, num_stages=stages)
+    return LaunchConfig(bn, bv, bh, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def _arch(text: str) -> int:
@@ -331,6 +357,9 @@ def main(argv: List[str] | None = None) -> int:
         ap.add_argument("--out", default=None, help="JSON lines, appended; present (name, arch) pairs skipped")
         ap.add_argument("--timeout", type=int, default=600, help="seconds per compile")
         ap.add_argument("--limit", type=int, default=None, help="compile at most this many this run")
+        ap.add_argument("--from", dest="source", default=None, metavar="SWEEP.jsonl",
+                        help="the flag sets of an earlier sweep's output (in its order) instead of every dispatchable "
+                             "one: re-check them against the current tables")
         a = ap.parse_args(argv[1:])
         try:
             k, n = (int(v) for v in a.shard.split("/"))
@@ -340,8 +369,10 @@ def main(argv: List[str] | None = None) -> int:
         bad = [d for d in a.dtypes.split(",") if d not in ("bf16", "fp16", "fp32")]
         if bad:
             ap.error(f"--dtypes takes a comma-separated subset of bf16,fp16,fp32, got {a.dtypes!r}")
+        if a.source and not os.path.isfile(a.source):
+            ap.error(f"--from must be an existing sweep output (JSON lines), got {a.source!r}")
         bad = sweep(a.arch, dtypes=a.dtypes.split(","), shard=(k, n), jobs=a.jobs, out=a.out, timeout=a.timeout,
-                    limit=a.limit, kinds=[s for s in a.kinds.split(",") if s] or None)
+                    limit=a.limit, kinds=[s for s in a.kinds.split(",") if s] or None, source=a.source)
         return 1 if bad else 0
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.compile_check",
@@ -350,8 +381,8 @@ def main(argv: List[str] | None = None) -> int:
         epilog="production configs: " + " ".join(names))
     ap.add_argument("name", metavar="NAME", help="a production config (listed below)")
     ap.add_argument("archs", metavar="ARCH", type=_arch, nargs="+", help="compute capability, e.g. 80 90")
-    ap.add_argument("--tile", type=_tile, default=None, metavar="BN,BV,BH,WARPS,STAGES",
-                    help="block sizes, warps and stages instead of the arch's table entry")
+    ap.add_argument("--tile", type=_tile, default=None, metavar="BN,BV,BH,WARPS,STAGES[,MAXNREG]",
+                    help="block sizes, warps, stages (and a register cap) instead of the arch's table entry")
     a = ap.parse_args(argv)
     if a.name not in names:
         ap.error(f"NAME must be a production config (see --help), got {a.name!r}")

@@ -41,7 +41,9 @@ class LaunchConfig:
     ``SPLIT_V`` (forward only): number of programs sharing the V range of one row block; each writes
     partial per-row statistics to an ``[SPLIT_V, N, k]`` fp32 scratch that a tiny torch step merges.
     0 = choose from the shapes (fill the GPU when N is small). ``GROUP``: row-block grouping of the
-    (row block × V tile) grid of the atomic backward, for L2 reuse of W tiles."""
+    (row block × V tile) grid of the atomic backward, for L2 reuse of W tiles. ``maxnreg``: the register cap
+    per thread handed to ptxas (PTX ``.maxnreg``); None lets ptxas choose, and with 8 warps it may squeeze a
+    kernel that wants 130-220 registers into 128 (two blocks per SM) at the price of a few bytes of spills."""
 
     BLOCK_N: int
     BLOCK_V: int
@@ -50,6 +52,15 @@ class LaunchConfig:
     num_stages: int = 1
     SPLIT_V: int = 0
     GROUP: int = 8
+    maxnreg: Optional[int] = None
+
+
+def launch_options(cfg: LaunchConfig) -> dict:
+    """The Triton launch options of ``cfg`` (``maxnreg`` only when set: the interpreter takes none)."""
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg is not None:
+        opts["maxnreg"] = cfg.maxnreg
+    return opts
 
 
 _OVERRIDE: Optional[LaunchConfig] = None
@@ -110,7 +121,12 @@ _FP32 = {
     "pair_fwd_ext": _lc(32, 64, 32, 8, 3),
     "pair_js": _lc(32, 32, 32, 8, 3),
     "pair_bwd": _lc(16, 32, 32, 4, 2),
-    "pair_dz": _lc(32, 64, 32, 8, 3),
+    # deterministic pair dz: at 32×64×32 / 8 warps ptxas squeezed about a third of the flag sets to 128 registers
+    # (two blocks per SM) and a few of those spilled 8-16 B (sm_80 and sm_90; 1 of 85 sampled flag sets under
+    # Triton 3.8, 4 of 85 under 3.6; 2 stages only moved the squeeze to other flag sets). The cap of 255
+    # registers (one block of 8 warps per SM) removes the squeeze: the same flag sets compile with 144-212
+    # registers and 0 B, the heaviest (js, every option, entropy gradient) with about 230.
+    "pair_dz": LaunchConfig(32, 64, 32, num_warps=8, num_stages=3, maxnreg=255),
 }
 
 # One table per GPU family (key: arch_class(cc)) for bf16/fp16 inputs, plus ("any", True) for fp32 inputs

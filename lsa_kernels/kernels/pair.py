@@ -37,7 +37,7 @@ from . import deterministic as det
 from . import pair_bwd as bwd
 from . import pair_js as js
 from . import pair_phase1 as phase1
-from ._common import on_tensor_device, pick_config, softcap_args, split_ranges, upcast_and_prec
+from ._common import launch_options, on_tensor_device, pick_config, softcap_args, split_ranges, upcast_and_prec
 from .merge import N_PAIR_PARTS, PairPart, ce_rows, merge_extras, pair_stats
 
 # ----------------------------------------------------------------------------------------- heads
@@ -322,8 +322,7 @@ def _pair_backward_gemm(xp, xq, heads, ypp, yqp, stats, cp, cq, cd, ents, opts: 
             dbpart, dbqpart,
             n, V, H, Hq, xp.stride(0), xq.stride(0), w.stride(0), stride_wq, dz.stride(0), *scal, **flags,
             NEED_DB=need_db, NEED_DBQ=need_dbq,
-            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, **launch_options(cfg),
         )
         if dxp_out is not None:
             det.mm_into(dxp_out[rows], dz_p, w_op)

@@ -167,6 +167,8 @@ def test_every_family_has_a_table(arch, family):
         for fp32 in (False, True):
             cfg = _common.gpu_config(kind, arch, fp32)
             assert cfg.BLOCK_N >= 16 and cfg.BLOCK_V >= 16 and cfg.BLOCK_H >= 16
+            if cfg.maxnreg is not None:  # a register cap the block can get (64K registers per SM, 255 per thread)
+                assert 24 <= cfg.maxnreg <= 255 and cfg.maxnreg * 32 * cfg.num_warps <= 65536, (kind, fp32, cfg)
 
 
 @pytest.mark.parametrize("cap", [(7, 5), (7, 0), (6, 1)])

@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the tool is the repo's benchmarks/compile_check.py; lsa_kernels stays the one found
     sys.path.append(str(ROOT))  # first (an installed copy under `make test-oldest`)
 
-from benchmarks.compile_check import atomic_problems, nvdisasm_path, ptxas_path, report_problems  # noqa: E402
+from benchmarks.compile_check import _tile, atomic_problems, nvdisasm_path, ptxas_path, report_problems  # noqa: E402
 from lsa_kernels.kernels._common import CLASS_ARCH, SHARED_LIMIT  # noqa: E402
-from lsa_kernels.kernels.configs import ATOMIC_KINDS, FAMILY_SMOKE, SMOKE, KernelConfig, production_configs  # noqa: E402
+from lsa_kernels.kernels.configs import (ATOMIC_KINDS, FAMILY_SMOKE, SMOKE, KernelConfig, by_name,  # noqa: E402
+                                        production_configs)
 
 MAIN_ARCHS = (80, 90)
 FAMILY_ARCHS = tuple(a for a in sorted(CLASS_ARCH.values()) if a not in MAIN_ARCHS)  # 86, 100, 120
@@ -95,6 +96,7 @@ def test_compiles(reports, name, arch):
     assert rep["shared"] <= SHARED_LIMIT[arch], f"shared memory {rep['shared']} B > {SHARED_LIMIT[arch]} B"
     assert rep["ttir_i64_mul"], "no 64-bit offset multiply in the Triton IR"
     assert rep["wide_mul"], "no 64-bit (mul.wide / s64) offset arithmetic in the PTX"
+    assert rep["ptx_maxnreg"] == by_name(name).launch(arch).maxnreg, "the table's register cap is not in the PTX"
     if ptxas_path() is None:
         pytest.skip("ptxas not found: shared memory and IR checked only")
     assert rep["ptxas_rc"] == 0, rep.get("ptxas_log")
@@ -112,6 +114,17 @@ def test_atomics_relaxed_without_fences(reports, name, arch):
     assert atomic_problems(rep) == []
     if nvdisasm_path() is not None:
         assert any(op.startswith("RED") for op in rep["sass_sync"]), rep["sass_sync"]
+
+
+def test_tile_option_takes_an_optional_register_cap():
+    import argparse
+
+    t = _tile("32,64,32,8,3,255")
+    assert (t.BLOCK_N, t.BLOCK_V, t.BLOCK_H, t.num_warps, t.num_stages, t.maxnreg) == (32, 64, 32, 8, 3, 255)
+    assert _tile("32,64,32,8,3").maxnreg is None
+    for bad in ("32,64,32,8,3,256", "32,64,32,8,3,16", "32,64,32,8", "32,64,32,8,3,255,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _tile(bad)
 
 
 def test_atomic_check_catches_acq_rel():

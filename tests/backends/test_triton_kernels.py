@@ -504,6 +504,32 @@ def test_public_api_deterministic_launches_no_atomic_kernel(backend_call, launch
         assert ("addmm" in launches) == det, (det, launches)
 
 
+@pytest.mark.parametrize("maxnreg", [None, 255])
+def test_dz_launch_passes_the_register_cap(maxnreg, monkeypatch):
+    """The pair dz launcher hands a table entry's register cap (ptxas ``.maxnreg``) to Triton, and nothing when
+    the entry has none; the interpreter ignores it (same gradients)."""
+    mod = _kmod("pair_bwd")
+    real, seen = mod.pair_dz_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append({k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs})
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(mod, "pair_dz_kernel", Spy())
+    xp, xq, w, b, yp, yq = _inputs(torch.float32, True, seed=19, close=True)
+    opts = PairOptions(divergence="sym_kl", ce=CEOptions(deterministic=True))
+    cfg = LaunchConfig(32, 256, 32, num_warps=8, num_stages=3, maxnreg=maxnreg)
+    with override_config(cfg):
+        ours = _run_pair(xp, xq, w, b, yp, yq, _coef(yp, 1), _coef(yq, 2), _coef(None, 3), opts)
+    want = {"num_warps": 8, "num_stages": 3, **({"maxnreg": maxnreg} if maxnreg else {})}
+    assert seen and all(s == want for s in seen), seen
+    _check_pair(ours, _pair_ref(xp, xq, w, b, yp, yq, _coef(yp, 1), _coef(yq, 2), _coef(None, 3), opts,
+                                torch.float64), opts)
+
+
 def test_deterministic_kernels_have_no_atomics():
     """The deterministic dz kernels, the helpers they share and the GEMM driver contain no atomic operation."""
     import inspect
