@@ -1,4 +1,4 @@
-"""`lsa` command line: train | eval | demo | synthetic | bench | info.
+"""`lsa` command line: train | eval | demo | synthetic | plan | bench | info.
 
 Each subcommand hands its remaining arguments to the module that owns it, so `lsa train --help`
 shows that module's own flags.
@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("lsa_kernels.train.evaluate", "eval_main", "perplexity vs length and the LSM metric"),
     "demo": ("lsa_kernels.train.demo", "demo_main", "the paper's experiment in miniature: base, RoPE x4, 4-5 arms x seeds, stats (CPU, ~30 min)"),
     "synthetic": ("lsa_kernels.studies.synthetic", "main", "the paper's synthetic study (mean/length prediction)"),
+    "plan": ("lsa_kernels.train.plan", "plan_main", "a train step's peak memory and the longest context a budget fits"),
 }
 
 
@@ -38,6 +39,7 @@ PARSERS = {
     "eval": ("lsa_kernels.train.evaluate", "build_parser"),
     "demo": ("lsa_kernels.train.demo", "_parser"),
     "synthetic": ("lsa_kernels.studies.synthetic", "build_parser"),
+    "plan": ("lsa_kernels.train.plan", "build_parser"),
     "bench": ("benchmarks.__main__", "build_parser"),
     "info": ("lsa_kernels.cli", "info_parser"),
 }

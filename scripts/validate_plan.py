@@ -1,0 +1,276 @@
+"""Validate `lsa plan` (lsa_kernels/train/plan.py) against the measured CPU peak of one training step.
+
+    python scripts/validate_plan.py                       # every configuration, one fresh process each
+    python scripts/validate_plan.py --only tiny-ce-4k     # some of them
+    python scripts/validate_plan.py --report-only         # redo table.md from results.json
+
+Each configuration runs in a FRESH process, measured as benchmarks/train_step.py measures a train step: build the
+model (randomly initialised transformers Llama, SDPA attention, CPU) and AdamW, one warm-up step at 64 tokens
+(optimizer state, the fused head's probe, library initialisation), ``gc.collect()`` + ``malloc_trim(0)``, VmHWM
+reset to the current RSS (``/proc/self/clear_refs``), then one step (forward, backward, ``AdamW.step()``,
+``zero_grad(set_to_none=True)``) and VmHWM read. ``runtime`` = the RSS of the process once torch, transformers
+and lsa_kernels are imported, before the model is built.
+
+Compared: the planner's peak above its runtime term against VmHWM - runtime (``step peak``: weights, optimizer
+state, activations, loss buffers, gradients and every transient; PASS when within +-10 %), and, as a check of
+the parts, the planner's resident state against the RSS after the warm-up. Writes
+benchmarks/results/plan_validation/{results.json,table.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OUT = os.path.join(ROOT, "benchmarks", "results", "plan_validation")
+MIB = 2**20
+
+TINY = "train-step"  # benchmarks/train_step.py's model: Llama, V=128256, H=256, 2 layers, fp32
+# name: (shape, layers, dtype, lora, objective, views, grad_ckpt, tiled MLP (None / 0 = auto / n), T)
+CONFIGS = {
+    "tiny-ce-2k": (TINY, None, "fp32", 0, "ce", "joint", False, None, 2048),
+    "tiny-hf-2k": (TINY, None, "fp32", 0, "hf", "joint", False, None, 2048),
+    "tiny-ls-joint-2k": (TINY, None, "fp32", 0, "long-short", "joint", False, None, 2048),
+    "tiny-ls-seq-2k": (TINY, None, "fp32", 0, "long-short", "sequential", False, None, 2048),
+    "tiny-ls-joint-ckpt-4k": (TINY, None, "fp32", 0, "long-short", "joint", True, None, 4096),
+    "tiny-ls-seq-ckpt-tiled-4k": (TINY, None, "fp32", 0, "long-short", "sequential", True, 0, 4096),
+    "l8b-1L-bf16-lora-ce-512": ("llama3-8b", 1, "bf16", 32, "ce", "joint", False, None, 512),
+    "l8b-1L-bf16-lora-hf-512": ("llama3-8b", 1, "bf16", 32, "hf", "joint", False, None, 512),
+    "l8b-2L-bf16-lora-ls-joint-256": ("llama3-8b", 2, "bf16", 32, "long-short", "joint", False, None, 256),
+    "l8b-2L-bf16-lora-ls-seq-ckpt-tiled-512": ("llama3-8b", 2, "bf16", 32, "long-short", "sequential", True, 0, 512),
+}
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """VmHWM := current RSS (``echo 5 > /proc/self/clear_refs``, as benchmarks/train_step.py does)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
+
+
+def _malloc_trim() -> None:
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _setup(cfg):
+    from lsa_kernels.train.plan import Setup
+
+    shape, layers, dtype, lora, obj, views, ckpt, tiled, T = cfg
+    return Setup(dtype=dtype, lora=lora, grad_ckpt=ckpt, tiled_mlp=tiled, views=views, objective=obj, device="cpu")
+
+
+def child(name: str) -> dict:
+    import torch
+    from transformers import LlamaConfig
+
+    from lsa_kernels.integrations import hf
+    from lsa_kernels.integrations.tiled_mlp import tile_mlp
+    from lsa_kernels.train.plan import NAMED
+
+    shape, layers, dtype, lora, obj, views, ckpt, tiled, T = CONFIGS[name]
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+
+    def build(d):
+        torch.manual_seed(0)
+        model = hf.load_causal_lm(LlamaConfig(**d, max_position_embeddings=max(32768, 2 * T)), dtype=tdtype,
+                                  attn="sdpa").train()
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0, bias="none",
+                                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tiled is not None:
+            tile_mlp(model, tiled or None)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    d = dict(NAMED[shape])
+    if layers:
+        d["num_hidden_layers"] = layers
+    gen = torch.Generator().manual_seed(1234)
+    marks = []
+
+    def fwd_bwd(model, V: int, t: int) -> float:  # the loss (and its graph) is dropped before the optimizer step
+        n = t + t // 4 + 1 if obj == "long-short" else t
+        x = torch.randint(0, V, (1, n), generator=gen)
+        marks.append((time.perf_counter(), "forward"))
+        if obj == "hf":
+            loss = model(input_ids=x, labels=x).loss
+        elif obj == "ce":
+            loss = hf.causal_lm_loss(model, x, x)
+        else:
+            loss = hf.long_short_step(model, x, t // 4, alpha=0.1, views=views).loss
+        marks.append((time.perf_counter(), "backward"))
+        loss.backward()
+        return float(loss.detach())
+
+    def step(model, opt, V: int, t: int) -> float:
+        loss = fwd_bwd(model, V, t)
+        marks.append((time.perf_counter(), "optimizer"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        marks.append((time.perf_counter(), "end"))
+        return loss
+
+    # the runtime: the libraries' one-time initialisation (lazy imports, oneDNN, peft), done on a throwaway model
+    small = dict(d, vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2)
+    m0, o0 = build(small)
+    step(m0, o0, 512, 64)
+    del m0, o0
+    gc.collect()
+    _malloc_trim()
+    runtime_kb = _status_kb("VmRSS")
+    model, opt = build(d)
+    V = d["vocab_size"]
+    step(model, opt, V, 64)
+    gc.collect()
+    _malloc_trim()
+    base_kb = _status_kb("VmRSS")
+    samples, stop = [], threading.Event()
+
+    def sampler():  # RSS every ~2 ms: which phase of the step reaches the peak (VmHWM is the measurement)
+        while not stop.is_set():
+            samples.append((time.perf_counter(), _status_kb("VmRSS")))
+            time.sleep(0.002)
+
+    marks.clear()
+    ok = _reset_hwm()
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    loss = step(model, opt, V, T)
+    dt = time.perf_counter() - t0
+    hwm_kb = _status_kb("VmHWM")
+    stop.set()
+    th.join()
+    phases = {}
+    for (a0, n), (a1, _) in zip(marks, marks[1:]):
+        vals = [r for t, r in samples if a0 <= t <= a1]
+        phases[n] = round((max(vals) - runtime_kb) / 1024, 1) if vals else None
+    return {"name": name, "T": T, "runtime_mib": runtime_kb / 1024, "base_mib": base_kb / 1024,
+            "peak_mib": hwm_kb / 1024, "step_s": dt, "loss": loss, "hwm_reset": ok,
+            "sampled_phase_max_mib": phases,
+            "threads": torch.get_num_threads()}
+
+
+def predict(name: str, runtime_mib: float) -> dict:
+    from lsa_kernels.train.plan import load_shape, plan
+
+    cfg = CONFIGS[name]
+    st = _setup(cfg)
+    p = plan(load_shape(cfg[0], cfg[1]), st, cfg[8])
+    rt = p.terms["runtime"]
+    return {"pred_peak_step_mib": (p.peak - rt) / MIB, "pred_resident_mib": (p.terms["weights"] + p.terms["optimizer state"]) / MIB,
+            "pred_phase": p.phase, "pred_terms_mib": {k: round(v / MIB, 1) for k, v in p.terms.items()},
+            "pred_phases_mib": {k: round((v - rt) / MIB, 1) for k, v in p.phases.items()}}
+
+
+def describe(name: str) -> str:
+    shape, layers, dtype, lora, obj, views, ckpt, tiled, T = CONFIGS[name]
+    parts = [f"{shape}" + (f" ({layers} layer{'s' if layers > 1 else ''})" if layers else ""), dtype]
+    if lora:
+        parts.append(f"LoRA r={lora}")
+    parts.append(obj + (f" {views}" if obj == "long-short" else ""))
+    if ckpt:
+        parts.append("ckpt")
+    if tiled is not None:
+        parts.append("tiled MLP")
+    return ", ".join(parts)
+
+
+def write_report(rows: list) -> str:
+    L = ["# `lsa plan` against measured CPU peaks", "",
+         "One training step (forward, backward, AdamW step, zero_grad) per configuration, each in a fresh process "
+         "(`python scripts/validate_plan.py`; the method of `benchmarks/train_step.py`: warm-up step at 64 tokens, "
+         "gc + malloc_trim, VmHWM reset, one step, VmHWM). `step peak` = VmHWM − the process's RSS once torch, "
+         "transformers and lsa_kernels are imported (the runtime); predicted = `lsa plan`'s peak less its runtime "
+         "term. `resident` = RSS after the warm-up − runtime (weights + AdamW state) against the planner's. "
+         "PASS: step peak within ±10 %. T = tokens per view (the long-short step runs two views of T tokens).", "",
+         "| configuration | T | predicted step peak (MiB) | measured (MiB) | ratio | within ±10 % | predicted phase | "
+         "resident pred / meas (MiB) | step s |",
+         "|---|---:|---:|---:|---:|---|---|---|---:|"]
+    for r in rows:
+        if "error" in r:
+            L.append(f"| {describe(r['name'])} | {CONFIGS[r['name']][8]} | – | error: {r['error']} | – | FAIL | – | – | – |")
+            continue
+        meas = r["peak_mib"] - r["runtime_mib"]
+        ratio = r["pred_peak_step_mib"] / meas
+        ok = "PASS" if abs(ratio - 1) <= 0.10 else "FAIL"
+        L.append(f"| {describe(r['name'])} | {r['T']} | {r['pred_peak_step_mib']:.0f} | {meas:.0f} | {ratio:.3f} | {ok} | "
+                 f"{r['pred_phase']} | {r['pred_resident_mib']:.0f} / {r['base_mib'] - r['runtime_mib']:.0f} | "
+                 f"{r['step_s']:.0f} |")
+    n_ok = sum(1 for r in rows if "error" not in r and abs(r["pred_peak_step_mib"] / (r["peak_mib"] - r["runtime_mib"]) - 1) <= 0.10)
+    L += ["", f"{n_ok} of {len(rows)} configurations within ±10 %.", ""]
+    rts = [r["runtime_mib"] for r in rows if "runtime_mib" in r]
+    if rts:
+        L.append(f"Runtime (RSS after imports) measured {min(rts):.0f}–{max(rts):.0f} MiB; the planner's CPU runtime "
+                 "term is a constant (lsa_kernels.train.plan.RUNTIME) that also covers the libraries' first-step "
+                 "initialisation.")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=None)
+    ap.add_argument("--child", default="")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    a = ap.parse_args(argv)
+    if a.child:
+        print("@@" + json.dumps(child(a.child)), flush=True)
+        return 0
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "results.json")
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = {r["name"]: r for r in json.load(f)["rows"]}
+    if not a.report_only:
+        for name in a.only or list(CONFIGS):
+            p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
+                               cwd=ROOT, timeout=a.timeout)
+            lines = [ln[2:] for ln in p.stdout.splitlines() if ln.startswith("@@")]
+            r = json.loads(lines[0]) if lines else {"name": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            old[name] = r
+            print(json.dumps(r), flush=True)
+    rows = []
+    for name in CONFIGS:
+        if name in old:
+            r = dict(old[name])
+            if "error" not in r:
+                r.update(predict(name, r["runtime_mib"]))
+            rows.append(r)
+    with open(path, "w") as f:
+        json.dump({"command": "python scripts/validate_plan.py", "rows": rows}, f, indent=1)
+    md = write_report(rows)
+    with open(os.path.join(OUT, "table.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
