@@ -16,6 +16,7 @@ The first prints one ``REPORT {json}`` line per arch (``--tile``: other block si
 try a tile); the sweep appends one JSON line per (config, arch) to ``--out``, skips those already there (a
 stopped sweep resumes) and exits 1 if any has a problem; ``--from`` compiles the flag sets of an earlier
 sweep's output (in its order) instead of enumerating them, to re-check them after a table change.
+``python -m benchmarks.compile_check summary SWEEP.jsonl [...]`` prints a markdown table of sweep outputs.
 """
 
 from __future__ import annotations
@@ -312,6 +313,34 @@ def sweep(archs: List[int], *, dtypes=("bf16", "fp16", "fp32"), shard=(0, 1), jo
     return bad
 
 
+def summary(paths: List[str]) -> str:
+    """A markdown table of sweep outputs: per kernel kind, dtype, arch, Triton version and tile, the number of
+    flag sets compiled, those with a problem, the spill bytes and the registers (min-max)."""
+    rows: Dict[tuple, Dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                tile = "x".join(map(str, r.get("blocks", []))) + f" w{r.get('num_warps')} s{r.get('num_stages')}"
+                if r.get("maxnreg"):
+                    tile += f" maxnreg {r['maxnreg']}"
+                key = (r.get("kernel"), r.get("dtype"), r["arch"], r.get("triton", "?"), tile)
+                g = rows.setdefault(key, {"n": set(), "bad": set(), "spill": 0, "regs": []})
+                g["n"].add(r["name"])
+                if r.get("problems"):
+                    g["bad"].add(r["name"])
+                g["spill"] += r.get("spill_bytes") or 0
+                if r.get("registers"):
+                    g["regs"].append(r["registers"])
+    out = ["| kernel | dtype | arch | triton | tile | flag sets | with a problem | spill bytes | registers |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for (kind, dt, arch, tv, tile), g in sorted(rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        regs = f"{min(g['regs'])}-{max(g['regs'])}" if g["regs"] else "-"
+        out.append(f"| {kind} | {dt} | sm_{arch} | {tv} | {tile} | {len(g['n'])} | {len(g['bad'])} | {g['spill']} "
+                   f"| {regs} |")
+    return "\n".join(out)
+
+
 def _tile(text: str) -> LaunchConfig:
     try:
         vals = [int(v) for v in text.split(",")]
@@ -346,6 +375,16 @@ def _arch(text: str) -> int:
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     names = [c.name for c in production_configs()]
+    if argv[:1] == ["summary"]:
+        ap = argparse.ArgumentParser(prog="python -m benchmarks.compile_check summary",
+                                     description="A markdown table of sweep outputs (JSON lines).")
+        ap.add_argument("files", nargs="+", metavar="SWEEP.jsonl")
+        a = ap.parse_args(argv[1:])
+        missing = [p for p in a.files if not os.path.isfile(p)]
+        if missing:
+            ap.error(f"SWEEP.jsonl must be existing sweep outputs, not found: {missing}")
+        print(summary(a.files))
+        return 0
     if argv[:1] == ["sweep"]:
         ap = argparse.ArgumentParser(prog="python -m benchmarks.compile_check sweep",
                                      description="Compile every dispatchable flag set; exit 1 if any has a problem.")

@@ -32,6 +32,21 @@ next to about 80 ms for the backward's 5.2·10¹³ flops at 650 TFLOP/s: up to a
 do not hide it, and ``chunk_bytes`` (1 GiB) more memory. fp32 inputs: the two GEMMs are full-fp32 cuBLAS
 GEMMs (67 TFLOP/s peak on an H100 SXM) where the atomic kernel's tf32x3 dots have about 165, so expect up
 to about 2x the atomic fp32 backward unless TF32 is allowed.
+
+The dz kernels themselves (block sizes: ``_common.GPU_TABLE``, kinds ``ce_dz``, ``pair_dz``, ``dense_dz``):
+one program per (row block, V tile) of a chunk, so ``⌈C/BLOCK_N⌉·⌈V/BLOCK_V⌉`` programs per chunk; each
+recomputes its logits tile over all of H, so within a chunk W is read ``⌈C/BLOCK_N⌉`` times and the chunk's
+rows ``⌈V/BLOCK_V⌉`` times, mostly from L2 (the programs of one V tile are consecutive in the grid, so each W
+tile comes from HBM about once per chunk). fp32 pair dz at N = 16384, V = 128256, H = 4096, both views: C =
+1024 rows (16 chunks), 32 × 64 × 32 tiles: 32 × 2004 = 64,128 programs per chunk, W (2.1 GB in fp32) from HBM
+about 16 times, 34 GB, about 10 ms at 3.35 TB/s next to about 210 ms of tf32x3 dots for the 3.4·10¹³ flops of
+the recomputed logits. Its table entry caps registers at 255 (ptxas ``.maxnreg``), which keeps every compiled
+fp32 flag set spill-free under Triton 3.6 and 3.8 (without the cap ptxas squeezed up to a third of them into
+128 registers and some spilled 8-16 B). The tile is unchanged, so the number of programs and the re-reads above
+are too; what changes is occupancy: a flag set ptxas used to squeeze now runs one block of 8 warps per SM
+instead of two. Expected cost: none where the tf32x3 dots keep the tensor cores busy with 8 warps; at worst,
+for those flag sets, the latency hiding that the second block gave (not measured: no GPU yet; override the
+config with ``maxnreg=None`` to compare).
 """
 
 from __future__ import annotations
