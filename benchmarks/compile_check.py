@@ -334,7 +334,7 @@ def summary(paths: List[str]) -> str:
                     g["regs"].append(r["registers"])
     out = ["| kernel | dtype | arch | triton | tile | flag sets | with a problem | spill bytes | registers |",
            "|---|---|---|---|---|---|---|---|---|"]
-    for (kind, dt, arch, tv, tile), g in sorted(rows.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for (kind, dt, arch, tv, tile), g in sorted(rows.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), kv[0][2], *map(str, kv[0][3:]))):
         regs = f"{min(g['regs'])}-{max(g['regs'])}" if g["regs"] else "-"
         out.append(f"| {kind} | {dt} | sm_{arch} | {tv} | {tile} | {len(g['n'])} | {len(g['bad'])} | {g['spill']} "
                    f"| {regs} |")

@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the tool is the repo's benchmarks/compile_check.py; lsa_kernels stays the one found
     sys.path.append(str(ROOT))  # first (an installed copy under `make test-oldest`)
 
-from benchmarks.compile_check import _tile, atomic_problems, nvdisasm_path, ptxas_path, report_problems  # noqa: E402
+from benchmarks.compile_check import (_tile, atomic_problems, configs_from, nvdisasm_path, ptxas_path,  # noqa: E402
+                                      report_problems, summary)
 from lsa_kernels.kernels._common import CLASS_ARCH, SHARED_LIMIT  # noqa: E402
 from lsa_kernels.kernels.configs import (ATOMIC_KINDS, FAMILY_SMOKE, SMOKE, KernelConfig, by_name,  # noqa: E402
                                         production_configs)
@@ -125,6 +126,35 @@ def test_tile_option_takes_an_optional_register_cap():
     for bad in ("32,64,32,8,3,256", "32,64,32,8,3,16", "32,64,32,8", "32,64,32,8,3,255,1"):
         with pytest.raises(argparse.ArgumentTypeError):
             _tile(bad)
+
+
+def _sweep_line(name, arch, regs, spill, problems=(), maxnreg=None, triton="3.8.0"):
+    return json.dumps({"name": name, "kernel": "pair_dz", "dtype": "fp32", "flags": {"DIV": 0, "GRAD_P": True},
+                       "arch": arch, "triton": triton, "blocks": [32, 64, 32], "num_warps": 8, "num_stages": 3,
+                       "maxnreg": maxnreg, "registers": regs, "spill_bytes": spill, "problems": list(problems)})
+
+
+def test_sweep_from_and_summary(tmp_path):
+    """``sweep --from`` takes an earlier sweep's flag sets once each, in order; ``summary`` counts per group."""
+    old = tmp_path / "old.jsonl"
+    old.write_text("\n".join([_sweep_line("b", 80, 128, 8, ["8 bytes spilled"]), _sweep_line("a", 80, 170, 0),
+                              _sweep_line("b", 90, 128, 0)]) + "\n")
+    cfgs = configs_from(str(old))
+    assert [c.name for c in cfgs] == ["b", "a"] and cfgs[0].flags == {"DIV": 0, "GRAD_P": True}
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join([_sweep_line("b", 80, 255, 0, maxnreg=255), _sweep_line("a", 80, 180, 0, maxnreg=255),
+                              _sweep_line("b", 80, 212, 0, maxnreg=255, triton="3.6.0")]) + "\n")
+    rows = summary([str(old), str(new)]).splitlines()[2:]
+    assert rows == [
+        "| pair_dz | fp32 | sm_80 | 3.6.0 | 32x64x32 w8 s3 maxnreg 255 | 1 | 0 | 0 | 212-212 |",
+        "| pair_dz | fp32 | sm_80 | 3.8.0 | 32x64x32 w8 s3 | 2 | 1 | 8 | 128-170 |",
+        "| pair_dz | fp32 | sm_80 | 3.8.0 | 32x64x32 w8 s3 maxnreg 255 | 2 | 0 | 0 | 180-255 |",
+        "| pair_dz | fp32 | sm_90 | 3.8.0 | 32x64x32 w8 s3 | 1 | 0 | 0 | 128-128 |",
+    ], rows
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_sweep_line("a", 80, 1, 0) + "\n" + '{"name": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        configs_from(str(bad))
 
 
 def test_atomic_check_catches_acq_rel():
