@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lsa-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-oldest test-cpu-paths bench bench-quick synthetic install clean-ext mutate
+.PHONY: demo recall-base test test-fast test-oldest test-cpu-paths bench bench-quick synthetic install clean-ext mutate
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -77,6 +77,19 @@ test-cpu-paths: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lsa demo
+
+# Rebuild the recall testbed's pretrained base from scratch (about 45 min on 2 idle cores): three stages, each
+# from the last one's weights (docs/recall_testbed.md, "The shipped base"); compare $(RECALL_BASE)/stage3 with
+# lsa_kernels/data/recall_base (the gate, the copy gap, the records in benchmarks/results/recall_pilot).
+RECALL_BASE ?= runs/recall_base
+PRETRAIN = $(PY) -m lsa_kernels.train.pretrain_recall --layers 2 --max-positions 64 --batch 64 --seed 0
+recall-base: $(STAMP)
+	$(PRETRAIN) --recipe induction-fullpool --steps 2400 --probe-every 400 --probe-n 32 \
+		--out $(RECALL_BASE)/stage1.json --save $(RECALL_BASE)/stage1
+	$(PRETRAIN) --recipe induction-phase2 --init $(RECALL_BASE)/stage1 --steps 1000 --probe-every 250 --probe-n 32 \
+		--out $(RECALL_BASE)/stage2.json --save $(RECALL_BASE)/stage2
+	$(PRETRAIN) --recipe induction-phase3 --init $(RECALL_BASE)/stage2 --steps 3000 --probe-every 250 --probe-n 64 \
+		--out $(RECALL_BASE)/stage3.json --save $(RECALL_BASE)/stage3
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

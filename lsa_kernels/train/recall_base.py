@@ -1,12 +1,17 @@
 """The shipped pretrained base of the recall testbed (``lsa_kernels/data/recall_base``).
 
-A 4-layer Llama (d = 128, 4 heads / 2 KV heads, FFN 352, tied embeddings, the shipped 4096-token BPE,
+A 2-layer Llama (d = 128, 4 heads / 2 KV heads, FFN 352, untied head, the shipped 4096-token BPE,
 ``max_position_embeddings`` = 64) pretrained from scratch so that it copies from context (an induction
-mechanism) and answers "NAME's number is" queries from a fact stated earlier in the window. How it was made,
-reproducibly (docs/recall_testbed.md, "The shipped base"):
+mechanism) and answers "NAME's number is" queries from a fact stated earlier in the window. It is made in three
+stages, each from the previous one's weights (``make recall-base``; records in
+benchmarks/results/recall_pilot/, docs/recall_testbed.md, "The shipped base"):
 
-    python -m lsa_kernels.train.pretrain_recall --recipe induction --steps 4000 --batch 64 --layers 4 \\
-        --max-positions 64 --probe-every 250 --probe-n 32 --threads 1 --out run.json --save DIR
+    python -m lsa_kernels.train.pretrain_recall --recipe induction-fullpool --layers 2 --max-positions 64 \
+        --batch 64 --steps 2400 --out stage1.json --save stage1       # induction over random rare tokens
+    python -m lsa_kernels.train.pretrain_recall --recipe induction-phase2 --init stage1 --layers 2 \
+        --max-positions 64 --batch 64 --steps 1000 --out stage2.json --save stage2   # + text, spans, facts
+    python -m lsa_kernels.train.pretrain_recall --recipe induction-phase3 --init stage2 --layers 2 \
+        --max-positions 64 --batch 64 --steps 3000 --out stage3.json --save stage3   # + copying any token
 
 ``SHA256SUMS`` in the directory pins its weights; :func:`verify` checks them before the demo uses the base.
 """
