@@ -4,8 +4,9 @@ Held-out windows of the shipped corpus with recall structure written in (:mod:`.
 rare tokens and "NAME's number is DDDD." facts, each queried ``d`` tokens later), so that the tokens that need
 distant context are known by construction — the *key tokens* are the answers; no reference model picks them.
 
-- :func:`gate`: before any arm runs, the model the arms start from must retrieve. On windows of the base's own
-  length (distances inside them), its teacher-forced exact match of the answers must be >= ``GATE_EXACT`` for
+- :func:`gate`: before any arm runs, the base must retrieve in its own window (:func:`run_gate`: the base
+  unextended; the extended base's score is recorded beside it). On windows of the base's own length (distances
+  inside them), its teacher-forced exact match of the answers must be >= ``GATE_EXACT`` for
   spans and for facts, and with each answer's window cut right after its source (the source excluded) its
   per-token accuracy must fall to chance (<= ``2 x chance + 0.02``). The demo stops with this verdict instead of
   writing a table when it fails.
@@ -157,8 +158,10 @@ def _load(path: str):
 
 
 def run_gate(base_model: str, extended: str, out: str, exact=None) -> dict:
-    """The gate on the base as the arms receive it (``extended``: RoPE extended), at the base's own length;
-    written to ``out/gate.json``. The shipped base's checksums are verified first."""
+    """The gate on the base in its own window (unextended, at its ``max_position_embeddings``), written to
+    ``out/gate.json`` with the same gate on ``extended`` (the base RoPE-extended as the arms receive it, before
+    any fine-tuning) beside it as a diagnostic (``"extended"``: what the extension alone costs; it does not
+    decide). The shipped base's checksums are verified first."""
     from .recall_base import SHIPPED_BASE, verify
 
     if os.path.abspath(base_model) == os.path.abspath(SHIPPED_BASE):
@@ -166,7 +169,11 @@ def run_gate(base_model: str, extended: str, out: str, exact=None) -> dict:
     with open(os.path.join(base_model, "config.json")) as f:
         length = int(json.load(f)["max_position_embeddings"])
     tok, test, pool = _data()
-    res = gate(_load(extended), pool, test, tok, length, exact=GATE_EXACT if exact is None else exact)
+    ex = GATE_EXACT if exact is None else exact
+    res = gate(_load(base_model), pool, test, tok, length, exact=ex)
+    ext = gate(_load(extended), pool, test, tok, length, exact=ex)
+    res["extended"] = {k: ext[k] for k in ("passed", "line", "full", "truncated")}
+    res["line"] = res["line"] + f"; the extended base before fine-tuning (diagnostic): {ext['line'].split(': ', 1)[1]}"
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gate.json"), "w") as f:
         json.dump(res, f, indent=1)
