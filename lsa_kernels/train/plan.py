@@ -44,7 +44,8 @@ GIB = 2**30
 #: bytes the process needs besides the step's tensors. CPU: RSS of a fresh process once torch, transformers and
 #: lsa_kernels are imported and one tiny step ran (scripts/validate_plan.py measures it as ``runtime_mib``);
 #: CUDA: the context, cuBLAS workspaces and caching-allocator slack (an assumption, not measured here).
-RUNTIME = {"cpu": 560 * MIB, "cuda": 1 * GIB}
+RUNTIME = {"cpu": 435 * MIB, "cuda": 1 * GIB}
+CPU_MMAP_MAX = 32 * MIB  # glibc's largest mmap threshold (64-bit): smaller blocks come from the heap
 CPU_LOSS_CHUNK = 64 * MIB  # lsa_kernels.backends.cpu.loop.DEFAULT_BUDGET: the fused loss's [rows, V] chunk buffers
 DTYPES = {"bf16": 2, "fp32": 4}
 OBJECTIVES = ("hf", "ce", "long-short")
@@ -228,6 +229,33 @@ def _layer_saved(s: Shape, st: Setup) -> Dict[str, float]:
     return {"norms": norms, "attention": attn, "lora": lora, "mlp": mlp}
 
 
+def _layer_allocs(s: Shape, st: Setup) -> Dict[str, List[int]]:
+    """Bytes per row of every tensor one decoder layer's forward allocates (saved or temporary), by part: the
+    RMSNorms (fp32 upcast, square, rsqrt, scaled rows, bf16 downcast, weight product), q/k/v, RoPE (two products,
+    the rotated half's negation and concatenation, the sum, for q and k), attention output, o_proj, the peft
+    adapters (fp32 input cast, A x, B A x, its scaling, the sum and its downcast), the MLP and the residuals."""
+    a, H, I, r = DTYPES[st.dtype], s.hidden, s.intermediate, st.lora
+    up = a == 2
+    norm = ([4 * H] if up else []) + [4 * H, 4 * H] + ([2 * H] if up else []) + [a * H, 12]
+    attn = [a * s.qd, a * s.kvd, a * s.kvd] + [a * s.qd] * 4 + [a * s.qd // 2] + [a * s.kvd] * 4 + [a * s.kvd // 2]
+    attn += [a * s.qd, 4 * s.heads, a * H, a * H]  # attention output, logsumexp, o_proj, residual
+    lora = []
+    for d_in, d_out in ((H, s.qd), (H, s.kvd), (H, s.kvd), (s.qd, H)) if r else ():
+        lora += ([4 * d_in] if up else []) + [4 * r, 4 * d_out, 4 * d_out, 4 * d_out] + ([2 * d_out] if up else [])
+    mlp = [a * I] * 4 + [a * H, a * H]  # gate, up, silu, product; down_proj, residual
+    return {"norms": norm * 2, "attention": attn, "lora": lora, "mlp": mlp}
+
+
+def _heap(sizes: List[int], rows: int) -> int:
+    """Bytes of those tensors that glibc serves from its heap (under its 32 MiB mmap threshold)."""
+    return sum(rows * b for b in sizes if rows * b < CPU_MMAP_MAX)
+
+
+def _big(total_per_row: float, width_bytes: int, rows: int) -> float:
+    """Rows * bytes of tensors of ``width_bytes`` per row that are mmapped (given back to the system when freed)."""
+    return rows * total_per_row if rows * width_bytes >= CPU_MMAP_MAX else 0.0
+
+
 def _tile_rows(s: Shape, st: Setup, rows: int, T: int) -> int:
     """Rows of one MLP tile (all batch rows of T/n tokens), or all rows without tiling."""
     if st.tiled_mlp is None:
@@ -240,12 +268,13 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     """The step's memory at ``T`` tokens per view (bytes)."""
     st.check()
     a, H, I, V, L = DTYPES[st.dtype], s.hidden, s.intermediate, s.vocab, s.layers
+    cpu = st.device == "cpu"
     two = st.objective == "long-short"
     N = st.batch * T
     M = 2 * N if (two and st.views == "joint") else N  # rows through the decoder at once
     R = 2 * N if two else N  # rows of the loss
     lora = st.lora
-    # --- resident
+    # --- resident: weights (bf16/fp32 base, fp32 adapters), AdamW moments; the step's gradients
     base_p = s.params()
     head_trains = not lora
     train_p = s.lora_params(lora) if lora else base_p
@@ -256,18 +285,14 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     largest = max(V * H, H * I) if not lora else H * max(lora, 1)
     opt_tmp = 2 * largest * tb  # single-tensor AdamW: sqrt(v) and its scaled copy
     runtime = RUNTIME[st.device] if st.runtime is None else st.runtime
-    # --- activations
+    # --- activations autograd saves
     per = _layer_saved(s, st)
     layer = sum(per.values())
     rope = 2 * s.head_dim * a  # cos, sin per token (shared by the layers and the views)
     final = 4 * H + 4 + (a * H if head_trains else 0)  # the final norm's saved input (+ scaled rows)
-    ids = 8
     first_norm = 0 if not lora else 4 * H + 4  # a frozen embedding: layer 0's first norm saves nothing
-    if st.grad_ckpt:
-        saved_tok = L * a * H + final
-    else:
-        saved_tok = L * layer - first_norm + final
-    saved = M * saved_tok + T * rope + M * ids
+    saved_tok = L * a * H + final if st.grad_ckpt else L * layer - first_norm + final
+    saved = M * saved_tok + T * rope + M * 8
     hid = a * H  # the final hidden states, per row
     tile = _tile_rows(s, st, M, T)
     mlp_bwd = (3 if lora else 2) * a * I * tile + (4 * a * I * tile if st.tiled_mlp is not None else 0)
@@ -275,9 +300,30 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     layer_bwd = max(mlp_bwd, attn_bwd) + (M * layer if st.grad_ckpt else 0)
     layer_grads = 0 if lora else s.layer_params() * a
     host = 0
-    if st.offload:  # saved tensors live on the host; the device holds one layer being recomputed/run
+    if st.offload:  # saved tensors wait in host memory; the device holds the layer being run or recomputed
         host = saved - M * final
-        saved = M * final + T * rope + M * ids + M * (a * H if st.grad_ckpt else layer)
+        saved = M * final + T * rope + M * 8 + M * (a * H if st.grad_ckpt else layer)
+    retained = 0
+    if cpu:
+        # glibc: tensors under 32 MiB come from the heap, whose freed holes are reused but not given back, so the
+        # forward's temporaries stay resident through the step; mmapped (larger) tensors are given back when freed
+        alloc = _layer_allocs(s, st)
+        nonmlp = sum(_heap(v, M) for k, v in alloc.items() if k != "mlp")
+        mlp = _heap(alloc["mlp"], tile)
+        reps = 1 if st.grad_ckpt else L  # with checkpointing each layer's temporaries reuse the previous holes
+        retained = reps * nonmlp + (1 if st.tiled_mlp is not None else reps) * mlp
+        retained += (L * M * a * H if st.grad_ckpt and M * a * H < CPU_MMAP_MAX else 0)
+        retained += _heap([4 * H, 4 * H, 4 * H, a * H, 8], M)  # embedding output, final norm
+        # saved tensors that are mmapped are live on top of the heap until the backward frees them
+        big_saved = (L if not st.grad_ckpt else 0) * (_big(per["mlp"], a * I, M) + _big(
+            per["norms"] + per["attention"] + per["lora"], 4 * H, M)) + _big(L * a * H if st.grad_ckpt else 0, a * H, M)
+        saved = big_saved + T * rope
+        # backward transients under 32 MiB reuse the forward's heap holes; larger ones are new memory
+        layer_bwd = max(mlp_bwd if tile * a * I >= CPU_MMAP_MAX else 0, attn_bwd if M * 4 * H >= CPU_MMAP_MAX else 0)
+        if st.grad_ckpt:  # the layer recomputed for its backward
+            layer_bwd += _big(per["mlp"], a * I if st.tiled_mlp is None else a * H, M) + _big(
+                per["norms"] + per["attention"] + per["lora"], 4 * H, M)
+        opt_tmp = opt_tmp if largest * tb >= CPU_MMAP_MAX else 0
     # --- the loss
     head_grad = V * H * a if head_trains else 0
     dW32 = V * H * 4 if head_trains else 0
@@ -287,7 +333,6 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
         loss_bwd = 3 * R * V * 4  # log_softmax output, its gradient and nll's gradient
         dW32 = 0
     else:
-        cpu = st.device == "cpu"
         loss_fwd = (CPU_LOSS_CHUNK + (V * H * 4 if a == 2 else 0)) if cpu else 0
         loss_keep = R * H * 4  # dL/dH, fp32, computed in the forward
         loss_bwd = R * H * a  # its cast to the hidden states' dtype
@@ -295,29 +340,31 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
              "saved activations": saved, "final hidden states": R * hid, "loss (forward)": loss_fwd,
              "loss (kept for backward)": loss_keep + dW32, "layer backward": layer_bwd,
              "optimizer temporaries": opt_tmp}
-    resident = runtime + weights + optim
+    if cpu:
+        terms["CPU heap kept from the forward"] = retained
+    resident = runtime + weights + optim + retained
     phases = {}
     if st.views == "sequential":
         emb_out = 2 * N * a * H if not lora else 0  # the trainable embedding runs once, outside the recompute
-        nograd_fwd = N * (3 * a * I if st.tiled_mlp is None else 0) + 3 * a * I * _tile_rows(s, st, N, T)
-        terms["no-grad forward"] = nograd_fwd
-        phases["view forwards (no grad)"] = resident + emb_out + 2 * N * hid + nograd_fwd // 2 + N * 8
+        nograd = 0 if cpu else N * (3 * a * I if st.tiled_mlp is None else 0) + 3 * a * I * _tile_rows(s, st, N, T)
+        terms["no-grad forward"] = nograd
+        phases["view forwards (no grad)"] = resident + emb_out + 2 * N * hid + nograd
         phases["loss"] = resident + emb_out + R * hid + loss_fwd + loss_keep + dW32
         phases["loss backward"] = resident + emb_out + R * hid + loss_keep + dW32 + loss_bwd + head_grad
-        phases["view backward"] = (resident + emb_out + loss_bwd + head_grad + saved + N * hid + layer_bwd
+        phases["view backward"] = (resident + emb_out + loss_bwd + dW32 + head_grad + saved + N * hid + layer_bwd
                                    + layer_grads)
-        del terms["no-grad forward"]
-        terms["no-grad forward"] = nograd_fwd
     else:
         phases["loss"] = resident + saved + R * hid + loss_fwd + loss_keep + dW32
-        phases["loss backward"] = resident + saved + R * hid + loss_keep + dW32 + loss_bwd + head_grad
-        hf_keep = loss_bwd if st.objective == "hf" else 0
-        phases["layer backward"] = (resident + saved + (R * hid if st.objective != "hf" else 0) + loss_bwd
-                                    + head_grad + layer_bwd + layer_grads - hf_keep + (R * V * a if st.objective == "hf" else 0))
-    phases["end of backward"] = resident + grads + (V * H * 4 if not lora else 0) * 0
+        if st.objective == "hf":
+            phases["loss backward"] = resident + saved + loss_bwd
+            phases["layer backward"] = resident + saved + R * V * a + R * hid + head_grad + layer_bwd + layer_grads
+        else:
+            phases["loss backward"] = resident + saved + R * hid + loss_keep + dW32 + loss_bwd + head_grad
+            phases["layer backward"] = resident + saved + dW32 + loss_bwd + head_grad + layer_bwd + layer_grads
+    phases["end of backward"] = resident + grads + dW32  # the loss's fp32 dW lives as long as its graph
     phases["optimizer step"] = resident + grads + opt_tmp
     phase = max(phases, key=phases.get)
-    per_tok = {k: v for k, v in per.items()}
+    per_tok = dict(per)
     per_tok["checkpointed input"] = a * H if st.grad_ckpt else 0
     return Plan(T=T, peak=int(phases[phase]), phase=phase, terms={k: int(v) for k, v in terms.items()},
                 phases={k: int(v) for k, v in phases.items()}, per_token_layer=per_tok, host=int(host))
