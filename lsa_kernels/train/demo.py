@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = T.Parser(prog="lsa demo", description=__doc__)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--seeds", type=T.positive_int, default=None, help="seeds 0..S-1 per arm (default: 4 recall, 5 text)")
-    ap.add_argument("--data", default="text", choices=list(MODE_DEFAULTS),
+    ap.add_argument("--data", default="recall", choices=list(MODE_DEFAULTS),
                     help="recall: the testbed where distant context matters, from the shipped pretrained base; text: "
                          "the Shakespeare-only control (no long-range signal), base trained in stage 1")
     ap.add_argument("--quick", action="store_true", help="the same pipeline, 1 seed, fewer steps (a few minutes)")

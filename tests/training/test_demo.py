@@ -124,8 +124,8 @@ def test_parse_arm_and_bad_options(capsys, tmp_path):
     out = tmp_path / "d"
     bad = [(["--seeds", "0"], "--seeds"), (["--extra-arms", "sce@-1"], "--extra-arms"),
            (["--rope-factor", "0.5"], "--rope-factor"), (["--threads", "-1"], "--threads"),
-           (["--base-l-train", "10", "--rope-factor", "1.25"], "whole length"),
-           (["--rope-scaling", "yarn"], "--rope-scaling linear only")]
+           (["--data", "text", "--base-l-train", "10", "--rope-factor", "1.25"], "whole length"),
+           (["--data", "text", "--rope-scaling", "yarn"], "--rope-scaling linear only")]
     for argv, msg in bad:
         try:  # a value outside a flag's declared range is refused by the parser itself (SystemExit 2, as lsa demo)
             rc = demo_main(["--out", str(out), *argv])
@@ -140,7 +140,7 @@ def test_parse_arm_and_bad_options(capsys, tmp_path):
 def test_protocol_arms_and_their_train_configs(tmp_path):
     from lsa_kernels.train.demo import _parser, plan
 
-    p = plan(_parser().parse_args(["--out", str(tmp_path / "d"), "--seeds", "2"]))
+    p = plan(_parser().parse_args(["--data", "text", "--out", str(tmp_path / "d"), "--seeds", "2"]))
     assert list(p["arms"]) == ["ce1", "ce2", "sce", "symkl", "longce"]  # make demo's arms, in table order
     assert [(a, s) for a, s, _ in p["runs"]] == [(a, s) for s in (0, 1) for a in p["arms"]]
     cfg = {(a, s): c for a, s, c in p["runs"]}
@@ -154,7 +154,7 @@ def test_protocol_arms_and_their_train_configs(tmp_path):
     d2, dl = vars(cfg[("ce2", 0)]), vars(cfg[("longce", 0)])
     assert {k for k in d2 if d2[k] != dl[k]} == {"ce_weighting", "out"}
     assert not any(c.ce_weighting == "longce" for a, _, c in p["runs"] if a != "longce")
-    assert [a for a, _, _ in plan(_parser().parse_args(["--out", "x", "--seeds", "1", "--arms", "longce"]))["runs"]] == ["longce"]
+    assert [a for a, _, _ in plan(_parser().parse_args(["--data", "text", "--out", "x", "--seeds", "1", "--arms", "longce"]))["runs"]] == ["longce"]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -209,7 +209,7 @@ def test_finished_reads_missing_fields_as_defaults(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ end to end
-TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--base-l-train", "16",
+TINY = ["--data", "text", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--n-kv-head", "1", "--ffn", "64", "--base-l-train", "16",
         "--base-steps", "3", "--base-batch-size", "4", "--steps", "2", "--batch-size", "2", "--n-windows", "2",
         "--lsm-samples", "4", "--quiet"]
 
