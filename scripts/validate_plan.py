@@ -207,6 +207,31 @@ def describe(name: str) -> str:
     return ", ".join(parts)
 
 
+def train_step_crosscheck() -> list:
+    """The planner against every measured point of benchmarks/results/train_step/train_step.csv."""
+    import csv
+
+    from lsa_kernels.train.plan import Setup, load_shape, plan
+
+    path = os.path.join(ROOT, "benchmarks", "results", "train_step", "train_step.csv")
+    if not os.path.exists(path):
+        return []
+    s = load_shape(TINY)
+    obj = {"hf": "hf", "fused_ce": "ce", "long_short": "long-short"}
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            if r["status"] != "ok" or r["optimizer"] != "adamw" or int(r["H"]) != s.hidden:
+                continue
+            st = Setup(device="cpu", objective=obj[r["objective"]], grad_ckpt=r["grad_ckpt"] == "True", runtime=0)
+            p = plan(s, st, int(r["T"]))
+            pred = (p.peak - p.terms["weights"] - p.terms["optimizer state"]) / MIB
+            meas = float(r["peak_extra_mib"])
+            out.append({"objective": r["objective"], "grad_ckpt": r["grad_ckpt"] == "True", "T": int(r["T"]),
+                        "pred_extra_mib": pred, "meas_extra_mib": meas, "ratio": pred / meas})
+    return sorted(out, key=lambda c: (c["objective"], c["grad_ckpt"], c["T"]))
+
+
 def write_report(rows: list) -> str:
     L = ["# `lsa plan` against measured CPU peaks", "",
          "One training step (forward, backward, AdamW step, zero_grad) per configuration, each in a fresh process "
@@ -230,6 +255,20 @@ def write_report(rows: list) -> str:
                  f"{r['step_s']:.0f} |")
     n_ok = sum(1 for r in rows if "error" not in r and abs(r["pred_peak_step_mib"] / (r["peak_mib"] - r["runtime_mib"]) - 1) <= 0.10)
     L += ["", f"{n_ok} of {len(rows)} configurations within ±10 %.", ""]
+    cross = train_step_crosscheck()
+    if cross:
+        n_in = sum(1 for c in cross if abs(c["ratio"] - 1) <= 0.10)
+        L += ["## Cross-check: the committed train-step benchmark", "",
+              "benchmarks/results/train_step/train_step.csv (the same model and method, measured earlier in fresh "
+              "processes, fp32, AdamW; `extra` = VmHWM − RSS after the warm-up, i.e. the step's memory on top of "
+              f"weights and optimizer state) against the planner's peak less its runtime, weights and optimizer state: "
+              f"{n_in} of {len(cross)} within ±10 %, ratios {min(c['ratio'] for c in cross):.2f}–"
+              f"{max(c['ratio'] for c in cross):.2f}.", "",
+              "| objective | ckpt | T | predicted extra (MiB) | measured extra (MiB) | ratio |", "|---|---|---:|---:|---:|---:|"]
+        for c in cross:
+            L.append(f"| {c['objective']} | {'on' if c['grad_ckpt'] else 'off'} | {c['T']} | {c['pred_extra_mib']:.0f} | "
+                     f"{c['meas_extra_mib']:.0f} | {c['ratio']:.2f} |")
+        L.append("")
     rts = [r["runtime_mib"] for r in rows if "runtime_mib" in r]
     if rts:
         L.append(f"Runtime (RSS after imports) measured {min(rts):.0f}–{max(rts):.0f} MiB; the planner's CPU runtime "
@@ -379,6 +418,8 @@ def main(argv=None) -> int:
             r = json.loads(lines[0]) if lines else {"name": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
             old[name] = r
             print(json.dumps(r), flush=True)
+            with open(path, "w") as f:  # after every configuration, so an interrupted run keeps what it measured
+                json.dump({"command": "python scripts/validate_plan.py", "rows": list(old.values())}, f, indent=1)
     rows = []
     for name in CONFIGS:
         if name in old:
@@ -387,7 +428,8 @@ def main(argv=None) -> int:
                 r.update(predict(name, r["runtime_mib"]))
             rows.append(r)
     with open(path, "w") as f:
-        json.dump({"command": "python scripts/validate_plan.py", "rows": rows}, f, indent=1)
+        json.dump({"command": "python scripts/validate_plan.py", "rows": rows,
+                   "train_step_crosscheck": train_step_crosscheck()}, f, indent=1)
     md = write_report(rows)
     with open(os.path.join(OUT, "table.md"), "w") as f:
         f.write(md)
