@@ -368,7 +368,7 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
                           + ["train CE", "train loss"])
     _plot(stats, lengths, os.path.join(a.out, "demo.png"), run_info, reference, l_train)
     if a.data == "recall":
-        DR.plot_recall(stats, lengths, os.path.join(a.out, "recall.png"), reference)
+        DR.plot_recall(stats, lengths, os.path.join(a.out, "recall.png"), reference, run_info)
     wall["total_s"] = time.perf_counter() - t0
     header = [
         f"# lsa demo: RoPE {a.rope_scaling} x{a.rope_factor:g} context extension, {len(p['arms'])} arms x {a.seeds} seeds",
@@ -422,7 +422,8 @@ def _plot(stats, lengths, path, runs, reference, l_train) -> None:
 
 
 def replot(out: str) -> int:
-    """``lsa demo --replot --out DIR``: redraw ``DIR/demo.png`` from ``DIR/results.json`` (no training)."""
+    """``lsa demo --replot --out DIR``: redraw ``DIR/demo.png`` (and the recall testbed's ``recall.png``) from
+    ``DIR/results.json`` (no training)."""
     path = os.path.join(out, "results.json")
     try:
         with open(path) as f:
@@ -441,6 +442,11 @@ def replot(out: str) -> int:
     stats, runs, reference = nan(stats), nan(res["runs"]), nan(res["reference"])
     _plot(stats, lengths, os.path.join(out, "demo.png"), runs, reference, res["protocol"]["l_train"])
     print(f"wrote {os.path.join(out, 'demo.png')}")
+    if res.get("gate"):  # the recall testbed's figure
+        from .demo_recall import plot_recall
+
+        plot_recall(stats, lengths, os.path.join(out, "recall.png"), reference, runs)
+        print(f"wrote {os.path.join(out, 'recall.png')}")
     return 0
 
 

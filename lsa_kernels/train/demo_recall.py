@@ -245,9 +245,11 @@ def evaluate_models(models: Sequence[str], labels: Sequence[str], lengths: Seque
     return out
 
 
-def plot_recall(stats: dict, lengths: Sequence[int], path: str, reference_rows=None) -> None:
+def plot_recall(stats: dict, lengths: Sequence[int], path: str, reference_rows=None, runs: Sequence[dict] = ()) -> None:
     """Recall (exact match, mean over seeds) as a heat map of length x distance bucket per arm (the reference
-    row first), and natural- / key-token perplexity vs length per arm. Skipped without matplotlib."""
+    row first), and natural- / key-token perplexity vs length per arm. The per-bucket recall is averaged over
+    ``runs`` (``[{"arm", "metrics"}]``; the table's summary holds only its own columns). Skipped without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -256,7 +258,13 @@ def plot_recall(stats: dict, lengths: Sequence[int], path: str, reference_rows=N
     except ImportError:
         return
     rows = dict((k, v) for k, v in (reference_rows or {}).items())
-    rows.update({arm: {m: v["mean"] for m, v in stats["summary"][arm].items()} for arm in stats["arms"]})
+    for arm in stats["arms"]:
+        row = {m: v["mean"] for m, v in stats["summary"][arm].items()}
+        per = [r["metrics"] for r in runs if r.get("arm") == arm]
+        for m in {k for p in per for k in p if k.startswith("recall@") and "/" in k}:
+            vals = [p[m] for p in per if p.get(m) is not None and p[m] == p[m]]
+            row[m] = sum(vals) / len(vals) if vals else math.nan
+        rows[arm] = row
     names = [b[0] for b in BUCKETS if any(f"recall@{L}/{b[0]}" in r for r in rows.values() for L in lengths)]
     n = len(rows)
     fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * n + 5, 3.4), squeeze=False)
