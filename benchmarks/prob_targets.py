@@ -53,6 +53,8 @@ def _old_weights(rev: str):
     root = Path(lsa_kernels.__file__).resolve().parent.parent
     src = subprocess.run(["git", "show", f"{rev}:lsa_kernels/weights.py"], cwd=root, capture_output=True, text=True,
                          check=True).stdout
+    # the old module imported a private alias that the package no longer has: give it the public name
+    src = src.replace("from .autograd import _autocast_off", "from .dispatch import autocast_off as _autocast_off")
     mod = types.ModuleType("lsa_kernels._weights_before")
     mod.__package__ = "lsa_kernels"
     sys.modules[mod.__name__] = mod

@@ -36,10 +36,6 @@ from .options import CEOptions, PairOptions
 Tensor = torch.Tensor
 
 
-# the name an older lsa_kernels/weights.py imports: benchmarks/prob_targets.py runs the one of its --before commit
-_autocast_off = autocast_off
-
-
 _acc = acc_dtype  # lsa_kernels.maths
 
 

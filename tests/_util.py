@@ -247,19 +247,19 @@ def confident_ce_inputs(N: int, H: int, V: int, p_lo: float = 0.99, p_hi: float 
 
 
 class CountFusedCE:
-    """Counts the fused CE calls ``hf.patch`` makes (``integrations.patch.linear_cross_entropy``), so an equal
-    result cannot come from the unpatched path: ``with CountFusedCE() as ce: ...; ce.calls``."""
+    """Counts the fused CE calls ``hf.patch`` makes (``integrations.patched_forward.linear_cross_entropy``), so an
+    equal result cannot come from the unpatched path: ``with CountFusedCE() as ce: ...; ce.calls``."""
 
     def __enter__(self):
-        from lsa_kernels.integrations import patch
+        from lsa_kernels.integrations import patched_forward
 
-        self.calls, self._module, self._orig = 0, patch, patch.linear_cross_entropy
+        self.calls, self._module, self._orig = 0, patched_forward, patched_forward.linear_cross_entropy
 
         def counting(*a, **k):
             self.calls += 1
             return self._orig(*a, **k)
 
-        patch.linear_cross_entropy = counting
+        patched_forward.linear_cross_entropy = counting
         return self
 
     def __exit__(self, *exc):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..functional import linear_cross_entropy, long_short_loss
 from ..maths import IGNORE_INDEX
 from ..pairing import LongShortLoss, make_views
+from .decoder import UnsupportedModel, decoder_of, hidden_states, unwrap
 
 __all__ = [
     "UnsupportedModel",
@@ -50,10 +51,6 @@ __all__ = [
     "head_operands",
     "load_causal_lm",
 ]
-
-
-class UnsupportedModel(ValueError):
-    """The model's output head does something this adapter cannot express (see the message)."""
 
 
 @dataclass
@@ -125,23 +122,6 @@ def load_causal_lm(model: "str | object", *, device=None, dtype: Optional[torch.
     return m
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / FSDP / torch.compile wrappers
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def decoder_of(model: nn.Module) -> Optional[nn.Module]:
-    """The module that returns final (normed) hidden states, or None if the model has no separate one."""
-    model = _unwrap(model)
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None or dec is model:
-        base = getattr(model, "base_model", None)
-        dec = base if base is not None and base is not model else None
-    return dec
-
-
 def _config_scale_softcap(config) -> tuple:
     scale = 1.0
     ls = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
@@ -161,7 +141,7 @@ _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDiction
 def output_head(model: nn.Module, verify: bool = True) -> OutputHead:
     """The model's output head as an :class:`OutputHead`; raises :class:`UnsupportedModel` if there is none
     or (``verify=True``, once per model) if it does not reproduce the model's own logits."""
-    model = _unwrap(model)
+    model = unwrap(model)
     emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor) or emb.weight.dim() != 2:
         raise UnsupportedModel(
@@ -198,25 +178,6 @@ def _verify(model: nn.Module, head: OutputHead) -> None:
             f"softcap={head.softcap}) do not reproduce the model's logits (max abs error {err:.3g}); this model "
             "transforms its logits in a way lsa_kernels.integrations.hf does not know about"
         )
-
-
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Final hidden states ``[B, T, H]`` (after the final norm), without computing logits.
-
-    Runs the decoder (``model.get_decoder()``) when the model has one; otherwise falls back to
-    ``model(..., output_hidden_states=True, logits_to_keep=1)`` (logits for one position only).
-    """
-    dec = decoder_of(model)
-    if dec is not None:
-        out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        h = getattr(out, "last_hidden_state", None)
-        if h is None:
-            h = out[0]
-        return h
-    out = _unwrap(model)(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, logits_to_keep=1
-    )
-    return out.hidden_states[-1]
 
 
 def head_operands(head: OutputHead, h: torch.Tensor):
@@ -398,7 +359,7 @@ class LongShortObjective(nn.Module):
 # --- one-line drop-in for Trainer/TRL/PEFT (lsa_kernels.integrations.patch, .trainer), re-exported lazily:
 # patch.py imports this module, and the trainer module imports transformers.Trainer only when asked for.
 _LAZY = {
-    "patch": "patch", "unpatch": "patch", "is_patched": "patch", "LongShortOutput": "patch",
+    "patch": "patch", "unpatch": "patch", "is_patched": "patch", "LongShortOutput": "patched_forward",
     "LongShortTrainer": "trainer", "LongShortCollator": "trainer", "window_dataset": "trainer",
 }
 __all__ += list(_LAZY)

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .decoder import UnsupportedModel, decoder_of, hidden_states, unwrap
+
 __all__ = ["VIEWS", "sequential_states", "view_hidden_states", "check_sequential", "offload_activations"]
 
 VIEWS = ("joint", "sequential")
@@ -52,8 +54,6 @@ def view_hidden_states(model: nn.Module, x: torch.Tensor, *, offload: bool = Fal
                        replay_rng: bool = True) -> torch.Tensor:
     """``hidden_states(model, x)`` whose activations are not kept: computed under ``no_grad`` now, recomputed
     with grad (RNG and autocast state restored; offloaded if ``offload``) when the backward reaches it."""
-    from .hf import hidden_states
-
     def run(ids, _anchor):
         with offload_activations(offload, ids.device):
             return hidden_states(model, ids)
@@ -77,9 +77,7 @@ def _decoder_output(dec: nn.Module, e: torch.Tensor) -> torch.Tensor:
 def _embedding_split(model: nn.Module):
     """``(decoder, input embedding)`` when the embedding trains and ``decoder(inputs_embeds=embed(ids))``
     reproduces ``hidden_states(model, ids)`` exactly (checked once per model), else None."""
-    from .hf import _unwrap, decoder_of, hidden_states
-
-    inner = _unwrap(model)
+    inner = unwrap(model)
     dec = decoder_of(inner)
     emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
@@ -107,8 +105,6 @@ def sequential_states(model: nn.Module, xs, *, offload: bool = False, replay_rng
     (and the decoder takes ``inputs_embeds``), the embedding runs once, with grad, on all the views together,
     outside the recompute: its ``[V, H]`` weight gradient is then made once, not once per view."""
     if not torch.is_grad_enabled():
-        from .hf import hidden_states
-
         return [hidden_states(model, x) for x in xs]
     split = _embedding_split(model)
     if split is None or len({tuple(x.shape[1:]) for x in xs}) != 1:
@@ -127,13 +123,11 @@ _CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictiona
 
 
 def check_sequential(model: nn.Module) -> None:
-    """Raise :class:`~lsa_kernels.integrations.hf.UnsupportedModel` (one line) unless the views of ``model`` can be
+    """Raise :class:`~lsa_kernels.integrations.decoder.UnsupportedModel` (one line) unless the views of ``model`` can be
     recomputed: once per model, on an 8-token probe, the final hidden states must be a ``[B, T, H]`` tensor
     that depends on the trainable parameters, and two forwards from the same RNG state must agree exactly
     (a forward whose result depends on anything but its input, its weights and torch's RNG cannot be replayed)."""
-    from .hf import UnsupportedModel, _unwrap, hidden_states
-
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if inner in _CHECKED:
         return
     name = type(inner).__name__

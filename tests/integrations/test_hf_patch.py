@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lsa_kernels.integrations import hf  # noqa: E402
 from lsa_kernels.integrations import patch as P  # noqa: E402
+from lsa_kernels.integrations import patched_forward as PF  # noqa: E402
 from _util import CountFusedCE  # noqa: E402
 
 V = 1024
@@ -301,12 +302,12 @@ def test_trl_fused_lm_head_served_by_the_fused_ce():
     (-ref.log_probs.sum() / 40).backward()
     hf.patch(m, chunk_bytes=3 * V * 4 * 4)
     called = []
-    orig = P.linear_cross_entropy
-    P.linear_cross_entropy = lambda *a, **k: called.append(k.get("reduction")) or orig(*a, **k)
+    orig = PF.linear_cross_entropy
+    PF.linear_cross_entropy = lambda *a, **k: called.append(k.get("reduction")) or orig(*a, **k)
     try:
         got = m(input_ids=x, attention_mask=mask, labels=lab, fused_lm_head=True, num_items_in_batch=40)
     finally:
-        P.linear_cross_entropy = orig
+        PF.linear_cross_entropy = orig
     assert called == ["none"]
     (-got.log_probs.sum() / 40).backward()
     assert torch.equal(got.label_mask, ref.label_mask)

@@ -23,24 +23,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "lsa_kernels"
 
-#: edges allowed to remain for now, each with its reason; every entry must still exist (checked below)
-ALLOWED_EDGES: dict[tuple[str, str], str] = {
-    # integrations/ is outside the op-boundary work: hf.view_states imports memory lazily and memory imports
-    # hf's hidden_states / UnsupportedModel / _unwrap lazily. Move those three below both (e.g. a small
-    # integrations module they share) and remove this entry.
-    ("lsa_kernels.integrations.memory", "lsa_kernels.integrations.hf"):
-        "memory.py <-> hf.py: memory needs hf's model helpers, hf dispatches to memory's sequential views",
-}
+#: edges allowed to remain, each with its reason (none: every cycle fails); every entry must still exist
+ALLOWED_EDGES: dict[tuple[str, str], str] = {}
 
-#: (importing module, imported module, name) private names allowed across modules, each with its reason
-ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {
-    # integrations/ is outside the op-boundary work: make hf._unwrap public (or move it with the helpers named
-    # in ALLOWED_EDGES) and remove these two entries
-    ("lsa_kernels.integrations.patch", "lsa_kernels.integrations.hf", "_unwrap"):
-        "patch.py shares hf.py's model unwrapping",
-    ("lsa_kernels.integrations.memory", "lsa_kernels.integrations.hf", "_unwrap"):
-        "memory.py shares hf.py's model unwrapping",
-}
+#: (importing module, imported module, name) private names allowed across modules, each with its reason (none)
+ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {}
 
 
 def _module_name(path: Path) -> str:
