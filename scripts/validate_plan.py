@@ -47,7 +47,7 @@ CONFIGS = {
     "tiny-ls-joint-2k": (TINY, None, "fp32", 0, "long-short", "joint", False, None, 2048),
     "tiny-ls-seq-2k": (TINY, None, "fp32", 0, "long-short", "sequential", False, None, 2048),
     "tiny-ls-joint-ckpt-4k": (TINY, None, "fp32", 0, "long-short", "joint", True, None, 4096),
-    "tiny-ls-seq-ckpt-tiled-4k": (TINY, None, "fp32", 0, "long-short", "sequential", True, 0, 4096),
+    "tiny-ls-seq-ckpt-tiled-2k": (TINY, None, "fp32", 0, "long-short", "sequential", True, 0, 2048),
     "l8b-1L-bf16-lora-ce-512": ("llama3-8b", 1, "bf16", 32, "ce", "joint", False, None, 512),
     "l8b-1L-bf16-lora-hf-512": ("llama3-8b", 1, "bf16", 32, "hf", "joint", False, None, 512),
     "l8b-2L-bf16-lora-ls-joint-256": ("llama3-8b", 2, "bf16", 32, "long-short", "joint", False, None, 256),
@@ -412,10 +412,15 @@ def main(argv=None) -> int:
             old = {r["name"]: r for r in json.load(f)["rows"]}
     if not a.report_only:
         for name in a.only or list(CONFIGS):
-            p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
-                               cwd=ROOT, timeout=a.timeout)
-            lines = [ln[2:] for ln in p.stdout.splitlines() if ln.startswith("@@")]
-            r = json.loads(lines[0]) if lines else {"name": name, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            try:
+                p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
+                                   cwd=ROOT, timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                r = {"name": name, "error": f"timed out after {a.timeout:.0f} s"}
+            else:
+                lines = [ln[2:] for ln in p.stdout.splitlines() if ln.startswith("@@")]
+                r = json.loads(lines[0]) if lines else {"name": name,
+                                                        "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
             old[name] = r
             print(json.dumps(r), flush=True)
             with open(path, "w") as f:  # after every configuration, so an interrupted run keeps what it measured

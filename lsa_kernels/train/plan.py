@@ -20,7 +20,11 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   ``[V, H]``; on the CPU backend a 64 MiB logits chunk and, under bf16, an fp32 copy of ``W`` while the loss
   runs. transformers' loss (``--objective hf``) holds ``[rows, V]`` fp32 logits: three at once in its backward;
 * transients: one layer's backward (three ``[rows, I]`` MLP gradients), the no-grad forward of the sequential
-  views, the gradients and AdamW's update temporaries (two of the largest parameter).
+  views, the gradients and AdamW's update temporaries (two of the largest parameter);
+* ``--device cpu``: glibc serves blocks under its 32 MiB mmap threshold from the heap, reuses the holes freed
+  tensors leave but does not give them back, so every temporary the forward allocates under 32 MiB (the
+  norms' squares, RoPE's rotations, ... — listed in ``_layer_allocs``) stays resident through the step, while
+  larger tensors are mmapped and given back when freed (only those count as transients).
 
 The peak is the largest of the step's phases (loss forward, start of the backward, end of the backward,
 optimizer step); ``--offload-activations`` (CUDA) moves the saved activations to host memory, reported
@@ -257,11 +261,13 @@ def _big(total_per_row: float, width_bytes: int, rows: int) -> float:
 
 
 def _tile_rows(s: Shape, st: Setup, rows: int, T: int) -> int:
-    """Rows of one MLP tile (all batch rows of T/n tokens), or all rows without tiling."""
+    """Rows of one MLP tile (T/n tokens of every sequence), or all rows without tiling. With one tile per H tokens
+    (``--tiled-mlp`` alone) a tile has ``ceil(T / ceil(T / H)) <= H`` tokens: the bound H is used, so the plan
+    grows monotonically with T."""
     if st.tiled_mlp is None:
         return rows
-    n = st.tiled_mlp or math.ceil(T / s.hidden)
-    return math.ceil(rows / max(1, min(n, T)))
+    tokens = min(T, s.hidden) if st.tiled_mlp == 0 else math.ceil(T / min(st.tiled_mlp, T))
+    return (rows // T) * tokens
 
 
 def plan(s: Shape, st: Setup, T: int) -> Plan:
@@ -392,14 +398,14 @@ def longest(s: Shape, st: Setup, budget: int, cap: int = 1 << 31) -> int:
 
 
 def build_parser():
-    from .._cli_types import Parser, positive_int
+    from .._cli_types import Parser, nonneg_int, positive_int
 
     p = Parser(prog="lsa plan", description=__doc__.split("\n\n")[1] if __doc__ else "")
     p.add_argument("--model", required=True, help="a named shape (" + ", ".join(NAMED) + "), a config.json file "
                    "or a transformers model directory (its config only: no weights are read)")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 80GiB, 8192MiB, 80GB (10^9 bytes)")
     p.add_argument("--layers", type=positive_int, default=None, help="plan a slice of this many decoder layers")
-    p.add_argument("--lora", type=bounded_lora(), default=0, help="LoRA rank on q/k/v/o (0: full fine-tuning)")
+    p.add_argument("--lora", type=nonneg_int, default=0, help="LoRA rank on q/k/v/o (0: full fine-tuning)")
     p.add_argument("--dtype", default="fp32", help="weights and activations: bf16 or fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     p.add_argument("--tiled-mlp", nargs="?", type=positive_int, const=0, default=None, metavar="TILES",
@@ -412,12 +418,6 @@ def build_parser():
     p.add_argument("--batch", type=positive_int, default=1, help="sequences per step")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
-
-
-def bounded_lora():
-    from .._cli_types import nonneg_int
-
-    return nonneg_int
 
 
 def _mib(b: float) -> str:
