@@ -1,15 +1,20 @@
-"""The paper's experiment in miniature: context extension x4, five fine-tuning arms, several seeds.
+"""The paper's experiment in miniature: a pretrained base, context extension, fine-tuning arms, several seeds.
 
-    lsa demo                                  # make demo: the defaults below
-    lsa demo --seeds 5 --extra-arms sce@0.5   # the committed run (benchmarks/results/demo, docs/demo.md)
+    lsa demo                                  # make demo: the recall testbed (--data recall), 6 arms x 4 seeds
+    lsa demo --quick                          # the same pipeline, 1 seed, 20 steps
+    lsa demo --data text                      # the Shakespeare control: base trained here, 5 arms x 5 seeds
 
-Stage 1 (built once; reused when ``<out>/base`` holds a finished run with the same config): the small
-default Llama trained from scratch on the shipped corpus at a short context (``--base-l-train 64``,
-``max_position_embeddings`` = 64, so the extension below is a real one), alpha = 0.
+``--data recall`` (default; docs/demo.md, "The recall testbed"): stage 1 is the shipped pretrained base
+(``lsa_kernels/data/recall_base``, checksums verified; ``--base-model DIR`` for another) and the gate: it must
+retrieve in its own window (:func:`demo_recall.run_gate`) or the demo stops with exit code 3 and no table.
+Stage 2: for every seed, the base's RoPE extended (YaRN x16: 64 -> 1024 positions), fine-tuned at l_train 256
+on windows with repeated rare spans and facts written in, in each arm: ce1, ce2, sce@0.1, symkl@0.1, symkl@1,
+symkl-last (sym_kl at alpha 1 on the last pair only). Evaluation: natural- and key-token perplexity, recall by
+length x distance, the copy gap, LongPPL, LSM.
 
-Stage 2: for every seed, from that base, RoPE extended with position interpolation (``--rope-scaling
-linear --rope-factor 4``: l_train 256), full fine-tuning (``--lora R`` for LoRA) in each arm; the same seed
-gives every arm the same windows in the same order and the same initial weights:
+``--data text``: stage 1 trains the small default Llama from scratch on the shipped corpus at a short context
+(``--base-l-train 64``, ``max_position_embeddings`` = 64), alpha = 0; stage 2 extends it with position
+interpolation (``--rope-scaling linear --rope-factor 4``: l_train 256) in the arms
 
     ce1     alpha = 0, CE on one view (the long one): the paper's baseline
     ce2     alpha = 0, CE on both views: the same tokens as the regularised arms, no divergence
@@ -20,13 +25,14 @@ gives every arm the same windows in the same order and the same initial weights:
             §13): the same training tokens as ce2, which it is compared with
     --extra-arms NAME@ALPHA ...  e.g. sce@0.5 (the paper reports alpha 0.5 / 1.0 as harmful)
 
-Evaluation (``<out>/eval``) of every fine-tuned run and of the extended base before fine-tuning ("base x4",
-also the LongPPL reference): perplexity and LongPPL at 1x, 2x, 4x the extended length on the same
-held-out target tokens, LSM with sce and sym_kl. Then :mod:`demo_stats`: mean ± std over seeds, the
-per-seed paired differences against ce1 and ce2 with a paired t-test and a sign test, verdict lines
-computed from those numbers, and the paper's Table-1 check (correlation across runs of LSM and of the
-final training CE with PPL at the longest length). Writes ``<out>/table.md``, ``<out>/results.json``,
-``<out>/demo.png``; prints the table and the wall time. The protocol is documented in docs/demo.md.
+In both, the same seed gives every arm the same windows in the same order and the same initial weights
+(``--lora R`` for LoRA instead of full fine-tuning). Evaluation (``<out>/eval``) of every fine-tuned run and of
+the extended base before fine-tuning (the reference row and LongPPL evaluator), then :mod:`demo_stats`: mean ±
+std over seeds, the per-seed paired differences against ce1 and ce2 (paired t-test, sign test, Holm across the
+verdict lines, bootstrap intervals over windows where available), verdict lines computed from those numbers, and
+the paper's Table-1 check (correlation across runs of LSM and of the final training CE with the target
+metric). Writes ``<out>/table.md``, ``<out>/results.json``, ``<out>/demo.png`` (and ``recall.png``); prints the
+table and the wall time. The protocol is documented in docs/demo.md.
 """
 
 from __future__ import annotations
