@@ -5,7 +5,11 @@
 #   tests/mutation/run.sh maths          # one module: maths | reference | functional | autograd | pairing |
 #                                        #   backends/cpu/aten | backends/cpu/loop | backends/cpu/__init__ |
 #                                        #   backends/cpu/ext | distillation | _checks | integrations/trainer |
-#                                        #   integrations/patch | train/demo_stats (the last four: not in `all`)
+#                                        #   integrations/patch | integrations/patched_forward | train/demo_stats | dispatch | options
+#                                        #   (the last seven: not in `all`)
+#   tests/mutation/run.sh planted [NAME...]  # the hand-planted bugs of the op boundary (dispatch.py, options.py:
+#                                        #   swapped option fields, a dropped autocast cast; tests/mutation/planted.py,
+#                                        #   no cosmic-ray needed): each applied to a scratch copy, every one must die
 #   tests/mutation/run.sh all            # every module above, in that order (what `make mutate` runs)
 #
 # Needs cosmic-ray in its own venv (kept apart from the project's pinned stack):
@@ -17,8 +21,11 @@
 # Each module has a small, fast test selection (tests/api/test_module_formulas.py first, so most mutants die in
 # seconds); the per-mutant timeout is CR_TIMEOUT (default 120 s). Results: $CR_WORK/<module>/report.txt.
 set -euo pipefail
-module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation, _checks, integrations/trainer, integrations/patch, train/demo_stats or all}"
+module="${1:?module: maths, reference, functional, autograd, pairing, backends/cpu/aten, backends/cpu/loop, backends/cpu/__init__, backends/cpu/ext, distillation, _checks, integrations/trainer, integrations/patch, train/demo_stats, dispatch, options, planted or all}"
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
+if [ "$module" = planted ]; then
+  exec "$repo/.venv/bin/python" "$repo/tests/mutation/planted.py" "${@:2}"
+fi
 if [ "$module" = all ]; then
   for m in maths reference functional autograd pairing backends/cpu/aten backends/cpu/loop backends/cpu/__init__ \
            backends/cpu/ext distillation; do
@@ -40,7 +47,9 @@ case "$module" in
   pairing) tests="$M tests/api/test_pairing_oracle.py tests/api/test_bad_input.py tests/api/test_long_short.py::test_sample_l_extra_range_and_module" ;;
   _checks) tests="$M tests/api/test_bad_input.py tests/api/test_accuracy.py -k 'functional or bad_input or target or integer or finite or triton_backend or accuracy'" ;;
   integrations/trainer) tests="tests/integrations/test_collator.py tests/integrations/test_hf_trainer.py::test_long_short_collator_and_window_dataset" ;;
-  integrations/patch) tests="tests/integrations/test_hf_patch.py -k 'trl or unpatch or patched_loss or positional or eval_mode or peft'" ;;
+  integrations/patch|integrations/patched_forward) tests="tests/integrations/test_hf_patch.py -k 'trl or unpatch or patched_loss or positional or eval_mode or peft'" ;;
+  dispatch) tests="$M tests/api/test_autocast.py tests/api/test_bad_input.py" ;;
+  options) tests="$M tests/api/test_long_short.py::test_cpu_fp32_every_option tests/api/test_per_token.py tests/api/test_linear_cross_entropy.py::test_matches_reference" ;;
   train/demo_stats) tests="tests/training/test_demo_verdicts.py tests/training/test_demo.py -k 'verdict or tie or student or paired or correlations or build_stats'" ;;
   *) echo "unknown module $module" >&2; exit 2 ;;
 esac
