@@ -154,3 +154,24 @@ def test_longppl_keys_with_an_in_window_evaluator_find_the_answers(env):  # noqa
     nu = {}
     DR.length_metrics(uni, {512: b}, nll_out=nu)
     assert not DR.longppl_keys(nu[512], DR.short_context_nll(uni, b.ids, short=128)).any()
+
+
+def test_the_shipped_base_matches_its_checksums_and_passes_the_gate(tmp_path):
+    """The base `make demo` starts from: its files match SHA256SUMS, it retrieves in its own window (the gate),
+    and a corrupted copy is refused before use."""
+    import shutil
+
+    from lsa_kernels.train.config import ConfigError
+    from lsa_kernels.train.demo_recall import _data, _load
+    from lsa_kernels.train.recall_base import SHIPPED_BASE, verify
+
+    verify(SHIPPED_BASE)
+    tok, test, pool = _data()
+    res = DR.gate(_load(SHIPPED_BASE), pool, test, tok, length=64)
+    assert res["passed"], res["line"]
+    bad = tmp_path / "base"
+    shutil.copytree(SHIPPED_BASE, bad)
+    with open(bad / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ConfigError, match="config.json"):
+        verify(str(bad))
