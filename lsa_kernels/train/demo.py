@@ -262,8 +262,11 @@ def demo_main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
     from .loop import train
 
+    from .model import quiet_transformers
+
     a = _parser().parse_args(argv)
     fill_defaults(a)
+    quiet_transformers()  # no weight-loading bars from transformers between the demo's own lines
     _env.smoke_caps(a, "lsa demo", seeds=2, base_steps=2, base_batch_size=2, steps=2, batch_size=2, n_windows=2,
                     lsm_samples=4)
     gate = None

@@ -175,3 +175,24 @@ def test_the_shipped_base_matches_its_checksums_and_passes_the_gate(tmp_path):
         f.write(" ")
     with pytest.raises(ConfigError, match="config.json"):
         verify(str(bad))
+
+
+def test_demo_stops_before_any_arm_when_the_base_does_not_retrieve(tmp_path, capsys):
+    """A base that cannot copy (random weights) fails the gate: exit code 3, the gate's line on stderr,
+    gate.json written, no fine-tuning run and no table."""
+    from lsa_kernels.train.config import TrainConfig
+    from lsa_kernels.train.data import load_tokenizer
+    from lsa_kernels.train.demo import demo_main
+    from lsa_kernels.train.model import build_model
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn=64, max_positions=64)
+    base = tmp_path / "random_base"
+    build_model(cfg, load_tokenizer().vocab_size, torch.device("cpu")).save_pretrained(base)
+    capsys.readouterr()
+    out = tmp_path / "demo"
+    rc = demo_main(["--base-model", str(base), "--out", str(out), "--quick", "--quiet"])
+    assert rc == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped before any arm" in err[0] and "-> FAIL" in err[0]
+    assert (out / "gate.json").exists() and not (out / "table.md").exists() and not (out / "runs").exists()
