@@ -40,13 +40,15 @@ rows ``⌈V/BLOCK_V⌉`` times, mostly from L2 (the programs of one V tile are c
 tile comes from HBM about once per chunk). fp32 pair dz at N = 16384, V = 128256, H = 4096, both views: C =
 1024 rows (16 chunks), 32 × 64 × 32 tiles: 32 × 2004 = 64,128 programs per chunk, W (2.1 GB in fp32) from HBM
 about 16 times, 34 GB, about 10 ms at 3.35 TB/s next to about 210 ms of tf32x3 dots for the 3.4·10¹³ flops of
-the recomputed logits. Its table entry caps registers at 255 (ptxas ``.maxnreg``), which keeps every compiled
-fp32 flag set spill-free under Triton 3.6 and 3.8 (without the cap ptxas squeezed up to a third of them into
-128 registers and some spilled 8-16 B). The tile is unchanged, so the number of programs and the re-reads above
-are too; what changes is occupancy: a flag set ptxas used to squeeze now runs one block of 8 warps per SM
-instead of two. Expected cost: none where the tf32x3 dots keep the tensor cores busy with 8 warps; at worst,
-for those flag sets, the latency hiding that the second block gave (not measured: no GPU yet; override the
-config with ``maxnreg=None`` to compare).
+the recomputed logits. Its table entry caps registers at 255 (ptxas ``.maxnreg``): without the cap ptxas
+squeezed 18-29 % of the sampled fp32 flag sets into 128 registers (two blocks of 8 warps per SM) and some of
+those spilled 8-16 B; with it the 89 sampled flag sets (of 4220) compile spill-free on sm_80 and sm_90 under
+Triton 3.6 and 3.8, and every fp32 ce_dz and dense_dz flag set is spill-free without a cap
+(benchmarks/results/compile_sweep/DETERMINISTIC_FP32.md). The tile is unchanged, so the number of programs and
+the re-reads above are too; what changes is occupancy, for the flag sets ptxas used to squeeze only (above 128
+registers a block of 8 warps is alone on its SM anyway): one block per SM instead of two. Expected cost: none
+where the tf32x3 dots keep the tensor cores busy with 8 warps; at worst, for those flag sets, the latency hiding
+that the second block gave (not measured: no GPU yet; override the config with ``maxnreg=None`` to compare).
 """
 
 from __future__ import annotations
