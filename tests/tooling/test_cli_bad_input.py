@@ -23,14 +23,14 @@ import pytest
 pytestmark = pytest.mark.tooling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMANDS = ("train", "eval", "demo", "synthetic", "bench", "info")
+COMMANDS = ("train", "eval", "demo", "plan", "synthetic", "bench", "info")
 
 # numeric flags with no range on purpose: (command, flag) -> why any number is meaningful
 UNBOUNDED = {
     ("train", "--ce-views"): "takes one of its choices 0, 1, 2 (argparse refuses anything else)",
 }
 # arguments a subcommand needs besides the flag under test (parsing fails on the bad value before they matter)
-REQUIRED = {"eval": ["--runs", "model", "--l-train", "8"]}
+REQUIRED = {"eval": ["--runs", "model", "--l-train", "8"], "plan": ["--model", "train-step", "--budget", "8GiB"]}
 
 
 class Case(NamedTuple):
