@@ -65,15 +65,16 @@ def _measure_one(mode: str, l_train: int, batch: int, repeats: int, backend: str
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     l_extra = l_train // 4  # the mean of U{1..l_train/2}
     window = torch.randint(0, 4096, (batch, l_train + l_extra + 1), device=dev)
-    alpha, win = (0.0, window[:, : l_train + 1]) if mode == "ce" else (0.1, window)
+    # ce: the one-view baseline, the whole [B, l_train + 1] window is the long view (l_extra 0: l_train CE rows)
+    alpha, win, l_ex = (0.0, window[:, : l_train + 1], 0) if mode == "ce" else (0.1, window, l_extra)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
 
     def step():
         if amp is not None:
             with amp:
-                out = obj(win, l_extra, alpha)
+                out = obj(win, l_ex, alpha)
         else:
-            out = obj(win, l_extra, alpha)
+            out = obj(win, l_ex, alpha)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
