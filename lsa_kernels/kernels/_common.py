@@ -124,8 +124,8 @@ _FP32 = {
     # deterministic pair dz: at 32×64×32 / 8 warps ptxas squeezed 18 % (Triton 3.8) to 29 % (3.6) of the sampled
     # (flag set, arch) pairs into 128 registers, two blocks per SM, and some of those spilled 8-16 B (1 of 85
     # sampled flag sets under 3.8, 4 under 3.6; 2 stages still squeezed flag sets into 128 under 3.6). A cap of
-    # 255 registers (ptxas .maxnreg) stops the squeeze: the 89 sampled flag sets (the 85, the spillers first, and
-    # the production ones) compile with 0 B and 132-255 registers on sm_80 and sm_90 under both versions
+    # 255 registers (ptxas .maxnreg) stops the squeeze: 334 flag sets (those 85 and 245 more of the 4220, and the
+    # production ones) compile with 0 B and 132-255 registers on sm_80 and sm_90 under both versions
     # (benchmarks/results/compile_sweep/DETERMINISTIC_FP32.md). Over 128 registers a block of 8 warps is alone on
     # its SM anyway, so only the flag sets ptxas squeezed lose their second block.
     "pair_dz": LaunchConfig(32, 64, 32, num_warps=8, num_stages=3, maxnreg=255),
