@@ -36,6 +36,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.harness import malloc_trim as _malloc_trim, reset_hwm as _reset_hwm, status_kb as _status_kb  # noqa: E402
 OUT = os.path.join(ROOT, "benchmarks", "results", "plan_validation")
 MIB = 2**20
 
@@ -53,30 +54,6 @@ CONFIGS = {
     "l8b-2L-bf16-lora-ls-joint-256": ("llama3-8b", 2, "bf16", 32, "long-short", "joint", False, None, 256),
     "l8b-2L-bf16-lora-ls-seq-ckpt-tiled-512": ("llama3-8b", 2, "bf16", 32, "long-short", "sequential", True, 0, 512),
 }
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """VmHWM := current RSS (``echo 5 > /proc/self/clear_refs``, as benchmarks/train_step.py does)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
-
-
-def _malloc_trim() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _setup(cfg):
