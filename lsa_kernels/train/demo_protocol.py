@@ -1,4 +1,4 @@
-"""The demo's protocol: its arms and the defaults of each kind of data (docs/demo.md, "Protocol")."""
+"""The demo's protocol: its arms and the defaults of each kind of data (docs/demo.md: "The recall testbed" and "The Shakespeare control")."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ ARMS: Dict[str, dict] = {
 DEFAULT_SEEDS = 5
 TEXT_ARMS = ("ce1", "ce2", "sce", "symkl", "longce")
 RECALL_ARMS = ("ce1", "ce2", "sce", "symkl", "symkl@1", "symkl-last")
-# the data each demo runs on, and the defaults that differ between them (docs/demo.md, "Protocol")
+# the data each demo runs on, and the defaults that differ between them (docs/demo.md)
 MODE_DEFAULTS = {
     "recall": dict(arms=RECALL_ARMS, seeds=4, rope_scaling="yarn", rope_factor=16.0, l_train=256, steps=60,
                    batch_size=8, lengths=[1, 2, 4], n_windows=64, lsm_samples=256),
