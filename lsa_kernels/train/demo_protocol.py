@@ -1,4 +1,5 @@
-"""The demo's protocol: its arms and the defaults of each kind of data (docs/demo.md: "The recall testbed" and "The Shakespeare control")."""
+"""The demo's protocol: its arms and the defaults of each kind of data (docs/demo.md: "The recall testbed" and
+"The Shakespeare control")."""
 
 from __future__ import annotations
 
