@@ -271,6 +271,7 @@ for it in range(2):  # two iterations: DDP's static graph is recorded in the fir
     obj(w.chunk(2)[r], t.L_EXTRA, 0.5).loss.backward()
 if r == 0:
     torch.save({n: p.grad for n, p in m.named_parameters()}, os.environ["OUT"])
+dist.barrier()  # neither rank tears gloo down while the other still uses it (an abort at exit otherwise)
 dist.destroy_process_group()
 """
 
