@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .recall_data import RecallBatch, RecallWindows
 from .recall_eval import chance, lm_logits_fn, recall_scores
 
-__all__ = ["BUCKETS", "GATE_EXACT", "LONGPPL_RATIO", "LONGPPL_SHORT", "short_context_nll", "longppl_keys", "buckets_for", "recall_batch", "gate", "length_metrics", "metric_names",
+__all__ = ["BUCKETS", "GATE_EXACT", "LONGPPL_RATIO", "LONGPPL_SHORT", "short_context_nll", "longppl_keys", "answer_mask", "buckets_for", "recall_batch", "gate", "length_metrics", "metric_names",
            "verdict_metrics", "run_gate", "evaluate_models", "plot_recall"]
 
 # absolute distance buckets (inclusive): near / mid fit the 256-token training window's short half, far the rest
@@ -79,6 +79,14 @@ def gate(model, pool, corpus, tok, length: int, n: int = 64, exact: float = GATE
             "length": length, "n_windows": n}
 
 
+def answer_mask(b: RecallBatch) -> torch.Tensor:
+    """``[n, L - 1]`` bool over the logit positions: True where the next token is an answer (a key token)."""
+    mask = torch.zeros(b.ids.shape[0], b.ids.shape[1] - 1, dtype=torch.bool)
+    for a in b.answers:
+        mask[a.window, a.pos - 1] = True
+    return mask
+
+
 @torch.no_grad()
 def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict] = None,
                    nll_out: Optional[dict] = None) -> Dict[str, float]:
@@ -98,9 +106,7 @@ def length_metrics(model, batches: Dict[int, RecallBatch], parts: Optional[dict]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.ids[:, 1:].reshape(-1),
                               reduction="none").view(b.ids.shape[0], -1)
         natural = ~b.inserted[:, 1:]
-        key = torch.zeros_like(natural)
-        for a in b.answers:
-            key[a.window, a.pos - 1] = True
+        key = answer_mask(b)
         if nll_out is not None:
             nll_out[L] = nll
         out[f"natPPL@{L}"] = math.exp(float(nll[natural].mean()))
@@ -233,9 +239,7 @@ def evaluate_models(models: Sequence[str], labels: Sequence[str], lengths: Seque
             nll = full[L]
             if i == 0:  # the first model is the evaluator (the extended base: every length inside its positions)
                 keys[L] = longppl_keys(nll, short_context_nll(m, b.ids))
-                answer = torch.zeros_like(keys[L])
-                for a in b.answers:
-                    answer[a.window, a.pos - 1] = True
+                answer = answer_mask(b)
                 nk = int(keys[L].sum())
                 res[f"LongPPL keys@{L}"] = float(nk)
                 res[f"LongPPL key precision@{L}"] = float((keys[L] & answer).sum()) / nk if nk else math.nan
