@@ -41,7 +41,7 @@ def _setup(name: str, T: int):
 
     from benchmarks.train_step import FULL_MODEL
     from lsa_kernels.integrations import hf
-    from lsa_kernels.integrations.tiled_mlp import tile_mlp
+    from lsa_kernels.integrations.tiling import tile_mlp
 
     obj, views, ckpt, tiled = CASES[name]
     torch.manual_seed(0)

@@ -68,7 +68,7 @@ def child(name: str) -> dict:
     from transformers import LlamaConfig
 
     from lsa_kernels.integrations import hf
-    from lsa_kernels.integrations.tiled_mlp import tile_mlp
+    from lsa_kernels.integrations.tiling import tile_mlp
     from lsa_kernels.train.plan import NAMED
 
     shape, layers, dtype, lora, obj, views, ckpt, tiled, T = CONFIGS[name]

@@ -67,6 +67,7 @@ class TrainConfig:
     grad_accum: int = 1
     views: str = "joint"  # "sequential": each view's forward recomputed in the backward, one at a time
     tiled_mlp: int = 0  # 0 = off; N >= 1 sequence tiles per MLP; -1 = one tile per hidden-size tokens
+    tiled_norms: int = 0  # the same for the decoder's norms (each keeps only its input for the backward)
     offload_activations: bool = False  # save_on_cpu around the model's forward (CUDA)
     dtype: str = "auto"  # "fp32", "bf16" (autocast), "auto" = bf16 on CUDA, fp32 on CPU
     # parallelism (parallel.py): N > 1 shards the LM head over the vocabulary across N processes (torchrun,
@@ -264,9 +265,10 @@ def validate(cfg: TrainConfig) -> None:
                           "--ce-views 2 (a one-view run has nothing to split)")
     if cfg.views == "sequential" and (cfg.fsdp or cfg.tensor_parallel > 1):
         raise ConfigError("--views sequential is supported on one process or DDP, not with --fsdp / --tensor-parallel")
-    if cfg.tiled_mlp < -1:
-        raise ConfigError(f"--tiled-mlp must be a tile count >= 1 (or given alone: one tile per hidden-size "
-                          f"tokens), got {cfg.tiled_mlp}")
+    for flag, v in (("--tiled-mlp", cfg.tiled_mlp), ("--tiled-norms", cfg.tiled_norms)):
+        if v < -1:
+            raise ConfigError(f"{flag} must be a tile count >= 1 (or given alone: one tile per hidden-size "
+                              f"tokens), got {v}")
     if cfg.offload_activations:
         import torch
 
@@ -359,6 +361,9 @@ def parser(description: str = CLI_DOC) -> argparse.ArgumentParser:
     g.add_argument("--tiled-mlp", type=T.positive_int, nargs="?", const=-1, default=d.tiled_mlp, metavar="TILES",
                    help="run each layer's MLP over TILES sequence tiles, recomputed in the backward (alone: one "
                         "tile per hidden-size tokens; default: off)")
+    g.add_argument("--tiled-norms", type=T.positive_int, nargs="?", const=-1, default=d.tiled_norms, metavar="TILES",
+                   help="run the decoder's norms over TILES sequence tiles, recomputed in the backward: each keeps "
+                        "only its input, not its fp32 normalised rows (alone: one tile per hidden-size tokens)")
     g.add_argument("--offload-activations", action="store_true",
                    help="CUDA: keep the activations saved for the backward in pinned host memory (save_on_cpu), "
                         "with --grad-checkpointing only the layers' inputs")

@@ -27,8 +27,9 @@ dW), checkpoints hold the adapter and the merged model; ``--grad-checkpointing``
 the backward (non-reentrant); ``--grad-accum K`` sums K micro-batches, each weighted by its share of the
 step's valid targets, so a step equals one batch K times larger; ``--dtype bf16`` runs under autocast. For the longest contexts:
 ``--views sequential`` runs the two views one at a time (each recomputed in the backward: one view's
-activations), ``--tiled-mlp`` runs each MLP over sequence tiles, ``--offload-activations`` (CUDA) keeps the
-saved activations in host memory (lsa_kernels/integrations/memory.py, tiled_mlp.py).
+activations), ``--tiled-mlp`` / ``--tiled-norms`` run each MLP / norm over sequence tiles,
+``--offload-activations`` (CUDA) keeps the saved activations in host memory (lsa_kernels/integrations/memory.py,
+tiling.py).
 
 Where things live: the options and their checks in config.py, the model (build, RoPE extension, LoRA,
 checkpointing, dtype) in model.py, single process / DDP / FSDP / tensor parallelism in parallel.py (one
@@ -53,7 +54,7 @@ import torch
 
 from ..integrations.hf import LongShortObjective, UnsupportedModel, output_head
 from ..integrations.memory import check_sequential
-from ..integrations.tiled_mlp import CannotTile, tile_mlp
+from ..integrations.tiling import CannotTile, tile_mlp, tile_norms
 from .checkpoint import ADAPTER_DIR, UnsafeCheckpoint, atomic_write_text, latest_checkpoint
 from .config import ConfigError, TrainConfig, config_from_args, resume_changes, saved_config, validate
 from .data import DataError, WindowSampler, load_corpus, load_tokenizer
@@ -141,11 +142,12 @@ def train(cfg: TrainConfig) -> dict:
         model = peft_model.get_base_model()  # the same modules, LoRA layers inside; what the objective runs
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
-    if cfg.tiled_mlp:
-        try:
-            tile_mlp(model, None if cfg.tiled_mlp < 0 else cfg.tiled_mlp)
-        except CannotTile as e:
-            raise ConfigError(f"--tiled-mlp: {e}") from None
+    for flag, tiles, tile in (("--tiled-mlp", cfg.tiled_mlp, tile_mlp), ("--tiled-norms", cfg.tiled_norms, tile_norms)):
+        if tiles:
+            try:
+                tile(model, None if tiles < 0 else tiles)
+            except CannotTile as e:
+                raise ConfigError(f"{flag}: {e}") from None
     amp = autocast_for(cfg, device)
     objective = LongShortObjective(
         model, divergence=cfg.divergence, backend=cfg.backend, temperature=cfg.temperature, detach=cfg.detach,

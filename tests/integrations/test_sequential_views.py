@@ -91,6 +91,25 @@ def test_fp64_equals_joint(tied):
     assert _rel(gs, gj) <= 1e-10
 
 
+def test_embedding_inside_the_recompute_past_v_tokens():
+    m = _model()
+    w = _window(B=6)  # 2 views x 6 x 24 = 288 tokens > V = 257: the embeddings would outweigh one [V, H] gradient
+    shape = m.get_input_embeddings().weight.shape
+    with _VxH(shape) as cj:
+        lj, gj = _grads(m, _step(m, w, "joint"))
+    memory.check_sequential(m)
+    memory._embedding_split(m)
+    calls = []
+    m.get_input_embeddings().register_forward_hook(lambda _m, inp, _o: calls.append(inp[0].shape[0]))
+    with _VxH(shape) as cs:
+        ls, gs = _grads(m, _step(m, w, "sequential"))
+    # the embedding runs in each view's no-grad forward and again in its recompute: one [V, H] gradient per view
+    # (the second one, and possibly its sum into .grad, are the [V, H] tensors the joint step does not make)
+    assert calls == [6, 6, 6, 6] and cj.n + 1 <= cs.n <= cj.n + 2
+    assert abs(ls - lj) <= 1e-12 * abs(lj)
+    assert _rel(gs, gj) <= 1e-10
+
+
 def test_fp32_equals_joint_on_the_fused_backend():
     m = _model(torch.float32)
     w = _window()

@@ -1,5 +1,6 @@
-"""tile_mlp: each decoder layer's MLP over sequence tiles, recomputed in the backward. Exact gradients on
-tiny Llama / Qwen2 / Mistral / Gemma models, never a whole [T, intermediate] tensor, clear refusals."""
+"""tile_mlp / tile_norms: each decoder layer's MLP and norms over sequence tiles, recomputed in the backward.
+Exact gradients on tiny Llama / Qwen2 / Mistral / Gemma models, never a whole [T, intermediate] tensor, the
+norms' fp32 rows not kept for the backward, clear refusals."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 transformers = pytest.importorskip("transformers")
 
 from lsa_kernels.integrations import hf  # noqa: E402
-from lsa_kernels.integrations.tiled_mlp import CannotTile, tile_mlp, untile_mlp  # noqa: E402
+from lsa_kernels.integrations.tiling import CannotTile, tile_mlp, tile_norms, untile_mlp, untile_norms  # noqa: E402
 
 V, H, I = 211, 32, 72  # I differs from every other dimension, so its tensors can be recognised
 COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
@@ -159,3 +160,98 @@ def test_moe_model_refused():
     m = hf.load_causal_lm(cfg, dtype=torch.float32)
     with pytest.raises(CannotTile, match="mixture of experts"):
         tile_mlp(m, 2)
+
+
+def _saved_bytes(m, x):
+    """Bytes of the distinct storages autograd saves in one forward of ``m`` on ``x``."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hf.hidden_states(m, x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_norms_exact_gradients_and_less_saved(family):
+    m = _model(family)
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(3))
+    l0, g0 = _grads(m, x)
+    before = _saved_bytes(m, x)
+    assert tile_norms(m, 3) == 5  # two per layer and the final norm
+    calls = []
+    for layer in m.model.layers:
+        inner = layer.input_layernorm._lsa_untiled_forward
+        layer.input_layernorm._lsa_untiled_forward = lambda t, inner=inner: calls.append(t.shape[-2]) or inner(t)
+    l1, g1 = _grads(m, x)
+    assert sorted(calls) == sorted([14, 13, 13] * 2 * 2)  # 3 tiles per layer, each recomputed once
+    assert abs(l1 - l0) <= 1e-12 * abs(l0)
+    # Gemma's norm multiplies by (1 + weight) in fp32 even for fp64 weights: its weight gradient is an fp32 sum,
+    # whose order the tiles change (fp32 rounding); the other families' weight product is in the weights' dtype
+    assert _rel(g1, g0) <= (1e-6 if family == "gemma" else 1e-10)
+    assert untile_norms(m) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma"])
+def test_norms_keep_only_their_input(family, dtype):
+    m = _model(family, dtype)
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(3))
+    before = _saved_bytes(m, x)
+    tile_norms(m, 3)
+    after = _saved_bytes(m, x)
+    # untiled, each of the 5 norms saves at least its normalised rows [2, 40, H] in fp32 (transformers' norms
+    # compute in fp32) for its weight's gradient; tiled, only its input, a tensor the step holds anyway in fp32
+    # (the residual stream) or a bf16 copy smaller than the fp32 upcast the untiled norm saved
+    assert before - after >= 5 * 2 * 40 * H * 4
+    untile_norms(m)
+    assert _saved_bytes(m, x) == before  # untiled again (the check above can fail)
+
+
+def test_norms_with_mlp_lora_and_checkpointing_fp32():
+    peft = pytest.importorskip("peft")
+    m = _model("llama", torch.float32)
+    x = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(4))
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    base = pm.get_base_model()
+    _, g0 = _grads(base, x)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert tile_norms(pm) == 5 and tile_mlp(pm, 4) == 2  # through the peft wrapper; norms: one tile per 32 tokens
+    _, g1 = _grads(base, x)
+    assert g0 and all("lora_" in n for n in g0)
+    assert _rel(g1, g0) <= 1e-5
+
+
+def test_norms_refused_when_missing_or_not_row_wise():
+    with pytest.raises(ValueError, match="tiles: expected an int >= 1"):
+        tile_norms(_model("llama"), -2)
+
+    class MixNorm(nn.Module):  # called a norm, but normalises over the sequence
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(H, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.weight * (x - x.mean(-2, keepdim=True))
+
+    m = _model("llama")
+    m.model.layers[1].post_attention_layernorm = MixNorm()
+    with pytest.raises(CannotTile, match="depends on other tokens"):
+        tile_norms(m)
+    assert "_lsa_untiled_forward" not in m.model.layers[0].input_layernorm.__dict__  # nothing was wrapped
+
+    class NoNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(H, H)])
+
+    with pytest.raises(CannotTile, match="no norm module"):
+        tile_norms(NoNorm())

@@ -1,4 +1,5 @@
-"""Sequence-tiled MLP: each decoder layer's MLP runs over tiles of the sequence, recomputed in the backward.
+"""Sequence tiling of a decoder's row-wise modules: the MLP and the norms run over tiles of the sequence,
+recomputed in the backward.
 
 A decoder layer's MLP maps ``[.., T, H] -> [.., T, H]`` token by token, through ``[.., T, I]`` intermediates
 (``I`` ~ 3.5 H: gate, up, their product) that dominate a layer's activations at long context. Tiled, the
@@ -9,11 +10,22 @@ so at most one tile's ``[T/n, I]`` intermediates exist at a time, in the forward
 ``no_grad`` the tiles simply run one after the other. Each output row is the MLP of its own input row, so the
 result and every gradient equal the untiled module's (up to the summation order of the weight gradient).
 
+The norms (RMSNorm, LayerNorm) are row-wise too. Untiled, transformers' RMSNorm saves for its backward the
+normalised rows ``x * rsqrt(mean(x^2) + eps)`` in fp32 (for its weight's gradient) and, under bf16, the fp32
+upcast of its input: one or two ``[T, H]`` fp32 tensors per norm that nothing else needs. Tiled the same way,
+a norm keeps only its input (a view of a tensor that exists anyway: the layer input, or the residual sum that
+feeds the second norm) and recomputes the rest one tile at a time in the backward. With fp32 weights that is
+``4 H`` bytes per token per norm less (two norms per layer, plus the final norm); under bf16 ``8 H``.
+
 :func:`tile_mlp` patches the ``forward`` of the module found at ``layer.mlp`` of every decoder layer (the
 module object itself, so the state dict, hooks, LoRA layers inside it and checkpoints are unchanged):
 transformers' Llama, Qwen2, Mistral, Gemma, GPT-2 MLPs and any module of that form, with no per-model code.
-A module it cannot tile is refused before anything is changed: one whose output is not a tensor of the
-input's shape, one whose rows depend on other tokens, or a mixture of experts (routing statistics and
+:func:`tile_norms` patches every norm that is a direct child of a decoder layer (``input_layernorm``,
+``post_attention_layernorm``, Gemma's pre/post feed-forward norms, GPT-2's ``ln_1`` / ``ln_2``) or of the
+decoder itself (the final norm): a module whose class name ends in ``Norm`` (``LlamaRMSNorm``,
+``nn.LayerNorm``, ...). Norms inside the attention (Qwen3's per-head ``q_norm`` / ``k_norm``) are left alone.
+A module that cannot be tiled is refused before anything is changed: one whose output is not a tensor of
+the input's shape, one whose rows depend on other tokens, or a mixture of experts (routing statistics and
 capacity are per batch).
 """
 
@@ -26,11 +38,11 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["tile_mlp", "untile_mlp", "CannotTile"]
+__all__ = ["tile_mlp", "untile_mlp", "tile_norms", "untile_norms", "CannotTile"]
 
 
 class CannotTile(ValueError):
-    """The model has no MLP this helper can tile (see the message)."""
+    """The model has no MLP / norm this helper can tile (see the message)."""
 
 
 def _mlps(model: nn.Module) -> List[nn.Module]:
@@ -48,6 +60,9 @@ def _hidden_size(model: nn.Module, mlp: nn.Module) -> int:
     for m in mlp.modules():
         if isinstance(m, nn.Linear):
             return m.in_features
+    w = getattr(mlp, "weight", None)  # a norm: its [H] scale
+    if isinstance(w, torch.Tensor) and w.dim() == 1:
+        return int(w.shape[0])
     cfg = getattr(model, "config", None)
     h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
     if not h:
@@ -108,6 +123,33 @@ def _tiled_forward(self, x, *args, **kwargs):
     return torch.cat(ys, dim=-2)
 
 
+def _tile(modules: List[nn.Module], model: nn.Module, tiles: Optional[int], where: str) -> int:
+    if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
+        raise ValueError(f"tiles: expected an int >= 1 or None (one tile per hidden-size tokens), got {tiles!r}")
+    sizes = []
+    for i, mod in enumerate(modules):
+        H = _hidden_size(model, mod)
+        if "_lsa_untiled_forward" not in mod.__dict__:
+            _probe(mod, H, where.format(i=i))
+        sizes.append(H)
+    for mod, H in zip(modules, sizes):
+        if "_lsa_untiled_forward" not in mod.__dict__:
+            mod._lsa_untiled_forward = mod.forward
+            mod.forward = types.MethodType(_tiled_forward, mod)
+        mod._lsa_tiles, mod._lsa_tile_len = tiles, H
+    return len(modules)
+
+
+def _untile(modules: List[nn.Module]) -> int:
+    n = 0
+    for mod in modules:
+        if "_lsa_untiled_forward" in mod.__dict__:
+            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len"):
+                mod.__dict__.pop(a, None)
+            n += 1
+    return n
+
+
 def tile_mlp(model: nn.Module, tiles: Optional[int] = None) -> int:
     """Run every decoder layer's MLP of ``model`` over ``tiles`` sequence tiles, recomputed in the backward.
 
@@ -115,29 +157,40 @@ def tile_mlp(model: nn.Module, tiles: Optional[int] = None) -> int:
     (``ceil(T / H)``, H the hidden size: each tile's ``[T/n, I]`` intermediate is then about ``I/H`` times a
     ``[H, H]`` matrix). Returns the number of MLPs wrapped. Raises :class:`CannotTile` (nothing changed) when
     an MLP cannot be tiled. Calling it again changes the tile count; :func:`untile_mlp` undoes it."""
-    if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
-        raise ValueError(f"tiles: expected an int >= 1 or None (one tile per hidden-size tokens), got {tiles!r}")
-    mlps = _mlps(model)
-    sizes = []
-    for i, mlp in enumerate(mlps):
-        H = _hidden_size(model, mlp)
-        if "_lsa_untiled_forward" not in mlp.__dict__:
-            _probe(mlp, H, f"layer {i}'s mlp")
-        sizes.append(H)
-    for mlp, H in zip(mlps, sizes):
-        if "_lsa_untiled_forward" not in mlp.__dict__:
-            mlp._lsa_untiled_forward = mlp.forward
-            mlp.forward = types.MethodType(_tiled_forward, mlp)
-        mlp._lsa_tiles, mlp._lsa_tile_len = tiles, H
-    return len(mlps)
+    return _tile(_mlps(model), model, tiles, "layer {i}'s mlp")
 
 
 def untile_mlp(model: nn.Module) -> int:
     """Undo :func:`tile_mlp`; returns the number of MLPs restored."""
-    n = 0
-    for mlp in _mlps(model):
-        if "_lsa_untiled_forward" in mlp.__dict__:
-            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len"):
-                mlp.__dict__.pop(a, None)
-            n += 1
-    return n
+    return _untile(_mlps(model))
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("Norm")
+
+
+def _norms(model: nn.Module) -> List[nn.Module]:
+    from .hf import decoder_of
+
+    root = decoder_of(model) or model
+    layers = [m for m in root.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]
+    found = [c for layer in layers for c in layer.children() if _is_norm(c)]
+    found += [c for c in root.children() if _is_norm(c)]
+    if not found:
+        raise CannotTile(f"{type(model).__name__}: no norm module (a child of a decoder layer or of the decoder whose "
+                         "class name ends in 'Norm') to tile")
+    return found
+
+
+def tile_norms(model: nn.Module, tiles: Optional[int] = None) -> int:
+    """Run every norm of ``model``'s decoder layers (and its final norm) over ``tiles`` sequence tiles, recomputed
+    in the backward: each norm then keeps only its input for the backward (module docstring).
+
+    ``tiles`` as for :func:`tile_mlp` (None = one tile per ``H`` tokens). Returns the number of norms wrapped;
+    :class:`CannotTile` (nothing changed) when one cannot be tiled; :func:`untile_norms` undoes it."""
+    return _tile(_norms(model), model, tiles, "norm {i}")
+
+
+def untile_norms(model: nn.Module) -> int:
+    """Undo :func:`tile_norms`; returns the number of norms restored."""
+    return _untile(_norms(model))
