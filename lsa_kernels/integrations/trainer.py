@@ -15,11 +15,14 @@ the CE baseline on the long view of the same windows.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from ..options import DIVERGENCES, POSITIONS
 from ..pairing import sample_l_extra
@@ -109,6 +112,30 @@ def window_dataset(docs: Sequence[Any], length: int, stride: Optional[int] = Non
     return out
 
 
+def _sequential_args(args: Optional[TrainingArguments]) -> TrainingArguments:
+    """A copy of ``args`` (``Trainer``'s default when None) with a static DDP graph and a gradient sync at
+    every micro-batch, as sequential views need under DDP; ``False`` set by the user for either is refused."""
+    if args is None:
+        args = TrainingArguments(output_dir="tmp_trainer")
+    if args.ddp_static_graph is False:
+        raise ValueError("ddp_static_graph: views='sequential' needs True (or None, which the trainer sets to "
+                         "True), got False")
+    acc = args.accelerator_config
+    ga_kwargs = dict(acc.gradient_accumulation_kwargs or {})
+    if ga_kwargs.get("sync_each_batch") is False:
+        raise ValueError("accelerator_config.gradient_accumulation_kwargs['sync_each_batch']: views='sequential' "
+                         "needs True (or unset, which the trainer sets to True), got False")
+    args = copy.copy(args)
+    args.ddp_static_graph = True
+    args.accelerator_config = dataclasses.replace(acc, gradient_accumulation_kwargs={**ga_kwargs,
+                                                                                      "sync_each_batch": True})
+    return args
+
+
+def _synced(model=None):
+    return contextlib.nullcontext()
+
+
 class LongShortTrainer(Trainer):
     """``transformers.Trainer`` whose loss is the fused long-short alignment loss.
 
@@ -118,11 +145,15 @@ class LongShortTrainer(Trainer):
     ``kl_reverse``, ``js``), ``temperature``, ``detach`` (None, ``"long"``, ``"short"``), ``positions``
     (``"overlap"`` or ``"last"``), ``backend`` / ``chunk_bytes`` (of the fused ops), ``views`` (``"joint"``: both
     views in one batched forward; ``"sequential"``: each view's forward recomputed in the backward, one at a
-    time, :mod:`lsa_kernels.integrations.memory`; under DDP set ``TrainingArguments(ddp_static_graph=True)``,
-    since every parameter then gets its gradient once per view, and no gradient accumulation: DDP's
-    ``no_sync()`` under a static graph fails an internal assert, pytorch/pytorch#143580). The model is patched
-    (:func:`lsa_kernels.integrations.patch.patch`) when the trainer is built. Every other argument is
-    ``Trainer``'s. Gradient accumulation averages the micro-batch losses (Trainer divides by the steps).
+    time, :mod:`lsa_kernels.integrations.memory`). With ``views="sequential"`` every parameter gets its
+    gradient once per view, which DDP allows only with a static graph, and DDP's ``no_sync()`` under a static
+    graph fails an internal assert (pytorch/pytorch#143580); so the trainer works on a copy of ``args`` with
+    ``ddp_static_graph=True`` and ``accelerator_config.gradient_accumulation_kwargs["sync_each_batch"] = True``:
+    every micro-batch of a gradient accumulation syncs its gradients (one all-reduce per micro-batch instead of
+    one per step; the accumulated gradient is the same). Setting either of them to ``False`` is a
+    ``ValueError``. The model is patched (:func:`lsa_kernels.integrations.patch.patch`) when the trainer is
+    built. Every other argument is ``Trainer``'s. Gradient accumulation averages the micro-batch losses
+    (Trainer divides by the steps).
     """
 
     def __init__(
@@ -153,6 +184,9 @@ class LongShortTrainer(Trainer):
             raise ValueError(f"positions: expected one of {POSITIONS}, got {positions!r}")
         if views not in ("joint", "sequential"):
             raise ValueError(f"views: expected 'joint' or 'sequential', got {views!r}")
+        self._sync_each_micro_batch = views == "sequential"  # read by create_accelerator_and_postprocess
+        if views == "sequential":
+            args = _sequential_args(args)
         if kwargs.get("data_collator") is None:
             if l_train is None:
                 raise ValueError("l_train: required when no data_collator is given (LongShortCollator(l_train))")
@@ -169,6 +203,11 @@ class LongShortTrainer(Trainer):
             check_sequential(self.model)
         self.loss_is_scaled_for_ga = False  # per-micro-batch means: Trainer divides by the accumulation steps
         self._ls_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self._sync_each_micro_batch:  # Trainer loops that ignore sync_each_batch call no_sync() regardless
+            self.accelerator.no_sync = _synced
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "l_extra" not in inputs:
