@@ -8,10 +8,10 @@ forward passes coexist until the backward. The sequential step runs each view's 
 hidden-state tensors, and in the backward recomputes each view's forward *with* grad and backpropagates its
 ``dL/dH`` through it, one view after the other: the peak holds one view's activations plus the two
 hidden-state tensors, for one extra forward per view. When the input embedding trains and the views hold
-at most ``V`` tokens together, it runs once on both views, with grad, outside the recompute: its ``[V, H]``
+at most ``2V`` tokens together, it runs once on both views, with grad, outside the recompute: its ``[V, H]``
 weight gradient is made once, as in the joint step, and the two ``[B, T, H]`` embedding outputs wait for the
-backward. Past ``V`` tokens those outputs are the larger tensor, so the embedding runs inside each view's
-recompute instead (one ``[V, H]`` gradient per view, summed into ``.grad``). Each view's decoder forward is a reentrant
+backward. Past ``2V`` tokens those outputs outweigh the two ``[V, H]`` tensors the other way costs, so the
+embedding runs inside each view's recompute instead (one ``[V, H]`` gradient per view, summed into ``.grad``). Each view's decoder forward is a reentrant
 ``torch.utils.checkpoint.checkpoint`` (torch's own recompute: it restores the CPU and CUDA RNG state of the
 no-grad forward, so dropout draws the same masks and the gradient is that of the loss reported, and the
 autocast state). Because the recompute runs inside
@@ -104,15 +104,15 @@ def _embedding_split(model: nn.Module):
 def sequential_states(model: nn.Module, xs, *, offload: bool = False, replay_rng: bool = True) -> list:
     """The final hidden states of each token tensor in ``xs``, each view's decoder forward under ``no_grad``
     and recomputed with grad in the backward (:func:`view_hidden_states`). When the input embedding trains
-    (and the decoder takes ``inputs_embeds``) and the views hold at most ``V`` tokens together, the embedding
+    (and the decoder takes ``inputs_embeds``) and the views hold at most ``2V`` tokens together, the embedding
     runs once, with grad, on all the views together, outside the recompute: its ``[V, H]`` weight gradient is
-    then made once, not once per view, and the views' ``[B, T, H]`` embeddings (together no larger than that
-    gradient) are kept for the backward. Past ``V`` tokens the embedding runs inside each view's recompute."""
+    then made once, not once per view, and the views' ``[B, T, H]`` embeddings (together no larger than two such
+    gradients) are kept for the backward. Past ``2V`` tokens the embedding runs inside each view's recompute."""
     if not torch.is_grad_enabled():
         return [hidden_states(model, x) for x in xs]
     split = _embedding_split(model)
-    if split is not None and sum(x.numel() for x in xs) > split[1].weight.shape[0]:
-        split = None  # the embedding outputs would outweigh one [V, H] gradient: embed inside each recompute
+    if split is not None and sum(x.numel() for x in xs) > 2 * split[1].weight.shape[0]:
+        split = None  # the embedding outputs would outweigh a second [V, H] gradient and its sum: embed inside
     if split is None or len({tuple(x.shape[1:]) for x in xs}) != 1:
         return [view_hidden_states(model, x, offload=offload, replay_rng=replay_rng) for x in xs]
     dec, emb = split

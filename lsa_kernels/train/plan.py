@@ -2,7 +2,7 @@
 config alone (no weights loaded): arithmetic over the tensors the step holds, phase by phase.
 
     lsa plan --model llama3-8b --budget 80GiB --lora 32 --dtype bf16 --grad-checkpointing --tiled-mlp \\
-             --views sequential --objective long-short --offload-activations
+             --tiled-norms --views sequential --objective long-short --offload-activations
     lsa plan --model path/to/hf_dir_or_config.json --budget 24GiB --tokens 8192 --json
 
 What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attention, gated MLP; batch ``B``,
@@ -16,6 +16,7 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   SiLU and product rows. A frozen weight saves no input; peft's fp32 adapters save an fp32 copy of their input
   per module under bf16). With ``--grad-checkpointing`` one ``[N, H]`` input per layer plus, in the backward,
   one layer recomputed; ``--tiled-mlp`` keeps no MLP rows (one tile of ``[rows, I]`` at a time);
+  ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows;
 * the loss: the fused losses keep ``dL/dH`` in fp32 ``[rows, H]`` and, when the head trains, ``dL/dW`` in fp32
   ``[V, H]``; on the CPU backend a 64 MiB logits chunk and, under bf16, an fp32 copy of ``W`` while the loss
   runs. transformers' loss (``--objective hf``) holds ``[rows, V]`` fp32 logits: three at once in its backward;
@@ -180,6 +181,7 @@ class Setup:
     lora: int = 0
     grad_ckpt: bool = False
     tiled_mlp: Optional[int] = None  # None: off; 0: one tile per hidden-size tokens; n: n tiles
+    tiled_norms: Optional[int] = None  # the same for the norms
     views: str = "joint"
     objective: str = "long-short"
     offload: bool = False
@@ -200,8 +202,8 @@ class Setup:
             raise PlanError(f"--device {self.device!r}: expected one of {', '.join(RUNTIME)}")
         if self.offload and self.device != "cuda":
             raise PlanError("--offload-activations: CUDA only (host memory is the device's memory on the CPU)")
-        if self.lora < 0 or self.batch < 1 or (self.tiled_mlp is not None and self.tiled_mlp < 0):
-            raise PlanError("--lora must be >= 0, --batch >= 1, --tiled-mlp TILES >= 1")
+        if self.lora < 0 or self.batch < 1 or any(t is not None and t < 0 for t in (self.tiled_mlp, self.tiled_norms)):
+            raise PlanError("--lora must be >= 0, --batch >= 1, --tiled-mlp / --tiled-norms TILES >= 1")
 
 
 @dataclass
@@ -230,6 +232,8 @@ def _layer_saved(s: Shape, st: Setup) -> Dict[str, float]:
         mlp = 3 * a * I  # gate, up, silu(gate); the product feeds a frozen down_proj
     if st.tiled_mlp is not None:
         mlp = 0.0 if not st.lora else a * H  # the tiles' input (norm output) is kept for their recompute
+    if st.tiled_norms is not None:  # each norm keeps its input (weights' dtype); full FT: its output too (linears)
+        norms = 2 * (a * H + (a * H if not st.lora else 0))
     return {"norms": norms, "attention": attn, "lora": lora, "mlp": mlp}
 
 
@@ -260,13 +264,14 @@ def _big(total_per_row: float, width_bytes: int, rows: int) -> float:
     return rows * total_per_row if rows * width_bytes >= CPU_MMAP_MAX else 0.0
 
 
-def _tile_rows(s: Shape, st: Setup, rows: int, T: int) -> int:
-    """Rows of one MLP tile (T/n tokens of every sequence), or all rows without tiling. With one tile per H tokens
-    (``--tiled-mlp`` alone) a tile has ``ceil(T / ceil(T / H)) <= H`` tokens: the bound H is used, so the plan
-    grows monotonically with T."""
-    if st.tiled_mlp is None:
+def _tile_rows(s: Shape, st: Setup, rows: int, T: int, tiles: Optional[int] = -1) -> int:
+    """Rows of one tile (T/n tokens of every sequence) of the MLP (or of ``tiles`` given: the norms), or all rows
+    without tiling. With one tile per H tokens (``--tiled-mlp`` alone) a tile has ``ceil(T / ceil(T / H)) <= H``
+    tokens: the bound H is used, so the plan grows monotonically with T."""
+    tiles = st.tiled_mlp if tiles == -1 else tiles
+    if tiles is None:
         return rows
-    tokens = min(T, s.hidden) if st.tiled_mlp == 0 else math.ceil(T / min(st.tiled_mlp, T))
+    tokens = min(T, s.hidden) if tiles == 0 else math.ceil(T / min(tiles, T))
     return (rows // T) * tokens
 
 
@@ -296,7 +301,10 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     layer = sum(per.values())
     rope = 2 * s.head_dim * a  # cos, sin per token (shared by the layers and the views)
     final = 4 * H + 4 + (a * H if head_trains else 0)  # the final norm's saved input (+ scaled rows)
-    first_norm = 0 if not lora else 4 * H + 4  # a frozen embedding: layer 0's first norm saves nothing
+    if st.tiled_norms is not None:
+        final = a * H  # its input only
+    first_norm = 0 if not lora else (a * H if st.tiled_norms is not None else 4 * H + 4)  # a frozen embedding:
+    # layer 0's first norm saves nothing
     saved_tok = L * a * H + final if st.grad_ckpt else L * layer - first_norm + final
     saved = M * saved_tok + T * rope + M * 8
     hid = a * H  # the final hidden states, per row
@@ -314,7 +322,8 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
         # glibc: tensors under 32 MiB come from the heap, whose freed holes are reused but not given back, so the
         # forward's temporaries stay resident through the step; mmapped (larger) tensors are given back when freed
         alloc = _layer_allocs(s, st)
-        nonmlp = sum(_heap(v, M) for k, v in alloc.items() if k != "mlp")
+        nonmlp = sum(_heap(v, M) for k, v in alloc.items() if k not in ("mlp", "norms"))
+        nonmlp += _heap(alloc["norms"], _tile_rows(s, st, M, T, st.tiled_norms))
         mlp = _heap(alloc["mlp"], tile)
         reps = 1 if st.grad_ckpt else L  # with checkpointing each layer's temporaries reuse the previous holes
         retained = reps * nonmlp + (1 if st.tiled_mlp is not None else reps) * mlp
@@ -351,7 +360,11 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     resident = runtime + weights + optim + retained
     phases = {}
     if st.views == "sequential":
-        emb_out = 2 * N * a * H if not lora else 0  # the trainable embedding runs once, outside the recompute
+        # a trainable embedding runs once on both views, outside the recompute, while they hold <= 2V tokens;
+        # past 2V it runs inside each view's recompute: one more [V, H] gradient (and its sum into .grad)
+        inside = not lora and 2 * N > 2 * V
+        emb_out = 2 * N * a * H if not lora and not inside else 0
+        layer_grads += 2 * V * H * a if inside else 0
         nograd = 0 if cpu else N * (3 * a * I if st.tiled_mlp is None else 0) + 3 * a * I * _tile_rows(s, st, N, T)
         terms["no-grad forward"] = nograd
         phases["view forwards (no grad)"] = resident + emb_out + 2 * N * hid + nograd
@@ -410,6 +423,8 @@ def build_parser():
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     p.add_argument("--tiled-mlp", nargs="?", type=positive_int, const=0, default=None, metavar="TILES",
                    help="sequence-tiled MLP (alone: one tile per hidden-size tokens)")
+    p.add_argument("--tiled-norms", nargs="?", type=positive_int, const=0, default=None, metavar="TILES",
+                   help="sequence-tiled norms: each keeps only its input (alone: one tile per hidden-size tokens)")
     p.add_argument("--views", default="joint", help="joint or sequential (long-short objective)")
     p.add_argument("--objective", default="long-short", help="hf (transformers' loss), ce (fused CE) or long-short")
     p.add_argument("--offload-activations", action="store_true", help="saved activations in host memory (CUDA)")
@@ -432,6 +447,7 @@ def _table(s: Shape, st: Setup, budget: int, p: Plan, best: int, asked: bool) ->
            + f", {st.dtype}, " + (f"LoRA r={st.lora}" if st.lora else "full fine-tuning") + ", AdamW"
            + (", checkpointing" if st.grad_ckpt else "")
            + (f", tiled MLP ({st.tiled_mlp or 'auto'})" if st.tiled_mlp is not None else "")
+           + (f", tiled norms ({st.tiled_norms or 'auto'})" if st.tiled_norms is not None else "")
            + (", activations offloaded" if st.offload else "") + f", batch {st.batch}, device {st.device}",
            "", f"at T = {p.T} tokens per view{'' if asked else ' (the longest that fits)'}:",
            f"  {'term':<28}{'memory':>14}"]
@@ -452,7 +468,7 @@ def plan_main(argv: Optional[List[str]] = None) -> int:
         budget = parse_size(a.budget)
         s = load_shape(a.model, a.layers)
         st = Setup(dtype=a.dtype, lora=a.lora, grad_ckpt=a.grad_checkpointing, tiled_mlp=a.tiled_mlp,
-                   views=a.views, objective=a.objective, offload=a.offload_activations, batch=a.batch,
+                   tiled_norms=a.tiled_norms, views=a.views, objective=a.objective, offload=a.offload_activations, batch=a.batch,
                    device=a.device)
         st.check()
         p1 = plan(s, st, 1)
