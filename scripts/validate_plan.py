@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,26 +42,60 @@ OUT = os.path.join(ROOT, "benchmarks", "results", "plan_validation")
 MIB = 2**20
 
 TINY = "train-step"  # benchmarks/train_step.py's model: Llama, V=128256, H=256, 2 layers, fp32
-# name: (shape, layers, dtype, lora, objective, views, grad_ckpt, tiled MLP (None / 0 = auto / n), T)
+BODY = "train-step-v8k"  # its body with an 8192-token vocabulary: a cheap loss, so that long T is affordable and
+# the activations (what the long-context levers change) dominate the step
+
+
+class Cfg(NamedTuple):
+    shape: str
+    layers: Optional[int]
+    dtype: str
+    lora: int
+    obj: str
+    views: str
+    ckpt: bool
+    tiled: Optional[int]  # tiled MLP: None = off, 0 = one tile per hidden-size tokens, n = n tiles
+    T: int
+    norms: Optional[int] = None  # tiled norms, the same convention
+
+
 CONFIGS = {
-    "tiny-ce-2k": (TINY, None, "fp32", 0, "ce", "joint", False, None, 2048),
-    "tiny-hf-2k": (TINY, None, "fp32", 0, "hf", "joint", False, None, 2048),
-    "tiny-ls-joint-2k": (TINY, None, "fp32", 0, "long-short", "joint", False, None, 2048),
-    "tiny-ls-seq-2k": (TINY, None, "fp32", 0, "long-short", "sequential", False, None, 2048),
-    "tiny-ls-joint-ckpt-4k": (TINY, None, "fp32", 0, "long-short", "joint", True, None, 4096),
-    "tiny-ls-seq-ckpt-tiled-2k": (TINY, None, "fp32", 0, "long-short", "sequential", True, 0, 2048),
-    "l8b-1L-bf16-lora-ce-512": ("llama3-8b", 1, "bf16", 32, "ce", "joint", False, None, 512),
-    "l8b-1L-bf16-lora-hf-512": ("llama3-8b", 1, "bf16", 32, "hf", "joint", False, None, 512),
-    "l8b-2L-bf16-lora-ls-joint-256": ("llama3-8b", 2, "bf16", 32, "long-short", "joint", False, None, 256),
-    "l8b-2L-bf16-lora-ls-seq-ckpt-tiled-512": ("llama3-8b", 2, "bf16", 32, "long-short", "sequential", True, 0, 512),
+    "tiny-ce-2k": Cfg(TINY, None, "fp32", 0, "ce", "joint", False, None, 2048),
+    "tiny-hf-2k": Cfg(TINY, None, "fp32", 0, "hf", "joint", False, None, 2048),
+    "tiny-ls-joint-2k": Cfg(TINY, None, "fp32", 0, "long-short", "joint", False, None, 2048),
+    "tiny-ls-seq-2k": Cfg(TINY, None, "fp32", 0, "long-short", "sequential", False, None, 2048),
+    "tiny-ls-joint-ckpt-4k": Cfg(TINY, None, "fp32", 0, "long-short", "joint", True, None, 4096),
+    "tiny-ls-seq-ckpt-tiled-2k": Cfg(TINY, None, "fp32", 0, "long-short", "sequential", True, 0, 2048),
+    "tiny-ce-16k": Cfg(TINY, None, "fp32", 0, "ce", "joint", False, None, 16384),
+    "tiny-ls-seq-16k": Cfg(TINY, None, "fp32", 0, "long-short", "sequential", False, None, 16384),
+    "body-ls-joint-ckpt-32k": Cfg(BODY, None, "fp32", 0, "long-short", "joint", True, None, 32768),
+    "body-ls-seq-ckpt-tiled-32k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 32768),
+    "body-ls-seq-ckpt-tiled-norms-32k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 32768, 0),
+    "body-ls-joint-ckpt-64k": Cfg(BODY, None, "fp32", 0, "long-short", "joint", True, None, 65536),
+    "body-ls-seq-ckpt-tiled-64k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 65536),
+    "body-ls-seq-ckpt-tiled-norms-64k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 65536, 0),
+    "l8b-1L-bf16-lora-ce-512": Cfg("llama3-8b", 1, "bf16", 32, "ce", "joint", False, None, 512),
+    "l8b-1L-bf16-lora-hf-512": Cfg("llama3-8b", 1, "bf16", 32, "hf", "joint", False, None, 512),
+    "l8b-2L-bf16-lora-ls-joint-256": Cfg("llama3-8b", 2, "bf16", 32, "long-short", "joint", False, None, 256),
+    "l8b-2L-bf16-lora-ls-seq-ckpt-tiled-512": Cfg("llama3-8b", 2, "bf16", 32, "long-short", "sequential", True, 0, 512),
 }
 
 
-def _setup(cfg):
+def _shape_dict(c: Cfg) -> dict:
+    """The transformers config of ``c``'s model (a named shape of lsa plan, or the benchmark body)."""
+    from lsa_kernels.train.plan import NAMED
+
+    d = dict(NAMED[TINY], vocab_size=8192) if c.shape == BODY else dict(NAMED[c.shape])
+    if c.layers:
+        d["num_hidden_layers"] = c.layers
+    return d
+
+
+def _setup(c: Cfg):
     from lsa_kernels.train.plan import Setup
 
-    shape, layers, dtype, lora, obj, views, ckpt, tiled, T = cfg
-    return Setup(dtype=dtype, lora=lora, grad_ckpt=ckpt, tiled_mlp=tiled, views=views, objective=obj, device="cpu")
+    return Setup(dtype=c.dtype, lora=c.lora, grad_ckpt=c.ckpt, tiled_mlp=c.tiled, tiled_norms=c.norms, views=c.views,
+                 objective=c.obj, device="cpu")
 
 
 def child(name: str) -> dict:
@@ -68,10 +103,10 @@ def child(name: str) -> dict:
     from transformers import LlamaConfig
 
     from lsa_kernels.integrations import hf
-    from lsa_kernels.integrations.tiling import tile_mlp
-    from lsa_kernels.train.plan import NAMED
+    from lsa_kernels.integrations.tiling import tile_mlp, tile_norms
 
-    shape, layers, dtype, lora, obj, views, ckpt, tiled, T = CONFIGS[name]
+    c = CONFIGS[name]
+    dtype, lora, obj, views, ckpt, tiled, T = c.dtype, c.lora, c.obj, c.views, c.ckpt, c.tiled, c.T
     tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
     def build(d):
@@ -87,11 +122,11 @@ def child(name: str) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if tiled is not None:
             tile_mlp(model, tiled or None)
+        if c.norms is not None:
+            tile_norms(model, c.norms or None)
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    d = dict(NAMED[shape])
-    if layers:
-        d["num_hidden_layers"] = layers
+    d = _shape_dict(c)
     gen = torch.Generator().manual_seed(1234)
     marks = []
 
@@ -160,11 +195,10 @@ def child(name: str) -> dict:
 
 
 def predict(name: str, runtime_mib: float) -> dict:
-    from lsa_kernels.train.plan import load_shape, plan
+    from lsa_kernels.train.plan import plan, shape_from_dict
 
-    cfg = CONFIGS[name]
-    st = _setup(cfg)
-    p = plan(load_shape(cfg[0], cfg[1]), st, cfg[8])
+    c = CONFIGS[name]
+    p = plan(shape_from_dict(_shape_dict(c), c.shape), _setup(c), c.T)
     rt = p.terms["runtime"]
     return {"pred_peak_step_mib": (p.peak - rt) / MIB, "pred_resident_mib": (p.terms["weights"] + p.terms["optimizer state"]) / MIB,
             "pred_phase": p.phase, "pred_terms_mib": {k: round(v / MIB, 1) for k, v in p.terms.items()},
@@ -172,7 +206,9 @@ def predict(name: str, runtime_mib: float) -> dict:
 
 
 def describe(name: str) -> str:
-    shape, layers, dtype, lora, obj, views, ckpt, tiled, T = CONFIGS[name]
+    c = CONFIGS[name]
+    shape, layers, dtype, lora, obj, views, ckpt, tiled = c.shape, c.layers, c.dtype, c.lora, c.obj, c.views, c.ckpt, c.tiled
+    shape = "train-step body, V = 8192" if shape == BODY else shape
     parts = [f"{shape}" + (f" ({layers} layer{'s' if layers > 1 else ''})" if layers else ""), dtype]
     if lora:
         parts.append(f"LoRA r={lora}")
@@ -181,6 +217,8 @@ def describe(name: str) -> str:
         parts.append("ckpt")
     if tiled is not None:
         parts.append("tiled MLP")
+    if c.norms is not None:
+        parts.append("tiled norms")
     return ", ".join(parts)
 
 
@@ -223,7 +261,7 @@ def write_report(rows: list) -> str:
          "|---|---:|---:|---:|---:|---|---|---|---|---:|"]
     for r in rows:
         if "error" in r:
-            L.append(f"| {describe(r['name'])} | {CONFIGS[r['name']][8]} | – | error: {r['error']} | – | FAIL | – | – | – |")
+            L.append(f"| {describe(r['name'])} | {CONFIGS[r['name']].T} | – | error: {r['error']} | – | FAIL | – | – | – |")
             continue
         meas = r["peak_mib"] - r["runtime_mib"]
         ratio = r["pred_peak_step_mib"] / meas
@@ -257,18 +295,21 @@ def write_report(rows: list) -> str:
 
 
 LC_OUT = os.path.join(ROOT, "benchmarks", "results", "long_context")
-LC_ROWS = [  # label, objective, views, grad_ckpt, tiled MLP
-    ("transformers' loss", "hf", "joint", False, None),
-    ("transformers' loss, ckpt", "hf", "joint", True, None),
-    ("fused CE", "ce", "joint", False, None),
-    ("fused CE, ckpt", "ce", "joint", True, None),
-    ("long-short joint", "long-short", "joint", False, None),
-    ("long-short joint, ckpt", "long-short", "joint", True, None),
-    ("long-short sequential", "long-short", "sequential", False, None),
-    ("long-short sequential, ckpt", "long-short", "sequential", True, None),
-    ("fused CE, ckpt, tiled MLP", "ce", "joint", True, 0),
-    ("long-short joint, ckpt, tiled MLP", "long-short", "joint", True, 0),
-    ("long-short sequential, ckpt, tiled MLP", "long-short", "sequential", True, 0),
+LC_ROWS = [  # label, objective, views, grad_ckpt, tiled MLP, tiled norms
+    ("transformers' loss", "hf", "joint", False, None, None),
+    ("transformers' loss, ckpt", "hf", "joint", True, None, None),
+    ("fused CE", "ce", "joint", False, None, None),
+    ("fused CE, ckpt", "ce", "joint", True, None, None),
+    ("long-short joint", "long-short", "joint", False, None, None),
+    ("long-short joint, ckpt", "long-short", "joint", True, None, None),
+    ("long-short sequential", "long-short", "sequential", False, None, None),
+    ("long-short sequential, ckpt", "long-short", "sequential", True, None, None),
+    ("fused CE, ckpt, tiled MLP", "ce", "joint", True, 0, None),
+    ("long-short joint, ckpt, tiled MLP", "long-short", "joint", True, 0, None),
+    ("long-short sequential, ckpt, tiled MLP", "long-short", "sequential", True, 0, None),
+    ("fused CE, ckpt, tiled MLP + norms", "ce", "joint", True, 0, 0),
+    ("long-short joint, ckpt, tiled MLP + norms", "long-short", "joint", True, 0, 0),
+    ("long-short sequential, ckpt, tiled MLP + norms", "long-short", "sequential", True, 0, 0),
 ]
 TS_OBJ = {"hf": "hf", "ce": "fused_ce", "long-short": "long_short"}
 PUBLISHED = [
@@ -309,8 +350,9 @@ def long_context() -> int:
     meas = _measured_train_step()
     tiny, l8b = load_shape("train-step"), load_shape("llama3-8b")
     rows_cpu, rows_gpu = [], []
-    for label, obj, views, ckpt, tiled in LC_ROWS:
-        st = Setup(dtype="fp32", objective=obj, views=views, grad_ckpt=ckpt, tiled_mlp=tiled, device="cpu")
+    for label, obj, views, ckpt, tiled, norms in LC_ROWS:
+        st = Setup(dtype="fp32", objective=obj, views=views, grad_ckpt=ckpt, tiled_mlp=tiled, tiled_norms=norms,
+                   device="cpu")
         best = longest(tiny, st, 8 * GIB)
         m = meas.get((TS_OBJ[obj], ckpt)) if views == "joint" and tiled is None else None
         if m and m["fails"] is not None and m["fits"]:
@@ -320,6 +362,7 @@ def long_context() -> int:
         else:
             mtxt, how = "not measured", "planned"
         rows_cpu.append({"row": label, "objective": obj, "views": views, "grad_ckpt": ckpt, "tiled_mlp": tiled is not None,
+                         "tiled_norms": norms is not None,
                          "planned_T": best, "measured": mtxt, "label": how,
                          "planned_peak_mib_at_planned_T": plan(tiny, st, best).peak / MIB})
         gpu = {}
@@ -327,7 +370,7 @@ def long_context() -> int:
             if off and not ckpt:
                 pass
             stg = Setup(dtype="bf16", lora=32, objective=obj, views=views, grad_ckpt=ckpt, tiled_mlp=tiled,
-                        offload=off, device="cuda")
+                        tiled_norms=norms, offload=off, device="cuda")
             bt = longest(l8b, stg, 80 * GIB)
             gpu["offload" if off else "no_offload"] = {"T": bt, "host_gib": plan(l8b, stg, max(bt, 1)).host / GIB}
         rows_gpu.append({"row": label, **gpu})

@@ -1,4 +1,4 @@
-"""lsa train's memory levers for long contexts: --views sequential, --tiled-mlp, --offload-activations.
+"""lsa train's memory levers for long contexts: --views sequential, --tiled-mlp, --tiled-norms, --offload-activations.
 
 They change how much memory a step holds, not the step: the run follows the plain run's losses."""
 
@@ -23,7 +23,7 @@ def _train(out, texts, *extra):
 
 
 @pytest.mark.parametrize("levers", [["--views", "sequential"],
-                                    ["--views", "sequential", "--tiled-mlp", "--grad-checkpointing"],
+                                    ["--views", "sequential", "--tiled-mlp", "--tiled-norms", "--grad-checkpointing"],
                                     ["--tiled-mlp", "3", "--grad-accum", "2"]])
 def test_levers_follow_the_plain_run(tmp_path, texts, levers):
     extra = ["--grad-accum", "2"] if "--grad-accum" in levers else []
@@ -46,6 +46,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, texts, capsys, monkeypatch):
         (["--offload-activations"], "--offload-activations moves saved activations to pinned host memory"),
         (["--views", "sequential", "--alpha", "0"], "--views sequential runs the two views one after the other"),
         (["--tiled-mlp", "0"], "argument --tiled-mlp: must be an integer >= 1"),
+        (["--tiled-norms", "-1"], "argument --tiled-norms: must be an integer >= 1"),
     ]
     moe = tmp_path / "moe"
     Qwen2MoeForCausalLM(Qwen2MoeConfig(vocab_size=4096, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
