@@ -3,12 +3,14 @@ recomputed in the backward.
 
 A decoder layer's MLP maps ``[.., T, H] -> [.., T, H]`` token by token, through ``[.., T, I]`` intermediates
 (``I`` ~ 3.5 H: gate, up, their product) that dominate a layer's activations at long context. Tiled, the
-layer input ``x`` is cut into ``n`` tiles along the sequence; each tile goes through the MLP under
-``torch.utils.checkpoint.checkpoint`` (non-reentrant), which keeps only the tile's input (a view of ``x``,
-which the residual connection keeps anyway) and recomputes the tile with grad when the backward reaches it,
-so at most one tile's ``[T/n, I]`` intermediates exist at a time, in the forward and in the backward; under
-``no_grad`` the tiles simply run one after the other. Each output row is the MLP of its own input row, so the
-result and every gradient equal the untiled module's (up to the summation order of the weight gradient).
+layer input ``x`` is cut into ``n`` tiles along the sequence and the module runs tile by tile inside one
+autograd function (:class:`_RowTiles`) that keeps only ``x`` (which the residual connection keeps anyway);
+its backward recomputes one tile at a time with grad and writes that tile's rows of ``dx`` into one
+preallocated ``dx``, so at most one tile's ``[T/n, I]`` intermediates exist at a time, in the forward and in
+the backward. A module that draws random numbers (dropout: two calls differ) runs each tile under
+``torch.utils.checkpoint`` instead, which replays the RNG. Under ``no_grad`` the tiles simply run one after
+the other. Each output row is the module of its own input row, so the result and every gradient equal the
+untiled module's (up to the summation order of the weight gradient).
 
 The norms (RMSNorm, LayerNorm) are row-wise too. Untiled, transformers' RMSNorm saves for its backward the
 normalised rows ``x * rsqrt(mean(x^2) + eps)`` in fp32 (for its weight's gradient) and, under bf16, the fp32
@@ -31,6 +33,7 @@ capacity are per batch).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 from typing import List, Optional
@@ -71,7 +74,9 @@ def _hidden_size(model: nn.Module, mlp: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _probe(mlp: nn.Module, H: int, where: str) -> None:
+def _probe(mlp: nn.Module, H: int, where: str) -> bool:
+    """Raise :class:`CannotTile` unless ``mlp`` maps rows to rows; returns whether two calls in its training mode
+    agree (no dropout or other random draw)."""
     name = type(mlp).__name__
     if any(hasattr(mlp, a) for a in ("experts", "num_experts", "router")):
         raise CannotTile(f"{where} ({name}) is a mixture of experts: its routing (capacity, auxiliary loss) is "
@@ -95,6 +100,8 @@ def _probe(mlp: nn.Module, H: int, where: str) -> None:
                    for s in (slice(0, 3), slice(3, 6))):
             raise CannotTile(f"{where} ({name}): an output row depends on other tokens than its own; it cannot "
                              "be tiled over the sequence")
+        mlp.train(was)
+        return bool(torch.equal(mlp(x), mlp(x)))
     except CannotTile:
         raise
     except Exception as e:  # noqa: BLE001 - a module that fails on a plain [1, T, H] input is not an MLP we know
@@ -102,6 +109,47 @@ def _probe(mlp: nn.Module, H: int, where: str) -> None:
                          f"{str(e).splitlines()[0] if str(e) else ''}); it cannot be tiled") from None
     finally:
         mlp.train(was)
+
+
+class _RowTiles(torch.autograd.Function):
+    """``y = cat(fn(x_i))`` over sequence tiles ``x_i``, keeping only ``x`` for the backward, which recomputes one
+    tile at a time and writes its rows of ``dx`` into one preallocated ``dx``; the parameters' gradients are
+    summed over the tiles. The backward so holds ``dx`` and one tile: not every tile's gradient at once, as a
+    ``torch.utils.checkpoint`` per tile does (the tiles' ``split`` backward joins their gradients into a new
+    tensor; measured on the CPU under layer checkpointing, that cost more than the norms' saved rows it
+    spared). For modules that draw no random numbers (the probe checks that two calls agree; a module with
+    dropout gets a checkpoint per tile, which replays the RNG); the forward's autocast state is restored for
+    the recompute."""
+
+    @staticmethod
+    def forward(ctx, x, n, fn, *params):
+        ctx.fn, ctx.n, ctx.params = fn, n, params
+        ctx.amp = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([fn(t) for t in x.tensor_split(n, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, gy):
+        (x,) = ctx.saved_tensors
+        want = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        ps = [ctx.params[i] for i in want]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dps = [None] * len(ctx.params)
+        dx_tiles = dx.tensor_split(ctx.n, dim=-2) if dx is not None else None
+        for i, (xt, gt) in enumerate(zip(x.tensor_split(ctx.n, dim=-2), gy.tensor_split(ctx.n, dim=-2))):
+            with torch.enable_grad(), contextlib.ExitStack() as amp:
+                for d, dt in ctx.amp:
+                    amp.enter_context(torch.autocast(d, dtype=dt))
+                xi = xt.detach().requires_grad_(dx is not None)
+                inputs = ([xi] if dx is not None else []) + ps
+                grads = list(torch.autograd.grad(ctx.fn(xi), inputs, gt, allow_unused=True))
+            if dx is not None:
+                dx_tiles[i].copy_(grads.pop(0))
+            for j, g in zip(want, grads):
+                if g is not None:
+                    dps[j] = g if dps[j] is None else dps[j].add_(g)
+        return (dx, None, None, *dps)
 
 
 def _tiled_forward(self, x, *args, **kwargs):
@@ -113,30 +161,28 @@ def _tiled_forward(self, x, *args, **kwargs):
     n = max(1, min(n, T))
     if n == 1:
         return inner(x)
-    parts = x.tensor_split(n, dim=-2)
-    if torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
+    if not torch.is_grad_enabled():
+        return torch.cat([inner(t) for t in x.tensor_split(n, dim=-2)], dim=-2)
+    if self._lsa_row_function:  # no random draws: one autograd function over the tiles
+        return _RowTiles.apply(x, n, inner, *self.parameters())
+    from torch.utils.checkpoint import checkpoint  # dropout inside: a checkpoint per tile replays the RNG
 
-        ys = [checkpoint(inner, t, use_reentrant=False) for t in parts]
-    else:
-        ys = [inner(t) for t in parts]
-    return torch.cat(ys, dim=-2)
+    return torch.cat([checkpoint(inner, t, use_reentrant=False) for t in x.tensor_split(n, dim=-2)], dim=-2)
 
 
 def _tile(modules: List[nn.Module], model: nn.Module, tiles: Optional[int], where: str) -> int:
     if tiles is not None and (isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1):
         raise ValueError(f"tiles: expected an int >= 1 or None (one tile per hidden-size tokens), got {tiles!r}")
-    sizes = []
+    sizes, fixed = [], []
     for i, mod in enumerate(modules):
         H = _hidden_size(model, mod)
-        if "_lsa_untiled_forward" not in mod.__dict__:
-            _probe(mod, H, where.format(i=i))
         sizes.append(H)
-    for mod, H in zip(modules, sizes):
+        fixed.append(mod._lsa_row_function if "_lsa_untiled_forward" in mod.__dict__ else _probe(mod, H, where.format(i=i)))
+    for mod, H, det in zip(modules, sizes, fixed):
         if "_lsa_untiled_forward" not in mod.__dict__:
             mod._lsa_untiled_forward = mod.forward
             mod.forward = types.MethodType(_tiled_forward, mod)
-        mod._lsa_tiles, mod._lsa_tile_len = tiles, H
+        mod._lsa_tiles, mod._lsa_tile_len, mod._lsa_row_function = tiles, H, det
     return len(modules)
 
 
@@ -144,7 +190,7 @@ def _untile(modules: List[nn.Module]) -> int:
     n = 0
     for mod in modules:
         if "_lsa_untiled_forward" in mod.__dict__:
-            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len"):
+            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len", "_lsa_row_function"):
                 mod.__dict__.pop(a, None)
             n += 1
     return n

@@ -255,3 +255,55 @@ def test_norms_refused_when_missing_or_not_row_wise():
 
     with pytest.raises(CannotTile, match="no norm module"):
         tile_norms(NoNorm())
+
+
+def test_random_modules_get_a_checkpoint_per_tile_and_the_rest_one_function():
+    m = _model("llama")
+    tile_mlp(m, 2)
+    tile_norms(m, 2)
+    assert all(layer.mlp._lsa_row_function and layer.input_layernorm._lsa_row_function for layer in m.model.layers)
+
+    class DropMLP(nn.Module):  # as GPT-2's MLP: dropout on its output
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(H, H, dtype=torch.float64)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.drop(self.lin(x))
+
+    m = _model("llama")
+    m.model.layers[0].mlp = DropMLP()
+    tile_mlp(m, 3)
+    assert not m.model.layers[0].mlp._lsa_row_function and m.model.layers[1].mlp._lsa_row_function
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(11)
+    _, g = _grads(m, x)  # the checkpointed tiles replay their dropout masks in the backward
+    torch.manual_seed(11)
+    _, g2 = _grads(m, x)
+    assert _rel(g2, g) == 0
+
+
+def _autocast_grads(m, x):
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = hf.causal_lm_loss(m, x, x, backend="reference")
+    loss.backward()  # outside autocast, as recommended: the tiles' recompute must restore it
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_bf16_autocast_recompute_runs_under_the_forwards_autocast():
+    m = _model("llama", torch.float32)
+    x = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(6))
+    l0, g0 = _autocast_grads(m, x)
+    tile_mlp(m, 3)
+    tile_norms(m, 3)
+    seen = []
+    mlp = m.model.layers[0].mlp
+    inner = mlp._lsa_untiled_forward
+    mlp._lsa_untiled_forward = lambda t: seen.append(torch.is_autocast_enabled("cpu")) or inner(t)
+    l1, g1 = _autocast_grads(m, x)
+    assert seen == [True] * 6  # 3 tiles in the forward, 3 recomputed in the backward (outside autocast)
+    assert abs(l1 - l0) <= 1e-6 * abs(l0)
+    # per tile, each weight gradient is rounded to bf16 before the tiles are summed: bf16-level differences
+    assert _rel(g1, g0) <= 2e-2
