@@ -36,6 +36,16 @@ def _grads(m, x):
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
+def _lora(peft, m, targets):
+    """``m`` with LoRA adapters on ``targets`` whose B is not zero (so that they change the output)."""
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return pm, pm.get_base_model()
+
+
 def _rel(a, b):
     assert a.keys() == b.keys() and b
     return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
@@ -95,12 +105,7 @@ def test_auto_tiles_fp32_no_grad_lora_and_checkpointing():
     assert w.rows <= 2 * 24
 
     untile_mlp(m)
-    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj", "q_proj"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    base = pm.get_base_model()
+    pm, base = _lora(peft, m, ["gate_proj", "down_proj", "q_proj"])
     _, g0 = _grads(base, x)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tile_mlp(pm, 4)  # through the peft wrapper
@@ -216,12 +221,7 @@ def test_norms_with_mlp_lora_and_checkpointing_fp32():
     peft = pytest.importorskip("peft")
     m = _model("llama", torch.float32)
     x = torch.randint(0, V, (2, 70), generator=torch.Generator().manual_seed(4))
-    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    base = pm.get_base_model()
+    pm, base = _lora(peft, m, ["q_proj", "v_proj", "up_proj"])
     _, g0 = _grads(base, x)
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert tile_norms(pm) == 5 and tile_mlp(pm, 4) == 2  # through the peft wrapper; norms: one tile per 32 tokens
