@@ -310,8 +310,11 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     hid = a * H  # the final hidden states, per row
     tile = _tile_rows(s, st, M, T)
     mlp_bwd = (3 if lora else 2) * a * I * tile + (4 * a * I * tile if st.tiled_mlp is not None else 0)
+    tiled_dx = M * a * H if st.tiled_mlp is not None else 0  # the tiled backward's preallocated input gradient
     attn_bwd = M * (s.qd + 2 * s.kvd) * 4
-    layer_bwd = max(mlp_bwd, attn_bwd) + (M * layer if st.grad_ckpt else 0)
+    if cpu:  # the CPU flash kernel's backward buffers: two [rows, q heads x head dim] fp32 (measured, GQA and MHA)
+        attn_bwd += M * 2 * s.qd * 4
+    layer_bwd = max(mlp_bwd + tiled_dx, attn_bwd) + (M * layer if st.grad_ckpt else 0)
     layer_grads = 0 if lora else s.layer_params() * a
     host = 0
     if st.offload:  # saved tensors wait in host memory; the device holds the layer being run or recomputed
@@ -334,7 +337,8 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
             per["norms"] + per["attention"] + per["lora"], 4 * H, M)) + _big(L * a * H if st.grad_ckpt else 0, a * H, M)
         saved = big_saved + T * rope
         # backward transients under 32 MiB reuse the forward's heap holes; larger ones are new memory
-        layer_bwd = max(mlp_bwd if tile * a * I >= CPU_MMAP_MAX else 0, attn_bwd if M * 4 * H >= CPU_MMAP_MAX else 0)
+        layer_bwd = max((mlp_bwd if tile * a * I >= CPU_MMAP_MAX else 0) + (tiled_dx if tiled_dx >= CPU_MMAP_MAX else 0),
+                        attn_bwd if M * 4 * H >= CPU_MMAP_MAX else 0)
         if st.grad_ckpt:  # the layer recomputed for its backward
             layer_bwd += _big(per["mlp"], a * I if st.tiled_mlp is None else a * H, M) + _big(
                 per["norms"] + per["attention"] + per["lora"], 4 * H, M)
