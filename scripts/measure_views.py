@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CASES = {  # name: (objective, views, checkpointing, tiled MLP)
+CASES = {  # name: (objective, views, checkpointing, tiled MLP and norms: 0 off, -1 MLP, -2 MLP and norms)
     "ce": ("ce", "joint", False, 0),
     "joint": ("ls", "joint", False, 0),
     "sequential": ("ls", "sequential", False, 0),
@@ -32,6 +32,7 @@ CASES = {  # name: (objective, views, checkpointing, tiled MLP)
     "joint+ckpt": ("ls", "joint", True, 0),
     "sequential+ckpt": ("ls", "sequential", True, 0),
     "sequential+ckpt+tiled": ("ls", "sequential", True, -1),
+    "sequential+ckpt+tiled+norms": ("ls", "sequential", True, -2),
 }
 
 
@@ -41,7 +42,7 @@ def _setup(name: str, T: int):
 
     from benchmarks.train_step import FULL_MODEL
     from lsa_kernels.integrations import hf
-    from lsa_kernels.integrations.tiling import tile_mlp
+    from lsa_kernels.integrations.tiling import tile_mlp, tile_norms
 
     obj, views, ckpt, tiled = CASES[name]
     torch.manual_seed(0)
@@ -50,7 +51,9 @@ def _setup(name: str, T: int):
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tiled:
-        tile_mlp(model, None if tiled < 0 else tiled)
+        tile_mlp(model)  # one tile per hidden-size tokens
+    if tiled == -2:
+        tile_norms(model)
     gen = torch.Generator().manual_seed(1234)
 
     def step(t: int) -> float:
