@@ -23,6 +23,7 @@ into bf16 GEMMs.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -61,6 +62,24 @@ def cast_grad(g: Optional[Tensor], like: Optional[Tensor], scale=None) -> Option
     return g.to(like.dtype)
 
 
+def save_with_grads(ctx, pre, *tensors) -> None:
+    """``ctx.save_for_backward(*tensors, *pre)``: the forward's gradient buffers ``pre`` (a ``Grads`` /
+    ``PairGrads``, or None when the gradient is not folded into the forward) travel as saved tensors, restored by
+    :func:`saved_with_grads`. Not as attributes of ``ctx``: the engine frees a node's saved tensors as soon as its
+    backward ran (unless the graph is retained) and saved-tensor hooks (activation offload) apply to them, whereas
+    an attribute lives as long as the graph, i.e. through the whole backward of the model below the loss (an fp32
+    ``[rows, H]`` and, when the head trains, an fp32 ``[V, H]`` held for nothing)."""
+    ctx.pre_type, ctx.n_saved = (None if pre is None else type(pre)), len(tensors)
+    bufs = () if pre is None else tuple(getattr(pre, f.name) for f in dataclasses.fields(pre))
+    ctx.save_for_backward(*tensors, *bufs)
+
+
+def saved_with_grads(ctx):
+    """``(tensors, pre)`` as :func:`save_with_grads` saved them."""
+    s = ctx.saved_tensors
+    return s[: ctx.n_saved], (None if ctx.pre_type is None else ctx.pre_type(*s[ctx.n_saved:]))
+
+
 def contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
@@ -83,15 +102,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         x, w, b, y = contig(x), contig(w), contig(b), contig(y)
         need = ctx.needs_input_grad[:3]
         weight = row_coefficients(y != opts.ignore_index, rw, reduction, _acc(w))
-        ctx.opts, ctx.backend, ctx.reduction, ctx.pre = opts, backend, reduction, None
+        ctx.opts, ctx.backend, ctx.reduction = opts, backend, reduction
         empty = x.new_empty(0)
         if reduction != "none" and any(need) and be.caps.fused_forward_backward and not opts.entropy:
-            ctx.pre = grad_buffers(x, w, b, *need)
-            out = be.ce_forward_backward(x, w, b, y, opts, weight, ctx.pre)
-            ctx.save_for_backward(x, w, b)
+            pre = grad_buffers(x, w, b, *need)
+            out = be.ce_forward_backward(x, w, b, y, opts, weight, pre)
+            save_with_grads(ctx, pre, x, w, b)
         else:
             out = be.ce_forward(x, w, b, y, opts)
-            ctx.save_for_backward(x, w, b, y, out.lse, weight, out.entropy if opts.entropy else empty)
+            save_with_grads(ctx, None, x, w, b, y, out.lse, weight, out.entropy if opts.entropy else empty)
         ent = out.entropy if opts.entropy else empty
         am = out.argmax if opts.argmax else empty.to(torch.int64)
         loss = (out.loss if rw is None else out.loss * weight) if reduction == "none" else (out.loss * weight).sum()
@@ -106,11 +125,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_ent = g_ent if ctx.opts.entropy else None
         if g is None and g_ent is None:
             return (None,) * 8
-        if ctx.pre is not None:
-            x, w, b = ctx.saved_tensors
+        saved, pre = saved_with_grads(ctx)
+        if pre is not None:
+            x, w, b = saved
             g = g.to(_acc(w))
-            return cast_grad(ctx.pre.dx, x, g), cast_grad(ctx.pre.dw, w, g), cast_grad(ctx.pre.db, b, g), *nones
-        x, w, b, y, lse, weight, ent = ctx.saved_tensors
+            return cast_grad(pre.dx, x, g), cast_grad(pre.dw, w, g), cast_grad(pre.db, b, g), *nones
+        x, w, b, y, lse, weight, ent = saved
         acc = _acc(w)
         if g is None:
             coef = torch.zeros_like(weight)
@@ -163,15 +183,15 @@ class _LinearDivergence(torch.autograd.Function):
         w, b = contig(w), contig(b)
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.need = (need_p and opts.grad_p, need_q and opts.grad_q, need_w, need_b)
-        ctx.opts, ctx.backend, ctx.mode, ctx.pre = opts, backend, mode, None
+        ctx.opts, ctx.backend, ctx.mode = opts, backend, mode
         weight = div_w
         if mode == "weighted" and any(ctx.need) and be.caps.fused_forward_backward:
-            ctx.pre = _pair_grads(rows.xp, rows.xq, w, b, *ctx.need)
-            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(div=div_w), ctx.pre)
-            ctx.save_for_backward(rows.xp, rows.xq, w, b)
+            pre = _pair_grads(rows.xp, rows.xq, w, b, *ctx.need)
+            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(div=div_w), pre)
+            save_with_grads(ctx, pre, rows.xp, rows.xq, w, b)
         else:
             out = be.pair_forward(rows, w, b, opts)
-            ctx.save_for_backward(rows.xp, rows.xq, w, b, out.stats, weight)
+            save_with_grads(ctx, None, rows.xp, rows.xq, w, b, out.stats, weight)
         if mode == "none":
             return out.div * weight
         return (out.div * div_w).sum()
@@ -182,11 +202,12 @@ class _LinearDivergence(torch.autograd.Function):
         nones = (None,) * 5
         if not any(ctx.need):
             return (None,) * 9
-        if ctx.pre is not None:
-            xp, xq, w, b = ctx.saved_tensors
-            pre, g = ctx.pre, g.to(_acc(w))
+        saved, pre = saved_with_grads(ctx)
+        if pre is not None:
+            xp, xq, w, b = saved
+            g = g.to(_acc(w))
             return cast_grad(pre.dxp, xp, g), cast_grad(pre.dxq, xq, g), cast_grad(pre.dw, w, g), cast_grad(pre.db, b, g), *nones
-        xp, xq, w, b, stats, weight = ctx.saved_tensors
+        xp, xq, w, b, stats, weight = saved
         coef = weight * (g.to(_acc(w)).reshape(-1) if ctx.mode == "none" else g.to(_acc(w)))
         grads = _pair_grads(xp, xq, w, b, *ctx.need)
         saved = PairOut(None, None, None, stats)
@@ -296,11 +317,11 @@ class _LongShort(torch.autograd.Function):
         ctx.meta = (B, T, l_extra, alpha, opts, backend)
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         ctx.need = (need_l or need_s, need_w, need_b)
-        ctx.pre = None
+        pre = None
         if (not opts.ce.entropy and longce_gamma is None and any(ctx.need)
                 and be.caps.fused_forward_backward):  # loss's gradient folded into the forward
-            ctx.pre = _pair_grads(rows.xp, rows.xq, w, b, ctx.need[0], ctx.need[0], need_w, need_b, xu=rows.xu)
-            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), ctx.pre)
+            pre = _pair_grads(rows.xp, rows.xq, w, b, ctx.need[0], ctx.need[0], need_w, need_b, xu=rows.xu)
+            out = be.pair_forward_backward(rows, w, b, opts, PairCoefs(alpha * dv, cp, cq, cu), pre)
         else:
             out = be.pair_forward(rows, w, b, opts)
             if longce_gamma is not None:
@@ -314,8 +335,8 @@ class _LongShort(torch.autograd.Function):
             ent_l, ent_s = _join_views(ent[:, 0], ent[:, 1], ent_u, B, T, l_extra)
         else:
             ent, ent_u, ent_l, ent_s = empty(), empty(), empty(), empty()
-        ctx.save_for_backward(rows.xp, rows.xq, rows.xu, w, b, rows.yp, rows.yq, rows.yu, cp, cq, cu, dv, out.stats,
-                              out.lse_u, ent, ent_u)
+        save_with_grads(ctx, pre, rows.xp, rows.xq, rows.xu, w, b, rows.yp, rows.yq, rows.yu, cp, cq, cu, dv,
+                        out.stats, out.lse_u, ent, ent_u)
         lse_l, lse_s = _join_views(out.stats[:, Stat.LSE_P], out.stats[:, Stat.LSE_Q], out.lse_u, B, T, l_extra)
         if opts.ce.argmax:
             am_l, am_s = _join_views(out.argmax[:, 0], out.argmax[:, 1], out.argmax_u, B, T, l_extra)
@@ -330,16 +351,17 @@ class _LongShort(torch.autograd.Function):
     @autocast_off
     def backward(ctx, g_loss, g_ce, g_mis, g_lse_l, g_lse_s, g_ent_l, g_ent_s, g_am_l, g_am_s):
         B, T, l_extra, alpha, opts, backend = ctx.meta
-        xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u, ent, ent_u = ctx.saved_tensors
+        saved, pre = saved_with_grads(ctx)
+        xp, xq, xu, w, b, yp, yq, yu, cp, cq, cu, dv, stats, lse_u, ent, ent_u = saved
         need_l, need_s, need_w, need_b = ctx.needs_input_grad[:4]
         g_ent_on = opts.ce.entropy and (g_ent_l is not None or g_ent_s is not None)
         if (g_loss is None and g_ce is None and g_mis is None and not g_ent_on) or not any(ctx.need):
             return (None,) * 14
-        if ctx.pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
+        if pre is not None and g_ce is None and g_mis is None:  # the folded gradient of `loss`, scaled
             scale = g_loss.to(_acc(w))
-            dhl, dhs = _merge_views(ctx.pre, B, T, l_extra, scale) if ctx.need[0] else (None, None)
+            dhl, dhs = _merge_views(pre, B, T, l_extra, scale) if ctx.need[0] else (None, None)
             return (cast_grad(dhl, xp) if need_l else None, cast_grad(dhs, xp) if need_s else None,
-                    cast_grad(ctx.pre.dw, w, scale), cast_grad(ctx.pre.db, b, scale), *(None,) * 10)
+                    cast_grad(pre.dw, w, scale), cast_grad(pre.db, b, scale), *(None,) * 10)
         acc = _acc(w)
         c_ent = c_ent_u = None
         if g_ent_on:

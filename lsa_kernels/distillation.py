@@ -34,6 +34,7 @@ import torch
 
 from . import _checks, backends, dispatch, reference
 from .backends import PairCoefs, PairGrads, PairOut, PairRows
+from .autograd import save_with_grads, saved_with_grads
 from .dispatch import autocast_off
 from .maths import IGNORE_INDEX, acc_dtype, mean_scale
 from .options import DistillationArgs, PairOptions
@@ -76,15 +77,15 @@ class _Distill(torch.autograd.Function):
         need_t = ctx.needs_input_grad[3:6]
         ctx.need = (need_s, need_t)
         ctx.meta = (hard_w, soft_w, scale, reduction, opts, backend)
-        ctx.pre = None
+        pre = None
         has_y = y is not None
         if reduction != "none" and (any(need_s) or any(need_t)) and be.caps.fused_forward_backward:
-            ctx.pre = _grads(xs, ws, bs, xt, wt, bt, need_s, need_t)
+            pre = _grads(xs, ws, bs, xt, wt, bt, need_s, need_t)
             coefs = _coefs(valid, has_y, c * hard_w, c * (soft_w * scale))
-            out = be.pair_forward_backward(rows, wt, bt, opts, coefs, ctx.pre, wq=ws, bq=bs)
+            out = be.pair_forward_backward(rows, wt, bt, opts, coefs, pre, wq=ws, bq=bs)
         else:
             out = be.pair_forward(rows, wt, bt, opts, wq=ws, bq=bs)
-        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, y, valid, c, out.stats)
+        save_with_grads(ctx, pre, xs, ws, bs, xt, wt, bt, y, valid, c, out.stats)
         hard_rows = (out.ce_q if rw is None else out.ce_q * rw.to(acc)) if has_y else torch.zeros(N, dtype=acc, device=xs.device)
         soft_rows = out.div * valid * scale
         if reduction == "none":
@@ -97,14 +98,14 @@ class _Distill(torch.autograd.Function):
     @autocast_off
     def backward(ctx, g_loss, g_hard, g_soft):
         hard_w, soft_w, scale, reduction, opts, backend = ctx.meta
-        xs, ws, bs, xt, wt, bt, y, valid, c, stats = ctx.saved_tensors
+        (xs, ws, bs, xt, wt, bt, y, valid, c, stats), pre = saved_with_grads(ctx)
         need_s, need_t = ctx.need
         nones = (None,) * 8
         if g_loss is None and g_hard is None and g_soft is None:
             return (None,) * 6 + nones
         acc = _acc(xs)
-        if ctx.pre is not None and g_hard is None and g_soft is None:
-            grads, sc = ctx.pre, g_loss.to(acc)
+        if pre is not None and g_hard is None and g_soft is None:
+            grads, sc = pre, g_loss.to(acc)
         else:
             zero = torch.zeros((), dtype=acc, device=xs.device)
             gl = zero if g_loss is None else g_loss.to(acc)

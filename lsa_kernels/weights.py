@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from . import backends
-from .autograd import cast_grad, contig, grad_buffers
+from .autograd import cast_grad, contig, grad_buffers, save_with_grads, saved_with_grads
 from .backends.contract import DenseTarget
 from .dispatch import autocast_off
 from .maths import acc_dtype, mean_scale
@@ -75,15 +75,15 @@ class _DenseCE(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         need_t = t is not None and ctx.needs_input_grad[3]
         acc = _acc(x)
-        ctx.T, ctx.opts, ctx.backend, ctx.reduction, ctx.pre, ctx.need_t = T, opts, backend, reduction, None, need_t
+        ctx.T, ctx.opts, ctx.backend, ctx.reduction, ctx.need_t = T, opts, backend, reduction, need_t
         if reduction != "none" and (any(need) or need_t) and be.caps.fused_forward_backward:
-            ctx.pre = grad_buffers(x, w, b, *need)
-            ctx.dt = torch.empty(t.shape, dtype=acc, device=x.device) if need_t else None
-            out = be.ce_dense_forward_backward(x, w, b, y, T, opts, coef, ctx.pre, dt=ctx.dt)
-            ctx.save_for_backward(x, w, b, t)
+            pre = grad_buffers(x, w, b, *need)
+            dt = torch.empty(t.shape, dtype=acc, device=x.device) if need_t else None
+            out = be.ce_dense_forward_backward(x, w, b, y, T, opts, coef, pre, dt=dt)
+            save_with_grads(ctx, pre, x, w, b, t, dt)
         else:
             out = be.ce_dense_forward(x, w, b, y, T, opts)
-            ctx.save_for_backward(x, w, b, t, y, out.lse, coef)
+            save_with_grads(ctx, None, x, w, b, t, y, out.lse, coef)
         per_row, A = _row_loss(out, T, opts.z_loss, counted)
         ctx.A = A
         if reduction == "none":
@@ -94,12 +94,13 @@ class _DenseCE(torch.autograd.Function):
     @autocast_off
     def backward(ctx, g):
         nones = (None,) * 7
-        if ctx.pre is not None:
-            x, w, b, t = ctx.saved_tensors
+        saved, pre = saved_with_grads(ctx)
+        if pre is not None:
+            x, w, b, t, dt = saved
             g = g.to(_acc(w))
-            return (cast_grad(ctx.pre.dx, x, g), cast_grad(ctx.pre.dw, w, g), cast_grad(ctx.pre.db, b, g),
-                    cast_grad(ctx.dt, t, g) if ctx.need_t else None, *nones)
-        x, w, b, t, y, lse, coef = ctx.saved_tensors
+            return (cast_grad(pre.dx, x, g), cast_grad(pre.dw, w, g), cast_grad(pre.db, b, g),
+                    cast_grad(dt, t, g) if ctx.need_t else None, *nones)
+        x, w, b, t, y, lse, coef = saved
         acc = _acc(w)
         T, opts = ctx.T, ctx.opts
         T = DenseTarget(t, T.c, T.kappa, T.beta, T.alpha, T.omega, T.c_sum)

@@ -31,6 +31,7 @@ inside each view's recompute.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from typing import Optional
 
@@ -52,13 +53,48 @@ def offload_activations(enabled: bool, device: "torch.device | str | None" = Non
     return torch.autograd.graph.save_on_cpu(pin_memory=dev.type == "cuda")
 
 
+@contextlib.contextmanager
+def _noting_saved(offload: bool, device):
+    """Saved-tensor hooks that note the storage of every tensor autograd saves (yielding the set of their data
+    pointers) and otherwise do what :func:`offload_activations` would (move it to host memory, or nothing)."""
+    seen = set()
+    inner = offload_activations(offload, device) if offload else None
+    pack_in = getattr(inner, "pack_hook", None)
+    unpack_in = getattr(inner, "unpack_hook", None)
+
+    def pack(t):
+        seen.add(t.untyped_storage().data_ptr())
+        return pack_in(t) if pack_in is not None else t
+
+    def unpack(t):
+        return unpack_in(t) if unpack_in is not None else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield seen
+
+
+def _recompute(fn, x, offload: bool) -> torch.Tensor:
+    """``fn(x)`` under :func:`offload_activations`; when it runs with grad (the recompute inside the backward),
+    the storage of its output is given back at once unless autograd saved it: the checkpoint's backward needs
+    only the output's graph and shape (it backpropagates the incoming ``dL/dH`` from there), so its ``[B, T, H]``
+    values would otherwise sit through the view's whole backward for nothing."""
+    if not torch.is_grad_enabled():
+        with offload_activations(offload, x.device):
+            return fn(x)
+    with _noting_saved(offload, x.device) as saved:
+        h = fn(x)
+    if (isinstance(h, torch.Tensor) and h.grad_fn is not None and h._base is None
+            and h.untyped_storage().data_ptr() not in saved):
+        h.untyped_storage().resize_(0)
+    return h
+
+
 def view_hidden_states(model: nn.Module, x: torch.Tensor, *, offload: bool = False,
                        replay_rng: bool = True) -> torch.Tensor:
     """``hidden_states(model, x)`` whose activations are not kept: computed under ``no_grad`` now, recomputed
     with grad (RNG and autocast state restored; offloaded if ``offload``) when the backward reaches it."""
     def run(ids, _anchor):
-        with offload_activations(offload, ids.device):
-            return hidden_states(model, ids)
+        return _recompute(functools.partial(hidden_states, model), ids, offload)
 
     if not torch.is_grad_enabled():
         return hidden_states(model, x)
@@ -118,8 +154,7 @@ def sequential_states(model: nn.Module, xs, *, offload: bool = False, replay_rng
     dec, emb = split
 
     def run(e):
-        with offload_activations(offload, e.device):
-            return _decoder_output(dec, e)
+        return _recompute(functools.partial(_decoder_output, dec), e, offload)
 
     es = emb(torch.cat(list(xs), dim=0)).split([x.shape[0] for x in xs], dim=0)
     return [torch.utils.checkpoint.checkpoint(run, e, use_reentrant=True, preserve_rng_state=replay_rng) for e in es]

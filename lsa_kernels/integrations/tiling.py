@@ -111,6 +111,21 @@ def _probe(mlp: nn.Module, H: int, where: str) -> bool:
         mlp.train(was)
 
 
+def _run_tiles(fn, x: torch.Tensor, n: int) -> torch.Tensor:
+    """``cat([fn(t) for t in x.tensor_split(n, dim=-2)], dim=-2)`` written tile by tile into one output: the tiles'
+    outputs never exist all at once beside the joined copy (a ``cat`` over a list holds both)."""
+    tiles = x.tensor_split(n, dim=-2)
+    first = fn(tiles[0])
+    y = first.new_empty(*x.shape[:-1], first.shape[-1])
+    rows = 0
+    for i, t in enumerate(tiles):
+        yt = first if i == 0 else fn(t)
+        y.narrow(-2, rows, t.shape[-2]).copy_(yt)
+        rows += t.shape[-2]
+        first = yt = None
+    return y
+
+
 class _RowTiles(torch.autograd.Function):
     """``y = cat(fn(x_i))`` over sequence tiles ``x_i``, keeping only ``x`` for the backward, which recomputes one
     tile at a time and writes its rows of ``dx`` into one preallocated ``dx``; the parameters' gradients are
@@ -127,7 +142,7 @@ class _RowTiles(torch.autograd.Function):
         ctx.amp = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return torch.cat([fn(t) for t in x.tensor_split(n, dim=-2)], dim=-2)
+            return _run_tiles(fn, x, n)
 
     @staticmethod
     def backward(ctx, gy):
@@ -162,7 +177,7 @@ def _tiled_forward(self, x, *args, **kwargs):
     if n == 1:
         return inner(x)
     if not torch.is_grad_enabled():
-        return torch.cat([inner(t) for t in x.tensor_split(n, dim=-2)], dim=-2)
+        return _run_tiles(inner, x, n)
     if self._lsa_row_function:  # no random draws: one autograd function over the tiles
         return _RowTiles.apply(x, n, inner, *self.parameters())
     from torch.utils.checkpoint import checkpoint  # dropout inside: a checkpoint per tile replays the RNG

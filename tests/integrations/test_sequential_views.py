@@ -346,3 +346,47 @@ def test_long_short_trainer_sequential_follows_joint(tmp_path):
     assert _rel({k: ws[k] - w0[k] for k in ws}, {k: wj[k] - w0[k] for k in wj}) <= 1e-4  # the updates agree
     with pytest.raises(ValueError, match="views: expected 'joint' or 'sequential'"):
         LongShortTrainer(model=None, args=None, l_train=8, views="both")
+
+
+def test_recompute_gives_back_an_output_nothing_saved():
+    """Inside the backward's recompute (grad enabled) the output's storage is given back unless autograd saved
+    it: a final ``* 2`` saves nothing of its result, a final ``tanh`` saves it (and keeps it)."""
+    w = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.enable_grad():
+        h = memory._recompute(lambda t: (t @ w) * 2, x, False)
+        kept = memory._recompute(lambda t: torch.tanh(t @ w), x, False)
+    assert h.untyped_storage().size() == 0 and kept.untyped_storage().size() == kept.numel() * 8
+    with torch.no_grad():  # the first, no-grad forward keeps its output (the loss reads it)
+        assert memory._recompute(lambda t: (t @ w) * 2, x, False).untyped_storage().size() > 0
+    for fn in (lambda t: (t @ w) * 2, lambda t: torch.tanh(t @ w)):  # both backpropagate as without the recompute
+        g = torch.randn(3, 5, 8, dtype=torch.float64)
+        want = torch.autograd.grad(fn(x), w, g)[0]
+        anchor = torch.empty(0, requires_grad=True)
+        out = torch.utils.checkpoint.checkpoint(lambda t, _a: memory._recompute(fn, t, False), x, anchor,
+                                                use_reentrant=True)
+        w.grad = None
+        out.backward(g)  # a reentrant checkpoint: .backward(), not autograd.grad
+        torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
+
+
+def test_sequential_step_frees_the_recomputed_hidden_states(monkeypatch):
+    """On a transformers Llama the recomputed view's final hidden states are given back (nothing saves the
+    final norm's output), with and without the offload hooks, and the gradients still equal the joint step's."""
+    freed = []
+    real = memory._recompute
+
+    def spy(fn, x, offload):
+        h = real(fn, x, offload)
+        if torch.is_grad_enabled():
+            freed.append(h.untyped_storage().size() == 0)
+        return h
+
+    monkeypatch.setattr(memory, "_recompute", spy)
+    model, window = _model(), _window()
+    _, want = _grads(model, _step(model, window, "joint"))
+    for offload in (False, True):
+        freed.clear()
+        _, got = _grads(model, _step(model, window, "sequential", offload=offload))
+        assert freed == [True, True], freed
+        assert _rel(got, want) < 1e-10
