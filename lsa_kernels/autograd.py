@@ -10,7 +10,9 @@ selected pairs).
 Gradient folded into the forward: for ``mean``/``sum`` reductions the per-row coefficients are known
 before backward (up to the scalar upstream gradient), so a backend with
 ``caps.fused_forward_backward`` computes dX/dW in the same pass over the logits (one GEMM per view saved
-on the CPU); backward then only scales them. Otherwise — no such capability, ``reduction="none"``, or
+on the CPU); backward then only scales them. Those buffers are saved tensors of the Function
+(:func:`save_with_grads`), so they are freed as soon as the loss's backward ran, not kept through the model's
+backward below it. Otherwise — no such capability, ``reduction="none"``, or
 an auxiliary output (``ce``/``misalign`` of the long-short loss) that also receives a gradient — the
 backward runs the backend's backward from the statistics the forward saved (always saved: a few floats
 per row). Nothing here syncs with the host: counts stay tensors.

@@ -18,7 +18,8 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   one layer recomputed; ``--tiled-mlp`` keeps no MLP rows (one tile of ``[rows, I]`` at a time);
   ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows;
 * the loss: the fused losses keep ``dL/dH`` in fp32 ``[rows, H]`` and, when the head trains, ``dL/dW`` in fp32
-  ``[V, H]``; on the CPU backend a 64 MiB logits chunk and, under bf16, an fp32 copy of ``W`` while the loss
+  ``[V, H]``, from their forward until their own backward has run (not through the model's backward); the
+  sequential views' recomputed final hidden states give their storage back (nothing saves them); on the CPU backend a 64 MiB logits chunk and, under bf16, an fp32 copy of ``W`` while the loss
   runs. transformers' loss (``--objective hf``) holds ``[rows, V]`` fp32 logits: three at once in its backward;
 * transients: one layer's backward (three ``[rows, I]`` MLP gradients), the no-grad forward of the sequential
   views, the gradients and AdamW's update temporaries (two of the largest parameter);
@@ -374,8 +375,8 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
         phases["view forwards (no grad)"] = resident + emb_out + 2 * N * hid + nograd
         phases["loss"] = resident + emb_out + R * hid + loss_fwd + loss_keep + dW32
         phases["loss backward"] = resident + emb_out + R * hid + loss_keep + dW32 + loss_bwd + head_grad
-        phases["view backward"] = (resident + emb_out + loss_bwd + dW32 + head_grad + saved + N * hid + layer_bwd
-                                   + layer_grads)
+        # the loss's fp32 buffers died with its backward; the recomputed view's output gives its storage back
+        phases["view backward"] = resident + emb_out + loss_bwd + head_grad + saved + layer_bwd + layer_grads
     else:
         phases["loss"] = resident + saved + R * hid + loss_fwd + loss_keep + dW32
         if st.objective == "hf":
@@ -383,8 +384,8 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
             phases["layer backward"] = resident + saved + R * V * a + R * hid + head_grad + layer_bwd + layer_grads
         else:
             phases["loss backward"] = resident + saved + R * hid + loss_keep + dW32 + loss_bwd + head_grad
-            phases["layer backward"] = resident + saved + dW32 + loss_bwd + head_grad + layer_bwd + layer_grads
-    phases["end of backward"] = resident + grads + dW32  # the loss's fp32 dW lives as long as its graph
+            phases["layer backward"] = resident + saved + loss_bwd + head_grad + layer_bwd + layer_grads
+    phases["end of backward"] = resident + grads  # the loss's fp32 buffers are freed once its backward ran
     phases["optimizer step"] = resident + grads + opt_tmp
     phase = max(phases, key=phases.get)
     per_tok = dict(per)
