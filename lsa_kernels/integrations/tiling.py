@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import weakref
 from typing import List, Optional
 
 import torch
@@ -169,6 +170,13 @@ class _RowTiles(torch.autograd.Function):
 
 def _tiled_forward(self, x, *args, **kwargs):
     inner = self._lsa_untiled_forward
+    norm = self.__dict__.get("_lsa_norm")  # the norm that feeds this MLP, run inside its tiles
+    if norm is not None:
+        mlp_forward, norm_forward = inner, norm._lsa_fused_forward
+
+        def inner(t, *a, **k):
+            return mlp_forward(norm_forward(t), *a, **k)
+
     if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return inner(x, *args, **kwargs)
     T = x.shape[-2]
@@ -179,7 +187,8 @@ def _tiled_forward(self, x, *args, **kwargs):
     if not torch.is_grad_enabled():
         return _run_tiles(inner, x, n)
     if self._lsa_row_function:  # no random draws: one autograd function over the tiles
-        return _RowTiles.apply(x, n, inner, *self.parameters())
+        params = list(self.parameters()) + (list(norm.parameters()) if norm is not None else [])
+        return _RowTiles.apply(x, n, inner, *params)
     from torch.utils.checkpoint import checkpoint  # dropout inside: a checkpoint per tile replays the RNG
 
     return torch.cat([checkpoint(inner, t, use_reentrant=False) for t in x.tensor_split(n, dim=-2)], dim=-2)
@@ -211,19 +220,113 @@ def _untile(modules: List[nn.Module]) -> int:
     return n
 
 
+def _identity_forward(self, x, *args, **kwargs):
+    return x
+
+
+def _feeding_norms(model: nn.Module) -> dict:
+    """``{mlp: norm}`` for the decoder layers whose MLP input is exactly the output of one of the layer's norms,
+    found by running ``model`` on an 8-token probe with hooks (no names assumed); ``{}`` when the probe cannot
+    run the model."""
+    from .decoder import decoder_of, hidden_states
+
+    root = decoder_of(model) or model
+    layers = [m for m in root.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]
+    outs, feeds, hooks = {}, {}, []
+
+    def note_out(mod, _inp, out):
+        if isinstance(out, torch.Tensor):
+            outs[id(out)] = (weakref.ref(out), mod)
+
+    def note_in(mod, args):
+        if args and isinstance(args[0], torch.Tensor):
+            ref, norm = outs.get(id(args[0]), (None, None))
+            feeds[mod] = norm if ref is not None and ref() is args[0] else None
+
+    for layer in layers:
+        hooks += [c.register_forward_hook(note_out) for c in layer.children() if _is_norm(c)]
+        hooks.append(layer.mlp.register_forward_pre_hook(note_in))
+    ids = _probe_ids(model)
+    try:
+        if ids is None:
+            return {}
+        with torch.no_grad():
+            hidden_states(model, ids)
+    except Exception:  # noqa: BLE001 - not a model the probe can run: its MLPs are tiled without their norm
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    return {layer.mlp: feeds[layer.mlp] for layer in layers if feeds.get(layer.mlp) is not None}
+
+
+def _probe_ids(model: nn.Module) -> Optional[torch.Tensor]:
+    p = next(model.parameters(), None)
+    V = getattr(getattr(model, "config", None), "vocab_size", None)
+    if p is None or not V:
+        return None
+    return torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(11)).to(p.device)
+
+
+def _fuse_norms(model: nn.Module, mlps: List[nn.Module]) -> int:
+    """Move the norm that feeds each MLP inside the MLP's tiles (the norm's own forward becomes the identity), when
+    the model's output stays bitwise the same; returns the number of norms moved."""
+    from .decoder import hidden_states
+
+    pairs = {m: n for m, n in _feeding_norms(model).items() if m in mlps and "_lsa_norm" not in m.__dict__}
+    if not pairs:
+        return 0
+    ids = _probe_ids(model)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = hidden_states(model, ids)
+            for mlp, norm in pairs.items():
+                _untile([norm])
+                norm._lsa_fused_forward = norm.forward
+                norm.forward = types.MethodType(_identity_forward, norm)
+                object.__setattr__(mlp, "_lsa_norm", norm)  # a plain attribute: not a submodule of the MLP
+            same = torch.equal(hidden_states(model, ids), before)
+    finally:
+        model.train(was)
+    if not same:  # the norm's output feeds something else too: leave the norms where they were
+        _unfuse(pairs)
+        return 0
+    return len(pairs)
+
+
+def _unfuse(mlps) -> None:
+    for mlp in mlps:
+        norm = mlp.__dict__.pop("_lsa_norm", None)
+        if norm is not None:
+            norm.__dict__.pop("forward", None)
+            norm.__dict__.pop("_lsa_fused_forward", None)
+
+
 def tile_mlp(model: nn.Module, tiles: Optional[int] = None) -> int:
     """Run every decoder layer's MLP of ``model`` over ``tiles`` sequence tiles, recomputed in the backward.
 
     ``tiles``: an int >= 1 (the same count at every length), or None = one tile per ``H`` tokens
     (``ceil(T / H)``, H the hidden size: each tile's ``[T/n, I]`` intermediate is then about ``I/H`` times a
-    ``[H, H]`` matrix). Returns the number of MLPs wrapped. Raises :class:`CannotTile` (nothing changed) when
-    an MLP cannot be tiled. Calling it again changes the tile count; :func:`untile_mlp` undoes it."""
-    return _tile(_mlps(model), model, tiles, "layer {i}'s mlp")
+    ``[H, H]`` matrix). The norm whose output is the MLP's input (``post_attention_layernorm`` in Llama,
+    ``pre_feedforward_layernorm`` in Gemma 2, ``ln_2`` in GPT-2: found by a probe run, not by name) moves inside
+    the tiles, so the tiles keep the norm's input (the residual stream) and neither the norm's output nor its
+    saved rows exist for the backward; this is kept only if the model's output stays bitwise the same.
+    Returns the number of MLPs wrapped. Raises :class:`CannotTile` (nothing changed) when an MLP cannot be
+    tiled. Calling it again changes the tile count; :func:`untile_mlp` undoes it (the moved norms run
+    untiled again)."""
+    mlps = _mlps(model)
+    n = _tile(mlps, model, tiles, "layer {i}'s mlp")
+    _fuse_norms(model, mlps)
+    return n
 
 
 def untile_mlp(model: nn.Module) -> int:
     """Undo :func:`tile_mlp`; returns the number of MLPs restored."""
-    return _untile(_mlps(model))
+    mlps = _mlps(model)
+    _unfuse(mlps)
+    return _untile(mlps)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -235,7 +338,7 @@ def _norms(model: nn.Module) -> List[nn.Module]:
 
     root = decoder_of(model) or model
     layers = [m for m in root.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]
-    found = [c for layer in layers for c in layer.children() if _is_norm(c)]
+    found = [c for layer in layers for c in layer.children() if _is_norm(c) and "_lsa_fused_forward" not in c.__dict__]
     found += [c for c in root.children() if _is_norm(c)]
     if not found:
         raise CannotTile(f"{type(model).__name__}: no norm module (a child of a decoder layer or of the decoder whose "

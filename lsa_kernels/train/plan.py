@@ -15,7 +15,8 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   attention output and its fp32 logsumexp — the memory-efficient SDPA path, linear in T; the MLP's gate, up,
   SiLU and product rows. A frozen weight saves no input; peft's fp32 adapters save an fp32 copy of their input
   per module under bf16). With ``--grad-checkpointing`` one ``[N, H]`` input per layer plus, in the backward,
-  one layer recomputed; ``--tiled-mlp`` keeps no MLP rows (one tile of ``[rows, I]`` at a time);
+  one layer recomputed; ``--tiled-mlp`` keeps no MLP rows (one tile of ``[rows, I]`` at a time), only the tiles'
+  input, with the norm that feeds the MLP run inside the tiles (neither its output nor its rows kept);
   ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows;
 * the loss: the fused losses keep ``dL/dH`` in fp32 ``[rows, H]`` and, when the head trains, ``dL/dW`` in fp32
   ``[V, H]``, from their forward until their own backward has run (not through the model's backward); the
@@ -231,10 +232,10 @@ def _layer_saved(s: Shape, st: Setup) -> Dict[str, float]:
         norms = 2 * norm_in
         lora = (4 * H if a == 4 else 3 * 4 * H) + (0 if a == 4 else 4 * s.qd) + 4 * 4 * st.lora
         mlp = 3 * a * I  # gate, up, silu(gate); the product feeds a frozen down_proj
-    if st.tiled_mlp is not None:
-        mlp = 0.0 if not st.lora else a * H  # the tiles' input (norm output) is kept for their recompute
     if st.tiled_norms is not None:  # each norm keeps its input (weights' dtype); full FT: its output too (linears)
         norms = 2 * (a * H + (a * H if not st.lora else 0))
+    if st.tiled_mlp is not None:  # the norm that feeds the MLP runs inside its tiles, which keep only their input
+        norms, mlp = norms / 2, a * H  # (the residual stream): neither the norm's saved rows nor its output
     return {"norms": norms, "attention": attn, "lora": lora, "mlp": mlp}
 
 
@@ -327,8 +328,10 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
         # forward's temporaries stay resident through the step; mmapped (larger) tensors are given back when freed
         alloc = _layer_allocs(s, st)
         nonmlp = sum(_heap(v, M) for k, v in alloc.items() if k not in ("mlp", "norms"))
-        nonmlp += _heap(alloc["norms"], _tile_rows(s, st, M, T, st.tiled_norms))
-        mlp = _heap(alloc["mlp"], tile)
+        fused = st.tiled_mlp is not None  # the pre-MLP norm allocates per MLP tile
+        half = len(alloc["norms"]) // 2
+        nonmlp += _heap(alloc["norms"][half:] if fused else alloc["norms"], _tile_rows(s, st, M, T, st.tiled_norms))
+        mlp = _heap(alloc["mlp"] + (alloc["norms"][:half] if fused else []), tile)
         reps = 1 if st.grad_ckpt else L  # with checkpointing each layer's temporaries reuse the previous holes
         retained = reps * nonmlp + (1 if st.tiled_mlp is not None else reps) * mlp
         retained += (L * M * a * H if st.grad_ckpt and M * a * H < CPU_MMAP_MAX else 0)
