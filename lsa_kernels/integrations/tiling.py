@@ -12,6 +12,11 @@ the backward. A module that draws random numbers (dropout: two calls differ) run
 the other. Each output row is the module of its own input row, so the result and every gradient equal the
 untiled module's (up to the summation order of the weight gradient).
 
+The norm whose output is the MLP's input (Llama's ``post_attention_layernorm``) moves inside the MLP's tiles
+(:func:`tile_mlp`; found by hooks on a probe run, kept only if the model's output is bitwise unchanged): the
+tiles then keep the residual stream, which is the norm's input, and neither the norm's output (the MLP's
+input, otherwise kept by the tiles) nor its saved rows exist for the backward.
+
 The norms (RMSNorm, LayerNorm) are row-wise too. Untiled, transformers' RMSNorm saves for its backward the
 normalised rows ``x * rsqrt(mean(x^2) + eps)`` in fp32 (for its weight's gradient) and, under bf16, the fp32
 upcast of its input: one or two ``[T, H]`` fp32 tensors per norm that nothing else needs. Tiled the same way,
