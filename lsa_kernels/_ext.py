@@ -73,7 +73,10 @@ def _load():
         _register_fakes()
         _module = _C
     except Exception as exc:  # not built, or built against another torch
-        _load_error = exc
+        # kept without its traceback (nor the exceptions it chains): a traceback holds the frames of the first
+        # call that tried the import (through each frame's caller), and with them every tensor of that call
+        _load_error = exc.with_traceback(None)
+        _load_error.__context__ = _load_error.__cause__ = None
         _module = None
     return _module
 

@@ -418,6 +418,29 @@ def test_missing_extension_warns_once(monkeypatch):
     assert math.isfinite(out.item())
 
 
+def test_a_failed_import_keeps_no_frames_alive(monkeypatch):
+    """The import error is kept for the warning without its traceback: a traceback would hold the frame of the
+    first call that tried the import, its callers' frames and every tensor in them (the loss's inputs and
+    gradient buffers) for the life of the process."""
+    import sys
+    import weakref
+
+    monkeypatch.setattr(_ext, "_tried", False)
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_load_error", None)
+    monkeypatch.setitem(sys.modules, "lsa_kernels._C", None)  # the import fails with ImportError
+    monkeypatch.delattr(L, "_C", raising=False)
+
+    def caller():
+        big = torch.empty(1000)
+        _ext._load()
+        return weakref.ref(big)
+
+    ref = caller()
+    assert _ext._load_error is not None and _ext._load_error.__traceback__ is None
+    assert ref() is None, "a tensor of the calling frame outlived the call"
+
+
 def test_disable_switch_restores():
     before = _ext.available() if _ext.built() else False
     with _ext.disable():
