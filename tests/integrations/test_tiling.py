@@ -98,7 +98,7 @@ def test_the_norm_feeding_the_mlp_moves_into_its_tiles(family):
     """tile_mlp finds (by a probe run, not by name) the norm whose output is the MLP's input and runs it inside
     the tiles: the tiles then keep the residual stream, and neither the norm's output nor its fp32 rows are saved;
     the norm gets its gradient through the tiles; untile_mlp puts everything back."""
-    m = _model(family, torch.float32)
+    m = _model(family)
     x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(5))
     l0, g0 = _grads(m, x)
     before = _saved_bytes(m, x)
@@ -108,11 +108,12 @@ def test_the_norm_feeding_the_mlp_moves_into_its_tiles(family):
         assert "_lsa_fused_forward" not in layer.input_layernorm.__dict__
     assert tile_norms(m, 3) == 3  # the moved norms are not tiled again: input norms and the final norm
     l1, g1 = _grads(m, x)
-    assert abs(l1 - l0) <= 1e-5 * abs(l0) and _rel(g1, g0) <= 1e-5
+    assert abs(l1 - l0) <= 1e-12 * abs(l0)
+    assert _rel(g1, g0) <= (1e-6 if family == "gemma" else 1e-10)  # Gemma's fp32 norm-weight sum, as above
     assert sum(k.endswith("post_attention_layernorm.weight") for k in g1) == 2  # the moved norms still learn
     untile_norms(m)
     # per layer, tiling the MLP alone saved its [B, T, I] rows; moving the norm in also drops the norm's saved
-    # fp32 rows and output beside the [B, T, H] input the tiles keep
+    # rows and output beside the [B, T, H] input the tiles keep (at least one [B, T, H] of 4-byte floats)
     tiled = _saved_bytes(m, x)
     untile_mlp(m)
     assert "_lsa_fused_forward" not in m.model.layers[0].post_attention_layernorm.__dict__
