@@ -42,9 +42,9 @@ tile comes from HBM about once per chunk). fp32 pair dz at N = 16384, V = 128256
 about 16 times, 34 GB, about 10 ms at 3.35 TB/s next to about 210 ms of tf32x3 dots for the 3.4·10¹³ flops of
 the recomputed logits. Its table entry caps registers at 255 (ptxas ``.maxnreg``): without the cap ptxas
 squeezed 18-29 % of the sampled fp32 flag sets into 128 registers (two blocks of 8 warps per SM) and some of
-those spilled 8-16 B; with it 334 flag sets (330 of the 4220, and the production ones) compile spill-free on
-sm_80 and sm_90 under Triton 3.6 and 3.8 (under 3.6, the GPU image's version, all 4220, at most 239
-registers), and every fp32 ce_dz and dense_dz flag set is spill-free without a cap
+those spilled 8-16 B; with it all 4220 flag sets (and the production ones) compile spill-free on sm_80 and
+sm_90 under Triton 3.6 (at most 239 registers) and 3.8 (at most 255), and every fp32 ce_dz and dense_dz flag
+set is spill-free without a cap
 (benchmarks/results/compile_sweep/DETERMINISTIC_FP32.md). The tile is unchanged, so the number of programs and
 the re-reads above are too; what changes is occupancy, for the flag sets ptxas used to squeeze only (above 128
 registers a block of 8 warps is alone on its SM anyway): one block per SM instead of two. Expected cost: none
