@@ -120,15 +120,13 @@ def _probe(mlp: nn.Module, H: int, where: str) -> bool:
 def _run_tiles(fn, x: torch.Tensor, n: int) -> torch.Tensor:
     """``cat([fn(t) for t in x.tensor_split(n, dim=-2)], dim=-2)`` written tile by tile into one output: the tiles'
     outputs never exist all at once beside the joined copy (a ``cat`` over a list holds both)."""
-    tiles = x.tensor_split(n, dim=-2)
-    first = fn(tiles[0])
-    y = first.new_empty(*x.shape[:-1], first.shape[-1])
-    rows = 0
-    for i, t in enumerate(tiles):
-        yt = first if i == 0 else fn(t)
+    y, rows = None, 0
+    for t in x.tensor_split(n, dim=-2):
+        yt = fn(t)
+        if y is None:
+            y = yt.new_empty(*x.shape[:-1], yt.shape[-1])
         y.narrow(-2, rows, t.shape[-2]).copy_(yt)
         rows += t.shape[-2]
-        first = yt = None
     return y
 
 
@@ -229,10 +227,10 @@ def _identity_forward(self, x, *args, **kwargs):
     return x
 
 
-def _feeding_norms(model: nn.Module) -> dict:
-    """``{mlp: norm}`` for the decoder layers whose MLP input is exactly the output of one of the layer's norms,
-    found by running ``model`` on an 8-token probe with hooks (no names assumed); ``{}`` when the probe cannot
-    run the model."""
+def _feeding_norms(model: nn.Module, ids: torch.Tensor):
+    """``({mlp: norm}, output)``: the decoder layers whose MLP input is exactly the output of one of the layer's
+    norms, found by running ``model`` on the probe ``ids`` with hooks (no names assumed), and the probe's final
+    hidden states; ``({}, None)`` when the probe cannot run the model."""
     from .decoder import decoder_of, hidden_states
 
     root = decoder_of(model) or model
@@ -251,18 +249,15 @@ def _feeding_norms(model: nn.Module) -> dict:
     for layer in layers:
         hooks += [c.register_forward_hook(note_out) for c in layer.children() if _is_norm(c)]
         hooks.append(layer.mlp.register_forward_pre_hook(note_in))
-    ids = _probe_ids(model)
     try:
-        if ids is None:
-            return {}
         with torch.no_grad():
-            hidden_states(model, ids)
+            out = hidden_states(model, ids)
     except Exception:  # noqa: BLE001 - not a model the probe can run: its MLPs are tiled without their norm
-        return {}
+        return {}, None
     finally:
         for h in hooks:
             h.remove()
-    return {layer.mlp: feeds[layer.mlp] for layer in layers if feeds.get(layer.mlp) is not None}
+    return {layer.mlp: feeds[layer.mlp] for layer in layers if feeds.get(layer.mlp) is not None}, out
 
 
 def _probe_ids(model: nn.Module) -> Optional[torch.Tensor]:
@@ -278,15 +273,17 @@ def _fuse_norms(model: nn.Module, mlps: List[nn.Module]) -> int:
     the model's output stays bitwise the same; returns the number of norms moved."""
     from .decoder import hidden_states
 
-    pairs = {m: n for m, n in _feeding_norms(model).items() if m in mlps and "_lsa_norm" not in m.__dict__}
-    if not pairs:
-        return 0
     ids = _probe_ids(model)
+    if ids is None:
+        return 0
     was = model.training
     model.eval()
     try:
+        found, before = _feeding_norms(model, ids)
+        pairs = {m: n for m, n in found.items() if m in mlps and "_lsa_norm" not in m.__dict__}
+        if not pairs:
+            return 0
         with torch.no_grad():
-            before = hidden_states(model, ids)
             for mlp, norm in pairs.items():
                 _untile([norm])
                 norm._lsa_fused_forward = norm.forward
