@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 
 from . import _checks, backends, dispatch, reference
-from .backends import PairCoefs, PairGrads, PairOut, PairRows
 from .autograd import save_with_grads, saved_with_grads
+from .backends import PairCoefs, PairGrads, PairOut, PairRows
 from .dispatch import autocast_off
 from .maths import IGNORE_INDEX, acc_dtype, mean_scale
 from .options import DistillationArgs, PairOptions
