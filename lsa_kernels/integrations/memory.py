@@ -7,7 +7,10 @@ forward passes coexist until the backward. The sequential step runs each view's 
 ``no_grad`` (nothing saved but its final hidden states ``[B, T, H]``), computes the fused loss on the two
 hidden-state tensors, and in the backward recomputes each view's forward *with* grad and backpropagates its
 ``dL/dH`` through it, one view after the other: the peak holds one view's activations plus the two
-hidden-state tensors, for one extra forward per view. When the input embedding trains and the views hold
+hidden-state tensors, for one extra forward per view. Each view's ``dL/dH`` waits in a slot, not in the
+checkpoint's backward (whose arguments live as long as the recompute's whole backward): the checkpoint is handed
+a zero-stride placeholder, and the recomputed output's own backward takes ``dL/dH`` out of the slot, so autograd
+frees it as soon as the final norm's backward has consumed it. When the input embedding trains and the views hold
 at most ``2V`` tokens together, it runs once on both views, with grad, outside the recompute: its ``[V, H]``
 weight gradient is made once, as in the joint step, and the two ``[B, T, H]`` embedding outputs wait for the
 backward. Past ``2V`` tokens those outputs outweigh the two ``[V, H]`` tensors the other way costs, so the
@@ -89,18 +92,75 @@ def _recompute(fn, x, offload: bool) -> torch.Tensor:
     return h
 
 
+class _GradSlot:
+    """One view's ``dL/dH`` between the loss's backward and the view's recompute."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad: Optional[torch.Tensor] = None
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``t``'s shape, dtype and device in one element's memory (zero strides)."""
+    return t.new_zeros(()).expand(t.shape)
+
+
+class _Deposit(torch.autograd.Function):
+    """Identity on a view's final hidden states. Backward: the incoming ``dL/dH`` goes into the slot, and the
+    checkpoint below gets a placeholder (its backward holds its arguments until the recompute's backward ends)."""
+
+    @staticmethod
+    def forward(ctx, h, slot):
+        ctx.slot = slot
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.slot.grad = g
+        return _placeholder(g), None
+
+
+class _Withdraw(torch.autograd.Function):
+    """A placeholder for the recomputed final hidden states, inside the recompute. Backward: ``dL/dH`` out of the
+    slot, which keeps no reference, so autograd frees it once the next node (the final norm) has used it."""
+
+    @staticmethod
+    def forward(ctx, h, slot):
+        ctx.slot = slot
+        return _placeholder(h)
+
+    @staticmethod
+    def backward(ctx, _placeholder_grad):
+        g, ctx.slot.grad = ctx.slot.grad, None
+        return g, None
+
+
+def _recomputed_view(fn, x, offload: bool, slot: _GradSlot) -> torch.Tensor:
+    """``_recompute(fn, x)``, whose output hands its gradient over through ``slot`` when it runs with grad."""
+    h = _recompute(fn, x, offload)
+    return _Withdraw.apply(h, slot) if h.requires_grad else h
+
+
+def _checkpointed_view(run, *args, replay_rng: bool, slot: _GradSlot) -> torch.Tensor:
+    return _Deposit.apply(torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=True,
+                                                            preserve_rng_state=replay_rng), slot)
+
+
 def view_hidden_states(model: nn.Module, x: torch.Tensor, *, offload: bool = False,
                        replay_rng: bool = True) -> torch.Tensor:
     """``hidden_states(model, x)`` whose activations are not kept: computed under ``no_grad`` now, recomputed
     with grad (RNG and autocast state restored; offloaded if ``offload``) when the backward reaches it."""
+    slot = _GradSlot()
+
     def run(ids, _anchor):
-        return _recompute(functools.partial(hidden_states, model), ids, offload)
+        return _recomputed_view(functools.partial(hidden_states, model), ids, offload, slot)
 
     if not torch.is_grad_enabled():
         return hidden_states(model, x)
     # an input that requires grad, so the checkpoint's output is part of the graph (the token ids cannot be)
     anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return torch.utils.checkpoint.checkpoint(run, x, anchor, use_reentrant=True, preserve_rng_state=replay_rng)
+    return _checkpointed_view(run, x, anchor, replay_rng=replay_rng, slot=slot)
 
 
 _EMBEDS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
@@ -153,11 +213,13 @@ def sequential_states(model: nn.Module, xs, *, offload: bool = False, replay_rng
         return [view_hidden_states(model, x, offload=offload, replay_rng=replay_rng) for x in xs]
     dec, emb = split
 
-    def run(e):
-        return _recompute(functools.partial(_decoder_output, dec), e, offload)
+    def view(e):
+        slot = _GradSlot()
+        run = functools.partial(_recomputed_view, functools.partial(_decoder_output, dec), offload=offload, slot=slot)
+        return _checkpointed_view(run, e, replay_rng=replay_rng, slot=slot)
 
     es = emb(torch.cat(list(xs), dim=0)).split([x.shape[0] for x in xs], dim=0)
-    return [torch.utils.checkpoint.checkpoint(run, e, use_reentrant=True, preserve_rng_state=replay_rng) for e in es]
+    return [view(e) for e in es]
 
 
 _CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()

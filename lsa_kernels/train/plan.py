@@ -20,7 +20,8 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows;
 * the loss: the fused losses keep ``dL/dH`` in fp32 ``[rows, H]`` and, when the head trains, ``dL/dW`` in fp32
   ``[V, H]``, from their forward until their own backward has run (not through the model's backward); the
-  sequential views' recomputed final hidden states give their storage back (nothing saves them); on the CPU backend a 64 MiB logits chunk and, under bf16, an fp32 copy of ``W`` while the loss
+  sequential views' recomputed final hidden states give their storage back (nothing saves them), and each
+  view's ``dL/dH`` is freed once the final norm's backward has used it; on the CPU backend a 64 MiB logits chunk and, under bf16, an fp32 copy of ``W`` while the loss
   runs. transformers' loss (``--objective hf``) holds ``[rows, V]`` fp32 logits: three at once in its backward;
 * transients: one layer's backward (three ``[rows, I]`` MLP gradients), the no-grad forward of the sequential
   views, the gradients and AdamW's update temporaries (two of the largest parameter);
@@ -378,8 +379,9 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
         phases["view forwards (no grad)"] = resident + emb_out + 2 * N * hid + nograd
         phases["loss"] = resident + emb_out + R * hid + loss_fwd + loss_keep + dW32
         phases["loss backward"] = resident + emb_out + R * hid + loss_keep + dW32 + loss_bwd + head_grad
-        # the loss's fp32 buffers died with its backward; the recomputed view's output gives its storage back
-        phases["view backward"] = resident + emb_out + loss_bwd + head_grad + saved + layer_bwd + layer_grads
+        # the loss's fp32 buffers died with its backward; the recomputed view's output gives its storage back, and
+        # its dL/dH is freed once the final norm's backward used it: the other view's dL/dH waits
+        phases["view backward"] = resident + emb_out + loss_bwd / 2 + head_grad + saved + layer_bwd + layer_grads
     else:
         phases["loss"] = resident + saved + R * hid + loss_fwd + loss_keep + dW32
         if st.objective == "hf":
