@@ -74,6 +74,8 @@ CONFIGS = {
     "body-ls-joint-ckpt-64k": Cfg(BODY, None, "fp32", 0, "long-short", "joint", True, None, 65536),
     "body-ls-seq-ckpt-tiled-64k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 65536),
     "body-ls-seq-ckpt-tiled-norms-64k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 65536, 0),
+    "body-ls-seq-ckpt-tiled-norms-128k": Cfg(BODY, None, "fp32", 0, "long-short", "sequential", True, 0, 131072, 0),
+    "tiny-lora-ls-seq-ckpt-tiled-norms-4k": Cfg(TINY, None, "fp32", 8, "long-short", "sequential", True, 0, 4096, 0),
     "l8b-1L-bf16-lora-ce-512": Cfg("llama3-8b", 1, "bf16", 32, "ce", "joint", False, None, 512),
     "l8b-1L-bf16-lora-hf-512": Cfg("llama3-8b", 1, "bf16", 32, "hf", "joint", False, None, 512),
     "l8b-2L-bf16-lora-ls-joint-256": Cfg("llama3-8b", 2, "bf16", 32, "long-short", "joint", False, None, 256),

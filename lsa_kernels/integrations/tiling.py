@@ -23,6 +23,10 @@ upcast of its input: one or two ``[T, H]`` fp32 tensors per norm that nothing el
 a norm keeps only its input (a view of a tensor that exists anyway: the layer input, or the residual sum that
 feeds the second norm) and recomputes the rest one tile at a time in the backward. With fp32 weights that is
 ``4 H`` bytes per token per norm less (two norms per layer, plus the final norm); under bf16 ``8 H``.
+A tiled norm's output, in turn, is kept by the linear layers it feeds (Llama's ``q_proj`` / ``k_proj`` /
+``v_proj``, LoRA's ``lora_A``), for their weights' gradients: those linears (found by hooks on a probe run, no
+names assumed) keep the norm's input instead and recompute the norm's output in their backward
+(:class:`_NormedLinear`), so no ``[T, H]`` norm output waits for the backward at all.
 
 :func:`tile_mlp` patches the ``forward`` of the module found at ``layer.mlp`` of every decoder layer (the
 module object itself, so the state dict, hooks, LoRA layers inside it and checkpoints are unchanged):
@@ -171,7 +175,60 @@ class _RowTiles(torch.autograd.Function):
         return (dx, None, None, *dps)
 
 
+class _NormedLinear(torch.autograd.Function):
+    """``F.linear(y, w, b)`` of a tiled norm's output ``y = norm(x)``, keeping ``x`` (which the norm keeps anyway)
+    rather than ``y``. Backward: ``dy = g w``, ``dw = (y^T g)^T`` with ``y`` recomputed from ``x`` exactly as the
+    forward made it (same tiles, no random draws: the norm's probe checked that two calls agree),
+    ``db = sum_rows g``."""
+
+    @staticmethod
+    def forward(ctx, y, x, norm_fn, w, b):
+        ctx.norm_fn = norm_fn
+        ctx.save_for_backward(x, w)
+        return nn.functional.linear(y, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        need_y, _, _, need_w, need_b = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        dy = g2.mm(w).view(*g.shape[:-1], w.shape[1]) if need_y else None
+        dw = None
+        if need_w:
+            with torch.no_grad():
+                y = ctx.norm_fn(x)
+            dw = y.reshape(-1, y.shape[-1]).t().mm(g2).t()
+            del y
+        db = g2.sum(0) if need_b else None
+        return dy, None, None, dw, db
+
+
+def _normed_linear_forward(self, y):
+    """An ``nn.Linear`` fed by a tiled norm: :class:`_NormedLinear` when ``y`` carries its norm's input and the
+    weight trains (no autocast: its casts would sit between the norm and the product), else the plain forward."""
+    src = getattr(y, "_lsa_normed", None)
+    if (src is None or not torch.is_grad_enabled() or not self.weight.requires_grad
+            or torch.is_autocast_enabled(y.device.type)):
+        return self._lsa_plain_forward(y)
+    x, norm_fn = src
+    return _NormedLinear.apply(y, x, norm_fn, self.weight, self.bias)
+
+
 def _tiled_forward(self, x, *args, **kwargs):
+    out = _tiled_output(self, x, *args, **kwargs)
+    if self.__dict__.get("_lsa_feeds_linears") and isinstance(out, torch.Tensor) and out.requires_grad:
+        n = _tile_count(self, x.shape[-2])
+        inner = self._lsa_untiled_forward
+        out._lsa_normed = (x, inner if n == 1 else (lambda t: _run_tiles(inner, t, n)))
+    return out
+
+
+def _tile_count(mod: nn.Module, T: int) -> int:
+    n = mod._lsa_tiles or math.ceil(T / mod._lsa_tile_len)
+    return max(1, min(n, T))
+
+
+def _tiled_output(self, x, *args, **kwargs):
     inner = self._lsa_untiled_forward
     norm = self.__dict__.get("_lsa_norm")  # the norm that feeds this MLP, run inside its tiles
     if norm is not None:
@@ -182,9 +239,7 @@ def _tiled_forward(self, x, *args, **kwargs):
 
     if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
         return inner(x, *args, **kwargs)
-    T = x.shape[-2]
-    n = self._lsa_tiles or math.ceil(T / self._lsa_tile_len)
-    n = max(1, min(n, T))
+    n = _tile_count(self, x.shape[-2])
     if n == 1:
         return inner(x)
     if not torch.is_grad_enabled():
@@ -217,7 +272,8 @@ def _untile(modules: List[nn.Module]) -> int:
     n = 0
     for mod in modules:
         if "_lsa_untiled_forward" in mod.__dict__:
-            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len", "_lsa_row_function"):
+            for a in ("forward", "_lsa_untiled_forward", "_lsa_tiles", "_lsa_tile_len", "_lsa_row_function",
+                      "_lsa_feeds_linears"):
                 mod.__dict__.pop(a, None)
             n += 1
     return n
@@ -231,11 +287,18 @@ def _feeding_norms(model: nn.Module, ids: torch.Tensor):
     """``({mlp: norm}, output)``: the decoder layers whose MLP input is exactly the output of one of the layer's
     norms, found by running ``model`` on the probe ``ids`` with hooks (no names assumed), and the probe's final
     hidden states; ``({}, None)`` when the probe cannot run the model."""
+    return _norm_consumers(model, ids, lambda layer: [layer.mlp])
+
+
+def _norm_consumers(model: nn.Module, ids: torch.Tensor, candidates):
+    """``({module: norm}, output)``: of the modules ``candidates(layer)`` of each decoder layer, those whose input is
+    exactly the output of one of the layer's norms (hooks on a probe run of ``model`` on ``ids``), and the probe's
+    final hidden states; ``({}, None)`` when the probe cannot run the model."""
     from .decoder import decoder_of, hidden_states
 
     root = decoder_of(model) or model
     layers = [m for m in root.modules() if isinstance(getattr(m, "mlp", None), nn.Module)]
-    outs, feeds, hooks = {}, {}, []
+    outs, feeds, hooks, mods = {}, {}, [], []
 
     def note_out(mod, _inp, out):
         if isinstance(out, torch.Tensor):
@@ -248,16 +311,17 @@ def _feeding_norms(model: nn.Module, ids: torch.Tensor):
 
     for layer in layers:
         hooks += [c.register_forward_hook(note_out) for c in layer.children() if _is_norm(c)]
-        hooks.append(layer.mlp.register_forward_pre_hook(note_in))
+        mods += candidates(layer)
+    hooks += [m.register_forward_pre_hook(note_in) for m in mods]
     try:
         with torch.no_grad():
             out = hidden_states(model, ids)
-    except Exception:  # noqa: BLE001 - not a model the probe can run: its MLPs are tiled without their norm
+    except Exception:  # noqa: BLE001 - not a model the probe can run: its modules stay as they are
         return {}, None
     finally:
         for h in hooks:
             h.remove()
-    return {layer.mlp: feeds[layer.mlp] for layer in layers if feeds.get(layer.mlp) is not None}, out
+    return {m: feeds[m] for m in mods if feeds.get(m) is not None}, out
 
 
 def _probe_ids(model: nn.Module) -> Optional[torch.Tensor]:
@@ -352,11 +416,48 @@ def tile_norms(model: nn.Module, tiles: Optional[int] = None) -> int:
     """Run every norm of ``model``'s decoder layers (and its final norm) over ``tiles`` sequence tiles, recomputed
     in the backward: each norm then keeps only its input for the backward (module docstring).
 
-    ``tiles`` as for :func:`tile_mlp` (None = one tile per ``H`` tokens). Returns the number of norms wrapped;
-    :class:`CannotTile` (nothing changed) when one cannot be tiled; :func:`untile_norms` undoes it."""
-    return _tile(_norms(model), model, tiles, "norm {i}")
+    ``tiles`` as for :func:`tile_mlp` (None = one tile per ``H`` tokens). The ``nn.Linear`` layers a norm's output
+    feeds directly keep the norm's input instead of its output and recompute the norm in their backward.
+    Returns the number of norms wrapped; :class:`CannotTile` (nothing changed) when one cannot be tiled;
+    :func:`untile_norms` undoes it."""
+    norms = _norms(model)
+    n = _tile(norms, model, tiles, "norm {i}")
+    _wire_linears(model, norms)
+    return n
+
+
+def _wire_linears(model: nn.Module, norms: List[nn.Module]) -> None:
+    """Give the ``nn.Linear`` layers fed directly by one of the tiled ``norms`` the forward that keeps the norm's
+    input (:func:`_normed_linear_forward`); norms that draw random numbers are left out."""
+    ids = _probe_ids(model)
+    if ids is None:
+        return
+    ours = {n for n in norms if n.__dict__.get("_lsa_row_function")}
+    was = model.training
+    model.eval()
+    try:
+        found, _ = _norm_consumers(model, ids, lambda layer: [m for m in layer.modules() if isinstance(m, nn.Linear)])
+    finally:
+        model.train(was)
+    for lin, norm in found.items():
+        if norm not in ours:
+            continue
+        norm._lsa_feeds_linears = True
+        if "_lsa_plain_forward" not in lin.__dict__:
+            lin._lsa_plain_forward = lin.forward
+            lin.forward = types.MethodType(_normed_linear_forward, lin)
+
+
+def _unwire_linears(model: nn.Module) -> None:
+    from .hf import decoder_of
+
+    for m in (decoder_of(model) or model).modules():
+        if "_lsa_plain_forward" in m.__dict__:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_lsa_plain_forward", None)
 
 
 def untile_norms(model: nn.Module) -> int:
     """Undo :func:`tile_norms`; returns the number of norms restored."""
+    _unwire_linears(model)
     return _untile(_norms(model))

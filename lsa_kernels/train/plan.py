@@ -17,7 +17,8 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   per module under bf16). With ``--grad-checkpointing`` one ``[N, H]`` input per layer plus, in the backward,
   one layer recomputed; ``--tiled-mlp`` keeps no MLP rows (one tile of ``[rows, I]`` at a time), only the tiles'
   input, with the norm that feeds the MLP run inside the tiles (neither its output nor its rows kept);
-  ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows;
+  ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows,
+  and the linear layers it feeds (q/k/v, gate/up; fp32 LoRA adapters) keep that input, not the norm's output;
 * the loss: the fused losses keep ``dL/dH`` in fp32 ``[rows, H]`` and, when the head trains, ``dL/dW`` in fp32
   ``[V, H]``, from their forward until their own backward has run (not through the model's backward); the
   sequential views' recomputed final hidden states give their storage back (nothing saves them), and each
@@ -233,8 +234,9 @@ def _layer_saved(s: Shape, st: Setup) -> Dict[str, float]:
         norms = 2 * norm_in
         lora = (4 * H if a == 4 else 3 * 4 * H) + (0 if a == 4 else 4 * s.qd) + 4 * 4 * st.lora
         mlp = 3 * a * I  # gate, up, silu(gate); the product feeds a frozen down_proj
-    if st.tiled_norms is not None:  # each norm keeps its input (weights' dtype); full FT: its output too (linears)
-        norms = 2 * (a * H + (a * H if not st.lora else 0))
+    if st.tiled_norms is not None:  # each norm keeps its input (weights' dtype); the linears it feeds keep that input
+        norms = 2 * a * H  # too and recompute its output for their weight gradients; fp32 adapters alike
+        lora = 4 * 4 * st.lora if st.lora and a == 4 else lora
     if st.tiled_mlp is not None:  # the norm that feeds the MLP runs inside its tiles, which keep only their input
         norms, mlp = norms / 2, a * H  # (the residual stream): neither the norm's saved rows nor its output
     return {"norms": norms, "attention": attn, "lora": lora, "mlp": mlp}

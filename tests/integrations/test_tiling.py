@@ -2,6 +2,8 @@
 Exact gradients on tiny Llama / Qwen2 / Mistral / Gemma models, never a whole [T, intermediate] tensor, the
 norms' fp32 rows not kept for the backward, clear refusals."""
 
+import weakref
+
 import pytest
 import torch
 import torch.nn as nn
@@ -245,7 +247,9 @@ def test_norms_exact_gradients_and_less_saved(family):
         inner = layer.input_layernorm._lsa_untiled_forward
         layer.input_layernorm._lsa_untiled_forward = lambda t, inner=inner: calls.append(t.shape[-2]) or inner(t)
     l1, g1 = _grads(m, x)
-    assert sorted(calls) == sorted([14, 13, 13] * 2 * 2)  # 3 tiles per layer, each recomputed once
+    # 3 tiles per layer, run by the forward, recomputed by the norm's backward and by the backward of each of
+    # the three linears the input norm feeds (q, k, v: their weight gradients)
+    assert sorted(calls) == sorted([14, 13, 13] * 2 * 5)
     assert abs(l1 - l0) <= 1e-12 * abs(l0)
     # Gemma's norm multiplies by (1 + weight) in fp32 even for fp64 weights: its weight gradient is an fp32 sum,
     # whose order the tiles change (fp32 rounding); the other families' weight product is in the weights' dtype
@@ -267,6 +271,41 @@ def test_norms_keep_only_their_input(family, dtype):
     assert before - after >= 5 * 2 * 40 * H * 4
     untile_norms(m)
     assert _saved_bytes(m, x) == before  # untiled again (the check above can fail)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_linears_fed_by_a_tiled_norm_keep_its_input_not_its_output(family):
+    """q/k/v (and, without a tiled MLP, gate/up) save the norm's input, not its output; the gradients stay exact
+    (Qwen2: q/k/v with biases); a frozen linear and untile_norms take the plain path again."""
+    m = _model(family)
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(5))
+    _, g0 = _grads(m, x)
+    tile_norms(m, 3)
+    layer = m.model.layers[0]
+    wired = [n for n, mod in layer.named_modules() if "_lsa_plain_forward" in mod.__dict__]
+    assert sorted(wired) == sorted(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                    "mlp.gate_proj", "mlp.up_proj"])
+    outs, kept = [], []
+    hooks = [mm.register_forward_hook(lambda _m, _i, o: outs.append(weakref.ref(o)))
+             for lay in m.model.layers for mm in (lay.input_layernorm, lay.post_attention_layernorm)]
+
+    def pack(t):  # is t (a view of) a norm output that is still alive?
+        kept.extend(1 for r in outs if r() is not None and r().untyped_storage().data_ptr() == t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hf.hidden_states(m, x)
+    for h in hooks:
+        h.remove()
+    assert len(outs) == 4 and not kept  # no norm output is kept for the backward
+    _, g1 = _grads(m, x)
+    assert _rel(g1, g0) <= (1e-6 if family == "gemma" else 1e-10)  # Gemma: fp32 norm-weight sums (see above)
+    layer.self_attn.q_proj.weight.requires_grad_(False)  # frozen: the plain forward, which saves nothing for it
+    _, g2 = _grads(m, x)
+    assert "model.layers.0.self_attn.q_proj.weight" not in g2 and _rel(g2, {k: g0[k] for k in g2}) <= (
+        1e-6 if family == "gemma" else 1e-10)
+    untile_norms(m)
+    assert not [n for n, mod in m.named_modules() if "_lsa_plain_forward" in mod.__dict__]
 
 
 def test_norms_with_mlp_lora_and_checkpointing_fp32():
