@@ -390,3 +390,36 @@ def test_sequential_step_frees_the_recomputed_hidden_states(monkeypatch):
         _, got = _grads(model, _step(model, window, "sequential", offload=offload))
         assert freed == [True, True], freed
         assert _rel(got, want) < 1e-10
+
+
+def test_each_views_hidden_state_gradient_is_freed_after_the_final_norm(monkeypatch):
+    """A view's dL/dH is freed once the final norm's backward has used it, not held through its recompute's whole
+    backward (torch's reentrant checkpoint keeps its backward arguments alive): when the backward reaches the
+    last decoder layer of a view's recompute, that view's dL/dH is gone (the short view runs first; the long
+    view's dL/dH reaches the hook only when its own turn comes)."""
+    import weakref
+
+    model, window = _model(), _window()
+    _, want = _grads(model, _step(model, window, "joint"))
+    refs, alive = [], []
+    real = memory.sequential_states
+
+    def spy(*a, **k):
+        hs = real(*a, **k)
+        for h in hs:
+            h.register_hook(lambda g: refs.append(weakref.ref(g if g._base is None else g._base)))  # its storage
+        return hs
+
+    def on_layer_out(_mod, _inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if h.requires_grad:  # the recompute inside the backward
+            h.register_hook(lambda g: alive.append(sum(r() is not None for r in refs)))
+
+    monkeypatch.setattr(memory, "sequential_states", spy)
+    hook = model.model.layers[-1].register_forward_hook(on_layer_out)
+    try:
+        _, got = _grads(model, _step(model, window, "sequential"))
+    finally:
+        hook.remove()
+    assert len(refs) == 2 and alive == [0, 0], alive  # before: [1, 1]
+    assert _rel(got, want) < 1e-10
