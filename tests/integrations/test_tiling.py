@@ -308,6 +308,22 @@ def test_linears_fed_by_a_tiled_norm_keep_its_input_not_its_output(family):
     assert not [n for n, mod in m.named_modules() if "_lsa_plain_forward" in mod.__dict__]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linears_recomputing_the_norm_match_the_plain_linears_bit_for_bit(dtype):
+    """The recomputed norm output is the forward's, bit for bit, and dy / dW / db are the products autograd forms:
+    tiled norms with the linears that keep the norm's input give the gradients of tiled norms without them."""
+    from lsa_kernels.integrations.tiling import _unwire_linears
+
+    m = _model("qwen2", dtype)  # q/k/v with biases
+    x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(5))
+    tile_norms(m, 3)
+    l1, g1 = _grads(m, x)
+    _unwire_linears(m)
+    l2, g2 = _grads(m, x)
+    assert torch.equal(l1, l2) and g1.keys() == g2.keys()
+    assert all(torch.equal(g1[k], g2[k]) for k in g1)
+
+
 def test_norms_with_mlp_lora_and_checkpointing_fp32():
     peft = pytest.importorskip("peft")
     m = _model("llama", torch.float32)
