@@ -216,7 +216,8 @@ def _normed_linear_forward(self, y):
 
 def _tiled_forward(self, x, *args, **kwargs):
     out = _tiled_output(self, x, *args, **kwargs)
-    if self.__dict__.get("_lsa_feeds_linears") and isinstance(out, torch.Tensor) and out.requires_grad:
+    if (self.__dict__.get("_lsa_feeds_linears") and isinstance(out, torch.Tensor) and out.requires_grad
+            and isinstance(x, torch.Tensor) and x.dim() >= 2):
         n = _tile_count(self, x.shape[-2])
         inner = self._lsa_untiled_forward
         out._lsa_normed = (x, inner if n == 1 else (lambda t: _run_tiles(inner, t, n)))
@@ -436,7 +437,8 @@ def _wire_linears(model: nn.Module, norms: List[nn.Module]) -> None:
     was = model.training
     model.eval()
     try:
-        found, _ = _norm_consumers(model, ids, lambda layer: [m for m in layer.modules() if isinstance(m, nn.Linear)])
+        # plain nn.Linear only: a subclass (a quantised linear, ...) may compute something else from its weight
+        found, _ = _norm_consumers(model, ids, lambda layer: [m for m in layer.modules() if type(m) is nn.Linear])
     finally:
         model.train(was)
     for lin, norm in found.items():
