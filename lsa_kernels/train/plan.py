@@ -319,7 +319,10 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
     attn_bwd = M * (s.qd + 2 * s.kvd) * 4
     if cpu:  # the CPU flash kernel's backward buffers: two [rows, q heads x head dim] fp32 (measured, GQA and MHA)
         attn_bwd += M * 2 * s.qd * 4
-    layer_bwd = max(mlp_bwd + tiled_dx, attn_bwd) + (M * layer if st.grad_ckpt else 0)
+    # under checkpointing the recomputed layer's first norm saves the checkpointed input itself (its fp32 upcast is
+    # the tensor itself in fp32; tiled, it keeps its input), which is counted as the checkpointed input already
+    alias = a * H if st.tiled_norms is not None else (4 * H if a == 4 else 0)
+    layer_bwd = max(mlp_bwd + tiled_dx, attn_bwd) + (M * (layer - alias) if st.grad_ckpt else 0)
     layer_grads = 0 if lora else s.layer_params() * a
     host = 0
     if st.offload:  # saved tensors wait in host memory; the device holds the layer being run or recomputed
@@ -348,7 +351,7 @@ def plan(s: Shape, st: Setup, T: int) -> Plan:
                         attn_bwd if M * 4 * H >= CPU_MMAP_MAX else 0)
         if st.grad_ckpt:  # the layer recomputed for its backward
             layer_bwd += _big(per["mlp"], a * I if st.tiled_mlp is None else a * H, M) + _big(
-                per["norms"] + per["attention"] + per["lora"], 4 * H, M)
+                per["norms"] + per["attention"] + per["lora"] - alias, 4 * H, M)
         opt_tmp = opt_tmp if largest * tb >= CPU_MMAP_MAX else 0
     # --- the loss
     head_grad = V * H * a if head_trains else 0
