@@ -16,7 +16,8 @@ What is counted (a Llama-style decoder: RMSNorm, RoPE, grouped-query SDPA attent
   SiLU and product rows. A frozen weight saves no input; peft's fp32 adapters save an fp32 copy of their input
   per module under bf16). With ``--grad-checkpointing`` one ``[N, H]`` input per layer plus, in the backward,
   one layer recomputed (its first norm's saved input is that checkpointed input, not a copy); ``--tiled-mlp``
-  keeps no MLP rows (one tile of ``[rows, I]`` at a time), only the tiles' input, with the norm that feeds the MLP run inside the tiles (neither its output nor its rows kept);
+  keeps no MLP rows (one tile of ``[rows, I]`` at a time), only the tiles' input, with the norm that feeds the
+  MLP run inside the tiles (neither its output nor its rows kept);
   ``--tiled-norms``: each norm keeps only its input (in the weights' dtype), no fp32 upcast or normalised rows,
   and the linear layers it feeds (q/k/v, gate/up; fp32 LoRA adapters) keep that input, not the norm's output;
 * the loss: the fused losses keep ``dL/dH`` in fp32 ``[rows, H]`` and, when the head trains, ``dL/dW`` in fp32
